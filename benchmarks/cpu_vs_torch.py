@@ -1,10 +1,13 @@
 r"""displacement_jax vs the PyTorch way, same weights, same rows, same CPU, one process.
 
-1. CHES scoring: `displacement_jax.score` (length buckets, batched, jitted, no LM head) vs the official
-   research code's way (HF transformers model, one row and one sequence at a time, output_hidden_states).
-2. DPO train step: our jitted step (chunked LM-head log-softmax, donated state) vs a TRL-style step
-   (chosen and rejected concatenated, padded to the longest, full-vocabulary log-softmax), same batch,
-   same optimizer (torch-default RMSprop).
+1. CHES scoring: `displacement_jax.score` (length buckets, batched, jitted, no LM head, shared-prompt packed
+   rows) vs the official research code's way (HF transformers model, one row and one sequence at a time,
+   output_hidden_states).
+2. DPO train step: our jitted step (shared-prompt packed rows, LM head on response positions only, chunked
+   log-softmax, donated state) vs a TRL-style step (chosen and rejected concatenated, padded to the longest,
+   full-vocabulary log-softmax), same batch, same optimizer (torch-default RMSprop).
+
+Each of ours also runs with two-side batches (`data.shared_prompt_packing=False`), reported as an ablation row.
 
   python -m benchmarks.cpu_vs_torch --shape=cpu --rows=64 --steps=5
 
@@ -86,7 +89,7 @@ def pair_batch(rows: Sequence[Row], pad_id: int = 0) -> dict[str, np.ndarray]:
     return out
 
 
-def score_ours(model, params, rows: Sequence[Row], batch_size: int, max_length: int
+def score_ours(model, params, rows: Sequence[Row], batch_size: int, max_length: int, packing: bool = True
                ) -> tuple[np.ndarray, float, float]:
     """(CHES per row, first-call seconds incl. JIT compile, steady seconds) via displacement_jax.score."""
     from displacement_jax import score as score_lib  # pylint: disable=g-import-not-at-top
@@ -95,7 +98,7 @@ def score_ours(model, params, rows: Sequence[Row], batch_size: int, max_length: 
     pairs = [TokenizedPair(np.asarray(p, np.int32), np.asarray(c, np.int32), np.asarray(r, np.int32), i)
              for i, (p, c, r) in enumerate(rows)]
     run = lambda: score_lib.score_pairs(model, params, pairs, batch_size=batch_size, max_length=max_length,
-                                        progress=False)
+                                        packing=packing, progress=False)
     t0 = time.perf_counter()
     first = run()
     first_s = time.perf_counter() - t0
@@ -113,11 +116,16 @@ def score_torch(tmodel, rows: Sequence[Row]) -> tuple[np.ndarray, float]:
     return ches, time.perf_counter() - t0
 
 
-def dpo_ours(model, params, rows: Sequence[Row], steps: int, lr: float) -> tuple[float, float, np.ndarray]:
+def dpo_ours(model, params, rows: Sequence[Row], steps: int, lr: float, packing: bool = True
+             ) -> tuple[float, float, np.ndarray]:
     """(first-step seconds incl. compile, steady seconds per step, log-probs after `steps` steps)."""
     from displacement_jax import optim, trainer  # pylint: disable=g-import-not-at-top
 
     batch = pair_batch(rows)
+    if packing:
+        from displacement_jax.data import packing as packing_lib  # pylint: disable=g-import-not-at-top
+
+        batch = packing_lib.pack_batch(batch)
     ref = trainer.pair_logps(model, params, batch, chunk_size=128)
     jbatch = jax.device_put(dict(batch, chosen_ref_logps_B=ref["chosen_logps_B"],
                                  rejected_ref_logps_B=ref["rejected_logps_B"]))
@@ -183,12 +191,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     max_length = max(len(r[0]) + max(len(r[1]), len(r[2])) for r in rows)
     ches_j, first_s, steady_s = score_ours(model, params, rows, a.batch_size, max_length)
     rel = float(np.max(np.abs(ches_j - ches_t) / np.maximum(np.abs(ches_t), 1e-6)))
+    ches_2, _, steady2_s = score_ours(model, params, rows, a.batch_size, max_length, packing=False)
+    rel2 = float(np.max(np.abs(ches_2 - ches_t) / np.maximum(np.abs(ches_t), 1e-6)))
 
     dpo = rows[: a.dpo_rows]
     dpo_tokens = sum(len(r[0]) * 2 + len(r[1]) + len(r[2]) for r in dpo)
     torch_step_s, logps_t = dpo_torch(tmodel, dpo, a.steps + 1, a.lr)
     jax_first_s, jax_step_s, logps_j = dpo_ours(model, params, dpo, a.steps + 1, a.lr)
     dpo_diff = float(np.max(np.abs(logps_j - logps_t)))
+    _, jax2_step_s, logps_2 = dpo_ours(model, params, dpo, a.steps + 1, a.lr, packing=False)
+    dpo_diff2 = float(np.max(np.abs(logps_2 - logps_t)))
 
     today = datetime.date.today().isoformat()
     cmd = "python -m benchmarks.cpu_vs_torch " + " ".join(argv if argv is not None else sys.argv[1:])
@@ -204,11 +216,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"| CHES scoring, {a.rows} rows, {tokens} tokens (steady) | {a.rows / torch_s:.2f} rows/s, "
         f"{tokens / torch_s:.0f} tok/s | {a.rows / steady_s:.2f} rows/s, {tokens / steady_s:.0f} tok/s | "
         f"**{torch_s / steady_s:.2f}x** | max rel. CHES diff {rel:.1e} |",
+        f"| ablation: CHES scoring, two-side batches (no packing) | | {a.rows / steady2_s:.2f} rows/s, "
+        f"{tokens / steady2_s:.0f} tok/s | {torch_s / steady2_s:.2f}x | max rel. CHES diff {rel2:.1e} |",
         f"| CHES scoring incl. JIT compile (first call) | {a.rows / torch_s:.2f} rows/s | {a.rows / first_s:.2f} rows/s "
         f"| {torch_s / first_s:.2f}x | |",
         f"| DPO step, {a.dpo_rows} pairs, {dpo_tokens} tokens, RMSprop | {1 / torch_step_s:.2f} steps/s "
         f"({dpo_tokens / torch_step_s:.0f} tok/s) | {1 / jax_step_s:.2f} steps/s ({dpo_tokens / jax_step_s:.0f} tok/s) | "
         f"**{torch_step_s / jax_step_s:.2f}x** | max abs. log-prob diff after {a.steps + 1} steps {dpo_diff:.1e} |",
+        f"| ablation: DPO step, two-side batches (no packing) | | {1 / jax2_step_s:.2f} steps/s "
+        f"({dpo_tokens / jax2_step_s:.0f} tok/s) | {torch_step_s / jax2_step_s:.2f}x | max abs. log-prob diff "
+        f"{dpo_diff2:.1e} |",
         f"| DPO first step incl. JIT compile | | {jax_first_s:.2f} s | | |",
         "",
     ]
@@ -218,7 +235,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         with open(a.append, "a") as f:
             f.write("\n" + table)
     return dict(table=table, score_ratio=torch_s / steady_s, dpo_ratio=torch_step_s / jax_step_s,
-                ches_max_rel_diff=rel, dpo_logp_max_abs_diff=dpo_diff, ches_ours=ches_j, ches_torch=ches_t)
+                ches_max_rel_diff=rel, dpo_logp_max_abs_diff=dpo_diff, ches_ours=ches_j, ches_torch=ches_t,
+                ches_two_side=ches_2, dpo_two_side_logp_max_abs_diff=dpo_diff2,
+                score_ratio_two_side=torch_s / steady2_s, dpo_ratio_two_side=torch_step_s / jax2_step_s)
 
 
 if __name__ == "__main__":

@@ -41,12 +41,15 @@ def device_peak_tflops(device: Any) -> float | None:
 
 
 def synthetic_batch(batch: int, seq: int, vocab: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """A collated preference batch (DESIGN.md batch contract): prompt = first half, response = second half."""
+    """A collated preference batch (DESIGN.md batch contract): prompt = first half (the same on both sides),
+    response = second half."""
     rng = np.random.default_rng(seed)
     out: dict[str, np.ndarray] = {}
     prompt = seq // 2
+    prompt_ids = rng.integers(3, vocab, size=(batch, prompt), dtype=np.int32)
     for side in ("chosen", "rejected"):
         ids = rng.integers(3, vocab, size=(batch, seq), dtype=np.int32)
+        ids[:, :prompt] = prompt_ids
         labels = np.zeros_like(ids)
         labels[:, :-1] = ids[:, 1:]
         loss_mask = np.zeros((batch, seq), bool)
@@ -79,8 +82,34 @@ def peak_memory_bytes(device: Any) -> int | None:
     return int(stats["peak_bytes_in_use"]) if stats and "peak_bytes_in_use" in stats else None
 
 
+def packed_batch(batch: int, seq: int, vocab: int) -> dict[str, np.ndarray]:
+    """`synthetic_batch` in the shared-prompt packed layout: rows of 1.5 seq slots, seq response slots."""
+    from displacement_jax.data import packing  # pylint: disable=g-import-not-at-top
+
+    return packing.pack_batch(synthetic_batch(batch, seq, vocab), multiple=1)
+
+
+def model_flops_of(shape: str, data: dict[str, np.ndarray], seq: int, train: bool) -> float:
+    """Model FLOPs of one DPO step (train) or scoring call on `data` (two-side or packed layout).
+
+    Two-side: 2 * batch * seq tokens (LM head on all of them when training). Packed: batch * T slots at context
+    T, plus (training) the LM head on the batch * R response slots only. Scoring never runs the LM head.
+    """
+    s = shapes.flops_shape(shape)
+    if "packed_input_ids_BT" not in data:
+        tokens = 2 * data["chosen_input_ids_BT"].shape[0] * seq
+        per = flops_lib.forward_flops_per_token(seq_len=seq, lm_head=train, **s)
+        return (3.0 if train else 1.0) * per * tokens
+    b, t = data["packed_input_ids_BT"].shape
+    body = flops_lib.forward_flops_per_token(seq_len=t, lm_head=False, **s) * b * t
+    if not train:
+        return body
+    head = 2.0 * s["hidden_size"] * s["vocab_size"] * data["response_slot_BR"].size
+    return 3.0 * (body + head)
+
+
 def bench_dpo(shape: str, seq: int, batch: int, steps: int, dtype: str, remat: bool, chunk_size: int,
-              attention: str | None = None) -> dict[str, Any]:
+              attention: str | None = None, packing: bool = False) -> dict[str, Any]:
     """Seconds per DPO train step (RMSprop, donated state) and its model FLOPs."""
     from displacement_jax import trainer  # pylint: disable=g-import-not-at-top
     from displacement_jax.models.transformer import Transformer  # pylint: disable=g-import-not-at-top
@@ -94,7 +123,8 @@ def bench_dpo(shape: str, seq: int, batch: int, steps: int, dtype: str, remat: b
     step_fn = jax.jit(trainer.make_train_step(loss_fn, optimizer, 1), donate_argnums=0)
     state = trainer.TrainState(params=params, opt_state=optimizer.init(params), step=jnp.zeros((), jnp.int32),
                                rng=jax.random.key_data(jax.random.PRNGKey(0)))
-    data = jax.device_put(synthetic_batch(batch, seq, config.vocab_size))
+    host = (packed_batch if packing else synthetic_batch)(batch, seq, config.vocab_size)
+    data = jax.device_put(host)
     box = {"state": state}
 
     def one():
@@ -106,14 +136,14 @@ def bench_dpo(shape: str, seq: int, batch: int, steps: int, dtype: str, remat: b
     compile_s = time.perf_counter() - t0
     one()
     seconds = _time(one, steps)
-    tokens = 2 * batch * seq
-    model_flops = flops_lib.train_flops_per_token(seq_len=seq, **shapes.flops_shape(shape)) * tokens
+    tokens = 2 * batch * seq  # pair tokens (prompt counted on both sides) whatever the layout
     return dict(task="dpo", shape=shape, seq=seq, batch=batch, dtype=dtype, remat=remat, seconds=seconds,
-                compile_s=compile_s, tokens_per_s=tokens / seconds, model_flops=model_flops)
+                compile_s=compile_s, tokens_per_s=tokens / seconds, packing=packing,
+                model_flops=model_flops_of(shape, host, seq, train=True))
 
 
 def bench_score(shape: str, seq: int, batch: int, steps: int, dtype: str, remat: bool,
-                attention: str | None = None) -> dict[str, Any]:
+                attention: str | None = None, packing: bool = False) -> dict[str, Any]:
     """Seconds per CHES scoring batch (final hidden states of both sides + ches_scores) and its model FLOPs."""
     from displacement_jax import ches  # pylint: disable=g-import-not-at-top
     from displacement_jax.models.transformer import Transformer  # pylint: disable=g-import-not-at-top
@@ -124,6 +154,10 @@ def bench_score(shape: str, seq: int, batch: int, steps: int, dtype: str, remat:
 
     @jax.jit
     def score(params, b):
+        if packing:
+            from displacement_jax import score as score_lib  # pylint: disable=g-import-not-at-top
+
+            return score_lib.score_packed_batch(model, params, b)["ln_ches"]
         hidden = {}
         for side in ("chosen", "rejected"):
             out = model.apply({"params": params}, b[f"{side}_input_ids_BT"], b[f"{side}_attention_mask_BT"],
@@ -132,17 +166,17 @@ def bench_score(shape: str, seq: int, batch: int, steps: int, dtype: str, remat:
         return ches.ches_scores(hidden["chosen"], hidden["rejected"], b["chosen_loss_mask_BT"],
                                 b["rejected_loss_mask_BT"], length_normalized=True)
 
-    data = jax.device_put(synthetic_batch(batch, seq, config.vocab_size))
+    host = (packed_batch if packing else synthetic_batch)(batch, seq, config.vocab_size)
+    data = jax.device_put(host)
     one = lambda: jax.block_until_ready(score(params, data))
     t0 = time.perf_counter()
     one()
     compile_s = time.perf_counter() - t0
     seconds = _time(one, steps)
-    tokens = 2 * batch * seq
-    model_flops = flops_lib.forward_flops_per_token(seq_len=seq, lm_head=False, **shapes.flops_shape(shape)) * tokens
+    tokens = 2 * batch * seq  # pair tokens (prompt counted on both sides) whatever the layout
     return dict(task="score", shape=shape, seq=seq, batch=batch, dtype=dtype, remat=False, seconds=seconds,
-                compile_s=compile_s, tokens_per_s=tokens / seconds, rows_per_s=batch / seconds,
-                model_flops=model_flops)
+                compile_s=compile_s, tokens_per_s=tokens / seconds, rows_per_s=batch / seconds, packing=packing,
+                model_flops=model_flops_of(shape, host, seq, train=False))
 
 
 def largest_fitting_batch(shape: str, seq: int, dtype: str, remat: bool, max_batch: int, timeout: int,
@@ -186,6 +220,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--peak_tflops", type=float, default=None)
     p.add_argument("--attention", default=None, choices=(None, "xla", "cudnn"),
                    help="jax.nn.dot_product_attention implementation (default: JAX chooses)")
+    p.add_argument("--packing", type=int, default=0,
+                   help="1: shared-prompt packed rows (data/packing.py) instead of two-side batches")
     p.add_argument("--json", default=None, help="also write the result to this file")
     p.add_argument("--append", default=None, help="append a markdown table row to this file (BENCHMARKS.md)")
     a = p.parse_args(argv)
@@ -193,9 +229,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if a.task == "fit":
         result = largest_fitting_batch(a.shape, a.seq, a.dtype, bool(a.remat), a.max_batch, a.timeout, a.attention)
     elif a.task == "dpo":
-        result = bench_dpo(a.shape, a.seq, a.batch, a.steps, a.dtype, bool(a.remat), a.chunk_size, a.attention)
+        result = bench_dpo(a.shape, a.seq, a.batch, a.steps, a.dtype, bool(a.remat), a.chunk_size, a.attention,
+                           bool(a.packing))
     else:
-        result = bench_score(a.shape, a.seq, a.batch, a.steps, a.dtype, bool(a.remat), a.attention)
+        result = bench_score(a.shape, a.seq, a.batch, a.steps, a.dtype, bool(a.remat), a.attention, bool(a.packing))
     result["device"] = getattr(device, "device_kind", str(device))
     result["attention"] = a.attention
     if a.task != "fit":
@@ -221,7 +258,8 @@ def markdown_row(r: dict[str, Any], command: str) -> str:
         cells = [r["device"], "largest DPO batch", r["shape"], r["seq"], r["largest_batch"], "", "", ""]
     else:
         mem = r.get("peak_memory_bytes")
-        cells = [r["device"], r["task"], r["shape"], r["seq"], r["batch"], f"{r['tokens_per_s']:.0f}",
+        task = r["task"] + (" (packed)" if r.get("packing") else "")
+        cells = [r["device"], task, r["shape"], r["seq"], r["batch"], f"{r['tokens_per_s']:.0f}",
                  f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "n/a",
                  f"{mem / 2**30:.1f} GiB" if mem else "n/a"]
     return "| " + " | ".join(str(c) for c in [datetime.date.today().isoformat(), *cells, f"`{command.strip()}`"]) + " |"

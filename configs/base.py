@@ -57,6 +57,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.data.add_special_tokens = False  # add <|prompter|>/<|assistant|>/pad and resize (seeded init)
   config.data.shuffle = True           # reshuffle every epoch with `seed`
   config.data.padding_side = 'right'   # 'right' | 'left'; results do not depend on it
+  config.data.shared_prompt_packing = True  # one [prompt, chosen, rejected] row per pair: prompt run once (exact)
 
   config.loss = ml_collections.ConfigDict()
   config.loss.objective = 'dpo'        # 'dpo' | 'ipo' | 'cross_entropy' | 'slic' | 'dpop' | 'gpo'

@@ -9,7 +9,9 @@ ids, EOS included), `last_hidden_inner_product` (final real positions of (x, y+)
 response / sequence lengths. Hidden states are the model's final-norm states (the LM-head input) at the
 positions of the batch's `loss_mask` (last prompt token .. second-to-last response token), summed in float32.
 
-Rows are sorted by length and scored in length buckets (each batch padded to its own bucket length, not the
+Each pair is one shared-prompt packed row [prompt, chosen, rejected] (data/packing.py: the prompt runs once;
+`data.shared_prompt_packing=False` runs the two sides separately, same scores). Rows are sorted by length and
+scored in length buckets (each batch padded to its own bucket length, not the
 global maximum), with one jitted function sharded over the mesh's batch axes ('data', 'fsdp'); each batch is
 padded to a fixed multiple of the device count and the padding rows are dropped.
 
@@ -103,7 +105,10 @@ def plan_batches(lengths: Sequence[int], batch_size: int, max_length: int, *, bu
 
 
 def score_batch(model: Any, params: Any, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
-  """Per-row [B] float32 CHES, LN-CHES, last-hidden inner product and mask counts of a collated batch."""
+  """Per-row [B] float32 CHES, LN-CHES, last-hidden inner product and mask counts of a collated batch
+  (two-side, or shared-prompt packed: then `score_packed_batch`)."""
+  if 'packed_input_ids_BT' in batch:
+    return score_packed_batch(model, params, batch)
 
   def hidden(side):
     out = model.apply({'params': params}, batch[f'{side}_input_ids_BT'], batch[f'{side}_attention_mask_BT'],
@@ -115,6 +120,20 @@ def score_batch(model: Any, params: Any, batch: dict[str, jax.Array]) -> dict[st
                                    batch['rejected_loss_mask_BT'])
   lhip_B = ches_lib.last_hidden_inner_product(h_pos_BTD, h_neg_BTD, batch['chosen_attention_mask_BT'],
                                               batch['rejected_attention_mask_BT'])
+  return {'ches': comps['ches'], 'ln_ches': comps['ln_ches'], 'last_hidden_inner_product': lhip_B,
+          'chosen_len': comps['chosen_len'], 'rejected_len': comps['rejected_len']}
+
+
+def score_packed_batch(model: Any, params: Any, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+  """`score_batch` of a shared-prompt packed batch (data/packing.py): one forward per pair, prompt once."""
+  from displacement_jax import trainer  # pylint: disable=g-import-not-at-top
+
+  hidden_BTD = trainer.packed_forward_hidden(model, params, batch)
+  h_BRD = trainer.response_hidden(hidden_BTD, batch)
+  side_BR, branch_BT = batch['response_side_BR'], batch['packed_branch_BT']
+  comps = ches_lib.ches_components(h_BRD, h_BRD, side_BR == 1, side_BR == 2)
+  lhip_B = ches_lib.last_hidden_inner_product(hidden_BTD, hidden_BTD, (branch_BT == 0) | (branch_BT == 1),
+                                              (branch_BT == 0) | (branch_BT == 2))
   return {'ches': comps['ches'], 'ln_ches': comps['ln_ches'], 'last_hidden_inner_product': lhip_B,
           'chosen_len': comps['chosen_len'], 'rejected_len': comps['rejected_len']}
 
@@ -145,12 +164,14 @@ def tokenize_examples(examples: Sequence[Any], tokenizer: Any, *, max_length: in
 
 def score_examples(model: Any, params: Any, config: ml_collections.ConfigDict, tokenizer: Any,
                    examples: Sequence[Any], *, batch_size: int, max_length: int, format: str, mesh: Any = None,
-                   bucketed: bool = True, progress: bool = True) -> list[dict[str, Any]]:
+                   bucketed: bool = True, packing: bool | None = None, progress: bool = True
+                   ) -> list[dict[str, Any]]:
   """Score every example; returns one dict per example, in the order of `examples`.
 
   Keys: index (the example's dataset index), ches, ln_ches, minus_normalized_edit_distance,
   last_hidden_inner_product, chosen_len / rejected_len (response tokens incl. EOS), chosen_total_len /
-  rejected_total_len (prompt + response). `config` supplies data.single_token and data.padding_side.
+  rejected_total_len (prompt + response). `config` supplies data.single_token,
+  data.padding_side and (unless `packing` is given) data.shared_prompt_packing.
   With `mesh`, batches are sharded over ('data', 'fsdp') and params by `sharding.param_shardings`.
   """
   if not examples:
@@ -161,6 +182,7 @@ def score_examples(model: Any, params: Any, config: ml_collections.ConfigDict, t
   pad_id = tokenizer.pad_token_id if getattr(tokenizer, 'pad_token_id', None) is not None else 0
   results = score_pairs(model, params, pairs, batch_size=batch_size, max_length=max_length, pad_id=pad_id,
                         padding_side=data_cfg.get('padding_side', 'right'), mesh=mesh, bucketed=bucketed,
+                        packing=bool(data_cfg.get('shared_prompt_packing', True)) if packing is None else packing,
                         progress=progress)
   for result, example in zip(results, examples):
     result['index'] = int(getattr(example, 'index', result['index']))
@@ -169,13 +191,14 @@ def score_examples(model: Any, params: Any, config: ml_collections.ConfigDict, t
 
 def score_pairs(model: Any, params: Any, pairs: Sequence[Any], *, batch_size: int, max_length: int,
                 pad_id: int = 0, padding_side: str = 'right', mesh: Any = None, bucketed: bool = True,
-                progress: bool = True) -> list[dict[str, Any]]:
+                packing: bool = True, progress: bool = True) -> list[dict[str, Any]]:
   """Score already tokenized pairs (`data.tokenize.TokenizedPair`); one dict per pair, in input order.
 
   The work of `score_examples` after tokenization: length buckets, one jitted call per batch, sharded over
-  the mesh's batch axes when `mesh` is given. `index` is the pair's own `index`.
+  the mesh's batch axes when `mesh` is given. `index` is the pair's own `index`. packing: one shared-prompt
+  packed row per pair (data/packing.py; the prompt is run once), else the two sides separately.
   """
-  from displacement_jax.data import batching  # pylint: disable=g-import-not-at-top
+  from displacement_jax.data import batching, packing as packing_lib  # pylint: disable=g-import-not-at-top
 
   if not pairs:
     raise ValueError('score_pairs: no pairs to score')
@@ -194,18 +217,30 @@ def score_pairs(model: Any, params: Any, pairs: Sequence[Any], *, batch_size: in
     put = lambda b: {k: jnp.asarray(v) for k, v in b.items()}
   rows_per_batch = -(-int(batch_size) // dp) * dp  # fixed batch dim: one compile per bucket length
 
-  lengths = [batching.pair_length(p) for p in pairs]
-  plan = plan_batches(lengths, rows_per_batch, int(max_length), bucketed=bucketed)
+  if packing:  # sort and bucket by the packed row length p + c + r
+    lengths = [len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs]
+    plan = plan_batches(lengths, rows_per_batch, 2 * int(max_length), bucketed=bucketed)
+  else:
+    lengths = [batching.pair_length(p) for p in pairs]
+    plan = plan_batches(lengths, rows_per_batch, int(max_length), bucketed=bucketed)
   results: list[dict[str, Any] | None] = [None] * len(pairs)
   from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
 
   bar = tqdm(total=len(pairs), desc='score', disable=not progress, dynamic_ncols=True)
   for rows, pad_to in plan:
     padded = np.concatenate([rows, np.full(rows_per_batch - len(rows), rows[-1])])
-    batch = batching.collate([pairs[i] for i in padded], pad_id=pad_id, padding_side=padding_side, pad_to=pad_to)
-    if bucketed:
-      batch = trim_sides(batch, int(max_length), padding_side)
-    out = jax.device_get(jitted(params, put({k: v for k, v in batch.items() if k.endswith('_BT')})))
+    batch_pairs = [pairs[i] for i in padded]
+    if packing:
+      batch = batching.collate(batch_pairs, pad_id=pad_id, padding_side=padding_side)
+      size = (lambda n: bucket_length(n, 2 * int(max_length))) if bucketed else (lambda n: 2 * int(max_length))
+      device_batch = {k: v for k, v in packing_lib.pack_batch(batch, pad_id=pad_id, bucket=size).items()
+                      if k in packing_lib.PACKED_KEYS}
+    else:
+      batch = batching.collate(batch_pairs, pad_id=pad_id, padding_side=padding_side, pad_to=pad_to)
+      if bucketed:
+        batch = trim_sides(batch, int(max_length), padding_side)
+      device_batch = {k: v for k, v in batch.items() if k.endswith('_BT')}
+    out = jax.device_get(jitted(params, put(device_batch)))
     for j, row in enumerate(rows):  # rows past len(rows) are padding and are dropped here
       ids_pos, ids_neg = response_ids(batch, 'chosen', j), response_ids(batch, 'rejected', j)
       results[row] = {

@@ -213,6 +213,21 @@ def collate(pairs: Sequence[Any], pad_id: int, config: ml_collections.ConfigDict
                           pad_to=int(config.data.max_length))
 
 
+def packing_enabled(config: ml_collections.ConfigDict) -> bool:
+  """config.data.shared_prompt_packing: train and compute reference log-probs on packed rows (data/packing.py)."""
+  return bool(config.data.get('shared_prompt_packing', True))
+
+
+def pack_for_logps(batch: dict[str, np.ndarray], pad_id: int, config: ml_collections.ConfigDict
+                   ) -> dict[str, np.ndarray]:
+  """The packed layout of a collated batch when packing is on (T and R rounded up to 64: few compiles)."""
+  if not packing_enabled(config):
+    return batch
+  from displacement_jax.data import packing  # pylint: disable=g-import-not-at-top
+
+  return packing.pack_batch(batch, pad_id=pad_id, multiple=64)
+
+
 def make_iterator(dataset: Dataset, config: ml_collections.ConfigDict) -> Any:
   """The seeded, resumable batch iterator (data.batching.BatchIterator) giving this host its rows.
 
@@ -226,7 +241,8 @@ def make_iterator(dataset: Dataset, config: ml_collections.ConfigDict) -> Any:
   return batching.BatchIterator(dataset.pairs, int(config.batch_size), seed=int(config.seed),
                                 shuffle=bool(config.data.get('shuffle', True)), drop_last=True,
                                 pad_id=dataset.pad_id, padding_side=config.data.get('padding_side', 'right'),
-                                process_index=jax.process_index(), process_count=jax.process_count())
+                                process_index=jax.process_index(), process_count=jax.process_count(),
+                                shared_prompt_packing=packing_enabled(config))
 
 
 # ------------------------------------------------------------------------------------- sharded helpers
@@ -285,7 +301,8 @@ def reference_arrays(loaded: Loaded, dataset: Dataset, monitor_rows: np.ndarray,
     for start in range(0, n, bs):
       rows = np.arange(start, min(start + bs, n))
       padded = np.concatenate([rows, np.full(bs - len(rows), rows[-1])])
-      batch = put_batch(collate([dataset.pairs[i] for i in padded], dataset.pad_id, config), batch_sharding)
+      batch = put_batch(pack_for_logps(collate([dataset.pairs[i] for i in padded], dataset.pad_id, config),
+                                       dataset.pad_id, config), batch_sharding)
       out = jax.device_get(logps_fn(loaded.params, batch))
       chosen[rows] = out['chosen_logps_B'][:len(rows)]
       rejected[rows] = out['rejected_logps_B'][:len(rows)]

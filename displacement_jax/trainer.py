@@ -50,8 +50,36 @@ def side_logps(model: Any, params: Any, batch: dict[str, jax.Array], side: str, 
                                                 batch[f'{side}_loss_mask_BT'], chunk_size=chunk_size)
 
 
+def packed_forward_hidden(model: Any, params: Any, batch: dict[str, jax.Array]) -> jax.Array:
+  """Final-norm hidden states [B, T, D] of a shared-prompt packed batch (data/packing.py)."""
+  branch_BT = batch['packed_branch_BT']
+  out = model.apply({'params': params}, batch['packed_input_ids_BT'], branch_BT >= 0,
+                    positions_BT=batch['packed_positions_BT'], branch_BT=branch_BT, return_logits=False,
+                    return_hidden=True)
+  return out.hidden_BTD
+
+
+def response_hidden(hidden_BTD: jax.Array, batch: dict[str, jax.Array]) -> jax.Array:
+  """Hidden states [B, R, D] at the packed batch's response slots (the LM-head inputs that matter)."""
+  return jnp.take_along_axis(hidden_BTD, batch['response_slot_BR'][..., None], axis=1)
+
+
+def packed_pair_logps(model: Any, params: Any, batch: dict[str, jax.Array], chunk_size: int
+                      ) -> dict[str, jax.Array]:
+  """{'chosen_logps_B', 'rejected_logps_B'} of a packed batch: one forward, LM head on response slots only."""
+  hidden_BRD = response_hidden(packed_forward_hidden(model, params, batch), batch)
+  side_BR = batch['response_side_BR']
+  logps_BR = logprobs_lib.chunked_token_logprobs(hidden_BRD, unembed(model, params),
+                                                 jnp.where(side_BR > 0, batch['response_label_BR'], 0),
+                                                 chunk_size=chunk_size)
+  return {f'{side}_logps_B': jnp.sum(jnp.where(side_BR == k, logps_BR, 0.0), axis=-1)
+          for k, side in enumerate(SIDES, start=1)}
+
+
 def pair_logps(model: Any, params: Any, batch: dict[str, jax.Array], chunk_size: int) -> dict[str, jax.Array]:
-  """{'chosen_logps_B', 'rejected_logps_B'} of a collated preference batch."""
+  """{'chosen_logps_B', 'rejected_logps_B'} of a collated preference batch, two-side or packed."""
+  if 'packed_input_ids_BT' in batch:
+    return packed_pair_logps(model, params, batch, chunk_size)
   return {f'{side}_logps_B': side_logps(model, params, batch, side, chunk_size) for side in SIDES}
 
 

@@ -22,7 +22,9 @@ def test_cpu_vs_torch_same_scores_and_updates():
                            '--prompt_len', '4', '12', '--response_len', '3', '20'])
   # Same weights, same rows: our CHES equals the official one-row-at-a-time PyTorch CHES.
   np.testing.assert_allclose(out['ches_ours'], out['ches_torch'], rtol=1e-4)
-  assert out['dpo_logp_max_abs_diff'] < 1e-3
+  np.testing.assert_allclose(out['ches_two_side'], out['ches_torch'], rtol=1e-4)  # the ablation layout too
+  assert out['dpo_logp_max_abs_diff'] < 1e-3 and out['dpo_two_side_logp_max_abs_diff'] < 1e-3
+  assert out['score_ratio_two_side'] > 0 and out['dpo_ratio_two_side'] > 0
   assert out['score_ratio'] > 0 and out['dpo_ratio'] > 0
   assert '| CHES scoring' in out['table'] and '| DPO step' in out['table']
 
@@ -36,6 +38,18 @@ def test_gpu_mfu_script_runs_on_cpu(task, tmp_path):
   assert res['model_flops'] == per_token * 2 * 2 * 16
   assert res['mfu'] == pytest.approx(res['model_flops'] / res['seconds'] / 1e12)
   assert (tmp_path / 'r.json').exists()
+
+
+@pytest.mark.parametrize('task', ['dpo', 'score'])
+def test_gpu_mfu_packed_layout_runs_and_counts_flops(task):
+  res = gpu_mfu.main([f'--task={task}', '--shape=tiny', '--seq=16', '--batch=2', '--steps=1', '--packing=1',
+                      '--peak_tflops=1.0'])
+  s = shapes.flops_shape('tiny')
+  # 2 rows of 8 prompt + 8 chosen + 8 rejected slots; the LM head (training only) on 2 x 16 response slots.
+  body = flops.forward_flops_per_token(seq_len=24, lm_head=False, **s) * 2 * 24
+  want = 3 * (body + 2 * s['hidden_size'] * s['vocab_size'] * 2 * 16) if task == 'dpo' else body
+  assert res['packing'] and res['model_flops'] == pytest.approx(want)
+  assert res['mfu'] == pytest.approx(res['model_flops'] / res['seconds'] / 1e12)
 
 
 def test_synthetic_batch_follows_contract():

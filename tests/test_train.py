@@ -186,6 +186,15 @@ def test_eight_devices_same_loss_curve(tmp_path, full_run, data_path):
   np.testing.assert_allclose(losses8, full_run.losses, atol=1e-5, rtol=0)
 
 
+def test_two_side_batches_same_loss_curve(tmp_path, full_run, data_path):
+  """data.shared_prompt_packing=False (each side run separately) trains to the same losses as packed rows."""
+  assert full_run.metrics and make_config(tmp_path, data_path).data.shared_prompt_packing  # full_run packs
+  result = train_lib.run(make_config(tmp_path / 'two_side', data_path, **{'data.shared_prompt_packing': False}))
+  np.testing.assert_allclose(result.losses, full_run.losses, atol=1e-5, rtol=0)
+  np.testing.assert_allclose(result.monitor['monitor/preferred_logprob_change'],
+                             full_run.monitor['monitor/preferred_logprob_change'], atol=1e-4)
+
+
 def _main(argv):
   err = io.StringIO()
   with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):

@@ -7,6 +7,7 @@ plus index_B (int32; -1 marks filler rows of an incomplete batch, whose loss mas
 
 `BatchIterator` is deterministic (seeded per epoch), yields one fixed shape per length bucket (to limit
 recompiles), resumes from `state()` = {epoch, step}, and gives each host its slice of every global batch.
+With `shared_prompt_packing` it yields the packed layout of `data/packing.py` instead (same rows, same order).
 """
 
 from __future__ import annotations
@@ -100,6 +101,14 @@ def length_buckets(pairs: Sequence[Any], boundaries: Sequence[int]) -> list[list
   return buckets
 
 
+def packed_shape(pairs: Sequence[Any], multiple: int = 8) -> tuple[int, int]:
+  """(T, R) of shared-prompt packed batches (data/packing.py) that hold any of `pairs`: the longest
+  prompt + chosen + rejected and the longest chosen + rejected, each rounded up to `multiple`."""
+  t = max(len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)
+  r = max(len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)
+  return round_up(t, multiple), round_up(r, multiple)
+
+
 class BatchIterator:
   """Deterministic, resumable iterator of collated batches (this host's rows of each global batch).
 
@@ -113,7 +122,7 @@ class BatchIterator:
   def __init__(self, pairs: Sequence[Any], batch_size: int, *, seed: int = 0, shuffle: bool = True,
                bucket_boundaries: Sequence[int] | None = None, drop_last: bool = False, pad_to_multiple: int = 8,
                pad_id: int = 0, padding_side: str = "right", num_epochs: int | None = None,
-               process_index: int = 0, process_count: int = 1):
+               process_index: int = 0, process_count: int = 1, shared_prompt_packing: bool = False):
     if not pairs:
       raise ValueError("BatchIterator: no pairs")
     if batch_size <= 0 or pad_to_multiple <= 0:
@@ -132,6 +141,10 @@ class BatchIterator:
     else:
       self.buckets = [list(range(len(self.pairs)))]
       self.lengths = [round_up(max(pair_length(p) for p in self.pairs), pad_to_multiple)]
+    self.packed_lengths = None
+    if shared_prompt_packing:  # one packed shape (T, R) per bucket: [prompt, chosen, rejected] rows
+      self.packed_lengths = [packed_shape([self.pairs[i] for i in rows], pad_to_multiple) if rows else (1, 1)
+                             for rows in self.buckets]
     self.epoch, self.step = 0, 0
     self.steps_per_epoch = len(self._plan(0))
     if self.steps_per_epoch == 0:
@@ -182,5 +195,11 @@ class BatchIterator:
     filler = self.pairs[rows[0]]  # the same filler on every host: hosts' slices concatenate to the global batch
     rows = rows[self.process_index * per:(self.process_index + 1) * per]
     self.step += 1
-    return collate([self.pairs[i] for i in rows], pad_id=self.pad_id, padding_side=self.padding_side,
-                   pad_to=self.lengths[bucket], pad_rows_to=per, filler=filler)
+    batch = collate([self.pairs[i] for i in rows], pad_id=self.pad_id, padding_side=self.padding_side,
+                    pad_to=self.lengths[bucket], pad_rows_to=per, filler=filler)
+    if self.packed_lengths is None:
+      return batch
+    from displacement_jax.data import packing  # pylint: disable=g-import-not-at-top
+
+    t, r = self.packed_lengths[bucket]
+    return packing.pack_batch(batch, pad_to=t, response_pad_to=r, pad_id=self.pad_id)

@@ -255,6 +255,21 @@ def attention_mask_BTS(key_valid_BS: Array, query_slot_T: Array, sliding_window:
     return (causal_TS[None] & key_valid_BS[:, None, :]) | diagonal_TS[None]
 
 
+def branch_attention_mask_BTS(valid_BT: Array, branch_BT: Array, positions_BT: Array, sliding_window: int | None) -> Array:
+    """Shared-prefix (tree) mask of a packed row: slot j is visible from slot i iff j <= i, j is a valid slot,
+    and j lies on the shared prefix (branch 0) or on i's own branch. The sliding window counts positions
+    (the distance within i's own unpacked sequence), not slots. Every query also sees its own slot.
+    """
+    t = valid_BT.shape[1]
+    slot_T = jnp.arange(t)
+    causal_TS = slot_T[None, :] <= slot_T[:, None]
+    same_BTS = (branch_BT[:, None, :] == 0) | (branch_BT[:, None, :] == branch_BT[:, :, None])
+    mask_BTS = causal_TS[None] & same_BTS & valid_BT[:, None, :]
+    if sliding_window is not None:
+        mask_BTS &= (positions_BT[:, :, None] - positions_BT[:, None, :]) < sliding_window
+    return mask_BTS | (slot_T[None, :] == slot_T[:, None])[None]
+
+
 # ---------------------------------------------------------------------------------------------- cache
 
 
@@ -314,6 +329,7 @@ class Transformer(nn.Module):
         attention_mask_BT: Array,
         *,
         positions_BT: Array | None = None,
+        branch_BT: Array | None = None,
         cache: Cache | None = None,
         return_logits: bool = True,
         return_hidden: bool = False,
@@ -321,6 +337,11 @@ class Transformer(nn.Module):
     ) -> TransformerOutput:
         c = self.config
         _check_inputs(input_ids_BT, attention_mask_BT, positions_BT, cache, c)
+        if branch_BT is not None and (cache is not None or positions_BT is None):
+            raise ValueError("branch_BT (shared-prompt packing, data/packing.py) needs explicit positions_BT and no cache")
+        if branch_BT is not None and tuple(np.shape(branch_BT)) != tuple(np.shape(input_ids_BT)):
+            raise ValueError(f"branch_BT shape {tuple(np.shape(branch_BT))} must equal input_ids_BT shape "
+                             f"{tuple(np.shape(input_ids_BT))}")
         dtype = _dtype(c.dtype)
         mask_BT = jnp.asarray(attention_mask_BT).astype(bool)
         t = input_ids_BT.shape[1]
@@ -346,7 +367,10 @@ class Transformer(nn.Module):
         if positions_BT is None:
             positions_BT = positions_from_mask(mask_BT, offset_B)
         cos_BTH, sin_BTH = rope_cos_sin(positions_BT, c)
-        mask_BTS = attention_mask_BTS(key_valid_BS, query_slot_T, c.sliding_window)
+        if branch_BT is None:
+            mask_BTS = attention_mask_BTS(key_valid_BS, query_slot_T, c.sliding_window)
+        else:
+            mask_BTS = branch_attention_mask_BTS(mask_BT, jnp.asarray(branch_BT), positions_BT, c.sliding_window)
 
         layer_cls = nn.remat(DecoderLayer, prevent_cse=True) if c.remat else DecoderLayer
         all_hidden = [x_BTD]
