@@ -64,3 +64,28 @@ def test_device_peak_lookup():
   assert gpu_mfu.device_peak_tflops(Dev()) == flops.BF16_PEAK_TFLOPS['H100']
   Dev.device_kind = 'cpu'
   assert gpu_mfu.device_peak_tflops(Dev()) is None
+
+
+def test_categorize_op_names():
+  from benchmarks import profile_ops
+  assert profile_ops.categorize('jit(f)/jvp(Transformer)/layers_0/mlp/gate_proj/dot_general') == 'dense layers'
+  assert profile_ops.categorize('jit(f)/Transformer/layers_1/self_attn/vmap()/div') == 'attention'
+  assert profile_ops.categorize('jit(f)/Transformer/layers_1/input_layernorm/mul') == 'other model ops'
+  assert profile_ops.categorize('jit(f)/transpose(jvp())/while/body/closed_call/bcd,dv->bcv/dot') == (
+      'LM head + log-softmax')
+  assert profile_ops.categorize('jit(f)/rmsprop/sqrt') == 'optimizer / rest'
+  names = profile_ops.hlo_op_names('  %fusion.3 = f32[2]{0} fusion(%a), metadata={op_name="jit(f)/x/add"}\n'
+                                   '  ROOT %dot.1 = f32[2]{0} dot(%b), metadata={op_name="jit(f)/q_proj/dot"}')
+  assert names == {'fusion.3': 'jit(f)/x/add', 'dot.1': 'jit(f)/q_proj/dot'}
+
+
+@pytest.mark.parametrize('task', ['dpo', 'score'])
+def test_profile_ops_accounts_for_the_step(task):
+  from benchmarks import profile_ops
+  out = profile_ops.main([f'--task={task}', '--shape=tiny', '--pairs=2', '--steps=1', '--top=3'])
+  cats = out['categories']
+  assert set(cats) == set(profile_ops.CATEGORIES)
+  assert cats['dense layers'] > 0 and cats['attention'] > 0   # trace events matched HLO instructions
+  assert (cats['LM head + log-softmax'] > 0) == (task == 'dpo')  # scoring never runs the LM head
+  assert sum(cats.values()) == pytest.approx(sum(out['ops'].values()))
+  assert '| dense layers |' in out['table']
