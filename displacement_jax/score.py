@@ -37,6 +37,7 @@ import numpy as np
 
 from displacement_jax import ches as ches_lib
 from displacement_jax import filtering
+from displacement_jax.data import packing as packing_lib
 
 MEASURES = ('ches', 'ln_ches', 'minus_normalized_edit_distance', 'last_hidden_inner_product')
 SCORES_FILE, SUMMARY_FILE, HIST_FILE = 'scores.jsonl', 'summary.json', 'ln_ches_hist.png'
@@ -107,7 +108,7 @@ def plan_batches(lengths: Sequence[int], batch_size: int, max_length: int, *, bu
 def score_batch(model: Any, params: Any, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
   """Per-row [B] float32 CHES, LN-CHES, last-hidden inner product and mask counts of a collated batch
   (two-side, or shared-prompt packed: then `score_packed_batch`)."""
-  if 'packed_input_ids_BT' in batch:
+  if packing_lib.is_packed(batch):
     return score_packed_batch(model, params, batch)
 
   def hidden(side):
@@ -198,7 +199,7 @@ def score_pairs(model: Any, params: Any, pairs: Sequence[Any], *, batch_size: in
   the mesh's batch axes when `mesh` is given. `index` is the pair's own `index`. packing: one shared-prompt
   packed row per pair (data/packing.py; the prompt is run once), else the two sides separately.
   """
-  from displacement_jax.data import batching, packing as packing_lib  # pylint: disable=g-import-not-at-top
+  from displacement_jax.data import batching  # pylint: disable=g-import-not-at-top
 
   if not pairs:
     raise ValueError('score_pairs: no pairs to score')

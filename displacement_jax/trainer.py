@@ -17,6 +17,7 @@ import optax
 
 from displacement_jax import logprobs as logprobs_lib
 from displacement_jax import optim as optim_lib
+from displacement_jax.data import packing
 
 SIDES = ('chosen', 'rejected')
 
@@ -78,7 +79,7 @@ def packed_pair_logps(model: Any, params: Any, batch: dict[str, jax.Array], chun
 
 def pair_logps(model: Any, params: Any, batch: dict[str, jax.Array], chunk_size: int) -> dict[str, jax.Array]:
   """{'chosen_logps_B', 'rejected_logps_B'} of a collated preference batch, two-side or packed."""
-  if 'packed_input_ids_BT' in batch:
+  if packing.is_packed(batch):
     return packed_pair_logps(model, params, batch, chunk_size)
   return {f'{side}_logps_B': side_logps(model, params, batch, side, chunk_size) for side in SIDES}
 

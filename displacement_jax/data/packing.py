@@ -25,6 +25,8 @@ from typing import Callable
 
 import numpy as np
 
+from displacement_jax.data.batching import round_up
+
 PAD, PROMPT, CHOSEN, REJECTED = -1, 0, 1, 2
 PACKED_KEYS = ('packed_input_ids_BT', 'packed_positions_BT', 'packed_branch_BT', 'response_slot_BR',
                'response_label_BR', 'response_side_BR')
@@ -33,10 +35,6 @@ PACKED_KEYS = ('packed_input_ids_BT', 'packed_positions_BT', 'packed_branch_BT',
 def is_packed(batch) -> bool:
   """Whether `batch` is in the packed layout (this module) rather than the two-side collated one."""
   return 'packed_input_ids_BT' in batch
-
-
-def _round_up(n: int, multiple: int) -> int:
-  return max(-(-n // multiple) * multiple, multiple)
 
 
 def _row_parts(batch: dict[str, np.ndarray], b: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
@@ -58,15 +56,16 @@ def _row_parts(batch: dict[str, np.ndarray], b: int) -> tuple[np.ndarray, np.nda
   return prompt, chosen, rejected
 
 
+def _longest(rows: list) -> tuple[int, int]:
+  """(longest p + c + r, longest c + r) over `_row_parts` results (1, 1 when all are filler rows)."""
+  real = [r for r in rows if r is not None]
+  return (max([len(p) + len(c) + len(r) for p, c, r in real] or [1]),
+          max([len(c) + len(r) for _, c, r in real] or [1]))
+
+
 def packed_lengths(batch: dict[str, np.ndarray]) -> tuple[int, int]:
   """(longest packed row p + c + r, longest response-slot count c + r) of a collated batch."""
-  t = r = 1
-  for b in range(next(iter(batch.values())).shape[0]):
-    parts = _row_parts(batch, b)
-    if parts is not None:
-      t = max(t, sum(len(x) for x in parts))
-      r = max(r, len(parts[1]) + len(parts[2]))
-  return t, r
+  return _longest([_row_parts(batch, b) for b in range(next(iter(batch.values())).shape[0])])
 
 
 def pack_batch(batch: dict[str, np.ndarray], *, pad_to: int | None = None, response_pad_to: int | None = None,
@@ -79,9 +78,8 @@ def pack_batch(batch: dict[str, np.ndarray], *, pad_to: int | None = None, respo
   """
   n = next(iter(batch.values())).shape[0]
   rows = [_row_parts(batch, b) for b in range(n)]
-  need_t = max([sum(len(x) for x in r) for r in rows if r is not None] or [1])
-  need_r = max([len(r[1]) + len(r[2]) for r in rows if r is not None] or [1])
-  size = bucket or (lambda k: _round_up(k, multiple))
+  need_t, need_r = _longest(rows)
+  size = bucket or (lambda k: max(round_up(k, multiple), multiple))
   t = int(pad_to) if pad_to is not None else size(need_t)
   rr = int(response_pad_to) if response_pad_to is not None else size(need_r)
   if need_t > t or need_r > rr:
