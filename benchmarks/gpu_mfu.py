@@ -95,8 +95,10 @@ def model_flops_of(shape: str, data: dict[str, np.ndarray], seq: int, train: boo
     Two-side: 2 * batch * seq tokens (LM head on all of them when training). Packed: batch * T slots at context
     T, plus (training) the LM head on the batch * R response slots only. Scoring never runs the LM head.
     """
+    from displacement_jax.data import packing  # pylint: disable=g-import-not-at-top
+
     s = shapes.flops_shape(shape)
-    if "packed_input_ids_BT" not in data:
+    if not packing.is_packed(data):
         tokens = 2 * data["chosen_input_ids_BT"].shape[0] * seq
         per = flops_lib.forward_flops_per_token(seq_len=seq, lm_head=train, **s)
         return (3.0 if train else 1.0) * per * tokens

@@ -132,9 +132,10 @@ def score_packed_batch(model: Any, params: Any, batch: dict[str, jax.Array]) -> 
   hidden_BTD = trainer.packed_forward_hidden(model, params, batch)
   h_BRD = trainer.response_hidden(hidden_BTD, batch)
   side_BR, branch_BT = batch['response_side_BR'], batch['packed_branch_BT']
-  comps = ches_lib.ches_components(h_BRD, h_BRD, side_BR == 1, side_BR == 2)
-  lhip_B = ches_lib.last_hidden_inner_product(hidden_BTD, hidden_BTD, (branch_BT == 0) | (branch_BT == 1),
-                                              (branch_BT == 0) | (branch_BT == 2))
+  chosen, rejected, prompt = packing_lib.CHOSEN, packing_lib.REJECTED, packing_lib.PROMPT
+  comps = ches_lib.ches_components(h_BRD, h_BRD, side_BR == chosen, side_BR == rejected)
+  lhip_B = ches_lib.last_hidden_inner_product(hidden_BTD, hidden_BTD, (branch_BT == prompt) | (branch_BT == chosen),
+                                              (branch_BT == prompt) | (branch_BT == rejected))
   return {'ches': comps['ches'], 'ln_ches': comps['ln_ches'], 'last_hidden_inner_product': lhip_B,
           'chosen_len': comps['chosen_len'], 'rejected_len': comps['rejected_len']}
 
@@ -218,12 +219,10 @@ def score_pairs(model: Any, params: Any, pairs: Sequence[Any], *, batch_size: in
     put = lambda b: {k: jnp.asarray(v) for k, v in b.items()}
   rows_per_batch = -(-int(batch_size) // dp) * dp  # fixed batch dim: one compile per bucket length
 
-  if packing:  # sort and bucket by the packed row length p + c + r
-    lengths = [len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs]
-    plan = plan_batches(lengths, rows_per_batch, 2 * int(max_length), bucketed=bucketed)
-  else:
-    lengths = [batching.pair_length(p) for p in pairs]
-    plan = plan_batches(lengths, rows_per_batch, int(max_length), bucketed=bucketed)
+  # Sort and bucket by the row length the model runs: the packed row p + c + r, or the longer side.
+  length_of = batching.packed_length if packing else batching.pair_length
+  cap = 2 * int(max_length) if packing else int(max_length)
+  plan = plan_batches([length_of(p) for p in pairs], rows_per_batch, cap, bucketed=bucketed)
   results: list[dict[str, Any] | None] = [None] * len(pairs)
   from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
 
@@ -233,7 +232,7 @@ def score_pairs(model: Any, params: Any, pairs: Sequence[Any], *, batch_size: in
     batch_pairs = [pairs[i] for i in padded]
     if packing:
       batch = batching.collate(batch_pairs, pad_id=pad_id, padding_side=padding_side)
-      size = (lambda n: bucket_length(n, 2 * int(max_length))) if bucketed else (lambda n: 2 * int(max_length))
+      size = (lambda n: bucket_length(n, cap)) if bucketed else (lambda n: cap)
       device_batch = {k: v for k, v in packing_lib.pack_batch(batch, pad_id=pad_id, bucket=size).items()
                       if k in packing_lib.PACKED_KEYS}
     else:

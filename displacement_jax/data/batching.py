@@ -30,6 +30,11 @@ def pair_length(pair: Any) -> int:
   return len(pair.prompt_ids) + max(len(pair.chosen_ids), len(pair.rejected_ids))
 
 
+def packed_length(pair: Any) -> int:
+  """Tokens of a pair's shared-prompt packed row (data/packing.py): prompt + chosen + rejected."""
+  return len(pair.prompt_ids) + len(pair.chosen_ids) + len(pair.rejected_ids)
+
+
 def collate(pairs: Sequence[Any], *, pad_id: int, padding_side: str = "right", pad_to: int | None = None,
             pad_rows_to: int | None = None, filler: Any = None) -> dict[str, np.ndarray]:
   """Batch dict of numpy arrays for TokenizedPairs (see the module docstring).
@@ -104,7 +109,7 @@ def length_buckets(pairs: Sequence[Any], boundaries: Sequence[int]) -> list[list
 def packed_shape(pairs: Sequence[Any], multiple: int = 8) -> tuple[int, int]:
   """(T, R) of shared-prompt packed batches (data/packing.py) that hold any of `pairs`: the longest
   prompt + chosen + rejected and the longest chosen + rejected, each rounded up to `multiple`."""
-  t = max(len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)
+  t = max(packed_length(p) for p in pairs)
   r = max(len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)
   return round_up(t, multiple), round_up(r, multiple)
 
