@@ -26,11 +26,15 @@ setup(
         "ml_collections>=1.0",
         "absl-py>=2.0",
         "numpy>=1.26",
+        "ml_dtypes>=0.4",
+        "jinja2>=3.1",   # chat templates (tokenizer.apply_chat_template)
+        "gguf>=0.10",    # GGUF checkpoints (models.from_gguf, the packaged SmolLM2-135M-Instruct)
         "tqdm>=4.66",
         "matplotlib>=3.8",
         "tensorboardX>=2.6",
     ],
     extras_require={
-        "test": ["pytest>=8", "hypothesis>=6.100", "torch==2.13.0"],
+        # torch + accelerate: the HF PyTorch references (accelerate for transformers' own GGUF loading).
+        "test": ["pytest>=8", "hypothesis>=6.100", "torch==2.13.0", "accelerate>=1.0"],
     },
 )

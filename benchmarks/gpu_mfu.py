@@ -59,6 +59,7 @@ def synthetic_batch(batch: int, seq: int, vocab: int, seed: int = 0) -> dict[str
         out[f"{side}_labels_BT"] = labels
         out[f"{side}_loss_mask_BT"] = loss_mask
         out[f"{side}_ref_logps_B"] = np.full((batch,), -float(seq - prompt) * np.log(vocab), np.float32)
+        out[f"{side}_ends_eos_B"] = np.ones((batch,), bool)
     out["index_B"] = np.arange(batch, dtype=np.int32)
     return out
 

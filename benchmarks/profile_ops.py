@@ -28,6 +28,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from benchmarks import shapes
 
@@ -83,7 +84,7 @@ def make_workload(task: str, shape: str, pairs: int, packing: bool, dtype: str, 
     batch = packing_lib.pack_batch(batch)
   if task == 'score':
     keys = packing_lib.PACKED_KEYS if packing else tuple(k for k in batch if k.endswith('_BT'))
-    data = jax.device_put({k: batch[k] for k in keys})
+    data = jax.device_put({**{k: batch[k] for k in keys}, **{k: np.ones(len(rows), bool) for k in score.DROP_EOS.values()}})
     fn = jax.jit(lambda p, b: score.score_batch(model, p, b))
     return (lambda: jax.block_until_ready(fn(params, data))), fn.lower(params, data).compile().as_text()
   ref = trainer.pair_logps(model, params, jax.device_put(batch), chunk_size=128)

@@ -96,6 +96,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.eval.every = 1                # displacement monitor every N steps (0: only at the end)
   config.eval.top_k = 10               # single-token mode: top-k tokens by probability gain
   config.eval.max_samples = 256        # monitor on at most this many training pairs (fixed subset)
+  config.eval.warning_nats = 0.01      # displacement WARNING: mean y+ log-prob this far below its reference, and falling
 
   config.reference = ml_collections.ConfigDict()
   config.reference.cache = True        # cache reference log-probs on disk (npz) and reuse on a key match

@@ -113,6 +113,19 @@ def last_hidden_inner_product(hidden_chosen_BTD: jax.Array, hidden_rejected_BTD:
   return jnp.where(ok_pos_B & ok_neg_B, _scaled_inner(h_pos_BD, h_neg_BD), jnp.nan)
 
 
+def without_last_position(mask_BT: jax.Array, drop_B: jax.Array) -> jax.Array:
+  """`mask_BT` with its last True removed in the rows where `drop_B` is True (any padding side).
+
+  The last-hidden measure uses it to go from "last real position" to "last response token" when the row ends
+  with an appended EOS: the state there is the one that predicts EOS (the authors' position).
+  """
+  mask_BT = jnp.asarray(mask_BT).astype(bool)
+  t = mask_BT.shape[1]
+  last_B = t - 1 - jnp.argmax(mask_BT[:, ::-1], axis=1)
+  is_last_BT = jnp.arange(t)[None, :] == last_B[:, None]
+  return mask_BT & ~(is_last_BT & jnp.asarray(drop_B, bool)[:, None])
+
+
 def levenshtein(ids_a: Sequence[int] | np.ndarray, ids_b: Sequence[int] | np.ndarray) -> int:
   """Edit distance (unit insert/delete/substitute) between two token-id sequences; numpy DP by rows.
 

@@ -18,14 +18,29 @@ from typing import Any, Sequence
 import numpy as np
 
 PREFIX = 'monitor/'
+# A preferred log-prob counts as fallen (Definition 1) only when it is below its reference by more than
+# FALL_RTOL * max(1, |reference|): float32 log-prob sums carry rounding noise of that relative size.
+FALL_RTOL = 1e-5
+# The displacement warning needs the mean preferred log-prob below its reference by more than this (nats).
+WARNING_NATS = 0.01
 
 
-def share_preferred_fell(preferred_change_B: np.ndarray) -> float:
-  """Share of samples whose preferred log-prob is below its reference value (Definition 1)."""
+def fell(preferred_change_B: Any, preferred_ref_B: Any, xp: Any = np) -> Any:
+  """[B] bool: the preferred log-prob fell below its reference beyond the float noise floor (FALL_RTOL).
+
+  `xp` is numpy or jax.numpy (the train step uses the same rule on device).
+  """
+  return preferred_change_B < -FALL_RTOL * xp.maximum(1.0, xp.abs(preferred_ref_B))
+
+
+def share_preferred_fell(preferred_change_B: np.ndarray, preferred_ref_B: np.ndarray | None = None) -> float:
+  """Share of samples whose preferred log-prob is below its reference value (Definition 1), beyond the
+  float noise floor `fell` (relative to |reference|; without `preferred_ref_B`, relative to 1 nat)."""
   change = np.asarray(preferred_change_B, np.float64)
   if change.ndim != 1 or change.size == 0:
     raise ValueError(f'preferred_change_B must be a non-empty 1-D array, got shape {change.shape}')
-  return float(np.mean(change < 0))
+  ref = np.zeros_like(change) if preferred_ref_B is None else np.asarray(preferred_ref_B, np.float64)
+  return float(np.mean(fell(change, ref)))
 
 
 def logprob_change_stats(pos_B: np.ndarray, neg_B: np.ndarray, pos_ref_B: np.ndarray,
@@ -41,7 +56,7 @@ def logprob_change_stats(pos_B: np.ndarray, neg_B: np.ndarray, pos_ref_B: np.nda
       PREFIX + 'preferred_logprob_change': float(pos_change.mean()),
       PREFIX + 'dispreferred_logprob_change': float(neg_change.mean()),
       PREFIX + 'margin_change': float((pos_change - neg_change).mean()),
-      PREFIX + 'share_preferred_fell': share_preferred_fell(pos_change),
+      PREFIX + 'share_preferred_fell': share_preferred_fell(pos_change, pos_ref_B),
       PREFIX + 'preferred_logprob': float(np.mean(pos_B)),
       PREFIX + 'dispreferred_logprob': float(np.mean(neg_B)),
   }
@@ -138,16 +153,18 @@ def single_token_report(prob_now_NV: np.ndarray, prob_ref_V: np.ndarray, predict
 
 
 def displacement_warning(step: int, loss: float, preferred_change: float, prev_loss: float | None,
-                         prev_preferred_change: float | None) -> str | None:
-  """A warning line when the loss fell since the previous eval but the mean preferred log-prob fell too.
+                         prev_preferred_change: float | None, nats: float = WARNING_NATS) -> str | None:
+  """A warning line when the loss fell since the previous eval while the mean preferred log-prob is below its
+  reference by more than `nats` and lower than at the previous eval (likelihood displacement under way).
 
   `prev_loss` is the loss at the previous eval (the initial loss at the first eval; None: no warning).
-  With no previous eval the preferred reference point is the start of training (change 0).
+  With no previous eval the preferred reference point is the start of training (change 0). A preferred
+  log-prob that wiggles while still above (or within `nats` of) its reference never warns.
   """
   if prev_loss is None:
     return None
   prev_pref = 0.0 if prev_preferred_change is None else prev_preferred_change
-  if loss < prev_loss and preferred_change < prev_pref:
+  if loss < prev_loss and preferred_change < -nats and preferred_change < prev_pref:
     since = 'the start' if prev_preferred_change is None else 'the previous eval'
     return (f'WARNING likelihood displacement at step {step}: loss fell {prev_loss:.4g} -> {loss:.4g} while the '
             f'mean preferred log-prob fell since {since} ({prev_pref:+.4g} -> {preferred_change:+.4g} vs reference)')

@@ -4,10 +4,18 @@ r"""Score preference pairs by CHES and the baseline measures, then optionally fi
     python -m displacement_jax.score --config=configs/score_tiny.py --config.filter.mode=lowest_fraction \
         --config.filter.fraction=0.05
 
-For every row: `ches`, `ln_ches` (Definitions 2-3), `minus_normalized_edit_distance` (on the response token
-ids, EOS included), `last_hidden_inner_product` (final real positions of (x, y+) and (x, y-)), and the
-response / sequence lengths. Hidden states are the model's final-norm states (the LM-head input) at the
-positions of the batch's `loss_mask` (last prompt token .. second-to-last response token), summed in float32.
+For every row, with the exact positions and ids of the authors' code (compute_preference_similarity_per_example.py):
+  ches, ln_ches              Definitions 2-3: final-norm hidden states (the LM-head input) summed in float32 over
+                             the positions that predict a response token, i.e. the last prompt token .. the last
+                             response token (the one that predicts EOS); |y| counts the appended EOS.
+  minus_normalized_edit_distance
+                             -Levenshtein(ids of y+, ids of y-) / max(|y+|, |y-|) on the response token ids
+                             WITHOUT the appended EOS.
+  last_hidden_inner_product  <h, h'> of the final-norm hidden states at the LAST RESPONSE TOKEN of (x, y+) and of
+                             (x, y-), the positions that predict EOS (EOS itself never enters the input there).
+A response cut by truncation has no EOS; then its last kept token is used. `measures_include_eos=True`
+(`config.measures.include_eos`) gives the EOS-inclusive variants instead (ids with EOS; hidden state at the
+EOS position). Also the response / sequence lengths.
 
 Each pair is one shared-prompt packed row [prompt, chosen, rejected] (data/packing.py: the prompt runs once;
 `data.shared_prompt_packing=False` runs the two sides separately, same scores). Rows are sorted by length and
@@ -37,6 +45,7 @@ import numpy as np
 
 from displacement_jax import ches as ches_lib
 from displacement_jax import filtering
+from displacement_jax.data import batching
 from displacement_jax.data import packing as packing_lib
 
 MEASURES = ('ches', 'ln_ches', 'minus_normalized_edit_distance', 'last_hidden_inner_product')
@@ -44,6 +53,8 @@ SCORES_FILE, SUMMARY_FILE, HIST_FILE = 'scores.jsonl', 'summary.json', 'ln_ches_
 FILTERED_FILE, FILTERED_INDICES_FILE = 'filtered.jsonl', 'filtered_indices.json'
 QUANTILES = (0.0, 0.05, 0.25, 0.5, 0.75, 0.95, 1.0)
 SIDES = ('chosen', 'rejected')
+# [B] bool batch keys: drop the appended EOS from the last-hidden measure's positions (see the module docstring).
+DROP_EOS = {side: f'{side}_ends_eos_B' for side in SIDES}
 
 
 # ------------------------------------------------------------------------------------------- bucketing
@@ -119,8 +130,9 @@ def score_batch(model: Any, params: Any, batch: dict[str, jax.Array]) -> dict[st
   h_pos_BTD, h_neg_BTD = hidden('chosen'), hidden('rejected')
   comps = ches_lib.ches_components(h_pos_BTD, h_neg_BTD, batch['chosen_loss_mask_BT'],
                                    batch['rejected_loss_mask_BT'])
-  lhip_B = ches_lib.last_hidden_inner_product(h_pos_BTD, h_neg_BTD, batch['chosen_attention_mask_BT'],
-                                              batch['rejected_attention_mask_BT'])
+  lhip_B = ches_lib.last_hidden_inner_product(
+      h_pos_BTD, h_neg_BTD, ches_lib.without_last_position(batch['chosen_attention_mask_BT'], batch[DROP_EOS['chosen']]),
+      ches_lib.without_last_position(batch['rejected_attention_mask_BT'], batch[DROP_EOS['rejected']]))
   return {'ches': comps['ches'], 'ln_ches': comps['ln_ches'], 'last_hidden_inner_product': lhip_B,
           'chosen_len': comps['chosen_len'], 'rejected_len': comps['rejected_len']}
 
@@ -134,8 +146,10 @@ def score_packed_batch(model: Any, params: Any, batch: dict[str, jax.Array]) -> 
   side_BR, branch_BT = batch['response_side_BR'], batch['packed_branch_BT']
   chosen, rejected, prompt = packing_lib.CHOSEN, packing_lib.REJECTED, packing_lib.PROMPT
   comps = ches_lib.ches_components(h_BRD, h_BRD, side_BR == chosen, side_BR == rejected)
-  lhip_B = ches_lib.last_hidden_inner_product(hidden_BTD, hidden_BTD, (branch_BT == prompt) | (branch_BT == chosen),
-                                              (branch_BT == prompt) | (branch_BT == rejected))
+  lhip_B = ches_lib.last_hidden_inner_product(
+      hidden_BTD, hidden_BTD,
+      ches_lib.without_last_position((branch_BT == prompt) | (branch_BT == chosen), batch[DROP_EOS['chosen']]),
+      ches_lib.without_last_position((branch_BT == prompt) | (branch_BT == rejected), batch[DROP_EOS['rejected']]))
   return {'ches': comps['ches'], 'ln_ches': comps['ln_ches'], 'last_hidden_inner_product': lhip_B,
           'chosen_len': comps['chosen_len'], 'rejected_len': comps['rejected_len']}
 
@@ -150,9 +164,11 @@ def make_score_fn(model: Any) -> Callable[[Any, dict[str, jax.Array]], dict[str,
 _score_batch_jit = jax.jit(score_batch, static_argnums=0)
 
 
-def response_ids(batch: dict[str, np.ndarray], side: str, row: int) -> np.ndarray:
-  """Response token ids of one collated row: the labels at its loss-mask positions (EOS included)."""
-  return np.asarray(batch[f'{side}_labels_BT'][row])[np.asarray(batch[f'{side}_loss_mask_BT'][row], bool)]
+def measure_ids(pair: Any, side: str, include_eos: bool = False) -> np.ndarray:
+  """The response ids the edit distance compares: without the appended EOS (the authors' ids) unless
+  `include_eos`."""
+  ids = np.asarray(getattr(pair, f'{side}_ids'))
+  return ids[:-1] if not include_eos and batching.ends_with_eos(pair, side) else ids
 
 
 def tokenize_examples(examples: Sequence[Any], tokenizer: Any, *, max_length: int, format: str,
@@ -166,14 +182,14 @@ def tokenize_examples(examples: Sequence[Any], tokenizer: Any, *, max_length: in
 
 def score_examples(model: Any, params: Any, config: ml_collections.ConfigDict, tokenizer: Any,
                    examples: Sequence[Any], *, batch_size: int, max_length: int, format: str, mesh: Any = None,
-                   bucketed: bool = True, packing: bool | None = None, progress: bool = True
-                   ) -> list[dict[str, Any]]:
+                   bucketed: bool = True, packing: bool | None = None, progress: bool = True,
+                   measures_include_eos: bool | None = None) -> list[dict[str, Any]]:
   """Score every example; returns one dict per example, in the order of `examples`.
 
   Keys: index (the example's dataset index), ches, ln_ches, minus_normalized_edit_distance,
   last_hidden_inner_product, chosen_len / rejected_len (response tokens incl. EOS), chosen_total_len /
   rejected_total_len (prompt + response). `config` supplies data.single_token,
-  data.padding_side and (unless `packing` is given) data.shared_prompt_packing.
+  data.padding_side and (unless given) data.shared_prompt_packing and measures.include_eos.
   With `mesh`, batches are sharded over ('data', 'fsdp') and params by `sharding.param_shardings`.
   """
   if not examples:
@@ -185,7 +201,9 @@ def score_examples(model: Any, params: Any, config: ml_collections.ConfigDict, t
   results = score_pairs(model, params, pairs, batch_size=batch_size, max_length=max_length, pad_id=pad_id,
                         padding_side=data_cfg.get('padding_side', 'right'), mesh=mesh, bucketed=bucketed,
                         packing=bool(data_cfg.get('shared_prompt_packing', True)) if packing is None else packing,
-                        progress=progress)
+                        progress=progress, measures_include_eos=(
+                            bool(config.get('measures', {}).get('include_eos', False)) if measures_include_eos is None
+                            else measures_include_eos))
   for result, example in zip(results, examples):
     result['index'] = int(getattr(example, 'index', result['index']))
   return results
@@ -193,15 +211,15 @@ def score_examples(model: Any, params: Any, config: ml_collections.ConfigDict, t
 
 def score_pairs(model: Any, params: Any, pairs: Sequence[Any], *, batch_size: int, max_length: int,
                 pad_id: int = 0, padding_side: str = 'right', mesh: Any = None, bucketed: bool = True,
-                packing: bool = True, progress: bool = True) -> list[dict[str, Any]]:
+                packing: bool = True, progress: bool = True, measures_include_eos: bool = False
+                ) -> list[dict[str, Any]]:
   """Score already tokenized pairs (`data.tokenize.TokenizedPair`); one dict per pair, in input order.
 
   The work of `score_examples` after tokenization: length buckets, one jitted call per batch, sharded over
   the mesh's batch axes when `mesh` is given. `index` is the pair's own `index`. packing: one shared-prompt
   packed row per pair (data/packing.py; the prompt is run once), else the two sides separately.
+  measures_include_eos: the EOS-inclusive edit distance / last-hidden variants (module docstring).
   """
-  from displacement_jax.data import batching  # pylint: disable=g-import-not-at-top
-
   if not pairs:
     raise ValueError('score_pairs: no pairs to score')
   dp = 1
@@ -240,9 +258,12 @@ def score_pairs(model: Any, params: Any, pairs: Sequence[Any], *, batch_size: in
       if bucketed:
         batch = trim_sides(batch, int(max_length), padding_side)
       device_batch = {k: v for k, v in batch.items() if k.endswith('_BT')}
+    for key in DROP_EOS.values():
+      device_batch[key] = batch[key] & (not measures_include_eos)
     out = jax.device_get(jitted(params, put(device_batch)))
     for j, row in enumerate(rows):  # rows past len(rows) are padding and are dropped here
-      ids_pos, ids_neg = response_ids(batch, 'chosen', j), response_ids(batch, 'rejected', j)
+      ids_pos = measure_ids(pairs[row], 'chosen', measures_include_eos)
+      ids_neg = measure_ids(pairs[row], 'rejected', measures_include_eos)
       results[row] = {
           'index': int(getattr(pairs[row], 'index', row)),
           'ches': float(out['ches'][j]),

@@ -33,6 +33,7 @@ from displacement_jax import monitor as monitor_lib
 from displacement_jax import optim as optim_lib
 from displacement_jax import reference as reference_lib
 from displacement_jax import trainer
+from displacement_jax.models import packaged
 
 # Registered pipelines: `config.pipeline` -> module with `run(config)`. A dotted module path also works.
 PIPELINES = {
@@ -151,11 +152,13 @@ def load_model(config: ml_collections.ConfigDict, mesh: Any = None) -> Loaded:
         jax.random.key(int(mc.seed)))
     identity = {'tiny': mc.tiny, 'hf_config': hf_config, 'seed': int(mc.seed)}
   else:
-    model, params, model_config = models.from_pretrained(mc.path, dtype=dtype, param_dtype=param_dtype,
-                                                         mesh=mesh, remat=remat,
-                                                         progress=bool(config.get('progress', True)))
+    model, params, model_config = models.load(mc.path, dtype=dtype, param_dtype=param_dtype, mesh=mesh, remat=remat,
+                                              progress=bool(config.get('progress', True)))
     tokenizer = tok_lib().load_tokenizer(mc.get('tokenizer') or mc.path)
     identity = {'path': os.path.abspath(mc.path) if os.path.exists(mc.path) else mc.path}
+    if packaged.is_gguf(mc.path):  # a packaged name: the file it resolves to and its size identify the weights
+      file = packaged.resolve_gguf(mc.path)
+      identity.update(file=os.path.abspath(file), file_size=os.path.getsize(file))
   identity.update(dtype=dtype, param_dtype=param_dtype, tokenizer=mc.get('tokenizer') or '',
                   tokenizer_vocab=len(tokenizer))
   if config.data.get('add_special_tokens'):
@@ -287,7 +290,7 @@ def reference_arrays(loaded: Loaded, dataset: Dataset, monitor_rows: np.ndarray,
       model=loaded.identity, data=reference_lib.hash_pairs(dataset.pairs), data_path=config.data.path,
       n=len(dataset.pairs), max_length=int(config.data.max_length), format=config.data.format,
       single_token=bool(config.data.single_token), monitor_rows=reference_lib.hash_arrays([monitor_rows]),
-      chunk=int(config.logprob_chunk_size))
+      chunk=int(config.logprob_chunk_size), monitor_baseline=1)
   cache_dir = None
   if config.reference.get('cache', True):
     cache_dir = config.reference.get('cache_dir') or os.path.join(config.output_dir, 'reference_cache')
@@ -309,8 +312,15 @@ def reference_arrays(loaded: Loaded, dataset: Dataset, monitor_rows: np.ndarray,
       bar.update(len(rows))
     bar.close()
     arrays = {'chosen_ref_logps': chosen, 'rejected_ref_logps': rejected}
+    # The monitor's own baseline: the monitor batch through the very function (and pytree, zeros standing in for
+    # the reference values) the monitor evaluates later, so its step-0 change is exactly 0, not float noise of
+    # a differently shaped (packed) pass.
+    placeholder = {'chosen_ref_logps': np.zeros(n, np.float32), 'rejected_ref_logps': np.zeros(n, np.float32)}
+    batch = put_batch(monitor_batch(dataset, monitor_rows, config, dp, placeholder), batch_sharding)
+    base = jax.device_get(logps_fn(loaded.params, batch))
+    arrays['monitor_chosen_ref_logps'] = np.asarray(base['chosen_logps_B'][:len(monitor_rows)], np.float32)
+    arrays['monitor_rejected_ref_logps'] = np.asarray(base['rejected_logps_B'][:len(monitor_rows)], np.float32)
     if next_token_fn is not None:
-      batch = put_batch(monitor_batch(dataset, monitor_rows, config, dp), batch_sharding)
       probs = np.asarray(jax.device_get(next_token_fn(loaded.params, batch))['prob_BV'])[:len(monitor_rows)]
       arrays['monitor_ref_prob_V'] = probs.mean(0)
     return arrays
@@ -318,11 +328,12 @@ def reference_arrays(loaded: Loaded, dataset: Dataset, monitor_rows: np.ndarray,
   return reference_lib.cached_reference(cache_dir, key, compute, log=_log)
 
 
-def monitor_batch(dataset: Dataset, rows: np.ndarray, config: ml_collections.ConfigDict, dp: int
-                  ) -> dict[str, np.ndarray]:
-  """The fixed monitor subset, padded (by repeating its last row) to a multiple of the data-parallel size."""
+def monitor_batch(dataset: Dataset, rows: np.ndarray, config: ml_collections.ConfigDict, dp: int,
+                  ref: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """The fixed monitor subset with its reference log-probs, padded (by repeating its last row) to a multiple
+  of the data-parallel size."""
   padded = np.concatenate([rows, np.full(pad_rows(len(rows), dp) - len(rows), rows[-1])])
-  return collate([dataset.pairs[i] for i in padded], dataset.pad_id, config)
+  return add_reference(collate([dataset.pairs[i] for i in padded], dataset.pad_id, config), padded, ref)
 
 
 def add_reference(batch: dict[str, np.ndarray], rows: np.ndarray, ref: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -427,9 +438,7 @@ def run(config: ml_collections.ConfigDict, *, resume: bool = False) -> RunResult
   writer.write(start_step, {'event': 'resume' if resume else 'start', 'total_steps': total_steps,
                             'reference_from_cache': from_cache,
                             **{f'data/{k}': v for k, v in dataset.truncation.items()}})
-  mon_batch_np = add_reference(monitor_batch(dataset, monitor_rows, config, dp),
-                               np.concatenate([monitor_rows, np.full(pad_rows(n_monitor, dp) - n_monitor,
-                                                                     monitor_rows[-1])]), ref)
+  mon_batch_np = monitor_batch(dataset, monitor_rows, config, dp, ref)
   mon_batch = put_batch(mon_batch_np, batch_sh)
   token_names = None
   if single:
@@ -479,7 +488,8 @@ def run(config: ml_collections.ConfigDict, *, resume: bool = False) -> RunResult
         _log(monitor_lib.format_line(step, last_monitor))
         warning = monitor_lib.displacement_warning(step, last_monitor['monitor/loss'],
                                                    last_monitor['monitor/preferred_logprob_change'],
-                                                   prev_eval.get('loss'), prev_eval.get('preferred'))
+                                                   prev_eval.get('loss'), prev_eval.get('preferred'),
+                                                   nats=float(config.eval.get('warning_nats', monitor_lib.WARNING_NATS)))
         if warning:
           _log(warning)
           last_monitor['monitor/warning'] = warning
@@ -536,7 +546,7 @@ def run_monitor(params: Any, step: int, unembed_fn: Callable, batch: dict[str, j
   loss, _ = jax.device_get(loss_fn(params, batch))
   out: dict[str, Any] = {'monitor/loss': float(loss)}
   out.update(monitor_lib.logprob_change_stats(logps['chosen_logps_B'][:n], logps['rejected_logps_B'][:n],
-                                              batch_np['chosen_ref_logps_B'][:n], batch_np['rejected_ref_logps_B'][:n]))
+                                              ref['monitor_chosen_ref_logps'], ref['monitor_rejected_ref_logps']))
   if next_token_fn is not None:
     nt = jax.device_get(next_token_fn(params, batch))
     pos = np.argmax(batch_np['chosen_loss_mask_BT'][:n], axis=-1)

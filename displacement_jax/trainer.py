@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import optax
 
 from displacement_jax import logprobs as logprobs_lib
+from displacement_jax import monitor
 from displacement_jax import optim as optim_lib
 from displacement_jax.data import packing
 
@@ -101,7 +102,7 @@ def make_loss_fn(model: Any, loss_config: Any, chunk_size: int
         'preferred_change': jnp.mean(pc - rc),
         'dispreferred_change': jnp.mean(pr - rr),
         'reward_accuracy': jnp.mean(((pc - rc) > (pr - rr)).astype(jnp.float32)),
-        'share_preferred_fell': jnp.mean((pc < rc).astype(jnp.float32)),
+        'share_preferred_fell': jnp.mean(monitor.fell(pc - rc, rc, xp=jnp).astype(jnp.float32)),
     }
     return loss, aux
 

@@ -2,6 +2,7 @@
 
   python docs/build_readme.py          # rewrite README.md
   python docs/build_readme.py --check  # exit 1 if README.md is out of date (tests/test_readme.py runs this)
+  python docs/build_readme.py --command=1  # print README's first command (2: the test command); .ci/run runs them
 """
 
 from __future__ import annotations
@@ -25,7 +26,17 @@ def build() -> str:
   return "\n".join(parts)
 
 
+def readme_commands(text: str) -> list[str]:
+  """The command lines of README's first ```bash block, without trailing comments."""
+  lines = text.split("```bash\n", 1)[1].split("```", 1)[0].splitlines()
+  return [line.split("  #", 1)[0].strip() for line in lines if line.strip() and not line.startswith("#")]
+
+
 def main(argv: list[str]) -> int:
+  for arg in argv:
+    if arg.startswith("--command="):
+      print(readme_commands((ROOT / "README.md").read_text())[int(arg.split("=", 1)[1]) - 1])
+      return 0
   text = build()
   readme = ROOT / "README.md"
   if "--check" in argv:

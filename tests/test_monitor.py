@@ -82,6 +82,20 @@ def test_displacement_warning():
   assert monitor.displacement_warning(5, 0.5, 0.2, 0.69, 0.1) is None      # preferred rose
   assert monitor.displacement_warning(5, 0.7, -0.3, 0.69, -0.1) is None    # loss rose
   assert monitor.displacement_warning(6, 0.6, -0.3, 0.69, -0.1) is not None
+  # y+ 6 nats above its reference wiggling down by 0.005 nats: no displacement, no warning.
+  assert monitor.displacement_warning(7, 0.3, 5.995, 0.4, 6.0) is None
+  # Within the threshold below the reference (float-noise wiggles around 0): no warning.
+  assert monitor.displacement_warning(7, 0.3, -0.005, 0.4, 0.0) is None
+  assert monitor.displacement_warning(7, 0.3, -0.005, 0.4, 0.0, nats=0.001) is not None
+
+
+def test_share_preferred_fell_ignores_float_noise():
+  ref = np.array([-300.0, -300.0, -0.5, -0.5])
+  # -1e-3 nats at |ref| = 300 is below the 3e-3 noise floor; -1e-2 is a real fall; at |ref| < 1 the floor is 1e-5.
+  change = np.array([-1e-3, -1e-2, -5e-6, -2e-5])
+  assert monitor.share_preferred_fell(change, ref) == pytest.approx(0.5)
+  np.testing.assert_array_equal(monitor.fell(change, ref), [False, True, False, True])
+  assert monitor.share_preferred_fell(np.zeros(4), ref) == 0.0
 
 
 def test_format_line():

@@ -44,7 +44,8 @@ def test_layout_of_one_pair():
   np.testing.assert_array_equal(out['response_label_BR'], [[8, 9, 10, 11, 12, 0, 0, 0]])
   np.testing.assert_array_equal(out['response_side_BR'], [[1, 1, 2, 2, 2, 0, 0, 0]])
   np.testing.assert_array_equal(out['index_B'], [4])
-  assert not any(k.startswith(('chosen_', 'rejected_')) for k in out)
+  assert not any(k.startswith(('chosen_', 'rejected_')) and k.endswith('_BT') for k in out)  # no two-side arrays
+  assert out['chosen_ends_eos_B'].tolist() == [True] and out['rejected_ends_eos_B'].tolist() == [True]  # [B] kept
 
 
 def test_padding_side_and_filler_rows():

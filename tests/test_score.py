@@ -107,8 +107,9 @@ def test_scores_equal_direct_ches(run1, scoring_setup):
   direct = {
       'ches': ches.ches_scores(h_pos, h_neg, *masks),
       'ln_ches': ches.ches_scores(h_pos, h_neg, *masks, length_normalized=True),
-      'last_hidden_inner_product': ches.last_hidden_inner_product(h_pos, h_neg, b['chosen_attention_mask_BT'],
-                                                                  b['rejected_attention_mask_BT']),
+      'last_hidden_inner_product': ches.last_hidden_inner_product(
+          h_pos, h_neg, ches.without_last_position(b['chosen_attention_mask_BT'], b['chosen_ends_eos_B']),
+          ches.without_last_position(b['rejected_attention_mask_BT'], b['rejected_ends_eos_B'])),
   }
   for m, vals in direct.items():
     np.testing.assert_allclose([r[m] for r in got], np.asarray(vals), rtol=2e-5, atol=1e-3, err_msg=m)
@@ -125,30 +126,68 @@ def _edit_distance(a, b):
   return dp[-1]
 
 
+def _authors_inputs(tokenizer, example, max_length):
+  """The authors' inputs of one row: prompt ids and each response's ids WITHOUT EOS, tokenized here directly
+  (compute_preference_similarity_per_example.py: text_w = query + response, no EOS; edit distance on
+  text_w[len(query):]; hidden states of text_w at len(query) - 1 ..; last hidden = the final position)."""
+  prompt = tokenizer(f'<|prompter|>{example.prompt}<|assistant|>')['input_ids']
+  sides = {}
+  for side in ('chosen', 'rejected'):
+    text = tokenizer(getattr(example, side), add_special_tokens=False)['input_ids']
+    sides[side] = text[:max_length - len(prompt)]
+  return prompt, sides
+
+
 def test_scores_equal_paper_definition_loop(run1, scoring_setup):
-  """Definitions 2-3 by hand on the UNPADDED sequence x ++ y: float64 sums of h at |x|-1 .. |x|+|y|-2."""
+  """Every measure by hand on the authors' own inputs (the UNPADDED x ++ y without EOS), in float64:
+  CHES/LN-CHES sum h at |x|-1 .. |x|+|y|-1 with |y| = text tokens + the EOS slot; the last-hidden inner product
+  takes h at the last response token; the edit distance compares the response ids without EOS."""
   _, out, _ = run1
   config, loaded, examples = scoring_setup
   got = _read_jsonl(os.path.join(out, score.SCORES_FILE))
-  pairs = score.tokenize_examples(examples[:3], loaded.tokenizer, max_length=48, format=config.data.format)
-  for pair, row in zip(pairs, got):
-    sums, lens, last, resps = {}, {}, {}, {}
+  assert config.data.format == 'prompter_assistant'
+  for example, row in zip(examples, got):
+    prompt, texts = _authors_inputs(loaded.tokenizer, example, 48)
+    sums, lens, last = {}, {}, {}
     for side in ('chosen', 'rejected'):
-      resp = np.asarray(getattr(pair, f'{side}_ids'))
-      ids = np.concatenate([np.asarray(pair.prompt_ids), resp])
-      n_prompt = len(pair.prompt_ids)
+      text = texts[side]
+      ids = np.asarray(prompt + text, np.int32)
       h = _hidden(loaded, ids[None], np.ones((1, len(ids)), bool))[0].astype(np.float64)
-      sums[side] = sum(h[n_prompt - 1 + k] for k in range(len(resp)))
-      lens[side], last[side], resps[side] = len(resp), h[-1], [int(t) for t in resp]
+      # A response that fits ends with EOS in our ids: its EOS slot is the state at the last text token, which
+      # exists in the authors' input too; a cut response has no EOS slot.
+      fits = len(prompt) + len(text) + 1 <= 48
+      n_slots = len(text) if not fits else len(text) + 1
+      sums[side] = h[len(prompt) - 1:len(prompt) - 1 + n_slots].sum(axis=0)
+      lens[side], last[side] = n_slots, h[-1]
     sp, sn = sums['chosen'], sums['rejected']
     np.testing.assert_allclose(row['ches'], sp @ sn - sp @ sp, rtol=1e-4, atol=1e-2)
     np.testing.assert_allclose(row['ln_ches'], sp @ sn / (lens['chosen'] * lens['rejected'])
                                - sp @ sp / lens['chosen'] ** 2, rtol=1e-4, atol=1e-3)
     np.testing.assert_allclose(row['last_hidden_inner_product'], last['chosen'] @ last['rejected'], rtol=1e-4)
     assert (row['chosen_len'], row['rejected_len']) == (lens['chosen'], lens['rejected'])
-    np.testing.assert_allclose(row['minus_normalized_edit_distance'],
-                               -_edit_distance(resps['chosen'], resps['rejected'])
-                               / max(lens['chosen'], lens['rejected']), rtol=1e-6)
+    a, b = texts['chosen'], texts['rejected']
+    assert row['minus_normalized_edit_distance'] == pytest.approx(-_edit_distance(a, b) / max(len(a), len(b)), rel=1e-6)
+
+
+def test_measures_include_eos_variant(scoring_setup):
+  """measures.include_eos=True: the edit distance on ids with EOS and the last-hidden state at the EOS position."""
+  config, loaded, examples = scoring_setup
+  pairs = score.tokenize_examples(examples[:4], loaded.tokenizer, max_length=48, format=config.data.format)
+  kw = dict(batch_size=4, max_length=48, progress=False, pad_id=loaded.tokenizer.pad_token_id or 0)
+  default = score.score_pairs(loaded.model, loaded.params, pairs, **kw)
+  with_eos = score.score_pairs(loaded.model, loaded.params, pairs, measures_include_eos=True, **kw)
+  for pair, a, b in zip(pairs, default, with_eos):
+    assert pair.ends_with_eos('chosen') and pair.ends_with_eos('rejected')
+    c, r = [int(t) for t in pair.chosen_ids], [int(t) for t in pair.rejected_ids]
+    assert b['minus_normalized_edit_distance'] == pytest.approx(-_edit_distance(c, r) / max(len(c), len(r)), rel=1e-6)
+    assert a['minus_normalized_edit_distance'] == pytest.approx(
+        -_edit_distance(c[:-1], r[:-1]) / max(len(c) - 1, len(r) - 1), rel=1e-6)
+    h = {side: _hidden(loaded, np.concatenate([pair.prompt_ids, getattr(pair, f'{side}_ids')])[None],
+                       np.ones((1, len(pair.prompt_ids) + len(getattr(pair, f'{side}_ids'))), bool))[0]
+         for side in ('chosen', 'rejected')}
+    np.testing.assert_allclose(b['last_hidden_inner_product'], h['chosen'][-1] @ h['rejected'][-1], rtol=1e-4)
+    np.testing.assert_allclose(a['last_hidden_inner_product'], h['chosen'][-2] @ h['rejected'][-2], rtol=1e-4)
+    assert (a['ches'], a['ln_ches']) == (b['ches'], b['ln_ches'])
 
 
 def test_bucketing_does_not_change_scores(scoring_setup):

@@ -114,6 +114,11 @@ def test_metrics_written_and_loss_decreases(full_run):
   for r in evals:
     assert set(MONITOR_KEYS) <= set(r)
   assert evals[0]['monitor/loss'] == pytest.approx(math.log(2), abs=1e-6)
+  # Before any update nothing has moved: the monitor compares the batch with its own baseline (same function,
+  # same shapes), so the Definition-1 share and the change are exactly 0, not float noise.
+  assert evals[0]['monitor/share_preferred_fell'] == 0.0 and evals[0]['monitor/preferred_logprob_change'] == 0.0
+  assert steps[0]['share_preferred_fell'] == 0.0   # step 1's metrics are taken at the initial params
+  assert not any('monitor/warning' in r for r in evals[:1])
   assert evals[-1]['monitor/loss'] < evals[0]['monitor/loss'] - 0.05   # learnable: chosen/rejected pools differ
   # The monitor's Definition-1 share recomputed from its own mean change is consistent with the result.
   assert 0.0 <= evals[-1]['monitor/share_preferred_fell'] <= 1.0

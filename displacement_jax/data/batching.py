@@ -3,7 +3,8 @@
 `collate` pads both sides to one length T (left or right padding) and builds, per side `s`:
   s_input_ids_BT (int32), s_attention_mask_BT (bool), s_labels_BT (int32, labels[t] = ids[t+1], 0 elsewhere),
   s_loss_mask_BT (bool, True from the last prompt position through the second-to-last response token),
-plus index_B (int32; -1 marks filler rows of an incomplete batch, whose loss masks are all False).
+plus index_B (int32; -1 marks filler rows of an incomplete batch, whose loss masks are all False) and
+s_ends_eos_B (bool: the response ends with the EOS that tokenization appended, i.e. it was not cut).
 
 `BatchIterator` is deterministic (seeded per epoch), yields one fixed shape per length bucket (to limit
 recompiles), resumes from `state()` = {epoch, step}, and gives each host its slice of every global batch.
@@ -81,7 +82,16 @@ def collate(pairs: Sequence[Any], *, pad_id: int, padding_side: str = "right", p
     out[f"{side}_labels_BT"] = labels_BT
     out[f"{side}_loss_mask_BT"] = loss_BT
   out["index_B"] = np.asarray([int(p.index) for p in pairs[:n]] + [-1] * (B - n), np.int32)
+  for side in SIDES:
+    out[f"{side}_ends_eos_B"] = np.asarray([ends_with_eos(p, side) for p in pairs], bool)
   return out
+
+
+def ends_with_eos(pair: Any, side: str) -> bool:
+  """Whether a pair's `side` response ends with the EOS tokenization appended (TokenizedPair.ends_with_eos;
+  pairs built by hand without that method count as ending with EOS)."""
+  method = getattr(pair, "ends_with_eos", None)
+  return bool(method(side)) if method is not None else True
 
 
 def round_up(n: int, multiple: int) -> int:

@@ -40,6 +40,17 @@ class TokenizedPair:
   index: int
   truncated: bool = False
   single_token: bool = False
+  chosen_cut: bool = False     # the chosen response was truncated (its EOS was cut too)
+  rejected_cut: bool = False
+
+  def ends_with_eos(self, side: str) -> bool:
+    """Whether `side`'s ids end with the EOS that tokenization appended (not cut, not single-token)."""
+    return not self.single_token and not getattr(self, f"{side}_cut")
+
+  def text_ids(self, side: str) -> np.ndarray:
+    """`side`'s response token ids without the appended EOS (the authors' ids for the edit distance)."""
+    ids = getattr(self, f"{side}_ids")
+    return ids[:-1] if self.ends_with_eos(side) else ids
 
   @property
   def chosen_input_ids(self) -> np.ndarray:
@@ -190,7 +201,8 @@ def _tokenize(tokenizer: Any, ex: PreferenceExample, *, format: str, max_length:
     ids = _encode(tokenizer, _response_text(getattr(ex, field), src, ex.index, field), special=False) + [int(eos)]
     sides.append(_fit(ids, room, truncation, src, ex.index, field, max_length))
   (c, cut_c), (r, cut_r) = sides
-  return TokenizedPair(_as_ids(p), _as_ids(c), _as_ids(r), int(ex.index), cut_c or cut_r), cut_c, cut_r
+  pair = TokenizedPair(_as_ids(p), _as_ids(c), _as_ids(r), int(ex.index), cut_c or cut_r, chosen_cut=cut_c, rejected_cut=cut_r)
+  return pair, cut_c, cut_r
 
 
 def _order(a: Any, b: Any) -> tuple[Any, Any]:

@@ -10,6 +10,9 @@ _EXPORTS = {
       "unembedding": "transformer",
       "from_pretrained": "io",
       "save_pretrained": "io",
+      "from_gguf": "gguf",
+      "load": "loading",
+      "PACKAGED": "packaged",
       "load_tokenizer": "tokenizer",
       "add_special_tokens_and_resize": "tokenizer",
 }

@@ -25,6 +25,18 @@ def check_model_type(model_type: str) -> None:
         raise ValueError(f"unsupported model_type {model_type!r}; supported model types: {', '.join(SUPPORTED_MODEL_TYPES)}")
 
 
+def dtype_name(dtype: Any) -> Any:
+    """'float32' for 'float32', jnp.float32, np.float32 or np.dtype('float32'); other values unchanged."""
+    if isinstance(dtype, str):
+        return dtype
+    try:
+        import numpy as np  # pylint: disable=g-import-not-at-top
+
+        return np.dtype(dtype).name
+    except TypeError:
+        return dtype
+
+
 def _ids(value: Any) -> tuple[int, ...]:
     """A token id or list of ids (or None) as a tuple of ints."""
     if value is None:
@@ -87,6 +99,7 @@ class ModelConfig:
         if self.hidden_act not in SUPPORTED_ACTIVATIONS:
             raise ValueError(f"ModelConfig.hidden_act {self.hidden_act!r} unsupported; supported: {SUPPORTED_ACTIVATIONS}")
         for name in ("dtype", "param_dtype"):
+            object.__setattr__(self, name, dtype_name(getattr(self, name)))
             if getattr(self, name) not in SUPPORTED_DTYPES:
                 raise ValueError(f"ModelConfig.{name} must be one of {SUPPORTED_DTYPES}, got {getattr(self, name)!r}")
         if self.attention_impl not in (None, "xla", "cudnn", "reference"):

@@ -205,7 +205,7 @@ def plan_load(ckpt_dir: str, config: ModelConfig) -> dict[Path, tuple[str, str, 
     return plan
 
 
-def _place(array_hf: np.ndarray, path: Path, dtype: np.dtype, sharding: Any) -> jax.Array:
+def place_param(array_hf: np.ndarray, path: Path, dtype: np.dtype, sharding: Any) -> jax.Array:
     """Our-layout `array_hf` (memmap) in `dtype` on `sharding` (or the default device), one slice per device."""
     view = array_hf.T if path[-1] == "kernel" else array_hf  # a view: nothing is copied yet
     if sharding is None:
@@ -241,7 +241,7 @@ def from_pretrained(
     for path, (name, file, info, start) in tqdm(sorted(plan.items()), desc=f"load {os.path.basename(os.path.normpath(ckpt_dir))}",
                                                 disable=not progress, dynamic_ncols=True, leave=False):
         array_hf = read_safetensors_tensor(file, info, start)
-        convert.set_in_tree(params, path, _place(array_hf, path, target, shardings.get(path)))
+        convert.set_in_tree(params, path, place_param(array_hf, path, target, shardings.get(path)))
     return Transformer(config), params, config
 
 

@@ -16,24 +16,74 @@ from __future__ import annotations
 import copy
 import hashlib
 import os
+import shutil
 from typing import Any, Mapping, Sequence
 
 import jax.numpy as jnp
 import numpy as np
 
+from displacement_jax.models import packaged
 from displacement_jax.models.config import ModelConfig
 
 _TAGS = {"embed_tokens": 0, "lm_head": 1}
 
 
+def cache_root() -> str:
+    """Where converted artefacts are cached: $DISPLACEMENT_JAX_CACHE, else ~/.cache/displacement_jax."""
+    return os.environ.get("DISPLACEMENT_JAX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "displacement_jax")
+
+
+def load_gguf_tokenizer(gguf_file: str) -> Any:
+    """The tokenizer (with chat template) of a GGUF file via transformers' GGUF support, cached on disk.
+
+    Converting the GGUF vocabulary takes ~15 s; the converted tokenizer is saved once under
+    `cache_root()/gguf_tokenizers/<file name>-<key>` (key: path, size and mtime of the file), written to a
+    temporary directory and renamed, so a half-written cache is never read.
+    """
+    from transformers import AutoTokenizer  # pylint: disable=g-import-not-at-top
+
+    stat = os.stat(gguf_file)
+    key = hashlib.sha256(f"{os.path.abspath(gguf_file)}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    cached = os.path.join(cache_root(), "gguf_tokenizers", f"{os.path.basename(gguf_file)}-{key}")
+    if os.path.isfile(os.path.join(cached, "tokenizer_config.json")):
+        return _without_local_kwargs(AutoTokenizer.from_pretrained(cached, local_files_only=True))
+    try:
+        tok = AutoTokenizer.from_pretrained(os.path.dirname(os.path.abspath(gguf_file)),
+                                            gguf_file=os.path.basename(gguf_file), local_files_only=True)
+    except Exception as e:  # pylint: disable=broad-except
+        raise ValueError(f"load_tokenizer: cannot read the tokenizer of GGUF file {gguf_file}: {type(e).__name__}: {e}") from e
+    tmp = f"{cached}.tmp{os.getpid()}"
+    try:
+        tok.save_pretrained(tmp)
+        if os.path.exists(cached):
+            shutil.rmtree(tmp)
+        else:
+            os.replace(tmp, cached)
+    except OSError:  # a read-only or full cache costs speed, not correctness
+        shutil.rmtree(tmp, ignore_errors=True)
+    return _without_local_kwargs(tok)
+
+
+def _without_local_kwargs(tokenizer: Any) -> Any:
+    """Drop how this machine loaded the tokenizer (local_files_only, gguf_file) from what save_pretrained writes."""
+    for key in ("local_files_only", "gguf_file", "_from_auto"):
+        getattr(tokenizer, "init_kwargs", {}).pop(key, None)
+    return tokenizer
+
+
 def load_tokenizer(path_or_hub_id: str, *, revision: str | None = None) -> Any:
-    """An HF tokenizer via AutoTokenizer; a local directory is read offline (local_files_only)."""
+    """An HF tokenizer via AutoTokenizer; a local directory is read offline (local_files_only).
+
+    A packaged model name or a .gguf file gives the GGUF file's tokenizer (`load_gguf_tokenizer`).
+    """
     from transformers import AutoTokenizer  # pylint: disable=g-import-not-at-top
 
     path = os.fspath(path_or_hub_id)
+    if packaged.is_gguf(path):
+        return load_gguf_tokenizer(packaged.resolve_gguf(path))
     if os.path.isdir(path):
         try:
-            return AutoTokenizer.from_pretrained(path, local_files_only=True)
+            return _without_local_kwargs(AutoTokenizer.from_pretrained(path, local_files_only=True))
         except (OSError, ValueError) as e:
             raise ValueError(f"load_tokenizer: could not load a tokenizer from local directory {path!r}: {e}") from e
     if os.path.exists(path):
