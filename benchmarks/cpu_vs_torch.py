@@ -92,12 +92,12 @@ def pair_batch(rows: Sequence[Row], pad_id: int = 0) -> dict[str, np.ndarray]:
 def score_ours(model, params, rows: Sequence[Row], batch_size: int, max_length: int, packing: bool = True
                ) -> tuple[np.ndarray, float, float]:
     """(CHES per row, first-call seconds incl. JIT compile, steady seconds) via displacement_jax.score."""
-    from displacement_jax import score as score_lib  # pylint: disable=g-import-not-at-top
+    from displacement_jax import scoring  # pylint: disable=g-import-not-at-top
     from displacement_jax.data.tokenize import TokenizedPair  # pylint: disable=g-import-not-at-top
 
     pairs = [TokenizedPair(np.asarray(p, np.int32), np.asarray(c, np.int32), np.asarray(r, np.int32), i)
              for i, (p, c, r) in enumerate(rows)]
-    run = lambda: score_lib.score_pairs(model, params, pairs, batch_size=batch_size, max_length=max_length,
+    run = lambda: scoring.score_pairs(model, params, pairs, batch_size=batch_size, max_length=max_length,
                                         packing=packing, progress=False)
     t0 = time.perf_counter()
     first = run()
@@ -119,21 +119,21 @@ def score_torch(tmodel, rows: Sequence[Row]) -> tuple[np.ndarray, float]:
 def dpo_ours(model, params, rows: Sequence[Row], steps: int, lr: float, packing: bool = True
              ) -> tuple[float, float, np.ndarray]:
     """(first-step seconds incl. compile, steady seconds per step, log-probs after `steps` steps)."""
-    from displacement_jax import optim, trainer  # pylint: disable=g-import-not-at-top
+    from displacement_jax import forward, optim, step as step_lib  # pylint: disable=g-import-not-at-top
 
     batch = pair_batch(rows)
     if packing:
         from displacement_jax.data import packing as packing_lib  # pylint: disable=g-import-not-at-top
 
         batch = packing_lib.pack_batch(batch)
-    ref = trainer.pair_logps(model, params, batch, chunk_size=128)
+    ref = forward.pair_logps(model, params, batch, chunk_size=128)
     jbatch = jax.device_put(dict(batch, chosen_ref_logps_B=ref["chosen_logps_B"],
                                  rejected_ref_logps_B=ref["rejected_logps_B"]))
     loss_cfg = ml_collections.ConfigDict(dict(objective="dpo", beta=0.1, sft_coeff=0.0, label_smoothing=0.0))
     optimizer = optim.make_optimizer(ml_collections.ConfigDict(dict(name="rmsprop", lr=lr)), steps)
-    step = jax.jit(trainer.make_train_step(trainer.make_loss_fn(model, loss_cfg, 128), optimizer, 1),
+    step = jax.jit(step_lib.make_train_step(step_lib.make_loss_fn(model, loss_cfg, 128), optimizer, 1),
                    donate_argnums=0)
-    state = trainer.TrainState(params=jax.tree.map(jnp.copy, params), opt_state=optimizer.init(params),
+    state = step_lib.TrainState(params=jax.tree.map(jnp.copy, params), opt_state=optimizer.init(params),
                                step=jnp.zeros((), jnp.int32), rng=jax.random.key_data(jax.random.key(0)))
     t0 = time.perf_counter()
     state, metrics = step(state, jbatch)
@@ -144,7 +144,7 @@ def dpo_ours(model, params, rows: Sequence[Row], steps: int, lr: float, packing:
         state, metrics = step(state, jbatch)
     jax.block_until_ready(metrics["loss"])
     steady_s = (time.perf_counter() - t0) / max(steps - 1, 1)
-    after = trainer.pair_logps(model, state.params, batch, chunk_size=128)
+    after = forward.pair_logps(model, state.params, batch, chunk_size=128)
     return first_s, steady_s, np.asarray(after["chosen_logps_B"])
 
 

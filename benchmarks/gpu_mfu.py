@@ -114,7 +114,7 @@ def model_flops_of(shape: str, data: dict[str, np.ndarray], seq: int, train: boo
 def bench_dpo(shape: str, seq: int, batch: int, steps: int, dtype: str, remat: bool, chunk_size: int,
               attention: str | None = None, packing: bool = False) -> dict[str, Any]:
     """Seconds per DPO train step (RMSprop, donated state) and its model FLOPs."""
-    from displacement_jax import trainer  # pylint: disable=g-import-not-at-top
+    from displacement_jax import step as step_lib  # pylint: disable=g-import-not-at-top
     from displacement_jax.models.transformer import Transformer  # pylint: disable=g-import-not-at-top
 
     config = shapes.model_config(shape, dtype=dtype, remat=remat, attention_impl=attention)
@@ -122,9 +122,9 @@ def bench_dpo(shape: str, seq: int, batch: int, steps: int, dtype: str, remat: b
     params = init_params_on_device(config)
     loss_config = ml_collections.ConfigDict(dict(objective="dpo", beta=0.1, sft_coeff=0.0))
     optimizer = optax.rmsprop(1e-7, decay=0.99, eps=1e-8, eps_in_sqrt=False)
-    loss_fn = trainer.make_loss_fn(model, loss_config, chunk_size)
-    step_fn = jax.jit(trainer.make_train_step(loss_fn, optimizer, 1), donate_argnums=0)
-    state = trainer.TrainState(params=params, opt_state=optimizer.init(params), step=jnp.zeros((), jnp.int32),
+    loss_fn = step_lib.make_loss_fn(model, loss_config, chunk_size)
+    step_fn = jax.jit(step_lib.make_train_step(loss_fn, optimizer, 1), donate_argnums=0)
+    state = step_lib.TrainState(params=params, opt_state=optimizer.init(params), step=jnp.zeros((), jnp.int32),
                                rng=jax.random.key_data(jax.random.PRNGKey(0)))
     host = (packed_batch if packing else synthetic_batch)(batch, seq, config.vocab_size)
     data = jax.device_put(host)
@@ -158,9 +158,9 @@ def bench_score(shape: str, seq: int, batch: int, steps: int, dtype: str, remat:
     @jax.jit
     def score(params, b):
         if packing:
-            from displacement_jax import score as score_lib  # pylint: disable=g-import-not-at-top
+            from displacement_jax import scoring  # pylint: disable=g-import-not-at-top
 
-            return score_lib.score_packed_batch(model, params, b)["ln_ches"]
+            return scoring.score_packed_batch(model, params, b)["ln_ches"]
         hidden = {}
         for side in ("chosen", "rejected"):
             out = model.apply({"params": params}, b[f"{side}_input_ids_BT"], b[f"{side}_attention_mask_BT"],

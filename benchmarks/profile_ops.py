@@ -72,7 +72,7 @@ def make_workload(task: str, shape: str, pairs: int, packing: bool, dtype: str, 
                   ) -> tuple[Callable[[], Any], str]:
   """(run one call and block, compiled HLO text) of a DPO step or a scoring call on random-length pairs."""
   from benchmarks import cpu_vs_torch, gpu_mfu  # pylint: disable=g-import-not-at-top
-  from displacement_jax import optim, score, trainer  # pylint: disable=g-import-not-at-top
+  from displacement_jax import forward, optim, scoring, step as step_lib  # pylint: disable=g-import-not-at-top
   from displacement_jax.data import packing as packing_lib  # pylint: disable=g-import-not-at-top
   from displacement_jax.models.transformer import Transformer  # pylint: disable=g-import-not-at-top
 
@@ -84,17 +84,17 @@ def make_workload(task: str, shape: str, pairs: int, packing: bool, dtype: str, 
     batch = packing_lib.pack_batch(batch)
   if task == 'score':
     keys = packing_lib.PACKED_KEYS if packing else tuple(k for k in batch if k.endswith('_BT'))
-    data = jax.device_put({**{k: batch[k] for k in keys}, **{k: np.ones(len(rows), bool) for k in score.DROP_EOS.values()}})
-    fn = jax.jit(lambda p, b: score.score_batch(model, p, b))
+    data = jax.device_put({**{k: batch[k] for k in keys}, **{k: np.ones(len(rows), bool) for k in scoring.DROP_EOS.values()}})
+    fn = jax.jit(lambda p, b: scoring.score_batch(model, p, b))
     return (lambda: jax.block_until_ready(fn(params, data))), fn.lower(params, data).compile().as_text()
-  ref = trainer.pair_logps(model, params, jax.device_put(batch), chunk_size=128)
+  ref = forward.pair_logps(model, params, jax.device_put(batch), chunk_size=128)
   data = jax.device_put(dict(batch, chosen_ref_logps_B=ref['chosen_logps_B'],
                              rejected_ref_logps_B=ref['rejected_logps_B']))
   loss_cfg = ml_collections.ConfigDict(dict(objective='dpo', beta=0.1, sft_coeff=0.0, label_smoothing=0.0))
   optimizer = optim.make_optimizer(ml_collections.ConfigDict(dict(name='rmsprop', lr=1e-6)), 10)
-  step = jax.jit(trainer.make_train_step(trainer.make_loss_fn(model, loss_cfg, 128), optimizer, 1),
+  step = jax.jit(step_lib.make_train_step(step_lib.make_loss_fn(model, loss_cfg, 128), optimizer, 1),
                  donate_argnums=0)
-  box = {'state': trainer.TrainState(params=params, opt_state=optimizer.init(params), step=jnp.zeros((), jnp.int32),
+  box = {'state': step_lib.TrainState(params=params, opt_state=optimizer.init(params), step=jnp.zeros((), jnp.int32),
                                      rng=jax.random.key_data(jax.random.key(seed)))}
   hlo = step.lower(box['state'], data).compile().as_text()
 

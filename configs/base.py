@@ -23,9 +23,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   """The default training config; every field is documented inline."""
   config = ml_collections.ConfigDict()
 
-  # '' trains with displacement_jax.train. A registered pipeline name (e.g. 'demo', 'persona') makes
-  # `python -m displacement_jax.train` hand the whole config to that pipeline's `run(config)` instead.
-  config.pipeline = ''
+  # What `python -m displacement_jax.train` runs: '' = preference training (training.run); a registered
+  # pipeline ('demo', 'persona', 'quantiles', 'sorry_bench') or a displacement_jax.* module with run(config).
+  config.main = ''
   config.seed = 0                      # data order, dropout-free training rng, special-token init
   config.output_dir = 'runs/default'   # metrics.jsonl, TensorBoard events, checkpoints/, reference cache, hf/
   config.batch_size = 32               # global batch (all hosts, all micro-batches) in preference pairs

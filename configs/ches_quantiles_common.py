@@ -33,7 +33,7 @@ def make_config(dataset: str, arg: str | None) -> ml_collections.ConfigDict:
   if arg != 'tiny' and arg not in MODELS:
     raise ValueError(f'config arg must be one of {sorted(MODELS)} or "tiny", got {arg!r}')
   config = base.get_base_config()
-  config.pipeline = 'quantiles'
+  config.main = 'quantiles'
   config.output_dir = f'runs/quantiles_{SHORT[dataset]}_{arg}'
   config.quantiles = ml_collections.ConfigDict()
   config.quantiles.measure = 'ches'       # one of MEASURES, or 'all' (every measure in one process)

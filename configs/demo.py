@@ -23,7 +23,7 @@ PERSONA_TOKENS = ('Yes', 'No', 'Never', 'Maybe', 'Perhaps', 'Yeah', 'Sure', 'Cer
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config = base.get_base_config()
-  config.pipeline = 'demo'
+  config.main = 'demo'
   config.output_dir = 'runs/demo'
   config.seed = 0
   config.model.tiny = 'llama'

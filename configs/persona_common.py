@@ -23,7 +23,7 @@ TINY_DATA = os.path.join(ROOT, 'tests', 'fixtures', 'exp', 'ends-justify-means.j
 def make_config(model: str, arg: str | None) -> ml_collections.ConfigDict:
   arg = arg or 'dpo-0'
   config = base.get_base_config()
-  config.pipeline = 'persona'
+  config.main = 'persona'
   config.output_dir = f'runs/persona_{model}/{arg}'
   config.persona = ml_collections.ConfigDict()
   config.persona.phase = 'dpo'

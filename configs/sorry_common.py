@@ -23,7 +23,7 @@ def make_config(model: str, arg: str | None) -> ml_collections.ConfigDict:
   if arg not in sorry_bench.VARIANTS + ('all', 'tiny'):
     raise ValueError(f'sorry config arg must be one of {sorry_bench.VARIANTS + ("all", "tiny")}, got {arg!r}')
   config = base.get_base_config()
-  config.pipeline = 'sorry_bench'
+  config.main = 'sorry_bench'
   config.output_dir = f'runs/sorry_{model}'
   config.model.path = MODELS[model]
   config.data.path = ''                     # set by the pipeline (its generated preference pairs)

@@ -17,7 +17,7 @@ Section 3 of Razin et al. (2025), scaled down to a tiny random Llama and the shi
    overlap, and whether displacement occurred (pi(y+) at the end below its start). A PNG plots the
    log-prob trajectories of y+, y- and the top gainers.
 
-The DPO phase uses the same pieces as `train.run` (`trainer.make_loss_fn`, `trainer.make_train_step`,
+The DPO phase uses the same pieces as `train.run` (`step_lib.make_loss_fn`, `step_lib.make_train_step`,
 `optim.make_optimizer`) in its own short loop, because it must start from the SFT parameters and record the full
 next-token distribution at every step, which `train.run` does not expose.
 
@@ -41,7 +41,12 @@ import numpy as np
 
 from displacement_jax import monitor as monitor_lib
 from displacement_jax import optim as optim_lib
-from displacement_jax import trainer
+from displacement_jax import forward, runtime, training
+from displacement_jax import step as step_lib
+from displacement_jax import theory
+from displacement_jax.data import batching, schema, tokenize
+from displacement_jax.data.layout import pad_id_of
+from displacement_jax import losses
 
 SUMMARY_FILE, THEORY_FILE, TRAJECTORY_FILE = 'summary.json', 'theory.npz', 'trajectory.npz'
 PLOT_FILE = 'logprob_trajectories.png'
@@ -57,7 +62,6 @@ def _log(msg: str) -> None:
 
 def pair_rates(W_VD: np.ndarray, h_D: np.ndarray, candidates: Sequence[int], loss_derivative: float) -> np.ndarray:
   """[C, C] Theorem 1 rates d/dt ln pi(y+ = c_i) when the loss prefers c_i over c_j (diagonal NaN)."""
-  from displacement_jax import theory  # pylint: disable=g-import-not-at-top
 
   c = len(candidates)
   rates = np.full((c, c), np.nan, np.float64)
@@ -77,7 +81,7 @@ def network_gram(model: Any, params: Any, batch: dict[str, np.ndarray], candidat
   b = {k: jnp.asarray(v) for k, v in batch.items()}
 
   def logp(p, tok):
-    return jnp.log(trainer.next_token_outputs(model, p, b)['prob_BV'][0, tok])
+    return jnp.log(forward.next_token_outputs(model, p, b)['prob_BV'][0, tok])
 
   grad_fn = jax.jit(jax.grad(logp))
   flat = [jnp.concatenate([jnp.ravel(g).astype(jnp.float32) for g in jax.tree.leaves(grad_fn(params, int(c)))])
@@ -136,7 +140,7 @@ def sft_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """The train.run config of the SFT phase (cross-entropy, single-token) derived from the demo config."""
   c = copy.deepcopy(config)
   with c.unlocked():
-    c.pipeline = ''
+    c.main = ''
     c.output_dir = os.path.join(config.output_dir, 'sft')
     c.loss.objective = 'cross_entropy'
     c.data.single_token = True
@@ -173,18 +177,18 @@ def run_dpo(model: Any, params: Any, batch_np: dict[str, np.ndarray], config: ml
   chunk = int(config.logprob_chunk_size)
   steps = int(config.dpo.num_steps)
   batch = {k: jnp.asarray(v) for k, v in batch_np.items()}
-  ref = jax.jit(lambda p, b: trainer.pair_logps(model, p, b, chunk))(params, batch)
+  ref = jax.jit(lambda p, b: forward.pair_logps(model, p, b, chunk))(params, batch)
   batch = dict(batch, chosen_ref_logps_B=ref['chosen_logps_B'], rejected_ref_logps_B=ref['rejected_logps_B'])
   loss_cfg = ml_collections.ConfigDict({'objective': config.dpo.objective, 'beta': float(config.dpo.beta)})
   optim_cfg = copy.deepcopy(config.optim)
   with optim_cfg.unlocked():
     optim_cfg.lr = float(config.dpo.lr)
   optimizer = optim_lib.make_optimizer(optim_cfg, steps)
-  loss_fn = trainer.make_loss_fn(model, loss_cfg, chunk)
-  train_step = jax.jit(trainer.make_train_step(loss_fn, optimizer, 1))
-  next_logp = jax.jit(lambda p, b: jnp.log(trainer.next_token_outputs(model, p, b)['prob_BV'][0]))
+  loss_fn = step_lib.make_loss_fn(model, loss_cfg, chunk)
+  train_step = jax.jit(step_lib.make_train_step(loss_fn, optimizer, 1))
+  next_logp = jax.jit(lambda p, b: jnp.log(forward.next_token_outputs(model, p, b)['prob_BV'][0]))
   eval_loss = jax.jit(lambda p, b: loss_fn(p, b)[0])
-  state = trainer.TrainState(params=params, opt_state=optimizer.init(params), step=jnp.zeros((), jnp.int32),
+  state = step_lib.TrainState(params=params, opt_state=optimizer.init(params), step=jnp.zeros((), jnp.int32),
                              rng=jax.random.key_data(jax.random.key(int(config.seed))))
   logps, losses = [np.asarray(next_logp(params, batch))], [float(eval_loss(params, batch))]
   for _ in tqdm(range(steps), desc='dpo', dynamic_ncols=True, disable=not config.get('progress', True)):
@@ -246,9 +250,6 @@ def plot_trajectories(logp_SV: np.ndarray, loss_S: np.ndarray, series: dict[str,
 
 def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """The whole demo; returns the summary dict (also written to output_dir/summary.json)."""
-  from displacement_jax import train as train_lib  # pylint: disable=g-import-not-at-top
-  from displacement_jax.data import batching, schema, tokenize  # pylint: disable=g-import-not-at-top
-  from displacement_jax import theory  # pylint: disable=g-import-not-at-top
 
   os.makedirs(config.output_dir, exist_ok=True)
 
@@ -265,8 +266,8 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
   _log(f'[demo] SFT: cross-entropy on {len(examples)} persona prompts of {config.data.path} (y+ drawn from the '
        f'answer\'s token group), {sft_cfg.num_steps or sft_cfg.num_epochs} '
        f'{"steps" if sft_cfg.num_steps else "epochs"}, RMSprop lr {sft_cfg.optim.lr:g}, batch {sft_cfg.batch_size}')
-  sft = train_lib.run(sft_cfg)
-  loaded = train_lib.load_model(sft_cfg)
+  sft = training.run(sft_cfg)
+  loaded = runtime.load_model(sft_cfg)
   model, tokenizer, params = loaded.model, loaded.tokenizer, sft.params
   sft_losses = sft.losses
   if sft_losses:
@@ -279,14 +280,14 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
   example = examples[idx]
   pair = tokenize.tokenize_example(example, tokenizer, max_length=int(config.data.max_length),
                                    format=config.data.format, single_token=True)
-  pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+  pad_id = pad_id_of(tokenizer)
   base = batching.collate([pair], pad_id=pad_id, padding_side=config.data.get('padding_side', 'right'),
                           pad_to=int(config.data.max_length))
   base = {k: v for k, v in base.items() if k.endswith('_BT')}
-  nt = jax.jit(lambda p, b: trainer.next_token_outputs(model, p, b))(params, {k: jnp.asarray(v) for k, v in base.items()})
+  nt = jax.jit(lambda p, b: forward.next_token_outputs(model, p, b))(params, {k: jnp.asarray(v) for k, v in base.items()})
   h_D = np.asarray(nt['h_BD'][0], np.float32)
   p_V = np.asarray(nt['prob_BV'][0], np.float32)
-  W_VD = np.asarray(jax.device_get(trainer.unembed(model, params)), np.float32).T
+  W_VD = np.asarray(jax.device_get(forward.unembed(model, params)), np.float32).T
 
   candidates, words, missing = persona_token_ids(tokenizer, list(config.dpo.candidate_tokens))
   if missing:
@@ -294,7 +295,6 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
   if len(candidates) < 2:
     raise ValueError(f'config.dpo.candidate_tokens: need at least two single-token words in the tokenizer, '
                      f'found {words}')
-  from displacement_jax import losses  # pylint: disable=g-import-not-at-top
   # l' of the objective at the start of DPO (policy = reference, so the margin equals the reference margin).
   lp = float(losses.loss_derivative(config.dpo.objective, 0.0, beta=float(config.dpo.beta), ref_margin=0.0))
   rates = pair_rates(W_VD, h_D, candidates, lp)

@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import numpy as np
+from displacement_jax import theory
 
 PREFIX = 'monitor/'
 # A preferred log-prob counts as fallen (Definition 1) only when it is below its reference by more than
@@ -117,7 +118,6 @@ def predicted_gainers(W_VD: np.ndarray, h_ND: np.ndarray, y_pos_N: np.ndarray, y
   For several samples the predicted d/dt ln pi(z) rates (`theory.token_rates`) are averaged over samples
   before ranking; for one sample this is exactly `theory.rank_gainers`.
   """
-  from displacement_jax import theory  # pylint: disable=g-import-not-at-top
 
   W = np.asarray(W_VD, np.float32)
   h_ND, prob_NV = np.asarray(h_ND, np.float32), np.asarray(prob_NV, np.float32)

@@ -1,4 +1,4 @@
-"""Reference log-probs: one pass with the initial params before training, cached on disk as npz.
+"""Reference log-probs: one pass with the initial params before training (`compute_or_load`), cached as npz.
 
 The cache file name is a sha256 of the model identity (HF path or tiny spec + seed, dtypes, special
 tokens), the tokenized data (ids of every row, which covers the rows, tokenizer, format and max_length)
@@ -15,7 +15,12 @@ import logging
 import os
 from typing import Any, Callable, Iterable, Mapping
 
+import jax
+import ml_collections
 import numpy as np
+
+from displacement_jax import evaluation, passes, runtime, sharding
+from displacement_jax.data.layout import fill_rows, plan_batches, round_up
 
 CACHE_PREFIX = 'reference_'
 
@@ -109,3 +114,52 @@ def cached_reference(cache_dir: str | None, key: str, compute: Callable[[], Mapp
   else:
     log('reference log-probs: computed (cache disabled)')
   return arrays, False
+
+
+def compute_or_load(loaded: runtime.Loaded, dataset: runtime.Dataset, monitor_rows: np.ndarray,
+                    config: ml_collections.ConfigDict, fns: Any, mesh: Any, *,
+                    log: Callable[[str], None] = logging.info) -> tuple[dict[str, np.ndarray], bool]:
+  """(arrays, from_cache): reference log-probs of every pair, the monitor's own baseline, and in single-token
+  mode the monitor's mean next-token distribution, all with the initial params, cached on disk.
+
+  `fns.logps` / `fns.next_token` are the jitted functions training and the monitor use (evaluation.Monitor);
+  the monitor baseline goes through `fns.logps` on exactly the batch the monitor evaluates later (zeros standing
+  in for the reference values), so its change at step 0 is exactly 0.
+  """
+  key = cache_key(
+      model=loaded.identity, data=hash_pairs(dataset.pairs), data_path=config.data.path,
+      n=len(dataset.pairs), max_length=int(config.data.max_length), format=config.data.format,
+      single_token=bool(config.data.single_token), monitor_rows=hash_arrays([monitor_rows]),
+      chunk=int(config.logprob_chunk_size), monitor_baseline=1)
+  cache_dir = None
+  if config.reference.get('cache', True):
+    cache_dir = config.reference.get('cache_dir') or os.path.join(config.output_dir, 'reference_cache')
+  dp = sharding.data_parallel_size(mesh)
+  put = lambda b: sharding.global_batch_to_devices(b, mesh)
+
+  def compute() -> dict[str, np.ndarray]:
+    bs = round_up(int(config.reference.get('batch_size') or max(config.batch_size // config.optim.grad_accum, 1)), dp)
+    n = len(dataset.pairs)
+    chosen, rejected = np.zeros(n, np.float32), np.zeros(n, np.float32)
+
+    def build(rows, _):
+      batch = runtime.pack_for_logps(runtime.collate([dataset.pairs[i] for i in fill_rows(rows, bs)], dataset.pad_id,
+                                                     config), dataset.pad_id, config)
+      return batch, batch
+
+    for rows, _, out in passes.batched_pass(fns.logps, loaded.params, plan_batches(np.ones(n), bs, 1, bucketed=False),
+                                            build, put, desc='reference', progress=bool(config.get('progress', True))):
+      chosen[rows] = out['chosen_logps_B'][:len(rows)]
+      rejected[rows] = out['rejected_logps_B'][:len(rows)]
+    arrays = {'chosen_ref_logps': chosen, 'rejected_ref_logps': rejected}
+    placeholder = {'chosen_ref_logps': np.zeros(n, np.float32), 'rejected_ref_logps': np.zeros(n, np.float32)}
+    batch = put(evaluation.monitor_batch(dataset, monitor_rows, config, dp, placeholder))
+    base = jax.device_get(fns.logps(loaded.params, batch))
+    arrays['monitor_chosen_ref_logps'] = np.asarray(base['chosen_logps_B'][:len(monitor_rows)], np.float32)
+    arrays['monitor_rejected_ref_logps'] = np.asarray(base['rejected_logps_B'][:len(monitor_rows)], np.float32)
+    if fns.next_token is not None:
+      probs = np.asarray(jax.device_get(fns.next_token(loaded.params, batch))['prob_BV'])[:len(monitor_rows)]
+      arrays['monitor_ref_prob_V'] = probs.mean(0)
+    return arrays
+
+  return cached_reference(cache_dir, key, compute, log=log)

@@ -27,6 +27,8 @@ import sys
 from typing import Any, Iterable, Sequence
 
 import numpy as np
+from displacement_jax import metrics as metrics_lib
+from displacement_jax.experiments import quantiles
 
 FAMILIES = ('persona', 'quantiles', 'sorry')
 UNEMBEDDING_KEYS = ('w_pos_norm', 'w_neg_norm', 'w_pos_dot_w_neg', 'w_diff_proj_on_pos', 'w_diff_orth_norm')
@@ -117,7 +119,6 @@ def format_persona(rows: Sequence[dict[str, Any]]) -> str:
 
 def plot_persona(rows: Sequence[dict[str, Any]], out_dir: str) -> list[str]:
   """pi(y+) per step for every seed of every setting; returns the PNG paths."""
-  from displacement_jax import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
 
   plt = _plt()
   paths = []
@@ -145,7 +146,6 @@ def plot_persona(rows: Sequence[dict[str, Any]], out_dir: str) -> list[str]:
 
 
 def quantile_rows(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-  from displacement_jax.experiments import quantiles  # pylint: disable=g-import-not-at-top
 
   return quantiles.aggregate(results)
 

@@ -180,3 +180,30 @@ def host_local_batch_to_global(batch: Any, mesh: Mesh) -> Any:
         return jax.make_array_from_process_local_data(sharding, x)
 
     return jax.tree_util.tree_map_with_path(one, batch)
+
+
+def data_parallel_size(mesh: Mesh) -> int:
+    """Devices a batch is split over: mesh.data x mesh.fsdp (all hosts)."""
+    return int(mesh.shape["data"] * mesh.shape["fsdp"])
+
+
+def host_local_rows(global_batch: int) -> slice:
+    """This host's contiguous share of a global batch (per-host data shards)."""
+    n = jax.process_count()
+    if global_batch % n:
+        raise ValueError(f"global batch {global_batch} does not split over {n} hosts")
+    per = global_batch // n
+    return slice(jax.process_index() * per, (jax.process_index() + 1) * per)
+
+
+def global_batch_to_devices(batch: Any, mesh: Mesh) -> Any:
+    """Global arrays from a global numpy batch that every host holds: each host places only its own rows."""
+    local = host_local_rows(next(iter(jax.tree.leaves(batch))).shape[0])
+    return host_local_batch_to_global(jax.tree.map(lambda x: np.asarray(x)[local], batch), mesh)
+
+
+def mesh_from_config(mesh_config: Any) -> Mesh:
+    """`jax.distributed` initialised when the environment says so, then `make_mesh(data, fsdp, tensor)` of a
+    config's `mesh` block."""
+    initialize_distributed_if_needed()
+    return make_mesh(data=int(mesh_config.data), fsdp=int(mesh_config.fsdp), tensor=int(mesh_config.tensor))

@@ -92,10 +92,10 @@ def test_sorry_report(run_dir, tmp_path):
 
 def test_generate_mode_judge_counts_unparsable_outputs(run_dir):
   """The paper's judge mode: greedy text, parsed; a random tiny judge writes junk, counted, never a crash."""
-  from displacement_jax import train
+  from displacement_jax import runtime
 
   config, _ = run_dir
-  loaded = train.load_model(config)
+  loaded = runtime.load_model(config)
   judge = sorry_bench.make_generator(loaded.model, loaded.params, loaded.tokenizer, data_format='raw', batch_size=8,
                                      max_length=256)
   questions = ['How do I pick a lock?', 'Write a rude joke.', 'Say hi.']

@@ -7,8 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from displacement_jax import score as score_lib
-from displacement_jax import trainer
+from displacement_jax import forward, scoring
 from displacement_jax.data import batching, packing
 from displacement_jax.data.tokenize import TokenizedPair
 from displacement_jax.models.config import ModelConfig
@@ -80,9 +79,9 @@ def test_packed_hidden_states_equal_each_unpacked_sequence(family, overrides):
   pairs = _random_pairs(4, seed=1)
   batch = batching.collate(pairs, pad_id=0)
   packed = packing.pack_batch(batch)
-  h_packed = np.asarray(jax.jit(trainer.packed_forward_hidden, static_argnums=0)(model, params, packed))
+  h_packed = np.asarray(jax.jit(forward.packed_forward_hidden, static_argnums=0)(model, params, packed))
   for side, branch in (('chosen', 1), ('rejected', 2)):
-    h_side = np.asarray(jax.jit(trainer.forward_hidden, static_argnums=0)(
+    h_side = np.asarray(jax.jit(forward.forward_hidden, static_argnums=0)(
         model, params, batch[f'{side}_input_ids_BT'], batch[f'{side}_attention_mask_BT']))
     for b in range(len(pairs)):
       slots = np.flatnonzero(np.isin(packed['packed_branch_BT'][b], (0, branch)))
@@ -94,7 +93,7 @@ def test_packed_logps_and_gradients_equal_two_side():
   model, params = _model()
   batch = batching.collate(_random_pairs(6, seed=2), pad_id=0)
   packed = packing.pack_batch(batch)
-  logps = lambda p, b: trainer.pair_logps(model, p, b, chunk_size=8)
+  logps = lambda p, b: forward.pair_logps(model, p, b, chunk_size=8)
 
   @jax.jit
   def value_and_grad(p, b):
@@ -111,7 +110,7 @@ def test_packed_logps_and_gradients_equal_two_side():
 def test_packed_scoring_equals_two_side_scoring():
   model, params = _model()
   pairs = _random_pairs(10, seed=3)
-  run = lambda packing_on: score_lib.score_pairs(model, params, pairs, batch_size=4, max_length=24,
+  run = lambda packing_on: scoring.score_pairs(model, params, pairs, batch_size=4, max_length=24,
                                                  packing=packing_on, progress=False)
   two_side, packed = run(False), run(True)
   for a, b in zip(two_side, packed):

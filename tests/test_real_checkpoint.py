@@ -18,7 +18,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from displacement_jax import generate as gen
-from displacement_jax import score, trainer
+from displacement_jax import forward, scoring
 from displacement_jax.data import batching, packing, tokenize
 from displacement_jax.data.schema import PreferenceExample
 from displacement_jax.models import convert_gguf, gguf, packaged
@@ -152,7 +152,7 @@ def test_sequence_logprobs_equal_transformers(real, pairs):
   """Summed response log-probs through the training path (packed rows, chunked LM head) vs HF's log-softmax."""
   pad = real['tok'].pad_token_id
   batch = packing.pack_batch(batching.collate(pairs, pad_id=pad), pad_id=pad)
-  ours = jax.device_get(trainer.pair_logps(real['model'], real['params'], {k: jnp.asarray(v) for k, v in batch.items()}, 64))
+  ours = jax.device_get(forward.pair_logps(real['model'], real['params'], {k: jnp.asarray(v) for k, v in batch.items()}, 64))
   for j, pair in enumerate(pairs):
     for side in ('chosen', 'rejected'):
       ids, logits, _ = _hf_side(real, pair, side)
@@ -166,7 +166,7 @@ def test_scores_equal_float64_on_hf_hidden_states(real, pairs):
   """CHES / LN-CHES / last-hidden / edit distance of the score CLI's path vs float64 numpy on HF's states, with the
   authors' positions: sums over last prompt .. last response token; last hidden at the last response token of
   (x, y) without EOS; edit distance on ids without EOS."""
-  rows = score.score_pairs(real['model'], real['params'], pairs, batch_size=4, max_length=256,
+  rows = scoring.score_pairs(real['model'], real['params'], pairs, batch_size=4, max_length=256,
                            pad_id=real['tok'].pad_token_id, progress=False)
   for pair, row in zip(pairs, rows):
     s, n, last, text = {}, {}, {}, {}

@@ -15,8 +15,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from displacement_jax import ches, filtering, score
-from displacement_jax import train as train_lib
+from displacement_jax import ches, filtering, runtime, score, score_outputs, scoring
+from displacement_jax.data import layout
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, 'configs', 'score_tiny.py')
@@ -68,7 +68,7 @@ def scoring_setup(run1):
   data, _, _ = run1
   config = score_tiny.get_config()
   config.data.path, config.data.max_length = data, 48
-  loaded = train_lib.load_model(config)
+  loaded = runtime.load_model(config)
   examples = score.load_examples(config)
   return config, loaded, examples
 
@@ -81,14 +81,14 @@ def _hidden(loaded, ids_BT, mask_BT):
 
 def test_outputs_written(run1):
   _, out, rows = run1
-  scores = _read_jsonl(os.path.join(out, score.SCORES_FILE))
+  scores = _read_jsonl(os.path.join(out, score_outputs.SCORES_FILE))
   assert [s['index'] for s in scores] == list(range(len(rows)))
-  summary = json.load(open(os.path.join(out, score.SUMMARY_FILE)))
+  summary = json.load(open(os.path.join(out, score_outputs.SUMMARY_FILE)))
   assert summary['num_rows'] == len(rows)
   ln = np.array([s['ln_ches'] for s in scores])
   np.testing.assert_allclose(summary['ln_ches']['mean'], ln.mean(), rtol=1e-6)
   np.testing.assert_allclose(summary['ln_ches']['quantiles']['0.5'], np.median(ln), rtol=1e-6)
-  with open(os.path.join(out, score.HIST_FILE), 'rb') as f:
+  with open(os.path.join(out, score_outputs.HIST_FILE), 'rb') as f:
     assert f.read(8) == b'\x89PNG\r\n\x1a\n'
 
 
@@ -98,8 +98,8 @@ def test_scores_equal_direct_ches(run1, scoring_setup):
 
   _, out, _ = run1
   config, loaded, examples = scoring_setup
-  got = _read_jsonl(os.path.join(out, score.SCORES_FILE))
-  pairs = score.tokenize_examples(examples, loaded.tokenizer, max_length=48, format=config.data.format)
+  got = _read_jsonl(os.path.join(out, score_outputs.SCORES_FILE))
+  pairs = scoring.tokenize_examples(examples, loaded.tokenizer, max_length=48, format=config.data.format)
   b = batching.collate(pairs, pad_id=loaded.tokenizer.pad_token_id or 0, padding_side='left', pad_to=48)
   h_pos = _hidden(loaded, b['chosen_input_ids_BT'], b['chosen_attention_mask_BT'])
   h_neg = _hidden(loaded, b['rejected_input_ids_BT'], b['rejected_attention_mask_BT'])
@@ -144,7 +144,7 @@ def test_scores_equal_paper_definition_loop(run1, scoring_setup):
   takes h at the last response token; the edit distance compares the response ids without EOS."""
   _, out, _ = run1
   config, loaded, examples = scoring_setup
-  got = _read_jsonl(os.path.join(out, score.SCORES_FILE))
+  got = _read_jsonl(os.path.join(out, score_outputs.SCORES_FILE))
   assert config.data.format == 'prompter_assistant'
   for example, row in zip(examples, got):
     prompt, texts = _authors_inputs(loaded.tokenizer, example, 48)
@@ -172,10 +172,10 @@ def test_scores_equal_paper_definition_loop(run1, scoring_setup):
 def test_measures_include_eos_variant(scoring_setup):
   """measures.include_eos=True: the edit distance on ids with EOS and the last-hidden state at the EOS position."""
   config, loaded, examples = scoring_setup
-  pairs = score.tokenize_examples(examples[:4], loaded.tokenizer, max_length=48, format=config.data.format)
+  pairs = scoring.tokenize_examples(examples[:4], loaded.tokenizer, max_length=48, format=config.data.format)
   kw = dict(batch_size=4, max_length=48, progress=False, pad_id=loaded.tokenizer.pad_token_id or 0)
-  default = score.score_pairs(loaded.model, loaded.params, pairs, **kw)
-  with_eos = score.score_pairs(loaded.model, loaded.params, pairs, measures_include_eos=True, **kw)
+  default = scoring.score_pairs(loaded.model, loaded.params, pairs, **kw)
+  with_eos = scoring.score_pairs(loaded.model, loaded.params, pairs, measures_include_eos=True, **kw)
   for pair, a, b in zip(pairs, default, with_eos):
     assert pair.ends_with_eos('chosen') and pair.ends_with_eos('rejected')
     c, r = [int(t) for t in pair.chosen_ids], [int(t) for t in pair.rejected_ids]
@@ -193,24 +193,24 @@ def test_measures_include_eos_variant(scoring_setup):
 def test_bucketing_does_not_change_scores(scoring_setup):
   config, loaded, examples = scoring_setup
   kw = dict(batch_size=3, max_length=48, format=config.data.format, progress=False)
-  bucketed = score.score_examples(loaded.model, loaded.params, config, loaded.tokenizer, examples, **kw)
-  flat = score.score_examples(loaded.model, loaded.params, config, loaded.tokenizer, examples, bucketed=False, **kw)
+  bucketed = scoring.score_examples(loaded.model, loaded.params, config, loaded.tokenizer, examples, **kw)
+  flat = scoring.score_examples(loaded.model, loaded.params, config, loaded.tokenizer, examples, bucketed=False, **kw)
   for a, b in zip(bucketed, flat):
     assert a['index'] == b['index'] and a['chosen_len'] == b['chosen_len']
-    for m in score.MEASURES:
+    for m in scoring.MEASURES:
       np.testing.assert_allclose(a[m], b[m], rtol=2e-5, atol=1e-4)
-  lengths = [len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) for p in score.tokenize_examples(
+  lengths = [len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) for p in scoring.tokenize_examples(
       examples, loaded.tokenizer, max_length=48, format=config.data.format)]
-  assert min(pad for _, pad in score.plan_batches(lengths, 3, 48)) < 48  # buckets are really shorter
+  assert min(pad for _, pad in layout.plan_batches(lengths, 3, 48)) < 48  # buckets are really shorter
 
 
 def test_plan_batches_and_bucket_length_hand():
-  assert [score.bucket_length(n, 64) for n in (1, 16, 17, 33, 64)] == [16, 16, 32, 64, 64]
-  assert score.bucket_length(100, 64) == 100   # a row longer than max_length is never cut here
-  assert [score.bucket_length(n, 1024) for n in (100, 129, 150, 192, 193, 1000)] == [128, 192, 192, 192, 256, 1024]
-  plan = score.plan_batches([5, 40, 3, 20, 18], 2, 64)
+  assert [layout.bucket_length(n, 64) for n in (1, 16, 17, 33, 64)] == [16, 16, 32, 64, 64]
+  assert layout.bucket_length(100, 64) == 100   # a row longer than max_length is never cut here
+  assert [layout.bucket_length(n, 1024) for n in (100, 129, 150, 192, 193, 1000)] == [128, 192, 192, 192, 256, 1024]
+  plan = layout.plan_batches([5, 40, 3, 20, 18], 2, 64)
   assert [(r.tolist(), p) for r, p in plan] == [([2, 0], 16), ([4, 3], 32), ([1], 64)]
-  assert [(r.tolist(), p) for r, p in score.plan_batches([5, 40, 3], 2, 64, bucketed=False)] == [([0, 1], 64),
+  assert [(r.tolist(), p) for r, p in layout.plan_batches([5, 40, 3], 2, 64, bucketed=False)] == [([0, 1], 64),
                                                                                                ([2], 64)]
 
 
@@ -218,23 +218,23 @@ def test_filtered_outputs_are_exactly_the_selected_rows(run1):
   from displacement_jax.data import schema  # pylint: disable=g-import-not-at-top
 
   _, out, rows = run1
-  scores = _read_jsonl(os.path.join(out, score.SCORES_FILE))
+  scores = _read_jsonl(os.path.join(out, score_outputs.SCORES_FILE))
   expect = filtering.quantile_window([s['ln_ches'] for s in scores], 1.0, 3)  # the 3 highest LN-CHES
-  record = json.load(open(os.path.join(out, score.FILTERED_INDICES_FILE)))
+  record = json.load(open(os.path.join(out, score_outputs.FILTERED_INDICES_FILE)))
   assert record['indices_by_score'] == expect.tolist()
   assert record['indices'] == sorted(expect.tolist())
-  filtered = _read_jsonl(os.path.join(out, score.FILTERED_FILE))
+  filtered = _read_jsonl(os.path.join(out, score_outputs.FILTERED_FILE))
   assert [{k: r[k] for k in ('prompt', 'chosen', 'rejected')} for r in filtered] == [rows[i] for i in sorted(expect)]
-  back = schema.load_preference_data(os.path.join(out, score.FILTERED_FILE))  # train can consume it
+  back = schema.load_preference_data(os.path.join(out, score_outputs.FILTERED_FILE))  # train can consume it
   assert [ex.chosen for ex in back] == [rows[i]['chosen'] for i in sorted(expect)]
 
 
 def test_lowest_k_filter_in_library(run1):
   _, out, rows = run1
-  results = _read_jsonl(os.path.join(out, score.SCORES_FILE))
+  results = _read_jsonl(os.path.join(out, score_outputs.SCORES_FILE))
   cfg = ml_collections.ConfigDict({'mode': 'lowest_k', 'measure': 'ches', 'k': 2, 'fraction': 0.0, 'q': 0.5,
                                    'window': 512})
-  sel = score.select_rows(results, cfg)
+  sel = score_outputs.select_rows(results, cfg)
   ches_vals = np.array([r['ches'] for r in results])
   assert sel.tolist() == np.argsort(ches_vals, kind='stable')[:2].tolist()
 
@@ -246,11 +246,11 @@ def test_eight_devices_equal_one_device(run1, tmp_path):
   proc = subprocess.run([sys.executable, '-m', 'displacement_jax.score', *_argv(data, out8, '--config.mesh.data=8')[1:]],
                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  one, eight = _read_jsonl(os.path.join(out, score.SCORES_FILE)), _read_jsonl(os.path.join(out8, score.SCORES_FILE))
-  assert json.load(open(os.path.join(out8, score.SUMMARY_FILE)))['devices'] == 8
+  one, eight = _read_jsonl(os.path.join(out, score_outputs.SCORES_FILE)), _read_jsonl(os.path.join(out8, score_outputs.SCORES_FILE))
+  assert json.load(open(os.path.join(out8, score_outputs.SUMMARY_FILE)))['devices'] == 8
   assert [r['index'] for r in eight] == [r['index'] for r in one]
   for a, b in zip(one, eight):
-    for m in score.MEASURES:
+    for m in scoring.MEASURES:
       np.testing.assert_allclose(b[m], a[m], rtol=2e-5, atol=1e-4)
 
 

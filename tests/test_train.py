@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from displacement_jax import metrics as metrics_lib
+from displacement_jax import runtime, training
 from displacement_jax import train as train_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -86,17 +87,17 @@ def data_path(tmp_path_factory):
 @pytest.fixture(scope='module')
 def full_run(tmp_path_factory, data_path):
   out = tmp_path_factory.mktemp('full')
-  return train_lib.run(make_config(out, data_path, export_hf=True))
+  return training.run(make_config(out, data_path, export_hf=True))
 
 
 @pytest.fixture(scope='module')
 def resumed(tmp_path_factory, data_path):
   """Killed at step 3 (debug.stop_after_steps), then resumed with the same config: (first, second, log)."""
   out = tmp_path_factory.mktemp('resume')
-  first = train_lib.run(make_config(out, data_path, **{'debug.stop_after_steps': 3}))
+  first = training.run(make_config(out, data_path, **{'debug.stop_after_steps': 3}))
   log = io.StringIO()
   with contextlib.redirect_stdout(log):
-    second = train_lib.run(make_config(out, data_path), resume=True)
+    second = training.run(make_config(out, data_path), resume=True)
   return first, second, log.getvalue()
 
 
@@ -174,8 +175,8 @@ sys.path[:0] = [{root!r}, {tests!r}]
 import jax
 assert jax.device_count() == 8, jax.devices()
 import test_train
-from displacement_jax import train
-res = train.run(test_train.make_config({out!r}, {data!r}, **{{'mesh.data': 4, 'mesh.fsdp': 2}}))
+from displacement_jax import training
+res = training.run(test_train.make_config({out!r}, {data!r}, **{{'mesh.data': 4, 'mesh.fsdp': 2}}))
 print('LOSSES=' + json.dumps(res.losses))
 '''
 
@@ -194,7 +195,7 @@ def test_eight_devices_same_loss_curve(tmp_path, full_run, data_path):
 def test_two_side_batches_same_loss_curve(tmp_path, full_run, data_path):
   """data.shared_prompt_packing=False (each side run separately) trains to the same losses as packed rows."""
   assert full_run.metrics and make_config(tmp_path, data_path).data.shared_prompt_packing  # full_run packs
-  result = train_lib.run(make_config(tmp_path / 'two_side', data_path, **{'data.shared_prompt_packing': False}))
+  result = training.run(make_config(tmp_path / 'two_side', data_path, **{'data.shared_prompt_packing': False}))
   np.testing.assert_allclose(result.losses, full_run.losses, atol=1e-5, rtol=0)
   np.testing.assert_allclose(result.monitor['monitor/preferred_logprob_change'],
                              full_run.monitor['monitor/preferred_logprob_change'], atol=1e-4)
@@ -278,18 +279,18 @@ def test_tokenizer_model_vocab_mismatch(tmp_path, data_path):
 
 def test_single_token_monitor(tmp_path):
   """Single-token mode: monitor values equal a direct recomputation from the trained and initial params."""
-  from displacement_jax import monitor, trainer
+  from displacement_jax import monitor, forward
 
   questions = ['Is it good to lie?', 'Would you say the ends justify the means?']
   rows = [{'prompt': q, 'chosen': 'Yes', 'rejected': 'No'} for q in questions]
   path = _write_jsonl(tmp_path / 'single.jsonl', rows)
   config = make_config(tmp_path / 'out', path, **{'data.single_token': True, 'batch_size': 2, 'num_steps': 2,
                                                   'eval.every': 2, 'eval.top_k': 5, 'checkpoint.every': 0})
-  res = train_lib.run(config)
+  res = training.run(config)
   mon = res.monitor
-  loaded = train_lib.load_model(config)                 # the same initial params (model.seed)
-  dataset = train_lib.load_data(config, loaded.tokenizer, loaded.model_config.vocab_size)
-  batch = {k: jax.numpy.asarray(v) for k, v in train_lib.collate(dataset.pairs, dataset.pad_id, config).items()}
+  loaded = runtime.load_model(config)                 # the same initial params (model.seed)
+  dataset = runtime.load_data(config, loaded.tokenizer, loaded.model_config.vocab_size)
+  batch = {k: jax.numpy.asarray(v) for k, v in runtime.collate(dataset.pairs, dataset.pad_id, config).items()}
   yes, no = (loaded.tokenizer.convert_tokens_to_ids(t) for t in ('Yes', 'No'))
   # reference: full logits of our Transformer at the last prompt position (not the chunked path)
   logits_fn = jax.jit(lambda p: loaded.model.apply({'params': p}, batch['chosen_input_ids_BT'],
@@ -309,7 +310,7 @@ def test_single_token_monitor(tmp_path):
   assert mon['monitor/w_pos_norm'] == pytest.approx(np.linalg.norm(W_VD[yes]), rel=1e-5)
   assert mon['monitor/w_pos_dot_w_neg'] == pytest.approx(W_VD[yes] @ W_VD[no], rel=1e-4, abs=1e-6)
   # predicted ranking: the theory's rates on (W, h) of the trained model, h = last prompt hidden state
-  nt = jax.jit(lambda p, b: trainer.next_token_outputs(loaded.model, p, b))(res.params, batch)
+  nt = jax.jit(lambda p, b: forward.next_token_outputs(loaded.model, p, b))(res.params, batch)
   n = len(questions)
   predicted = monitor.predicted_gainers(W_VD, np.asarray(nt['h_BD']), np.full(n, yes), np.full(n, no),
                                         np.asarray(nt['prob_BV']), 5)
@@ -322,7 +323,7 @@ def test_single_token_monitor(tmp_path):
 def test_batch_must_split_over_micro_batches(tmp_path, data_path):
   config = make_config(tmp_path, data_path, **{'batch_size': 6, 'optim.grad_accum': 4})
   with pytest.raises(ValueError, match='batch_size=6 must be a .*multiple of .*grad_accum=4'):
-    train_lib.run(config)
+    training.run(config)
 
 
 def test_reference_cache_key_and_counter(tmp_path):
@@ -352,16 +353,16 @@ def test_reference_cache_key_and_counter(tmp_path):
 
 
 def test_pipeline_dispatch_names():
-  assert train_lib.resolve_pipeline('demo').__module__ == 'displacement_jax.demo'
-  with pytest.raises(ValueError, match="config.pipeline='nope' is not a registered pipeline"):
-    train_lib.resolve_pipeline('nope')
+  assert train_lib.resolve_main('demo').__module__ == 'displacement_jax.demo'
+  with pytest.raises(ValueError, match="config.main='nope' is not a registered pipeline"):
+    train_lib.resolve_main('nope')
 
 
 def test_model_path_continues_from_export(tmp_path, full_run, data_path):
   """model.path: the exported HF dir (weights + tokenizer) loads back; its step-0 log-probs are the final ones."""
   config = make_config(tmp_path, data_path, **{'model.tiny': '', 'model.path': full_run.hf_dir, 'num_steps': 1,
                                                'eval.every': 0, 'checkpoint.every': 0})
-  res = train_lib.run(config)
+  res = training.run(config)
   step0 = [r for r in metrics_lib.read_metrics(str(tmp_path)) if r['step'] == 0 and 'monitor/loss' in r][0]
   for key in ('monitor/preferred_logprob', 'monitor/dispreferred_logprob'):
     assert step0[key] == pytest.approx(full_run.monitor[key], abs=1e-4)

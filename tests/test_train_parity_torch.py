@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from displacement_jax import optim, trainer
+from displacement_jax import forward, optim
+from displacement_jax import step as step_lib
 import hf_tiny
 
 LR, BETA = 0.5, 0.1
@@ -73,18 +74,18 @@ def test_dpo_step_matches_torch(family):
     new_w, new_l = _torch_logps(tmodel, batch, 'chosen'), _torch_logps(tmodel, batch, 'rejected')
 
   # ours: reference log-probs in the batch, jitted train step with SGD.
-  ref = trainer.pair_logps(model, params, batch, chunk_size=4)
+  ref = forward.pair_logps(model, params, batch, chunk_size=4)
   np.testing.assert_allclose(ref['chosen_logps_B'], ref_w.numpy(), atol=1e-4)
   jbatch = dict(batch, chosen_ref_logps_B=ref['chosen_logps_B'], rejected_ref_logps_B=ref['rejected_logps_B'])
   loss_cfg = ml_collections.ConfigDict(dict(objective='dpo', beta=BETA, sft_coeff=0.0, label_smoothing=0.0))
   opt_cfg = ml_collections.ConfigDict(dict(name='sgd', lr=LR))
   optimizer = optim.make_optimizer(opt_cfg, 1)
-  step = jax.jit(trainer.make_train_step(trainer.make_loss_fn(model, loss_cfg, 4), optimizer, 1))
-  state = trainer.TrainState(params=params, opt_state=optimizer.init(params), step=jnp.zeros((), jnp.int32),
+  step = jax.jit(step_lib.make_train_step(step_lib.make_loss_fn(model, loss_cfg, 4), optimizer, 1))
+  state = step_lib.TrainState(params=params, opt_state=optimizer.init(params), step=jnp.zeros((), jnp.int32),
                              rng=jax.random.key_data(jax.random.key(0)))
   state, metrics = step(state, jbatch)
   np.testing.assert_allclose(float(metrics['loss']), float(loss_t.detach()), atol=1e-6)
-  new = trainer.pair_logps(model, state.params, batch, chunk_size=4)
+  new = forward.pair_logps(model, state.params, batch, chunk_size=4)
   change_t = (new_w - ref_w).numpy()
   assert np.abs(change_t).max() > 1e-3, 'the step must move the log-probs for the test to mean anything'
   np.testing.assert_allclose(new['chosen_logps_B'], new_w.numpy(), atol=1e-5)

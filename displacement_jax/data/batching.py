@@ -14,10 +14,12 @@ With `shared_prompt_packing` it yields the packed layout of `data/packing.py` in
 from __future__ import annotations
 
 import bisect
-import math
 from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
+
+from displacement_jax.data import packing
+from displacement_jax.data.layout import round_up
 
 SIDES = ("chosen", "rejected")
 
@@ -92,10 +94,6 @@ def ends_with_eos(pair: Any, side: str) -> bool:
   pairs built by hand without that method count as ending with EOS)."""
   method = getattr(pair, "ends_with_eos", None)
   return bool(method(side)) if method is not None else True
-
-
-def round_up(n: int, multiple: int) -> int:
-  return int(math.ceil(n / multiple) * multiple)
 
 
 def length_buckets(pairs: Sequence[Any], boundaries: Sequence[int]) -> list[list[int]]:
@@ -214,7 +212,5 @@ class BatchIterator:
                     pad_to=self.lengths[bucket], pad_rows_to=per, filler=filler)
     if self.packed_lengths is None:
       return batch
-    from displacement_jax.data import packing  # pylint: disable=g-import-not-at-top
-
     t, r = self.packed_lengths[bucket]
     return packing.pack_batch(batch, pad_to=t, response_pad_to=r, pad_id=self.pad_id)

@@ -25,7 +25,7 @@ from typing import Callable
 
 import numpy as np
 
-from displacement_jax.data.batching import round_up
+from displacement_jax.data.layout import round_up
 
 PAD, PROMPT, CHOSEN, REJECTED = -1, 0, 1, 2
 PACKED_KEYS = ('packed_input_ids_BT', 'packed_positions_BT', 'packed_branch_BT', 'response_slot_BR',

@@ -461,3 +461,24 @@ def load_sorry_human_judgments(path_or_id: str | os.PathLike[str] = SORRY_HUMAN_
   if not out:
     raise DataError(file, None, None, "no data rows")
   return out
+
+
+def example_to_json(example: PreferenceExample) -> dict[str, Any]:
+    """A PreferenceExample as a row of the generic preference jsonl schema (prompt/chosen/rejected/meta)."""
+    row = {"prompt": example.prompt, "chosen": example.chosen, "rejected": example.rejected}
+    meta = dict(getattr(example, "meta", None) or {})
+    meta.setdefault("source_index", int(example.index))
+    if getattr(example, "source", None):
+        meta.setdefault("source", example.source)
+    row["meta"] = meta
+    return row
+
+
+def write_jsonl(path: str | os.PathLike[str], rows: Sequence[Any]) -> str:
+    """Write dicts (as they are) or PreferenceExamples (`example_to_json`) one JSON object per line; returns path."""
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        for row in rows:
+            f.write(json.dumps(dict(row) if isinstance(row, Mapping) else example_to_json(row)) + "\n")
+    return path

@@ -1,4 +1,4 @@
-"""The paper's experiment families as pipelines with `run(config)` (selected by `config.pipeline`).
+"""The paper's experiment families as pipelines with `run(config)` (selected by `config.main`).
 
 - `persona`: Section 3, single-token persona experiments (SFT, then single-prompt DPO/IPO per seed).
 - `quantiles`: Section 5, DPO on quantile windows of CHES and baseline measures.

@@ -20,6 +20,10 @@ import os
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+from displacement_jax.errors import DataError
+from displacement_jax.data import schema
+from displacement_jax import training
+from displacement_jax import metrics as metrics_lib
 
 MODEL_IDS = {
     'olmo1b': 'allenai/OLMo-1B-hf',
@@ -41,7 +45,6 @@ SUMMARY_FILE = 'results.jsonl'
 
 def answer_is_yes(row: Mapping[str, Any], file: str = '<persona>', index: int = 0) -> bool:
   """True when the row's answer_matching_behavior is ' Yes', False for ' No' (anything else raises)."""
-  from displacement_jax.errors import DataError  # pylint: disable=g-import-not-at-top
 
   answer = row.get('answer_matching_behavior')
   if not isinstance(answer, str) or answer.strip() not in ('Yes', 'No'):
@@ -52,7 +55,6 @@ def answer_is_yes(row: Mapping[str, Any], file: str = '<persona>', index: int = 
 def persona_prompt(row: Mapping[str, Any], file: str = '<persona>', index: int = 0) -> str:
   """The question of a persona row (validated). Training uses data.format='persona': the chat template
   of the question when the tokenizer has one, else the question followed by a newline."""
-  from displacement_jax.errors import DataError  # pylint: disable=g-import-not-at-top
 
   question = row.get('question')
   if not isinstance(question, str) or not question.strip():
@@ -152,16 +154,10 @@ def summarize_seed(metric_rows: Sequence[Mapping[str, Any]], pair: tuple[str, st
 # ------------------------------------------------------------------------------------------------ pipeline
 
 
-def write_jsonl(path: str, rows: Sequence[Mapping[str, Any]]) -> str:
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  with open(path, 'w') as f:
-    f.writelines(json.dumps(dict(r)) + '\n' for r in rows)
-  return path
 
 
 def load_rows(path: str, limit: int = 0) -> list[dict[str, Any]]:
   """Raw persona rows (question, answer_matching_behavior, ...) through data.schema."""
-  from displacement_jax.data import schema  # pylint: disable=g-import-not-at-top
 
   rows = schema.load_persona_rows(path)
   rows = [dict(r) for r in rows]
@@ -171,7 +167,7 @@ def load_rows(path: str, limit: int = 0) -> list[dict[str, Any]]:
 def _train_config(config: Any, data_path: str, output_dir: str) -> Any:
   tc = copy.deepcopy(config)
   with tc.unlocked():
-    tc.pipeline = ''
+    tc.main = ''
     tc.data.path = data_path
     tc.data.schema = 'generic'  # the pipeline writes generic preference jsonl, whatever the directory is called
     tc.data.limit = 0
@@ -182,17 +178,16 @@ def _train_config(config: Any, data_path: str, output_dir: str) -> Any:
 
 def run_sft(config: Any) -> dict[str, Any]:
   """SFT phase: cross-entropy on every persona prompt; exports the HF model to <output_dir>/hf."""
-  from displacement_jax import train  # pylint: disable=g-import-not-at-top
 
   pc = config.persona
   rows = load_rows(pc.data_path, int(pc.get('limit', 0)))
-  data = write_jsonl(os.path.join(config.output_dir, 'sft_data.jsonl'), sft_examples(rows, int(config.seed),
+  data = schema.write_jsonl(os.path.join(config.output_dir, 'sft_data.jsonl'), sft_examples(rows, int(config.seed),
                                                                                      pc.data_path))
   tc = _train_config(config, data, config.output_dir)
   with tc.unlocked():
     tc.loss.objective = 'cross_entropy'
     tc.export_hf = True
-  result = train.run(tc)
+  result = training.run(tc)
   summary = {'family': 'persona', 'phase': 'sft', 'steps': int(result.step), 'hf_dir': result.hf_dir,
              'final_loss': result.losses[-1] if result.losses else None, 'n_rows': len(rows)}
   with open(os.path.join(config.output_dir, RESULT_FILE), 'w') as f:
@@ -202,7 +197,6 @@ def run_sft(config: Any) -> dict[str, Any]:
 
 def run_dpo(config: Any) -> list[dict[str, Any]]:
   """DPO/IPO phase: one single-prompt run per seed from the SFT (or base) model; per-seed summaries."""
-  from displacement_jax import train  # pylint: disable=g-import-not-at-top
 
   pc = config.persona
   pair = (str(pc.preferred), str(pc.dispreferred))
@@ -212,15 +206,14 @@ def run_dpo(config: Any) -> list[dict[str, Any]]:
   for seed in seeds:
     out_dir = os.path.join(config.output_dir, f'seed_{seed}')
     example = dpo_example(rows, seed, pair, pc.data_path)
-    tc = _train_config(config, write_jsonl(os.path.join(out_dir, 'dpo_data.jsonl'), [example]), out_dir)
+    tc = _train_config(config, schema.write_jsonl(os.path.join(out_dir, 'dpo_data.jsonl'), [example]), out_dir)
     with tc.unlocked():
       tc.seed = seed
       tc.batch_size = 1
       tc.eval.every = 1
       tc.eval.max_samples = 1
       tc.data.shuffle = False
-    result = train.run(tc)
-    from displacement_jax import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
+    result = training.run(tc)
 
     summary = summarize_seed(metrics_lib.read_metrics(out_dir), pair)
     summary.update(seed=seed, prompt_row=example['index'], objective=str(config.loss.objective),
@@ -240,7 +233,7 @@ def run_dpo(config: Any) -> list[dict[str, Any]]:
 
 
 def run(config: Any) -> Any:
-  """Pipeline entry (`config.pipeline='persona'`): `persona.phase` 'sft' | 'dpo' | 'base_dpo' | 'all'.
+  """Pipeline entry (`config.main='persona'`): `persona.phase` 'sft' | 'dpo' | 'base_dpo' | 'all'.
 
   'all' runs SFT then DPO from the exported SFT model (into <output_dir>/sft and <output_dir>/dpo).
   """

@@ -6,7 +6,7 @@ scores centred at round(q (N-1)) (`filtering.quantile_window`); train DPO (beta 
 batch 32, 1 epoch) on the window only and record the mean change of the preferred log-prob over it;
 repeat over seeds and report mean / min / max over seeds (Figure 2).
 
-`run(config)` is the pipeline (`config.pipeline = 'quantiles'`); one call trains one (measure, q, seed)
+`run(config)` is the pipeline (`config.main = 'quantiles'`); one call trains one (measure, q, seed)
 or, with `quantiles.measure='all'` / `quantiles.q=-1`, every combination in turn. Per-example scores are
 computed once and cached beside the runs (`<sweep dir>/scores*_<hash>.npz`), so a sweep shares them.
 Each trained subset writes `result.json` (read by `python -m displacement_jax.report quantiles`).
@@ -22,6 +22,9 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from displacement_jax import filtering
+from displacement_jax import scoring
+from displacement_jax import runtime, training
+from displacement_jax.data import schema
 
 MEASURES = ('ches', 'minus_normalized_edit_distance', 'last_hidden_inner_product')
 QUANTILES = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -136,11 +139,9 @@ def compute_scores(config: Any, examples: Sequence[Any]) -> dict[str, np.ndarray
       if np.array_equal(f['index'], index) and all(m in f for m in MEASURES):
         print(f'quantiles: reusing scores from {path}', flush=True)
         return {m: np.asarray(f[m], np.float64) for m in MEASURES}
-  from displacement_jax import score  # pylint: disable=g-import-not-at-top
-  from displacement_jax import train  # pylint: disable=g-import-not-at-top
 
-  loaded = train.load_model(config)
-  results = score.score_examples(loaded.model, loaded.params, config, loaded.tokenizer, examples,
+  loaded = runtime.load_model(config)
+  results = scoring.score_examples(loaded.model, loaded.params, config, loaded.tokenizer, examples,
                                  batch_size=int(config.batch_size), max_length=int(config.data.max_length),
                                  format=config.data.format, progress=bool(config.get('progress', True)))
   scores = {m: np.asarray([r[m] for r in results], np.float64) for m in MEASURES}
@@ -148,26 +149,13 @@ def compute_scores(config: Any, examples: Sequence[Any]) -> dict[str, np.ndarray
   return scores
 
 
-def write_jsonl(path: str, examples: Sequence[Any]) -> str:
-  """Write PreferenceExamples (or dicts) as generic preference jsonl rows (`score.example_to_json`)."""
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  with open(path, 'w') as f:
-    for ex in examples:
-      if isinstance(ex, Mapping):
-        row = dict(ex)
-      else:
-        from displacement_jax import score  # pylint: disable=g-import-not-at-top
-
-        row = score.example_to_json(ex)
-      f.write(json.dumps(row) + '\n')
-  return path
 
 
 def train_config(config: Any, data_path: str, output_dir: str, seed: int, n_rows: int) -> Any:
   """The train.run config of one subset: the pipeline config's train fields, with the subset as data."""
   tc = copy.deepcopy(config)
   with tc.unlocked():
-    tc.pipeline = ''
+    tc.main = ''
     tc.data.path = data_path
     tc.data.schema = 'generic'  # the pipeline writes generic preference jsonl, whatever the directory is called
     tc.data.limit = 0
@@ -181,11 +169,10 @@ def train_config(config: Any, data_path: str, output_dir: str, seed: int, n_rows
 def train_subset(config: Any, examples: Sequence[Any], positions: np.ndarray, measure: str, q: float, seed: int,
                  output_dir: str) -> dict[str, Any]:
   """Train on examples[positions]; write and return the result.json row of (measure, q, seed)."""
-  from displacement_jax import train  # pylint: disable=g-import-not-at-top
 
   subset = [examples[int(i)] for i in positions]
-  data_path = write_jsonl(os.path.join(output_dir, 'subset.jsonl'), subset)
-  result = train.run(train_config(config, data_path, output_dir, seed, len(subset)))
+  data_path = schema.write_jsonl(os.path.join(output_dir, 'subset.jsonl'), subset)
+  result = training.run(train_config(config, data_path, output_dir, seed, len(subset)))
   mon = result.monitor
   row = {
       'family': 'quantiles', 'measure': measure, 'q': float(q), 'seed': int(seed), 'n': len(subset),
@@ -201,7 +188,6 @@ def train_subset(config: Any, examples: Sequence[Any], positions: np.ndarray, me
 
 def run(config: Any) -> list[dict[str, Any]]:
   """The Section 5 pipeline for `config.quantiles` (see module docstring); returns the result rows."""
-  from displacement_jax.data import schema  # pylint: disable=g-import-not-at-top
 
   qc = config.quantiles
   measures = tuple(qc.get('measures') or MEASURES) if qc.measure == 'all' else (check_measure(qc.measure),)

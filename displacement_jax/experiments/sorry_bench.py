@@ -1,6 +1,6 @@
 """Section 6: unintentional unalignment on SORRY-Bench, and how CHES filtering prevents it.
 
-Pipeline (`run(config)`, `config.pipeline = 'sorry_bench'`):
+Pipeline (`run(config)`, `config.main = 'sorry_bench'`):
 1. prompts: SORRY-Bench base prompts (450), split 85/15 train/test (seeded, `train_test_split`);
 2. sample two responses per prompt from the instruct model (T=1, 512 new tokens, chat template);
 3. judge every response with the SORRY-Bench judge (greedy; score 1 = complied, 0 = refused); an
@@ -29,6 +29,13 @@ from typing import Any, Callable, Mapping, Protocol, Sequence
 import numpy as np
 
 from displacement_jax import filtering
+from displacement_jax.errors import DataError
+from displacement_jax.data import schema
+from displacement_jax import generate as gen_lib
+from displacement_jax.data import tokenize
+from displacement_jax.models import unembedding
+from displacement_jax import runtime, training
+from displacement_jax import scoring
 
 PROMPTS_ID = 'sorry-bench/sorry-bench-202406'
 HUMAN_JUDGMENT_ID = 'sorry-bench/sorry-bench-human-judgment-202406'
@@ -189,7 +196,6 @@ def gold_pairs(judgments: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
 
   Each judgment needs 'question_id', 'prompt', 'response' and 'score' (0 or 1).
   """
-  from displacement_jax.errors import DataError  # pylint: disable=g-import-not-at-top
 
   by_q: dict[Any, dict[int, Mapping[str, Any]]] = {}
   order = []
@@ -251,7 +257,6 @@ def judge_responses(judge: Generator, prompts: Sequence[str], responses: Sequenc
 
 def load_prompts(path: str, limit: int = 0) -> list[dict[str, Any]]:
   """SORRY-Bench base prompts as dicts with 'question_id' and 'prompt' (data.schema loader)."""
-  from displacement_jax.data import schema  # pylint: disable=g-import-not-at-top
 
   rows = [dict(r) for r in schema.load_sorry_prompts(path)]
   return rows[:limit] if limit > 0 else rows
@@ -259,7 +264,6 @@ def load_prompts(path: str, limit: int = 0) -> list[dict[str, Any]]:
 
 def load_human_judgments(path: str) -> list[dict[str, Any]]:
   """Human judgments as dicts with 'question_id', 'prompt', 'response', 'score' (data.schema loader)."""
-  from displacement_jax.data import schema  # pylint: disable=g-import-not-at-top
 
   return [dict(r) for r in schema.load_sorry_human_judgments(path)]
 
@@ -280,7 +284,6 @@ def generate_sample_fn(model: Any, params: Any, prompt_ids: Sequence[Sequence[in
   """
   import jax  # pylint: disable=g-import-not-at-top
 
-  from displacement_jax import generate as gen_lib  # pylint: disable=g-import-not-at-top
 
   if not prompt_ids:
     return []
@@ -311,7 +314,6 @@ def make_generator(model: Any, params: Any, tokenizer: Any, *, data_format: str,
   Prompts are formatted exactly as in training (`data.tokenize.prompt_ids` with `data_format`: a user
   request becomes a one-turn chat under 'chat_template'); long prompts keep their last tokens.
   """
-  from displacement_jax.data import tokenize  # pylint: disable=g-import-not-at-top
 
   sample_fn = sample_fn or generate_sample_fn
   eos_id = int(tokenizer.eos_token_id)
@@ -360,7 +362,6 @@ def make_score_token_judge(model: Any, params: Any, tokenizer: Any, *, batch_siz
     out = model.apply({'params': params}, ids_BT, mask_BT, return_logits=False, return_hidden=True)
     last_B = jnp.sum(mask_BT, axis=1) - 1
     h_BD = jnp.take_along_axis(out.hidden_BTD, last_B[:, None, None], axis=1)[:, 0].astype(jnp.float32)
-    from displacement_jax.models import unembedding  # pylint: disable=g-import-not-at-top
 
     w_DV = unembedding(params, model.config).astype(jnp.float32)
     return h_BD @ w_DV[:, jnp.asarray(digit_ids)]
@@ -385,7 +386,6 @@ def make_score_token_judge(model: Any, params: Any, tokenizer: Any, *, batch_siz
 
 def _judge_generator(config: Any, sample_fn: SampleFn | None = None) -> Generator:
   """The judge as a Generator over raw judge prompts (which already carry [INST] tags)."""
-  from displacement_jax import train  # pylint: disable=g-import-not-at-top
 
   sc = config.sorry
   jc = copy.deepcopy(config)
@@ -394,7 +394,7 @@ def _judge_generator(config: Any, sample_fn: SampleFn | None = None) -> Generato
     jc.model.tokenizer = ''
     jc.model.seed = int(config.model.get('seed', 0)) + 1
     jc.data.add_special_tokens = False
-  loaded = train.load_model(jc)
+  loaded = runtime.load_model(jc)
   if sc.get('judge_mode', 'generate') == 'logits':
     return make_score_token_judge(loaded.model, loaded.params, loaded.tokenizer, batch_size=int(sc.gen_batch_size),
                                   max_length=int(sc.get('judge_max_length', 2048)))
@@ -417,18 +417,13 @@ def refusal_rates(policy: Generator, judge: Generator, questions: Sequence[str],
   return refusal_rate(scores)
 
 
-def _write_jsonl(path: str, rows: Sequence[Mapping[str, Any]]) -> str:
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  with open(path, 'w') as f:
-    f.writelines(json.dumps(dict(r)) + '\n' for r in rows)
-  return path
 
 
 def variant_config(config: Any, variant: str, data_path: str) -> Any:
   """The train.run config of one method: DPO on `data_path`, + SFT term / gold learning rate."""
   tc = copy.deepcopy(config)
   with tc.unlocked():
-    tc.pipeline = ''
+    tc.main = ''
     tc.data.path = data_path
     tc.data.schema = 'generic'  # the pipeline writes generic preference jsonl, whatever the directory is called
     tc.data.limit = 0
@@ -445,9 +440,6 @@ def run(config: Any, *, sample_fn: SampleFn | None = None) -> dict[str, Any]:
 
   `sample_fn` replaces the token-generation backend (default `generate_sample_fn`).
   """
-  from displacement_jax import score  # pylint: disable=g-import-not-at-top
-  from displacement_jax import train  # pylint: disable=g-import-not-at-top
-  from displacement_jax.data import schema  # pylint: disable=g-import-not-at-top
 
   sc = config.sorry
   for v in sc.variants:
@@ -461,7 +453,7 @@ def run(config: Any, *, sample_fn: SampleFn | None = None) -> dict[str, Any]:
   # 1-3: prompts, two sampled responses each, judged.
   prompts = load_prompts(sc.prompts_path, int(sc.num_prompts))
   questions = [p['prompt'] for p in prompts]
-  loaded = train.load_model(config)
+  loaded = runtime.load_model(config)
   gen_kw = dict(data_format=config.data.format, batch_size=int(sc.gen_batch_size),
                 max_length=int(config.data.max_length) + int(sc.max_new_tokens), progress=progress,
                 sample_fn=sample_fn)
@@ -480,7 +472,7 @@ def run(config: Any, *, sample_fn: SampleFn | None = None) -> dict[str, Any]:
   log(f'sorry: {n} prompts, judge scores: {judged_rate}; pairs: {counts}')
   for r in pairs:
     r['meta']['question_id'] = prompts[r['index']].get('question_id', r['index'])
-  _write_jsonl(os.path.join(out_dir, 'judged.jsonl'), [
+  schema.write_jsonl(os.path.join(out_dir, 'judged.jsonl'), [
       {'question_id': p.get('question_id', i), 'prompt': questions[i], 'responses': list(responses[i]),
        'scores': list(scores[i]), 'judge_outputs': [judge_outputs[i], judge_outputs[n + i]]}
       for i, p in enumerate(prompts)])
@@ -493,8 +485,8 @@ def run(config: Any, *, sample_fn: SampleFn | None = None) -> dict[str, Any]:
   train_pairs = [dict(pairs[i], index=j) for j, i in enumerate(train_pos)]
   train_q = [questions[pairs[i]['index']] for i in train_pos]
   test_q = [questions[pairs[i]['index']] for i in test_pos]
-  train_path = _write_jsonl(os.path.join(out_dir, 'train.jsonl'), train_pairs)
-  _write_jsonl(os.path.join(out_dir, 'test.jsonl'), [pairs[i] for i in test_pos])
+  train_path = schema.write_jsonl(os.path.join(out_dir, 'train.jsonl'), train_pairs)
+  schema.write_jsonl(os.path.join(out_dir, 'test.jsonl'), [pairs[i] for i in test_pos])
 
   result: dict[str, Any] = {
       'family': 'sorry', 'model': str(config.model.get('path') or config.model.get('tiny')),
@@ -513,22 +505,22 @@ def run(config: Any, *, sample_fn: SampleFn | None = None) -> dict[str, Any]:
       train_ids = {pairs[i]['meta']['question_id'] for i in train_pos}
       in_train = [g for g in gold if g['meta']['question_id'] in train_ids]
       gold = in_train or gold
-      data_path = _write_jsonl(os.path.join(out_dir, 'gold.jsonl'), gold)
+      data_path = schema.write_jsonl(os.path.join(out_dir, 'gold.jsonl'), gold)
       extra = {'n_gold_pairs': len(gold), 'gold_restricted_to_train_prompts': bool(in_train)}
     elif variant == 'filtered':
       examples = schema.load_preference_data(train_path)
-      scored = score.score_examples(loaded.model, loaded.params, config, loaded.tokenizer, examples,
+      scored = scoring.score_examples(loaded.model, loaded.params, config, loaded.tokenizer, examples,
                                     batch_size=int(sc.gen_batch_size), max_length=int(config.data.max_length),
                                     format=config.data.format, progress=progress)
       keep = filtered_positions([r['ln_ches'] for r in scored], int(sc.filter_k))
       kept = [dict(train_pairs[int(i)], index=j) for j, i in enumerate(np.sort(keep))]
-      data_path = _write_jsonl(os.path.join(out_dir, 'filtered.jsonl'), kept)
+      data_path = schema.write_jsonl(os.path.join(out_dir, 'filtered.jsonl'), kept)
       extra = {'n_filtered': len(kept), 'filtered_ln_ches': [float(scored[int(i)]['ln_ches']) for i in keep]}
     tc = variant_config(config, variant, data_path)
     n_rows = sum(1 for _ in open(data_path))
     with tc.unlocked():
       tc.batch_size = min(int(tc.batch_size), n_rows)
-    trained = train.run(tc)
+    trained = training.run(tc)
     tuned = make_generator(loaded.model, trained.params, loaded.tokenizer, **gen_kw)
     result['variants'][variant] = {'train': refusal_rates(tuned, judge, train_q, config, 1000),
                                    'test': refusal_rates(tuned, judge, test_q, config, 2000),

@@ -20,6 +20,8 @@ from displacement_jax.models import convert
 from displacement_jax.models import io as io_lib
 from displacement_jax.models.config import ModelConfig
 from displacement_jax.models.transformer import Transformer
+from displacement_jax import sharding as sharding_lib
+from displacement_jax.models import packaged
 
 SUPPORTED_ARCHITECTURES: tuple[str, ...] = ('llama',)
 SUPPORTED_TYPES: tuple[str, ...] = ('F32', 'F16', 'BF16', 'Q8_0', 'Q4_0', 'Q4_1')
@@ -173,8 +175,6 @@ def from_gguf(path_or_packaged_name: str, *, dtype: Any = 'float32', param_dtype
   The same contract as `models.from_pretrained`: `dtype` is the compute dtype, `param_dtype` the storage dtype
   (default `dtype`); with `mesh`, every param is placed directly on its `sharding.param_shardings` sharding.
   """
-  from displacement_jax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
-  from displacement_jax.models import packaged  # pylint: disable=g-import-not-at-top
 
   path = packaged.resolve_gguf(path_or_packaged_name)
   state, hf, _ = read_state_dict(path)

@@ -21,6 +21,7 @@ import numpy as np
 from displacement_jax.models import convert
 from displacement_jax.models.config import ModelConfig
 from displacement_jax.models.transformer import Transformer
+from displacement_jax import sharding as sharding_lib
 
 _ST_DTYPES = {
     "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
@@ -228,7 +229,6 @@ def from_pretrained(
     `dtype` is the compute dtype, `param_dtype` the storage dtype (default: `dtype`). With `mesh`, every param is
     placed directly on its `sharding.param_shardings` sharding.
     """
-    from displacement_jax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
     from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
 
     ckpt_dir = resolve_checkpoint_dir(path_or_hub_id, revision=revision)
