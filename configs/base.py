@@ -36,7 +36,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.progress = True               # tqdm progress bar (loss, preferred log-prob change)
 
   config.model = ml_collections.ConfigDict()
-  config.model.path = ''               # HF checkpoint dir or hub id (models.io.from_pretrained)
+  config.model.path = ''               # HF dir, hub id, .gguf file or packaged name ('smollm2-135m-instruct'); models.load
   config.model.tiny = ''               # or: a tiny random model of this family (testing.tiny preset, e.g. 'llama')
   config.model.tiny_vocab_size = 0     # > 0: vocab size of the tiny model (0 = the testing.tiny default, 512)
   config.model.tokenizer = ''          # tokenizer dir/id; '' = the model dir (or the tiny tokenizer)
@@ -44,6 +44,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.model.dtype = 'float32'       # compute dtype ('float32' | 'bfloat16')
   config.model.param_dtype = 'float32' # parameter dtype (the paper trains fp32 weights)
   config.model.remat = False           # rematerialise each decoder layer (saves activation memory)
+  config.model.freeze_pad_embedding = False  # True: no input-embedding gradient for the pad token (HF padding_idx, TRL)
 
   config.data = ml_collections.ConfigDict()
   config.data.path = ''                # preference jsonl file or a supported HF dataset id
@@ -58,6 +59,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.data.shuffle = True           # reshuffle every epoch with `seed`
   config.data.padding_side = 'right'   # 'right' | 'left'; results do not depend on it
   config.data.shared_prompt_packing = True  # one [prompt, chosen, rejected] row per pair: prompt run once (exact)
+  config.data.tokenization = 'separate'  # 'separate' (paper: prompt, response + EOS apart) | 'trl' (TRL DPOTrainer's rule)
 
   config.loss = ml_collections.ConfigDict()
   config.loss.objective = 'dpo'        # 'dpo' | 'ipo' | 'cross_entropy' | 'slic' | 'dpop' | 'gpo'
@@ -104,6 +106,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.reference.batch_size = 0     # reference pass batch size (0 = batch_size // grad_accum)
 
   config.logprob_chunk_size = 128      # sequence chunk of the chunked LM head + log-softmax
+
+  config.measures = ml_collections.ConfigDict()
+  config.measures.include_eos = False  # scoring: edit distance / last-hidden with the appended EOS (default: authors' ids)
 
   config.debug = ml_collections.ConfigDict()
   config.debug.stop_after_steps = 0    # > 0: stop (after checkpointing) once this step is reached, to test resume

@@ -46,6 +46,7 @@ from displacement_jax import step as step_lib
 from displacement_jax import theory
 from displacement_jax.data import batching, schema, tokenize
 from displacement_jax.data.layout import pad_id_of
+from displacement_jax.experiments import common as experiments_common
 from displacement_jax import losses
 
 SUMMARY_FILE, THEORY_FILE, TRAJECTORY_FILE = 'summary.json', 'theory.npz', 'trajectory.npz'
@@ -138,21 +139,12 @@ def write_sft_data(examples: Sequence[Any], path: str, seed: int) -> int:
 
 def sft_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """The train.run config of the SFT phase (cross-entropy, single-token) derived from the demo config."""
-  c = copy.deepcopy(config)
-  with c.unlocked():
-    c.main = ''
-    c.output_dir = os.path.join(config.output_dir, 'sft')
-    c.loss.objective = 'cross_entropy'
-    c.data.single_token = True
-    c.optim.lr = float(config.sft.lr)
-    c.batch_size = int(config.sft.batch_size)
-    c.num_steps = int(config.sft.num_steps)
-    c.num_epochs = int(config.sft.num_epochs)
-    c.eval.every = 0
-    c.checkpoint.every = 0
-    c.export_hf = False
-    c.reference.cache = False
-  return c
+  out_dir = os.path.join(config.output_dir, 'sft')
+  return experiments_common.train_config(config, os.path.join(out_dir, 'sft_data.jsonl'), out_dir, {
+      'loss.objective': 'cross_entropy', 'data.single_token': True, 'optim.lr': float(config.sft.lr),
+      'batch_size': int(config.sft.batch_size), 'num_steps': int(config.sft.num_steps),
+      'num_epochs': int(config.sft.num_epochs), 'eval.every': 0, 'checkpoint.every': 0, 'export_hf': False,
+      'reference.cache': False})
 
 
 def dpo_batch(base_batch: dict[str, np.ndarray], y_pos: int, y_neg: int) -> dict[str, np.ndarray]:
@@ -259,9 +251,6 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
   if os.path.isdir(sft_cfg.output_dir):  # the demo's own scratch run: start it afresh on every demo run
     shutil.rmtree(sft_cfg.output_dir)
   os.makedirs(sft_cfg.output_dir)
-  with sft_cfg.unlocked():
-    sft_cfg.data.path = os.path.join(sft_cfg.output_dir, 'sft_data.jsonl')
-    sft_cfg.data.schema = 'generic'
   write_sft_data(examples, sft_cfg.data.path, int(config.seed))
   _log(f'[demo] SFT: cross-entropy on {len(examples)} persona prompts of {config.data.path} (y+ drawn from the '
        f'answer\'s token group), {sft_cfg.num_steps or sft_cfg.num_epochs} '

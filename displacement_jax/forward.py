@@ -29,11 +29,30 @@ def unembed(model: Any, params: Any) -> jax.Array:
   return unembedding(params, model.config)
 
 
-def side_logps(model: Any, params: Any, batch: dict[str, jax.Array], side: str, chunk_size: int) -> jax.Array:
-  """Summed response log-probs [B] (float32) of one side ('chosen' | 'rejected') of a collated batch."""
+def side_logps(model: Any, params: Any, batch: dict[str, jax.Array], side: str, chunk_size: int
+               ) -> tuple[jax.Array, jax.Array]:
+  """(summed response log-probs [B], summed mean-over-vocab logits [B]) of one side ('chosen' | 'rejected') of a
+  collated batch, both float32 over the side's loss-mask positions."""
   hidden_BTD = forward_hidden(model, params, batch[f'{side}_input_ids_BT'], batch[f'{side}_attention_mask_BT'])
-  return logprobs_lib.chunked_sequence_logprobs(hidden_BTD, unembed(model, params), batch[f'{side}_labels_BT'],
-                                                batch[f'{side}_loss_mask_BT'], chunk_size=chunk_size)
+  unembed_DV = unembed(model, params)
+  logps_B = logprobs_lib.chunked_sequence_logprobs(hidden_BTD, unembed_DV, batch[f'{side}_labels_BT'],
+                                                   batch[f'{side}_loss_mask_BT'], chunk_size=chunk_size)
+  return logps_B, jnp.sum(jnp.where(batch[f'{side}_loss_mask_BT'], mean_logit(hidden_BTD, unembed_DV), 0.0), axis=-1)
+
+
+def mean_logit(hidden_BTD: jax.Array, unembed_DV: jax.Array) -> jax.Array:
+  """Mean over the vocabulary of the logits at each position, [B, T] float32, without forming the logits:
+  mean_v <h, W_v> = <h, mean_v W_v>."""
+  return jnp.einsum('btd,d->bt', hidden_BTD.astype(jnp.float32), jnp.mean(unembed_DV.astype(jnp.float32), axis=1))
+
+
+def token_count(batch: dict[str, jax.Array]) -> jax.Array:
+  """Non-padding tokens of the chosen and the rejected sequences of a batch (prompt counted on both sides, as
+  TRL's num_tokens counts them), int32 scalar, for either layout."""
+  if packing.is_packed(batch):
+    branch_BT = batch['packed_branch_BT']
+    return jnp.sum(branch_BT >= 0, dtype=jnp.int32) + jnp.sum(branch_BT == packing.PROMPT, dtype=jnp.int32)
+  return sum(jnp.sum(batch[f'{side}_attention_mask_BT'], dtype=jnp.int32) for side in SIDES)
 
 
 def packed_forward_hidden(model: Any, params: Any, batch: dict[str, jax.Array]) -> jax.Array:
@@ -52,21 +71,31 @@ def response_hidden(hidden_BTD: jax.Array, batch: dict[str, jax.Array]) -> jax.A
 
 def packed_pair_logps(model: Any, params: Any, batch: dict[str, jax.Array], chunk_size: int
                       ) -> dict[str, jax.Array]:
-  """{'chosen_logps_B', 'rejected_logps_B'} of a packed batch: one forward, LM head on response slots only."""
+  """`pair_logps` of a packed batch: one forward, LM head on response slots only."""
   hidden_BRD = response_hidden(packed_forward_hidden(model, params, batch), batch)
   side_BR = batch['response_side_BR']
-  logps_BR = logprobs_lib.chunked_token_logprobs(hidden_BRD, unembed(model, params),
+  unembed_DV = unembed(model, params)
+  logps_BR = logprobs_lib.chunked_token_logprobs(hidden_BRD, unembed_DV,
                                                  jnp.where(side_BR > 0, batch['response_label_BR'], 0),
                                                  chunk_size=chunk_size)
-  return {f'{side}_logps_B': jnp.sum(jnp.where(side_BR == k, logps_BR, 0.0), axis=-1)
-          for k, side in enumerate(SIDES, start=1)}
+  mean_BR = mean_logit(hidden_BRD, unembed_DV)
+  out = {}
+  for k, side in enumerate(SIDES, start=1):
+    out[f'{side}_logps_B'] = jnp.sum(jnp.where(side_BR == k, logps_BR, 0.0), axis=-1)
+    out[f'{side}_logit_sum_B'] = jnp.sum(jnp.where(side_BR == k, mean_BR, 0.0), axis=-1)
+  return out
 
 
 def pair_logps(model: Any, params: Any, batch: dict[str, jax.Array], chunk_size: int) -> dict[str, jax.Array]:
-  """{'chosen_logps_B', 'rejected_logps_B'} of a collated preference batch, two-side or packed."""
+  """{'chosen_logps_B', 'rejected_logps_B'} (summed response log-probs) and {'chosen_logit_sum_B',
+  'rejected_logit_sum_B'} (summed mean-over-vocab logits, for TRL's logits/* metrics) of a collated preference
+  batch, two-side or packed, all [B] float32."""
   if packing.is_packed(batch):
     return packed_pair_logps(model, params, batch, chunk_size)
-  return {f'{side}_logps_B': side_logps(model, params, batch, side, chunk_size) for side in SIDES}
+  out = {}
+  for side in SIDES:
+    out[f'{side}_logps_B'], out[f'{side}_logit_sum_B'] = side_logps(model, params, batch, side, chunk_size)
+  return out
 
 
 def last_prompt_position(loss_mask_BT: jax.Array) -> jax.Array:

@@ -1,7 +1,7 @@
 r"""Tables and figures of the three experiment families from their run directories.
 
     python -m displacement_jax.report persona runs/persona_olmo1b/dpo-0 runs/persona_olmo1b/dpo-1 [--out DIR]
-    python -m displacement_jax.report quantiles runs/ches_quantiles_ultrafeedback [--out DIR]
+    python -m displacement_jax.report quantiles runs/quantiles_uf_olmo1b [--out DIR]
     python -m displacement_jax.report sorry runs/sorry_llama3_8b_instruct [--out DIR]
 
 Every `result.json` below the given directories (searched recursively) with the family's name is read:
@@ -27,11 +27,13 @@ import sys
 from typing import Any, Iterable, Sequence
 
 import numpy as np
+
+from displacement_jax import cli
 from displacement_jax import metrics as metrics_lib
-from displacement_jax.experiments import quantiles
+from displacement_jax.experiments import common, results as results_lib
+from displacement_jax.experiments.results import UNEMBEDDING_KEYS
 
 FAMILIES = ('persona', 'quantiles', 'sorry')
-UNEMBEDDING_KEYS = ('w_pos_norm', 'w_neg_norm', 'w_pos_dot_w_neg', 'w_diff_proj_on_pos', 'w_diff_orth_norm')
 
 
 def find_results(dirs: Sequence[str], family: str) -> list[dict[str, Any]]:
@@ -41,8 +43,8 @@ def find_results(dirs: Sequence[str], family: str) -> list[dict[str, Any]]:
     if not os.path.isdir(d):
       raise ValueError(f'run directory {d!r} does not exist')
     for root, _, files in sorted(os.walk(d)):
-      if 'result.json' in files:
-        path = os.path.join(root, 'result.json')
+      if common.RESULT_FILE in files:
+        path = os.path.join(root, common.RESULT_FILE)
         with open(path) as f:
           try:
             row = json.load(f)
@@ -57,6 +59,7 @@ def find_results(dirs: Sequence[str], family: str) -> list[dict[str, Any]]:
 
 
 def _plt():
+  """matplotlib.pyplot on the Agg backend; imported only when a plot is drawn (optional, heavy)."""
   import matplotlib  # pylint: disable=g-import-not-at-top
 
   matplotlib.use('Agg')
@@ -146,8 +149,8 @@ def plot_persona(rows: Sequence[dict[str, Any]], out_dir: str) -> list[str]:
 
 
 def quantile_rows(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-
-  return quantiles.aggregate(results)
+  """One row per (measure, q): mean / min / max over seeds of the preferred log-prob change."""
+  return results_lib.aggregate(results)
 
 
 def format_quantiles(rows: Sequence[dict[str, Any]]) -> str:
@@ -263,12 +266,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument('dirs', nargs='+', help='run directories (searched recursively for result.json)')
   parser.add_argument('--out', default=None, help='where plots go (default: the first directory)')
   args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-  try:
-    report(args.family, args.dirs, args.out)
-  except (ValueError, KeyError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 1
-  return 0
+  return cli.one_line_errors(lambda: report(args.family, args.dirs, args.out), (ValueError, KeyError))
 
 
 if __name__ == '__main__':

@@ -38,6 +38,7 @@ def load_model(config: ml_collections.ConfigDict, mesh: Any = None) -> Loaded:
   its tokenizer, and the special tokens of `data.add_special_tokens`."""
   mc = config.model
   dtype, param_dtype, remat = mc.dtype, mc.get('param_dtype') or mc.dtype, bool(mc.get('remat', False))
+  freeze_pad = bool(mc.get('freeze_pad_embedding', False))
   if mc.get('tiny'):
     tokenizer = tokenizer_lib.load_tokenizer(mc.tokenizer) if mc.get('tokenizer') else tiny.build_tiny_tokenizer()
     hf_config = tiny.tiny_hf_config(mc.tiny, **({'vocab_size': int(mc.tiny_vocab_size)}
@@ -63,6 +64,10 @@ def load_model(config: ml_collections.ConfigDict, mesh: Any = None) -> Loaded:
         tokenizer, params, model_config, seed=int(config.seed))
     model = models.Transformer(model_config)
     identity['special_tokens_seed'] = int(config.seed)
+  if freeze_pad:  # HF/TRL behaviour: the pad token's input-embedding row gets no gradient from lookups
+    model_config = model_config.replace(freeze_pad_embedding=True)
+    model = models.Transformer(model_config)
+    identity['freeze_pad_embedding'] = True
   tokenize.check_vocab(tokenizer, model_config.vocab_size,
                        source=f'tokenizer/model vocabulary mismatch (model {mc.get("path") or mc.get("tiny")!r}, '
                               f'tokenizer {mc.get("tokenizer") or "of the model"!r})')
@@ -92,7 +97,8 @@ def load_data(config: ml_collections.ConfigDict, tokenizer: Any, vocab_size: int
     raise ValueError(f'config.data.path={dc.path!r} holds no preference rows')
   pairs, report = tokenize.tokenize_dataset(examples, tokenizer, max_length=int(dc.max_length), format=dc.format,
                                             truncation=dc.get('truncation', 'truncate_response'),
-                                            single_token=bool(dc.single_token))
+                                            single_token=bool(dc.single_token),
+                                            tokenization=dc.get('tokenization', 'separate'))
   tokenize.check_pair_ids(pairs, vocab_size, source=str(dc.path))
   position_of = {int(p.index): i for i, p in enumerate(pairs)}
   if len(position_of) != len(pairs):

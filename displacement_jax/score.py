@@ -80,15 +80,13 @@ def write_outputs(config: ml_collections.ConfigDict, examples: Sequence[Any], re
 
 def main(argv: Sequence[str] | None = None) -> int:
   """CLI entry; returns 0, 1 (bad input: one-line message on stderr) or 2 (bad flags)."""
-  flag_values, status = cli.parse_config_flags(argv, 'score')
+  flag_values, status = cli.parse_config_flags(
+      argv, 'Scoring preference pairs by CHES, LN-CHES, edit distance and last-hidden inner product',
+      prog='displacement_jax.score', help_extra='measures: ' + ', '.join(scoring.MEASURES)
+      + '; filter modes: none, lowest_k, lowest_fraction, quantile_window')
   if flag_values is None:
     return status
-  try:
-    run(flag_values.config)
-  except (ValueError, FileNotFoundError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 1
-  return 0
+  return cli.one_line_errors(lambda: run(flag_values.config))
 
 
 if __name__ == '__main__':

@@ -21,7 +21,10 @@ QUANTILES = (0.0, 0.05, 0.25, 0.5, 0.75, 0.95, 1.0)
 
 def summarize(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
   """Count, mean, std, min/max and quantiles of each measure (non-finite values counted, not averaged)."""
-  summary: dict[str, Any] = {'num_rows': len(results)}
+  summary: dict[str, Any] = {'num_rows': len(results), 'truncation': {
+      'truncated_pairs': sum(bool(r.get('chosen_truncated') or r.get('rejected_truncated')) for r in results),
+      'truncated_chosen': sum(bool(r.get('chosen_truncated')) for r in results),
+      'truncated_rejected': sum(bool(r.get('rejected_truncated')) for r in results)}}
   for measure in MEASURES + ('chosen_len', 'rejected_len'):
     vals = np.asarray([r[measure] for r in results], np.float64)
     finite = vals[np.isfinite(vals)]

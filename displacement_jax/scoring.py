@@ -114,10 +114,12 @@ def measure_ids(pair: Any, side: str, include_eos: bool = False) -> np.ndarray:
 
 
 def tokenize_examples(examples: Sequence[Any], tokenizer: Any, *, max_length: int, format: str,
-                      single_token: bool = False, truncation: str = 'truncate_response') -> list[Any]:
-  """data.tokenize.TokenizedPair per example (bad rows raise DataError naming file/row/field)."""
+                      single_token: bool = False, truncation: str = 'truncate_response',
+                      tokenization: str = 'separate') -> list[Any]:
+  """data.tokenize.TokenizedPair per example (bad rows raise DataError naming file/row/field; a too-long pair
+  follows `truncation`, as in training)."""
   return [tokenize.tokenize_example(tokenizer, ex, max_length=max_length, format=format, single_token=single_token,
-                                    truncation=truncation) for ex in examples]
+                                    truncation=truncation, tokenization=tokenization) for ex in examples]
 
 
 def score_examples(model: Any, params: Any, config: ml_collections.ConfigDict, tokenizer: Any,
@@ -128,15 +130,18 @@ def score_examples(model: Any, params: Any, config: ml_collections.ConfigDict, t
 
   Keys: index (the example's dataset index), ches, ln_ches, minus_normalized_edit_distance,
   last_hidden_inner_product, chosen_len / rejected_len (response tokens incl. EOS), chosen_total_len /
-  rejected_total_len (prompt + response). `config` supplies data.single_token,
-  data.padding_side and (unless given) data.shared_prompt_packing and measures.include_eos.
+  rejected_total_len (prompt + response), chosen_truncated / rejected_truncated. `config` supplies
+  data.single_token, data.truncation, data.tokenization, data.padding_side and (unless given)
+  data.shared_prompt_packing and measures.include_eos.
   With `mesh`, batches are sharded over ('data', 'fsdp') and params by `sharding.param_shardings`.
   """
   if not examples:
     raise ValueError('score_examples: no examples to score')
   data_cfg = config.get('data', ml_collections.ConfigDict())
   single = bool(data_cfg.get('single_token', False))
-  pairs = tokenize_examples(examples, tokenizer, max_length=int(max_length), format=format, single_token=single)
+  pairs = tokenize_examples(examples, tokenizer, max_length=int(max_length), format=format, single_token=single,
+                            truncation=data_cfg.get('truncation', 'truncate_response'),
+                            tokenization=data_cfg.get('tokenization', 'separate'))
   pad_id = pad_id_of(tokenizer)
   results = score_pairs(model, params, pairs, batch_size=batch_size, max_length=max_length, pad_id=pad_id,
                         padding_side=data_cfg.get('padding_side', 'right'), mesh=mesh, bucketed=bucketed,
@@ -210,5 +215,7 @@ def score_pairs(model: Any, params: Any, pairs: Sequence[Any], *, batch_size: in
           'rejected_len': int(out['rejected_len'][j]),
           'chosen_total_len': int(np.asarray(batch['chosen_attention_mask_BT'][j]).sum()),
           'rejected_total_len': int(np.asarray(batch['rejected_attention_mask_BT'][j]).sum()),
+          'chosen_truncated': bool(getattr(pairs[row], 'chosen_cut', False)),
+          'rejected_truncated': bool(getattr(pairs[row], 'rejected_cut', False)),
       }
   return results  # type: ignore[return-value]

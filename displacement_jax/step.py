@@ -37,13 +37,11 @@ def make_loss_fn(model: Any, loss_config: Any, chunk_size: int
     loss, core_metrics = preference_loss(loss_config, pc, pr, rc, rr)
     aux = {
         **{k: v for k, v in core_metrics.items() if k != 'loss'},
-        'chosen_logps': jnp.mean(pc),
-        'rejected_logps': jnp.mean(pr),
-        'preferred_change': jnp.mean(pc - rc),
-        'dispreferred_change': jnp.mean(pr - rr),
-        'reward_accuracy': jnp.mean(((pc - rc) > (pr - rr)).astype(jnp.float32)),
         'share_preferred_fell': jnp.mean(monitor.fell(pc - rc, rc, xp=jnp).astype(jnp.float32)),
     }
+    for side in forward.SIDES:  # TRL: token-weighted mean over response positions of the mean-over-vocab logit
+      positions = jnp.maximum(response_positions(batch, side), 1)
+      aux[f'logits/{side}'] = jax.lax.stop_gradient(jnp.sum(logps[f'{side}_logit_sum_B'])) / positions
     return loss, aux
 
   return loss_fn
@@ -74,7 +72,7 @@ def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation, 
     loss, aux, grads = optim_lib.accumulate_gradients(loss_fn, state.params, batch, grad_accum)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {'loss': loss, 'grad_norm': optax.tree.norm(grads), **aux}
+    metrics = {'loss': loss, 'grad_norm': optax.tree.norm(grads), 'tokens': forward.token_count(batch), **aux}
     new_state = state.replace(params=params, opt_state=opt_state, step=state.step + 1,
                               rng=jax.random.key_data(jax.random.fold_in(jax.random.wrap_key_data(state.rng), 0)))
     finite = jnp.isfinite(loss)
@@ -82,3 +80,10 @@ def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation, 
     return new_state, metrics
 
   return train_step
+
+
+def response_positions(batch: dict[str, jax.Array], side: str) -> jax.Array:
+  """Number of response (loss) positions of `side` in a batch of either layout, float32 scalar."""
+  if 'response_side_BR' in batch:
+    return jnp.sum(batch['response_side_BR'] == forward.SIDES.index(side) + 1, dtype=jnp.float32)
+  return jnp.sum(batch[f'{side}_loss_mask_BT'], dtype=jnp.float32)

@@ -16,10 +16,11 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
-import sys
 from typing import Any, Sequence
 
 import ml_collections
+
+from displacement_jax import cli
 
 TRAIN_MODULE = 'displacement_jax.train'
 
@@ -36,9 +37,7 @@ def load_config_module(path: str) -> Any:
   """Import a config file by path (its repository root goes on sys.path for `from configs import base`)."""
   if not path.endswith('.py') or not os.path.isfile(path):
     raise ValueError(f'config file {path!r} does not exist (expected configs/<name>.py)')
-  root = os.path.dirname(os.path.dirname(os.path.abspath(path)))
-  if root not in sys.path:
-    sys.path.insert(0, root)
+  cli.add_config_root(path)
   name = 'sweep_config_' + re.sub(r'\W', '_', os.path.abspath(path))
   spec = importlib.util.spec_from_file_location(name, path)
   module = importlib.util.module_from_spec(spec)

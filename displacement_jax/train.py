@@ -22,7 +22,7 @@ MAINS = {
     'persona': 'displacement_jax.experiments.persona',
     'quantiles': 'displacement_jax.experiments.quantiles',
     'ches_quantiles': 'displacement_jax.experiments.quantiles',
-    'sorry_bench': 'displacement_jax.experiments.sorry_bench',
+    'sorry_bench': 'displacement_jax.experiments.sorry_bench.pipeline',
 }
 
 
@@ -47,19 +47,16 @@ def main(argv: Sequence[str] | None = None) -> int:
   Returns the exit status (0 ok, 1 for bad input / non-finite loss, 2 for usage errors; one line on stderr).
   """
   flag_values, status = cli.parse_config_flags(
-      argv, 'training', bools=[('resume', 'continue from the latest checkpoint in output_dir')])
+      argv, 'Preference training (DPO, IPO, cross-entropy, SLiC, DPOP, GPO, + SFT term)',
+      bools=[('resume', 'continue from the latest checkpoint in output_dir')], prog='displacement_jax.train',
+      help_extra='pipelines (config.main): ' + ', '.join(f'{k} -> {v}' for k, v in sorted(MAINS.items()))
+      + "; '' = one training run (displacement_jax.training.run)")
   if flag_values is None:
     return status
   config = flag_values.config
-  try:
-    if config.get('main'):
-      resolve_main(config.main)(config)
-    else:
-      training.run(config, resume=flag_values.resume)
-  except (ValueError, FileNotFoundError, training.NonFiniteLossError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 1
-  return 0
+  run = (lambda: resolve_main(config.main)(config)) if config.get('main') else (
+      lambda: training.run(config, resume=flag_values.resume))
+  return cli.one_line_errors(run, (ValueError, FileNotFoundError, training.NonFiniteLossError))
 
 
 if __name__ == '__main__':

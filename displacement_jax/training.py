@@ -10,6 +10,7 @@ HF export. Experiments and the demo call `run`; it never calls them (the CLI is 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import os
@@ -34,6 +35,7 @@ from displacement_jax import reference as reference_lib
 from displacement_jax import runtime, sharding, step as step_lib
 from displacement_jax.data import batching
 from displacement_jax.models import io as io_lib
+from displacement_jax.models import loading as loading_lib
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -86,14 +88,14 @@ def run(config: ml_collections.ConfigDict, *, resume: bool = False) -> RunResult
   state = fns.init_state(loaded.params)
   del loaded.params  # no reference params stay on device: the state holds the (only) copy
   ckpt = open_checkpointer(config, resume)
-  state, start_step, prev_eval = restore_if_resuming(ckpt, state, iterator, resume)
+  state, start_step, meta = restore_if_resuming(ckpt, state, iterator, resume)
   writer = metrics_lib.MetricsWriter(config.output_dir, enabled=jax.process_index() == 0,
                                      truncate_after_step=start_step if resume else None)
   writer.write(start_step, {'event': 'resume' if resume else 'start', 'total_steps': total_steps,
                             'reference_from_cache': from_cache,
                             **{f'data/{k}': v for k, v in dataset.truncation.items()}})
   monitor = evaluation.Monitor(fns, loaded, dataset, monitor_rows, ref, config, mesh)
-  loop = TrainLoop(config, fns, iterator, dataset, ref, mesh, ckpt, writer, monitor, total_steps, prev_eval)
+  loop = TrainLoop(config, fns, iterator, dataset, ref, mesh, ckpt, writer, monitor, total_steps, meta)
   try:
     state, step, rows, stopped_early = loop(state, start_step, resume)
   finally:
@@ -111,14 +113,19 @@ def run(config: ml_collections.ConfigDict, *, resume: bool = False) -> RunResult
 class TrainLoop:
   """The step loop of `run`: train step, NaN stop, monitor + warning, metrics row, progress bar, checkpoint."""
 
-  def __init__(self, config, fns, iterator, dataset, ref, mesh, ckpt, writer, monitor, total_steps, prev_eval):
+  def __init__(self, config, fns, iterator, dataset, ref, mesh, ckpt, writer, monitor, total_steps, meta):
+    """`meta`: the restored checkpoint's meta on resume ({} for a fresh run)."""
     self.config, self.fns, self.iterator, self.dataset, self.ref, self.mesh = config, fns, iterator, dataset, ref, mesh
-    self.ckpt, self.writer, self.monitor, self.total_steps, self.prev_eval = ckpt, writer, monitor, total_steps, prev_eval
+    self.ckpt, self.writer, self.monitor, self.total_steps = ckpt, writer, monitor, total_steps
     self.last_monitor: dict[str, Any] = {}
+    self.prev_eval = dict(meta.get('monitor_prev', {}))
+    self.num_tokens = int(meta.get('num_tokens', 0))  # TRL's num_tokens: cumulative, restored on resume
+    self.schedule = optim_lib.make_schedule(config.optim.get('schedule', 'constant'), float(config.optim.lr),
+                                            total_steps, int(config.optim.get('warmup_steps', 0)))
 
   def save(self, step: int, state: step_lib.TrainState, data_state: dict[str, int] | None = None) -> None:
     self.ckpt.save(step, state, {'step': step, 'data': data_state or self.iterator.state(),
-                                 'monitor_prev': self.prev_eval})
+                                 'monitor_prev': self.prev_eval, 'num_tokens': self.num_tokens})
 
   def __call__(self, state: step_lib.TrainState, start_step: int, resume: bool
                ) -> tuple[step_lib.TrainState, int, list[dict[str, Any]], bool]:
@@ -140,14 +147,15 @@ class TrainLoop:
         batch = evaluation.add_reference(local, positions(local, self.dataset), self.ref)
         state, step_metrics = self.fns.train_step(state, sharding.host_local_batch_to_global(batch, self.mesh))
         step_metrics = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+        self.num_tokens += int(step_metrics.pop('tokens'))
         if not math.isfinite(step_metrics['loss']):  # the step skipped its update: `state` is the last good one
           self.stop_on_nonfinite(step, state, step_metrics, data_before)
-        row = dict(step_metrics, epoch=self.iterator.epoch)
+        row = dict(step_metrics, **self.trl_progress(step))
         if eval_every > 0 and step % eval_every == 0 or step == self.total_steps:
           row.update(self.evaluate(step, state))
         if step % int(config.get('log_every', 1) or 1) == 0 or step == self.total_steps or 'monitor/loss' in row:
           rows.append(self.writer.write(step, row))
-        bar.set_postfix(metrics_lib.postfix(step_metrics, ('loss', 'preferred_change')))
+        bar.set_postfix(metrics_lib.postfix(step_metrics, ('loss', 'logps/chosen_change')))
         bar.update(1)
         if ckpt_every > 0 and step % ckpt_every == 0 or step == self.total_steps or step == stop_after:
           self.save(step, state)
@@ -158,6 +166,13 @@ class TrainLoop:
     finally:
       bar.close()
     return state, step, rows, stopped_early
+
+  def trl_progress(self, step: int) -> dict[str, float]:
+    """TRL's progress keys: learning_rate (the rate this step used), num_tokens (cumulative non-padding tokens of
+    chosen + rejected sequences) and epoch as fractional progress (epoch index + batches done / per epoch)."""
+    it = self.iterator
+    return {'learning_rate': float(self.schedule(step - 1)), 'num_tokens': self.num_tokens,
+            'epoch': it.epoch + it.step / it.steps_per_epoch}
 
   def evaluate(self, step: int, state: step_lib.TrainState) -> dict[str, Any]:
     """The monitor at `step`, its line, and the displacement warning."""
@@ -273,7 +288,7 @@ def open_checkpointer(config: ml_collections.ConfigDict, resume: bool) -> checkp
 
 def restore_if_resuming(ckpt: checkpoint_lib.Checkpointer, state: step_lib.TrainState, iterator: Any, resume: bool
                         ) -> tuple[step_lib.TrainState, int, dict[str, Any]]:
-  """(state, start step, previous monitor values): from the latest checkpoint with --resume, else unchanged."""
+  """(state, start step, checkpoint meta): from the latest checkpoint with --resume, else (state, 0, {})."""
   if not resume:
     return state, 0, {}
   if ckpt.latest_step() is None:
@@ -281,7 +296,7 @@ def restore_if_resuming(ckpt: checkpoint_lib.Checkpointer, state: step_lib.Train
   state, meta, start_step = ckpt.restore(state)
   iterator.restore(meta['data'])
   log(f'resumed from step {start_step} ({ckpt.directory})')
-  return state, start_step, meta.get('monitor_prev', {})
+  return state, start_step, meta
 
 
 def positions(batch: dict[str, np.ndarray], dataset: runtime.Dataset) -> np.ndarray:
@@ -306,9 +321,16 @@ def host_params(params: Any) -> Any:
 
 
 def export_hf(params: Any, loaded: runtime.Loaded, out_dir: str, *, progress: bool = True) -> str:
-  """Save the trained params (and the tokenizer) in HF format (models.io.save_pretrained)."""
+  """Save the trained params, the tokenizer and the source's generation config in HF format
+  (models.io.save_pretrained): what the source checkpoint had, nothing of how this machine loaded it."""
   io_lib.save_pretrained(params, loaded.model_config, out_dir, progress=progress)
-  if jax.process_index() == 0 and hasattr(loaded.tokenizer, 'save_pretrained'):
-    loaded.tokenizer.save_pretrained(out_dir)
+  if jax.process_index() == 0:
+    if hasattr(loaded.tokenizer, 'save_pretrained'):
+      loaded.tokenizer.save_pretrained(out_dir)
+    source = loaded.identity.get('path')
+    generation = loading_lib.generation_config(source, loaded.model_config) if source else None
+    if generation is not None:
+      with open(os.path.join(out_dir, 'generation_config.json'), 'w') as f:
+        json.dump(generation, f, indent=2)
   log(f'exported HF model to {out_dir}')
   return out_dir

@@ -11,7 +11,7 @@ import pathlib
 import sys
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-SECTION_ORDER = ("demo", "core", "theory", "models", "io", "data", "train", "score", "experiments", "launch",
+SECTION_ORDER = ("demo", "core", "theory", "models", "io", "data", "train", "score", "trl", "experiments", "launch",
                  "benchmarks", "testing", "layout")
 
 

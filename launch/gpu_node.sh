@@ -2,7 +2,7 @@
 # Single-node GPU run: install jax[cuda12] and this package, set XLA flags, run a train/score command.
 #
 #   launch/gpu_node.sh [--dry-run] [--no-install] [--venv DIR] -- python -m displacement_jax.train --config=configs/x.py
-#   launch/gpu_node.sh -- python -m displacement_jax.score --config=configs/sorry_llama3_8b_instruct.py
+#   launch/gpu_node.sh -- python -m displacement_jax.train --config=configs/sorry.py:model=llama3_8b_instruct,variant=all
 #
 # With no command after --, runs `python -m displacement_jax.train "$CONFIG"` from the CONFIG variable.
 # Environment: CUDA_VISIBLE_DEVICES (GPUs to use), XLA_MEM_FRACTION (default 0.9), EXTRA_XLA_FLAGS.
@@ -31,17 +31,8 @@ if [[ $# -eq 0 ]]; then
 fi
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
-quote_args() {  # shell-readable: plain words as-is, others in single quotes
-  local out=() a
-  for a in "$@"; do
-    if [[ "$a" =~ ^[A-Za-z0-9_./:=@%+,~-]+$ ]]; then out+=("$a"); else out+=("'${a//\'/\'\\\'\'}'"); fi
-  done
-  echo "${out[*]}"
-}
-run() {
-  echo "+ $(quote_args "$@")"
-  if [[ $DRY_RUN -eq 0 ]]; then "$@"; fi
-}
+# shellcheck source=launch/lib.sh
+source "$ROOT/launch/lib.sh"   # quote_args, run
 export_var() {
   echo "+ export $1=$(quote_args "$2")"
   export "$1=$2"

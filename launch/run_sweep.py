@@ -1,9 +1,11 @@
 #!/usr/bin/env python
 """Run every command of a config's sweep, one after another or N at a time.
 
-    python launch/run_sweep.py configs/ches_quantiles_ultrafeedback.py --dry-run
-    python launch/run_sweep.py configs/ches_quantiles_ultrafeedback.py:tiny --parallel 2
+    python launch/run_sweep.py configs/ches_quantiles.py:model=olmo1b --dry-run
+    python launch/run_sweep.py configs/ches_quantiles.py:dataset=alpacafarm,tiny --parallel 2
     python launch/run_sweep.py configs/x.py -- --config.num_steps=5     # extra args for every run
+
+The runs are the config file's `get_sweep()` (beside its `get_config(arg)`), expanded by `displacement_jax.sweep`.
 
 Each run's stdout/stderr go to <output_dir>/launch.log. Exit status 1 when any run failed (all runs are
 still attempted); the failed output directories are listed at the end.

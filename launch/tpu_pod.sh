@@ -83,17 +83,8 @@ fi
 COMMON=(--zone="$ZONE" --project="$PROJECT")
 REMOTE_DIR='~/displacement_jax'
 
-quote_args() {  # shell-readable: plain words as-is, others in single quotes
-  local out=() a
-  for a in "$@"; do
-    if [[ "$a" =~ ^[A-Za-z0-9_./:=@%+,~-]+$ ]]; then out+=("$a"); else out+=("'${a//\'/\'\\\'\'}'"); fi
-  done
-  echo "${out[*]}"
-}
-run() {  # print, and run unless --dry-run
-  echo "+ $(quote_args "$@")"
-  if [[ $DRY_RUN -eq 0 ]]; then "$@"; fi
-}
+# shellcheck source=launch/lib.sh
+source "$(cd "$(dirname "$0")" && pwd)/lib.sh"   # quote_args, run (print, and run unless --dry-run)
 
 on_all_workers() {
   run gcloud compute tpus tpu-vm ssh "$NAME" "${COMMON[@]}" --worker=all --command="$1"

@@ -11,21 +11,20 @@ import pytest
 
 from displacement_jax import metrics, report
 from displacement_jax.data import schema, tokenize
-from displacement_jax.experiments import persona
+from displacement_jax.experiments import persona, persona_data
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from configs import persona_olmo1b  # noqa: E402
+from configs import persona as persona_config  # noqa: E402
 
 
-@pytest.fixture(scope='module', autouse=True)
-def compilation_cache(xla_compilation_cache):
-  """The tiny runs repeat the same jitted shapes: compile them once (tests/conftest.py)."""
+# The tiny runs repeat the same jitted shapes: compile them once (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures('xla_compilation_cache')
 
 
 @pytest.fixture(scope='module')
 def run_dir(tmp_path_factory):
-  config = persona_olmo1b.get_config('tiny')
+  config = persona_config.get_config('model=olmo1b,tiny')
   config.output_dir = str(tmp_path_factory.mktemp('persona'))
   return config, persona.run(config)
 
@@ -34,7 +33,7 @@ def test_sft_then_dpo_per_seed(run_dir):
   config, out = run_dir
   assert out['sft']['steps'] == 2 and out['sft']['n_rows'] == 8          # 8 prompts, batch 4, one epoch
   assert os.path.isfile(os.path.join(out['sft']['hf_dir'], 'config.json'))
-  assert [r['seed'] for r in out['dpo']] == list(persona.DPO_SEEDS[:2])
+  assert [r['seed'] for r in out['dpo']] == list(persona_data.DPO_SEEDS[:2])
   rows = schema.load_persona_rows(config.persona.data_path)
   for r in out['dpo']:
     d = os.path.join(config.output_dir, 'dpo', f'seed_{r["seed"]}')

@@ -4,7 +4,6 @@ import json
 import os
 import sys
 
-import jax
 import numpy as np
 import pytest
 
@@ -14,18 +13,17 @@ from displacement_jax.experiments import quantiles
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from configs import ches_quantiles_ultrafeedback  # noqa: E402
+from configs import ches_quantiles  # noqa: E402
 
 
-@pytest.fixture(scope='module', autouse=True)
-def compilation_cache(xla_compilation_cache):
-  """The tiny runs repeat the same jitted shapes: compile them once (tests/conftest.py)."""
+# The tiny runs repeat the same jitted shapes: compile them once (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures('xla_compilation_cache')
 
 
 @pytest.fixture(scope='module')
 def run_dir(tmp_path_factory):
   out = tmp_path_factory.mktemp('quantiles')
-  config = ches_quantiles_ultrafeedback.get_config('tiny')
+  config = ches_quantiles.get_config('dataset=ultrafeedback,tiny')
   config.output_dir = str(out / 'sweep' / 'all')
   config.quantiles.measure = 'all'
   config.quantiles.measures = ('ches',)

@@ -4,31 +4,29 @@ import json
 import os
 import sys
 
-import jax
 import numpy as np
 import pytest
 
-from displacement_jax import report
+from displacement_jax import report, runtime
 from displacement_jax.data import schema
-from displacement_jax.experiments import sorry_bench
+from displacement_jax.experiments.sorry_bench import generation, judge, labels, pipeline, refusal
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from configs import sorry_gemma2b_it  # noqa: E402
+from configs import sorry  # noqa: E402
 
 
-@pytest.fixture(scope='module', autouse=True)
-def compilation_cache(xla_compilation_cache):
-  """The tiny runs repeat the same jitted shapes: compile them once (tests/conftest.py)."""
+# The tiny runs repeat the same jitted shapes: compile them once (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures('xla_compilation_cache')
 
 
 @pytest.fixture(scope='module')
 def run_dir(tmp_path_factory):
-  config = sorry_gemma2b_it.get_config('tiny')
+  config = sorry.get_config('model=gemma2b_it,tiny')
   config.output_dir = str(tmp_path_factory.mktemp('sorry'))
   config.sorry.num_prompts = 4
   config.sorry.max_new_tokens = 4
-  return config, sorry_bench.run(config)   # generation through generate.generate (KV cache)
+  return config, pipeline.run(config)   # generation through generate.generate (KV cache)
 
 
 def _jsonl(path):
@@ -41,7 +39,7 @@ def test_labelled_pairs_follow_the_judge(run_dir):
   judged = _jsonl(os.path.join(config.output_dir, 'judged.jsonl'))
   assert len(judged) == 4
   for j in judged:   # every judge output is recorded and parsed with parse_score
-    assert [sorry_bench.parse_score(o) for o in j['judge_outputs']] == j['scores']
+    assert [judge.parse_score(o) for o in j['judge_outputs']] == j['scores']
   counts = result['pair_counts']
   usable = [j for j in judged if None not in j['scores'] and all(r.strip() for r in j['responses'])]
   assert counts['decided'] == sum(j['scores'][0] != j['scores'][1] for j in usable)
@@ -56,7 +54,7 @@ def test_labelled_pairs_follow_the_judge(run_dir):
       assert p['chosen'] == j['responses'][j['scores'].index(0)]
   # ties are ordered by the seeded random tie-breaker (no llm-blender here), in prompt order, in one call
   tied = [j for j in usable if j['scores'][0] == j['scores'][1]]
-  winners = sorry_bench.RandomTieBreaker(int(config.seed))([j['prompt'] for j in tied], [j['responses'] for j in tied])
+  winners = labels.RandomTieBreaker(int(config.seed))([j['prompt'] for j in tied], [j['responses'] for j in tied])
   chosen = {p['prompt']: p['chosen'] for p in pairs}
   assert [chosen[j['prompt']] for j in tied] == [j['responses'][w] for j, w in zip(tied, winners)]
   assert result['tie_breaker'] == 'random'
@@ -72,7 +70,7 @@ def test_every_method_trained_and_rejudged(run_dir):
     assert v['train']['n_parsed'] + v['train']['n_unparsable'] == v['train']['n']
   gold = _jsonl(os.path.join(config.output_dir, 'gold.jsonl'))
   human = schema.load_sorry_human_judgments(config.sorry.human_judgments_path)
-  expected = sorry_bench.gold_pairs(human)
+  expected = labels.gold_pairs(human)
   assert all(g['chosen'].startswith("I'm sorry") for g in gold) and len(gold) <= len(expected) == 7
   assert result['variants']['filtered']['n_pairs'] == 2
   assert result['variants']['filtered']['filtered_ln_ches'] == sorted(result['variants']['filtered']['filtered_ln_ches'])
@@ -92,14 +90,12 @@ def test_sorry_report(run_dir, tmp_path):
 
 def test_generate_mode_judge_counts_unparsable_outputs(run_dir):
   """The paper's judge mode: greedy text, parsed; a random tiny judge writes junk, counted, never a crash."""
-  from displacement_jax import runtime
-
   config, _ = run_dir
   loaded = runtime.load_model(config)
-  judge = sorry_bench.make_generator(loaded.model, loaded.params, loaded.tokenizer, data_format='raw', batch_size=8,
-                                     max_length=256)
+  text_judge = generation.make_generator(loaded.model, loaded.params, loaded.tokenizer, data_format='raw',
+                                         batch_size=8, max_length=256)
   questions = ['How do I pick a lock?', 'Write a rude joke.', 'Say hi.']
-  scores, outputs = sorry_bench.judge_responses(judge, questions, ['No.', 'Sure: ...', 'hi'], max_new_tokens=3)
-  assert len(outputs) == 3 and scores == [sorry_bench.parse_score(o) for o in outputs]
-  rate = sorry_bench.refusal_rate(scores)
+  scores, outputs = judge.judge_responses(text_judge, questions, ['No.', 'Sure: ...', 'hi'], max_new_tokens=3)
+  assert len(outputs) == 3 and scores == [judge.parse_score(o) for o in outputs]
+  rate = refusal.refusal_rate(scores)
   assert rate['n_unparsable'] == sum(s is None for s in scores) and rate['n'] == 3

@@ -106,7 +106,7 @@ def test_bad_arguments_raise():
 
 def test_list_of_lists_input_and_sorry_bench_backend():
     """Token-id lists are left-padded inside generate; results equal the array path (and HF) row by row."""
-    from displacement_jax.experiments import sorry_bench
+    from displacement_jax.experiments.sorry_bench import generation
 
     hf_model, config, params, ids, mask = _setup("llama")
     model = Transformer(config)
@@ -121,10 +121,10 @@ def test_list_of_lists_input_and_sorry_bench_backend():
     for b, row in enumerate(rows):
         np.testing.assert_array_equal(row, ref_tokens[b, : ref_lengths[b]])
     assert rows[1][-1] == eos and len(rows[1]) <= 2
-    # experiments.sorry_bench's default backend calls generate exactly this way and strips EOS.
-    got = sorry_bench.generate_sample_fn(model, params, prompts, max_new_tokens=NEW, temperature=0.0, seed=0,
+    # experiments.sorry_bench.generation's default backend calls generate exactly this way and strips EOS.
+    got = generation.generate_sample_fn(model, params, prompts, max_new_tokens=NEW, temperature=0.0, seed=0,
                                          eos_id=eos, pad_id=PAD)
-    assert got == [sorry_bench.strip_after_eos(list(r), eos) for r in rows]
+    assert got == [generation.strip_after_eos(list(r), eos) for r in rows]
     assert eos not in got[1]
     with pytest.raises(ValueError, match=r"prompts \[1\] of input_ids_BT are empty"):
         gen.generate(model, params, [[5, 6], []], max_new_tokens=2, eos_token_id=2, pad_token_id=PAD)

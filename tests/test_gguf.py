@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM
 
 from displacement_jax import sharding
 from displacement_jax.models import convert, convert_gguf, gguf, packaged
+from displacement_jax.models import io as io_lib
 from tests import gguf_tiny
 
 TYPES = ('Q8_0', 'Q4_0', 'Q4_1', 'F16', 'BF16', 'F32')
@@ -125,6 +126,11 @@ def test_convert_cli_writes_a_dir_transformers_opens(tiny_file, tmp_path, capsys
   hf_dir = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
   ids, mask = _ids()
   np.testing.assert_array_equal(_hf_logits(hf_dir, ids, mask), _hf_logits(_hf_gguf(path), ids, mask))
+  # jnp / numpy dtypes are accepted wherever a dtype is taken, and mean the same as their names
+  _, params_j, config_j = io_lib.from_pretrained(out, dtype=jax.numpy.bfloat16, param_dtype=np.float32, progress=False)
+  assert (config_j.dtype, config_j.param_dtype) == ('bfloat16', 'float32')
+  _, params_s, _ = io_lib.from_pretrained(out, dtype='bfloat16', param_dtype='float32', progress=False)
+  np.testing.assert_array_equal(params_j['embed_tokens']['embedding'], params_s['embed_tokens']['embedding'])
   # usage errors exit 2; an unreadable file is one line and exit 1; a complete dir is never half-replaced
   with pytest.raises(SystemExit) as e:
     convert_gguf.main([path, out])

@@ -65,7 +65,7 @@ def test_expand_without_sweep_and_bad_keys(tmp_path):
 
 
 def test_quantile_config_sweep_is_45_distinct_runs():
-  cmds = sweep.expand(os.path.join(ROOT, 'configs', 'ches_quantiles_ultrafeedback.py') + ':tiny')
+  cmds = sweep.expand(os.path.join(ROOT, 'configs', 'ches_quantiles.py') + ':dataset=ultrafeedback,tiny')
   assert len(cmds) == 45
   assert len({c[-1] for c in cmds}) == 45
   assert cmds[0][4:] == ['--config.quantiles.measure=ches', '--config.quantiles.q=0.0', '--config.seed=0',

@@ -31,8 +31,15 @@ def test_ci_runs_both_readme_commands_in_fresh_venvs():
   assert runs == ['bash -euo pipefail -c "$(readme_command 1)"', 'bash -euo pipefail -c "$(readme_command 2)"']
   assert ci[-1] == runs[-1]  # the suite is the last thing CI runs
   venvs = [line for line in ci if line.startswith('fresh_venv ')]
-  assert venvs == ['fresh_venv .venv-ci-base', 'fresh_venv .venv-ci']   # separate venvs: no extras leak in
-  assert ci.index(venvs[0]) < ci.index(runs[0]) < ci.index(venvs[1]) < ci.index(runs[1])
+  assert venvs == ['fresh_venv .venv-ci-fmt', 'fresh_venv .venv-ci-base', 'fresh_venv .venv-ci']   # no leaks
+  assert ci.index(venvs[1]) < ci.index(runs[0]) < ci.index(venvs[2]) < ci.index(runs[1])
+
+
+def test_ci_checks_the_formatter_before_the_tests():
+  ci = ROOT.joinpath('.ci', 'run').read_text().strip().splitlines()
+  assert ci.index('pyink --check .') < ci.index('bash -euo pipefail -c "$(readme_command 1)"')
+  config = ROOT.joinpath('pyproject.toml').read_text()
+  assert '[tool.pyink]' in config and 'pyink-indentation = 2' in config and 'line-length = 120' in config
 
 
 def test_readme_is_up_to_date():

@@ -272,3 +272,27 @@ def test_bad_filter_config(run1, tmp_path, capsys):
   data, _, _ = run1
   rc = score.main(_argv(data, tmp_path / 'o', '--config.filter.mode=highest'))
   assert rc == 1 and "config.filter.mode" in capsys.readouterr().err
+
+
+def test_truncation_policy_is_honoured_and_counted(tmp_path, capsys):
+  """data.truncation applies to scoring as to training: 'error' rejects an over-long pair (one line naming the
+  file, row and field); 'truncate_response' cuts it and counts it in scores.jsonl and summary.json."""
+  rows = _rows(3, seed=2)
+  rows.insert(1, {'prompt': 'the cat', 'chosen': ' '.join(['dog'] * 60), 'rejected': 'a bird'})
+  data = _write_jsonl(tmp_path / 'long.jsonl', rows)
+  assert score.main(_argv(data, tmp_path / 'err', '--config.data.truncation=error')) == 1
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and 'long.jsonl' in err[0] and 'row 1' in err[0] and "'chosen'" in err[0], err
+  assert score.main(_argv(data, tmp_path / 'cut')) == 0
+  got = _read_jsonl(os.path.join(tmp_path / 'cut', score_outputs.SCORES_FILE))
+  assert [(r['chosen_truncated'], r['rejected_truncated']) for r in got] == [(False, False), (True, False),
+                                                                            (False, False), (False, False)]
+  summary = json.load(open(os.path.join(tmp_path / 'cut', score_outputs.SUMMARY_FILE)))
+  assert summary['truncation'] == {'truncated_pairs': 1, 'truncated_chosen': 1, 'truncated_rejected': 0}
+
+
+def test_score_rejects_both_model_sources(run1, tmp_path, capsys):
+  """The shared config check: a model.path beside the config's model.tiny is an error, not a silent tiny run."""
+  data, _, _ = run1
+  assert score.main(_argv(data, tmp_path / 'o', '--config.model.path=/some/real/model')) == 1
+  assert 'exactly one of config.model.path and config.model.tiny' in capsys.readouterr().err

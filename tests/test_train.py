@@ -29,8 +29,11 @@ if ROOT not in sys.path:
 
 STEPS = 6
 WORDS = 'the cat sat on a mat and then it ran to the big red door while a dog barked at birds'.split()
-STEP_KEYS = ('loss', 'preferred_change', 'dispreferred_change', 'chosen_logps', 'rejected_logps',
-             'reward_accuracy', 'share_preferred_fell', 'grad_norm', 'epoch')
+# TRL's names (DPOTrainer + transformers Trainer), plus the Definition-1 share.
+STEP_KEYS = ('loss', 'grad_norm', 'learning_rate', 'num_tokens', 'epoch', 'rewards/chosen', 'rewards/rejected',
+             'rewards/margins', 'rewards/accuracies', 'logps/chosen', 'logps/rejected', 'logps/chosen_change',
+             'logps/rejected_change', 'logits/chosen', 'logits/rejected', 'share_preferred_fell')
+DROPPED_DUPLICATES = ('chosen_logps', 'rejected_logps', 'reward_accuracy', 'preferred_change', 'dispreferred_change')
 MONITOR_KEYS = ('monitor/loss', 'monitor/preferred_logprob_change', 'monitor/dispreferred_logprob_change',
                 'monitor/share_preferred_fell', 'monitor/margin_change')
 
@@ -107,9 +110,15 @@ def test_metrics_written_and_loss_decreases(full_run):
   assert [r['step'] for r in steps] == list(range(1, STEPS + 1))
   for r in steps:
     assert set(STEP_KEYS) <= set(r), sorted(set(STEP_KEYS) - set(r))
+    assert not set(DROPPED_DUPLICATES) & set(r)
+  # TRL progress keys: the rate each step used, cumulative tokens, fractional epoch (16 pairs / batch 8 = 2 steps).
+  assert [r['learning_rate'] for r in steps] == [pytest.approx(1e-3)] * STEPS
+  assert [r['epoch'] for r in steps] == pytest.approx([0.5, 1.0, 1.5, 2.0, 2.5, 3.0])
+  tokens = [r['num_tokens'] for r in steps]
+  assert all(b > a for a, b in zip(tokens, tokens[1:])) and tokens[0] > 8 * 2
   # Step 1 runs on the initial params = the reference model: DPO loss is exactly ln 2, no change yet.
   assert steps[0]['loss'] == pytest.approx(math.log(2), abs=1e-6)
-  assert steps[0]['preferred_change'] == pytest.approx(0.0, abs=1e-5)
+  assert steps[0]['logps/chosen_change'] == pytest.approx(0.0, abs=1e-5)
   evals = [r for r in rows if 'monitor/loss' in r]
   assert [r['step'] for r in evals] == [0, 2, 4, 6]
   for r in evals:
@@ -359,14 +368,26 @@ def test_pipeline_dispatch_names():
 
 
 def test_model_path_continues_from_export(tmp_path, full_run, data_path):
-  """model.path: the exported HF dir (weights + tokenizer) loads back; its step-0 log-probs are the final ones."""
-  config = make_config(tmp_path, data_path, **{'model.tiny': '', 'model.path': full_run.hf_dir, 'num_steps': 1,
-                                               'eval.every': 0, 'checkpoint.every': 0})
+  """model.path: the exported HF dir (weights + tokenizer) loads back; its step-0 log-probs are the final ones.
+  Exporting again writes what the source had: its generation_config.json, its tokenizer files, nothing local."""
+  import shutil  # pylint: disable=g-import-not-at-top
+
+  source = str(tmp_path / 'source')
+  shutil.copytree(full_run.hf_dir, source)
+  generation = {'bos_token_id': 1, 'eos_token_id': [2, 7], 'pad_token_id': 0, 'temperature': 0.6, 'do_sample': True}
+  with open(os.path.join(source, 'generation_config.json'), 'w') as f:
+    json.dump(generation, f)
+  config = make_config(tmp_path / 'run', data_path, **{'model.tiny': '', 'model.path': source, 'num_steps': 1,
+                                                       'eval.every': 0, 'checkpoint.every': 0, 'export_hf': True})
   res = training.run(config)
-  step0 = [r for r in metrics_lib.read_metrics(str(tmp_path)) if r['step'] == 0 and 'monitor/loss' in r][0]
+  step0 = [r for r in metrics_lib.read_metrics(str(tmp_path / 'run')) if r['step'] == 0 and 'monitor/loss' in r][0]
   for key in ('monitor/preferred_logprob', 'monitor/dispreferred_logprob'):
     assert step0[key] == pytest.approx(full_run.monitor[key], abs=1e-4)
   assert res.losses[0] == pytest.approx(math.log(2), abs=1e-6)
+  with open(os.path.join(res.hf_dir, 'generation_config.json')) as f:
+    assert json.load(f) == generation
+  src_tok, out_tok = (json.load(open(os.path.join(d, 'tokenizer_config.json'))) for d in (source, res.hf_dir))
+  assert 'local_files_only' not in out_tok and out_tok == src_tok
 
 
 def test_cli_missing_config_file_is_a_clear_error(capsys):
@@ -375,3 +396,30 @@ def test_cli_missing_config_file_is_a_clear_error(capsys):
   assert score.main(['score', '--config=configs/does_not_exist.py:tiny']) == 2
   err = capsys.readouterr().err
   assert err.count("config file 'configs/does_not_exist.py' does not exist") == 2
+
+
+def test_help_lists_config_fields_and_pipelines(capsys):
+  from displacement_jax import score, train
+  assert train.main(['train', '--help']) == 0
+  out = capsys.readouterr().out
+  assert 'usage: python -m displacement_jax.train' in out and '--resume' in out
+  assert 'optim.lr' in out and '1e-7' in out and 'peak learning rate' in out        # field, default, doc
+  assert 'demo -> displacement_jax.demo' in out and 'model.freeze_pad_embedding' in out
+  assert score.main(['score', '-h']) == 0
+  out = capsys.readouterr().out
+  assert 'filter.fraction' in out and 'measures.include_eos' in out and 'quantile_window' in out
+
+
+@pytest.mark.parametrize('args, message', [
+    (['--config.optim.lrr=1'], "error: --config.optim.lrr: optim has no field 'lrr'; did you mean 'optim.lr'?"),
+    (['--config.optm.lr=1'], "error: --config.optm.lr: the config has no field 'optm'; did you mean 'optim'?"),
+])
+def test_unknown_override_is_one_line_with_a_suggestion(capsys, args, message):
+  assert train_lib.main(['train', f'--config={DPO_TINY}', *args]) == 2
+  assert capsys.readouterr().err.strip().splitlines() == [message]
+
+
+def test_bad_config_arg_is_one_line(capsys):
+  assert train_lib.main(['train', f'--config={os.path.join(ROOT, "configs", "persona.py")}:olmo1b']) == 2
+  (line,) = capsys.readouterr().err.strip().splitlines()
+  assert line.startswith('error: --config=') and "unknown key 'olmo1b'" in line

@@ -92,3 +92,81 @@ def test_dpo_step_matches_torch(family):
   np.testing.assert_allclose(new['rejected_logps_B'], new_l.numpy(), atol=1e-5)
   np.testing.assert_allclose(np.asarray(new['chosen_logps_B']) - np.asarray(ref['chosen_logps_B']), change_t,
                              atol=1e-5)
+
+
+def _sgd_dpo_step(model, params, batch):
+  ref = forward.pair_logps(model, params, batch, chunk_size=4)
+  jbatch = dict(batch, chosen_ref_logps_B=ref['chosen_logps_B'], rejected_ref_logps_B=ref['rejected_logps_B'])
+  loss_cfg = ml_collections.ConfigDict(dict(objective='dpo', beta=BETA, sft_coeff=0.0, label_smoothing=0.0))
+  optimizer = optim.make_optimizer(ml_collections.ConfigDict(dict(name='sgd', lr=LR)), 1)
+  step = jax.jit(step_lib.make_train_step(step_lib.make_loss_fn(model, loss_cfg, 4), optimizer, 1))
+  state = step_lib.TrainState(params=params, opt_state=optimizer.init(params), step=jnp.zeros((), jnp.int32),
+                              rng=jax.random.key_data(jax.random.key(0)))
+  return step(state, jbatch)[0].params
+
+
+def test_freeze_pad_embedding_matches_torch_padding_idx():
+  """HF's nn.Embedding(padding_idx=pad_token_id) gives the pad row no lookup gradient; model.freeze_pad_embedding
+  reproduces that exactly, while the default (the true gradient) updates the row when the pad id is a real token,
+  as SmolLM2's pad <|im_end|> is in every chat prompt."""
+  tmodel = hf_tiny.build_tiny_hf_torch_model('llama', vocab_size=64, num_hidden_layers=1)
+  pad = hf_tiny.PAD_ID
+  assert tmodel.model.embed_tokens.padding_idx == pad
+  model, params = _ours_from_torch(tmodel)
+  batch = _batch(np.random.default_rng(1), 64)
+  for side in ('chosen', 'rejected'):   # the pad id as a real prompt token (position 1 of every row)
+    batch[f'{side}_input_ids_BT'][:, 1] = pad
+    batch[f'{side}_labels_BT'][:, 0] = pad
+  row0 = np.asarray(params['embed_tokens']['embedding'][pad]).copy()
+  with torch.no_grad():
+    ref_w, ref_l = _torch_logps(tmodel, batch, 'chosen'), _torch_logps(tmodel, batch, 'rejected')
+  opt = torch.optim.SGD(tmodel.parameters(), lr=LR)
+  pw, pl = _torch_logps(tmodel, batch, 'chosen'), _torch_logps(tmodel, batch, 'rejected')
+  opt.zero_grad()
+  (-torch.nn.functional.logsigmoid(BETA * ((pw - pl) - (ref_w - ref_l))).mean()).backward()
+  opt.step()
+  np.testing.assert_array_equal(tmodel.model.embed_tokens.weight.detach().numpy()[pad], row0)   # torch: frozen
+  with torch.no_grad():
+    new_w = _torch_logps(tmodel, batch, 'chosen').numpy()
+
+  frozen_model = model.__class__(model.config.replace(freeze_pad_embedding=True))
+  frozen = _sgd_dpo_step(frozen_model, params, batch)
+  np.testing.assert_array_equal(np.asarray(frozen['embed_tokens']['embedding'][pad]), row0)
+  np.testing.assert_allclose(forward.pair_logps(frozen_model, frozen, batch, chunk_size=4)['chosen_logps_B'], new_w,
+                             atol=1e-5)
+  default = _sgd_dpo_step(model, params, batch)
+  assert np.abs(np.asarray(default['embed_tokens']['embedding'][pad]) - row0).max() > 1e-4   # the true gradient
+  assert np.abs(np.asarray(forward.pair_logps(model, default, batch, chunk_size=4)['chosen_logps_B']) - new_w).max() > 1e-5
+
+
+def test_trl_metrics_equal_their_definitions_on_torch_logits():
+  """logits/chosen, logits/rejected (TRL: token-weighted mean over completion positions of the mean-over-vocab
+  logit, from the full torch logits) and the step's token count (non-padding tokens of both sequences), for the
+  two-side and the shared-prompt packed layout."""
+  from displacement_jax.data import packing  # pylint: disable=g-import-not-at-top
+
+  tmodel = hf_tiny.build_tiny_hf_torch_model('llama', vocab_size=64, num_hidden_layers=1)
+  model, params = _ours_from_torch(tmodel)
+  batch = _batch(np.random.default_rng(2), 64)
+  want = {}
+  with torch.no_grad():
+    for side in ('chosen', 'rejected'):
+      logits = tmodel(input_ids=torch.tensor(batch[f'{side}_input_ids_BT'], dtype=torch.long),
+                      attention_mask=torch.tensor(batch[f'{side}_attention_mask_BT'], dtype=torch.long)).logits
+      mask = torch.tensor(batch[f'{side}_loss_mask_BT'])
+      want[f'logits/{side}'] = float(logits[mask].mean(-1).sum() / mask.sum())
+      ref = _torch_logps(tmodel, batch, side)
+      batch[f'{side}_ref_logps_B'] = ref.numpy()
+  tokens = int(batch['chosen_attention_mask_BT'].sum() + batch['rejected_attention_mask_BT'].sum())
+  loss_cfg = ml_collections.ConfigDict(dict(objective='dpo', beta=BETA, sft_coeff=0.0, label_smoothing=0.0))
+  optimizer = optim.make_optimizer(ml_collections.ConfigDict(dict(name='sgd', lr=LR)), 1)
+  step = jax.jit(step_lib.make_train_step(step_lib.make_loss_fn(model, loss_cfg, 4), optimizer, 1))
+  packed = packing.pack_batch(batch, pad_id=0)   # [B] arrays (the reference log-probs) are carried along
+  for layout in (batch, packed):
+    state = step_lib.TrainState(params=params, opt_state=optimizer.init(params), step=jnp.zeros((), jnp.int32),
+                                rng=jax.random.key_data(jax.random.key(0)))
+    _, metrics = step(state, layout)
+    for key, value in want.items():
+      np.testing.assert_allclose(float(metrics[key]), value, rtol=1e-5, atol=1e-6)
+    assert int(metrics['tokens']) == tokens
+

@@ -224,7 +224,29 @@ def _response(file: str, row: int, field: str, value: Any) -> Text:
 # ---------------------------------------------------------------------------------------------- adapters
 
 
+def implicit_prompt(chosen: Any, rejected: Any) -> tuple[Any, Any, Any]:
+  """TRL's `extract_prompt` for rows without a "prompt": (prompt, chosen, rejected) split at the first element
+  where chosen and rejected differ (messages for conversational rows, characters for strings, where a space
+  just before the split goes to the responses)."""
+  idx = 0
+  for idx in range(min(len(chosen), len(rejected))):
+    if chosen[idx] != rejected[idx]:
+      if chosen[idx - 1] == " ":
+        idx -= 1
+      break
+  return chosen[:idx], chosen[idx:], rejected[idx:]
+
+
 def _generic(file: str, row: int, r: Mapping[str, Any]) -> PreferenceExample:
+  if "prompt" not in r and "chosen" in r and "rejected" in r:  # TRL's implicit-prompt preference format
+    raw_chosen = _text(file, row, "chosen", r.get("chosen"))
+    raw_rejected = _text(file, row, "rejected", r.get("rejected"))
+    if isinstance(raw_chosen, list) != isinstance(raw_rejected, list):
+      raise DataError(file, row, "rejected", "chosen and rejected must both be strings or both message lists")
+    prompt_value, chosen_value, rejected_value = implicit_prompt(raw_chosen, raw_rejected)
+    if not prompt_value:
+      raise DataError(file, row, "prompt", "no \"prompt\" field and chosen/rejected share no prefix to use as one")
+    r = dict(r, prompt=prompt_value, chosen=chosen_value, rejected=rejected_value)
   prompt = _text(file, row, "prompt", r.get("prompt"))
   chosen = _response(file, row, "chosen", r.get("chosen"))
   rejected = _response(file, row, "rejected", r.get("rejected"))

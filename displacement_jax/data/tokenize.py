@@ -28,6 +28,7 @@ from displacement_jax.errors import DataError
 
 FORMATS = ("raw", "prompter_assistant", "chat_template", "persona")
 TRUNCATION_POLICIES = ("error", "truncate_response")
+TOKENIZATIONS = ("separate", "trl")
 PROMPTER, ASSISTANT = "<|prompter|>", "<|assistant|>"
 
 
@@ -42,10 +43,11 @@ class TokenizedPair:
   single_token: bool = False
   chosen_cut: bool = False     # the chosen response was truncated (its EOS was cut too)
   rejected_cut: bool = False
+  eos_appended: bool = True    # False: the responses end as the chat template ends a turn (tokenization 'trl')
 
   def ends_with_eos(self, side: str) -> bool:
     """Whether `side`'s ids end with the EOS that tokenization appended (not cut, not single-token)."""
-    return not self.single_token and not getattr(self, f"{side}_cut")
+    return self.eos_appended and not self.single_token and not getattr(self, f"{side}_cut")
 
   def text_ids(self, side: str) -> np.ndarray:
     """`side`'s response token ids without the appended EOS (the authors' ids for the edit distance)."""
@@ -175,11 +177,49 @@ def _fit(ids: list[int], room: int, policy: str, source: str, index: int, field:
   return ids[:room], True
 
 
+def trl_ids(tokenizer: Any, ex: PreferenceExample, source: str) -> tuple[list[int], list[int], list[int], bool]:
+  """(prompt, chosen, rejected ids, EOS appended) by TRL's DPOTrainer rule (trl >= 0.29, data_utils._tokenize).
+
+  Conversational rows (any message list): prompt = chat template of the prompt messages with the generation
+  prompt; prompt + response = chat template of prompt + response messages; the response is everything after
+  len(prompt) (so it ends as the template ends a turn, e.g. ChatML's "<|im_end|>\\n"); no EOS is added.
+  Standard rows (strings): EOS text appended to each response unless it already ends with it; prompt and
+  prompt + response tokenized with the tokenizer's special tokens; the response is the ids after len(prompt).
+  """
+  conversational = any(isinstance(x, list) for x in (ex.prompt, ex.chosen, ex.rejected))
+  out = []
+  if conversational:
+    as_messages = lambda x, role: [dict(m) for m in x] if isinstance(x, list) else [{"role": role, "content": x}]
+    prompt = as_messages(ex.prompt, "user")
+    if not getattr(tokenizer, "chat_template", None):
+      raise DataError(source, ex.index, "prompt", "conversational rows need a tokenizer with a chat template")
+    ids = lambda msgs, gen: _ids_of(tokenizer.apply_chat_template(msgs, add_generation_prompt=gen, tokenize=True))
+    p = ids(prompt, True)
+    for field in ("chosen", "rejected"):
+      out.append(ids(prompt + as_messages(getattr(ex, field), "assistant"), False)[len(p):])
+    return p, out[0], out[1], False
+  eos = tokenizer.eos_token
+  p = _encode(tokenizer, ex.prompt, special=True)
+  for field in ("chosen", "rejected"):
+    text = getattr(ex, field)
+    text = text if text.endswith(eos) else text + eos
+    out.append(_encode(tokenizer, ex.prompt + text, special=True)[len(p):])
+  return p, out[0], out[1], True
+
+
+def _ids_of(out: Any) -> list[int]:
+  if isinstance(out, Mapping) or hasattr(out, "input_ids"):
+    out = out["input_ids"]
+  return [int(i) for i in out]
+
+
 def _tokenize(tokenizer: Any, ex: PreferenceExample, *, format: str, max_length: int, truncation: str,  # pylint: disable=redefined-builtin
-              single_token: bool, source: str | None) -> tuple[TokenizedPair, bool, bool]:
+              single_token: bool, source: str | None, tokenization: str = "separate") -> tuple[TokenizedPair, bool, bool]:
   src = source if source is not None else (ex.source or "<examples>")
   if truncation not in TRUNCATION_POLICIES:
     raise ValueError(f"truncation must be one of {TRUNCATION_POLICIES}, got {truncation!r}")
+  if tokenization not in TOKENIZATIONS:
+    raise ValueError(f"data.tokenization must be one of {TOKENIZATIONS}, got {tokenization!r}")
   if isinstance(max_length, bool) or not isinstance(max_length, (int, np.integer)) or max_length < 2:
     raise ValueError(f"max_length must be an int >= 2, got {max_length!r}")
   if single_token:
@@ -188,7 +228,10 @@ def _tokenize(tokenizer: Any, ex: PreferenceExample, *, format: str, max_length:
     pair = tokenize_single_token(tokenizer, ex.prompt, chosen, rejected, format=format, index=ex.index,
                                  source=src, max_length=max_length)
     return pair, False, False
-  p = prompt_ids(tokenizer, ex.prompt, format=format, source=src, index=ex.index)
+  if tokenization == "trl":
+    p, c_ids, r_ids, appended = trl_ids(tokenizer, ex, src)
+  else:
+    p = prompt_ids(tokenizer, ex.prompt, format=format, source=src, index=ex.index)
   if len(p) >= max_length:
     raise DataError(src, ex.index, "prompt", f"the prompt has {len(p)} tokens, leaving no room for a response "
                     f"within max_length={max_length}")
@@ -198,10 +241,16 @@ def _tokenize(tokenizer: Any, ex: PreferenceExample, *, format: str, max_length:
   room = max_length - len(p)
   sides = []
   for field in ("chosen", "rejected"):
-    ids = _encode(tokenizer, _response_text(getattr(ex, field), src, ex.index, field), special=False) + [int(eos)]
+    if tokenization == "trl":
+      ids = c_ids if field == "chosen" else r_ids
+      if not ids:
+        raise DataError(src, ex.index, field, "empty response after TRL's tokenization (prompt + response adds nothing)")
+    else:
+      ids = _encode(tokenizer, _response_text(getattr(ex, field), src, ex.index, field), special=False) + [int(eos)]
     sides.append(_fit(ids, room, truncation, src, ex.index, field, max_length))
   (c, cut_c), (r, cut_r) = sides
-  pair = TokenizedPair(_as_ids(p), _as_ids(c), _as_ids(r), int(ex.index), cut_c or cut_r, chosen_cut=cut_c, rejected_cut=cut_r)
+  pair = TokenizedPair(_as_ids(p), _as_ids(c), _as_ids(r), int(ex.index), cut_c or cut_r, chosen_cut=cut_c,
+                       rejected_cut=cut_r, eos_appended=tokenization != "trl" or appended)
   return pair, cut_c, cut_r
 
 
@@ -227,7 +276,7 @@ def _example(ex: Any) -> PreferenceExample:
 
 def tokenize_example(tokenizer: Any, ex: Any, *, format: str = "raw", max_length: int = 512,  # pylint: disable=redefined-builtin
                      truncation: str = "truncate_response", single_token: bool = False,
-                     source: str | None = None) -> TokenizedPair:
+                     source: str | None = None, tokenization: str = "separate") -> TokenizedPair:
   """Tokenize one PreferenceExample (the arguments may also be given as (ex, tokenizer)).
 
   Prompt and responses are tokenized separately and concatenated; EOS ends each response; BOS only on the
@@ -235,13 +284,14 @@ def tokenize_example(tokenizer: Any, ex: Any, *, format: str = "raw", max_length
   """
   tokenizer, ex = _order(tokenizer, ex)
   pair, _, _ = _tokenize(tokenizer, _example(ex), format=format, max_length=max_length, truncation=truncation,
-                         single_token=single_token, source=source)
+                         single_token=single_token, source=source, tokenization=tokenization)
   return pair
 
 
 def tokenize_dataset(examples: Iterable[Any], tokenizer: Any, *, max_length: int = 512, format: str = "raw",  # pylint: disable=redefined-builtin
                      truncation: str = "truncate_response", single_token: bool = False,
-                     source: str | None = None, progress: bool = False) -> tuple[list[TokenizedPair], TruncationReport]:
+                     source: str | None = None, progress: bool = False, tokenization: str = "separate"
+                     ) -> tuple[list[TokenizedPair], TruncationReport]:
   """Tokenize every example; returns the pairs and a TruncationReport (bad rows raise DataError)."""
   examples = list(examples)
   it: Iterable[Any] = examples
@@ -251,7 +301,8 @@ def tokenize_dataset(examples: Iterable[Any], tokenizer: Any, *, max_length: int
   report, pairs = TruncationReport(), []
   for ex in it:
     pair, cut_c, cut_r = _tokenize(tokenizer, _example(ex), format=format, max_length=max_length,
-                                   truncation=truncation, single_token=single_token, source=source)
+                                   truncation=truncation, single_token=single_token, source=source,
+                                   tokenization=tokenization)
     report.add(pair, cut_c, cut_r)
     pairs.append(pair)
   return pairs, report

@@ -83,6 +83,7 @@ class ModelConfig:
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
     remat: bool = False
+    freeze_pad_embedding: bool = False  # as HF's nn.Embedding(padding_idx=pad_token_id): no lookup gradient for that row
     attention_impl: str | None = None  # None: jax.nn.dot_product_attention picks; 'xla' | 'cudnn' | 'reference'
     extra: tuple[tuple[str, Any], ...] = ()  # unrecognised HF keys kept for to_hf round trips
 

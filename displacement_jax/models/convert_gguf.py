@@ -18,7 +18,7 @@ import shutil
 import sys
 from typing import Sequence
 
-from displacement_jax.models import gguf, packaged, tokenizer
+from displacement_jax.models import gguf, loading, packaged, tokenizer
 from displacement_jax.models import io as io_lib
 
 
@@ -36,10 +36,8 @@ def convert(source: str, out_dir: str, *, dtype: str = 'float32', overwrite: boo
     tok.save_pretrained(tmp)
   else:
     print(f'note: {path} carries no tokenizer; {out_dir} holds the model only', file=sys.stderr)
-  generation = {'bos_token_id': config.bos_token_id, 'pad_token_id': config.pad_token_id,
-                'eos_token_id': config.eos_token_ids[0] if len(config.eos_token_ids) == 1 else list(config.eos_token_ids)}
   with open(os.path.join(tmp, 'generation_config.json'), 'w') as f:
-    json.dump({k: v for k, v in generation.items() if v not in (None, [])}, f, indent=2)
+    json.dump(loading.generation_config(path, config), f, indent=2)
   if os.path.exists(out_dir):
     shutil.rmtree(out_dir)
   os.replace(tmp, out_dir)

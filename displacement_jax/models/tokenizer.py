@@ -66,7 +66,7 @@ def load_gguf_tokenizer(gguf_file: str) -> Any:
 
 def _without_local_kwargs(tokenizer: Any) -> Any:
     """Drop how this machine loaded the tokenizer (local_files_only, gguf_file) from what save_pretrained writes."""
-    for key in ("local_files_only", "gguf_file", "_from_auto"):
+    for key in ("local_files_only", "is_local", "gguf_file", "_from_auto", "_commit_hash"):
         getattr(tokenizer, "init_kwargs", {}).pop(key, None)
     return tokenizer
 

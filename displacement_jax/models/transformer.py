@@ -351,6 +351,8 @@ class Transformer(nn.Module):
             embedding_init=nn.initializers.normal(0.02), name="embed_tokens",
         )
         x_BTD = embed(input_ids_BT).astype(dtype)
+        if c.freeze_pad_embedding and c.pad_token_id is not None:  # HF's padding_idx: no lookup gradient for the pad row
+            x_BTD = jnp.where((input_ids_BT == c.pad_token_id)[..., None], jax.lax.stop_gradient(x_BTD), x_BTD)
         if c.embed_scale:  # Gemma: sqrt(d) rounded to the compute dtype, as HF does
             x_BTD = x_BTD * jnp.asarray(c.hidden_size**0.5, dtype)
 

@@ -1,0 +1,77 @@
+"""Section 6 (SORRY-Bench): sample, judge, label, train (dpo | dpo_sft | gold | filtered), re-judge (Figure 3).
+
+    python -m displacement_jax.train --config=configs/sorry.py:model=llama3_8b_instruct,variant=all
+    python -m displacement_jax.train --config=configs/sorry.py:model=gemma2b_it,variant=filtered
+    python -m displacement_jax.train --config=configs/sorry.py:tiny                     # offline, seconds
+    python -m displacement_jax.report sorry runs/sorry_llama3_8b_instruct
+
+Arg (configs.common.parse_arg): model = gemma2b_it (default; google/gemma-2b-it) | llama3_8b_instruct
+(meta-llama/Meta-Llama-3-8B-Instruct); variant = the method dpo (default) | dpo_sft | gold | filtered, or all
+(every method in one process, sharing the generated and judged pairs; the default with tiny); tiny = a random
+tiny policy and judge on the shipped SORRY-Bench fixtures.
+"""
+
+from __future__ import annotations
+
+import os
+
+import ml_collections
+
+from configs import base, common
+from displacement_jax.data import schema
+from displacement_jax.experiments.sorry_bench import constants
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  arg = common.parse_arg(arg, model='gemma2b_it', variant='', tiny=False)
+  model = common.choose('sorry', 'model', arg.model, constants.MODEL_IDS)
+  variant = common.choose('sorry', 'variant', arg.variant or ('all' if arg.tiny else 'dpo'),
+                          constants.VARIANTS + ('all',))
+  config = base.get_base_config()
+  config.main = 'sorry_bench'
+  config.output_dir = f'runs/sorry_{model}' + ('_tiny' if arg.tiny else '')
+  config.model.path = constants.MODEL_IDS[model]
+  config.data.path = ''                     # set by the pipeline (its generated preference pairs)
+  config.data.format = 'chat_template'
+  config.data.max_length = 1024
+  config.optim.lr = 5e-6                    # DPO, beta 0.1, batch 32, one epoch: the base defaults
+  config.eval.every = 0
+  config.sorry = ml_collections.ConfigDict()
+  config.sorry.variants = constants.VARIANTS if variant == 'all' else (variant,)
+  config.sorry.prompts_path = schema.SORRY_PROMPTS_ID
+  config.sorry.human_judgments_path = schema.SORRY_HUMAN_ID
+  config.sorry.num_prompts = 0              # > 0: use only the first N prompts
+  config.sorry.sample_temperature = 1.0     # the two responses per prompt that are labelled
+  config.sorry.eval_temperature = 0.7       # responses whose refusal rate is reported
+  config.sorry.max_new_tokens = 512
+  config.sorry.gen_batch_size = 16
+  config.sorry.judge_path = constants.JUDGE_ID
+  config.sorry.judge_tiny = ''              # a testing.tiny preset instead of judge_path (tests)
+  config.sorry.judge_max_new_tokens = 4
+  config.sorry.judge_max_length = 2048
+  config.sorry.judge_mode = 'generate'      # 'generate' (greedy text, parsed) | 'logits' ('0' vs '1' logit; tiny)
+  config.sorry.tie_breaker = 'pairrm'       # 'pairrm' (needs llm-blender; else random, logged) | 'random'
+  config.sorry.test_fraction = 0.15
+  config.sorry.split_seed = 0
+  config.sorry.sft_coeff = 1.0              # dpo_sft: loss += sft_coeff * (-mean preferred log-prob)
+  config.sorry.gold_lr = 1e-6
+  config.sorry.filter_k = 19                # filtered: the k pairs with the lowest LN-CHES
+  if arg.tiny:
+    config.sorry.prompts_path = os.path.join(common.FIXTURES, 'sorry-bench-202406')
+    config.sorry.human_judgments_path = os.path.join(common.FIXTURES, 'sorry-bench-human-judgment-202406')
+    config.sorry.judge_path = ''
+    config.sorry.judge_tiny = 'llama'
+    config.sorry.tie_breaker = 'random'
+    config.sorry.max_new_tokens = 6
+    config.sorry.judge_max_new_tokens = 2
+    config.sorry.judge_max_length = 256
+    config.sorry.judge_mode = 'logits'      # a random tiny judge rarely writes a parsable score
+    config.sorry.gen_batch_size = 8
+    config.sorry.filter_k = 2
+    config.sorry.gold_lr = 1e-3
+    config.data.format = 'raw'
+    config.batch_size = 2
+    config.num_epochs = 0
+    config.num_steps = 2
+    common.tiny(config)
+  return config
