@@ -27,8 +27,8 @@ setup(
         "absl-py>=2.0",
         "numpy>=1.26",
         "ml_dtypes>=0.4",
-        "jinja2>=3.1",   # chat templates (tokenizer.apply_chat_template)
-        "gguf>=0.10",    # GGUF checkpoints (models.from_gguf, the packaged SmolLM2-135M-Instruct)
+        "jinja2>=3.1",  # chat templates (tokenizer.apply_chat_template)
+        "gguf>=0.10",  # GGUF checkpoints (models.from_gguf, the packaged SmolLM2-135M-Instruct)
         "tqdm>=4.66",
         "matplotlib>=3.8",
         "tensorboardX>=2.6",

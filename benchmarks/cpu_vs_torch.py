@@ -36,209 +36,236 @@ from benchmarks import torch_reference
 Row = tuple[list[int], list[int], list[int]]
 
 
-def random_rows(n: int, vocab: int, *, prompt_len: tuple[int, int], response_len: tuple[int, int],
-                seed: int = 0) -> list[Row]:
-    """n (prompt, chosen, rejected) token-id rows with uniformly random lengths; responses end with EOS (2)."""
-    rng = np.random.default_rng(seed)
-    rows = []
-    for _ in range(n):
-        p = rng.integers(3, vocab, size=rng.integers(*prompt_len, endpoint=True)).tolist()
-        sides = []
-        for _ in range(2):
-            r = rng.integers(3, vocab, size=rng.integers(*response_len, endpoint=True)).tolist()
-            sides.append(r[:-1] + [2])
-        rows.append((p, sides[0], sides[1]))
-    return rows
+def random_rows(
+    n: int, vocab: int, *, prompt_len: tuple[int, int], response_len: tuple[int, int], seed: int = 0
+) -> list[Row]:
+  """n (prompt, chosen, rejected) token-id rows with uniformly random lengths; responses end with EOS (2)."""
+  rng = np.random.default_rng(seed)
+  rows = []
+  for _ in range(n):
+    p = rng.integers(3, vocab, size=rng.integers(*prompt_len, endpoint=True)).tolist()
+    sides = []
+    for _ in range(2):
+      r = rng.integers(3, vocab, size=rng.integers(*response_len, endpoint=True)).tolist()
+      sides.append(r[:-1] + [2])
+    rows.append((p, sides[0], sides[1]))
+  return rows
 
 
 def build_models(shape: str, seed: int = 0):
-    """(torch HF model, our Transformer, our params, our config) with the same random fp32 weights."""
-    import transformers  # pylint: disable=g-import-not-at-top
+  """(torch HF model, our Transformer, our params, our config) with the same random fp32 weights."""
+  import transformers  # pylint: disable=g-import-not-at-top
 
-    from displacement_jax.models import convert  # pylint: disable=g-import-not-at-top
-    from displacement_jax.models.config import ModelConfig  # pylint: disable=g-import-not-at-top
-    from displacement_jax.models.transformer import Transformer  # pylint: disable=g-import-not-at-top
+  from displacement_jax.models import convert  # pylint: disable=g-import-not-at-top
+  from displacement_jax.models.config import ModelConfig  # pylint: disable=g-import-not-at-top
+  from displacement_jax.models.transformer import Transformer  # pylint: disable=g-import-not-at-top
 
-    torch.manual_seed(seed)
-    hf_config = shapes.hf_config(shape)
-    tmodel = transformers.AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32).eval()
-    config = ModelConfig.from_hf(hf_config.to_dict(), dtype="float32", param_dtype="float32")
-    state = {k: v.detach().numpy() for k, v in tmodel.state_dict().items()}
-    params = jax.tree.map(jnp.asarray, convert.state_dict_to_params(state, config))
-    return tmodel, Transformer(config), params, config
+  torch.manual_seed(seed)
+  hf_config = shapes.hf_config(shape)
+  tmodel = transformers.AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32).eval()
+  config = ModelConfig.from_hf(hf_config.to_dict(), dtype="float32", param_dtype="float32")
+  state = {k: v.detach().numpy() for k, v in tmodel.state_dict().items()}
+  params = jax.tree.map(jnp.asarray, convert.state_dict_to_params(state, config))
+  return tmodel, Transformer(config), params, config
 
 
 def pair_batch(rows: Sequence[Row], pad_id: int = 0) -> dict[str, np.ndarray]:
-    """Right-padded collated batch (DESIGN.md batch contract); each side padded to its own longest row."""
-    out: dict[str, np.ndarray] = {}
-    for s, side in enumerate(("chosen", "rejected")):
-        seqs = [list(r[0]) + list(r[1 + s]) for r in rows]
-        t = max(len(q) for q in seqs)
-        ids = np.full((len(rows), t), pad_id, np.int32)
-        mask = np.zeros((len(rows), t), bool)
-        labels = np.zeros((len(rows), t), np.int32)
-        loss = np.zeros((len(rows), t), bool)
-        for i, (row, q) in enumerate(zip(rows, seqs)):
-            p = len(row[0])
-            ids[i, :len(q)] = q
-            mask[i, :len(q)] = True
-            labels[i, :len(q) - 1] = q[1:]
-            loss[i, p - 1:len(q) - 1] = True
-        out.update({f"{side}_input_ids_BT": ids, f"{side}_attention_mask_BT": mask, f"{side}_labels_BT": labels,
-                    f"{side}_loss_mask_BT": loss})
-    return out
+  """Right-padded collated batch (DESIGN.md batch contract); each side padded to its own longest row."""
+  out: dict[str, np.ndarray] = {}
+  for s, side in enumerate(("chosen", "rejected")):
+    seqs = [list(r[0]) + list(r[1 + s]) for r in rows]
+    t = max(len(q) for q in seqs)
+    ids = np.full((len(rows), t), pad_id, np.int32)
+    mask = np.zeros((len(rows), t), bool)
+    labels = np.zeros((len(rows), t), np.int32)
+    loss = np.zeros((len(rows), t), bool)
+    for i, (row, q) in enumerate(zip(rows, seqs)):
+      p = len(row[0])
+      ids[i, : len(q)] = q
+      mask[i, : len(q)] = True
+      labels[i, : len(q) - 1] = q[1:]
+      loss[i, p - 1 : len(q) - 1] = True
+    out.update(
+        {
+            f"{side}_input_ids_BT": ids,
+            f"{side}_attention_mask_BT": mask,
+            f"{side}_labels_BT": labels,
+            f"{side}_loss_mask_BT": loss,
+        }
+    )
+  return out
 
 
-def score_ours(model, params, rows: Sequence[Row], batch_size: int, max_length: int, packing: bool = True
-               ) -> tuple[np.ndarray, float, float]:
-    """(CHES per row, first-call seconds incl. JIT compile, steady seconds) via displacement_jax.score."""
-    from displacement_jax import scoring  # pylint: disable=g-import-not-at-top
-    from displacement_jax.data.tokenize import TokenizedPair  # pylint: disable=g-import-not-at-top
+def score_ours(
+    model, params, rows: Sequence[Row], batch_size: int, max_length: int, packing: bool = True
+) -> tuple[np.ndarray, float, float]:
+  """(CHES per row, first-call seconds incl. JIT compile, steady seconds) via displacement_jax.score."""
+  from displacement_jax import scoring  # pylint: disable=g-import-not-at-top
+  from displacement_jax.data.tokenize import TokenizedPair  # pylint: disable=g-import-not-at-top
 
-    pairs = [TokenizedPair(np.asarray(p, np.int32), np.asarray(c, np.int32), np.asarray(r, np.int32), i)
-             for i, (p, c, r) in enumerate(rows)]
-    run = lambda: scoring.score_pairs(model, params, pairs, batch_size=batch_size, max_length=max_length,
-                                        packing=packing, progress=False)
-    t0 = time.perf_counter()
-    first = run()
-    first_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    result = run()
-    steady_s = time.perf_counter() - t0
-    ches = np.asarray([r["ches"] for r in result])
-    np.testing.assert_allclose([r["ches"] for r in first], ches, rtol=1e-6)
-    return ches, first_s, steady_s
+  pairs = [
+      TokenizedPair(np.asarray(p, np.int32), np.asarray(c, np.int32), np.asarray(r, np.int32), i)
+      for i, (p, c, r) in enumerate(rows)
+  ]
+  run = lambda: scoring.score_pairs(
+      model, params, pairs, batch_size=batch_size, max_length=max_length, packing=packing, progress=False
+  )
+  t0 = time.perf_counter()
+  first = run()
+  first_s = time.perf_counter() - t0
+  t0 = time.perf_counter()
+  result = run()
+  steady_s = time.perf_counter() - t0
+  ches = np.asarray([r["ches"] for r in result])
+  np.testing.assert_allclose([r["ches"] for r in first], ches, rtol=1e-6)
+  return ches, first_s, steady_s
 
 
 def score_torch(tmodel, rows: Sequence[Row]) -> tuple[np.ndarray, float]:
-    t0 = time.perf_counter()
-    ches = torch_reference.score_rows_official_way(tmodel, rows)
-    return ches, time.perf_counter() - t0
+  t0 = time.perf_counter()
+  ches = torch_reference.score_rows_official_way(tmodel, rows)
+  return ches, time.perf_counter() - t0
 
 
-def dpo_ours(model, params, rows: Sequence[Row], steps: int, lr: float, packing: bool = True
-             ) -> tuple[float, float, np.ndarray]:
-    """(first-step seconds incl. compile, steady seconds per step, log-probs after `steps` steps)."""
-    from displacement_jax import forward, optim, step as step_lib  # pylint: disable=g-import-not-at-top
+def dpo_ours(
+    model, params, rows: Sequence[Row], steps: int, lr: float, packing: bool = True
+) -> tuple[float, float, np.ndarray]:
+  """(first-step seconds incl. compile, steady seconds per step, log-probs after `steps` steps)."""
+  from displacement_jax import forward, optim, step as step_lib  # pylint: disable=g-import-not-at-top
 
-    batch = pair_batch(rows)
-    if packing:
-        from displacement_jax.data import packing as packing_lib  # pylint: disable=g-import-not-at-top
+  batch = pair_batch(rows)
+  if packing:
+    from displacement_jax.data import packing as packing_lib  # pylint: disable=g-import-not-at-top
 
-        batch = packing_lib.pack_batch(batch)
-    ref = forward.pair_logps(model, params, batch, chunk_size=128)
-    jbatch = jax.device_put(dict(batch, chosen_ref_logps_B=ref["chosen_logps_B"],
-                                 rejected_ref_logps_B=ref["rejected_logps_B"]))
-    loss_cfg = ml_collections.ConfigDict(dict(objective="dpo", beta=0.1, sft_coeff=0.0, label_smoothing=0.0))
-    optimizer = optim.make_optimizer(ml_collections.ConfigDict(dict(name="rmsprop", lr=lr)), steps)
-    step = jax.jit(step_lib.make_train_step(step_lib.make_loss_fn(model, loss_cfg, 128), optimizer, 1),
-                   donate_argnums=0)
-    state = step_lib.TrainState(params=jax.tree.map(jnp.copy, params), opt_state=optimizer.init(params),
-                               step=jnp.zeros((), jnp.int32), rng=jax.random.key_data(jax.random.key(0)))
-    t0 = time.perf_counter()
+    batch = packing_lib.pack_batch(batch)
+  ref = forward.pair_logps(model, params, batch, chunk_size=128)
+  jbatch = jax.device_put(
+      dict(batch, chosen_ref_logps_B=ref["chosen_logps_B"], rejected_ref_logps_B=ref["rejected_logps_B"])
+  )
+  loss_cfg = ml_collections.ConfigDict(dict(objective="dpo", beta=0.1, sft_coeff=0.0, label_smoothing=0.0))
+  optimizer = optim.make_optimizer(ml_collections.ConfigDict(dict(name="rmsprop", lr=lr)), steps)
+  step = jax.jit(step_lib.make_train_step(step_lib.make_loss_fn(model, loss_cfg, 128), optimizer, 1), donate_argnums=0)
+  state = step_lib.TrainState(
+      params=jax.tree.map(jnp.copy, params),
+      opt_state=optimizer.init(params),
+      step=jnp.zeros((), jnp.int32),
+      rng=jax.random.key_data(jax.random.key(0)),
+  )
+  t0 = time.perf_counter()
+  state, metrics = step(state, jbatch)
+  jax.block_until_ready(metrics["loss"])
+  first_s = time.perf_counter() - t0
+  t0 = time.perf_counter()
+  for _ in range(steps - 1):
     state, metrics = step(state, jbatch)
-    jax.block_until_ready(metrics["loss"])
-    first_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    for _ in range(steps - 1):
-        state, metrics = step(state, jbatch)
-    jax.block_until_ready(metrics["loss"])
-    steady_s = (time.perf_counter() - t0) / max(steps - 1, 1)
-    after = forward.pair_logps(model, state.params, batch, chunk_size=128)
-    return first_s, steady_s, np.asarray(after["chosen_logps_B"])
+  jax.block_until_ready(metrics["loss"])
+  steady_s = (time.perf_counter() - t0) / max(steps - 1, 1)
+  after = forward.pair_logps(model, state.params, batch, chunk_size=128)
+  return first_s, steady_s, np.asarray(after["chosen_logps_B"])
 
 
 def dpo_torch(tmodel, rows: Sequence[Row], steps: int, lr: float) -> tuple[float, np.ndarray]:
-    """(seconds per TRL-style step, chosen log-probs after `steps` steps)."""
-    batch = torch_reference.build_trl_batch(rows, pad_id=0)
-    with torch.no_grad():
-        ref = torch_reference.concatenated_logps(tmodel, batch)
-    tmodel.train()
-    opt = torch.optim.RMSprop(tmodel.parameters(), lr=lr)
-    torch_reference.trl_dpo_step(tmodel, opt, batch, ref)  # warm-up (allocator), counted as step 1
-    t0 = time.perf_counter()
-    for _ in range(steps - 1):
-        torch_reference.trl_dpo_step(tmodel, opt, batch, ref)
-    seconds = (time.perf_counter() - t0) / max(steps - 1, 1)
-    tmodel.eval()
-    with torch.no_grad():
-        after = torch_reference.concatenated_logps(tmodel, batch)
-    return seconds, after[: len(rows)].numpy()
+  """(seconds per TRL-style step, chosen log-probs after `steps` steps)."""
+  batch = torch_reference.build_trl_batch(rows, pad_id=0)
+  with torch.no_grad():
+    ref = torch_reference.concatenated_logps(tmodel, batch)
+  tmodel.train()
+  opt = torch.optim.RMSprop(tmodel.parameters(), lr=lr)
+  torch_reference.trl_dpo_step(tmodel, opt, batch, ref)  # warm-up (allocator), counted as step 1
+  t0 = time.perf_counter()
+  for _ in range(steps - 1):
+    torch_reference.trl_dpo_step(tmodel, opt, batch, ref)
+  seconds = (time.perf_counter() - t0) / max(steps - 1, 1)
+  tmodel.eval()
+  with torch.no_grad():
+    after = torch_reference.concatenated_logps(tmodel, batch)
+  return seconds, after[: len(rows)].numpy()
 
 
 def machine() -> str:
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}"
+  return (
+      f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}"
+  )
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shape", choices=tuple(shapes.SHAPES), default="cpu")
-    p.add_argument("--rows", type=int, default=64, help="rows scored")
-    p.add_argument("--batch_size", type=int, default=16, help="scoring batch size (ours)")
-    p.add_argument("--prompt_len", type=int, nargs=2, default=(16, 96))
-    p.add_argument("--response_len", type=int, nargs=2, default=(8, 192))
-    p.add_argument("--dpo_rows", type=int, default=8, help="rows in the DPO batch")
-    p.add_argument("--steps", type=int, default=5, help="DPO steps timed (after the first)")
-    p.add_argument("--lr", type=float, default=1e-5)
-    p.add_argument("--append", default=None, help="append the table to this markdown file")
-    a = p.parse_args(argv)
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--shape", choices=tuple(shapes.SHAPES), default="cpu")
+  p.add_argument("--rows", type=int, default=64, help="rows scored")
+  p.add_argument("--batch_size", type=int, default=16, help="scoring batch size (ours)")
+  p.add_argument("--prompt_len", type=int, nargs=2, default=(16, 96))
+  p.add_argument("--response_len", type=int, nargs=2, default=(8, 192))
+  p.add_argument("--dpo_rows", type=int, default=8, help="rows in the DPO batch")
+  p.add_argument("--steps", type=int, default=5, help="DPO steps timed (after the first)")
+  p.add_argument("--lr", type=float, default=1e-5)
+  p.add_argument("--append", default=None, help="append the table to this markdown file")
+  a = p.parse_args(argv)
 
-    tmodel, model, params, config = build_models(a.shape)
-    rows = random_rows(a.rows, config.vocab_size, prompt_len=tuple(a.prompt_len), response_len=tuple(a.response_len))
-    tokens = sum(len(r[0]) * 2 + len(r[1]) + len(r[2]) for r in rows)
+  tmodel, model, params, config = build_models(a.shape)
+  rows = random_rows(a.rows, config.vocab_size, prompt_len=tuple(a.prompt_len), response_len=tuple(a.response_len))
+  tokens = sum(len(r[0]) * 2 + len(r[1]) + len(r[2]) for r in rows)
 
-    ches_t, torch_s = score_torch(tmodel, rows)
-    max_length = max(len(r[0]) + max(len(r[1]), len(r[2])) for r in rows)
-    ches_j, first_s, steady_s = score_ours(model, params, rows, a.batch_size, max_length)
-    rel = float(np.max(np.abs(ches_j - ches_t) / np.maximum(np.abs(ches_t), 1e-6)))
-    ches_2, _, steady2_s = score_ours(model, params, rows, a.batch_size, max_length, packing=False)
-    rel2 = float(np.max(np.abs(ches_2 - ches_t) / np.maximum(np.abs(ches_t), 1e-6)))
+  ches_t, torch_s = score_torch(tmodel, rows)
+  max_length = max(len(r[0]) + max(len(r[1]), len(r[2])) for r in rows)
+  ches_j, first_s, steady_s = score_ours(model, params, rows, a.batch_size, max_length)
+  rel = float(np.max(np.abs(ches_j - ches_t) / np.maximum(np.abs(ches_t), 1e-6)))
+  ches_2, _, steady2_s = score_ours(model, params, rows, a.batch_size, max_length, packing=False)
+  rel2 = float(np.max(np.abs(ches_2 - ches_t) / np.maximum(np.abs(ches_t), 1e-6)))
 
-    dpo = rows[: a.dpo_rows]
-    dpo_tokens = sum(len(r[0]) * 2 + len(r[1]) + len(r[2]) for r in dpo)
-    torch_step_s, logps_t = dpo_torch(tmodel, dpo, a.steps + 1, a.lr)
-    jax_first_s, jax_step_s, logps_j = dpo_ours(model, params, dpo, a.steps + 1, a.lr)
-    dpo_diff = float(np.max(np.abs(logps_j - logps_t)))
-    _, jax2_step_s, logps_2 = dpo_ours(model, params, dpo, a.steps + 1, a.lr, packing=False)
-    dpo_diff2 = float(np.max(np.abs(logps_2 - logps_t)))
+  dpo = rows[: a.dpo_rows]
+  dpo_tokens = sum(len(r[0]) * 2 + len(r[1]) + len(r[2]) for r in dpo)
+  torch_step_s, logps_t = dpo_torch(tmodel, dpo, a.steps + 1, a.lr)
+  jax_first_s, jax_step_s, logps_j = dpo_ours(model, params, dpo, a.steps + 1, a.lr)
+  dpo_diff = float(np.max(np.abs(logps_j - logps_t)))
+  _, jax2_step_s, logps_2 = dpo_ours(model, params, dpo, a.steps + 1, a.lr, packing=False)
+  dpo_diff2 = float(np.max(np.abs(logps_2 - logps_t)))
 
-    today = datetime.date.today().isoformat()
-    cmd = "python -m benchmarks.cpu_vs_torch " + " ".join(argv if argv is not None else sys.argv[1:])
-    lines = [
-        f"### CPU: displacement_jax vs PyTorch ({today})",
-        "",
-        f"Command: `{cmd.strip()}`  ",
-        f"Machine: {machine()}; jax {jax.__version__}, torch {torch.__version__}; shape `{a.shape}` "
-        f"(d={config.hidden_size}, layers={config.num_layers}, V={config.vocab_size}), fp32.",
-        "",
-        "| benchmark | PyTorch way | displacement_jax | ratio (ours / torch) | check |",
-        "|---|---|---|---|---|",
-        f"| CHES scoring, {a.rows} rows, {tokens} tokens (steady) | {a.rows / torch_s:.2f} rows/s, "
-        f"{tokens / torch_s:.0f} tok/s | {a.rows / steady_s:.2f} rows/s, {tokens / steady_s:.0f} tok/s | "
-        f"**{torch_s / steady_s:.2f}x** | max rel. CHES diff {rel:.1e} |",
-        f"| ablation: CHES scoring, two-side batches (no packing) | | {a.rows / steady2_s:.2f} rows/s, "
-        f"{tokens / steady2_s:.0f} tok/s | {torch_s / steady2_s:.2f}x | max rel. CHES diff {rel2:.1e} |",
-        f"| CHES scoring incl. JIT compile (first call) | {a.rows / torch_s:.2f} rows/s | {a.rows / first_s:.2f} rows/s "
-        f"| {torch_s / first_s:.2f}x | |",
-        f"| DPO step, {a.dpo_rows} pairs, {dpo_tokens} tokens, RMSprop | {1 / torch_step_s:.2f} steps/s "
-        f"({dpo_tokens / torch_step_s:.0f} tok/s) | {1 / jax_step_s:.2f} steps/s ({dpo_tokens / jax_step_s:.0f} tok/s) | "
-        f"**{torch_step_s / jax_step_s:.2f}x** | max abs. log-prob diff after {a.steps + 1} steps {dpo_diff:.1e} |",
-        f"| ablation: DPO step, two-side batches (no packing) | | {1 / jax2_step_s:.2f} steps/s "
-        f"({dpo_tokens / jax2_step_s:.0f} tok/s) | {torch_step_s / jax2_step_s:.2f}x | max abs. log-prob diff "
-        f"{dpo_diff2:.1e} |",
-        f"| DPO first step incl. JIT compile | | {jax_first_s:.2f} s | | |",
-        "",
-    ]
-    table = "\n".join(lines)
-    print(table)
-    if a.append:
-        with open(a.append, "a") as f:
-            f.write("\n" + table)
-    return dict(table=table, score_ratio=torch_s / steady_s, dpo_ratio=torch_step_s / jax_step_s,
-                ches_max_rel_diff=rel, dpo_logp_max_abs_diff=dpo_diff, ches_ours=ches_j, ches_torch=ches_t,
-                ches_two_side=ches_2, dpo_two_side_logp_max_abs_diff=dpo_diff2,
-                score_ratio_two_side=torch_s / steady2_s, dpo_ratio_two_side=torch_step_s / jax2_step_s)
+  today = datetime.date.today().isoformat()
+  cmd = "python -m benchmarks.cpu_vs_torch " + " ".join(argv if argv is not None else sys.argv[1:])
+  lines = [
+      f"### CPU: displacement_jax vs PyTorch ({today})",
+      "",
+      f"Command: `{cmd.strip()}`  ",
+      f"Machine: {machine()}; jax {jax.__version__}, torch {torch.__version__}; shape `{a.shape}` "
+      f"(d={config.hidden_size}, layers={config.num_layers}, V={config.vocab_size}), fp32.",
+      "",
+      "| benchmark | PyTorch way | displacement_jax | ratio (ours / torch) | check |",
+      "|---|---|---|---|---|",
+      f"| CHES scoring, {a.rows} rows, {tokens} tokens (steady) | {a.rows / torch_s:.2f} rows/s, "
+      f"{tokens / torch_s:.0f} tok/s | {a.rows / steady_s:.2f} rows/s, {tokens / steady_s:.0f} tok/s | "
+      f"**{torch_s / steady_s:.2f}x** | max rel. CHES diff {rel:.1e} |",
+      f"| ablation: CHES scoring, two-side batches (no packing) | | {a.rows / steady2_s:.2f} rows/s, "
+      f"{tokens / steady2_s:.0f} tok/s | {torch_s / steady2_s:.2f}x | max rel. CHES diff {rel2:.1e} |",
+      f"| CHES scoring incl. JIT compile (first call) | {a.rows / torch_s:.2f} rows/s | {a.rows / first_s:.2f} rows/s "
+      f"| {torch_s / first_s:.2f}x | |",
+      f"| DPO step, {a.dpo_rows} pairs, {dpo_tokens} tokens, RMSprop | {1 / torch_step_s:.2f} steps/s "
+      f"({dpo_tokens / torch_step_s:.0f} tok/s) | {1 / jax_step_s:.2f} steps/s ({dpo_tokens / jax_step_s:.0f} tok/s) | "
+      f"**{torch_step_s / jax_step_s:.2f}x** | max abs. log-prob diff after {a.steps + 1} steps {dpo_diff:.1e} |",
+      f"| ablation: DPO step, two-side batches (no packing) | | {1 / jax2_step_s:.2f} steps/s "
+      f"({dpo_tokens / jax2_step_s:.0f} tok/s) | {torch_step_s / jax2_step_s:.2f}x | max abs. log-prob diff "
+      f"{dpo_diff2:.1e} |",
+      f"| DPO first step incl. JIT compile | | {jax_first_s:.2f} s | | |",
+      "",
+  ]
+  table = "\n".join(lines)
+  print(table)
+  if a.append:
+    with open(a.append, "a") as f:
+      f.write("\n" + table)
+  return dict(
+      table=table,
+      score_ratio=torch_s / steady_s,
+      dpo_ratio=torch_step_s / jax_step_s,
+      ches_max_rel_diff=rel,
+      dpo_logp_max_abs_diff=dpo_diff,
+      ches_ours=ches_j,
+      ches_torch=ches_t,
+      ches_two_side=ches_2,
+      dpo_two_side_logp_max_abs_diff=dpo_diff2,
+      score_ratio_two_side=torch_s / steady2_s,
+      dpo_ratio_two_side=torch_step_s / jax2_step_s,
+  )
 
 
 if __name__ == "__main__":
-    main()
+  main()

@@ -25,20 +25,20 @@ def forward_flops_per_token(
     seq_len: int,
     lm_head: bool = True,
 ) -> float:
-    """FLOPs of one forward pass, per token, at context length `seq_len`."""
-    d, f, q, kv = hidden_size, intermediate_size, num_heads * head_dim, num_kv_heads * head_dim
-    projections = 2 * d * q + 2 * 2 * d * kv + 2 * q * d
-    attention = 2 * 2 * seq_len * q  # q.k^T and p.v over the whole context
-    mlp = 3 * 2 * d * f
-    head = 2 * d * vocab_size if lm_head else 0
-    return num_layers * (projections + attention + mlp) + head
+  """FLOPs of one forward pass, per token, at context length `seq_len`."""
+  d, f, q, kv = hidden_size, intermediate_size, num_heads * head_dim, num_kv_heads * head_dim
+  projections = 2 * d * q + 2 * 2 * d * kv + 2 * q * d
+  attention = 2 * 2 * seq_len * q  # q.k^T and p.v over the whole context
+  mlp = 3 * 2 * d * f
+  head = 2 * d * vocab_size if lm_head else 0
+  return num_layers * (projections + attention + mlp) + head
 
 
 def train_flops_per_token(**shape) -> float:
-    """Model FLOPs of one training step per token: forward plus backward (twice the forward)."""
-    return 3.0 * forward_flops_per_token(**shape)
+  """Model FLOPs of one training step per token: forward plus backward (twice the forward)."""
+  return 3.0 * forward_flops_per_token(**shape)
 
 
 def mfu(model_flops: float, seconds: float, peak_tflops: float) -> float:
-    """Model FLOPs utilisation in [0, 1]."""
-    return model_flops / seconds / (peak_tflops * 1e12)
+  """Model FLOPs utilisation in [0, 1]."""
+  return model_flops / seconds / (peak_tflops * 1e12)

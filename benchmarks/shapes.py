@@ -10,48 +10,101 @@ from __future__ import annotations
 from typing import Any
 
 SHAPES: dict[str, dict[str, Any]] = {
-    "tiny": dict(model_type="llama", vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                 num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False),
-    "cpu": dict(model_type="llama", vocab_size=8192, hidden_size=512, intermediate_size=1408, num_hidden_layers=4,
-                num_attention_heads=8, num_key_value_heads=4, tie_word_embeddings=False),
+    "tiny": dict(
+        model_type="llama",
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+    ),
+    "cpu": dict(
+        model_type="llama",
+        vocab_size=8192,
+        hidden_size=512,
+        intermediate_size=1408,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        tie_word_embeddings=False,
+    ),
     # allenai/OLMo-1B-hf: non-parametric LayerNorm, tied embeddings, MHA.
-    "olmo-1b": dict(model_type="olmo", vocab_size=50304, hidden_size=2048, intermediate_size=8192,
-                    num_hidden_layers=16, num_attention_heads=16, num_key_value_heads=16,
-                    tie_word_embeddings=True),
+    "olmo-1b": dict(
+        model_type="olmo",
+        vocab_size=50304,
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=16,
+        num_key_value_heads=16,
+        tie_word_embeddings=True,
+    ),
     # meta-llama/Meta-Llama-3-8B: GQA 32/8, rope theta 5e5, untied.
-    "llama3-8b": dict(model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
-                      num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
-                      tie_word_embeddings=False, rope_theta=500000.0),
+    "llama3-8b": dict(
+        model_type="llama",
+        vocab_size=128256,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        tie_word_embeddings=False,
+        rope_theta=500000.0,
+    ),
 }
 
 
 def hf_config(shape: str, **overrides: Any):
-    """A transformers PretrainedConfig of the named shape (for the PyTorch baselines)."""
-    import transformers  # pylint: disable=g-import-not-at-top
+  """A transformers PretrainedConfig of the named shape (for the PyTorch baselines)."""
+  import transformers  # pylint: disable=g-import-not-at-top
 
-    if shape not in SHAPES:
-        raise ValueError(f"unknown shape {shape!r}; known shapes: {', '.join(SHAPES)}")
-    kw = dict(SHAPES[shape], **overrides)
-    model_type = kw.pop("model_type")
-    rope_theta = kw.pop("rope_theta", 10000.0)
-    cls = {"llama": transformers.LlamaConfig, "olmo": transformers.OlmoConfig}[model_type]
-    return cls(**kw, max_position_embeddings=4096, rope_parameters={"rope_type": "default", "rope_theta": rope_theta},
-               pad_token_id=0, bos_token_id=1, eos_token_id=2)
+  if shape not in SHAPES:
+    raise ValueError(f"unknown shape {shape!r}; known shapes: {', '.join(SHAPES)}")
+  kw = dict(SHAPES[shape], **overrides)
+  model_type = kw.pop("model_type")
+  rope_theta = kw.pop("rope_theta", 10000.0)
+  cls = {"llama": transformers.LlamaConfig, "olmo": transformers.OlmoConfig}[model_type]
+  return cls(
+      **kw,
+      max_position_embeddings=4096,
+      rope_parameters={"rope_type": "default", "rope_theta": rope_theta},
+      pad_token_id=0,
+      bos_token_id=1,
+      eos_token_id=2,
+  )
 
 
-def model_config(shape: str, *, dtype: str = "float32", param_dtype: str | None = None, remat: bool = False,
-                 attention_impl: str | None = None):
-    """Our ModelConfig of the named shape (attention_impl: None lets JAX choose, or 'xla' / 'cudnn')."""
-    from displacement_jax.models.config import ModelConfig  # pylint: disable=g-import-not-at-top
+def model_config(
+    shape: str,
+    *,
+    dtype: str = "float32",
+    param_dtype: str | None = None,
+    remat: bool = False,
+    attention_impl: str | None = None,
+):
+  """Our ModelConfig of the named shape (attention_impl: None lets JAX choose, or 'xla' / 'cudnn')."""
+  from displacement_jax.models.config import ModelConfig  # pylint: disable=g-import-not-at-top
 
-    return ModelConfig.from_hf(hf_config(shape).to_dict(), dtype=dtype, param_dtype=param_dtype or dtype,
-                               remat=remat, attention_impl=attention_impl)
+  return ModelConfig.from_hf(
+      hf_config(shape).to_dict(),
+      dtype=dtype,
+      param_dtype=param_dtype or dtype,
+      remat=remat,
+      attention_impl=attention_impl,
+  )
 
 
 def flops_shape(shape: str) -> dict[str, int]:
-    """Keyword arguments of benchmarks.flops.forward_flops_per_token for the named shape (without seq_len)."""
-    s = SHAPES[shape]
-    return dict(hidden_size=s["hidden_size"], intermediate_size=s["intermediate_size"],
-                num_layers=s["num_hidden_layers"], num_heads=s["num_attention_heads"],
-                num_kv_heads=s["num_key_value_heads"], head_dim=s["hidden_size"] // s["num_attention_heads"],
-                vocab_size=s["vocab_size"])
+  """Keyword arguments of benchmarks.flops.forward_flops_per_token for the named shape (without seq_len)."""
+  s = SHAPES[shape]
+  return dict(
+      hidden_size=s["hidden_size"],
+      intermediate_size=s["intermediate_size"],
+      num_layers=s["num_hidden_layers"],
+      num_heads=s["num_attention_heads"],
+      num_kv_heads=s["num_key_value_heads"],
+      head_dim=s["hidden_size"] // s["num_attention_heads"],
+      vocab_size=s["vocab_size"],
+  )

@@ -23,94 +23,92 @@ def get_base_config() -> ml_collections.ConfigDict:
   """The default training config; every field is documented inline."""
   config = ml_collections.ConfigDict()
 
-  # What `python -m displacement_jax.train` runs: '' = preference training (training.run); a registered
-  # pipeline ('demo', 'persona', 'quantiles', 'sorry_bench') or a displacement_jax.* module with run(config).
-  config.main = ''
-  config.seed = 0                      # data order, dropout-free training rng, special-token init
-  config.output_dir = 'runs/default'   # metrics.jsonl, TensorBoard events, checkpoints/, reference cache, hf/
-  config.batch_size = 32               # global batch (all hosts, all micro-batches) in preference pairs
-  config.num_epochs = 1                # passes over the data; ignored when num_steps > 0
-  config.num_steps = 0                 # > 0: train exactly this many optimizer steps (data repeats as needed)
-  config.export_hf = False             # save the trained model in HF format to output_dir/hf at the end
-  config.log_every = 1                 # metrics.jsonl / TensorBoard row every N steps (1 = every step)
-  config.progress = True               # tqdm progress bar (loss, preferred log-prob change)
+  config.main = ""  # what train runs: '' = training.run; a pipeline (demo, persona, quantiles, sorry_bench)
+  config.seed = 0  # data order, dropout-free training rng, special-token init
+  config.output_dir = "runs/default"  # metrics.jsonl, TensorBoard events, checkpoints/, reference cache, hf/
+  config.batch_size = 32  # global batch (all hosts, all micro-batches) in preference pairs
+  config.num_epochs = 1  # passes over the data; ignored when num_steps > 0
+  config.num_steps = 0  # > 0: train exactly this many optimizer steps (data repeats as needed)
+  config.export_hf = False  # save the trained model in HF format to output_dir/hf at the end
+  config.log_every = 1  # metrics.jsonl / TensorBoard row every N steps (1 = every step)
+  config.progress = True  # tqdm progress bar (loss, preferred log-prob change)
 
   config.model = ml_collections.ConfigDict()
-  config.model.path = ''               # HF dir, hub id, .gguf file or packaged name ('smollm2-135m-instruct'); models.load
-  config.model.tiny = ''               # or: a tiny random model of this family (testing.tiny preset, e.g. 'llama')
-  config.model.tiny_vocab_size = 0     # > 0: vocab size of the tiny model (0 = the testing.tiny default, 512)
-  config.model.tokenizer = ''          # tokenizer dir/id; '' = the model dir (or the tiny tokenizer)
-  config.model.seed = 0                # init seed of a tiny model (Transformer.init)
-  config.model.dtype = 'float32'       # compute dtype ('float32' | 'bfloat16')
-  config.model.param_dtype = 'float32' # parameter dtype (the paper trains fp32 weights)
-  config.model.remat = False           # rematerialise each decoder layer (saves activation memory)
+  config.model.path = ""  # HF dir, hub id, .gguf file or packaged name ('smollm2-135m-instruct'); models.load
+  config.model.tiny = ""  # or: a tiny random model of this family (testing.tiny preset, e.g. 'llama')
+  config.model.tiny_vocab_size = 0  # > 0: vocab size of the tiny model (0 = the testing.tiny default, 512)
+  config.model.tokenizer = ""  # tokenizer dir/id; '' = the model dir (or the tiny tokenizer)
+  config.model.seed = 0  # init seed of a tiny model (Transformer.init)
+  config.model.dtype = "float32"  # compute dtype ('float32' | 'bfloat16')
+  config.model.param_dtype = "float32"  # parameter dtype (the paper trains fp32 weights)
+  config.model.remat = False  # rematerialise each decoder layer (saves activation memory)
   config.model.freeze_pad_embedding = False  # True: no input-embedding gradient for the pad token (HF padding_idx, TRL)
 
   config.data = ml_collections.ConfigDict()
-  config.data.path = ''                # preference jsonl file or a supported HF dataset id
-  config.data.split = 'train'          # split of an HF dataset id
-  config.data.schema = 'auto'          # 'auto' (guessed from the path) | 'generic' | 'ultrafeedback' | 'alpaca_farm' | 'persona'
-  config.data.format = 'raw'           # 'raw' | 'prompter_assistant' | 'chat_template'
-  config.data.single_token = False     # responses are single vocabulary tokens (persona experiments)
-  config.data.max_length = 512         # prompt + response tokens; longer pairs are truncated and counted
-  config.data.truncation = 'truncate_response'  # too-long response: 'truncate_response' (cut + counted) | 'error'
-  config.data.limit = 0                # > 0: use `limit` rows drawn at random with `seed` (kept in dataset order)
+  config.data.path = ""  # preference jsonl file or a supported HF dataset id
+  config.data.split = "train"  # split of an HF dataset id
+  config.data.schema = "auto"  # 'auto' (from the path) | 'generic' | 'ultrafeedback' | 'alpaca_farm' | 'persona'
+  config.data.format = "raw"  # 'raw' | 'prompter_assistant' | 'chat_template'
+  config.data.single_token = False  # responses are single vocabulary tokens (persona experiments)
+  config.data.max_length = 512  # prompt + response tokens; longer pairs are truncated and counted
+  config.data.truncation = "truncate_response"  # too-long response: 'truncate_response' (cut + counted) | 'error'
+  config.data.limit = 0  # > 0: use `limit` rows drawn at random with `seed` (kept in dataset order)
   config.data.add_special_tokens = False  # add <|prompter|>/<|assistant|>/pad and resize (seeded init)
-  config.data.shuffle = True           # reshuffle every epoch with `seed`
-  config.data.padding_side = 'right'   # 'right' | 'left'; results do not depend on it
+  config.data.shuffle = True  # reshuffle every epoch with `seed`
+  config.data.padding_side = "right"  # 'right' | 'left'; results do not depend on it
   config.data.shared_prompt_packing = True  # one [prompt, chosen, rejected] row per pair: prompt run once (exact)
-  config.data.tokenization = 'separate'  # 'separate' (paper: prompt, response + EOS apart) | 'trl' (TRL DPOTrainer's rule)
+  config.data.tokenization = "separate"  # 'separate' (prompt, response + EOS apart) | 'trl' (TRL's rule)
 
   config.loss = ml_collections.ConfigDict()
-  config.loss.objective = 'dpo'        # 'dpo' | 'ipo' | 'cross_entropy' | 'slic' | 'dpop' | 'gpo'
-  config.loss.beta = 0.1               # KL coefficient (DPO/IPO/GPO/DPOP)
-  config.loss.sft_coeff = 0.0          # adds sft_coeff * (-mean preferred log-prob)
-  config.loss.label_smoothing = 0.0    # conservative DPO (cDPO) epsilon
-  config.loss.slic_delta = 1.0         # SLiC hinge margin
-  config.loss.dpop_lambda = 50.0       # DPOP penalty weight on max(0, s_w_ref - s_w)
-  config.loss.gpo_fn = 'logistic'      # GPO convex function: 'logistic' | 'hinge' | 'squared' | 'exponential'
+  config.loss.objective = "dpo"  # 'dpo' | 'ipo' | 'cross_entropy' | 'slic' | 'dpop' | 'gpo'
+  config.loss.beta = 0.1  # KL coefficient (DPO/IPO/GPO/DPOP)
+  config.loss.sft_coeff = 0.0  # adds sft_coeff * (-mean preferred log-prob)
+  config.loss.label_smoothing = 0.0  # conservative DPO (cDPO) epsilon
+  config.loss.slic_delta = 1.0  # SLiC hinge margin
+  config.loss.dpop_lambda = 50.0  # DPOP penalty weight on max(0, s_w_ref - s_w)
+  config.loss.gpo_fn = "logistic"  # GPO convex function: 'logistic' | 'hinge' | 'squared' | 'exponential'
 
   config.optim = ml_collections.ConfigDict()
-  config.optim.name = 'rmsprop'        # 'rmsprop' (torch defaults) | 'adamw' | 'sgd'
-  config.optim.lr = 1e-7               # peak learning rate
-  config.optim.schedule = 'constant'   # 'constant' | 'linear' (warmup then linear decay) | 'cosine'
-  config.optim.warmup_steps = 0        # linear warmup steps for 'linear' / 'cosine' (and 'constant')
-  config.optim.clip = 0.0              # > 0: clip gradients to this global norm
-  config.optim.grad_accum = 1          # micro-batches per step; gradients are AVERAGED over them
-  config.optim.weight_decay = 0.0      # adamw decoupled weight decay
-  config.optim.momentum = 0.0          # sgd / rmsprop momentum (torch default 0)
-  config.optim.b1 = 0.9                # adamw
-  config.optim.b2 = 0.999              # adamw
-  config.optim.eps = 1e-8              # rmsprop / adamw epsilon (added outside the sqrt, like torch)
-  config.optim.decay = 0.99            # rmsprop squared-gradient decay (torch alpha)
+  config.optim.name = "rmsprop"  # 'rmsprop' (torch defaults) | 'adamw' | 'sgd'
+  config.optim.lr = 1e-7  # peak learning rate
+  config.optim.schedule = "constant"  # 'constant' | 'linear' (warmup then linear decay) | 'cosine'
+  config.optim.warmup_steps = 0  # linear warmup steps for 'linear' / 'cosine' (and 'constant')
+  config.optim.clip = 0.0  # > 0: clip gradients to this global norm
+  config.optim.grad_accum = 1  # micro-batches per step; gradients are AVERAGED over them
+  config.optim.weight_decay = 0.0  # adamw decoupled weight decay
+  config.optim.momentum = 0.0  # sgd / rmsprop momentum (torch default 0)
+  config.optim.b1 = 0.9  # adamw
+  config.optim.b2 = 0.999  # adamw
+  config.optim.eps = 1e-8  # rmsprop / adamw epsilon (added outside the sqrt, like torch)
+  config.optim.decay = 0.99  # rmsprop squared-gradient decay (torch alpha)
 
   config.mesh = ml_collections.ConfigDict()
-  config.mesh.data = -1                # data-parallel axis size (-1: all remaining devices)
-  config.mesh.fsdp = 1                 # parameter-sharded data-parallel axis size
-  config.mesh.tensor = 1               # tensor-parallel axis size
+  config.mesh.data = -1  # data-parallel axis size (-1: all remaining devices)
+  config.mesh.fsdp = 1  # parameter-sharded data-parallel axis size
+  config.mesh.tensor = 1  # tensor-parallel axis size
 
   config.checkpoint = ml_collections.ConfigDict()
-  config.checkpoint.every = 0          # > 0: orbax checkpoint every N steps (and always at the end)
-  config.checkpoint.keep = 2           # keep the newest N checkpoints
+  config.checkpoint.every = 0  # > 0: orbax checkpoint every N steps (and always at the end)
+  config.checkpoint.keep = 2  # keep the newest N checkpoints
   config.checkpoint.async_save = True  # save in the background while training continues
 
   config.eval = ml_collections.ConfigDict()
-  config.eval.every = 1                # displacement monitor every N steps (0: only at the end)
-  config.eval.top_k = 10               # single-token mode: top-k tokens by probability gain
-  config.eval.max_samples = 256        # monitor on at most this many training pairs (fixed subset)
-  config.eval.warning_nats = 0.01      # displacement WARNING: mean y+ log-prob this far below its reference, and falling
+  config.eval.every = 1  # displacement monitor every N steps (0: only at the end)
+  config.eval.top_k = 10  # single-token mode: top-k tokens by probability gain
+  config.eval.max_samples = 256  # monitor on at most this many training pairs (fixed subset)
+  config.eval.warning_nats = 0.01  # displacement WARNING: mean y+ log-prob this far below its reference, and falling
 
   config.reference = ml_collections.ConfigDict()
-  config.reference.cache = True        # cache reference log-probs on disk (npz) and reuse on a key match
-  config.reference.cache_dir = ''      # '' = output_dir/reference_cache
-  config.reference.batch_size = 0     # reference pass batch size (0 = batch_size // grad_accum)
+  config.reference.cache = True  # cache reference log-probs on disk (npz) and reuse on a key match
+  config.reference.cache_dir = ""  # '' = output_dir/reference_cache
+  config.reference.batch_size = 0  # reference pass batch size (0 = batch_size // grad_accum)
 
-  config.logprob_chunk_size = 128      # sequence chunk of the chunked LM head + log-softmax
+  config.logprob_chunk_size = 128  # sequence chunk of the chunked LM head + log-softmax
 
   config.measures = ml_collections.ConfigDict()
-  config.measures.include_eos = False  # scoring: edit distance / last-hidden with the appended EOS (default: authors' ids)
+  config.measures.include_eos = False  # scoring: edit distance / last hidden incl. the appended EOS
 
   config.debug = ml_collections.ConfigDict()
-  config.debug.stop_after_steps = 0    # > 0: stop (after checkpointing) once this step is reached, to test resume
+  config.debug.stop_after_steps = 0  # > 0: stop (after checkpointing) once this step is reached, to test resume
 
   return config

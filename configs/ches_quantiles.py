@@ -22,38 +22,38 @@ from displacement_jax.experiments import common as experiments_common
 from displacement_jax.experiments import quantiles_plan
 
 DATA = {  # dataset -> (hub id, split, fixture directory in the hub layout, short name of the run directory)
-    'ultrafeedback': (schema.ULTRAFEEDBACK_ID, 'train_prefs', 'ultrafeedback_binarized', 'uf'),
-    'alpacafarm': (schema.ALPACA_FARM_ID, 'preference', 'alpaca_farm', 'af'),
+    "ultrafeedback": (schema.ULTRAFEEDBACK_ID, "train_prefs", "ultrafeedback_binarized", "uf"),
+    "alpacafarm": (schema.ALPACA_FARM_ID, "preference", "alpaca_farm", "af"),
 }
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  arg = common.parse_arg(arg, dataset='ultrafeedback', model='olmo1b', tiny=False)
-  dataset = common.choose('ches_quantiles', 'dataset', arg.dataset, DATA)
-  model = common.choose('ches_quantiles', 'model', arg.model, experiments_common.MODEL_IDS)
+  arg = common.parse_arg(arg, dataset="ultrafeedback", model="olmo1b", tiny=False)
+  dataset = common.choose("ches_quantiles", "dataset", arg.dataset, DATA)
+  model = common.choose("ches_quantiles", "model", arg.model, experiments_common.MODEL_IDS)
   hub_id, split, fixture, short = DATA[dataset]
   config = base.get_base_config()
-  config.main = 'quantiles'
+  config.main = "quantiles"
   config.output_dir = f'runs/quantiles_{short}_{"tiny" if arg.tiny else model}'
   config.quantiles = ml_collections.ConfigDict()
-  config.quantiles.measure = 'ches'       # one of MEASURES, or 'all' (every measure in one process)
-  config.quantiles.q = 0.0                # window centre quantile; -1 = every quantile in one process
-  config.quantiles.measures = quantiles_plan.MEASURES    # the measures of measure='all'
+  config.quantiles.measure = "ches"  # one of MEASURES, or 'all' (every measure in one process)
+  config.quantiles.q = 0.0  # window centre quantile; -1 = every quantile in one process
+  config.quantiles.measures = quantiles_plan.MEASURES  # the measures of measure='all'
   config.quantiles.quantiles = quantiles_plan.QUANTILES  # the quantiles of q=-1
-  config.quantiles.window = quantiles_plan.WINDOW        # samples per training subset
-  config.quantiles.num_rows = 5000        # random rows scored (0 = all)
-  config.quantiles.sample_seed = 0        # seed of that random draw (same for every run of a sweep)
-  config.quantiles.seeds = ()             # () = config.seed; else train every seed in one process
-  config.quantiles.scores_dir = ''        # '' = parent of output_dir (shared by a sweep)
+  config.quantiles.window = quantiles_plan.WINDOW  # samples per training subset
+  config.quantiles.num_rows = 5000  # random rows scored (0 = all)
+  config.quantiles.sample_seed = 0  # seed of that random draw (same for every run of a sweep)
+  config.quantiles.seeds = ()  # () = config.seed; else train every seed in one process
+  config.quantiles.scores_dir = ""  # '' = parent of output_dir (shared by a sweep)
   config.model.path = experiments_common.MODEL_IDS[model]
   config.data.path, config.data.split = hub_id, split
-  config.data.format = 'prompter_assistant'
+  config.data.format = "prompter_assistant"
   config.data.add_special_tokens = True
   config.data.max_length = 512
   # training: the base defaults are the paper's (DPO, beta 0.1, RMSprop lr 1e-7, batch 32, one epoch)
-  config.eval.every = 0                   # monitor only at the end: the whole subset
+  config.eval.every = 0  # monitor only at the end: the whole subset
   if arg.tiny:
-    config.data.path = os.path.join(common.FIXTURES, fixture)   # parquet, HF layout
+    config.data.path = os.path.join(common.FIXTURES, fixture)  # parquet, HF layout
     config.quantiles.window = 4
     config.quantiles.num_rows = 0
     config.batch_size = 2
@@ -63,5 +63,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
 def get_sweep() -> list[dict[str, object]]:
   """Every (measure, quantile, seed) of Figure 2: 45 runs sharing the cached scores."""
-  return [{'quantiles.measure': m, 'quantiles.q': q, 'seed': s}
-          for m in quantiles_plan.MEASURES for q in quantiles_plan.QUANTILES for s in quantiles_plan.SEEDS]
+  return [
+      {"quantiles.measure": m, "quantiles.q": q, "seed": s}
+      for m in quantiles_plan.MEASURES
+      for q in quantiles_plan.QUANTILES
+      for s in quantiles_plan.SEEDS
+  ]

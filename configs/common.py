@@ -1,8 +1,8 @@
 """What the experiment configs share: the arg parser, the tiny-model override, the fixture paths.
 
-    arg = common.parse_arg(arg, model='olmo1b', objective='dpo', tiny=False)   # 'model=gemma2b,tiny'
-    ...
-    return common.tiny(config) if arg.tiny else config
+arg = common.parse_arg(arg, model='olmo1b', objective='dpo', tiny=False)   # 'model=gemma2b,tiny'
+...
+return common.tiny(config) if arg.tiny else config
 """
 
 from __future__ import annotations
@@ -13,20 +13,20 @@ from typing import Any, Mapping
 import ml_collections
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FIXTURES = os.path.join(ROOT, 'tests', 'fixtures', 'exp')  # offline copies of the experiments' data (real schemas)
+FIXTURES = os.path.join(ROOT, "tests", "fixtures", "exp")  # offline copies of the experiments' data (real schemas)
 
-_TRUE, _FALSE = ('1', 'true', 'yes'), ('0', 'false', 'no')
+_TRUE, _FALSE = ("1", "true", "yes"), ("0", "false", "no")
 
 
 def _convert(key: str, text: str, default: Any, arg: str) -> Any:
   if isinstance(default, bool):
     if text.lower() not in _TRUE + _FALSE:
-      raise ValueError(f'config arg {arg!r}: {key}={text!r} is not a boolean (true/false)')
+      raise ValueError(f"config arg {arg!r}: {key}={text!r} is not a boolean (true/false)")
     return text.lower() in _TRUE
   try:
     return type(default)(text)
   except ValueError:
-    raise ValueError(f'config arg {arg!r}: {key}={text!r} is not a {type(default).__name__}') from None
+    raise ValueError(f"config arg {arg!r}: {key}={text!r} is not a {type(default).__name__}") from None
 
 
 def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.FrozenConfigDict:
@@ -37,18 +37,20 @@ def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.FrozenConfigDi
   ValueError naming the arg and the known keys. None or '' gives the defaults.
   """
   values = dict(defaults)
-  for item in (arg or '').split(','):
+  for item in (arg or "").split(","):
     item = item.strip()
     if not item:
       continue
-    key, sep, text = item.partition('=')
+    key, sep, text = item.partition("=")
     key = key.strip()
     if key not in defaults:
-      raise ValueError(f'config arg {arg!r}: unknown key {key!r} (known: {", ".join(defaults)}; '
-                       'write key=value, or a bare flag name)')
+      raise ValueError(
+          f'config arg {arg!r}: unknown key {key!r} (known: {", ".join(defaults)}; '
+          "write key=value, or a bare flag name)"
+      )
     if not sep:
       if not isinstance(defaults[key], bool):
-        raise ValueError(f'config arg {arg!r}: {key!r} needs a value ({key}=...)')
+        raise ValueError(f"config arg {arg!r}: {key!r} needs a value ({key}=...)")
       values[key] = True
     else:
       values[key] = _convert(key, text.strip(), defaults[key], arg)
@@ -68,8 +70,8 @@ def tiny(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   The rate is far above the paper's: a random tiny model has seconds, not hours. Each config then points the
   data at its fixture (`FIXTURES`) and shrinks what is its own (windows, seeds, prompts).
   """
-  config.model.path = ''
-  config.model.tiny = 'llama'
+  config.model.path = ""
+  config.model.tiny = "llama"
   config.data.max_length = 64
   config.optim.lr = 1e-3
   config.logprob_chunk_size = 32

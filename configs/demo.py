@@ -17,37 +17,37 @@ import ml_collections
 
 from configs import base
 
-ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'displacement_jax', 'assets')
-PERSONA_TOKENS = ('Yes', 'No', 'Never', 'Maybe', 'Perhaps', 'Yeah', 'Sure', 'Certainly', 'Absolutely')
+ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "displacement_jax", "assets")
+PERSONA_TOKENS = ("Yes", "No", "Never", "Maybe", "Perhaps", "Yeah", "Sure", "Certainly", "Absolutely")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config = base.get_base_config()
-  config.main = 'demo'
-  config.output_dir = 'runs/demo'
+  config.main = "demo"
+  config.output_dir = "runs/demo"
   config.seed = 0
-  config.model.tiny = 'llama'
+  config.model.tiny = "llama"
   config.model.seed = 0
-  config.data.path = os.path.join(ASSETS, 'persona_demo.jsonl')
-  config.data.format = 'persona'         # chat template of the question (the tiny tokenizer has one)
+  config.data.path = os.path.join(ASSETS, "persona_demo.jsonl")
+  config.data.format = "persona"  # chat template of the question (the tiny tokenizer has one)
   config.data.single_token = True
   config.data.max_length = 64
-  config.optim.name = 'rmsprop'          # torch RMSprop defaults, as in the paper
+  config.optim.name = "rmsprop"  # torch RMSprop defaults, as in the paper
   config.logprob_chunk_size = 64
   config.eval.max_samples = 32
 
   config.sft = ml_collections.ConfigDict()
-  config.sft.lr = 3e-3                  # SFT phase learning rate (RMSprop)
+  config.sft.lr = 3e-3  # SFT phase learning rate (RMSprop)
   config.sft.batch_size = 32
-  config.sft.num_steps = 60             # > 0 wins over num_epochs
+  config.sft.num_steps = 60  # > 0 wins over num_epochs
   config.sft.num_epochs = 0
 
   config.dpo = ml_collections.ConfigDict()
-  config.dpo.objective = 'dpo'
+  config.dpo.objective = "dpo"
   config.dpo.beta = 0.1
-  config.dpo.lr = 1e-4                  # DPO phase learning rate (RMSprop)
+  config.dpo.lr = 1e-4  # DPO phase learning rate (RMSprop)
   config.dpo.num_steps = 100
-  config.dpo.prompt_index = 0           # the one training prompt (row of data.path)
-  config.dpo.top_k = 5                  # gainers reported / plotted
+  config.dpo.prompt_index = 0  # the one training prompt (row of data.path)
+  config.dpo.top_k = 5  # gainers reported / plotted
   config.dpo.candidate_tokens = PERSONA_TOKENS
   return config

@@ -13,20 +13,20 @@ import os
 
 from configs import base
 
-ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'displacement_jax', 'assets')
+ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "displacement_jax", "assets")
 
 
 def get_config(arg: str | None = None):
   config = base.get_base_config()
-  config.output_dir = 'runs/dpo_tiny'
-  config.model.tiny = 'llama'
+  config.output_dir = "runs/dpo_tiny"
+  config.model.tiny = "llama"
   config.model.seed = 0
-  config.data.path = os.path.join(ASSETS, 'tiny_preferences.jsonl')
-  config.data.format = 'prompter_assistant'
+  config.data.path = os.path.join(ASSETS, "tiny_preferences.jsonl")
+  config.data.format = "prompter_assistant"
   config.data.max_length = 64
-  config.loss.objective = arg or 'dpo'
+  config.loss.objective = arg or "dpo"
   config.loss.beta = 0.1
-  config.optim.name = 'rmsprop'
+  config.optim.name = "rmsprop"
   config.optim.lr = 1e-3
   config.batch_size = 8
   config.num_steps = 10

@@ -24,68 +24,69 @@ from configs import base, common
 from displacement_jax.experiments import common as experiments_common
 from displacement_jax.experiments import persona_data
 
-PERSONA_DATA = 'ends-justify-means.jsonl'  # Anthropic/model-written-evals persona/ends-justify-means.jsonl
-OBJECTIVES = ('dpo', 'ipo')
+PERSONA_DATA = "ends-justify-means.jsonl"  # Anthropic/model-written-evals persona/ends-justify-means.jsonl
+OBJECTIVES = ("dpo", "ipo")
 
 
 def run_name(phase: str, objective: str, pair: int, tiny: bool) -> str:
   """The run directory under runs/persona_<model>/: sft | dpo-1 | base_ipo-0 | all_dpo-0 | tiny[_ipo][_<phase>]."""
   if tiny:
-    return 'tiny' + ('' if objective == 'dpo' else f'_{objective}') + ('' if phase == 'all' else f'_{phase}')
-  if phase == 'sft':
-    return 'sft'
-  return {'dpo': '', 'base_dpo': 'base_', 'all': 'all_'}[phase] + f'{objective}-{pair}'
+    return "tiny" + ("" if objective == "dpo" else f"_{objective}") + ("" if phase == "all" else f"_{phase}")
+  if phase == "sft":
+    return "sft"
+  return {"dpo": "", "base_dpo": "base_", "all": "all_"}[phase] + f"{objective}-{pair}"
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  arg = common.parse_arg(arg, model='olmo1b', phase='', objective='dpo', pair=0, tiny=False)
-  model = common.choose('persona', 'model', arg.model, experiments_common.MODEL_IDS)
-  phase = common.choose('persona', 'phase', arg.phase or ('all' if arg.tiny else 'dpo'), persona_data.PHASES)
-  objective = common.choose('persona', 'objective', arg.objective, OBJECTIVES)
+  arg = common.parse_arg(arg, model="olmo1b", phase="", objective="dpo", pair=0, tiny=False)
+  model = common.choose("persona", "model", arg.model, experiments_common.MODEL_IDS)
+  phase = common.choose("persona", "phase", arg.phase or ("all" if arg.tiny else "dpo"), persona_data.PHASES)
+  objective = common.choose("persona", "objective", arg.objective, OBJECTIVES)
   pairs = persona_data.TOKEN_PAIRS[model]
   if not 0 <= arg.pair < len(pairs):
-    raise ValueError(f'persona config arg pair={arg.pair} must be < {len(pairs)} (the token pairs of {model}: '
-                     f'{pairs})')
+    raise ValueError(
+        f"persona config arg pair={arg.pair} must be < {len(pairs)} (the token pairs of {model}: " f"{pairs})"
+    )
   config = base.get_base_config()
-  config.main = 'persona'
-  config.output_dir = f'runs/persona_{model}/{run_name(phase, objective, arg.pair, arg.tiny)}'
+  config.main = "persona"
+  config.output_dir = f"runs/persona_{model}/{run_name(phase, objective, arg.pair, arg.tiny)}"
   config.persona = ml_collections.ConfigDict()
   config.persona.phase = phase
-  config.persona.label = model         # the model's name in result.json and the report tables
+  config.persona.label = model  # the model's name in result.json and the report tables
   config.persona.data_path = PERSONA_DATA
   config.persona.limit = 0
   config.persona.seeds = persona_data.DPO_SEEDS
   config.persona.preferred, config.persona.dispreferred = pairs[arg.pair]
-  config.persona.sft_lr = 1e-7         # used by phase 'all'
-  config.persona.sft_batch_size = 32   # used by phase 'all'
+  config.persona.sft_lr = 1e-7  # used by phase 'all'
+  config.persona.sft_batch_size = 32  # used by phase 'all'
   config.data.single_token = True
-  config.data.format = 'persona'       # chat template of the question if the tokenizer has one, else question + '\n'
+  config.data.format = "persona"  # chat template of the question if the tokenizer has one, else question + '\n'
   config.data.max_length = 128
   config.data.shuffle = False
-  config.eval.every = 1                # RMSprop lr 1e-7, beta 0.1: the base defaults
+  config.eval.every = 1  # RMSprop lr 1e-7, beta 0.1: the base defaults
   config.eval.top_k = 10
   config.model.path = experiments_common.MODEL_IDS[model]
-  if phase == 'sft':
-    config.loss.objective = 'cross_entropy'
+  if phase == "sft":
+    config.loss.objective = "cross_entropy"
     config.batch_size = 32
     config.num_epochs = 1
     config.eval.every = 0
     config.data.shuffle = True
   else:
     config.loss.objective = objective
-    if objective == 'ipo':
+    if objective == "ipo":
       config.optim.lr, config.loss.beta = 1e-8, 0.01
-    if phase == 'dpo':
-      config.model.path = f'runs/persona_{model}/sft/hf'
-    config.batch_size = 1              # one prompt per seed, full batch
+    if phase == "dpo":
+      config.model.path = f"runs/persona_{model}/sft/hf"
+    config.batch_size = 1  # one prompt per seed, full batch
     config.num_steps = 101
   if arg.tiny:
-    config.persona.data_path = os.path.join(common.FIXTURES, 'ends-justify-means.jsonl')
+    config.persona.data_path = os.path.join(common.FIXTURES, "ends-justify-means.jsonl")
     config.persona.seeds = persona_data.DPO_SEEDS[:2]
     config.persona.sft_lr = 1e-3
     config.persona.sft_batch_size = 4
-    config.persona.preferred, config.persona.dispreferred = 'No', 'Never'
-    config.persona.label = f'tiny-llama ({model} recipe)'
+    config.persona.preferred, config.persona.dispreferred = "No", "Never"
+    config.persona.label = f"tiny-llama ({model} recipe)"
     config.num_steps = 5
     config.eval.top_k = 5
     common.tiny(config)

@@ -17,32 +17,32 @@ import ml_collections
 
 from configs import base
 
-ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'displacement_jax', 'assets')
+ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "displacement_jax", "assets")
 
 
 def get_filter_config() -> ml_collections.ConfigDict:
   """The `filter` block shared by score configs (displacement_jax.filtering)."""
   f = ml_collections.ConfigDict()
-  f.mode = 'none'          # 'none' | 'lowest_k' | 'lowest_fraction' | 'quantile_window'
-  f.measure = 'ln_ches'    # 'ches' | 'ln_ches' | 'minus_normalized_edit_distance' | 'last_hidden_inner_product'
-  f.k = 0                  # lowest_k: keep this many rows (lowest scores)
-  f.fraction = 0.0         # lowest_fraction: keep round(fraction * N) rows (paper's SORRY-Bench filter: 0.05)
-  f.q = 0.5                # quantile_window: quantile in [0, 1] of the ascending-sorted scores
-  f.window = 512           # quantile_window: window size centred at round(q (N-1)), clipped to [0, N)
+  f.mode = "none"  # 'none' | 'lowest_k' | 'lowest_fraction' | 'quantile_window'
+  f.measure = "ln_ches"  # 'ches' | 'ln_ches' | 'minus_normalized_edit_distance' | 'last_hidden_inner_product'
+  f.k = 0  # lowest_k: keep this many rows (lowest scores)
+  f.fraction = 0.0  # lowest_fraction: keep round(fraction * N) rows (paper's SORRY-Bench filter: 0.05)
+  f.q = 0.5  # quantile_window: quantile in [0, 1] of the ascending-sorted scores
+  f.window = 512  # quantile_window: window size centred at round(q (N-1)), clipped to [0, N)
   return f
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config = base.get_base_config()
-  config.output_dir = 'runs/score_tiny'
-  config.model.tiny = 'llama'
+  config.output_dir = "runs/score_tiny"
+  config.model.tiny = "llama"
   config.model.seed = 0
-  config.data.path = os.path.join(ASSETS, 'tiny_preferences.jsonl')
-  config.data.format = 'prompter_assistant'
+  config.data.path = os.path.join(ASSETS, "tiny_preferences.jsonl")
+  config.data.format = "prompter_assistant"
   config.data.max_length = 64
-  config.data.schema = 'auto'    # 'auto' | 'generic' | 'ultrafeedback' | 'alpaca_farm' | 'persona'
-  config.data.seed = 0           # data.limit > 0 keeps `limit` random rows drawn with this seed
-  config.data.truncation = 'truncate_response'  # or 'error': a pair longer than max_length is a DataError
-  config.batch_size = 8          # rows per scoring batch (rounded up to a multiple of the device count)
+  config.data.schema = "auto"  # 'auto' | 'generic' | 'ultrafeedback' | 'alpaca_farm' | 'persona'
+  config.data.seed = 0  # data.limit > 0 keeps `limit` random rows drawn with this seed
+  config.data.truncation = "truncate_response"  # or 'error': a pair longer than max_length is a DataError
+  config.batch_size = 8  # rows per scoring batch (rounded up to a multiple of the device count)
   config.filter = get_filter_config()
   return config

@@ -23,53 +23,54 @@ from displacement_jax.experiments.sorry_bench import constants
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  arg = common.parse_arg(arg, model='gemma2b_it', variant='', tiny=False)
-  model = common.choose('sorry', 'model', arg.model, constants.MODEL_IDS)
-  variant = common.choose('sorry', 'variant', arg.variant or ('all' if arg.tiny else 'dpo'),
-                          constants.VARIANTS + ('all',))
+  arg = common.parse_arg(arg, model="gemma2b_it", variant="", tiny=False)
+  model = common.choose("sorry", "model", arg.model, constants.MODEL_IDS)
+  variant = common.choose(
+      "sorry", "variant", arg.variant or ("all" if arg.tiny else "dpo"), constants.VARIANTS + ("all",)
+  )
   config = base.get_base_config()
-  config.main = 'sorry_bench'
-  config.output_dir = f'runs/sorry_{model}' + ('_tiny' if arg.tiny else '')
+  config.main = "sorry_bench"
+  config.output_dir = f"runs/sorry_{model}" + ("_tiny" if arg.tiny else "")
   config.model.path = constants.MODEL_IDS[model]
-  config.data.path = ''                     # set by the pipeline (its generated preference pairs)
-  config.data.format = 'chat_template'
+  config.data.path = ""  # set by the pipeline (its generated preference pairs)
+  config.data.format = "chat_template"
   config.data.max_length = 1024
-  config.optim.lr = 5e-6                    # DPO, beta 0.1, batch 32, one epoch: the base defaults
+  config.optim.lr = 5e-6  # DPO, beta 0.1, batch 32, one epoch: the base defaults
   config.eval.every = 0
   config.sorry = ml_collections.ConfigDict()
-  config.sorry.variants = constants.VARIANTS if variant == 'all' else (variant,)
+  config.sorry.variants = constants.VARIANTS if variant == "all" else (variant,)
   config.sorry.prompts_path = schema.SORRY_PROMPTS_ID
   config.sorry.human_judgments_path = schema.SORRY_HUMAN_ID
-  config.sorry.num_prompts = 0              # > 0: use only the first N prompts
-  config.sorry.sample_temperature = 1.0     # the two responses per prompt that are labelled
-  config.sorry.eval_temperature = 0.7       # responses whose refusal rate is reported
+  config.sorry.num_prompts = 0  # > 0: use only the first N prompts
+  config.sorry.sample_temperature = 1.0  # the two responses per prompt that are labelled
+  config.sorry.eval_temperature = 0.7  # responses whose refusal rate is reported
   config.sorry.max_new_tokens = 512
   config.sorry.gen_batch_size = 16
   config.sorry.judge_path = constants.JUDGE_ID
-  config.sorry.judge_tiny = ''              # a testing.tiny preset instead of judge_path (tests)
+  config.sorry.judge_tiny = ""  # a testing.tiny preset instead of judge_path (tests)
   config.sorry.judge_max_new_tokens = 4
   config.sorry.judge_max_length = 2048
-  config.sorry.judge_mode = 'generate'      # 'generate' (greedy text, parsed) | 'logits' ('0' vs '1' logit; tiny)
-  config.sorry.tie_breaker = 'pairrm'       # 'pairrm' (needs llm-blender; else random, logged) | 'random'
+  config.sorry.judge_mode = "generate"  # 'generate' (greedy text, parsed) | 'logits' ('0' vs '1' logit; tiny)
+  config.sorry.tie_breaker = "pairrm"  # 'pairrm' (needs llm-blender; else random, logged) | 'random'
   config.sorry.test_fraction = 0.15
   config.sorry.split_seed = 0
-  config.sorry.sft_coeff = 1.0              # dpo_sft: loss += sft_coeff * (-mean preferred log-prob)
+  config.sorry.sft_coeff = 1.0  # dpo_sft: loss += sft_coeff * (-mean preferred log-prob)
   config.sorry.gold_lr = 1e-6
-  config.sorry.filter_k = 19                # filtered: the k pairs with the lowest LN-CHES
+  config.sorry.filter_k = 19  # filtered: the k pairs with the lowest LN-CHES
   if arg.tiny:
-    config.sorry.prompts_path = os.path.join(common.FIXTURES, 'sorry-bench-202406')
-    config.sorry.human_judgments_path = os.path.join(common.FIXTURES, 'sorry-bench-human-judgment-202406')
-    config.sorry.judge_path = ''
-    config.sorry.judge_tiny = 'llama'
-    config.sorry.tie_breaker = 'random'
+    config.sorry.prompts_path = os.path.join(common.FIXTURES, "sorry-bench-202406")
+    config.sorry.human_judgments_path = os.path.join(common.FIXTURES, "sorry-bench-human-judgment-202406")
+    config.sorry.judge_path = ""
+    config.sorry.judge_tiny = "llama"
+    config.sorry.tie_breaker = "random"
     config.sorry.max_new_tokens = 6
     config.sorry.judge_max_new_tokens = 2
     config.sorry.judge_max_length = 256
-    config.sorry.judge_mode = 'logits'      # a random tiny judge rarely writes a parsable score
+    config.sorry.judge_mode = "logits"  # a random tiny judge rarely writes a parsable score
     config.sorry.gen_batch_size = 8
     config.sorry.filter_k = 2
     config.sorry.gold_lr = 1e-3
-    config.data.format = 'raw'
+    config.data.format = "raw"
     config.batch_size = 2
     config.num_epochs = 0
     config.num_steps = 2

@@ -13,7 +13,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-CHECKPOINT_DIR = 'checkpoints'
+CHECKPOINT_DIR = "checkpoints"
 
 
 def _abstract(tree: Any) -> Any:
@@ -22,7 +22,7 @@ def _abstract(tree: Any) -> Any:
   def leaf(x):
     if isinstance(x, jax.ShapeDtypeStruct):
       return x
-    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, 'sharding', None))
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None))
 
   return jax.tree.map(leaf, tree)
 
@@ -32,11 +32,10 @@ class Checkpointer:
 
   def __init__(self, directory: str, *, keep: int = 2, async_save: bool = True):
     if keep < 1:
-      raise ValueError(f'checkpoint.keep must be >= 1, got {keep}')
+      raise ValueError(f"checkpoint.keep must be >= 1, got {keep}")
     self.directory = os.path.abspath(directory)
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                           enable_async_checkpointing=async_save)
-    self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=('state', 'meta'))
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=async_save)
+    self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
 
   def latest_step(self) -> int | None:
     """The newest complete checkpoint step, or None."""
@@ -50,17 +49,18 @@ class Checkpointer:
     return self._manager.save(
         int(step),
         args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
-        force=force)
+        force=force,
+    )
 
   def restore(self, target: Any, step: int | None = None) -> tuple[Any, dict[str, Any], int]:
     """(state, meta, step) of `step` (default: latest), arrays laid out like `target`."""
     step = self.latest_step() if step is None else step
     if step is None:
-      raise FileNotFoundError(f'no checkpoint to resume from in {self.directory}')
+      raise FileNotFoundError(f"no checkpoint to resume from in {self.directory}")
     restored = self._manager.restore(
-        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(_abstract(target)),
-                                      meta=ocp.args.JsonRestore()))
-    return restored['state'], dict(restored['meta']), int(step)
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(_abstract(target)), meta=ocp.args.JsonRestore())
+    )
+    return restored["state"], dict(restored["meta"]), int(step)
 
   def wait(self) -> None:
     """Block until pending asynchronous saves are written."""
@@ -70,7 +70,7 @@ class Checkpointer:
     self._manager.wait_until_finished()
     self._manager.close()
 
-  def __enter__(self) -> 'Checkpointer':
+  def __enter__(self) -> "Checkpointer":
     return self
 
   def __exit__(self, *exc) -> None:

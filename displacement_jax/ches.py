@@ -27,15 +27,17 @@ from displacement_jax.errors import check_array, describe
 
 
 def _check_pair(hidden_chosen_BTD, hidden_rejected_BTD, mask_chosen_BT, mask_rejected_BT, mask_names) -> None:
-  check_array('hidden_chosen_BTD', hidden_chosen_BTD, rank=3, kind='floating')
-  check_array('hidden_rejected_BTD', hidden_rejected_BTD, rank=3, kind='floating')
+  check_array("hidden_chosen_BTD", hidden_chosen_BTD, rank=3, kind="floating")
+  check_array("hidden_rejected_BTD", hidden_rejected_BTD, rank=3, kind="floating")
   bc, _, dc = hidden_chosen_BTD.shape
   br, _, dr = hidden_rejected_BTD.shape
   if (bc, dc) != (br, dr):
-    raise ValueError(f'hidden_chosen_BTD ({describe(hidden_chosen_BTD)}) and hidden_rejected_BTD '
-                     f'({describe(hidden_rejected_BTD)}) must agree on batch B and hidden size D')
-  check_array(mask_names[0], mask_chosen_BT, shape=tuple(hidden_chosen_BTD.shape[:2]), kind='mask')
-  check_array(mask_names[1], mask_rejected_BT, shape=tuple(hidden_rejected_BTD.shape[:2]), kind='mask')
+    raise ValueError(
+        f"hidden_chosen_BTD ({describe(hidden_chosen_BTD)}) and hidden_rejected_BTD "
+        f"({describe(hidden_rejected_BTD)}) must agree on batch B and hidden size D"
+    )
+  check_array(mask_names[0], mask_chosen_BT, shape=tuple(hidden_chosen_BTD.shape[:2]), kind="mask")
+  check_array(mask_names[1], mask_rejected_BT, shape=tuple(hidden_rejected_BTD.shape[:2]), kind="mask")
 
 
 def _masked_sum_f32(hidden_BTD, mask_BT) -> tuple[jax.Array, jax.Array]:
@@ -50,20 +52,22 @@ def _scaled_inner(a_BD, b_BD) -> jax.Array:
   """<a, b> per row, computed on a/c and b/c with c = max(|a|_inf, |b|_inf) and multiplied back by c^2."""
   c_B = jnp.maximum(jnp.max(jnp.abs(a_BD), axis=-1), jnp.max(jnp.abs(b_BD), axis=-1))
   c_B = jnp.where(c_B > 0, c_B, 1.0)
-  inner_B = jnp.einsum('bd,bd->b', a_BD / c_B[:, None], b_BD / c_B[:, None], precision=jax.lax.Precision.HIGHEST)
+  inner_B = jnp.einsum("bd,bd->b", a_BD / c_B[:, None], b_BD / c_B[:, None], precision=jax.lax.Precision.HIGHEST)
   return inner_B * c_B * c_B
 
 
-def ches_components(hidden_chosen_BTD: jax.Array, hidden_rejected_BTD: jax.Array, mask_chosen_BT: jax.Array,
-                    mask_rejected_BT: jax.Array) -> dict[str, jax.Array]:
+def ches_components(
+    hidden_chosen_BTD: jax.Array, hidden_rejected_BTD: jax.Array, mask_chosen_BT: jax.Array, mask_rejected_BT: jax.Array
+) -> dict[str, jax.Array]:
   """All CHES ingredients, each [B] float32.
 
   Keys: 'ches', 'ln_ches', 'inner' <S+,S->, 'chosen_sq_norm' ||S+||^2, 'rejected_sq_norm' ||S-||^2,
   'chosen_len' |y+|, 'rejected_len' |y-|, 'cosine' <S+,S->/(||S+|| ||S-||). T may differ between the sides.
   LN-CHES is NaN for a row whose mask is empty (|y| = 0 is undefined).
   """
-  _check_pair(hidden_chosen_BTD, hidden_rejected_BTD, mask_chosen_BT, mask_rejected_BT,
-              ('mask_chosen_BT', 'mask_rejected_BT'))
+  _check_pair(
+      hidden_chosen_BTD, hidden_rejected_BTD, mask_chosen_BT, mask_rejected_BT, ("mask_chosen_BT", "mask_rejected_BT")
+  )
   s_pos_BD, n_pos_B = _masked_sum_f32(hidden_chosen_BTD, mask_chosen_BT)
   s_neg_BD, n_neg_B = _masked_sum_f32(hidden_rejected_BTD, mask_rejected_BT)
   ches_B = _scaled_inner(s_pos_BD, s_neg_BD - s_pos_BD)
@@ -74,32 +78,51 @@ def ches_components(hidden_chosen_BTD: jax.Array, hidden_rejected_BTD: jax.Array
   pos_sq_B, neg_sq_B = _scaled_inner(s_pos_BD, s_pos_BD), _scaled_inner(s_neg_BD, s_neg_BD)
   denom_B = jnp.sqrt(pos_sq_B) * jnp.sqrt(neg_sq_B)
   return {
-      'ches': ches_B, 'ln_ches': ln_ches_B, 'inner': inner_B, 'chosen_sq_norm': pos_sq_B,
-      'rejected_sq_norm': neg_sq_B, 'chosen_len': n_pos_B, 'rejected_len': n_neg_B,
-      'cosine': inner_B / jnp.where(denom_B > 0, denom_B, 1.0),
+      "ches": ches_B,
+      "ln_ches": ln_ches_B,
+      "inner": inner_B,
+      "chosen_sq_norm": pos_sq_B,
+      "rejected_sq_norm": neg_sq_B,
+      "chosen_len": n_pos_B,
+      "rejected_len": n_neg_B,
+      "cosine": inner_B / jnp.where(denom_B > 0, denom_B, 1.0),
   }
 
 
-def ches_scores(hidden_chosen_BTD: jax.Array, hidden_rejected_BTD: jax.Array, mask_chosen_BT: jax.Array,
-                mask_rejected_BT: jax.Array, *, length_normalized: bool = False) -> jax.Array:
+def ches_scores(
+    hidden_chosen_BTD: jax.Array,
+    hidden_rejected_BTD: jax.Array,
+    mask_chosen_BT: jax.Array,
+    mask_rejected_BT: jax.Array,
+    *,
+    length_normalized: bool = False,
+) -> jax.Array:
   """CHES (or LN-CHES when length_normalized) per pair -> [B] float32. Higher => more displacement.
 
   Masks select the positions whose hidden state predicts a response token (the batch's `loss_mask`); any
   padding side, different T for chosen/rejected, any float dtype (cast to float32 before summing).
   """
   comps = ches_components(hidden_chosen_BTD, hidden_rejected_BTD, mask_chosen_BT, mask_rejected_BT)
-  return comps['ln_ches' if length_normalized else 'ches']
+  return comps["ln_ches" if length_normalized else "ches"]
 
 
-def last_hidden_inner_product(hidden_chosen_BTD: jax.Array, hidden_rejected_BTD: jax.Array,
-                              attention_mask_chosen_BT: jax.Array, attention_mask_rejected_BT: jax.Array
-                              ) -> jax.Array:
+def last_hidden_inner_product(
+    hidden_chosen_BTD: jax.Array,
+    hidden_rejected_BTD: jax.Array,
+    attention_mask_chosen_BT: jax.Array,
+    attention_mask_rejected_BT: jax.Array,
+) -> jax.Array:
   """<h at the last real position of (x, y+), h at the last real position of (x, y-)> -> [B] float32.
 
   "Last real position" = the last True of the attention mask (any padding side). NaN for an all-False row.
   """
-  _check_pair(hidden_chosen_BTD, hidden_rejected_BTD, attention_mask_chosen_BT, attention_mask_rejected_BT,
-              ('attention_mask_chosen_BT', 'attention_mask_rejected_BT'))
+  _check_pair(
+      hidden_chosen_BTD,
+      hidden_rejected_BTD,
+      attention_mask_chosen_BT,
+      attention_mask_rejected_BT,
+      ("attention_mask_chosen_BT", "attention_mask_rejected_BT"),
+  )
 
   def last(hidden_BTD, mask_BT):
     mask_BT = jnp.asarray(mask_BT).astype(bool)
@@ -151,22 +174,25 @@ def levenshtein(ids_a: Sequence[int] | np.ndarray, ids_b: Sequence[int] | np.nda
 
 def minus_normalized_edit_distance(ids_a: Sequence[int] | np.ndarray, ids_b: Sequence[int] | np.ndarray) -> float:
   """-Levenshtein(ids_a, ids_b) / max(len(ids_a), len(ids_b)); 0.0 when both are empty. In [-1, 0]."""
-  for name, ids in (('ids_a', ids_a), ('ids_b', ids_b)):
+  for name, ids in (("ids_a", ids_a), ("ids_b", ids_b)):
     arr = np.asarray(ids)
     if arr.ndim != 1 or (arr.size and not np.issubdtype(arr.dtype, np.integer)):
-      raise ValueError(f'{name} must be a 1-D sequence of integer token ids, got {describe(arr)}')
+      raise ValueError(f"{name} must be a 1-D sequence of integer token ids, got {describe(arr)}")
   n = max(len(ids_a), len(ids_b))
   return 0.0 if n == 0 else -levenshtein(ids_a, ids_b) / n
 
 
-def minus_normalized_edit_distance_batch(ids_a_list: Sequence[Sequence[int]], ids_b_list: Sequence[Sequence[int]],
-                                         *, progress: bool = False) -> np.ndarray:
+def minus_normalized_edit_distance_batch(
+    ids_a_list: Sequence[Sequence[int]], ids_b_list: Sequence[Sequence[int]], *, progress: bool = False
+) -> np.ndarray:
   """minus_normalized_edit_distance for each pair of two equal-length lists -> [N] float32."""
   if len(ids_a_list) != len(ids_b_list):
-    raise ValueError(f'ids_a_list and ids_b_list must have the same length, got {len(ids_a_list)} '
-                     f'and {len(ids_b_list)}')
+    raise ValueError(
+        f"ids_a_list and ids_b_list must have the same length, got {len(ids_a_list)} " f"and {len(ids_b_list)}"
+    )
   pairs = zip(ids_a_list, ids_b_list)
   if progress:
     from tqdm.auto import tqdm
-    pairs = tqdm(pairs, total=len(ids_a_list), desc='edit distance')
+
+    pairs = tqdm(pairs, total=len(ids_a_list), desc="edit distance")
   return np.asarray([minus_normalized_edit_distance(a, b) for a, b in pairs], dtype=np.float32)

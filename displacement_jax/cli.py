@@ -12,10 +12,12 @@ from absl import flags
 from ml_collections import config_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_FIELD_RE = re.compile(r'^\s+(?:config|f)\.([\w.]+) = (.+?)\s+# (.*)$')
+_FIELD_RE = re.compile(r"^\s+(?:config|f)\.([\w.]+) = (.+?)\s+# (.*)$")
 
 
-def config_field_docs(files: Sequence[str] = ('configs/base.py', 'configs/score_tiny.py')) -> list[tuple[str, str, str]]:
+def config_field_docs(
+    files: Sequence[str] = ("configs/base.py", "configs/score_tiny.py")
+) -> list[tuple[str, str, str]]:
   """(field, default, one-line doc) of every documented config field, read from the config files' comments
   (`config.a.b = value  # doc`; score_tiny's filter block is `f.x = ...`, i.e. `filter.x`)."""
   out, seen = [], set()
@@ -25,8 +27,8 @@ def config_field_docs(files: Sequence[str] = ('configs/base.py', 'configs/score_
       continue
     for line in open(path):
       m = _FIELD_RE.match(line)
-      if m and not line.lstrip().startswith('#'):
-        name = m.group(1) if line.lstrip().startswith('config.') else f'filter.{m.group(1)}'
+      if m and not line.lstrip().startswith("#"):
+        name = m.group(1) if line.lstrip().startswith("config.") else f"filter.{m.group(1)}"
         if name not in seen:
           seen.add(name)
           out.append((name, m.group(2).strip(), m.group(3).strip()))
@@ -35,21 +37,29 @@ def config_field_docs(files: Sequence[str] = ('configs/base.py', 'configs/score_
 
 def print_help(prog: str, what: str, bools: Sequence[tuple[str, str]], extra: str) -> None:
   """The --help text: usage, flags, every config field with its default and doc, and `extra` (e.g. pipelines)."""
-  print(f'usage: python -m {prog} --config=configs/<name>.py[:arg] [--config.<field>=<value> ...]'
-        + ''.join(f' [--{name}]' for name, _ in bools))
-  print(f'\n{what} driven by an ml_collections config file; any field can be overridden on the command line.')
-  print('\nflags:\n  --config=FILE[:ARG]   the config file (its get_config(arg) gets ARG)')
+  print(
+      f"usage: python -m {prog} --config=configs/<name>.py[:arg] [--config.<field>=<value> ...]"
+      + "".join(f" [--{name}]" for name, _ in bools)
+  )
+  print(f"\n{what} driven by an ml_collections config file; any field can be overridden on the command line.")
+  print("\nflags:\n  --config=FILE[:ARG]   the config file (its get_config(arg) gets ARG)")
   for name, help_text in bools:
-    print(f'  --{name:<19} {help_text}')
-  print('\nconfig fields (defaults of configs/base.py; a config file may change them):')
+    print(f"  --{name:<19} {help_text}")
+  print("\nconfig fields (defaults of configs/base.py; a config file may change them):")
   for name, default, doc in config_field_docs():
-    print(f'  {name:<32} {default:<22} {doc}')
+    print(f"  {name:<32} {default:<22} {doc}")
   if extra:
-    print('\n' + extra)
+    print("\n" + extra)
 
 
-def parse_config_flags(argv: Sequence[str] | None, what: str, *, bools: Sequence[tuple[str, str]] = (),
-                       prog: str = 'displacement_jax', help_extra: str = '') -> tuple[Any, int]:
+def parse_config_flags(
+    argv: Sequence[str] | None,
+    what: str,
+    *,
+    bools: Sequence[tuple[str, str]] = (),
+    prog: str = "displacement_jax",
+    help_extra: str = "",
+) -> tuple[Any, int]:
   """(absl FlagValues, 0) for a valid command line, (None, 2) after printing a one-line error, or (None, 0)
   after printing the --help text.
 
@@ -58,31 +68,37 @@ def parse_config_flags(argv: Sequence[str] | None, what: str, *, bools: Sequence
   configs can import their siblings (`from configs import base`).
   """
   argv = list(sys.argv if argv is None else argv)
-  if any(a in ('--help', '-h', '--helpfull', '-help') for a in argv[1:]):
+  if any(a in ("--help", "-h", "--helpfull", "-help") for a in argv[1:]):
     print_help(prog, what, bools, help_extra)
     return None, 0
   for arg in argv[1:]:
-    if arg.startswith('--config='):
-      path = arg.split('=', 1)[1].split(':', 1)[0]
+    if arg.startswith("--config="):
+      path = arg.split("=", 1)[1].split(":", 1)[0]
       if not os.path.isfile(path):
-        print(f'error: config file {path!r} does not exist', file=sys.stderr)
+        print(f"error: config file {path!r} does not exist", file=sys.stderr)
         return None, 2
       add_config_root(path)
   flag_values = flags.FlagValues()
-  config_flags.DEFINE_config_file('config', None, f'{what} config file (configs/<name>.py[:arg])',
-                                  flag_values=flag_values, lock_config=False, sys_argv=argv)
+  config_flags.DEFINE_config_file(
+      "config",
+      None,
+      f"{what} config file (configs/<name>.py[:arg])",
+      flag_values=flag_values,
+      lock_config=False,
+      sys_argv=argv,
+  )
   for name, help_text in bools:
     flags.DEFINE_bool(name, False, help_text, flag_values=flag_values)
   try:
     flag_values(argv)
   except flags.Error as e:  # a config file that fails to load: its own exception, on one line
-    print(f'error: {_last_line(str(e))}', file=sys.stderr)
+    print(f"error: {_last_line(str(e))}", file=sys.stderr)
     return None, 2
   except (AttributeError, KeyError, TypeError, ValueError) as e:  # an override of a field that does not exist
-    print(f'error: {unknown_override(argv, e)}', file=sys.stderr)
+    print(f"error: {unknown_override(argv, e)}", file=sys.stderr)
     return None, 2
   if flag_values.config is None:
-    print('error: --config=configs/<name>.py is required', file=sys.stderr)
+    print("error: --config=configs/<name>.py is required", file=sys.stderr)
     return None, 2
   return flag_values, 0
 
@@ -95,14 +111,15 @@ def add_config_root(path: str) -> None:
     sys.path.insert(0, root)
 
 
-def one_line_errors(fn: Callable[[], Any], errors: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError)
-                    ) -> int:
+def one_line_errors(
+    fn: Callable[[], Any], errors: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError)
+) -> int:
   """Run `fn()`; 0 when it returns, 1 with `error: <message>` on stderr when it raises one of `errors` (the CLIs'
   exit status for bad input)."""
   try:
     fn()
   except errors as e:
-    print(f'error: {e}', file=sys.stderr)
+    print(f"error: {e}", file=sys.stderr)
     return 1
   return 0
 
@@ -110,28 +127,28 @@ def one_line_errors(fn: Callable[[], Any], errors: tuple[type[BaseException], ..
 def _last_line(message: str) -> str:
   """`flag --config=X: Error whilst parsing config file: <traceback>` -> `--config=X: <the exception line>`."""
   lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
-  head = lines[0].split(': Error whilst parsing config file', 1)[0].removeprefix('flag ')
-  return lines[0] if len(lines) == 1 else f'{head}: {lines[-1]}'
+  head = lines[0].split(": Error whilst parsing config file", 1)[0].removeprefix("flag ")
+  return lines[0] if len(lines) == 1 else f"{head}: {lines[-1]}"
 
 
 def unknown_override(argv: Sequence[str], error: BaseException) -> str:
   """One line naming the `--config.<field>=...` override that does not match the config, with the nearest field."""
-  base = [a for a in argv[:1]] + [a for a in argv[1:] if a.startswith('--config=')]
+  base = [a for a in argv[:1]] + [a for a in argv[1:] if a.startswith("--config=")]
   probe = flags.FlagValues()
-  config_flags.DEFINE_config_file('config', None, '', flag_values=probe, lock_config=False, sys_argv=base)
+  config_flags.DEFINE_config_file("config", None, "", flag_values=probe, lock_config=False, sys_argv=base)
   probe(base)
   config = probe.config
   for arg in argv[1:]:
-    if not arg.startswith('--config.'):
+    if not arg.startswith("--config."):
       continue
-    path = arg[len('--config.'):].split('=', 1)[0].split('.')
+    path = arg[len("--config.") :].split("=", 1)[0].split(".")
     node = config
     for depth, key in enumerate(path):
-      fields = list(node.keys()) if hasattr(node, 'keys') else []
+      fields = list(node.keys()) if hasattr(node, "keys") else []
       if key not in fields:
         near = difflib.get_close_matches(key, fields, n=1)
-        where = '.'.join(path[:depth]) or 'the config'
-        hint = f"; did you mean {'.'.join(path[:depth] + near[:1])!r}?" if near else ''
+        where = ".".join(path[:depth]) or "the config"
+        hint = f"; did you mean {'.'.join(path[:depth] + near[:1])!r}?" if near else ""
         return f'--config.{".".join(path)}: {where} has no field {key!r}{hint}'
       node = node[key]
-  return f'{type(error).__name__}: {_last_line(str(error))}'
+  return f"{type(error).__name__}: {_last_line(str(error))}"

@@ -20,90 +20,101 @@ MODES = ("none", "lowest_k", "lowest_fraction", "quantile_window")
 
 
 def _as_scores(scores: Sequence[float] | np.ndarray) -> np.ndarray:
-    """Validate scores: a non-empty 1-D array of finite-or-inf floats without NaN."""
-    arr = np.asarray(scores)
-    if arr.ndim != 1:
-        raise ValueError(f"scores must be 1-D, got shape {arr.shape}")
-    if arr.size == 0:
-        raise ValueError("scores is empty: nothing to select from")
-    if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
-        raise ValueError(f"scores must be numeric, got dtype {arr.dtype}")
-    arr = arr.astype(np.float64)
-    nan_at = np.flatnonzero(np.isnan(arr))
-    if nan_at.size:
-        raise ValueError(
-            f"scores contain NaN at positions {nan_at[:10].tolist()}"
-            f"{' ...' if nan_at.size > 10 else ''} ({nan_at.size} in all); fix the scoring before filtering")
-    return arr
+  """Validate scores: a non-empty 1-D array of finite-or-inf floats without NaN."""
+  arr = np.asarray(scores)
+  if arr.ndim != 1:
+    raise ValueError(f"scores must be 1-D, got shape {arr.shape}")
+  if arr.size == 0:
+    raise ValueError("scores is empty: nothing to select from")
+  if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
+    raise ValueError(f"scores must be numeric, got dtype {arr.dtype}")
+  arr = arr.astype(np.float64)
+  nan_at = np.flatnonzero(np.isnan(arr))
+  if nan_at.size:
+    raise ValueError(
+        f"scores contain NaN at positions {nan_at[:10].tolist()}"
+        f"{' ...' if nan_at.size > 10 else ''} ({nan_at.size} in all); fix the scoring before filtering"
+    )
+  return arr
 
 
 def sort_order(scores: Sequence[float] | np.ndarray) -> np.ndarray:
-    """Positions of `scores` sorted ascending; ties keep their original (dataset) order."""
-    return np.argsort(_as_scores(scores), kind="stable").astype(np.int64)
+  """Positions of `scores` sorted ascending; ties keep their original (dataset) order."""
+  return np.argsort(_as_scores(scores), kind="stable").astype(np.int64)
 
 
 def lowest_k(scores: Sequence[float] | np.ndarray, k: int) -> np.ndarray:
-    """Positions of the `k` lowest scores (1 <= k <= N), ascending by score, stable on ties."""
-    order = sort_order(scores)
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
-        raise ValueError(f"k must be an integer, got {k!r}")
-    if not 1 <= k <= order.size:
-        raise ValueError(f"k must be in [1, N={order.size}], got k={k}")
-    return order[:k]
+  """Positions of the `k` lowest scores (1 <= k <= N), ascending by score, stable on ties."""
+  order = sort_order(scores)
+  if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
+    raise ValueError(f"k must be an integer, got {k!r}")
+  if not 1 <= k <= order.size:
+    raise ValueError(f"k must be in [1, N={order.size}], got k={k}")
+  return order[:k]
 
 
 def fraction_to_k(n: int, fraction: float) -> int:
-    """Number of rows kept by `lowest_fraction`: round-half-up(fraction * n), at least 1.
+  """Number of rows kept by `lowest_fraction`: round-half-up(fraction * n), at least 1.
 
-    E.g. 5% of 370 rows -> 19 (the paper's SORRY-Bench filter)."""
-    if not isinstance(fraction, (int, float, np.floating)) or isinstance(fraction, bool) or not (
-            0.0 < float(fraction) <= 1.0):
-        raise ValueError(f"fraction must be in (0, 1], got {fraction!r}")
-    # The 1e-9 guards against 0.05 * 370 = 18.499999... style float error.
-    return max(1, min(n, int(math.floor(float(fraction) * n + 0.5 + 1e-9))))
+  E.g. 5% of 370 rows -> 19 (the paper's SORRY-Bench filter)."""
+  if (
+      not isinstance(fraction, (int, float, np.floating))
+      or isinstance(fraction, bool)
+      or not (0.0 < float(fraction) <= 1.0)
+  ):
+    raise ValueError(f"fraction must be in (0, 1], got {fraction!r}")
+  # The 1e-9 guards against 0.05 * 370 = 18.499999... style float error.
+  return max(1, min(n, int(math.floor(float(fraction) * n + 0.5 + 1e-9))))
 
 
 def lowest_fraction(scores: Sequence[float] | np.ndarray, fraction: float) -> np.ndarray:
-    """Positions of the lowest `fraction` of scores (see `fraction_to_k`), ascending, stable on ties."""
-    order = sort_order(scores)
-    return order[:fraction_to_k(order.size, fraction)]
+  """Positions of the lowest `fraction` of scores (see `fraction_to_k`), ascending, stable on ties."""
+  order = sort_order(scores)
+  return order[: fraction_to_k(order.size, fraction)]
 
 
 def window_bounds(n: int, q: float, window: int) -> tuple[int, int]:
-    """[start, stop) of the `window`-sample window centred at round(q (n-1)) in sorted order, clipped."""
-    if isinstance(q, bool) or not isinstance(q, (int, float, np.floating)) or not 0.0 <= float(q) <= 1.0:
-        raise ValueError(f"quantile q must be in [0, 1], got {q!r}")
-    if isinstance(window, bool) or not isinstance(window, (int, np.integer)) or window < 1:
-        raise ValueError(f"window must be a positive integer, got {window!r}")
-    if window > n:
-        raise ValueError(f"window={window} is larger than the number of scores N={n}")
-    centre = int(math.floor(float(q) * (n - 1) + 0.5))
-    start = min(max(centre - window // 2, 0), n - window)
-    return start, start + window
+  """[start, stop) of the `window`-sample window centred at round(q (n-1)) in sorted order, clipped."""
+  if isinstance(q, bool) or not isinstance(q, (int, float, np.floating)) or not 0.0 <= float(q) <= 1.0:
+    raise ValueError(f"quantile q must be in [0, 1], got {q!r}")
+  if isinstance(window, bool) or not isinstance(window, (int, np.integer)) or window < 1:
+    raise ValueError(f"window must be a positive integer, got {window!r}")
+  if window > n:
+    raise ValueError(f"window={window} is larger than the number of scores N={n}")
+  centre = int(math.floor(float(q) * (n - 1) + 0.5))
+  start = min(max(centre - window // 2, 0), n - window)
+  return start, start + window
 
 
 def quantile_window(scores: Sequence[float] | np.ndarray, q: float, window: int = 512) -> np.ndarray:
-    """Positions of the `window` samples around quantile `q` of the ascending-sorted scores."""
-    order = sort_order(scores)
-    start, stop = window_bounds(order.size, q, window)
-    return order[start:stop]
+  """Positions of the `window` samples around quantile `q` of the ascending-sorted scores."""
+  order = sort_order(scores)
+  start, stop = window_bounds(order.size, q, window)
+  return order[start:stop]
 
 
-def select(scores: Sequence[float] | np.ndarray, mode: str, *, k: int | None = None,
-           fraction: float | None = None, q: float | None = None, window: int = 512) -> np.ndarray:
-    """Dispatch on `mode` in MODES; 'none' keeps every row in dataset order."""
-    if mode == "none":
-        return np.arange(_as_scores(scores).size, dtype=np.int64)
-    if mode == "lowest_k":
-        if k is None:
-            raise ValueError("filter mode 'lowest_k' needs filter.k")
-        return lowest_k(scores, k)
-    if mode == "lowest_fraction":
-        if fraction is None:
-            raise ValueError("filter mode 'lowest_fraction' needs filter.fraction")
-        return lowest_fraction(scores, fraction)
-    if mode == "quantile_window":
-        if q is None:
-            raise ValueError("filter mode 'quantile_window' needs filter.q")
-        return quantile_window(scores, q, window)
-    raise ValueError(f"unknown filter mode {mode!r}; expected one of {MODES}")
+def select(
+    scores: Sequence[float] | np.ndarray,
+    mode: str,
+    *,
+    k: int | None = None,
+    fraction: float | None = None,
+    q: float | None = None,
+    window: int = 512,
+) -> np.ndarray:
+  """Dispatch on `mode` in MODES; 'none' keeps every row in dataset order."""
+  if mode == "none":
+    return np.arange(_as_scores(scores).size, dtype=np.int64)
+  if mode == "lowest_k":
+    if k is None:
+      raise ValueError("filter mode 'lowest_k' needs filter.k")
+    return lowest_k(scores, k)
+  if mode == "lowest_fraction":
+    if fraction is None:
+      raise ValueError("filter mode 'lowest_fraction' needs filter.fraction")
+    return lowest_fraction(scores, fraction)
+  if mode == "quantile_window":
+    if q is None:
+      raise ValueError("filter mode 'quantile_window' needs filter.q")
+    return quantile_window(scores, q, window)
+  raise ValueError(f"unknown filter mode {mode!r}; expected one of {MODES}")

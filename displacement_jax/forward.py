@@ -16,11 +16,12 @@ from displacement_jax import logprobs as logprobs_lib
 from displacement_jax.data import packing
 from displacement_jax.models.transformer import unembedding
 
-SIDES = ('chosen', 'rejected')
+SIDES = ("chosen", "rejected")
+
 
 def forward_hidden(model: Any, params: Any, input_ids_BT: jax.Array, attention_mask_BT: jax.Array) -> jax.Array:
   """Final-norm hidden states [B, T, D] (the LM-head input) without computing logits."""
-  out = model.apply({'params': params}, input_ids_BT, attention_mask_BT, return_logits=False, return_hidden=True)
+  out = model.apply({"params": params}, input_ids_BT, attention_mask_BT, return_logits=False, return_hidden=True)
   return out.hidden_BTD
 
 
@@ -29,60 +30,67 @@ def unembed(model: Any, params: Any) -> jax.Array:
   return unembedding(params, model.config)
 
 
-def side_logps(model: Any, params: Any, batch: dict[str, jax.Array], side: str, chunk_size: int
-               ) -> tuple[jax.Array, jax.Array]:
+def side_logps(
+    model: Any, params: Any, batch: dict[str, jax.Array], side: str, chunk_size: int
+) -> tuple[jax.Array, jax.Array]:
   """(summed response log-probs [B], summed mean-over-vocab logits [B]) of one side ('chosen' | 'rejected') of a
   collated batch, both float32 over the side's loss-mask positions."""
-  hidden_BTD = forward_hidden(model, params, batch[f'{side}_input_ids_BT'], batch[f'{side}_attention_mask_BT'])
+  hidden_BTD = forward_hidden(model, params, batch[f"{side}_input_ids_BT"], batch[f"{side}_attention_mask_BT"])
   unembed_DV = unembed(model, params)
-  logps_B = logprobs_lib.chunked_sequence_logprobs(hidden_BTD, unembed_DV, batch[f'{side}_labels_BT'],
-                                                   batch[f'{side}_loss_mask_BT'], chunk_size=chunk_size)
-  return logps_B, jnp.sum(jnp.where(batch[f'{side}_loss_mask_BT'], mean_logit(hidden_BTD, unembed_DV), 0.0), axis=-1)
+  logps_B = logprobs_lib.chunked_sequence_logprobs(
+      hidden_BTD, unembed_DV, batch[f"{side}_labels_BT"], batch[f"{side}_loss_mask_BT"], chunk_size=chunk_size
+  )
+  return logps_B, jnp.sum(jnp.where(batch[f"{side}_loss_mask_BT"], mean_logit(hidden_BTD, unembed_DV), 0.0), axis=-1)
 
 
 def mean_logit(hidden_BTD: jax.Array, unembed_DV: jax.Array) -> jax.Array:
   """Mean over the vocabulary of the logits at each position, [B, T] float32, without forming the logits:
   mean_v <h, W_v> = <h, mean_v W_v>."""
-  return jnp.einsum('btd,d->bt', hidden_BTD.astype(jnp.float32), jnp.mean(unembed_DV.astype(jnp.float32), axis=1))
+  return jnp.einsum("btd,d->bt", hidden_BTD.astype(jnp.float32), jnp.mean(unembed_DV.astype(jnp.float32), axis=1))
 
 
 def token_count(batch: dict[str, jax.Array]) -> jax.Array:
   """Non-padding tokens of the chosen and the rejected sequences of a batch (prompt counted on both sides, as
   TRL's num_tokens counts them), int32 scalar, for either layout."""
   if packing.is_packed(batch):
-    branch_BT = batch['packed_branch_BT']
+    branch_BT = batch["packed_branch_BT"]
     return jnp.sum(branch_BT >= 0, dtype=jnp.int32) + jnp.sum(branch_BT == packing.PROMPT, dtype=jnp.int32)
-  return sum(jnp.sum(batch[f'{side}_attention_mask_BT'], dtype=jnp.int32) for side in SIDES)
+  return sum(jnp.sum(batch[f"{side}_attention_mask_BT"], dtype=jnp.int32) for side in SIDES)
 
 
 def packed_forward_hidden(model: Any, params: Any, batch: dict[str, jax.Array]) -> jax.Array:
   """Final-norm hidden states [B, T, D] of a shared-prompt packed batch (data/packing.py)."""
-  branch_BT = batch['packed_branch_BT']
-  out = model.apply({'params': params}, batch['packed_input_ids_BT'], branch_BT >= 0,
-                    positions_BT=batch['packed_positions_BT'], branch_BT=branch_BT, return_logits=False,
-                    return_hidden=True)
+  branch_BT = batch["packed_branch_BT"]
+  out = model.apply(
+      {"params": params},
+      batch["packed_input_ids_BT"],
+      branch_BT >= 0,
+      positions_BT=batch["packed_positions_BT"],
+      branch_BT=branch_BT,
+      return_logits=False,
+      return_hidden=True,
+  )
   return out.hidden_BTD
 
 
 def response_hidden(hidden_BTD: jax.Array, batch: dict[str, jax.Array]) -> jax.Array:
   """Hidden states [B, R, D] at the packed batch's response slots (the LM-head inputs that matter)."""
-  return jnp.take_along_axis(hidden_BTD, batch['response_slot_BR'][..., None], axis=1)
+  return jnp.take_along_axis(hidden_BTD, batch["response_slot_BR"][..., None], axis=1)
 
 
-def packed_pair_logps(model: Any, params: Any, batch: dict[str, jax.Array], chunk_size: int
-                      ) -> dict[str, jax.Array]:
+def packed_pair_logps(model: Any, params: Any, batch: dict[str, jax.Array], chunk_size: int) -> dict[str, jax.Array]:
   """`pair_logps` of a packed batch: one forward, LM head on response slots only."""
   hidden_BRD = response_hidden(packed_forward_hidden(model, params, batch), batch)
-  side_BR = batch['response_side_BR']
+  side_BR = batch["response_side_BR"]
   unembed_DV = unembed(model, params)
-  logps_BR = logprobs_lib.chunked_token_logprobs(hidden_BRD, unembed_DV,
-                                                 jnp.where(side_BR > 0, batch['response_label_BR'], 0),
-                                                 chunk_size=chunk_size)
+  logps_BR = logprobs_lib.chunked_token_logprobs(
+      hidden_BRD, unembed_DV, jnp.where(side_BR > 0, batch["response_label_BR"], 0), chunk_size=chunk_size
+  )
   mean_BR = mean_logit(hidden_BRD, unembed_DV)
   out = {}
   for k, side in enumerate(SIDES, start=1):
-    out[f'{side}_logps_B'] = jnp.sum(jnp.where(side_BR == k, logps_BR, 0.0), axis=-1)
-    out[f'{side}_logit_sum_B'] = jnp.sum(jnp.where(side_BR == k, mean_BR, 0.0), axis=-1)
+    out[f"{side}_logps_B"] = jnp.sum(jnp.where(side_BR == k, logps_BR, 0.0), axis=-1)
+    out[f"{side}_logit_sum_B"] = jnp.sum(jnp.where(side_BR == k, mean_BR, 0.0), axis=-1)
   return out
 
 
@@ -94,7 +102,7 @@ def pair_logps(model: Any, params: Any, batch: dict[str, jax.Array], chunk_size:
     return packed_pair_logps(model, params, batch, chunk_size)
   out = {}
   for side in SIDES:
-    out[f'{side}_logps_B'], out[f'{side}_logit_sum_B'] = side_logps(model, params, batch, side, chunk_size)
+    out[f"{side}_logps_B"], out[f"{side}_logit_sum_B"] = side_logps(model, params, batch, side, chunk_size)
   return out
 
 
@@ -108,8 +116,8 @@ def next_token_outputs(model: Any, params: Any, batch: dict[str, jax.Array]) -> 
 
   Uses the chosen side (the prompt is identical on both sides). Only [B, V] is materialised.
   """
-  hidden_BTD = forward_hidden(model, params, batch['chosen_input_ids_BT'], batch['chosen_attention_mask_BT'])
-  pos_B = last_prompt_position(batch['chosen_loss_mask_BT'])
+  hidden_BTD = forward_hidden(model, params, batch["chosen_input_ids_BT"], batch["chosen_attention_mask_BT"])
+  pos_B = last_prompt_position(batch["chosen_loss_mask_BT"])
   h_BD = jnp.take_along_axis(hidden_BTD, pos_B[:, None, None], axis=1)[:, 0].astype(jnp.float32)
-  logits_BV = jnp.einsum('bd,dv->bv', h_BD, unembed(model, params).astype(jnp.float32))
-  return {'h_BD': h_BD, 'prob_BV': jax.nn.softmax(logits_BV, axis=-1)}
+  logits_BV = jnp.einsum("bd,dv->bv", h_BD, unembed(model, params).astype(jnp.float32))
+  return {"h_BD": h_BD, "prob_BV": jax.nn.softmax(logits_BV, axis=-1)}

@@ -28,7 +28,7 @@ def _check_labels_range(labels_BT, vocab_size: int) -> None:
   if isinstance(labels_BT, np.ndarray) and labels_BT.size:
     lo, hi = int(labels_BT.min()), int(labels_BT.max())
     if lo < 0 or hi >= vocab_size:
-      raise ValueError(f'labels_BT values must lie in [0, {vocab_size}), got min {lo} max {hi}')
+      raise ValueError(f"labels_BT values must lie in [0, {vocab_size}), got min {lo} max {hi}")
 
 
 def _check_masked_labels_range(labels_BT, mask_BT, vocab_size: int) -> None:
@@ -49,8 +49,8 @@ def _pick_logprobs(logits_BTV: jax.Array, labels_BT: jax.Array) -> jax.Array:
 
 def token_logprobs(logits_BTV: jax.Array, labels_BT: jax.Array) -> jax.Array:
   """log softmax(logits_BTV)[b, t, labels_BT[b, t]] -> [B, T] float32 (log-softmax computed in float32)."""
-  check_array('logits_BTV', logits_BTV, rank=3, kind='floating')
-  check_array('labels_BT', labels_BT, shape=tuple(logits_BTV.shape[:2]), kind='integer')
+  check_array("logits_BTV", logits_BTV, rank=3, kind="floating")
+  check_array("labels_BT", labels_BT, shape=tuple(logits_BTV.shape[:2]), kind="integer")
   _check_labels_range(labels_BT, logits_BTV.shape[-1])
   return _pick_logprobs(logits_BTV, jnp.asarray(labels_BT))
 
@@ -61,9 +61,9 @@ def _masked_sum(values_BT: jax.Array, mask_BT: jax.Array) -> jax.Array:
 
 def sequence_logprobs(logits_BTV: jax.Array, labels_BT: jax.Array, mask_BT: jax.Array) -> jax.Array:
   """sum_t mask[b, t] * log pi(labels[b, t] | logits[b, t]) -> [B] float32. Labels where mask is false are unused."""
-  check_array('logits_BTV', logits_BTV, rank=3, kind='floating')
-  check_array('labels_BT', labels_BT, shape=tuple(logits_BTV.shape[:2]), kind='integer')
-  check_array('mask_BT', mask_BT, shape=tuple(logits_BTV.shape[:2]), kind='mask')
+  check_array("logits_BTV", logits_BTV, rank=3, kind="floating")
+  check_array("labels_BT", labels_BT, shape=tuple(logits_BTV.shape[:2]), kind="integer")
+  check_array("mask_BT", mask_BT, shape=tuple(logits_BTV.shape[:2]), kind="mask")
   _check_masked_labels_range(labels_BT, mask_BT, logits_BTV.shape[-1])
   mask_BT = jnp.asarray(mask_BT).astype(bool)
   safe_labels_BT = jnp.where(mask_BT, jnp.asarray(labels_BT), 0)
@@ -71,18 +71,21 @@ def sequence_logprobs(logits_BTV: jax.Array, labels_BT: jax.Array, mask_BT: jax.
 
 
 def _check_chunked_args(hidden_BTD, unembed_DV, labels_BT, chunk_size) -> None:
-  check_array('hidden_BTD', hidden_BTD, rank=3, kind='floating')
-  check_array('unembed_DV', unembed_DV, rank=2, kind='floating')
+  check_array("hidden_BTD", hidden_BTD, rank=3, kind="floating")
+  check_array("unembed_DV", unembed_DV, rank=2, kind="floating")
   if unembed_DV.shape[0] != hidden_BTD.shape[-1]:
-    raise ValueError(f'unembed_DV first dim must equal the hidden size D={hidden_BTD.shape[-1]} of hidden_BTD '
-                     f'({describe(hidden_BTD)}), got unembed_DV {describe(unembed_DV)}')
-  check_array('labels_BT', labels_BT, shape=tuple(hidden_BTD.shape[:2]), kind='integer')
+    raise ValueError(
+        f"unembed_DV first dim must equal the hidden size D={hidden_BTD.shape[-1]} of hidden_BTD "
+        f"({describe(hidden_BTD)}), got unembed_DV {describe(unembed_DV)}"
+    )
+  check_array("labels_BT", labels_BT, shape=tuple(hidden_BTD.shape[:2]), kind="integer")
   if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
-    raise ValueError(f'chunk_size must be a positive int, got {chunk_size!r}')
+    raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
 
 
-def chunked_token_logprobs(hidden_BTD: jax.Array, unembed_DV: jax.Array, labels_BT: jax.Array, *,
-                           chunk_size: int = DEFAULT_CHUNK_SIZE) -> jax.Array:
+def chunked_token_logprobs(
+    hidden_BTD: jax.Array, unembed_DV: jax.Array, labels_BT: jax.Array, *, chunk_size: int = DEFAULT_CHUNK_SIZE
+) -> jax.Array:
   """log softmax(hidden_BTD @ unembed_DV)[labels_BT] -> [B, T] float32, computed chunk_size positions at a time.
 
   The matmul accumulates in float32 (`preferred_element_type`), so bf16 hidden/unembedding give the same
@@ -104,20 +107,25 @@ def chunked_token_logprobs(hidden_BTD: jax.Array, unembed_DV: jax.Array, labels_
   @jax.checkpoint
   def one_chunk(args):
     h_BCD, y_BC = args
-    logits_BCV = jnp.einsum('bcd,dv->bcv', h_BCD, unembed_DV, preferred_element_type=jnp.float32)
+    logits_BCV = jnp.einsum("bcd,dv->bcv", h_BCD, unembed_DV, preferred_element_type=jnp.float32)
     return _pick_logprobs(logits_BCV, y_BC)
 
   out_NBC = jax.lax.map(one_chunk, (hidden_NBCD, labels_NBC))
   return out_NBC.transpose(1, 0, 2).reshape(b, n * c)[:, :t]
 
 
-def chunked_sequence_logprobs(hidden_BTD: jax.Array, unembed_DV: jax.Array, labels_BT: jax.Array,
-                              mask_BT: jax.Array, *, chunk_size: int = DEFAULT_CHUNK_SIZE) -> jax.Array:
+def chunked_sequence_logprobs(
+    hidden_BTD: jax.Array,
+    unembed_DV: jax.Array,
+    labels_BT: jax.Array,
+    mask_BT: jax.Array,
+    *,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> jax.Array:
   """sum over mask of chunked_token_logprobs -> [B] float32. Labels where mask is false are unused."""
   _check_chunked_args(hidden_BTD, unembed_DV, labels_BT, chunk_size)
-  check_array('mask_BT', mask_BT, shape=tuple(hidden_BTD.shape[:2]), kind='mask')
+  check_array("mask_BT", mask_BT, shape=tuple(hidden_BTD.shape[:2]), kind="mask")
   _check_masked_labels_range(labels_BT, mask_BT, unembed_DV.shape[-1])
   mask_BT = jnp.asarray(mask_BT).astype(bool)
   safe_labels_BT = jnp.where(mask_BT, jnp.asarray(labels_BT), 0)
-  return _masked_sum(chunked_token_logprobs(hidden_BTD, unembed_DV, safe_labels_BT, chunk_size=chunk_size),
-                     mask_BT)
+  return _masked_sum(chunked_token_logprobs(hidden_BTD, unembed_DV, safe_labels_BT, chunk_size=chunk_size), mask_BT)

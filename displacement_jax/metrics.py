@@ -13,7 +13,7 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 
-METRICS_FILE = 'metrics.jsonl'
+METRICS_FILE = "metrics.jsonl"
 
 
 def to_python(value: Any) -> Any:
@@ -44,8 +44,9 @@ def read_metrics(path: str) -> list[dict[str, Any]]:
 class MetricsWriter:
   """Append step metrics to metrics.jsonl and TensorBoard (scalars only) under `output_dir`."""
 
-  def __init__(self, output_dir: str, *, tensorboard: bool = True, enabled: bool = True,
-               truncate_after_step: int | None = None):
+  def __init__(
+      self, output_dir: str, *, tensorboard: bool = True, enabled: bool = True, truncate_after_step: int | None = None
+  ):
     """`truncate_after_step`: on resume, drop rows with step > this (they are recomputed)."""
     self.output_dir = output_dir
     self.enabled = enabled
@@ -55,27 +56,27 @@ class MetricsWriter:
       return
     os.makedirs(output_dir, exist_ok=True)
     if truncate_after_step is not None and os.path.exists(self.path):
-      kept = [r for r in read_metrics(self.path) if r.get('step', 0) <= truncate_after_step]
-      with open(self.path, 'w') as f:
-        f.writelines(json.dumps(r) + '\n' for r in kept)
+      kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= truncate_after_step]
+      with open(self.path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in kept)
     elif truncate_after_step is None and os.path.exists(self.path):
       os.remove(self.path)
-    self._file = open(self.path, 'a')
+    self._file = open(self.path, "a")
     if tensorboard:
       import tensorboardX  # pylint: disable=g-import-not-at-top
 
-      self._tb = tensorboardX.SummaryWriter(os.path.join(output_dir, 'tensorboard'))
+      self._tb = tensorboardX.SummaryWriter(os.path.join(output_dir, "tensorboard"))
 
   def write(self, step: int, metrics: Mapping[str, Any]) -> dict[str, Any]:
     """Write one row {'step': step, **metrics}; return the JSON-ready row."""
-    row = {'step': int(step), **{k: to_python(v) for k, v in metrics.items()}}
+    row = {"step": int(step), **{k: to_python(v) for k, v in metrics.items()}}
     if not self.enabled:
       return row
-    self._file.write(json.dumps(row) + '\n')
+    self._file.write(json.dumps(row) + "\n")
     self._file.flush()
     if self._tb is not None:
       for key, value in row.items():
-        if key != 'step' and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
           self._tb.add_scalar(key, value, int(step))
     return row
 
@@ -87,14 +88,14 @@ class MetricsWriter:
       self._tb.flush()
       self._tb.close()
 
-  def __enter__(self) -> 'MetricsWriter':
+  def __enter__(self) -> "MetricsWriter":
     return self
 
   def __exit__(self, *exc) -> None:
     self.close()
 
 
-def progress_bar(total: int, initial: int = 0, *, enabled: bool = True, desc: str = 'train'):
+def progress_bar(total: int, initial: int = 0, *, enabled: bool = True, desc: str = "train"):
   """A tqdm bar over optimizer steps (disabled: a no-op object with the same methods)."""
   from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
 
@@ -106,5 +107,5 @@ def postfix(metrics: Mapping[str, Any], keys: Iterable[str]) -> dict[str, str]:
   out = {}
   for key in keys:
     if key in metrics:
-      out[key.split('/')[-1]] = f'{float(metrics[key]):.4g}'
+      out[key.split("/")[-1]] = f"{float(metrics[key]):.4g}"
   return out

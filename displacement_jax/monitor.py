@@ -18,7 +18,7 @@ from typing import Any, Sequence
 import numpy as np
 from displacement_jax import theory
 
-PREFIX = 'monitor/'
+PREFIX = "monitor/"
 # A preferred log-prob counts as fallen (Definition 1) only when it is below its reference by more than
 # FALL_RTOL * max(1, |reference|): float32 log-prob sums carry rounding noise of that relative size.
 FALL_RTOL = 1e-5
@@ -39,27 +39,28 @@ def share_preferred_fell(preferred_change_B: np.ndarray, preferred_ref_B: np.nda
   float noise floor `fell` (relative to |reference|; without `preferred_ref_B`, relative to 1 nat)."""
   change = np.asarray(preferred_change_B, np.float64)
   if change.ndim != 1 or change.size == 0:
-    raise ValueError(f'preferred_change_B must be a non-empty 1-D array, got shape {change.shape}')
+    raise ValueError(f"preferred_change_B must be a non-empty 1-D array, got shape {change.shape}")
   ref = np.zeros_like(change) if preferred_ref_B is None else np.asarray(preferred_ref_B, np.float64)
   return float(np.mean(fell(change, ref)))
 
 
-def logprob_change_stats(pos_B: np.ndarray, neg_B: np.ndarray, pos_ref_B: np.ndarray,
-                         neg_ref_B: np.ndarray) -> dict[str, float]:
+def logprob_change_stats(
+    pos_B: np.ndarray, neg_B: np.ndarray, pos_ref_B: np.ndarray, neg_ref_B: np.ndarray
+) -> dict[str, float]:
   """Mean preferred / dispreferred sequence log-prob change vs the reference and the Definition-1 share."""
-  arrays = {'pos_B': pos_B, 'neg_B': neg_B, 'pos_ref_B': pos_ref_B, 'neg_ref_B': neg_ref_B}
+  arrays = {"pos_B": pos_B, "neg_B": neg_B, "pos_ref_B": pos_ref_B, "neg_ref_B": neg_ref_B}
   shapes = {k: np.shape(v) for k, v in arrays.items()}
-  if len(set(shapes.values())) != 1 or len(shapes['pos_B']) != 1:
-    raise ValueError(f'logprob_change_stats needs equal 1-D arrays, got {shapes}')
+  if len(set(shapes.values())) != 1 or len(shapes["pos_B"]) != 1:
+    raise ValueError(f"logprob_change_stats needs equal 1-D arrays, got {shapes}")
   pos_change = np.asarray(pos_B, np.float64) - np.asarray(pos_ref_B, np.float64)
   neg_change = np.asarray(neg_B, np.float64) - np.asarray(neg_ref_B, np.float64)
   return {
-      PREFIX + 'preferred_logprob_change': float(pos_change.mean()),
-      PREFIX + 'dispreferred_logprob_change': float(neg_change.mean()),
-      PREFIX + 'margin_change': float((pos_change - neg_change).mean()),
-      PREFIX + 'share_preferred_fell': share_preferred_fell(pos_change, pos_ref_B),
-      PREFIX + 'preferred_logprob': float(np.mean(pos_B)),
-      PREFIX + 'dispreferred_logprob': float(np.mean(neg_B)),
+      PREFIX + "preferred_logprob_change": float(pos_change.mean()),
+      PREFIX + "dispreferred_logprob_change": float(neg_change.mean()),
+      PREFIX + "margin_change": float((pos_change - neg_change).mean()),
+      PREFIX + "share_preferred_fell": share_preferred_fell(pos_change, pos_ref_B),
+      PREFIX + "preferred_logprob": float(np.mean(pos_B)),
+      PREFIX + "dispreferred_logprob": float(np.mean(neg_B)),
   }
 
 
@@ -67,9 +68,9 @@ def top_k_gainers(prob_V: np.ndarray, prob_ref_V: np.ndarray, k: int, exclude: S
   """Token ids of the k largest probability increases prob_V - prob_ref_V (ties: lower id first)."""
   prob_V, prob_ref_V = np.asarray(prob_V, np.float64), np.asarray(prob_ref_V, np.float64)
   if prob_V.shape != prob_ref_V.shape or prob_V.ndim != 1:
-    raise ValueError(f'prob_V and prob_ref_V must be equal 1-D arrays, got {prob_V.shape} and {prob_ref_V.shape}')
+    raise ValueError(f"prob_V and prob_ref_V must be equal 1-D arrays, got {prob_V.shape} and {prob_ref_V.shape}")
   if not 0 < k <= prob_V.size:
-    raise ValueError(f'top_k must be in [1, {prob_V.size}], got {k}')
+    raise ValueError(f"top_k must be in [1, {prob_V.size}], got {k}")
   gain = prob_V - prob_ref_V
   gain[np.asarray(list(exclude), np.int64)] = -np.inf
   order = np.lexsort((np.arange(gain.size), -gain))
@@ -80,7 +81,7 @@ def top_k_overlap(measured: Sequence[int], predicted: Sequence[int]) -> float:
   """|measured ∩ predicted| / |measured|: agreement between observed and predicted top-k gainers."""
   measured, predicted = list(measured), list(predicted)
   if not measured or len(measured) != len(predicted):
-    raise ValueError(f'top-k lists must be non-empty and of equal length, got {len(measured)} and {len(predicted)}')
+    raise ValueError(f"top-k lists must be non-empty and of equal length, got {len(measured)} and {len(predicted)}")
   return len(set(measured) & set(predicted)) / len(measured)
 
 
@@ -92,10 +93,10 @@ def unembedding_metrics(W_VD: np.ndarray, y_pos: int, y_neg: int) -> dict[str, f
   """
   W = np.asarray(W_VD, np.float64)
   if W.ndim != 2:
-    raise ValueError(f'W_VD must be [vocab, hidden], got shape {W.shape}')
-  for name, y in (('y_pos', y_pos), ('y_neg', y_neg)):
+    raise ValueError(f"W_VD must be [vocab, hidden], got shape {W.shape}")
+  for name, y in (("y_pos", y_pos), ("y_neg", y_neg)):
     if not 0 <= int(y) < W.shape[0]:
-      raise ValueError(f'{name}={y} is outside the vocabulary of W_VD with shape {W.shape}')
+      raise ValueError(f"{name}={y} is outside the vocabulary of W_VD with shape {W.shape}")
   w_pos, w_neg = W[int(y_pos)], W[int(y_neg)]
   diff = w_pos - w_neg
   pos_norm = float(np.linalg.norm(w_pos))
@@ -103,16 +104,17 @@ def unembedding_metrics(W_VD: np.ndarray, y_pos: int, y_neg: int) -> dict[str, f
   proj = float(diff @ unit)
   orth = diff - proj * unit
   return {
-      PREFIX + 'w_pos_norm': pos_norm,
-      PREFIX + 'w_neg_norm': float(np.linalg.norm(w_neg)),
-      PREFIX + 'w_pos_dot_w_neg': float(w_pos @ w_neg),
-      PREFIX + 'w_diff_proj_on_pos': proj,
-      PREFIX + 'w_diff_orth_norm': float(np.linalg.norm(orth)),
+      PREFIX + "w_pos_norm": pos_norm,
+      PREFIX + "w_neg_norm": float(np.linalg.norm(w_neg)),
+      PREFIX + "w_pos_dot_w_neg": float(w_pos @ w_neg),
+      PREFIX + "w_diff_proj_on_pos": proj,
+      PREFIX + "w_diff_orth_norm": float(np.linalg.norm(orth)),
   }
 
 
-def predicted_gainers(W_VD: np.ndarray, h_ND: np.ndarray, y_pos_N: np.ndarray, y_neg_N: np.ndarray,
-                      prob_NV: np.ndarray, k: int) -> np.ndarray:
+def predicted_gainers(
+    W_VD: np.ndarray, h_ND: np.ndarray, y_pos_N: np.ndarray, y_neg_N: np.ndarray, prob_NV: np.ndarray, k: int
+) -> np.ndarray:
   """Top-k tokens the unconstrained-features theory predicts to gain most (Theorem 2), excluding y+/y-.
 
   For several samples the predicted d/dt ln pi(z) rates (`theory.token_rates`) are averaged over samples
@@ -123,7 +125,7 @@ def predicted_gainers(W_VD: np.ndarray, h_ND: np.ndarray, y_pos_N: np.ndarray, y
   h_ND, prob_NV = np.asarray(h_ND, np.float32), np.asarray(prob_NV, np.float32)
   y_pos_N, y_neg_N = np.asarray(y_pos_N).reshape(-1), np.asarray(y_neg_N).reshape(-1)
   if h_ND.ndim != 2 or h_ND.shape[1] != W.shape[1]:
-    raise ValueError(f'h_ND must be [N, {W.shape[1]}], got shape {h_ND.shape}')
+    raise ValueError(f"h_ND must be [N, {W.shape[1]}], got shape {h_ND.shape}")
   if len(y_pos_N) == 1:
     ranked = np.asarray(theory.rank_gainers(W, h_ND[0], int(y_pos_N[0]), int(y_neg_N[0])))
     return ranked[:k]
@@ -135,25 +137,37 @@ def predicted_gainers(W_VD: np.ndarray, h_ND: np.ndarray, y_pos_N: np.ndarray, y
   return np.lexsort((np.arange(rates.size), -rates))[:k]
 
 
-def single_token_report(prob_now_NV: np.ndarray, prob_ref_V: np.ndarray, predicted_top_k: np.ndarray,
-                        y_pos_N: np.ndarray, y_neg_N: np.ndarray, k: int,
-                        token_names: Sequence[str] | None = None) -> dict[str, Any]:
+def single_token_report(
+    prob_now_NV: np.ndarray,
+    prob_ref_V: np.ndarray,
+    predicted_top_k: np.ndarray,
+    y_pos_N: np.ndarray,
+    y_neg_N: np.ndarray,
+    k: int,
+    token_names: Sequence[str] | None = None,
+) -> dict[str, Any]:
   """Measured top-k gainers (mean probability change over samples) beside the predicted ones, and overlap."""
   exclude = sorted(set(np.asarray(y_pos_N).reshape(-1).tolist()) | set(np.asarray(y_neg_N).reshape(-1).tolist()))
   measured = top_k_gainers(np.asarray(prob_now_NV, np.float64).mean(0), prob_ref_V, k, exclude)
   out: dict[str, Any] = {
-      PREFIX + 'top_k_gainers': [int(t) for t in measured],
-      PREFIX + 'top_k_predicted': [int(t) for t in predicted_top_k],
-      PREFIX + 'top_k_overlap': top_k_overlap(measured, predicted_top_k),
+      PREFIX + "top_k_gainers": [int(t) for t in measured],
+      PREFIX + "top_k_predicted": [int(t) for t in predicted_top_k],
+      PREFIX + "top_k_overlap": top_k_overlap(measured, predicted_top_k),
   }
   if token_names is not None:
-    out[PREFIX + 'top_k_gainers_tokens'] = [token_names[int(t)] for t in measured]
-    out[PREFIX + 'top_k_predicted_tokens'] = [token_names[int(t)] for t in predicted_top_k]
+    out[PREFIX + "top_k_gainers_tokens"] = [token_names[int(t)] for t in measured]
+    out[PREFIX + "top_k_predicted_tokens"] = [token_names[int(t)] for t in predicted_top_k]
   return out
 
 
-def displacement_warning(step: int, loss: float, preferred_change: float, prev_loss: float | None,
-                         prev_preferred_change: float | None, nats: float = WARNING_NATS) -> str | None:
+def displacement_warning(
+    step: int,
+    loss: float,
+    preferred_change: float,
+    prev_loss: float | None,
+    prev_preferred_change: float | None,
+    nats: float = WARNING_NATS,
+) -> str | None:
   """A warning line when the loss fell since the previous eval while the mean preferred log-prob is below its
   reference by more than `nats` and lower than at the previous eval (likelihood displacement under way).
 
@@ -165,22 +179,29 @@ def displacement_warning(step: int, loss: float, preferred_change: float, prev_l
     return None
   prev_pref = 0.0 if prev_preferred_change is None else prev_preferred_change
   if loss < prev_loss and preferred_change < -nats and preferred_change < prev_pref:
-    since = 'the start' if prev_preferred_change is None else 'the previous eval'
-    return (f'WARNING likelihood displacement at step {step}: loss fell {prev_loss:.4g} -> {loss:.4g} while the '
-            f'mean preferred log-prob fell since {since} ({prev_pref:+.4g} -> {preferred_change:+.4g} vs reference)')
+    since = "the start" if prev_preferred_change is None else "the previous eval"
+    return (
+        f"WARNING likelihood displacement at step {step}: loss fell {prev_loss:.4g} -> {loss:.4g} while the "
+        f"mean preferred log-prob fell since {since} ({prev_pref:+.4g} -> {preferred_change:+.4g} vs reference)"
+    )
   return None
 
 
 def format_line(step: int, metrics: dict[str, Any]) -> str:
   """One human-readable line of a monitor evaluation (the keys present in `metrics`)."""
   parts = []
-  for key, label, fmt in (('monitor/loss', 'loss', '.4f'), ('monitor/preferred_logprob_change', 'dlogp(y+)', '+.4f'),
-                          ('monitor/dispreferred_logprob_change', 'dlogp(y-)', '+.4f'),
-                          ('monitor/share_preferred_fell', 'share y+ fell', '.2f'),
-                          ('monitor/preferred_prob', 'p(y+)', '.4f'), ('monitor/top_k_overlap', 'top-k overlap', '.2f')):
+  for key, label, fmt in (
+      ("monitor/loss", "loss", ".4f"),
+      ("monitor/preferred_logprob_change", "dlogp(y+)", "+.4f"),
+      ("monitor/dispreferred_logprob_change", "dlogp(y-)", "+.4f"),
+      ("monitor/share_preferred_fell", "share y+ fell", ".2f"),
+      ("monitor/preferred_prob", "p(y+)", ".4f"),
+      ("monitor/top_k_overlap", "top-k overlap", ".2f"),
+  ):
     if key in metrics:
-      parts.append(f'{label} {format(float(metrics[key]), fmt)}')
-  if PREFIX + 'top_k_gainers_tokens' in metrics:
-    parts.append(f"gainers {metrics[PREFIX + 'top_k_gainers_tokens']} "
-                 f"predicted {metrics[PREFIX + 'top_k_predicted_tokens']}")
-  return f'monitor step {step}: ' + ' | '.join(parts)
+      parts.append(f"{label} {format(float(metrics[key]), fmt)}")
+  if PREFIX + "top_k_gainers_tokens" in metrics:
+    parts.append(
+        f"gainers {metrics[PREFIX + 'top_k_gainers_tokens']} " f"predicted {metrics[PREFIX + 'top_k_predicted_tokens']}"
+    )
+  return f"monitor step {step}: " + " | ".join(parts)

@@ -9,9 +9,16 @@ import numpy as np
 from tqdm.auto import tqdm
 
 
-def batched_pass(fn: Callable[[Any, Any], Any], params: Any, plan: Sequence[tuple[np.ndarray, int]],
-                 build: Callable[[np.ndarray, int], tuple[Any, Any]], put: Callable[[Any], Any], *, desc: str,
-                 progress: bool = True) -> Iterator[tuple[np.ndarray, Any, Any]]:
+def batched_pass(
+    fn: Callable[[Any, Any], Any],
+    params: Any,
+    plan: Sequence[tuple[np.ndarray, int]],
+    build: Callable[[np.ndarray, int], tuple[Any, Any]],
+    put: Callable[[Any], Any],
+    *,
+    desc: str,
+    progress: bool = True,
+) -> Iterator[tuple[np.ndarray, Any, Any]]:
   """Yield (rows, host batch, host outputs) for every (rows, padded length) of `plan`.
 
   `build(rows, pad_to)` gives (the host batch, the part that goes to the device); `put` places the latter (e.g.

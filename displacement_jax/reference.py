@@ -22,7 +22,7 @@ import numpy as np
 from displacement_jax import evaluation, passes, runtime, sharding
 from displacement_jax.data.layout import fill_rows, plan_batches, round_up
 
-CACHE_PREFIX = 'reference_'
+CACHE_PREFIX = "reference_"
 
 
 def hash_arrays(arrays: Iterable[np.ndarray]) -> str:
@@ -30,7 +30,7 @@ def hash_arrays(arrays: Iterable[np.ndarray]) -> str:
   digest = hashlib.sha256()
   for arr in arrays:
     arr = np.ascontiguousarray(arr)
-    digest.update(f'{arr.dtype.str}{arr.shape}'.encode())
+    digest.update(f"{arr.dtype.str}{arr.shape}".encode())
     digest.update(arr.tobytes())
   return digest.hexdigest()
 
@@ -42,15 +42,21 @@ def hash_pairs(pairs: Iterable[Any]) -> str:
   """
   digest = hashlib.sha256()
   for pair in pairs:
-    fields = pair._asdict() if hasattr(pair, '_asdict') else (
-        {f.name: getattr(pair, f.name) for f in dataclasses.fields(pair)} if dataclasses.is_dataclass(pair)
-        else vars(pair))
+    fields = (
+        pair._asdict()
+        if hasattr(pair, "_asdict")
+        else (
+            {f.name: getattr(pair, f.name) for f in dataclasses.fields(pair)}
+            if dataclasses.is_dataclass(pair)
+            else vars(pair)
+        )
+    )
     for name in sorted(fields):
       value = fields[name]
       digest.update(name.encode())
       if isinstance(value, (np.ndarray, list, tuple)) and _is_numeric(value):
         arr = np.ascontiguousarray(np.asarray(value))
-        digest.update(f'{arr.dtype.str}{arr.shape}'.encode())
+        digest.update(f"{arr.dtype.str}{arr.shape}".encode())
         digest.update(arr.tobytes())
       else:
         digest.update(repr(value).encode())
@@ -59,7 +65,7 @@ def hash_pairs(pairs: Iterable[Any]) -> str:
 
 def _is_numeric(value: Any) -> bool:
   try:
-    return np.asarray(value).dtype.kind in 'biuf'
+    return np.asarray(value).dtype.kind in "biuf"
   except (ValueError, TypeError):
     return False
 
@@ -71,7 +77,7 @@ def cache_key(**parts: Any) -> str:
 
 
 def cache_path(cache_dir: str, key: str) -> str:
-  return os.path.join(cache_dir, f'{CACHE_PREFIX}{key[:32]}.npz')
+  return os.path.join(cache_dir, f"{CACHE_PREFIX}{key[:32]}.npz")
 
 
 def load_cache(cache_dir: str, key: str) -> dict[str, np.ndarray] | None:
@@ -81,7 +87,7 @@ def load_cache(cache_dir: str, key: str) -> dict[str, np.ndarray] | None:
     return None
   with np.load(path) as data:
     arrays = {k: data[k] for k in data.files}
-  if str(arrays.pop('__key__', '')) != key:
+  if str(arrays.pop("__key__", "")) != key:
     return None
   return arrays
 
@@ -90,14 +96,19 @@ def save_cache(cache_dir: str, key: str, arrays: Mapping[str, np.ndarray]) -> st
   """Write arrays atomically to the cache file of `key`; return its path."""
   os.makedirs(cache_dir, exist_ok=True)
   path = cache_path(cache_dir, key)
-  tmp = path + '.tmp.npz'
+  tmp = path + ".tmp.npz"
   np.savez(tmp, __key__=np.asarray(key), **{k: np.asarray(v) for k, v in arrays.items()})
   os.replace(tmp, path)
   return path
 
 
-def cached_reference(cache_dir: str | None, key: str, compute: Callable[[], Mapping[str, np.ndarray]],
-                     *, log: Callable[[str], None] = logging.info) -> tuple[dict[str, np.ndarray], bool]:
+def cached_reference(
+    cache_dir: str | None,
+    key: str,
+    compute: Callable[[], Mapping[str, np.ndarray]],
+    *,
+    log: Callable[[str], None] = logging.info,
+) -> tuple[dict[str, np.ndarray], bool]:
   """(arrays, from_cache): load the arrays of `key` from `cache_dir` or compute and store them.
 
   `cache_dir=None` disables the cache (always computes, never writes).
@@ -105,20 +116,27 @@ def cached_reference(cache_dir: str | None, key: str, compute: Callable[[], Mapp
   if cache_dir:
     arrays = load_cache(cache_dir, key)
     if arrays is not None:
-      log(f'reference log-probs: reusing cache {cache_path(cache_dir, key)}')
+      log(f"reference log-probs: reusing cache {cache_path(cache_dir, key)}")
       return arrays, True
   arrays = {k: np.asarray(v) for k, v in compute().items()}
   if cache_dir:
     path = save_cache(cache_dir, key, arrays)
-    log(f'reference log-probs: computed and cached to {path}')
+    log(f"reference log-probs: computed and cached to {path}")
   else:
-    log('reference log-probs: computed (cache disabled)')
+    log("reference log-probs: computed (cache disabled)")
   return arrays, False
 
 
-def compute_or_load(loaded: runtime.Loaded, dataset: runtime.Dataset, monitor_rows: np.ndarray,
-                    config: ml_collections.ConfigDict, fns: Any, mesh: Any, *,
-                    log: Callable[[str], None] = logging.info) -> tuple[dict[str, np.ndarray], bool]:
+def compute_or_load(
+    loaded: runtime.Loaded,
+    dataset: runtime.Dataset,
+    monitor_rows: np.ndarray,
+    config: ml_collections.ConfigDict,
+    fns: Any,
+    mesh: Any,
+    *,
+    log: Callable[[str], None] = logging.info,
+) -> tuple[dict[str, np.ndarray], bool]:
   """(arrays, from_cache): reference log-probs of every pair, the monitor's own baseline, and in single-token
   mode the monitor's mean next-token distribution, all with the initial params, cached on disk.
 
@@ -127,39 +145,56 @@ def compute_or_load(loaded: runtime.Loaded, dataset: runtime.Dataset, monitor_ro
   in for the reference values), so its change at step 0 is exactly 0.
   """
   key = cache_key(
-      model=loaded.identity, data=hash_pairs(dataset.pairs), data_path=config.data.path,
-      n=len(dataset.pairs), max_length=int(config.data.max_length), format=config.data.format,
-      single_token=bool(config.data.single_token), monitor_rows=hash_arrays([monitor_rows]),
-      chunk=int(config.logprob_chunk_size), monitor_baseline=1)
+      model=loaded.identity,
+      data=hash_pairs(dataset.pairs),
+      data_path=config.data.path,
+      n=len(dataset.pairs),
+      max_length=int(config.data.max_length),
+      format=config.data.format,
+      single_token=bool(config.data.single_token),
+      monitor_rows=hash_arrays([monitor_rows]),
+      chunk=int(config.logprob_chunk_size),
+      monitor_baseline=1,
+  )
   cache_dir = None
-  if config.reference.get('cache', True):
-    cache_dir = config.reference.get('cache_dir') or os.path.join(config.output_dir, 'reference_cache')
+  if config.reference.get("cache", True):
+    cache_dir = config.reference.get("cache_dir") or os.path.join(config.output_dir, "reference_cache")
   dp = sharding.data_parallel_size(mesh)
   put = lambda b: sharding.global_batch_to_devices(b, mesh)
 
   def compute() -> dict[str, np.ndarray]:
-    bs = round_up(int(config.reference.get('batch_size') or max(config.batch_size // config.optim.grad_accum, 1)), dp)
+    bs = round_up(int(config.reference.get("batch_size") or max(config.batch_size // config.optim.grad_accum, 1)), dp)
     n = len(dataset.pairs)
     chosen, rejected = np.zeros(n, np.float32), np.zeros(n, np.float32)
 
     def build(rows, _):
-      batch = runtime.pack_for_logps(runtime.collate([dataset.pairs[i] for i in fill_rows(rows, bs)], dataset.pad_id,
-                                                     config), dataset.pad_id, config)
+      batch = runtime.pack_for_logps(
+          runtime.collate([dataset.pairs[i] for i in fill_rows(rows, bs)], dataset.pad_id, config),
+          dataset.pad_id,
+          config,
+      )
       return batch, batch
 
-    for rows, _, out in passes.batched_pass(fns.logps, loaded.params, plan_batches(np.ones(n), bs, 1, bucketed=False),
-                                            build, put, desc='reference', progress=bool(config.get('progress', True))):
-      chosen[rows] = out['chosen_logps_B'][:len(rows)]
-      rejected[rows] = out['rejected_logps_B'][:len(rows)]
-    arrays = {'chosen_ref_logps': chosen, 'rejected_ref_logps': rejected}
-    placeholder = {'chosen_ref_logps': np.zeros(n, np.float32), 'rejected_ref_logps': np.zeros(n, np.float32)}
+    for rows, _, out in passes.batched_pass(
+        fns.logps,
+        loaded.params,
+        plan_batches(np.ones(n), bs, 1, bucketed=False),
+        build,
+        put,
+        desc="reference",
+        progress=bool(config.get("progress", True)),
+    ):
+      chosen[rows] = out["chosen_logps_B"][: len(rows)]
+      rejected[rows] = out["rejected_logps_B"][: len(rows)]
+    arrays = {"chosen_ref_logps": chosen, "rejected_ref_logps": rejected}
+    placeholder = {"chosen_ref_logps": np.zeros(n, np.float32), "rejected_ref_logps": np.zeros(n, np.float32)}
     batch = put(evaluation.monitor_batch(dataset, monitor_rows, config, dp, placeholder))
     base = jax.device_get(fns.logps(loaded.params, batch))
-    arrays['monitor_chosen_ref_logps'] = np.asarray(base['chosen_logps_B'][:len(monitor_rows)], np.float32)
-    arrays['monitor_rejected_ref_logps'] = np.asarray(base['rejected_logps_B'][:len(monitor_rows)], np.float32)
+    arrays["monitor_chosen_ref_logps"] = np.asarray(base["chosen_logps_B"][: len(monitor_rows)], np.float32)
+    arrays["monitor_rejected_ref_logps"] = np.asarray(base["rejected_logps_B"][: len(monitor_rows)], np.float32)
     if fns.next_token is not None:
-      probs = np.asarray(jax.device_get(fns.next_token(loaded.params, batch))['prob_BV'])[:len(monitor_rows)]
-      arrays['monitor_ref_prob_V'] = probs.mean(0)
+      probs = np.asarray(jax.device_get(fns.next_token(loaded.params, batch))["prob_BV"])[: len(monitor_rows)]
+      arrays["monitor_ref_prob_V"] = probs.mean(0)
     return arrays
 
   return cached_reference(cache_dir, key, compute, log=log)

@@ -26,6 +26,7 @@ from displacement_jax.testing import tiny
 @dataclasses.dataclass
 class Loaded:
   """A model ready to use: flax module, initial params, ModelConfig, tokenizer and its identity."""
+
   model: Any
   params: Any
   model_config: Any
@@ -37,46 +38,58 @@ def load_model(config: ml_collections.ConfigDict, mesh: Any = None) -> Loaded:
   """Tiny random model (`model.tiny`) or a checkpoint (`model.path`: packaged name, .gguf, HF dir, hub id),
   its tokenizer, and the special tokens of `data.add_special_tokens`."""
   mc = config.model
-  dtype, param_dtype, remat = mc.dtype, mc.get('param_dtype') or mc.dtype, bool(mc.get('remat', False))
-  freeze_pad = bool(mc.get('freeze_pad_embedding', False))
-  if mc.get('tiny'):
-    tokenizer = tokenizer_lib.load_tokenizer(mc.tokenizer) if mc.get('tokenizer') else tiny.build_tiny_tokenizer()
-    hf_config = tiny.tiny_hf_config(mc.tiny, **({'vocab_size': int(mc.tiny_vocab_size)}
-                                                 if mc.get('tiny_vocab_size') else {}))
+  dtype, param_dtype, remat = mc.dtype, mc.get("param_dtype") or mc.dtype, bool(mc.get("remat", False))
+  freeze_pad = bool(mc.get("freeze_pad_embedding", False))
+  if mc.get("tiny"):
+    tokenizer = tokenizer_lib.load_tokenizer(mc.tokenizer) if mc.get("tokenizer") else tiny.build_tiny_tokenizer()
+    hf_config = tiny.tiny_hf_config(
+        mc.tiny, **({"vocab_size": int(mc.tiny_vocab_size)} if mc.get("tiny_vocab_size") else {})
+    )
     model_config = models.ModelConfig.from_hf(hf_config, dtype=dtype, param_dtype=param_dtype, remat=remat)
     model = models.Transformer(model_config)
     ids = jnp.zeros((1, 4), jnp.int32)
-    params = jax.jit(lambda k: model.init(k, ids, jnp.ones((1, 4), bool))['params'])(
-        jax.random.key(int(mc.seed)))
-    identity = {'tiny': mc.tiny, 'hf_config': hf_config, 'seed': int(mc.seed)}
+    params = jax.jit(lambda k: model.init(k, ids, jnp.ones((1, 4), bool))["params"])(jax.random.key(int(mc.seed)))
+    identity = {"tiny": mc.tiny, "hf_config": hf_config, "seed": int(mc.seed)}
   else:
-    model, params, model_config = models.load(mc.path, dtype=dtype, param_dtype=param_dtype, mesh=mesh, remat=remat,
-                                              progress=bool(config.get('progress', True)))
-    tokenizer = tokenizer_lib.load_tokenizer(mc.get('tokenizer') or mc.path)
-    identity = {'path': os.path.abspath(mc.path) if os.path.exists(mc.path) else mc.path}
+    model, params, model_config = models.load(
+        mc.path,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        mesh=mesh,
+        remat=remat,
+        progress=bool(config.get("progress", True)),
+    )
+    tokenizer = tokenizer_lib.load_tokenizer(mc.get("tokenizer") or mc.path)
+    identity = {"path": os.path.abspath(mc.path) if os.path.exists(mc.path) else mc.path}
     if packaged.is_gguf(mc.path):  # a packaged name: the file it resolves to and its size identify the weights
       file = packaged.resolve_gguf(mc.path)
       identity.update(file=os.path.abspath(file), file_size=os.path.getsize(file))
-  identity.update(dtype=dtype, param_dtype=param_dtype, tokenizer=mc.get('tokenizer') or '',
-                  tokenizer_vocab=len(tokenizer))
-  if config.data.get('add_special_tokens'):
+  identity.update(
+      dtype=dtype, param_dtype=param_dtype, tokenizer=mc.get("tokenizer") or "", tokenizer_vocab=len(tokenizer)
+  )
+  if config.data.get("add_special_tokens"):
     tokenizer, params, model_config = tokenizer_lib.add_special_tokens_and_resize(
-        tokenizer, params, model_config, seed=int(config.seed))
+        tokenizer, params, model_config, seed=int(config.seed)
+    )
     model = models.Transformer(model_config)
-    identity['special_tokens_seed'] = int(config.seed)
+    identity["special_tokens_seed"] = int(config.seed)
   if freeze_pad:  # HF/TRL behaviour: the pad token's input-embedding row gets no gradient from lookups
     model_config = model_config.replace(freeze_pad_embedding=True)
     model = models.Transformer(model_config)
-    identity['freeze_pad_embedding'] = True
-  tokenize.check_vocab(tokenizer, model_config.vocab_size,
-                       source=f'tokenizer/model vocabulary mismatch (model {mc.get("path") or mc.get("tiny")!r}, '
-                              f'tokenizer {mc.get("tokenizer") or "of the model"!r})')
+    identity["freeze_pad_embedding"] = True
+  tokenize.check_vocab(
+      tokenizer,
+      model_config.vocab_size,
+      source=f'tokenizer/model vocabulary mismatch (model {mc.get("path") or mc.get("tiny")!r}, '
+      f'tokenizer {mc.get("tokenizer") or "of the model"!r})',
+  )
   return Loaded(model, params, model_config, tokenizer, identity)
 
 
 @dataclasses.dataclass
 class Dataset:
   """Tokenized preference pairs, the truncation report, the pad id and row index -> position in `pairs`."""
+
   pairs: list[Any]
   truncation: dict[str, Any]
   pad_id: int
@@ -91,34 +104,49 @@ def load_data(config: ml_collections.ConfigDict, tokenizer: Any, vocab_size: int
   that leaves no room for a response always raises DataError.
   """
   dc = config.data
-  examples = schema.load_preference_data(dc.path, split=dc.get('split') or None, schema=dc.get('schema', 'auto'),
-                                         limit=int(dc.limit) or None, seed=int(config.seed))
+  examples = schema.load_preference_data(
+      dc.path,
+      split=dc.get("split") or None,
+      schema=dc.get("schema", "auto"),
+      limit=int(dc.limit) or None,
+      seed=int(config.seed),
+  )
   if not examples:
-    raise ValueError(f'config.data.path={dc.path!r} holds no preference rows')
-  pairs, report = tokenize.tokenize_dataset(examples, tokenizer, max_length=int(dc.max_length), format=dc.format,
-                                            truncation=dc.get('truncation', 'truncate_response'),
-                                            single_token=bool(dc.single_token),
-                                            tokenization=dc.get('tokenization', 'separate'))
+    raise ValueError(f"config.data.path={dc.path!r} holds no preference rows")
+  pairs, report = tokenize.tokenize_dataset(
+      examples,
+      tokenizer,
+      max_length=int(dc.max_length),
+      format=dc.format,
+      truncation=dc.get("truncation", "truncate_response"),
+      single_token=bool(dc.single_token),
+      tokenization=dc.get("tokenization", "separate"),
+  )
   tokenize.check_pair_ids(pairs, vocab_size, source=str(dc.path))
   position_of = {int(p.index): i for i, p in enumerate(pairs)}
   if len(position_of) != len(pairs):
-    raise ValueError(f'config.data.path={dc.path!r}: row indices of the tokenized pairs are not unique')
+    raise ValueError(f"config.data.path={dc.path!r}: row indices of the tokenized pairs are not unique")
   return Dataset(list(pairs), dataclasses.asdict(report), pad_id_of(tokenizer), position_of)
 
 
 def collate(pairs: Sequence[Any], pad_id: int, config: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
   """Collate tokenized pairs into the batch contract, padded to max_length (one compiled shape)."""
-  return batching.collate(list(pairs), pad_id=pad_id, padding_side=config.data.get('padding_side', 'right'),
-                          pad_to=int(config.data.max_length))
+  return batching.collate(
+      list(pairs),
+      pad_id=pad_id,
+      padding_side=config.data.get("padding_side", "right"),
+      pad_to=int(config.data.max_length),
+  )
 
 
 def packing_enabled(config: ml_collections.ConfigDict) -> bool:
   """config.data.shared_prompt_packing: train and compute reference log-probs on packed rows (data/packing.py)."""
-  return bool(config.data.get('shared_prompt_packing', True))
+  return bool(config.data.get("shared_prompt_packing", True))
 
 
-def pack_for_logps(batch: dict[str, np.ndarray], pad_id: int, config: ml_collections.ConfigDict
-                   ) -> dict[str, np.ndarray]:
+def pack_for_logps(
+    batch: dict[str, np.ndarray], pad_id: int, config: ml_collections.ConfigDict
+) -> dict[str, np.ndarray]:
   """The packed layout of a collated batch when packing is on (T and R rounded up to 64: few compiles)."""
   if not packing_enabled(config):
     return batch

@@ -37,10 +37,10 @@ from displacement_jax.data import batching, tokenize
 from displacement_jax.data import packing as packing_lib
 from displacement_jax.data.layout import bucket_length, fill_rows, pad_id_of, plan_batches, round_up
 
-MEASURES = ('ches', 'ln_ches', 'minus_normalized_edit_distance', 'last_hidden_inner_product')
-SIDES = ('chosen', 'rejected')
+MEASURES = ("ches", "ln_ches", "minus_normalized_edit_distance", "last_hidden_inner_product")
+SIDES = ("chosen", "rejected")
 # [B] bool batch keys: drop the appended EOS from the last-hidden measure's positions (see the module docstring).
-DROP_EOS = {side: f'{side}_ends_eos_B' for side in SIDES}
+DROP_EOS = {side: f"{side}_ends_eos_B" for side in SIDES}
 
 
 def trim_sides(batch: dict[str, np.ndarray], max_length: int, padding_side: str) -> dict[str, np.ndarray]:
@@ -51,12 +51,12 @@ def trim_sides(batch: dict[str, np.ndarray], max_length: int, padding_side: str)
   """
   out = dict(batch)
   for side in SIDES:
-    t = batch[f'{side}_attention_mask_BT'].shape[1]
-    longest = int(np.asarray(batch[f'{side}_attention_mask_BT']).sum(axis=1).max())
+    t = batch[f"{side}_attention_mask_BT"].shape[1]
+    longest = int(np.asarray(batch[f"{side}_attention_mask_BT"]).sum(axis=1).max())
     keep = min(bucket_length(longest, max_length), t)
-    cols = slice(0, keep) if padding_side == 'right' else slice(t - keep, t)
+    cols = slice(0, keep) if padding_side == "right" else slice(t - keep, t)
     for key in batch:
-      if key.startswith(f'{side}_') and key.endswith('_BT'):
+      if key.startswith(f"{side}_") and key.endswith("_BT"):
         out[key] = batch[key][:, cols]
   return out
 
@@ -70,30 +70,46 @@ def score_batch(model: Any, params: Any, batch: dict[str, jax.Array]) -> dict[st
   if packing_lib.is_packed(batch):
     return score_packed_batch(model, params, batch)
 
-  h_pos_BTD, h_neg_BTD = (forward.forward_hidden(model, params, batch[f'{side}_input_ids_BT'],
-                                                 batch[f'{side}_attention_mask_BT']) for side in SIDES)
-  comps = ches_lib.ches_components(h_pos_BTD, h_neg_BTD, batch['chosen_loss_mask_BT'],
-                                   batch['rejected_loss_mask_BT'])
+  h_pos_BTD, h_neg_BTD = (
+      forward.forward_hidden(model, params, batch[f"{side}_input_ids_BT"], batch[f"{side}_attention_mask_BT"])
+      for side in SIDES
+  )
+  comps = ches_lib.ches_components(h_pos_BTD, h_neg_BTD, batch["chosen_loss_mask_BT"], batch["rejected_loss_mask_BT"])
   lhip_B = ches_lib.last_hidden_inner_product(
-      h_pos_BTD, h_neg_BTD, ches_lib.without_last_position(batch['chosen_attention_mask_BT'], batch[DROP_EOS['chosen']]),
-      ches_lib.without_last_position(batch['rejected_attention_mask_BT'], batch[DROP_EOS['rejected']]))
-  return {'ches': comps['ches'], 'ln_ches': comps['ln_ches'], 'last_hidden_inner_product': lhip_B,
-          'chosen_len': comps['chosen_len'], 'rejected_len': comps['rejected_len']}
+      h_pos_BTD,
+      h_neg_BTD,
+      ches_lib.without_last_position(batch["chosen_attention_mask_BT"], batch[DROP_EOS["chosen"]]),
+      ches_lib.without_last_position(batch["rejected_attention_mask_BT"], batch[DROP_EOS["rejected"]]),
+  )
+  return {
+      "ches": comps["ches"],
+      "ln_ches": comps["ln_ches"],
+      "last_hidden_inner_product": lhip_B,
+      "chosen_len": comps["chosen_len"],
+      "rejected_len": comps["rejected_len"],
+  }
 
 
 def score_packed_batch(model: Any, params: Any, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
   """`score_batch` of a shared-prompt packed batch (data/packing.py): one forward per pair, prompt once."""
   hidden_BTD = forward.packed_forward_hidden(model, params, batch)
   h_BRD = forward.response_hidden(hidden_BTD, batch)
-  side_BR, branch_BT = batch['response_side_BR'], batch['packed_branch_BT']
+  side_BR, branch_BT = batch["response_side_BR"], batch["packed_branch_BT"]
   chosen, rejected, prompt = packing_lib.CHOSEN, packing_lib.REJECTED, packing_lib.PROMPT
   comps = ches_lib.ches_components(h_BRD, h_BRD, side_BR == chosen, side_BR == rejected)
   lhip_B = ches_lib.last_hidden_inner_product(
-      hidden_BTD, hidden_BTD,
-      ches_lib.without_last_position((branch_BT == prompt) | (branch_BT == chosen), batch[DROP_EOS['chosen']]),
-      ches_lib.without_last_position((branch_BT == prompt) | (branch_BT == rejected), batch[DROP_EOS['rejected']]))
-  return {'ches': comps['ches'], 'ln_ches': comps['ln_ches'], 'last_hidden_inner_product': lhip_B,
-          'chosen_len': comps['chosen_len'], 'rejected_len': comps['rejected_len']}
+      hidden_BTD,
+      hidden_BTD,
+      ches_lib.without_last_position((branch_BT == prompt) | (branch_BT == chosen), batch[DROP_EOS["chosen"]]),
+      ches_lib.without_last_position((branch_BT == prompt) | (branch_BT == rejected), batch[DROP_EOS["rejected"]]),
+  )
+  return {
+      "ches": comps["ches"],
+      "ln_ches": comps["ln_ches"],
+      "last_hidden_inner_product": lhip_B,
+      "chosen_len": comps["chosen_len"],
+      "rejected_len": comps["rejected_len"],
+  }
 
 
 def make_score_fn(model: Any) -> Callable[[Any, dict[str, jax.Array]], dict[str, jax.Array]]:
@@ -109,23 +125,52 @@ _score_batch_jit = jax.jit(score_batch, static_argnums=0)
 def measure_ids(pair: Any, side: str, include_eos: bool = False) -> np.ndarray:
   """The response ids the edit distance compares: without the appended EOS (the authors' ids) unless
   `include_eos`."""
-  ids = np.asarray(getattr(pair, f'{side}_ids'))
+  ids = np.asarray(getattr(pair, f"{side}_ids"))
   return ids[:-1] if not include_eos and batching.ends_with_eos(pair, side) else ids
 
 
-def tokenize_examples(examples: Sequence[Any], tokenizer: Any, *, max_length: int, format: str,
-                      single_token: bool = False, truncation: str = 'truncate_response',
-                      tokenization: str = 'separate') -> list[Any]:
+def tokenize_examples(
+    examples: Sequence[Any],
+    tokenizer: Any,
+    *,
+    max_length: int,
+    format: str,
+    single_token: bool = False,
+    truncation: str = "truncate_response",
+    tokenization: str = "separate",
+) -> list[Any]:
   """data.tokenize.TokenizedPair per example (bad rows raise DataError naming file/row/field; a too-long pair
   follows `truncation`, as in training)."""
-  return [tokenize.tokenize_example(tokenizer, ex, max_length=max_length, format=format, single_token=single_token,
-                                    truncation=truncation, tokenization=tokenization) for ex in examples]
+  return [
+      tokenize.tokenize_example(
+          tokenizer,
+          ex,
+          max_length=max_length,
+          format=format,
+          single_token=single_token,
+          truncation=truncation,
+          tokenization=tokenization,
+      )
+      for ex in examples
+  ]
 
 
-def score_examples(model: Any, params: Any, config: ml_collections.ConfigDict, tokenizer: Any,
-                   examples: Sequence[Any], *, batch_size: int, max_length: int, format: str, mesh: Any = None,
-                   bucketed: bool = True, packing: bool | None = None, progress: bool = True,
-                   measures_include_eos: bool | None = None) -> list[dict[str, Any]]:
+def score_examples(
+    model: Any,
+    params: Any,
+    config: ml_collections.ConfigDict,
+    tokenizer: Any,
+    examples: Sequence[Any],
+    *,
+    batch_size: int,
+    max_length: int,
+    format: str,
+    mesh: Any = None,
+    bucketed: bool = True,
+    packing: bool | None = None,
+    progress: bool = True,
+    measures_include_eos: bool | None = None,
+) -> list[dict[str, Any]]:
   """Score every example; returns one dict per example, in the order of `examples`.
 
   Keys: index (the example's dataset index), ches, ln_ches, minus_normalized_edit_distance,
@@ -136,28 +181,57 @@ def score_examples(model: Any, params: Any, config: ml_collections.ConfigDict, t
   With `mesh`, batches are sharded over ('data', 'fsdp') and params by `sharding.param_shardings`.
   """
   if not examples:
-    raise ValueError('score_examples: no examples to score')
-  data_cfg = config.get('data', ml_collections.ConfigDict())
-  single = bool(data_cfg.get('single_token', False))
-  pairs = tokenize_examples(examples, tokenizer, max_length=int(max_length), format=format, single_token=single,
-                            truncation=data_cfg.get('truncation', 'truncate_response'),
-                            tokenization=data_cfg.get('tokenization', 'separate'))
+    raise ValueError("score_examples: no examples to score")
+  data_cfg = config.get("data", ml_collections.ConfigDict())
+  single = bool(data_cfg.get("single_token", False))
+  pairs = tokenize_examples(
+      examples,
+      tokenizer,
+      max_length=int(max_length),
+      format=format,
+      single_token=single,
+      truncation=data_cfg.get("truncation", "truncate_response"),
+      tokenization=data_cfg.get("tokenization", "separate"),
+  )
   pad_id = pad_id_of(tokenizer)
-  results = score_pairs(model, params, pairs, batch_size=batch_size, max_length=max_length, pad_id=pad_id,
-                        padding_side=data_cfg.get('padding_side', 'right'), mesh=mesh, bucketed=bucketed,
-                        packing=bool(data_cfg.get('shared_prompt_packing', True)) if packing is None else packing,
-                        progress=progress, measures_include_eos=(
-                            bool(config.get('measures', {}).get('include_eos', False)) if measures_include_eos is None
-                            else measures_include_eos))
+  results = score_pairs(
+      model,
+      params,
+      pairs,
+      batch_size=batch_size,
+      max_length=max_length,
+      pad_id=pad_id,
+      padding_side=data_cfg.get("padding_side", "right"),
+      mesh=mesh,
+      bucketed=bucketed,
+      packing=bool(data_cfg.get("shared_prompt_packing", True)) if packing is None else packing,
+      progress=progress,
+      measures_include_eos=(
+          bool(config.get("measures", {}).get("include_eos", False))
+          if measures_include_eos is None
+          else measures_include_eos
+      ),
+  )
   for result, example in zip(results, examples):
-    result['index'] = int(getattr(example, 'index', result['index']))
+    result["index"] = int(getattr(example, "index", result["index"]))
   return results
 
 
-def score_pairs(model: Any, params: Any, pairs: Sequence[Any], *, batch_size: int, max_length: int,
-                pad_id: int = 0, padding_side: str = 'right', mesh: Any = None, bucketed: bool = True,
-                packing: bool = True, progress: bool = True, measures_include_eos: bool = False
-                ) -> list[dict[str, Any]]:
+def score_pairs(
+    model: Any,
+    params: Any,
+    pairs: Sequence[Any],
+    *,
+    batch_size: int,
+    max_length: int,
+    pad_id: int = 0,
+    padding_side: str = "right",
+    mesh: Any = None,
+    bucketed: bool = True,
+    packing: bool = True,
+    progress: bool = True,
+    measures_include_eos: bool = False,
+) -> list[dict[str, Any]]:
   """Score already tokenized pairs (`data.tokenize.TokenizedPair`); one dict per pair, in input order.
 
   The work of `score_examples` after tokenization: length buckets, one jitted call per batch, sharded over
@@ -166,13 +240,16 @@ def score_pairs(model: Any, params: Any, pairs: Sequence[Any], *, batch_size: in
   measures_include_eos: the EOS-inclusive edit distance / last-hidden variants (module docstring).
   """
   if not pairs:
-    raise ValueError('score_pairs: no pairs to score')
+    raise ValueError("score_pairs: no pairs to score")
   if mesh is not None:
     dp = sharding.data_parallel_size(mesh)
     param_sh = sharding.param_shardings(params, mesh)
     params = jax.device_put(params, param_sh)
-    fn = jax.jit(make_score_fn(model), in_shardings=(param_sh, sharding.batch_sharding(mesh)),
-                 out_shardings=sharding.replicated(mesh))
+    fn = jax.jit(
+        make_score_fn(model),
+        in_shardings=(param_sh, sharding.batch_sharding(mesh)),
+        out_shardings=sharding.replicated(mesh),
+    )
     put = lambda b: sharding.global_batch_to_devices(b, mesh)
   else:
     dp, fn = 1, functools.partial(_score_batch_jit, model)
@@ -189,33 +266,36 @@ def score_pairs(model: Any, params: Any, pairs: Sequence[Any], *, batch_size: in
     if packing:
       batch = batching.collate(batch_pairs, pad_id=pad_id, padding_side=padding_side)
       size = (lambda n: bucket_length(n, cap)) if bucketed else (lambda n: cap)
-      device = {k: v for k, v in packing_lib.pack_batch(batch, pad_id=pad_id, bucket=size).items()
-                if k in packing_lib.PACKED_KEYS}
+      device = {
+          k: v
+          for k, v in packing_lib.pack_batch(batch, pad_id=pad_id, bucket=size).items()
+          if k in packing_lib.PACKED_KEYS
+      }
     else:
       batch = batching.collate(batch_pairs, pad_id=pad_id, padding_side=padding_side, pad_to=pad_to)
       if bucketed:
         batch = trim_sides(batch, int(max_length), padding_side)
-      device = {k: v for k, v in batch.items() if k.endswith('_BT')}
+      device = {k: v for k, v in batch.items() if k.endswith("_BT")}
     for key in DROP_EOS.values():
       device[key] = batch[key] & (not measures_include_eos)
     return batch, device
 
   results: list[dict[str, Any] | None] = [None] * len(pairs)
-  for rows, batch, out in passes.batched_pass(fn, params, plan, build, put, desc='score', progress=progress):
+  for rows, batch, out in passes.batched_pass(fn, params, plan, build, put, desc="score", progress=progress):
     for j, row in enumerate(rows):  # rows past len(rows) are padding and are dropped here
-      ids_pos = measure_ids(pairs[row], 'chosen', measures_include_eos)
-      ids_neg = measure_ids(pairs[row], 'rejected', measures_include_eos)
+      ids_pos = measure_ids(pairs[row], "chosen", measures_include_eos)
+      ids_neg = measure_ids(pairs[row], "rejected", measures_include_eos)
       results[row] = {
-          'index': int(getattr(pairs[row], 'index', row)),
-          'ches': float(out['ches'][j]),
-          'ln_ches': float(out['ln_ches'][j]),
-          'minus_normalized_edit_distance': float(ches_lib.minus_normalized_edit_distance(ids_pos, ids_neg)),
-          'last_hidden_inner_product': float(out['last_hidden_inner_product'][j]),
-          'chosen_len': int(out['chosen_len'][j]),
-          'rejected_len': int(out['rejected_len'][j]),
-          'chosen_total_len': int(np.asarray(batch['chosen_attention_mask_BT'][j]).sum()),
-          'rejected_total_len': int(np.asarray(batch['rejected_attention_mask_BT'][j]).sum()),
-          'chosen_truncated': bool(getattr(pairs[row], 'chosen_cut', False)),
-          'rejected_truncated': bool(getattr(pairs[row], 'rejected_cut', False)),
+          "index": int(getattr(pairs[row], "index", row)),
+          "ches": float(out["ches"][j]),
+          "ln_ches": float(out["ln_ches"][j]),
+          "minus_normalized_edit_distance": float(ches_lib.minus_normalized_edit_distance(ids_pos, ids_neg)),
+          "last_hidden_inner_product": float(out["last_hidden_inner_product"][j]),
+          "chosen_len": int(out["chosen_len"][j]),
+          "rejected_len": int(out["rejected_len"][j]),
+          "chosen_total_len": int(np.asarray(batch["chosen_attention_mask_BT"][j]).sum()),
+          "rejected_total_len": int(np.asarray(batch["rejected_attention_mask_BT"][j]).sum()),
+          "chosen_truncated": bool(getattr(pairs[row], "chosen_cut", False)),
+          "rejected_truncated": bool(getattr(pairs[row], "rejected_cut", False)),
       }
   return results  # type: ignore[return-value]

@@ -18,50 +18,61 @@ from displacement_jax import losses
 from displacement_jax import monitor
 from displacement_jax import optim as optim_lib
 
+
 @flax.struct.dataclass
 class TrainState:
   """Everything a checkpoint needs to continue training exactly (besides the data-iterator state)."""
+
   params: Any
   opt_state: Any
-  step: jax.Array     # int32 scalar: optimizer steps taken
-  rng: jax.Array      # uint32[2] raw key data (no dropout today; kept so resumed runs stay reproducible)
+  step: jax.Array  # int32 scalar: optimizer steps taken
+  rng: jax.Array  # uint32[2] raw key data (no dropout today; kept so resumed runs stay reproducible)
 
 
-def make_loss_fn(model: Any, loss_config: Any, chunk_size: int
-                 ) -> Callable[[Any, dict[str, jax.Array]], tuple[jax.Array, dict[str, jax.Array]]]:
+def make_loss_fn(
+    model: Any, loss_config: Any, chunk_size: int
+) -> Callable[[Any, dict[str, jax.Array]], tuple[jax.Array, dict[str, jax.Array]]]:
   """loss_fn(params, batch) -> (scalar loss, metrics): the configured preference objective."""
+
   def loss_fn(params, batch):
     logps = forward.pair_logps(model, params, batch, chunk_size)
-    pc, pr = logps['chosen_logps_B'], logps['rejected_logps_B']
-    rc, rr = batch['chosen_ref_logps_B'], batch['rejected_ref_logps_B']
+    pc, pr = logps["chosen_logps_B"], logps["rejected_logps_B"]
+    rc, rr = batch["chosen_ref_logps_B"], batch["rejected_ref_logps_B"]
     loss, core_metrics = preference_loss(loss_config, pc, pr, rc, rr)
     aux = {
-        **{k: v for k, v in core_metrics.items() if k != 'loss'},
-        'share_preferred_fell': jnp.mean(monitor.fell(pc - rc, rc, xp=jnp).astype(jnp.float32)),
+        **{k: v for k, v in core_metrics.items() if k != "loss"},
+        "share_preferred_fell": jnp.mean(monitor.fell(pc - rc, rc, xp=jnp).astype(jnp.float32)),
     }
     for side in forward.SIDES:  # TRL: token-weighted mean over response positions of the mean-over-vocab logit
       positions = jnp.maximum(response_positions(batch, side), 1)
-      aux[f'logits/{side}'] = jax.lax.stop_gradient(jnp.sum(logps[f'{side}_logit_sum_B'])) / positions
+      aux[f"logits/{side}"] = jax.lax.stop_gradient(jnp.sum(logps[f"{side}_logit_sum_B"])) / positions
     return loss, aux
 
   return loss_fn
 
 
-def preference_loss(loss_config: Any, pc: jax.Array, pr: jax.Array, rc: jax.Array,
-                    rr: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+def preference_loss(
+    loss_config: Any, pc: jax.Array, pr: jax.Array, rc: jax.Array, rr: jax.Array
+) -> tuple[jax.Array, dict[str, jax.Array]]:
   """(loss, metrics) of `losses.preference_loss` with the fields of `loss_config` (configs/base.py `loss`)."""
   return losses.preference_loss(
-      loss_config.objective, pc, pr, rc, rr,
+      loss_config.objective,
+      pc,
+      pr,
+      rc,
+      rr,
       beta=float(loss_config.beta),
-      sft_coeff=float(loss_config.get('sft_coeff', 0.0)),
-      label_smoothing=float(loss_config.get('label_smoothing', 0.0)),
-      slic_delta=float(loss_config.get('slic_delta', 1.0)),
-      dpop_lambda=float(loss_config.get('dpop_lambda', 50.0)),
-      gpo_fn=loss_config.get('gpo_fn', 'logistic'))
+      sft_coeff=float(loss_config.get("sft_coeff", 0.0)),
+      label_smoothing=float(loss_config.get("label_smoothing", 0.0)),
+      slic_delta=float(loss_config.get("slic_delta", 1.0)),
+      dpop_lambda=float(loss_config.get("dpop_lambda", 50.0)),
+      gpo_fn=loss_config.get("gpo_fn", "logistic"),
+  )
 
 
-def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation, grad_accum: int
-                    ) -> Callable[[TrainState, dict[str, jax.Array]], tuple[TrainState, dict[str, jax.Array]]]:
+def make_train_step(
+    loss_fn: Callable, optimizer: optax.GradientTransformation, grad_accum: int
+) -> Callable[[TrainState, dict[str, jax.Array]], tuple[TrainState, dict[str, jax.Array]]]:
   """train_step(state, batch) -> (new state, metrics); gradients averaged over `grad_accum` micro-batches.
 
   When the loss is NaN/inf the update is skipped (the returned state equals the input state), so a caller
@@ -72,9 +83,13 @@ def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation, 
     loss, aux, grads = optim_lib.accumulate_gradients(loss_fn, state.params, batch, grad_accum)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {'loss': loss, 'grad_norm': optax.tree.norm(grads), 'tokens': forward.token_count(batch), **aux}
-    new_state = state.replace(params=params, opt_state=opt_state, step=state.step + 1,
-                              rng=jax.random.key_data(jax.random.fold_in(jax.random.wrap_key_data(state.rng), 0)))
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "tokens": forward.token_count(batch), **aux}
+    new_state = state.replace(
+        params=params,
+        opt_state=opt_state,
+        step=state.step + 1,
+        rng=jax.random.key_data(jax.random.fold_in(jax.random.wrap_key_data(state.rng), 0)),
+    )
     finite = jnp.isfinite(loss)
     new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
     return new_state, metrics
@@ -84,6 +99,6 @@ def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation, 
 
 def response_positions(batch: dict[str, jax.Array], side: str) -> jax.Array:
   """Number of response (loss) positions of `side` in a batch of either layout, float32 scalar."""
-  if 'response_side_BR' in batch:
-    return jnp.sum(batch['response_side_BR'] == forward.SIDES.index(side) + 1, dtype=jnp.float32)
-  return jnp.sum(batch[f'{side}_loss_mask_BT'], dtype=jnp.float32)
+  if "response_side_BR" in batch:
+    return jnp.sum(batch["response_side_BR"] == forward.SIDES.index(side) + 1, dtype=jnp.float32)
+  return jnp.sum(batch[f"{side}_loss_mask_BT"], dtype=jnp.float32)

@@ -42,55 +42,55 @@ def _is_concrete(x: Any) -> bool:
 
 def _float_dtype(W: Any) -> Any:
   """W's floating dtype as JAX will hold it (float64 -> float32 unless x64 is enabled); else float32."""
-  dt = jax.dtypes.canonicalize_dtype(W.dtype if hasattr(W, 'dtype') else np.asarray(W).dtype)
+  dt = jax.dtypes.canonicalize_dtype(W.dtype if hasattr(W, "dtype") else np.asarray(W).dtype)
   return dt if jnp.issubdtype(dt, jnp.floating) else jnp.float32
 
 
-def _check_W_h(W: Any, h: Any, h_name: str = 'h', h_rank: int = 1) -> tuple[Array, Array]:
+def _check_W_h(W: Any, h: Any, h_name: str = "h", h_rank: int = 1) -> tuple[Array, Array]:
   """W [V, D] floating; h [..., D] of rank h_rank. Returns both as arrays of W's float dtype."""
   W_shape, h_shape = tuple(np.shape(W)), tuple(np.shape(h))
   if len(W_shape) != 2 or W_shape[0] < 2:
-    raise ValueError(f'W must be [V, D] with V >= 2 (unembeddings), got shape {W_shape}')
+    raise ValueError(f"W must be [V, D] with V >= 2 (unembeddings), got shape {W_shape}")
   if len(h_shape) != h_rank or h_shape[-1] != W_shape[1]:
-    want = ', '.join(['N'] * (h_rank - 1) + [str(W_shape[1])])
-    raise ValueError(f'{h_name} must be [{want}] (D of W [V, D] = {W_shape}), got shape {h_shape}')
+    want = ", ".join(["N"] * (h_rank - 1) + [str(W_shape[1])])
+    raise ValueError(f"{h_name} must be [{want}] (D of W [V, D] = {W_shape}), got shape {h_shape}")
   dt = _float_dtype(W)
-  for name, x in (('W', W), (h_name, h)):
-    if hasattr(x, 'dtype') and not jnp.issubdtype(x.dtype, jnp.floating):
-      raise ValueError(f'{name} must be floating, got dtype {x.dtype}')
+  for name, x in (("W", W), (h_name, h)):
+    if hasattr(x, "dtype") and not jnp.issubdtype(x.dtype, jnp.floating):
+      raise ValueError(f"{name} must be floating, got dtype {x.dtype}")
   return jnp.asarray(W, dt), jnp.asarray(h, dt)
 
 
 def _check_token(name: str, y: Any, V: int) -> Any:
   """A scalar token id in [0, V) (checked when concrete)."""
   if np.ndim(y) != 0:
-    raise ValueError(f'{name} must be a scalar token id, got shape {np.shape(y)}')
+    raise ValueError(f"{name} must be a scalar token id, got shape {np.shape(y)}")
   if _is_concrete(y):
     if not float(y).is_integer():
-      raise ValueError(f'{name} must be an integer token id, got {y!r}')
+      raise ValueError(f"{name} must be an integer token id, got {y!r}")
     if not 0 <= int(y) < V:
-      raise ValueError(f'{name}={int(y)} is out of range for a vocabulary of V={V} tokens')
+      raise ValueError(f"{name}={int(y)} is out of range for a vocabulary of V={V} tokens")
   return y
 
 
 def _check_pair(y_pos: Any, y_neg: Any, V: int) -> None:
-  _check_token('y_pos', y_pos, V)
-  _check_token('y_neg', y_neg, V)
+  _check_token("y_pos", y_pos, V)
+  _check_token("y_neg", y_neg, V)
   if _is_concrete(y_pos) and _is_concrete(y_neg) and int(y_pos) == int(y_neg):
-    raise ValueError(f'y_pos and y_neg must differ, both are {int(y_pos)}')
+    raise ValueError(f"y_pos and y_neg must differ, both are {int(y_pos)}")
 
 
 def _check_ids(name: str, y: Any, V: int, length: int | None = None) -> Array:
   shape = tuple(np.shape(y))
   if len(shape) != 1 or (length is not None and shape[0] != length) or shape[0] == 0:
-    want = f'[{length}]' if length is not None else '[K] with K >= 1'
-    raise ValueError(f'{name} must be {want} token ids, got shape {shape}')
+    want = f"[{length}]" if length is not None else "[K] with K >= 1"
+    raise ValueError(f"{name} must be {want} token ids, got shape {shape}")
   if _is_concrete(y):
     y_np = np.asarray(y)
     if not np.issubdtype(y_np.dtype, np.integer):
-      raise ValueError(f'{name} must hold integer token ids, got dtype {y_np.dtype}')
+      raise ValueError(f"{name} must hold integer token ids, got dtype {y_np.dtype}")
     if y_np.min() < 0 or y_np.max() >= V:
-      raise ValueError(f'{name} has ids out of range [0, {V}): min {y_np.min()}, max {y_np.max()}')
+      raise ValueError(f"{name} has ids out of range [0, {V}): min {y_np.min()}, max {y_np.max()}")
   return jnp.asarray(y, jnp.int32)
 
 
@@ -101,8 +101,9 @@ def _softmax_V(W_VD: Array, h_D: Array) -> Array:
   return jax.nn.softmax(W_VD @ h_D)
 
 
-def logprob_rate(W: Array, h: Array, y_pos: int, y_neg: int, *, loss_derivative: Any = -1.0,
-                 dispreferred: bool = False) -> Array:
+def logprob_rate(
+    W: Array, h: Array, y_pos: int, y_neg: int, *, loss_derivative: Any = -1.0, dispreferred: bool = False
+) -> Array:
   """Theorem 1/4: d/dt ln pi(y+|x) (or ln pi(y-|x) with dispreferred=True) under gradient flow on (W, h).
 
   d/dt ln pi(y+) = -l' [ m+ - (1 - p+ + p-) <W+, W-> - sum_{z not y+-} p_z <W_z, W+ - W-> ],
@@ -116,7 +117,7 @@ def logprob_rate(W: Array, h: Array, y_pos: int, y_neg: int, *, loss_derivative:
   return _logprob_rate(W, h, y_pos, y_neg, jnp.asarray(loss_derivative, W.dtype), dispreferred)
 
 
-@functools.partial(jax.jit, static_argnames='dispreferred')
+@functools.partial(jax.jit, static_argnames="dispreferred")
 def _logprob_rate(W: Array, h: Array, y_pos: Any, y_neg: Any, lp: Array, dispreferred: bool) -> Array:
   """Jitted core of `logprob_rate` (inputs already checked)."""
   V = W.shape[0]
@@ -159,14 +160,23 @@ def _token_rates(W: Array, h: Array, y_pos: Any, y_neg: Any, lp: Array) -> Array
 
 class Gainers(NamedTuple):
   """Predicted gainers, best first: token ids [k], rates d/dt ln pi [k], names (tuple of str, or None)."""
+
   ids: np.ndarray
   rates: np.ndarray
   names: tuple[str, ...] | None
 
 
-def rank_gainers(W: Array, h: Array, y_pos: int, y_neg: int, k: int | None = None, *,
-                 loss_derivative: Any = -1.0, tokenizer: Any = None, return_rates: bool = False
-                 ) -> np.ndarray | Gainers:
+def rank_gainers(
+    W: Array,
+    h: Array,
+    y_pos: int,
+    y_neg: int,
+    k: int | None = None,
+    *,
+    loss_derivative: Any = -1.0,
+    tokenizer: Any = None,
+    return_rates: bool = False,
+) -> np.ndarray | Gainers:
   """Tokens other than y+ / y- ranked by predicted d/dt ln pi(z) (Theorem 2), largest first (ties: lower id).
 
   Returns the top-k ids (all V - 2 when k is None) as an int array; with return_rates=True or a `tokenizer`
@@ -175,17 +185,17 @@ def rank_gainers(W: Array, h: Array, y_pos: int, y_neg: int, k: int | None = Non
   W, h = _check_W_h(W, h)
   V = W.shape[0]
   if k is not None and (int(k) != k or not 1 <= int(k) <= V - 2):
-    raise ValueError(f'k must be an integer in [1, V - 2 = {V - 2}], got {k!r}')
+    raise ValueError(f"k must be an integer in [1, V - 2 = {V - 2}], got {k!r}")
   rates = np.asarray(token_rates(W, h, y_pos, y_neg, loss_derivative=loss_derivative), np.float64)
   masked = rates.copy()
   masked[[int(y_pos), int(y_neg)]] = -np.inf
-  order = np.lexsort((np.arange(V), -masked))[:V - 2]
+  order = np.lexsort((np.arange(V), -masked))[: V - 2]
   ids = order[:k] if k is not None else order
   if tokenizer is None and not return_rates:
     return ids
   names = None
   if tokenizer is not None:
-    if hasattr(tokenizer, 'convert_ids_to_tokens'):
+    if hasattr(tokenizer, "convert_ids_to_tokens"):
       names = tuple(str(t) for t in tokenizer.convert_ids_to_tokens([int(i) for i in ids]))
     else:
       names = tuple(str(tokenizer.decode([int(i)])) for i in ids)
@@ -204,8 +214,9 @@ def _residuals(W: Array, H_KD: Array, y_K: Array) -> Array:
   return jax.nn.one_hot(y_K, W.shape[0], dtype=W.dtype) - _seq_probs(W, H_KD)
 
 
-def alpha_coefficients(W: Array, H_pos_KD: Array, H_neg_KD: Array, y_pos_K: Array, y_neg_K: Array
-                       ) -> tuple[Array, Array]:
+def alpha_coefficients(
+    W: Array, H_pos_KD: Array, H_neg_KD: Array, y_pos_K: Array, y_neg_K: Array
+) -> tuple[Array, Array]:
   """(a+ [K, K], a- [K, K']) of Theorem 3: a-_{kk'} = <e_{y+_k} - pi(.|x,y+<k), e_{y-_k'} - pi(.|x,y-<k')>,
   a+_{kk'} = <e_{y+_k} - pi(.|x,y+<k), e_{y+_k'} - pi(.|x,y+<k')>. H_*[k] is the hidden state of prefix k."""
   W, H_pos_KD, H_neg_KD, y_pos_K, y_neg_K = _check_multi(W, H_pos_KD, H_neg_KD, y_pos_K, y_neg_K)
@@ -219,17 +230,22 @@ def _alpha_coefficients(W, H_pos_KD, H_neg_KD, y_pos_K, y_neg_K):
 
 
 def _check_multi(W, H_pos_KD, H_neg_KD, y_pos_K, y_neg_K):
-  W, H_pos_KD = _check_W_h(W, H_pos_KD, 'H_pos_KD', 2)
-  _, H_neg_KD = _check_W_h(W, H_neg_KD, 'H_neg_KD', 2)
+  W, H_pos_KD = _check_W_h(W, H_pos_KD, "H_pos_KD", 2)
+  _, H_neg_KD = _check_W_h(W, H_neg_KD, "H_neg_KD", 2)
   V = W.shape[0]
-  y_pos_K = _check_ids('y_pos_K', y_pos_K, V, H_pos_KD.shape[0])
-  y_neg_K = _check_ids('y_neg_K', y_neg_K, V, H_neg_KD.shape[0])
+  y_pos_K = _check_ids("y_pos_K", y_pos_K, V, H_pos_KD.shape[0])
+  y_neg_K = _check_ids("y_neg_K", y_neg_K, V, H_neg_KD.shape[0])
   if _is_concrete(y_pos_K) and _is_concrete(y_neg_K) and np.asarray(y_pos_K)[0] == np.asarray(y_neg_K)[0]:
-    raise ValueError(f'Theorem 3 needs y_pos_K[0] != y_neg_K[0], both are {int(np.asarray(y_pos_K)[0])}')
-  if _is_concrete(H_pos_KD) and _is_concrete(H_neg_KD) and not np.array_equal(
-      np.asarray(H_pos_KD)[0], np.asarray(H_neg_KD)[0]):
-    raise ValueError('H_pos_KD[0] and H_neg_KD[0] are both h_x (the hidden state of the prompt, the empty '
-                     'response prefix) and must be equal')
+    raise ValueError(f"Theorem 3 needs y_pos_K[0] != y_neg_K[0], both are {int(np.asarray(y_pos_K)[0])}")
+  if (
+      _is_concrete(H_pos_KD)
+      and _is_concrete(H_neg_KD)
+      and not np.array_equal(np.asarray(H_pos_KD)[0], np.asarray(H_neg_KD)[0])
+  ):
+    raise ValueError(
+        "H_pos_KD[0] and H_neg_KD[0] are both h_x (the hidden state of the prompt, the empty "
+        "response prefix) and must be equal"
+    )
   return W, H_pos_KD, H_neg_KD, y_pos_K, y_neg_K
 
 
@@ -242,8 +258,16 @@ def alpha_weighted_inner(H_pos_KD: Array, H_neg_KD: Array, a_pos_KK: Array, a_ne
   return jnp.sum(a_pos_KK * (H_pos_KD @ H_pos_KD.T)) - jnp.sum(a_neg_KK * (H_pos_KD @ H_neg_KD.T))
 
 
-def multi_token_logprob_rate(W: Array, H_pos_KD: Array, H_neg_KD: Array, y_pos_K: Array, y_neg_K: Array, *,
-                             loss_derivative: Any = -1.0, dispreferred: bool = False) -> Array:
+def multi_token_logprob_rate(
+    W: Array,
+    H_pos_KD: Array,
+    H_neg_KD: Array,
+    y_pos_K: Array,
+    y_neg_K: Array,
+    *,
+    loss_derivative: Any = -1.0,
+    dispreferred: bool = False,
+) -> Array:
   """Theorem 3/6, exact: d/dt ln pi(y+|x) for responses of K (y+) and K' (y-) tokens, y+_1 != y-_1.
 
   Trainable: W and the hidden state of every distinct prefix; H_pos_KD[k] = h_{x,y+<k}, H_neg_KD[k'] =
@@ -254,18 +278,21 @@ def multi_token_logprob_rate(W: Array, H_pos_KD: Array, H_neg_KD: Array, y_pos_K
   this is Theorem 1). dispreferred=True gives d/dt ln pi(y-) (roles swapped, overall sign flipped).
   """
   W, H_pos_KD, H_neg_KD, y_pos_K, y_neg_K = _check_multi(W, H_pos_KD, H_neg_KD, y_pos_K, y_neg_K)
-  return _multi_token_rate(W, H_pos_KD, H_neg_KD, y_pos_K, y_neg_K, jnp.asarray(loss_derivative, W.dtype),
-                           dispreferred)
+  return _multi_token_rate(W, H_pos_KD, H_neg_KD, y_pos_K, y_neg_K, jnp.asarray(loss_derivative, W.dtype), dispreferred)
 
 
-@functools.partial(jax.jit, static_argnames='dispreferred')
+@functools.partial(jax.jit, static_argnames="dispreferred")
 def _multi_token_rate(W, H_pos_KD, H_neg_KD, y_pos_K, y_neg_K, lp, dispreferred):
   u_pos, u_neg = _residuals(W, H_pos_KD, y_pos_K), _residuals(W, H_neg_KD, y_neg_K)
   g_pos, g_neg = u_pos @ W, u_neg @ W  # [K, D]: W^T u_k
   if dispreferred:  # <g-, g+ - g-> = -( <g-,g-> - <g-,g+> )
     a_self, a_cross = u_neg @ u_neg.T, u_neg @ u_pos.T
-    bracket = (jnp.sum(a_self * (H_neg_KD @ H_neg_KD.T)) - jnp.sum(a_cross * (H_neg_KD @ H_pos_KD.T))
-               + jnp.sum(g_neg * g_neg) - g_neg[0] @ g_pos[0])
+    bracket = (
+        jnp.sum(a_self * (H_neg_KD @ H_neg_KD.T))
+        - jnp.sum(a_cross * (H_neg_KD @ H_pos_KD.T))
+        + jnp.sum(g_neg * g_neg)
+        - g_neg[0] @ g_pos[0]
+    )
     return lp * bracket
   a_pos, a_neg = u_pos @ u_pos.T, u_pos @ u_neg.T
   bracket = alpha_weighted_inner(H_pos_KD, H_neg_KD, a_pos, a_neg) + jnp.sum(g_pos * g_pos) - g_pos[0] @ g_neg[0]
@@ -276,23 +303,24 @@ def _multi_token_rate(W, H_pos_KD, H_neg_KD, y_pos_K, y_neg_K, lp, dispreferred)
 
 
 def _check_multi_sample(W, H_ND, y_pos_N, y_neg_N, loss_derivative):
-  W, H_ND = _check_W_h(W, H_ND, 'H_ND', 2)
+  W, H_ND = _check_W_h(W, H_ND, "H_ND", 2)
   N, V = H_ND.shape[0], W.shape[0]
-  y_pos_N = _check_ids('y_pos_N', y_pos_N, V, N)
-  y_neg_N = _check_ids('y_neg_N', y_neg_N, V, N)
+  y_pos_N = _check_ids("y_pos_N", y_pos_N, V, N)
+  y_neg_N = _check_ids("y_neg_N", y_neg_N, V, N)
   if _is_concrete(y_pos_N) and _is_concrete(y_neg_N) and np.any(np.asarray(y_pos_N) == np.asarray(y_neg_N)):
     n = int(np.flatnonzero(np.asarray(y_pos_N) == np.asarray(y_neg_N))[0])
-    raise ValueError(f'y_pos_N and y_neg_N must differ for every sample; sample {n} has both = {int(y_pos_N[n])}')
+    raise ValueError(f"y_pos_N and y_neg_N must differ for every sample; sample {n} has both = {int(y_pos_N[n])}")
   lp_N = jnp.broadcast_to(jnp.asarray(loss_derivative, W.dtype), (N,)) if np.ndim(loss_derivative) == 0 else None
   if lp_N is None:
     if tuple(np.shape(loss_derivative)) != (N,):
-      raise ValueError(f'loss_derivative must be a scalar or [N={N}], got shape {np.shape(loss_derivative)}')
+      raise ValueError(f"loss_derivative must be a scalar or [N={N}], got shape {np.shape(loss_derivative)}")
     lp_N = jnp.asarray(loss_derivative, W.dtype)
   return W, H_ND, y_pos_N, y_neg_N, lp_N
 
 
-def cross_sample_coefficients(W: Array, H_ND: Array, y_pos_N: Array, y_neg_N: Array, *,
-                              dispreferred: bool = False) -> Array:
+def cross_sample_coefficients(
+    W: Array, H_ND: Array, y_pos_N: Array, y_neg_N: Array, *, dispreferred: bool = False
+) -> Array:
   """a [N, N] of Theorems 8/9: a[x, x~] = 1[y+ = y~+] - 1[y+ = y~-] + pi(y~-|x) - pi(y~+|x) (y = y- if
   dispreferred), the coupling of sample x~'s gradient step into ln pi(y|x) through the shared W."""
   W, H_ND, y_pos_N, y_neg_N, _ = _check_multi_sample(W, H_ND, y_pos_N, y_neg_N, -1.0)
@@ -306,8 +334,9 @@ def _cross_sample_coefficients(W, H_ND, y_pos_N, y_neg_N, dispreferred):
   return same(y_N, y_pos_N) - same(y_N, y_neg_N) + p_NV[:, y_neg_N] - p_NV[:, y_pos_N]
 
 
-def multi_sample_logprob_rate(W: Array, H_ND: Array, y_pos_N: Array, y_neg_N: Array, *,
-                              loss_derivative: Any = -1.0, dispreferred: bool = False) -> Array:
+def multi_sample_logprob_rate(
+    W: Array, H_ND: Array, y_pos_N: Array, y_neg_N: Array, *, loss_derivative: Any = -1.0, dispreferred: bool = False
+) -> Array:
   """Theorems 8/9: d/dt ln pi(y+_x|x) for every sample x -> [N], loss = mean_n l(d_n), W shared, h_n own.
 
   rate_x = (1/N) Theorem 1 rate of x (with l'_x) + sum_{x~ != x} (-l'_{x~} / N) a[x, x~] <h_x, h_x~>.
@@ -317,11 +346,10 @@ def multi_sample_logprob_rate(W: Array, H_ND: Array, y_pos_N: Array, y_neg_N: Ar
   return _multi_sample_rate(W, H_ND, y_pos_N, y_neg_N, lp_N, dispreferred)
 
 
-@functools.partial(jax.jit, static_argnames='dispreferred')
+@functools.partial(jax.jit, static_argnames="dispreferred")
 def _multi_sample_rate(W, H_ND, y_pos_N, y_neg_N, lp_N, dispreferred):
   N = H_ND.shape[0]
-  own_N = jax.vmap(lambda h, yp, yn, lp: _logprob_rate(W, h, yp, yn, lp, dispreferred))(
-      H_ND, y_pos_N, y_neg_N, lp_N)
+  own_N = jax.vmap(lambda h, yp, yn, lp: _logprob_rate(W, h, yp, yn, lp, dispreferred))(H_ND, y_pos_N, y_neg_N, lp_N)
   a_NN = _cross_sample_coefficients(W, H_ND, y_pos_N, y_neg_N, dispreferred)
   off_NN = 1.0 - jnp.eye(N, dtype=W.dtype)
   cross_N = jnp.sum(off_NN * (-lp_N[None, :]) * a_NN * (H_ND @ H_ND.T), axis=1)
@@ -334,7 +362,7 @@ def _multi_sample_rate(W, H_ND, y_pos_N, y_neg_N, lp_N, dispreferred):
 def grad_sq_norm(W: Array, h: Array, y: int) -> Array:
   """||grad_{W,h} ln pi(y|x)||^2 = ||e_y - p||^2 ||h||^2 + ||W_y - sum_z p_z W_z||^2."""
   W, h = _check_W_h(W, h)
-  _check_token('y', y, W.shape[0])
+  _check_token("y", y, W.shape[0])
   return _grad_sq_norm(W, h, y)
 
 
@@ -345,8 +373,9 @@ def _grad_sq_norm(W: Array, h: Array, y: Any) -> Array:
   return (u @ u) * (h @ h) + g @ g
 
 
-def sft_logprob_rate(W: Array, h: Array, y_pos: int, y_neg: int, *, loss_derivative: Any = -1.0,
-                     sft_coeff: Any = 0.0) -> Array:
+def sft_logprob_rate(
+    W: Array, h: Array, y_pos: int, y_neg: int, *, loss_derivative: Any = -1.0, sft_coeff: Any = 0.0
+) -> Array:
   """Proposition 1: loss l(d) + sft_coeff (-ln pi(y+)) gives d/dt ln pi(y+) = Theorem 1 + sft_coeff ||grad ln pi(y+)||^2."""
   lam = jnp.asarray(sft_coeff, _float_dtype(W))
   return logprob_rate(W, h, y_pos, y_neg, loss_derivative=loss_derivative) + lam * grad_sq_norm(W, h, y_pos)
@@ -355,8 +384,9 @@ def sft_logprob_rate(W: Array, h: Array, y_pos: int, y_neg: int, *, loss_derivat
 # ------------------------------------------------------------------------------------------------ gradient flow
 
 
-def loss_derivative_at(loss: str, W: Array, h: Array, y_pos: int, y_neg: int, *, beta: float,
-                       ref_margin: Any = 0.0) -> Array:
+def loss_derivative_at(
+    loss: str, W: Array, h: Array, y_pos: int, y_neg: int, *, beta: float, ref_margin: Any = 0.0
+) -> Array:
   """l' of `loss` at the current (W, h), via `losses.loss_derivative` (float32)."""
   W, h = _check_W_h(W, h)
   logp = jax.nn.log_softmax(W @ h)
@@ -365,6 +395,7 @@ def loss_derivative_at(loss: str, W: Array, h: Array, y_pos: int, y_neg: int, *,
 
 class Trajectory(NamedTuple):
   """Output of `simulate_gradient_flow`; T = steps // record_every + 1 records (step 0 included)."""
+
   steps_T: np.ndarray  # [T] step index of each record
   logp_TNV: np.ndarray  # [T, N, V] ln pi(z|x_n) for every token and sample
   loss_T: np.ndarray  # [T] total loss (preference + SFT)
@@ -377,8 +408,10 @@ def _as_samples(samples: Any, N: int, V: int) -> tuple[np.ndarray, np.ndarray]:
   if arr.ndim == 1 and arr.shape == (2,):
     arr = arr[None]
   if arr.ndim != 2 or arr.shape != (N, 2) or not np.issubdtype(arr.dtype, np.integer):
-    raise ValueError(f'samples must be N={N} integer (y_pos, y_neg) pairs (shape [{N}, 2]), got shape '
-                     f'{arr.shape} dtype {arr.dtype}')
+    raise ValueError(
+        f"samples must be N={N} integer (y_pos, y_neg) pairs (shape [{N}, 2]), got shape "
+        f"{arr.shape} dtype {arr.dtype}"
+    )
   _check_multi_sample(np.zeros((V, 1)), np.zeros((N, 1)), arr[:, 0], arr[:, 1], -1.0)
   return arr[:, 0], arr[:, 1]
 
@@ -398,23 +431,36 @@ def _flow_loss(params, y_NP, ref_NP, hyper, loss: str) -> Array:
   return jnp.mean(per_N) + hyper[2] * jnp.mean(-s[:, 0])
 
 
-@functools.partial(jax.jit, static_argnames=('loss', 'record_every', 'train_h'))
+@functools.partial(jax.jit, static_argnames=("loss", "record_every", "train_h"))
 def _flow_chunk(params, y_NP, ref_NP, hyper, *, loss: str, record_every: int, train_h: bool):
   """`record_every` gradient steps (lr = hyper[0]); returns (params, ln pi [N, V], loss) after them."""
 
   def step(params, _):
     g = jax.grad(_flow_loss)(params, y_NP, ref_NP, hyper, loss)
     gh = g[1] if train_h else jnp.zeros_like(g[1])
-    return (params[0] - hyper[0] * g[0].astype(params[0].dtype),
-            params[1] - hyper[0] * gh.astype(params[1].dtype)), None
+    return (
+        params[0] - hyper[0] * g[0].astype(params[0].dtype),
+        params[1] - hyper[0] * gh.astype(params[1].dtype),
+    ), None
 
   params, _ = jax.lax.scan(step, params, None, length=record_every)
   return params, _logp_NV(params), _flow_loss(params, y_NP, ref_NP, hyper, loss)
 
 
-def simulate_gradient_flow(loss: str, W: Array, h: Array, samples: Any, lr: float, steps: int, *,
-                           record_every: int = 1, beta: float = 0.1, sft_coeff: float = 0.0,
-                           train_h: bool = True, show_progress: bool = False) -> Trajectory:
+def simulate_gradient_flow(
+    loss: str,
+    W: Array,
+    h: Array,
+    samples: Any,
+    lr: float,
+    steps: int,
+    *,
+    record_every: int = 1,
+    beta: float = 0.1,
+    sft_coeff: float = 0.0,
+    train_h: bool = True,
+    show_progress: bool = False,
+) -> Trajectory:
   """Gradient descent with a small step `lr` (an Euler integration of gradient flow) on (W, h).
 
   loss: an objective of `losses.per_example_loss` that uses the margin ('dpo', 'ipo', 'slic', 'gpo', 'dpop');
@@ -422,18 +468,17 @@ def simulate_gradient_flow(loss: str, W: Array, h: Array, samples: Any, lr: floa
   W [V, D]; h [D] (one sample) or [N, D]; samples: (y_pos, y_neg) or [N, 2] pairs. Records every
   `record_every` steps (and step 0). Runs as a jitted lax.scan per record chunk (tqdm with show_progress).
   """
-  if loss not in losses.OBJECTIVES or loss == 'cross_entropy':
-    raise ValueError(f'loss must be one of {[o for o in losses.OBJECTIVES if o != "cross_entropy"]}, '
-                     f'got {loss!r}')
+  if loss not in losses.OBJECTIVES or loss == "cross_entropy":
+    raise ValueError(f'loss must be one of {[o for o in losses.OBJECTIVES if o != "cross_entropy"]}, ' f"got {loss!r}")
   if np.ndim(h) == 1:
     h = np.asarray(h)[None]
-  W, h = _check_W_h(W, h, 'h', 2)
+  W, h = _check_W_h(W, h, "h", 2)
   N, V = h.shape[0], W.shape[0]
   y_pos_N, y_neg_N = (jnp.asarray(y, jnp.int32) for y in _as_samples(samples, N, V))
   if not (int(steps) == steps and steps >= 1 and int(record_every) == record_every and record_every >= 1):
-    raise ValueError(f'steps and record_every must be positive integers, got {steps!r}, {record_every!r}')
+    raise ValueError(f"steps and record_every must be positive integers, got {steps!r}, {record_every!r}")
   if not float(lr) > 0 or not float(beta) > 0:
-    raise ValueError(f'lr and beta must be > 0, got lr={lr!r}, beta={beta!r}')
+    raise ValueError(f"lr and beta must be > 0, got lr={lr!r}, beta={beta!r}")
   y_NP = jnp.stack([y_pos_N, y_neg_N], axis=1)
   ref_NP = _pair_logps(_logp_NV((W, h)), y_NP)
   hyper = jnp.asarray([lr, beta, sft_coeff], W.dtype)
@@ -445,10 +490,16 @@ def simulate_gradient_flow(loss: str, W: Array, h: Array, samples: Any, lr: floa
   it = range(n_rec)
   if show_progress:
     from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
-    it = tqdm(it, desc=f'gradient flow ({loss})', unit='record')
+
+    it = tqdm(it, desc=f"gradient flow ({loss})", unit="record")
   for _ in it:
     params, lp, lv = chunk(params, y_NP, ref_NP, hyper)
     logps.append(np.asarray(lp))
     loss_vals.append(float(lv))
-  return Trajectory(steps_T=np.arange(n_rec + 1) * int(record_every), logp_TNV=np.stack(logps),
-                    loss_T=np.asarray(loss_vals), W_VD=np.asarray(params[0]), h_ND=np.asarray(params[1]))
+  return Trajectory(
+      steps_T=np.arange(n_rec + 1) * int(record_every),
+      logp_TNV=np.stack(logps),
+      loss_T=np.asarray(loss_vals),
+      W_VD=np.asarray(params[0]),
+      h_ND=np.asarray(params[1]),
+  )

@@ -18,26 +18,28 @@ import ml_collections
 from displacement_jax import cli, training
 
 MAINS = {
-    'demo': 'displacement_jax.demo',
-    'persona': 'displacement_jax.experiments.persona',
-    'quantiles': 'displacement_jax.experiments.quantiles',
-    'ches_quantiles': 'displacement_jax.experiments.quantiles',
-    'sorry_bench': 'displacement_jax.experiments.sorry_bench.pipeline',
+    "demo": "displacement_jax.demo",
+    "persona": "displacement_jax.experiments.persona",
+    "quantiles": "displacement_jax.experiments.quantiles",
+    "ches_quantiles": "displacement_jax.experiments.quantiles",
+    "sorry_bench": "displacement_jax.experiments.sorry_bench.pipeline",
 }
 
 
 def resolve_main(name: str) -> Callable[[ml_collections.ConfigDict], Any]:
   """The `run(config)` of `config.main`: a registered name or a module under `displacement_jax.`."""
-  module_name = MAINS.get(name, name if name.startswith('displacement_jax.') else None)
+  module_name = MAINS.get(name, name if name.startswith("displacement_jax.") else None)
   if module_name is None:
-    raise ValueError(f'config.main={name!r} is not a registered pipeline ({", ".join(sorted(MAINS))}) nor a module '
-                     'under displacement_jax. with run(config)')
+    raise ValueError(
+        f'config.main={name!r} is not a registered pipeline ({", ".join(sorted(MAINS))}) nor a module '
+        "under displacement_jax. with run(config)"
+    )
   try:
     module = importlib.import_module(module_name)
   except ImportError as e:
-    raise ValueError(f'config.main={name!r}: cannot import {module_name} ({e})') from e
-  if not hasattr(module, 'run'):
-    raise ValueError(f'config.main={name!r}: module {module_name} has no run(config) function')
+    raise ValueError(f"config.main={name!r}: cannot import {module_name} ({e})") from e
+  if not hasattr(module, "run"):
+    raise ValueError(f"config.main={name!r}: module {module_name} has no run(config) function")
   return module.run
 
 
@@ -47,17 +49,24 @@ def main(argv: Sequence[str] | None = None) -> int:
   Returns the exit status (0 ok, 1 for bad input / non-finite loss, 2 for usage errors; one line on stderr).
   """
   flag_values, status = cli.parse_config_flags(
-      argv, 'Preference training (DPO, IPO, cross-entropy, SLiC, DPOP, GPO, + SFT term)',
-      bools=[('resume', 'continue from the latest checkpoint in output_dir')], prog='displacement_jax.train',
-      help_extra='pipelines (config.main): ' + ', '.join(f'{k} -> {v}' for k, v in sorted(MAINS.items()))
-      + "; '' = one training run (displacement_jax.training.run)")
+      argv,
+      "Preference training (DPO, IPO, cross-entropy, SLiC, DPOP, GPO, + SFT term)",
+      bools=[("resume", "continue from the latest checkpoint in output_dir")],
+      prog="displacement_jax.train",
+      help_extra="pipelines (config.main): "
+      + ", ".join(f"{k} -> {v}" for k, v in sorted(MAINS.items()))
+      + "; '' = one training run (displacement_jax.training.run)",
+  )
   if flag_values is None:
     return status
   config = flag_values.config
-  run = (lambda: resolve_main(config.main)(config)) if config.get('main') else (
-      lambda: training.run(config, resume=flag_values.resume))
+  run = (
+      (lambda: resolve_main(config.main)(config))
+      if config.get("main")
+      else (lambda: training.run(config, resume=flag_values.resume))
+  )
   return cli.one_line_errors(run, (ValueError, FileNotFoundError, training.NonFiniteLossError))
 
 
-if __name__ == '__main__':
+if __name__ == "__main__":
   sys.exit(main())

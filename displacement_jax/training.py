@@ -45,6 +45,7 @@ class NonFiniteLossError(FloatingPointError):
 @dataclasses.dataclass
 class RunResult:
   """What `run` returns: final params (host numpy), per-step metric rows and run facts."""
+
   params: Any
   step: int
   output_dir: str
@@ -57,7 +58,7 @@ class RunResult:
 
   @property
   def losses(self) -> list[float]:
-    return [row['loss'] for row in self.metrics if 'loss' in row]
+    return [row["loss"] for row in self.metrics if "loss" in row]
 
 
 def log(msg: str) -> None:
@@ -78,22 +79,29 @@ def run(config: ml_collections.ConfigDict, *, resume: bool = False) -> RunResult
   os.makedirs(config.output_dir, exist_ok=True)
   loaded = runtime.load_model(config, mesh)
   dataset = runtime.load_data(config, loaded.tokenizer, loaded.model_config.vocab_size)
-  log(f'data: {len(dataset.pairs)} pairs from {config.data.path}; truncation: {dataset.truncation}')
+  log(f"data: {len(dataset.pairs)} pairs from {config.data.path}; truncation: {dataset.truncation}")
   iterator = make_iterator(dataset, config)
   total_steps = num_train_steps(config, iterator.steps_per_epoch)
   fns = make_fns(loaded, config, mesh, total_steps)
   loaded.params = jax.device_put(loaded.params, fns.param_sh)
-  monitor_rows = np.arange(min(len(dataset.pairs), int(config.eval.get('max_samples', 256))))
+  monitor_rows = np.arange(min(len(dataset.pairs), int(config.eval.get("max_samples", 256))))
   ref, from_cache = reference_lib.compute_or_load(loaded, dataset, monitor_rows, config, fns, mesh, log=log)
   state = fns.init_state(loaded.params)
   del loaded.params  # no reference params stay on device: the state holds the (only) copy
   ckpt = open_checkpointer(config, resume)
   state, start_step, meta = restore_if_resuming(ckpt, state, iterator, resume)
-  writer = metrics_lib.MetricsWriter(config.output_dir, enabled=jax.process_index() == 0,
-                                     truncate_after_step=start_step if resume else None)
-  writer.write(start_step, {'event': 'resume' if resume else 'start', 'total_steps': total_steps,
-                            'reference_from_cache': from_cache,
-                            **{f'data/{k}': v for k, v in dataset.truncation.items()}})
+  writer = metrics_lib.MetricsWriter(
+      config.output_dir, enabled=jax.process_index() == 0, truncate_after_step=start_step if resume else None
+  )
+  writer.write(
+      start_step,
+      {
+          "event": "resume" if resume else "start",
+          "total_steps": total_steps,
+          "reference_from_cache": from_cache,
+          **{f"data/{k}": v for k, v in dataset.truncation.items()},
+      },
+  )
   monitor = evaluation.Monitor(fns, loaded, dataset, monitor_rows, ref, config, mesh)
   loop = TrainLoop(config, fns, iterator, dataset, ref, mesh, ckpt, writer, monitor, total_steps, meta)
   try:
@@ -103,11 +111,19 @@ def run(config: ml_collections.ConfigDict, *, resume: bool = False) -> RunResult
     writer.close()
   params = host_params(state.params)
   hf_dir = None
-  if config.get('export_hf') and not stopped_early:  # every process takes part (gathers); process 0 writes
-    hf_dir = export_hf(params, loaded, os.path.join(config.output_dir, 'hf'), progress=bool(config.progress))
-  return RunResult(params=params, step=step, output_dir=config.output_dir, metrics=rows, monitor=loop.last_monitor,
-                   reference_from_cache=from_cache, truncation=dataset.truncation, stopped_early=stopped_early,
-                   hf_dir=hf_dir)
+  if config.get("export_hf") and not stopped_early:  # every process takes part (gathers); process 0 writes
+    hf_dir = export_hf(params, loaded, os.path.join(config.output_dir, "hf"), progress=bool(config.progress))
+  return RunResult(
+      params=params,
+      step=step,
+      output_dir=config.output_dir,
+      metrics=rows,
+      monitor=loop.last_monitor,
+      reference_from_cache=from_cache,
+      truncation=dataset.truncation,
+      stopped_early=stopped_early,
+      hf_dir=hf_dir,
+  )
 
 
 class TrainLoop:
@@ -118,27 +134,41 @@ class TrainLoop:
     self.config, self.fns, self.iterator, self.dataset, self.ref, self.mesh = config, fns, iterator, dataset, ref, mesh
     self.ckpt, self.writer, self.monitor, self.total_steps = ckpt, writer, monitor, total_steps
     self.last_monitor: dict[str, Any] = {}
-    self.prev_eval = dict(meta.get('monitor_prev', {}))
-    self.num_tokens = int(meta.get('num_tokens', 0))  # TRL's num_tokens: cumulative, restored on resume
-    self.schedule = optim_lib.make_schedule(config.optim.get('schedule', 'constant'), float(config.optim.lr),
-                                            total_steps, int(config.optim.get('warmup_steps', 0)))
+    self.prev_eval = dict(meta.get("monitor_prev", {}))
+    self.num_tokens = int(meta.get("num_tokens", 0))  # TRL's num_tokens: cumulative, restored on resume
+    self.schedule = optim_lib.make_schedule(
+        config.optim.get("schedule", "constant"),
+        float(config.optim.lr),
+        total_steps,
+        int(config.optim.get("warmup_steps", 0)),
+    )
 
   def save(self, step: int, state: step_lib.TrainState, data_state: dict[str, int] | None = None) -> None:
-    self.ckpt.save(step, state, {'step': step, 'data': data_state or self.iterator.state(),
-                                 'monitor_prev': self.prev_eval, 'num_tokens': self.num_tokens})
+    self.ckpt.save(
+        step,
+        state,
+        {
+            "step": step,
+            "data": data_state or self.iterator.state(),
+            "monitor_prev": self.prev_eval,
+            "num_tokens": self.num_tokens,
+        },
+    )
 
-  def __call__(self, state: step_lib.TrainState, start_step: int, resume: bool
-               ) -> tuple[step_lib.TrainState, int, list[dict[str, Any]], bool]:
+  def __call__(
+      self, state: step_lib.TrainState, start_step: int, resume: bool
+  ) -> tuple[step_lib.TrainState, int, list[dict[str, Any]], bool]:
     config, rows = self.config, []
     if not resume:
       self.last_monitor = self.monitor(state.params, 0)
       log(monitor_lib.format_line(0, self.last_monitor))
-      self.prev_eval = {'loss': self.last_monitor['monitor/loss'], 'preferred': None}
+      self.prev_eval = {"loss": self.last_monitor["monitor/loss"], "preferred": None}
       rows.append(self.writer.write(0, self.last_monitor))
     eval_every, ckpt_every = int(config.eval.every), int(config.checkpoint.every)
-    stop_after = int(config.debug.get('stop_after_steps', 0))
-    bar = metrics_lib.progress_bar(self.total_steps, start_step,
-                                   enabled=bool(config.get('progress', True)) and jax.process_index() == 0)
+    stop_after = int(config.debug.get("stop_after_steps", 0))
+    bar = metrics_lib.progress_bar(
+        self.total_steps, start_step, enabled=bool(config.get("progress", True)) and jax.process_index() == 0
+    )
     stopped_early, step = False, start_step
     try:
       for step in range(start_step + 1, self.total_steps + 1):
@@ -147,21 +177,21 @@ class TrainLoop:
         batch = evaluation.add_reference(local, positions(local, self.dataset), self.ref)
         state, step_metrics = self.fns.train_step(state, sharding.host_local_batch_to_global(batch, self.mesh))
         step_metrics = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
-        self.num_tokens += int(step_metrics.pop('tokens'))
-        if not math.isfinite(step_metrics['loss']):  # the step skipped its update: `state` is the last good one
+        self.num_tokens += int(step_metrics.pop("tokens"))
+        if not math.isfinite(step_metrics["loss"]):  # the step skipped its update: `state` is the last good one
           self.stop_on_nonfinite(step, state, step_metrics, data_before)
         row = dict(step_metrics, **self.trl_progress(step))
         if eval_every > 0 and step % eval_every == 0 or step == self.total_steps:
           row.update(self.evaluate(step, state))
-        if step % int(config.get('log_every', 1) or 1) == 0 or step == self.total_steps or 'monitor/loss' in row:
+        if step % int(config.get("log_every", 1) or 1) == 0 or step == self.total_steps or "monitor/loss" in row:
           rows.append(self.writer.write(step, row))
-        bar.set_postfix(metrics_lib.postfix(step_metrics, ('loss', 'logps/chosen_change')))
+        bar.set_postfix(metrics_lib.postfix(step_metrics, ("loss", "logps/chosen_change")))
         bar.update(1)
         if ckpt_every > 0 and step % ckpt_every == 0 or step == self.total_steps or step == stop_after:
           self.save(step, state)
         if stop_after and step >= stop_after and step < self.total_steps:
           stopped_early = True
-          log(f'debug.stop_after_steps={stop_after}: stopping at step {step}')
+          log(f"debug.stop_after_steps={stop_after}: stopping at step {step}")
           break
     finally:
       bar.close()
@@ -171,8 +201,11 @@ class TrainLoop:
     """TRL's progress keys: learning_rate (the rate this step used), num_tokens (cumulative non-padding tokens of
     chosen + rejected sequences) and epoch as fractional progress (epoch index + batches done / per epoch)."""
     it = self.iterator
-    return {'learning_rate': float(self.schedule(step - 1)), 'num_tokens': self.num_tokens,
-            'epoch': it.epoch + it.step / it.steps_per_epoch}
+    return {
+        "learning_rate": float(self.schedule(step - 1)),
+        "num_tokens": self.num_tokens,
+        "epoch": it.epoch + it.step / it.steps_per_epoch,
+    }
 
   def evaluate(self, step: int, state: step_lib.TrainState) -> dict[str, Any]:
     """The monitor at `step`, its line, and the displacement warning."""
@@ -181,13 +214,16 @@ class TrainLoop:
     warning = evaluation.warning_after(step, self.last_monitor, self.prev_eval, self.config)
     if warning:
       log(warning)
-      self.last_monitor['monitor/warning'] = warning
-    self.prev_eval = {'loss': self.last_monitor['monitor/loss'],
-                      'preferred': self.last_monitor['monitor/preferred_logprob_change']}
+      self.last_monitor["monitor/warning"] = warning
+    self.prev_eval = {
+        "loss": self.last_monitor["monitor/loss"],
+        "preferred": self.last_monitor["monitor/preferred_logprob_change"],
+    }
     return self.last_monitor
 
-  def stop_on_nonfinite(self, step: int, state: step_lib.TrainState, step_metrics: dict[str, float],
-                        data_before: dict[str, int]) -> None:
+  def stop_on_nonfinite(
+      self, step: int, state: step_lib.TrainState, step_metrics: dict[str, float], data_before: dict[str, int]
+  ) -> None:
     """Checkpoint the last good state and raise NonFiniteLossError."""
     if self.ckpt.latest_step() != step - 1:
       self.save(step - 1, state, data_before)
@@ -195,8 +231,9 @@ class TrainLoop:
     self.writer.write(step, step_metrics)
     raise NonFiniteLossError(
         f'non-finite loss {step_metrics["loss"]} at step {step} (lr={self.config.optim.lr}, objective='
-        f'{self.config.loss.objective}); stopped, the state before this step is checkpointed at step {step - 1} '
-        f'in {self.ckpt.directory}')
+        f"{self.config.loss.objective}); stopped, the state before this step is checkpointed at step {step - 1} "
+        f"in {self.ckpt.directory}"
+    )
 
 
 # ------------------------------------------------------------------------------------------------- steps
@@ -206,9 +243,11 @@ def check_batch_fits_mesh(config: ml_collections.ConfigDict, mesh: Any) -> None:
   """Every micro-batch must split evenly over the data-parallel devices."""
   dp = sharding.data_parallel_size(mesh)
   if config.batch_size % (dp * int(config.optim.grad_accum)):
-    raise ValueError(f'config.batch_size={config.batch_size} must be a multiple of optim.grad_accum='
-                     f'{config.optim.grad_accum} x the data-parallel mesh size {dp} (mesh.data x mesh.fsdp, all '
-                     'hosts), so every micro-batch splits evenly over the devices')
+    raise ValueError(
+        f"config.batch_size={config.batch_size} must be a multiple of optim.grad_accum="
+        f"{config.optim.grad_accum} x the data-parallel mesh size {dp} (mesh.data x mesh.fsdp, all "
+        "hosts), so every micro-batch splits evenly over the devices"
+    )
 
 
 def make_iterator(dataset: runtime.Dataset, config: ml_collections.ConfigDict) -> batching.BatchIterator:
@@ -217,13 +256,22 @@ def make_iterator(dataset: runtime.Dataset, config: ml_collections.ConfigDict) -
   Full global batches only (drop_last): every step averages over exactly `batch_size` real pairs.
   """
   if len(dataset.pairs) < int(config.batch_size):
-    raise ValueError(f'the data ({config.data.path}) has {len(dataset.pairs)} pairs, fewer than '
-                     f'config.batch_size={config.batch_size}')
-  return batching.BatchIterator(dataset.pairs, int(config.batch_size), seed=int(config.seed),
-                                shuffle=bool(config.data.get('shuffle', True)), drop_last=True,
-                                pad_id=dataset.pad_id, padding_side=config.data.get('padding_side', 'right'),
-                                process_index=jax.process_index(), process_count=jax.process_count(),
-                                shared_prompt_packing=runtime.packing_enabled(config))
+    raise ValueError(
+        f"the data ({config.data.path}) has {len(dataset.pairs)} pairs, fewer than "
+        f"config.batch_size={config.batch_size}"
+    )
+  return batching.BatchIterator(
+      dataset.pairs,
+      int(config.batch_size),
+      seed=int(config.seed),
+      shuffle=bool(config.data.get("shuffle", True)),
+      drop_last=True,
+      pad_id=dataset.pad_id,
+      padding_side=config.data.get("padding_side", "right"),
+      process_index=jax.process_index(),
+      process_count=jax.process_count(),
+      shared_prompt_packing=runtime.packing_enabled(config),
+  )
 
 
 def num_train_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> int:
@@ -236,6 +284,7 @@ def num_train_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> 
 @dataclasses.dataclass
 class Fns:
   """The jitted, mesh-sharded functions of one run and their shardings."""
+
   logps: Callable
   next_token: Callable | None
   unembed: Callable
@@ -259,16 +308,32 @@ def make_fns(loaded: runtime.Loaded, config: ml_collections.ConfigDict, mesh: An
   opt_sh = optax_state_shardings(optimizer, loaded.params, param_sh, replicated)
   state_sh = step_lib.TrainState(params=param_sh, opt_state=opt_sh, step=replicated, rng=replicated)
   init_state = jax.jit(
-      lambda p: step_lib.TrainState(params=p, opt_state=optimizer.init(p), step=jnp.zeros((), jnp.int32),
-                                    rng=jax.random.key_data(jax.random.key(int(config.seed)))),
-      in_shardings=(param_sh,), out_shardings=state_sh, donate_argnums=0)
-  train_step = jax.jit(step_lib.make_train_step(loss_fn, optimizer, int(config.optim.grad_accum)),
-                       in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, replicated), donate_argnums=0)
+      lambda p: step_lib.TrainState(
+          params=p,
+          opt_state=optimizer.init(p),
+          step=jnp.zeros((), jnp.int32),
+          rng=jax.random.key_data(jax.random.key(int(config.seed))),
+      ),
+      in_shardings=(param_sh,),
+      out_shardings=state_sh,
+      donate_argnums=0,
+  )
+  train_step = jax.jit(
+      step_lib.make_train_step(loss_fn, optimizer, int(config.optim.grad_accum)),
+      in_shardings=(state_sh, batch_sh),
+      out_shardings=(state_sh, replicated),
+      donate_argnums=0,
+  )
   return Fns(
       logps=jit(lambda p, b: forward.pair_logps(model, p, b, chunk)),
       next_token=jit(lambda p, b: forward.next_token_outputs(model, p, b)) if config.data.single_token else None,
       unembed=jax.jit(lambda p: forward.unembed(model, p), in_shardings=(param_sh,), out_shardings=replicated),
-      loss=jit(loss_fn), init_state=init_state, train_step=train_step, param_sh=param_sh, batch_sh=batch_sh)
+      loss=jit(loss_fn),
+      init_state=init_state,
+      train_step=train_step,
+      param_sh=param_sh,
+      batch_sh=batch_sh,
+  )
 
 
 def open_checkpointer(config: ml_collections.ConfigDict, resume: bool) -> checkpoint_lib.Checkpointer:
@@ -276,39 +341,42 @@ def open_checkpointer(config: ml_collections.ConfigDict, resume: bool) -> checkp
   ckpt_dir = os.path.join(config.output_dir, checkpoint_lib.CHECKPOINT_DIR)
   if not resume and os.path.isdir(ckpt_dir):  # a fresh run replaces an old run's checkpoints (like metrics.jsonl)
     if jax.process_index() == 0:
-      log(f'fresh run (no --resume): removing the old checkpoints in {ckpt_dir}')
+      log(f"fresh run (no --resume): removing the old checkpoints in {ckpt_dir}")
       shutil.rmtree(ckpt_dir)
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top  (multi-host only)
 
-      multihost_utils.sync_global_devices('train: old checkpoints removed')
-  return checkpoint_lib.Checkpointer(ckpt_dir, keep=int(config.checkpoint.keep),
-                                     async_save=bool(config.checkpoint.get('async_save', True)))
+      multihost_utils.sync_global_devices("train: old checkpoints removed")
+  return checkpoint_lib.Checkpointer(
+      ckpt_dir, keep=int(config.checkpoint.keep), async_save=bool(config.checkpoint.get("async_save", True))
+  )
 
 
-def restore_if_resuming(ckpt: checkpoint_lib.Checkpointer, state: step_lib.TrainState, iterator: Any, resume: bool
-                        ) -> tuple[step_lib.TrainState, int, dict[str, Any]]:
+def restore_if_resuming(
+    ckpt: checkpoint_lib.Checkpointer, state: step_lib.TrainState, iterator: Any, resume: bool
+) -> tuple[step_lib.TrainState, int, dict[str, Any]]:
   """(state, start step, checkpoint meta): from the latest checkpoint with --resume, else (state, 0, {})."""
   if not resume:
     return state, 0, {}
   if ckpt.latest_step() is None:
-    raise FileNotFoundError(f'--resume: no checkpoint in {ckpt.directory}')
+    raise FileNotFoundError(f"--resume: no checkpoint in {ckpt.directory}")
   state, meta, start_step = ckpt.restore(state)
-  iterator.restore(meta['data'])
-  log(f'resumed from step {start_step} ({ckpt.directory})')
+  iterator.restore(meta["data"])
+  log(f"resumed from step {start_step} ({ckpt.directory})")
   return state, start_step, meta
 
 
 def positions(batch: dict[str, np.ndarray], dataset: runtime.Dataset) -> np.ndarray:
   """Positions in dataset.pairs of the rows of a collated batch (from its index_B)."""
-  return np.asarray([dataset.position_of[int(i)] for i in batch['index_B']], np.int64)
+  return np.asarray([dataset.position_of[int(i)] for i in batch["index_B"]], np.int64)
 
 
 def optax_state_shardings(optimizer: Any, params: Any, param_sh: Any, replicated: NamedSharding) -> Any:
   """Shardings of the optimizer state: param-shaped leaves follow their param, the rest is replicated."""
   abstract = jax.eval_shape(optimizer.init, params)
-  return optax.tree_map_params(optimizer, lambda _, sh: sh, abstract, param_sh,
-                               transform_non_params=lambda _: replicated)
+  return optax.tree_map_params(
+      optimizer, lambda _, sh: sh, abstract, param_sh, transform_non_params=lambda _: replicated
+  )
 
 
 def host_params(params: Any) -> Any:
@@ -325,12 +393,12 @@ def export_hf(params: Any, loaded: runtime.Loaded, out_dir: str, *, progress: bo
   (models.io.save_pretrained): what the source checkpoint had, nothing of how this machine loaded it."""
   io_lib.save_pretrained(params, loaded.model_config, out_dir, progress=progress)
   if jax.process_index() == 0:
-    if hasattr(loaded.tokenizer, 'save_pretrained'):
+    if hasattr(loaded.tokenizer, "save_pretrained"):
       loaded.tokenizer.save_pretrained(out_dir)
-    source = loaded.identity.get('path')
+    source = loaded.identity.get("path")
     generation = loading_lib.generation_config(source, loaded.model_config) if source else None
     if generation is not None:
-      with open(os.path.join(out_dir, 'generation_config.json'), 'w') as f:
+      with open(os.path.join(out_dir, "generation_config.json"), "w") as f:
         json.dump(generation, f, indent=2)
-  log(f'exported HF model to {out_dir}')
+  log(f"exported HF model to {out_dir}")
   return out_dir

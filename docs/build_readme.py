@@ -1,8 +1,8 @@
 """Assemble README.md from docs/README_head.md and docs/sections/*.md (in SECTION_ORDER).
 
-  python docs/build_readme.py          # rewrite README.md
-  python docs/build_readme.py --check  # exit 1 if README.md is out of date (tests/test_readme.py runs this)
-  python docs/build_readme.py --command=1  # print README's first command (2: the test command); .ci/run runs them
+python docs/build_readme.py          # rewrite README.md
+python docs/build_readme.py --check  # exit 1 if README.md is out of date (tests/test_readme.py runs this)
+python docs/build_readme.py --command=1  # print README's first command (2: the test command); .ci/run runs them
 """
 
 from __future__ import annotations
@@ -11,8 +11,22 @@ import pathlib
 import sys
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-SECTION_ORDER = ("demo", "core", "theory", "models", "io", "data", "train", "score", "trl", "experiments", "launch",
-                 "benchmarks", "testing", "layout")
+SECTION_ORDER = (
+    "demo",
+    "core",
+    "theory",
+    "models",
+    "io",
+    "data",
+    "train",
+    "score",
+    "trl",
+    "experiments",
+    "launch",
+    "benchmarks",
+    "testing",
+    "layout",
+)
 
 
 def build() -> str:

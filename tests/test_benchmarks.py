@@ -9,8 +9,16 @@ from benchmarks import cpu_vs_torch, flops, gpu_mfu, shapes
 def test_flops_per_token_by_hand():
   # d=4, f=8, 1 layer, 2 heads of 2, 1 kv head, V=10, seq 3:
   # projections 2*4*4 + 2*2*4*2 + 2*4*4 = 96; attention 2*2*3*4 = 48; mlp 3*2*4*8 = 192; head 2*4*10 = 80.
-  shape = dict(hidden_size=4, intermediate_size=8, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=2,
-               vocab_size=10, seq_len=3)
+  shape = dict(
+      hidden_size=4,
+      intermediate_size=8,
+      num_layers=1,
+      num_heads=2,
+      num_kv_heads=1,
+      head_dim=2,
+      vocab_size=10,
+      seq_len=3,
+  )
   assert flops.forward_flops_per_token(**shape) == 96 + 48 + 192 + 80
   assert flops.forward_flops_per_token(lm_head=False, **shape) == 96 + 48 + 192
   assert flops.train_flops_per_token(**shape) == 3 * (96 + 48 + 192 + 80)
@@ -18,74 +26,106 @@ def test_flops_per_token_by_hand():
 
 
 def test_cpu_vs_torch_same_scores_and_updates():
-  out = cpu_vs_torch.main(['--shape=tiny', '--rows=6', '--dpo_rows=3', '--steps=1', '--batch_size=4',
-                           '--prompt_len', '4', '12', '--response_len', '3', '20'])
+  out = cpu_vs_torch.main(
+      [
+          "--shape=tiny",
+          "--rows=6",
+          "--dpo_rows=3",
+          "--steps=1",
+          "--batch_size=4",
+          "--prompt_len",
+          "4",
+          "12",
+          "--response_len",
+          "3",
+          "20",
+      ]
+  )
   # Same weights, same rows: our CHES equals the official one-row-at-a-time PyTorch CHES.
-  np.testing.assert_allclose(out['ches_ours'], out['ches_torch'], rtol=1e-4)
-  np.testing.assert_allclose(out['ches_two_side'], out['ches_torch'], rtol=1e-4)  # the ablation layout too
-  assert out['dpo_logp_max_abs_diff'] < 1e-3 and out['dpo_two_side_logp_max_abs_diff'] < 1e-3
-  assert out['score_ratio_two_side'] > 0 and out['dpo_ratio_two_side'] > 0
-  assert out['score_ratio'] > 0 and out['dpo_ratio'] > 0
-  assert '| CHES scoring' in out['table'] and '| DPO step' in out['table']
+  np.testing.assert_allclose(out["ches_ours"], out["ches_torch"], rtol=1e-4)
+  np.testing.assert_allclose(out["ches_two_side"], out["ches_torch"], rtol=1e-4)  # the ablation layout too
+  assert out["dpo_logp_max_abs_diff"] < 1e-3 and out["dpo_two_side_logp_max_abs_diff"] < 1e-3
+  assert out["score_ratio_two_side"] > 0 and out["dpo_ratio_two_side"] > 0
+  assert out["score_ratio"] > 0 and out["dpo_ratio"] > 0
+  assert "| CHES scoring" in out["table"] and "| DPO step" in out["table"]
 
 
-@pytest.mark.parametrize('task', ['dpo', 'score'])
+@pytest.mark.parametrize("task", ["dpo", "score"])
 def test_gpu_mfu_script_runs_on_cpu(task, tmp_path):
-  res = gpu_mfu.main([f'--task={task}', '--shape=tiny', '--seq=16', '--batch=2', '--steps=1',
-                      '--peak_tflops=1.0', f'--json={tmp_path / "r.json"}'])
-  per_token = (flops.train_flops_per_token(seq_len=16, **shapes.flops_shape('tiny')) if task == 'dpo' else
-               flops.forward_flops_per_token(seq_len=16, lm_head=False, **shapes.flops_shape('tiny')))
-  assert res['model_flops'] == per_token * 2 * 2 * 16
-  assert res['mfu'] == pytest.approx(res['model_flops'] / res['seconds'] / 1e12)
-  assert (tmp_path / 'r.json').exists()
+  res = gpu_mfu.main(
+      [
+          f"--task={task}",
+          "--shape=tiny",
+          "--seq=16",
+          "--batch=2",
+          "--steps=1",
+          "--peak_tflops=1.0",
+          f'--json={tmp_path / "r.json"}',
+      ]
+  )
+  per_token = (
+      flops.train_flops_per_token(seq_len=16, **shapes.flops_shape("tiny"))
+      if task == "dpo"
+      else flops.forward_flops_per_token(seq_len=16, lm_head=False, **shapes.flops_shape("tiny"))
+  )
+  assert res["model_flops"] == per_token * 2 * 2 * 16
+  assert res["mfu"] == pytest.approx(res["model_flops"] / res["seconds"] / 1e12)
+  assert (tmp_path / "r.json").exists()
 
 
-@pytest.mark.parametrize('task', ['dpo', 'score'])
+@pytest.mark.parametrize("task", ["dpo", "score"])
 def test_gpu_mfu_packed_layout_runs_and_counts_flops(task):
-  res = gpu_mfu.main([f'--task={task}', '--shape=tiny', '--seq=16', '--batch=2', '--steps=1', '--packing=1',
-                      '--peak_tflops=1.0'])
-  s = shapes.flops_shape('tiny')
+  res = gpu_mfu.main(
+      [f"--task={task}", "--shape=tiny", "--seq=16", "--batch=2", "--steps=1", "--packing=1", "--peak_tflops=1.0"]
+  )
+  s = shapes.flops_shape("tiny")
   # 2 rows of 8 prompt + 8 chosen + 8 rejected slots; the LM head (training only) on 2 x 16 response slots.
   body = flops.forward_flops_per_token(seq_len=24, lm_head=False, **s) * 2 * 24
-  want = 3 * (body + 2 * s['hidden_size'] * s['vocab_size'] * 2 * 16) if task == 'dpo' else body
-  assert res['packing'] and res['model_flops'] == pytest.approx(want)
-  assert res['mfu'] == pytest.approx(res['model_flops'] / res['seconds'] / 1e12)
+  want = 3 * (body + 2 * s["hidden_size"] * s["vocab_size"] * 2 * 16) if task == "dpo" else body
+  assert res["packing"] and res["model_flops"] == pytest.approx(want)
+  assert res["mfu"] == pytest.approx(res["model_flops"] / res["seconds"] / 1e12)
 
 
 def test_synthetic_batch_follows_contract():
   b = gpu_mfu.synthetic_batch(2, 8, 50)
-  assert b['chosen_loss_mask_BT'][0].tolist() == [False] * 3 + [True] * 4 + [False]
-  np.testing.assert_array_equal(b['chosen_labels_BT'][:, :-1], b['chosen_input_ids_BT'][:, 1:])
+  assert b["chosen_loss_mask_BT"][0].tolist() == [False] * 3 + [True] * 4 + [False]
+  np.testing.assert_array_equal(b["chosen_labels_BT"][:, :-1], b["chosen_input_ids_BT"][:, 1:])
 
 
 def test_device_peak_lookup():
   class Dev:
-    device_kind = 'NVIDIA H100 80GB HBM3'
-  assert gpu_mfu.device_peak_tflops(Dev()) == flops.BF16_PEAK_TFLOPS['H100']
-  Dev.device_kind = 'cpu'
+    device_kind = "NVIDIA H100 80GB HBM3"
+
+  assert gpu_mfu.device_peak_tflops(Dev()) == flops.BF16_PEAK_TFLOPS["H100"]
+  Dev.device_kind = "cpu"
   assert gpu_mfu.device_peak_tflops(Dev()) is None
 
 
 def test_categorize_op_names():
   from benchmarks import profile_ops
-  assert profile_ops.categorize('jit(f)/jvp(Transformer)/layers_0/mlp/gate_proj/dot_general') == 'dense layers'
-  assert profile_ops.categorize('jit(f)/Transformer/layers_1/self_attn/vmap()/div') == 'attention'
-  assert profile_ops.categorize('jit(f)/Transformer/layers_1/input_layernorm/mul') == 'other model ops'
-  assert profile_ops.categorize('jit(f)/transpose(jvp())/while/body/closed_call/bcd,dv->bcv/dot') == (
-      'LM head + log-softmax')
-  assert profile_ops.categorize('jit(f)/rmsprop/sqrt') == 'optimizer / rest'
-  names = profile_ops.hlo_op_names('  %fusion.3 = f32[2]{0} fusion(%a), metadata={op_name="jit(f)/x/add"}\n'
-                                   '  ROOT %dot.1 = f32[2]{0} dot(%b), metadata={op_name="jit(f)/q_proj/dot"}')
-  assert names == {'fusion.3': 'jit(f)/x/add', 'dot.1': 'jit(f)/q_proj/dot'}
+
+  assert profile_ops.categorize("jit(f)/jvp(Transformer)/layers_0/mlp/gate_proj/dot_general") == "dense layers"
+  assert profile_ops.categorize("jit(f)/Transformer/layers_1/self_attn/vmap()/div") == "attention"
+  assert profile_ops.categorize("jit(f)/Transformer/layers_1/input_layernorm/mul") == "other model ops"
+  assert profile_ops.categorize("jit(f)/transpose(jvp())/while/body/closed_call/bcd,dv->bcv/dot") == (
+      "LM head + log-softmax"
+  )
+  assert profile_ops.categorize("jit(f)/rmsprop/sqrt") == "optimizer / rest"
+  names = profile_ops.hlo_op_names(
+      '  %fusion.3 = f32[2]{0} fusion(%a), metadata={op_name="jit(f)/x/add"}\n'
+      '  ROOT %dot.1 = f32[2]{0} dot(%b), metadata={op_name="jit(f)/q_proj/dot"}'
+  )
+  assert names == {"fusion.3": "jit(f)/x/add", "dot.1": "jit(f)/q_proj/dot"}
 
 
-@pytest.mark.parametrize('task', ['dpo', 'score'])
+@pytest.mark.parametrize("task", ["dpo", "score"])
 def test_profile_ops_accounts_for_the_step(task):
   from benchmarks import profile_ops
-  out = profile_ops.main([f'--task={task}', '--shape=tiny', '--pairs=2', '--steps=1', '--top=3'])
-  cats = out['categories']
+
+  out = profile_ops.main([f"--task={task}", "--shape=tiny", "--pairs=2", "--steps=1", "--top=3"])
+  cats = out["categories"]
   assert set(cats) == set(profile_ops.CATEGORIES)
-  assert cats['dense layers'] > 0 and cats['attention'] > 0   # trace events matched HLO instructions
-  assert (cats['LM head + log-softmax'] > 0) == (task == 'dpo')  # scoring never runs the LM head
-  assert sum(cats.values()) == pytest.approx(sum(out['ops'].values()))
-  assert '| dense layers |' in out['table']
+  assert cats["dense layers"] > 0 and cats["attention"] > 0  # trace events matched HLO instructions
+  assert (cats["LM head + log-softmax"] > 0) == (task == "dpo")  # scoring never runs the LM head
+  assert sum(cats.values()) == pytest.approx(sum(out["ops"].values()))
+  assert "| dense layers |" in out["table"]

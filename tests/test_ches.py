@@ -27,7 +27,7 @@ def _loop_ches(h_pos, h_neg, m_pos, m_neg):
           s_neg[i] += float(h_neg[b, t, i])
     inner = sum(s_pos[i] * s_neg[i] for i in range(d))
     sq = sum(s_pos[i] * s_pos[i] for i in range(d))
-    out.append((inner - sq, inner / (n_pos * n_neg) - sq / n_pos ** 2))
+    out.append((inner - sq, inner / (n_pos * n_neg) - sq / n_pos**2))
   return np.array(out)
 
 
@@ -37,7 +37,7 @@ def _segment_masks(rng, b, t, max_len):
   for i in range(b):
     n = rng.integers(1, max_len + 1)
     start = rng.integers(0, t - n + 1)
-    mask[i, start:start + n] = True
+    mask[i, start : start + n] = True
   return mask
 
 
@@ -54,19 +54,20 @@ def test_ches_matches_python_loop_definition():
   np.testing.assert_allclose(out, ref[:, 0], rtol=1e-5, atol=1e-4)
   np.testing.assert_allclose(out_ln, ref[:, 1], rtol=1e-5, atol=1e-5)
   # jit (length_normalized is static), and the components are consistent with the definition
-  jitted = jax.jit(ches.ches_scores, static_argnames='length_normalized')
-  np.testing.assert_allclose(jitted(h_pos, h_neg, m_pos, m_neg, length_normalized=True), ref[:, 1], rtol=1e-5,
-                             atol=1e-5)
+  jitted = jax.jit(ches.ches_scores, static_argnames="length_normalized")
+  np.testing.assert_allclose(
+      jitted(h_pos, h_neg, m_pos, m_neg, length_normalized=True), ref[:, 1], rtol=1e-5, atol=1e-5
+  )
   comps = ches.ches_components(h_pos, h_neg, m_pos, m_neg)
   s_pos = (h_pos.astype(np.float64) * m_pos[..., None]).sum(1)
   s_neg = (h_neg.astype(np.float64) * m_neg[..., None]).sum(1)
-  np.testing.assert_allclose(comps['inner'], (s_pos * s_neg).sum(-1), rtol=1e-5, atol=1e-4)
-  np.testing.assert_allclose(comps['chosen_sq_norm'], (s_pos ** 2).sum(-1), rtol=1e-5)
-  np.testing.assert_allclose(comps['rejected_sq_norm'], (s_neg ** 2).sum(-1), rtol=1e-5)
-  np.testing.assert_allclose(comps['chosen_len'], m_pos.sum(1))
-  np.testing.assert_allclose(comps['rejected_len'], m_neg.sum(1))
+  np.testing.assert_allclose(comps["inner"], (s_pos * s_neg).sum(-1), rtol=1e-5, atol=1e-4)
+  np.testing.assert_allclose(comps["chosen_sq_norm"], (s_pos**2).sum(-1), rtol=1e-5)
+  np.testing.assert_allclose(comps["rejected_sq_norm"], (s_neg**2).sum(-1), rtol=1e-5)
+  np.testing.assert_allclose(comps["chosen_len"], m_pos.sum(1))
+  np.testing.assert_allclose(comps["rejected_len"], m_neg.sum(1))
   cos = (s_pos * s_neg).sum(-1) / np.linalg.norm(s_pos, axis=-1) / np.linalg.norm(s_neg, axis=-1)
-  np.testing.assert_allclose(comps['cosine'], cos, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(comps["cosine"], cos, rtol=1e-5, atol=1e-6)
 
 
 def test_ln_ches_hand_values_with_different_lengths():
@@ -76,8 +77,7 @@ def test_ln_ches_hand_values_with_different_lengths():
   h_neg = np.array([[[3, 1], [0, 1], [1, 1], [7, 7]]], np.float32)  # position 3 = padding
   m_pos, m_neg = np.array([[0, 1, 1]], bool), np.array([[1, 1, 1, 0]], bool)
   np.testing.assert_allclose(ches.ches_scores(h_pos, h_neg, m_pos, m_neg), [6.0], rtol=1e-6)
-  np.testing.assert_allclose(ches.ches_scores(h_pos, h_neg, m_pos, m_neg, length_normalized=True), [1 / 3],
-                             rtol=1e-6)
+  np.testing.assert_allclose(ches.ches_scores(h_pos, h_neg, m_pos, m_neg, length_normalized=True), [1 / 3], rtol=1e-6)
 
 
 def _place(rows, t, side, fill):
@@ -86,7 +86,7 @@ def _place(rows, t, side, fill):
   h = np.full((len(rows), t, d), fill, np.float32)
   mask = np.zeros((len(rows), t), bool)
   for i, r in enumerate(rows):
-    sl = slice(0, len(r)) if side == 'right' else slice(t - len(r), t)
+    sl = slice(0, len(r)) if side == "right" else slice(t - len(r), t)
     h[i, sl], mask[i, sl] = r, True
   return h, mask
 
@@ -98,17 +98,23 @@ def test_invariant_to_padding_side_and_amount():
   neg_rows = [rng.normal(size=(n, d)).astype(np.float32) for n in (5, 2)]
   results = []
   # padding positions hold inf / huge garbage: they must never enter a sum
-  for side, extra, fill in [('right', 0, np.inf), ('left', 0, -1e30), ('right', 5, np.nan), ('left', 9, 1e30)]:
+  for side, extra, fill in [("right", 0, np.inf), ("left", 0, -1e30), ("right", 5, np.nan), ("left", 9, 1e30)]:
     h_pos, m_pos = _place(pos_rows, 6 + extra, side, fill)
-    h_neg, m_neg = _place(neg_rows, 5 + 2 * extra, 'left' if side == 'right' else 'right', fill)
-    results.append((ches.ches_scores(h_pos, h_neg, m_pos, m_neg),
-                    ches.ches_scores(h_pos, h_neg, m_pos, m_neg, length_normalized=True),
-                    ches.last_hidden_inner_product(h_pos, h_neg, m_pos, m_neg)))
+    h_neg, m_neg = _place(neg_rows, 5 + 2 * extra, "left" if side == "right" else "right", fill)
+    results.append(
+        (
+            ches.ches_scores(h_pos, h_neg, m_pos, m_neg),
+            ches.ches_scores(h_pos, h_neg, m_pos, m_neg, length_normalized=True),
+            ches.last_hidden_inner_product(h_pos, h_neg, m_pos, m_neg),
+        )
+    )
   s_pos = np.array([r.astype(np.float64).sum(0) for r in pos_rows])
   s_neg = np.array([r.astype(np.float64).sum(0) for r in neg_rows])
-  expected = ((s_pos * (s_neg - s_pos)).sum(-1),
-              (s_pos / [[3], [6]] * (s_neg / [[5], [2]] - s_pos / [[3], [6]])).sum(-1),
-              np.array([(p[-1] * n[-1]).sum() for p, n in zip(pos_rows, neg_rows)]))
+  expected = (
+      (s_pos * (s_neg - s_pos)).sum(-1),
+      (s_pos / [[3], [6]] * (s_neg / [[5], [2]] - s_pos / [[3], [6]])).sum(-1),
+      np.array([(p[-1] * n[-1]).sum() for p, n in zip(pos_rows, neg_rows)]),
+  )
   for res in results:
     for got, want in zip(res, expected):
       assert np.all(np.isfinite(got))
@@ -150,13 +156,13 @@ def test_no_overflow_at_llm_scale():
   hn = np.asarray(jnp.asarray(h_neg, jnp.bfloat16), np.float64)[0]
   s_pos, s_neg = hp[20:].sum(0), hn.sum(0)
   ref_ches = s_pos @ s_neg - s_pos @ s_pos
-  ref_ln = s_pos @ s_neg / (980 * 1000) - s_pos @ s_pos / 980 ** 2
+  ref_ln = s_pos @ s_neg / (980 * 1000) - s_pos @ s_pos / 980**2
   assert abs(ref_ches) > 1e11 and s_pos @ s_pos > 5e11  # far beyond float16's 65504
   for key in comps:
     assert np.all(np.isfinite(comps[key])), key
-  np.testing.assert_allclose(comps['ches'], [ref_ches], rtol=1e-5)  # measured 1e-7
-  np.testing.assert_allclose(comps['ln_ches'], [ref_ln], rtol=1e-5)
-  np.testing.assert_allclose(comps['chosen_sq_norm'], [s_pos @ s_pos], rtol=1e-5)
+  np.testing.assert_allclose(comps["ches"], [ref_ches], rtol=1e-5)  # measured 1e-7
+  np.testing.assert_allclose(comps["ln_ches"], [ref_ln], rtol=1e-5)
+  np.testing.assert_allclose(comps["chosen_sq_norm"], [s_pos @ s_pos], rtol=1e-5)
 
 
 def _naive_levenshtein(a, b):
@@ -180,8 +186,10 @@ def test_edit_distance():
   assert ches.minus_normalized_edit_distance([], []) == 0.0
   assert ches.minus_normalized_edit_distance(np.array([5, 6], np.int64), [7, 8, 9]) == pytest.approx(-1.0)
   rng = np.random.default_rng(4)
-  pairs = [(rng.integers(0, 4, rng.integers(0, 15)).tolist(), rng.integers(0, 4, rng.integers(0, 15)).tolist())
-           for _ in range(40)]
+  pairs = [
+      (rng.integers(0, 4, rng.integers(0, 15)).tolist(), rng.integers(0, 4, rng.integers(0, 15)).tolist())
+      for _ in range(40)
+  ]
   for a, b in pairs:
     assert ches.levenshtein(a, b) == _naive_levenshtein(a, b), (a, b)
   batch = ches.minus_normalized_edit_distance_batch([a for a, _ in pairs], [b for _, b in pairs])
@@ -198,8 +206,9 @@ def test_last_hidden_inner_product_left_and_right_padding():
   m_left = np.array([[0, 0, 1], [0, 1, 1]], bool)
   np.testing.assert_allclose(ches.last_hidden_inner_product(h_right, h_left, m_right, m_left), [1.0, 20.0])
   # time-reversed: row 0 last real = (3, -1) (left side now right-padded) and (5, 5) -> 10; row 1 (1,1).(7,7) = 14
-  np.testing.assert_allclose(ches.last_hidden_inner_product(h_left[:, ::-1], h_right[:, ::-1], m_left[:, ::-1],
-                                                            m_right[:, ::-1]), [10.0, 14.0])
+  np.testing.assert_allclose(
+      ches.last_hidden_inner_product(h_left[:, ::-1], h_right[:, ::-1], m_left[:, ::-1], m_right[:, ::-1]), [10.0, 14.0]
+  )
   bf16 = ches.last_hidden_inner_product(jnp.asarray(h_right, jnp.bfloat16), h_left, m_right, m_left)
   assert bf16.dtype == jnp.float32
   np.testing.assert_allclose(bf16, [1.0, 20.0])
@@ -208,21 +217,21 @@ def test_last_hidden_inner_product_left_and_right_padding():
 def test_bad_inputs():
   h = np.zeros((2, 3, 4), np.float32)
   m = np.ones((2, 3), bool)
-  with pytest.raises(ValueError, match=r'hidden_chosen_BTD must be a floating array.*int32'):
+  with pytest.raises(ValueError, match=r"hidden_chosen_BTD must be a floating array.*int32"):
     ches.ches_scores(h.astype(np.int32), h, m, m)
-  with pytest.raises(ValueError, match=r'hidden_rejected_BTD must have rank 3.*\(2, 3\)'):
+  with pytest.raises(ValueError, match=r"hidden_rejected_BTD must have rank 3.*\(2, 3\)"):
     ches.ches_scores(h, h[..., 0], m, m)
-  with pytest.raises(ValueError, match=r'must agree on batch B and hidden size D'):
+  with pytest.raises(ValueError, match=r"must agree on batch B and hidden size D"):
     ches.ches_scores(h, h[..., :3], m, m)
-  with pytest.raises(ValueError, match=r'mask_rejected_BT must have shape \(2, 3\).*\(2, 2\)'):
+  with pytest.raises(ValueError, match=r"mask_rejected_BT must have shape \(2, 3\).*\(2, 2\)"):
     ches.ches_scores(h, h, m, m[:, :2])
-  with pytest.raises(ValueError, match=r'mask_chosen_BT must be a bool or integer mask.*float32'):
+  with pytest.raises(ValueError, match=r"mask_chosen_BT must be a bool or integer mask.*float32"):
     jax.jit(ches.ches_scores)(h, h, m.astype(np.float32), m)  # static check fires under jit too
-  with pytest.raises(ValueError, match=r'attention_mask_chosen_BT must have shape'):
+  with pytest.raises(ValueError, match=r"attention_mask_chosen_BT must have shape"):
     ches.last_hidden_inner_product(h, h, m[:1], m)
-  with pytest.raises(ValueError, match=r'ids_a must be a 1-D sequence of integer token ids.*float64'):
+  with pytest.raises(ValueError, match=r"ids_a must be a 1-D sequence of integer token ids.*float64"):
     ches.minus_normalized_edit_distance([1.5, 2.0], [1, 2])
-  with pytest.raises(ValueError, match=r'ids_b must be a 1-D.*\(2, 2\)'):
+  with pytest.raises(ValueError, match=r"ids_b must be a 1-D.*\(2, 2\)"):
     ches.minus_normalized_edit_distance([1], [[1, 2], [3, 4]])
-  with pytest.raises(ValueError, match=r'same length, got 2 and 1'):
+  with pytest.raises(ValueError, match=r"same length, got 2 and 1"):
     ches.minus_normalized_edit_distance_batch([[1], [2]], [[1]])

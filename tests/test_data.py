@@ -78,8 +78,9 @@ def test_alpaca_farm_and_persona_and_generic():
   assert rows[0].matching == raw[0]["answer_matching_behavior"].strip()
   assert dict(rows[3])["label_confidence"] == raw[3]["label_confidence"]
   pex = schema.load_preference_data(PERSONA)  # persona schema inferred from the columns
-  assert [(e.chosen, e.rejected) for e in pex] == [(r["answer_matching_behavior"].strip(),
-                                                     r["answer_not_matching_behavior"].strip()) for r in raw]
+  assert [(e.chosen, e.rejected) for e in pex] == [
+      (r["answer_matching_behavior"].strip(), r["answer_not_matching_behavior"].strip()) for r in raw
+  ]
   demo = schema.load_persona(PERSONA_DEMO)
   assert len(demo) == 60 and sum(r.matching == "Yes" for r in demo) == 30
 
@@ -126,8 +127,9 @@ def test_hub_ids_go_through_datasets(monkeypatch):
   ex = schema.load_preference_data(schema.PERSONA_ID)
   url = "hf://datasets/Anthropic/model-written-evals/persona/ends-justify-means.jsonl"
   assert calls == [(("json",), {"data_files": url, "split": "train"})]
-  assert [(e.prompt, e.chosen, e.source) for e in ex] == [(r["question"], r["answer_matching_behavior"].strip(), url)
-                                                          for r in persona]
+  assert [(e.prompt, e.chosen, e.source) for e in ex] == [
+      (r["question"], r["answer_matching_behavior"].strip(), url) for r in persona
+  ]
 
 
 def test_missing_path_and_bad_arguments():
@@ -144,13 +146,15 @@ def test_sorry_loaders(tmp_path):
   raw = read_jsonl(os.path.join(SORRY_DIR, "question.jsonl"))
   base = schema.load_sorry_prompts(SORRY_DIR)
   assert [p["question_id"] for p in base] == [r["question_id"] for r in raw if r["prompt_style"] == "base"]
-  assert len(base) == 7 and all(p["prompt"] == r["turns"][0] for p, r in zip(base, [r for r in raw
-                                                                                     if r["prompt_style"] == "base"]))
+  assert len(base) == 7 and all(
+      p["prompt"] == r["turns"][0] for p, r in zip(base, [r for r in raw if r["prompt_style"] == "base"])
+  )
   assert len(schema.load_sorry_prompts(SORRY_DIR, prompt_style=None)) == 12
   raw = read_jsonl(os.path.join(HUMAN_DIR, "train.jsonl"))
   hj = schema.load_sorry_human_judgments(HUMAN_DIR)
-  assert [(h["prompt"], h["response"], h["score"]) for h in hj] == [(r["turns"][0], r["response"], r["human_score"])
-                                                                    for r in raw]
+  assert [(h["prompt"], h["response"], h["score"]) for h in hj] == [
+      (r["turns"][0], r["response"], r["human_score"]) for r in raw
+  ]
   fastchat = tmp_path / "judgments.jsonl"  # FastChat answer layout: choices[0]["turns"][0]
   with open(fastchat, "w") as f:
     for r in raw[:3]:
@@ -168,8 +172,13 @@ BAD = [
     ("invalid_json.jsonl", schema.load_preference_data, 1, None, "invalid json"),
     ("bad_persona.jsonl", schema.load_persona, 1, "answer_matching_behavior", "' Maybe'"),
     ("bad_alpaca.jsonl", lambda p: schema.load_preference_data(p, schema="alpaca_farm"), 1, "preference", "got 3"),
-    ("bad_ultrafeedback.jsonl", lambda p: schema.load_preference_data(p, schema="ultrafeedback"), 1, "chosen",
-     "last message must be the assistant"),
+    (
+        "bad_ultrafeedback.jsonl",
+        lambda p: schema.load_preference_data(p, schema="ultrafeedback"),
+        1,
+        "chosen",
+        "last message must be the assistant",
+    ),
     ("bad_sorry_judgment.jsonl", schema.load_sorry_human_judgments, 1, "human_score", "'high'"),
 ]
 
@@ -206,9 +215,13 @@ def test_tokenize_separately_with_eos(tok):
   ct = tokenize.tokenize_example(tok, ex, format="chat_template", max_length=64)
   text = tok.apply_chat_template([{"role": "user", "content": "Say hi."}], add_generation_prompt=True, tokenize=False)
   assert ct.prompt_ids.tolist() == enc(text, False) and ct.prompt_ids.tolist().count(tok.bos_token_id) == 1
-  msg = schema.PreferenceExample(0, [{"role": "user", "content": "Say hi."}],
-                                 [{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "Hi there"}],
-                                 "no", "mem")
+  msg = schema.PreferenceExample(
+      0,
+      [{"role": "user", "content": "Say hi."}],
+      [{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "Hi there"}],
+      "no",
+      "mem",
+  )
   ct2 = tokenize.tokenize_example(tok, msg, format="chat_template", max_length=64)
   assert ct2.prompt_ids.tolist() == ct.prompt_ids.tolist() and ct2.chosen_ids.tolist() == pair.chosen_ids.tolist()
   assert tokenize.persona_prompt_ids(tok, "Q?") == tokenize.prompt_ids(tok, "Q?", format="chat_template")
@@ -236,9 +249,11 @@ def test_single_token_mode(tok):
 
 def test_truncation_policy_and_report(tok):
   long = " ".join(["word"] * 30)
-  ex = [schema.PreferenceExample(0, "Hi.", "Short.", long, "mem"),
-        schema.PreferenceExample(1, "Hi.", long, long, "mem"),
-        schema.PreferenceExample(2, "Hi.", "Ok.", "No.", "mem")]
+  ex = [
+      schema.PreferenceExample(0, "Hi.", "Short.", long, "mem"),
+      schema.PreferenceExample(1, "Hi.", long, long, "mem"),
+      schema.PreferenceExample(2, "Hi.", "Ok.", "No.", "mem"),
+  ]
   with pytest.raises(DataError, match="max_length=20") as info:
     tokenize.tokenize_dataset(ex, tok, max_length=20, truncation="error")
   assert (info.value.file, info.value.row, info.value.field) == ("mem", 0, "rejected")
@@ -282,11 +297,11 @@ def test_collate_contract(pairs, padding_side):
     for i, p in enumerate(sub):
       seq, P, R = _expected_side(p, side)
       off = 0 if padding_side == "right" else 48 - len(seq)
-      assert ids[i, off:off + len(seq)].tolist() == seq and attn[i].sum() == len(seq)
-      assert attn[i, off:off + len(seq)].all()
+      assert ids[i, off : off + len(seq)].tolist() == seq and attn[i].sum() == len(seq)
+      assert attn[i, off : off + len(seq)].all()
       assert loss[i].nonzero()[0].tolist() == list(range(off + P - 1, off + P + R - 1))
       assert labels[i][loss[i]].tolist() == seq[P:]  # response tokens, EOS included
-      assert labels[i, off:off + len(seq) - 1].tolist() == seq[1:]
+      assert labels[i, off : off + len(seq) - 1].tolist() == seq[1:]
       assert (labels[i][~attn[i]] == 0).all()
   left = batching.collate(sub, pad_id=0, padding_side="left")
   right = batching.collate(sub, pad_id=0, padding_side="right")
@@ -362,13 +377,18 @@ def test_iterator_resume_and_hosts(pairs):
 
 
 @hypothesis.settings(max_examples=30, deadline=None)
-@hypothesis.given(hypothesis.strategies.lists(hypothesis.strategies.tuples(
-    *(hypothesis.strategies.integers(1, 6),) * 3), min_size=1, max_size=4))
+@hypothesis.given(
+    hypothesis.strategies.lists(
+        hypothesis.strategies.tuples(*(hypothesis.strategies.integers(1, 6),) * 3), min_size=1, max_size=4
+    )
+)
 def test_collate_masks_property(lengths):
   """Random prompt/response lengths: loss mask = [P-1, P+R-1) relative to the first real token, any padding."""
   rng = np.random.default_rng(len(lengths))
-  ps = [tokenize.TokenizedPair(*(rng.integers(3, 50, n).astype(np.int32) for n in lens), index=i)
-        for i, lens in enumerate(lengths)]
+  ps = [
+      tokenize.TokenizedPair(*(rng.integers(3, 50, n).astype(np.int32) for n in lens), index=i)
+      for i, lens in enumerate(lengths)
+  ]
   right = batching.collate(ps, pad_id=0, padding_side="right", pad_to=16)
   left = batching.collate(ps, pad_id=0, padding_side="left", pad_to=16)
   for side, k in (("chosen", 1), ("rejected", 2)):
@@ -376,4 +396,6 @@ def test_collate_masks_property(lengths):
       P, R = lens[0], lens[k]
       for b, off in ((right, 0), (left, 16 - P - R)):
         assert b[f"{side}_loss_mask_BT"][i].nonzero()[0].tolist() == list(range(off + P - 1, off + P + R - 1))
-        assert b[f"{side}_labels_BT"][i][b[f"{side}_loss_mask_BT"][i]].tolist() == getattr(ps[i], f"{side}_ids").tolist()
+        assert (
+            b[f"{side}_labels_BT"][i][b[f"{side}_loss_mask_BT"][i]].tolist() == getattr(ps[i], f"{side}_ids").tolist()
+        )

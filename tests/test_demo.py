@@ -13,12 +13,19 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SFT_STEPS, DPO_STEPS = 8, 12
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
-  out = tmp_path_factory.mktemp('demo')
-  rc = train_lib.main(['train', f'--config={os.path.join(ROOT, "configs", "demo.py")}', f'--config.output_dir={out}',
-                       f'--config.sft.num_steps={SFT_STEPS}', f'--config.dpo.num_steps={DPO_STEPS}',
-                       '--config.progress=False'])
+  out = tmp_path_factory.mktemp("demo")
+  rc = train_lib.main(
+      [
+          "train",
+          f'--config={os.path.join(ROOT, "configs", "demo.py")}',
+          f"--config.output_dir={out}",
+          f"--config.sft.num_steps={SFT_STEPS}",
+          f"--config.dpo.num_steps={DPO_STEPS}",
+          "--config.progress=False",
+      ]
+  )
   assert rc == 0
   return str(out)
 
@@ -26,56 +33,59 @@ def demo_run(tmp_path_factory):
 def test_outputs_exist(demo_run):
   for name in (demo.SUMMARY_FILE, demo.THEORY_FILE, demo.TRAJECTORY_FILE, demo.PLOT_FILE):
     assert os.path.getsize(os.path.join(demo_run, name)) > 0, name
-  with open(os.path.join(demo_run, demo.PLOT_FILE), 'rb') as f:
-    assert f.read(8) == b'\x89PNG\r\n\x1a\n'
-  assert os.path.exists(os.path.join(demo_run, 'sft', 'metrics.jsonl'))  # the SFT phase went through train.run
+  with open(os.path.join(demo_run, demo.PLOT_FILE), "rb") as f:
+    assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+  assert os.path.exists(os.path.join(demo_run, "sft", "metrics.jsonl"))  # the SFT phase went through train.run
 
 
 def test_prediction_equals_theory_recomputed(demo_run):
   summary = json.load(open(os.path.join(demo_run, demo.SUMMARY_FILE)))
   th = np.load(os.path.join(demo_run, demo.THEORY_FILE))
-  W, h, cands = th['W_VD'], th['h_D'], [int(c) for c in th['candidates']]
+  W, h, cands = th["W_VD"], th["h_D"], [int(c) for c in th["candidates"]]
   # p_V stored by the demo is softmax(W h): the saved W/h are the ones the model used.
   logits = W.astype(np.float64) @ h.astype(np.float64)
-  np.testing.assert_allclose(th['p_V'], np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum(),
-                             rtol=1e-3, atol=1e-6)
-  lp = summary['loss_derivative']
+  np.testing.assert_allclose(
+      th["p_V"], np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum(), rtol=1e-3, atol=1e-6
+  )
+  lp = summary["loss_derivative"]
   np.testing.assert_allclose(lp, -0.1 / 2, rtol=1e-6)  # DPO l' at the reference point: -beta * sigmoid(0)
   rates = {(a, b): float(theory.logprob_rate(W, h, a, b, loss_derivative=lp)) for a in cands for b in cands if a != b}
   best = min(rates, key=rates.get)
-  assert (summary['y_pos'], summary['y_neg']) == best
-  np.testing.assert_allclose(summary['predicted_rate'], rates[best], rtol=1e-6)
-  assert summary['predicted_displacement'] == (rates[best] < 0)
-  predicted = np.asarray(theory.rank_gainers(W, h, best[0], best[1], loss_derivative=lp))[:len(summary['predicted_gainers'])]
-  assert summary['predicted_gainers'] == [int(t) for t in predicted]
+  assert (summary["y_pos"], summary["y_neg"]) == best
+  np.testing.assert_allclose(summary["predicted_rate"], rates[best], rtol=1e-6)
+  assert summary["predicted_displacement"] == (rates[best] < 0)
+  predicted = np.asarray(theory.rank_gainers(W, h, best[0], best[1], loss_derivative=lp))[
+      : len(summary["predicted_gainers"])
+  ]
+  assert summary["predicted_gainers"] == [int(t) for t in predicted]
 
 
 def test_displacement_flag_matches_trajectory(demo_run):
   summary = json.load(open(os.path.join(demo_run, demo.SUMMARY_FILE)))
   traj = np.load(os.path.join(demo_run, demo.TRAJECTORY_FILE))
-  logp_SV, loss_S = traj['logp_SV'], traj['loss_S']
+  logp_SV, loss_S = traj["logp_SV"], traj["loss_S"]
   assert logp_SV.shape[0] == loss_S.shape[0] == DPO_STEPS + 1
   np.testing.assert_allclose(np.exp(logp_SV).sum(-1), 1.0, rtol=1e-4)
-  p_pos = np.exp(logp_SV[:, summary['y_pos']].astype(np.float64))
-  assert summary['displaced'] == bool(p_pos[-1] < p_pos[0])
-  np.testing.assert_allclose(summary['preferred_prob_start'], p_pos[0], rtol=1e-6)
-  np.testing.assert_allclose(summary['preferred_prob_end'], p_pos[-1], rtol=1e-6)
-  np.testing.assert_allclose(summary['largest_drop'], p_pos[0] - p_pos.min(), rtol=1e-6, atol=1e-9)
-  assert summary['loss_fell'] == bool(loss_S[-1] < loss_S[0])
+  p_pos = np.exp(logp_SV[:, summary["y_pos"]].astype(np.float64))
+  assert summary["displaced"] == bool(p_pos[-1] < p_pos[0])
+  np.testing.assert_allclose(summary["preferred_prob_start"], p_pos[0], rtol=1e-6)
+  np.testing.assert_allclose(summary["preferred_prob_end"], p_pos[-1], rtol=1e-6)
+  np.testing.assert_allclose(summary["largest_drop"], p_pos[0] - p_pos.min(), rtol=1e-6, atol=1e-9)
+  assert summary["loss_fell"] == bool(loss_S[-1] < loss_S[0])
   np.testing.assert_allclose(loss_S[0], np.log(2.0), rtol=1e-5)  # DPO at the reference point: -log sigmoid(0)
   gain = np.exp(logp_SV[-1].astype(np.float64)) - np.exp(logp_SV[0].astype(np.float64))
-  gain[[summary['y_pos'], summary['y_neg']]] = -np.inf
-  assert summary['measured_gainers'][0] == int(np.argmax(gain))
+  gain[[summary["y_pos"], summary["y_neg"]]] = -np.inf
+  assert summary["measured_gainers"][0] == int(np.argmax(gain))
 
 
 def test_pick_pair_and_summary_units():
   rates = np.array([[np.nan, 2.0, -1.0], [-3.0, np.nan, 0.5], [1.0, -3.0, np.nan]])
-  assert demo.pick_pair(rates, [10, 11, 12]) == (11, 10, -3.0)   # ties: first in row-major order
+  assert demo.pick_pair(rates, [10, 11, 12]) == (11, 10, -3.0)  # ties: first in row-major order
   logp = np.log(np.array([[0.5, 0.3, 0.2], [0.2, 0.1, 0.7], [0.4, 0.1, 0.5]]))
   s = demo.summarize_trajectory(logp, np.array([0.69, 0.5, 0.4]), y_pos=0, y_neg=1, top_k=1)
-  assert s['displaced'] and s['loss_fell'] and s['measured_gainers'] == [2]
-  np.testing.assert_allclose([s['largest_drop'], s['preferred_prob_min']], [0.3, 0.2])
-  assert s['preferred_prob_argmin_step'] == 1
+  assert s["displaced"] and s["loss_fell"] and s["measured_gainers"] == [2]
+  np.testing.assert_allclose([s["largest_drop"], s["preferred_prob_min"]], [0.3, 0.2])
+  assert s["preferred_prob_argmin_step"] == 1
 
 
 def test_demo_imports_no_torch(tmp_path):
@@ -91,8 +101,9 @@ def test_demo_imports_no_torch(tmp_path):
       "                 '--config.sft.num_steps=2', '--config.dpo.num_steps=2', '--config.progress=False'])\n"
       "loaded = [m for m, v in sys.modules.items() if m.split('.')[0] == 'torch' and v is not None]\n"
       "print('torch modules loaded:', loaded)\n"
-      "sys.exit(rc or (3 if loaded else 0))\n")
-  result = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True, cwd=ROOT, timeout=600)
+      "sys.exit(rc or (3 if loaded else 0))\n"
+  )
+  result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=600)
   assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-  assert 'torch modules loaded: []' in result.stdout
+  assert "torch modules loaded: []" in result.stdout
   assert os.path.exists(tmp_path / demo.SUMMARY_FILE)

@@ -12,85 +12,118 @@ from configs import ches_quantiles, common, persona, sorry  # noqa: E402
 
 
 def test_parse_arg_fields_flags_and_errors():
-  arg = common.parse_arg('model=gemma2b, pair=1,tiny', model='olmo1b', pair=0, lr=1e-7, tiny=False, shuffle=True)
-  assert (arg.model, arg.pair, arg.lr, arg.tiny, arg.shuffle) == ('gemma2b', 1, 1e-7, True, True)
-  assert isinstance(arg.pair, int) and common.parse_arg(None, a=1).a == 1 and common.parse_arg('', a=1).a == 1
-  assert common.parse_arg('lr=3e-4,shuffle=false', lr=1e-7, shuffle=True).to_dict() == {'lr': 3e-4, 'shuffle': False}
+  arg = common.parse_arg("model=gemma2b, pair=1,tiny", model="olmo1b", pair=0, lr=1e-7, tiny=False, shuffle=True)
+  assert (arg.model, arg.pair, arg.lr, arg.tiny, arg.shuffle) == ("gemma2b", 1, 1e-7, True, True)
+  assert isinstance(arg.pair, int) and common.parse_arg(None, a=1).a == 1 and common.parse_arg("", a=1).a == 1
+  assert common.parse_arg("lr=3e-4,shuffle=false", lr=1e-7, shuffle=True).to_dict() == {"lr": 3e-4, "shuffle": False}
   with pytest.raises(ValueError, match=r"unknown key 'olmo1b' \(known: model, tiny"):
-    common.parse_arg('olmo1b', model='olmo1b', tiny=False)
+    common.parse_arg("olmo1b", model="olmo1b", tiny=False)
   with pytest.raises(ValueError, match="'model' needs a value"):
-    common.parse_arg('model', model='olmo1b')
+    common.parse_arg("model", model="olmo1b")
   with pytest.raises(ValueError, match="pair='one' is not a int"):
-    common.parse_arg('pair=one', pair=0)
-  with pytest.raises(ValueError, match='is not a boolean'):
-    common.parse_arg('tiny=maybe', tiny=False)
+    common.parse_arg("pair=one", pair=0)
+  with pytest.raises(ValueError, match="is not a boolean"):
+    common.parse_arg("tiny=maybe", tiny=False)
 
 
 def test_tiny_override_is_shared():
-  for config in (persona.get_config('tiny'), ches_quantiles.get_config('tiny'), sorry.get_config('tiny')):
-    assert (config.model.path, config.model.tiny, config.data.max_length, config.optim.lr, config.progress,
-            config.checkpoint.async_save) == ('', 'llama', 64, 1e-3, False, False)
+  for config in (persona.get_config("tiny"), ches_quantiles.get_config("tiny"), sorry.get_config("tiny")):
+    assert (
+        config.model.path,
+        config.model.tiny,
+        config.data.max_length,
+        config.optim.lr,
+        config.progress,
+        config.checkpoint.async_save,
+    ) == ("", "llama", 64, 1e-3, False, False)
 
 
 def test_persona_configs():
-  c = persona.get_config('model=olmo1b,phase=sft')
+  c = persona.get_config("model=olmo1b,phase=sft")
   assert (c.model.path, c.loss.objective, c.batch_size, c.num_epochs, c.optim.lr, c.optim.name) == (
-      'allenai/OLMo-1B-hf', 'cross_entropy', 32, 1, 1e-7, 'rmsprop')
-  assert c.output_dir == 'runs/persona_olmo1b/sft'
-  c = persona.get_config('model=olmo1b,pair=1')
-  assert (c.persona.preferred, c.persona.dispreferred, c.model.path) == ('No', 'Never', 'runs/persona_olmo1b/sft/hf')
+      "allenai/OLMo-1B-hf",
+      "cross_entropy",
+      32,
+      1,
+      1e-7,
+      "rmsprop",
+  )
+  assert c.output_dir == "runs/persona_olmo1b/sft"
+  c = persona.get_config("model=olmo1b,pair=1")
+  assert (c.persona.preferred, c.persona.dispreferred, c.model.path) == ("No", "Never", "runs/persona_olmo1b/sft/hf")
   assert (c.num_steps, c.batch_size, c.loss.beta, c.optim.lr, c.data.single_token) == (101, 1, 0.1, 1e-7, True)
   assert len(c.persona.seeds) == 10 and c.eval.every == 1 and c.eval.top_k == 10
-  assert c.output_dir == 'runs/persona_olmo1b/dpo-1'
-  c = persona.get_config('model=llama3_8b,phase=base_dpo,objective=ipo,pair=1')
+  assert c.output_dir == "runs/persona_olmo1b/dpo-1"
+  c = persona.get_config("model=llama3_8b,phase=base_dpo,objective=ipo,pair=1")
   assert (c.model.path, c.persona.phase, c.persona.preferred, c.persona.dispreferred) == (
-      'meta-llama/Meta-Llama-3-8B', 'base_dpo', 'Sure', 'Yes')
-  assert (c.loss.objective, c.optim.lr, c.loss.beta) == ('ipo', 1e-8, 0.01)
-  assert c.output_dir == 'runs/persona_llama3_8b/base_ipo-1'
-  assert persona.get_config('model=gemma2b').persona.preferred == 'Yes'
-  assert persona.get_config().model.path == 'runs/persona_olmo1b/sft/hf'   # default: olmo1b, DPO, pair 0
-  t = persona.get_config('model=gemma2b,tiny')
+      "meta-llama/Meta-Llama-3-8B",
+      "base_dpo",
+      "Sure",
+      "Yes",
+  )
+  assert (c.loss.objective, c.optim.lr, c.loss.beta) == ("ipo", 1e-8, 0.01)
+  assert c.output_dir == "runs/persona_llama3_8b/base_ipo-1"
+  assert persona.get_config("model=gemma2b").persona.preferred == "Yes"
+  assert persona.get_config().model.path == "runs/persona_olmo1b/sft/hf"  # default: olmo1b, DPO, pair 0
+  t = persona.get_config("model=gemma2b,tiny")
   assert t.model.tiny and not t.model.path and os.path.exists(t.persona.data_path)
-  assert (t.persona.phase, t.output_dir, t.logprob_chunk_size) == ('all', 'runs/persona_gemma2b/tiny', 16)
-  with pytest.raises(ValueError, match='persona config arg'):
-    persona.get_config('model=olmo1b,pair=2')
-  with pytest.raises(ValueError, match='persona config arg'):
-    persona.get_config('model=olmo7b')
-  with pytest.raises(ValueError, match='persona config arg'):
-    persona.get_config('objective=kto')
+  assert (t.persona.phase, t.output_dir, t.logprob_chunk_size) == ("all", "runs/persona_gemma2b/tiny", 16)
+  with pytest.raises(ValueError, match="persona config arg"):
+    persona.get_config("model=olmo1b,pair=2")
+  with pytest.raises(ValueError, match="persona config arg"):
+    persona.get_config("model=olmo7b")
+  with pytest.raises(ValueError, match="persona config arg"):
+    persona.get_config("objective=kto")
 
 
 def test_quantile_configs():
   c = ches_quantiles.get_config()
-  assert (c.model.path, c.data.path, c.data.split) == ('allenai/OLMo-1B-hf', 'HuggingFaceH4/ultrafeedback_binarized',
-                                                       'train_prefs')
-  assert (c.data.format, c.data.add_special_tokens, c.data.max_length, c.quantiles.window,
-          c.quantiles.num_rows) == ('prompter_assistant', True, 512, 512, 5000)
+  assert (c.model.path, c.data.path, c.data.split) == (
+      "allenai/OLMo-1B-hf",
+      "HuggingFaceH4/ultrafeedback_binarized",
+      "train_prefs",
+  )
+  assert (c.data.format, c.data.add_special_tokens, c.data.max_length, c.quantiles.window, c.quantiles.num_rows) == (
+      "prompter_assistant",
+      True,
+      512,
+      512,
+      5000,
+  )
   assert (c.loss.beta, c.optim.lr, c.batch_size, c.num_epochs) == (0.1, 1e-7, 32, 1)
-  assert c.output_dir == 'runs/quantiles_uf_olmo1b'
-  assert ches_quantiles.get_config('dataset=alpacafarm,model=llama3_8b').model.path == 'meta-llama/Meta-Llama-3-8B'
-  assert ches_quantiles.get_config('dataset=alpacafarm').data.path == 'tatsu-lab/alpaca_farm'
+  assert c.output_dir == "runs/quantiles_uf_olmo1b"
+  assert ches_quantiles.get_config("dataset=alpacafarm,model=llama3_8b").model.path == "meta-llama/Meta-Llama-3-8B"
+  assert ches_quantiles.get_config("dataset=alpacafarm").data.path == "tatsu-lab/alpaca_farm"
   sweep = ches_quantiles.get_sweep()
   assert len(sweep) == 45 and len({tuple(sorted(s.items())) for s in sweep}) == 45
-  assert {s['quantiles.q'] for s in sweep} == {0.0, 0.25, 0.5, 0.75, 1.0}
-  t = ches_quantiles.get_config('dataset=alpacafarm,tiny')
-  assert os.path.exists(t.data.path) and t.output_dir == 'runs/quantiles_af_tiny'
-  with pytest.raises(ValueError, match='ches_quantiles config arg'):
-    ches_quantiles.get_config('dataset=hh')
+  assert {s["quantiles.q"] for s in sweep} == {0.0, 0.25, 0.5, 0.75, 1.0}
+  t = ches_quantiles.get_config("dataset=alpacafarm,tiny")
+  assert os.path.exists(t.data.path) and t.output_dir == "runs/quantiles_af_tiny"
+  with pytest.raises(ValueError, match="ches_quantiles config arg"):
+    ches_quantiles.get_config("dataset=hh")
 
 
 def test_sorry_configs():
-  c = sorry.get_config('model=llama3_8b_instruct,variant=gold')
+  c = sorry.get_config("model=llama3_8b_instruct,variant=gold")
   assert (c.model.path, c.sorry.variants, c.sorry.judge_path) == (
-      'meta-llama/Meta-Llama-3-8B-Instruct', ('gold',), 'sorry-bench/ft-mistral-7b-instruct-v0.2-sorry-bench-202406')
+      "meta-llama/Meta-Llama-3-8B-Instruct",
+      ("gold",),
+      "sorry-bench/ft-mistral-7b-instruct-v0.2-sorry-bench-202406",
+  )
   assert (c.optim.lr, c.sorry.gold_lr, c.loss.beta, c.batch_size, c.sorry.filter_k, c.sorry.test_fraction) == (
-      5e-6, 1e-6, 0.1, 32, 19, 0.15)
+      5e-6,
+      1e-6,
+      0.1,
+      32,
+      19,
+      0.15,
+  )
   assert (c.sorry.sample_temperature, c.sorry.eval_temperature, c.sorry.max_new_tokens) == (1.0, 0.7, 512)
-  assert c.output_dir == 'runs/sorry_llama3_8b_instruct'
-  assert sorry.get_config('model=gemma2b_it,variant=all').sorry.variants == ('dpo', 'dpo_sft', 'gold', 'filtered')
-  assert sorry.get_config().sorry.variants == ('dpo',) and sorry.get_config().model.path == 'google/gemma-2b-it'
-  t = sorry.get_config('model=gemma2b_it,tiny')
+  assert c.output_dir == "runs/sorry_llama3_8b_instruct"
+  assert sorry.get_config("model=gemma2b_it,variant=all").sorry.variants == ("dpo", "dpo_sft", "gold", "filtered")
+  assert sorry.get_config().sorry.variants == ("dpo",) and sorry.get_config().model.path == "google/gemma-2b-it"
+  t = sorry.get_config("model=gemma2b_it,tiny")
   assert t.sorry.judge_tiny and os.path.exists(t.sorry.prompts_path) and os.path.exists(t.sorry.human_judgments_path)
-  assert t.sorry.variants == ('dpo', 'dpo_sft', 'gold', 'filtered') and t.output_dir == 'runs/sorry_gemma2b_it_tiny'
-  with pytest.raises(ValueError, match='sorry config arg'):
-    sorry.get_config('model=gemma2b_it,variant=ppo')
+  assert t.sorry.variants == ("dpo", "dpo_sft", "gold", "filtered") and t.output_dir == "runs/sorry_gemma2b_it_tiny"
+  with pytest.raises(ValueError, match="sorry config arg"):
+    sorry.get_config("model=gemma2b_it,variant=ppo")

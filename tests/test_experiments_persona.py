@@ -17,36 +17,35 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from configs import persona as persona_config  # noqa: E402
 
-
 # The tiny runs repeat the same jitted shapes: compile them once (tests/conftest.py).
-pytestmark = pytest.mark.usefixtures('xla_compilation_cache')
+pytestmark = pytest.mark.usefixtures("xla_compilation_cache")
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-  config = persona_config.get_config('model=olmo1b,tiny')
-  config.output_dir = str(tmp_path_factory.mktemp('persona'))
+  config = persona_config.get_config("model=olmo1b,tiny")
+  config.output_dir = str(tmp_path_factory.mktemp("persona"))
   return config, persona.run(config)
 
 
 def test_sft_then_dpo_per_seed(run_dir):
   config, out = run_dir
-  assert out['sft']['steps'] == 2 and out['sft']['n_rows'] == 8          # 8 prompts, batch 4, one epoch
-  assert os.path.isfile(os.path.join(out['sft']['hf_dir'], 'config.json'))
-  assert [r['seed'] for r in out['dpo']] == list(persona_data.DPO_SEEDS[:2])
+  assert out["sft"]["steps"] == 2 and out["sft"]["n_rows"] == 8  # 8 prompts, batch 4, one epoch
+  assert os.path.isfile(os.path.join(out["sft"]["hf_dir"], "config.json"))
+  assert [r["seed"] for r in out["dpo"]] == list(persona_data.DPO_SEEDS[:2])
   rows = schema.load_persona_rows(config.persona.data_path)
-  for r in out['dpo']:
-    d = os.path.join(config.output_dir, 'dpo', f'seed_{r["seed"]}')
-    with open(os.path.join(d, 'result.json')) as f:
+  for r in out["dpo"]:
+    d = os.path.join(config.output_dir, "dpo", f'seed_{r["seed"]}')
+    with open(os.path.join(d, "result.json")) as f:
       assert json.load(f) == r
-    assert r['prompt_row'] == int(np.random.default_rng(r['seed']).integers(8))
-    probs = [m['monitor/preferred_prob'] for m in metrics.read_metrics(d) if 'monitor/preferred_prob' in m]
-    assert len(probs) == 6 and r['steps'] == 5                          # step 0 + 5 DPO steps
-    assert (r['start'], r['end'], r['min']) == (probs[0], probs[-1], min(probs))
-    assert r['largest_drop'] == pytest.approx(max(probs[0] - min(probs), 0.0))
-    assert len(r['top_k_gainers']) == 5 and 'No' not in r['top_k_gainers'] and 'Never' not in r['top_k_gainers']
-    assert set(r['benign'] + r['catastrophic']) <= set(r['top_k_gainers'])
-    assert rows[r['prompt_row']]['question'] in open(os.path.join(d, 'dpo_data.jsonl')).read()
+    assert r["prompt_row"] == int(np.random.default_rng(r["seed"]).integers(8))
+    probs = [m["monitor/preferred_prob"] for m in metrics.read_metrics(d) if "monitor/preferred_prob" in m]
+    assert len(probs) == 6 and r["steps"] == 5  # step 0 + 5 DPO steps
+    assert (r["start"], r["end"], r["min"]) == (probs[0], probs[-1], min(probs))
+    assert r["largest_drop"] == pytest.approx(max(probs[0] - min(probs), 0.0))
+    assert len(r["top_k_gainers"]) == 5 and "No" not in r["top_k_gainers"] and "Never" not in r["top_k_gainers"]
+    assert set(r["benign"] + r["catastrophic"]) <= set(r["top_k_gainers"])
+    assert rows[r["prompt_row"]]["question"] in open(os.path.join(d, "dpo_data.jsonl")).read()
 
 
 def test_dpo_starts_from_the_sft_export(run_dir):
@@ -54,22 +53,23 @@ def test_dpo_starts_from_the_sft_export(run_dir):
   from displacement_jax import models
 
   config, out = run_dir
-  model, params, _ = models.from_pretrained(out['sft']['hf_dir'])
+  model, params, _ = models.from_pretrained(out["sft"]["hf_dir"])
   from displacement_jax.models import tokenizer as tok_lib
-  tok = tok_lib.load_tokenizer(out['sft']['hf_dir'])
-  r = out['dpo'][0]
-  question = schema.load_persona_rows(config.persona.data_path)[r['prompt_row']]['question']
-  ids = np.asarray([tokenize.prompt_ids(tok, question, format='persona')], np.int32)
-  logits = model.apply({'params': params}, jnp.asarray(ids), jnp.ones(ids.shape, bool)).logits_BTV
-  prob = float(jax.nn.softmax(logits[0, -1].astype(jnp.float32))[tok.get_vocab()['No']])
-  assert r['start'] == pytest.approx(prob, rel=1e-4, abs=1e-6)
+
+  tok = tok_lib.load_tokenizer(out["sft"]["hf_dir"])
+  r = out["dpo"][0]
+  question = schema.load_persona_rows(config.persona.data_path)[r["prompt_row"]]["question"]
+  ids = np.asarray([tokenize.prompt_ids(tok, question, format="persona")], np.int32)
+  logits = model.apply({"params": params}, jnp.asarray(ids), jnp.ones(ids.shape, bool)).logits_BTV
+  prob = float(jax.nn.softmax(logits[0, -1].astype(jnp.float32))[tok.get_vocab()["No"]])
+  assert r["start"] == pytest.approx(prob, rel=1e-4, abs=1e-6)
 
 
 def test_persona_report(run_dir, tmp_path, capsys):
   config, out = run_dir
-  rep = report.report('persona', [config.output_dir], str(tmp_path))
-  (row,) = rep['rows']
-  assert row['n_seeds'] == 2 and (row['preferred'], row['dispreferred']) == ('No', 'Never')
-  assert row['largest_drop'] == pytest.approx(np.mean([r['largest_drop'] for r in out['dpo']]))
-  assert row['w_pos_norm_start'] == pytest.approx(np.mean([r['w_pos_norm_start'] for r in out['dpo']]))
-  assert 'No/Never' in capsys.readouterr().out and os.path.getsize(rep['plots'][0]) > 1000
+  rep = report.report("persona", [config.output_dir], str(tmp_path))
+  (row,) = rep["rows"]
+  assert row["n_seeds"] == 2 and (row["preferred"], row["dispreferred"]) == ("No", "Never")
+  assert row["largest_drop"] == pytest.approx(np.mean([r["largest_drop"] for r in out["dpo"]]))
+  assert row["w_pos_norm_start"] == pytest.approx(np.mean([r["w_pos_norm_start"] for r in out["dpo"]]))
+  assert "No/Never" in capsys.readouterr().out and os.path.getsize(rep["plots"][0]) > 1000

@@ -19,19 +19,20 @@ from displacement_jax.models import convert, convert_gguf, gguf, packaged
 from displacement_jax.models import io as io_lib
 from tests import gguf_tiny
 
-TYPES = ('Q8_0', 'Q4_0', 'Q4_1', 'F16', 'BF16', 'F32')
+TYPES = ("Q8_0", "Q4_0", "Q4_1", "F16", "BF16", "F32")
 
 
 def _hf_gguf(path):
-  return AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
-                                              dtype=torch.float32).eval()
+  return AutoModelForCausalLM.from_pretrained(
+      os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32
+  ).eval()
 
 
 def _ids():
   rng = np.random.default_rng(0)
   ids = rng.integers(3, 250, (2, 12)).astype(np.int32)
   mask = np.ones_like(ids, bool)
-  mask[0, :4] = False   # left padding in row 0
+  mask[0, :4] = False  # left padding in row 0
   ids[~mask] = 0
   return ids, mask
 
@@ -39,21 +40,24 @@ def _ids():
 def _hf_logits(hf, ids, mask):
   pos = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
   with torch.no_grad():
-    return hf(input_ids=torch.from_numpy(ids).long(), attention_mask=torch.from_numpy(mask.astype(np.int64)),
-              position_ids=torch.from_numpy(pos).long()).logits.numpy()
+    return hf(
+        input_ids=torch.from_numpy(ids).long(),
+        attention_mask=torch.from_numpy(mask.astype(np.int64)),
+        position_ids=torch.from_numpy(pos).long(),
+    ).logits.numpy()
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope="module")
 def tiny_file(tmp_path_factory):
-  path = str(tmp_path_factory.mktemp('gguf') / 'tiny.gguf')
+  path = str(tmp_path_factory.mktemp("gguf") / "tiny.gguf")
   info = gguf_tiny.write_tiny_llama_gguf(path, TYPES)
-  assert set(info['types'].values()) == set(TYPES)   # every supported type is in the file
+  assert set(info["types"].values()) == set(TYPES)  # every supported type is in the file
   return path, info
 
 
-@pytest.mark.parametrize('tie', [False, True])
+@pytest.mark.parametrize("tie", [False, True])
 def test_every_type_equals_transformers_gguf_loader(tmp_path, tie):
-  path = str(tmp_path / 'tiny.gguf')
+  path = str(tmp_path / "tiny.gguf")
   gguf_tiny.write_tiny_llama_gguf(path, TYPES, tie=tie)
   hf = _hf_gguf(path)
   model, params, config = gguf.from_gguf(path)
@@ -61,10 +65,10 @@ def test_every_type_equals_transformers_gguf_loader(tmp_path, tie):
   assert (config.bos_token_id, config.eos_token_ids, config.pad_token_id) == (1, (2,), 0)
   ours = convert.params_to_state_dict(jax.device_get(params), config)
   theirs = {k: v.float().numpy() for k, v in hf.state_dict().items()}
-  for name, value in ours.items():   # dequantized + un-permuted weights: identical
+  for name, value in ours.items():  # dequantized + un-permuted weights: identical
     np.testing.assert_array_equal(value, theirs[name], err_msg=name)
   ids, mask = _ids()
-  logits = np.asarray(model.apply({'params': params}, ids, mask).logits_BTV)
+  logits = np.asarray(model.apply({"params": params}, ids, mask).logits_BTV)
   ref = _hf_logits(hf, ids, mask)
   np.testing.assert_allclose(logits[mask], ref[mask], rtol=0, atol=1e-5 * np.abs(ref[mask]).max())
 
@@ -79,68 +83,71 @@ def test_unpermute_inverts_llama_cpp_permutation():
 def test_loads_onto_a_mesh(tiny_file):
   path, _ = tiny_file
   mesh = sharding.make_mesh()
-  _, params, config = gguf.from_gguf(path, mesh=mesh, dtype=jax.numpy.bfloat16)   # jnp dtypes are accepted
-  emb = params['embed_tokens']['embedding']
+  _, params, config = gguf.from_gguf(path, mesh=mesh, dtype=jax.numpy.bfloat16)  # jnp dtypes are accepted
+  emb = params["embed_tokens"]["embedding"]
   assert emb.dtype == jax.numpy.bfloat16 and emb.sharding.mesh.shape == mesh.shape
-  assert config.dtype == 'bfloat16' and config.param_dtype == 'bfloat16'
+  assert config.dtype == "bfloat16" and config.param_dtype == "bfloat16"
 
 
 def test_unsupported_type_names_tensor_and_type(tmp_path):
-  path = str(tmp_path / 'q5.gguf')
-  gguf_tiny.write_tiny_llama_gguf(path, ('Q5_0',))
+  path = str(tmp_path / "q5.gguf")
+  gguf_tiny.write_tiny_llama_gguf(path, ("Q5_0",))
   with pytest.raises(ValueError, match=r"tensor 'token_embd.weight' has GGUF type Q5_0, which is not supported"):
     gguf.from_gguf(path)
 
 
 def test_unsupported_architecture_and_bad_files(tmp_path):
-  path = str(tmp_path / 'gpt2.gguf')
-  gguf_tiny.write_tiny_llama_gguf(path, ('F32',), architecture='gpt2')
+  path = str(tmp_path / "gpt2.gguf")
+  gguf_tiny.write_tiny_llama_gguf(path, ("F32",), architecture="gpt2")
   with pytest.raises(ValueError, match=r"unsupported GGUF architecture 'gpt2'; supported: llama"):
     gguf.from_gguf(path)
-  junk = tmp_path / 'junk.gguf'
-  junk.write_bytes(b'not a gguf file at all')
-  with pytest.raises(ValueError, match=r'junk.gguf: not a readable GGUF file'):
+  junk = tmp_path / "junk.gguf"
+  junk.write_bytes(b"not a gguf file at all")
+  with pytest.raises(ValueError, match=r"junk.gguf: not a readable GGUF file"):
     gguf.from_gguf(str(junk))
-  with pytest.raises(ValueError, match=r'does not exist'):
-    gguf.from_gguf(str(tmp_path / 'missing.gguf'))
+  with pytest.raises(ValueError, match=r"does not exist"):
+    gguf.from_gguf(str(tmp_path / "missing.gguf"))
 
 
 def test_packaged_names(monkeypatch):
   with pytest.raises(ValueError, match=r"unknown packaged model 'nope'; packaged models: smollm2-135m-instruct"):
-    packaged.packaged_path('nope')
-  monkeypatch.setitem(packaged.PACKAGED, 'fake-model', packaged.Packaged('no_such_package_xyz', 'm.gguf',
-                                                                          'pip install no-such-package', 'a/b'))
-  assert packaged.is_gguf('fake-model') and packaged.is_gguf('/x/y.GGUF') and not packaged.is_gguf('org/model')
-  with pytest.raises(ValueError, match=r'install it with `pip install no-such-package`'):
-    gguf.from_gguf('fake-model')
+    packaged.packaged_path("nope")
+  monkeypatch.setitem(
+      packaged.PACKAGED,
+      "fake-model",
+      packaged.Packaged("no_such_package_xyz", "m.gguf", "pip install no-such-package", "a/b"),
+  )
+  assert packaged.is_gguf("fake-model") and packaged.is_gguf("/x/y.GGUF") and not packaged.is_gguf("org/model")
+  with pytest.raises(ValueError, match=r"install it with `pip install no-such-package`"):
+    gguf.from_gguf("fake-model")
 
 
 def test_convert_cli_writes_a_dir_transformers_opens(tiny_file, tmp_path, capsys):
   path, _ = tiny_file
-  out = str(tmp_path / 'hf')
+  out = str(tmp_path / "hf")
   assert convert_gguf.main([path, out]) == 0
-  assert 'carries no tokenizer' in capsys.readouterr().err
-  assert sorted(os.listdir(out)) == ['config.json', 'generation_config.json', 'model.safetensors']
-  with open(os.path.join(out, 'generation_config.json')) as f:
-    assert json.load(f) == {'bos_token_id': 1, 'pad_token_id': 0, 'eos_token_id': 2}
+  assert "carries no tokenizer" in capsys.readouterr().err
+  assert sorted(os.listdir(out)) == ["config.json", "generation_config.json", "model.safetensors"]
+  with open(os.path.join(out, "generation_config.json")) as f:
+    assert json.load(f) == {"bos_token_id": 1, "pad_token_id": 0, "eos_token_id": 2}
   hf_dir = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
   ids, mask = _ids()
   np.testing.assert_array_equal(_hf_logits(hf_dir, ids, mask), _hf_logits(_hf_gguf(path), ids, mask))
   # jnp / numpy dtypes are accepted wherever a dtype is taken, and mean the same as their names
   _, params_j, config_j = io_lib.from_pretrained(out, dtype=jax.numpy.bfloat16, param_dtype=np.float32, progress=False)
-  assert (config_j.dtype, config_j.param_dtype) == ('bfloat16', 'float32')
-  _, params_s, _ = io_lib.from_pretrained(out, dtype='bfloat16', param_dtype='float32', progress=False)
-  np.testing.assert_array_equal(params_j['embed_tokens']['embedding'], params_s['embed_tokens']['embedding'])
+  assert (config_j.dtype, config_j.param_dtype) == ("bfloat16", "float32")
+  _, params_s, _ = io_lib.from_pretrained(out, dtype="bfloat16", param_dtype="float32", progress=False)
+  np.testing.assert_array_equal(params_j["embed_tokens"]["embedding"], params_s["embed_tokens"]["embedding"])
   # usage errors exit 2; an unreadable file is one line and exit 1; a complete dir is never half-replaced
   with pytest.raises(SystemExit) as e:
     convert_gguf.main([path, out])
-  assert e.value.code == 2 and 'exists; pass --overwrite' in capsys.readouterr().err
+  assert e.value.code == 2 and "exists; pass --overwrite" in capsys.readouterr().err
   with pytest.raises(SystemExit) as e:
-    convert_gguf.main(['not-a-model', out])
-  assert e.value.code == 2 and 'neither a .gguf file nor a packaged model name' in capsys.readouterr().err
-  bad = tmp_path / 'cut.gguf'
-  bad.write_bytes(open(path, 'rb').read()[:5000])
-  assert convert_gguf.main([str(bad), str(tmp_path / 'cut_out')]) == 1
+    convert_gguf.main(["not-a-model", out])
+  assert e.value.code == 2 and "neither a .gguf file nor a packaged model name" in capsys.readouterr().err
+  bad = tmp_path / "cut.gguf"
+  bad.write_bytes(open(path, "rb").read()[:5000])
+  assert convert_gguf.main([str(bad), str(tmp_path / "cut_out")]) == 1
   err = capsys.readouterr().err.strip().splitlines()
-  assert len(err) == 1 and err[0].startswith('error: ') and 'cut.gguf' in err[0]
-  assert not os.path.exists(tmp_path / 'cut_out') and not os.path.exists(tmp_path / 'cut_out.partial')
+  assert len(err) == 1 and err[0].startswith("error: ") and "cut.gguf" in err[0]
+  assert not os.path.exists(tmp_path / "cut_out") and not os.path.exists(tmp_path / "cut_out.partial")

@@ -11,17 +11,17 @@ import pytest
 from displacement_jax import sweep
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-LAUNCH = os.path.join(ROOT, 'launch')
+LAUNCH = os.path.join(ROOT, "launch")
 
 
 def _write_config(tmp_path, body):
-  path = tmp_path / 'configs' / 'swept.py'
+  path = tmp_path / "configs" / "swept.py"
   path.parent.mkdir(exist_ok=True)
   path.write_text(textwrap.dedent(body))
   return str(path)
 
 
-SWEPT = '''
+SWEPT = """
 import ml_collections
 
 def get_config(arg=None):
@@ -34,102 +34,162 @@ def get_config(arg=None):
 
 def get_sweep():
   return [{'optim.lr': lr, 'seed': s} for lr in (1e-3, 1e-4) for s in (0, 1)] + [{'tag': 'b c'}]
-'''
+"""
 
 
 def test_expand_sweep_command_lines(tmp_path):
   path = _write_config(tmp_path, SWEPT)
-  cmds = sweep.expand(path + ':big', python='PY')
+  cmds = sweep.expand(path + ":big", python="PY")
   assert len(cmds) == 5
-  assert cmds[0] == ['PY', '-m', 'displacement_jax.train', f'--config={path}:big', '--config.optim.lr=0.001',
-                     '--config.seed=0', '--config.output_dir=runs/swept_big/lr=0.001_seed=0']
-  assert cmds[3][-3:] == ['--config.optim.lr=0.0001', '--config.seed=1',
-                          '--config.output_dir=runs/swept_big/lr=0.0001_seed=1']
-  assert cmds[4][-2:] == ['--config.tag=b c', '--config.output_dir=runs/swept_big/tag=b-c']
+  assert cmds[0] == [
+      "PY",
+      "-m",
+      "displacement_jax.train",
+      f"--config={path}:big",
+      "--config.optim.lr=0.001",
+      "--config.seed=0",
+      "--config.output_dir=runs/swept_big/lr=0.001_seed=0",
+  ]
+  assert cmds[3][-3:] == [
+      "--config.optim.lr=0.0001",
+      "--config.seed=1",
+      "--config.output_dir=runs/swept_big/lr=0.0001_seed=1",
+  ]
+  assert cmds[4][-2:] == ["--config.tag=b c", "--config.output_dir=runs/swept_big/tag=b-c"]
   dirs = [c[-1] for c in cmds]
   assert len(set(dirs)) == len(dirs)
   # the explicit arg wins, extra args go before the output dir
-  cmds = sweep.expand(path, 'small', extra_args=['--config.num_steps=3'])
-  assert cmds[0][3] == f'--config={path}:small' and cmds[0][-2] == '--config.num_steps=3'
+  cmds = sweep.expand(path, "small", extra_args=["--config.num_steps=3"])
+  assert cmds[0][3] == f"--config={path}:small" and cmds[0][-2] == "--config.num_steps=3"
 
 
 def test_expand_without_sweep_and_bad_keys(tmp_path):
-  path = _write_config(tmp_path, SWEPT.split('def get_sweep')[0])
-  assert sweep.expand(path, python='py') == [['py', '-m', 'displacement_jax.train', f'--config={path}',
-                                              '--config.output_dir=runs/swept_x']]
+  path = _write_config(tmp_path, SWEPT.split("def get_sweep")[0])
+  assert sweep.expand(path, python="py") == [
+      ["py", "-m", "displacement_jax.train", f"--config={path}", "--config.output_dir=runs/swept_x"]
+  ]
   bad = _write_config(tmp_path, SWEPT.replace("'optim.lr'", "'optim.learning_rate'"))
   with pytest.raises(ValueError, match="optim.learning_rate"):
     sweep.expand(bad)
-  with pytest.raises(ValueError, match='does not exist'):
-    sweep.expand(str(tmp_path / 'nope.py'))
+  with pytest.raises(ValueError, match="does not exist"):
+    sweep.expand(str(tmp_path / "nope.py"))
 
 
 def test_quantile_config_sweep_is_45_distinct_runs():
-  cmds = sweep.expand(os.path.join(ROOT, 'configs', 'ches_quantiles.py') + ':dataset=ultrafeedback,tiny')
+  cmds = sweep.expand(os.path.join(ROOT, "configs", "ches_quantiles.py") + ":dataset=ultrafeedback,tiny")
   assert len(cmds) == 45
   assert len({c[-1] for c in cmds}) == 45
-  assert cmds[0][4:] == ['--config.quantiles.measure=ches', '--config.quantiles.q=0.0', '--config.seed=0',
-                         '--config.output_dir=runs/quantiles_uf_tiny/measure=ches_q=0.0_seed=0']
+  assert cmds[0][4:] == [
+      "--config.quantiles.measure=ches",
+      "--config.quantiles.q=0.0",
+      "--config.seed=0",
+      "--config.output_dir=runs/quantiles_uf_tiny/measure=ches_q=0.0_seed=0",
+  ]
 
 
 def test_run_sweep_dry_run_and_real_run(tmp_path):
-  out = subprocess.run([sys.executable, os.path.join(LAUNCH, 'run_sweep.py'), _write_config(tmp_path, SWEPT),
-                        '--dry-run'], capture_output=True, text=True, check=True)
+  out = subprocess.run(
+      [sys.executable, os.path.join(LAUNCH, "run_sweep.py"), _write_config(tmp_path, SWEPT), "--dry-run"],
+      capture_output=True,
+      text=True,
+      check=True,
+  )
   lines = out.stdout.strip().splitlines()
-  assert len(lines) == 5 and lines[0].endswith('--config.output_dir=runs/swept_x/lr=0.001_seed=0')
+  assert len(lines) == 5 and lines[0].endswith("--config.output_dir=runs/swept_x/lr=0.001_seed=0")
   assert "'--config.tag=b c'" in lines[4]
   # a real run with a stand-in trainer module: every command runs (2 at a time), each logs, failures counted
-  (tmp_path / 'fake_train.py').write_text(
-      'import sys\nprint("ran", " ".join(sys.argv[1:]))\nsys.exit(3 if "tag=b" in sys.argv[-1] else 0)\n')
-  cfg = _write_config(tmp_path, SWEPT.replace("'runs/swept_'", repr(str(tmp_path / 'runs')) + " + '/s_'"))
-  proc = subprocess.run([sys.executable, os.path.join(LAUNCH, 'run_sweep.py'), cfg, '--parallel', '2',
-                         '--module', 'fake_train'], capture_output=True, text=True,
-                        env=dict(os.environ, PYTHONPATH=str(tmp_path)), cwd=str(tmp_path))
+  (tmp_path / "fake_train.py").write_text(
+      'import sys\nprint("ran", " ".join(sys.argv[1:]))\nsys.exit(3 if "tag=b" in sys.argv[-1] else 0)\n'
+  )
+  cfg = _write_config(tmp_path, SWEPT.replace("'runs/swept_'", repr(str(tmp_path / "runs")) + " + '/s_'"))
+  proc = subprocess.run(
+      [sys.executable, os.path.join(LAUNCH, "run_sweep.py"), cfg, "--parallel", "2", "--module", "fake_train"],
+      capture_output=True,
+      text=True,
+      env=dict(os.environ, PYTHONPATH=str(tmp_path)),
+      cwd=str(tmp_path),
+  )
   assert proc.returncode == 1, proc.stderr
-  assert '1 of 5 runs failed' in proc.stderr and 'tag=b-c' in proc.stderr
-  logs = sorted((tmp_path / 'runs').rglob('launch.log'))
+  assert "1 of 5 runs failed" in proc.stderr and "tag=b-c" in proc.stderr
+  logs = sorted((tmp_path / "runs").rglob("launch.log"))
   assert len(logs) == 5
-  first = (tmp_path / 'runs' / 's_x' / 'lr=0.001_seed=0' / 'launch.log').read_text()
-  assert first.strip() == (f'ran --config={cfg} --config.optim.lr=0.001 --config.seed=0 '
-                           f'--config.output_dir={tmp_path}/runs/s_x/lr=0.001_seed=0')
+  first = (tmp_path / "runs" / "s_x" / "lr=0.001_seed=0" / "launch.log").read_text()
+  assert first.strip() == (
+      f"ran --config={cfg} --config.optim.lr=0.001 --config.seed=0 "
+      f"--config.output_dir={tmp_path}/runs/s_x/lr=0.001_seed=0"
+  )
 
 
 def test_shell_scripts_parse():
-  for name in ('tpu_pod.sh', 'gpu_node.sh'):
-    subprocess.run(['bash', '-n', os.path.join(LAUNCH, name)], check=True)
+  for name in ("tpu_pod.sh", "gpu_node.sh"):
+    subprocess.run(["bash", "-n", os.path.join(LAUNCH, name)], check=True)
 
 
 def test_tpu_pod_dry_run_prints_every_gcloud_command():
-  cmd = [os.path.join(LAUNCH, 'tpu_pod.sh'), '--dry-run', '--project', 'proj', '--zone', 'us-east5-a',
-         '--accelerator-type', 'v5litepod-16', '--tpu-name', 'dj', '--gcs', 'gs://bucket/runs', '--delete', '--',
-         'python', '-m', 'displacement_jax.train', '--config=configs/dpo_tiny.py', '--config.output_dir=/tmp/out']
+  cmd = [
+      os.path.join(LAUNCH, "tpu_pod.sh"),
+      "--dry-run",
+      "--project",
+      "proj",
+      "--zone",
+      "us-east5-a",
+      "--accelerator-type",
+      "v5litepod-16",
+      "--tpu-name",
+      "dj",
+      "--gcs",
+      "gs://bucket/runs",
+      "--delete",
+      "--",
+      "python",
+      "-m",
+      "displacement_jax.train",
+      "--config=configs/dpo_tiny.py",
+      "--config.output_dir=/tmp/out",
+  ]
   out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-  lines = [l[2:] for l in out.splitlines() if l.startswith('+ ')]
-  common = '--zone=us-east5-a --project=proj'
-  assert lines[0] == f'gcloud compute tpus tpu-vm describe dj {common}'
-  assert lines[1] == (f'gcloud compute tpus tpu-vm create dj {common} --accelerator-type=v5litepod-16 '
-                      '--version=tpu-ubuntu2204-base')
-  assert lines[3] == f'gcloud compute tpus tpu-vm scp /tmp/displacement_jax_src.tar.gz dj:~/ {common} --worker=all'
-  run_line = [l for l in lines if 'displacement_jax.train' in l]
-  assert len(run_line) == 1 and '--worker=all' in run_line[0]
-  assert '--config.output_dir=/tmp/out' in run_line[0]
-  assert shlex.split(lines[-2])[-1] == '--command=gsutil -m rsync -r /tmp/out gs://bucket/runs/out'
-  assert lines[-1] == f'gcloud compute tpus tpu-vm delete dj {common} --quiet'
+  lines = [l[2:] for l in out.splitlines() if l.startswith("+ ")]
+  common = "--zone=us-east5-a --project=proj"
+  assert lines[0] == f"gcloud compute tpus tpu-vm describe dj {common}"
+  assert lines[1] == (
+      f"gcloud compute tpus tpu-vm create dj {common} --accelerator-type=v5litepod-16 " "--version=tpu-ubuntu2204-base"
+  )
+  assert lines[3] == f"gcloud compute tpus tpu-vm scp /tmp/displacement_jax_src.tar.gz dj:~/ {common} --worker=all"
+  run_line = [l for l in lines if "displacement_jax.train" in l]
+  assert len(run_line) == 1 and "--worker=all" in run_line[0]
+  assert "--config.output_dir=/tmp/out" in run_line[0]
+  assert shlex.split(lines[-2])[-1] == "--command=gsutil -m rsync -r /tmp/out gs://bucket/runs/out"
+  assert lines[-1] == f"gcloud compute tpus tpu-vm delete dj {common} --quiet"
 
 
 def test_tpu_pod_requires_command_and_project():
-  proc = subprocess.run([os.path.join(LAUNCH, 'tpu_pod.sh'), '--dry-run'], capture_output=True, text=True)
-  assert proc.returncode == 2 and 'no command given' in proc.stderr
-  proc = subprocess.run([os.path.join(LAUNCH, 'tpu_pod.sh'), '--', 'true'], capture_output=True, text=True,
-                        env={k: v for k, v in os.environ.items() if k != 'TPU_PROJECT'})
-  assert proc.returncode == 2 and '--project' in proc.stderr
+  proc = subprocess.run([os.path.join(LAUNCH, "tpu_pod.sh"), "--dry-run"], capture_output=True, text=True)
+  assert proc.returncode == 2 and "no command given" in proc.stderr
+  proc = subprocess.run(
+      [os.path.join(LAUNCH, "tpu_pod.sh"), "--", "true"],
+      capture_output=True,
+      text=True,
+      env={k: v for k, v in os.environ.items() if k != "TPU_PROJECT"},
+  )
+  assert proc.returncode == 2 and "--project" in proc.stderr
 
 
 def test_gpu_node_dry_run():
-  out = subprocess.run([os.path.join(LAUNCH, 'gpu_node.sh'), '--dry-run', '--', 'python', '-m',
-                        'displacement_jax.score', '--config=configs/score_tiny.py'],
-                       capture_output=True, text=True, check=True).stdout.splitlines()
+  out = subprocess.run(
+      [
+          os.path.join(LAUNCH, "gpu_node.sh"),
+          "--dry-run",
+          "--",
+          "python",
+          "-m",
+          "displacement_jax.score",
+          "--config=configs/score_tiny.py",
+      ],
+      capture_output=True,
+      text=True,
+      check=True,
+  ).stdout.splitlines()
   assert out[0] == "+ python -m pip install -q -U 'jax[cuda12]'"
-  assert out[1] == f'+ python -m pip install -q -e {ROOT}'
-  assert any(l.startswith('+ export XLA_FLAGS=') and 'latency_hiding_scheduler' in l for l in out)
-  assert out[-1] == '+ python -m displacement_jax.score --config=configs/score_tiny.py'
+  assert out[1] == f"+ python -m pip install -q -e {ROOT}"
+  assert any(l.startswith("+ export XLA_FLAGS=") and "latency_hiding_scheduler" in l for l in out)
+  assert out[-1] == "+ python -m displacement_jax.score --config=configs/score_tiny.py"

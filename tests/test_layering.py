@@ -11,28 +11,38 @@ import ast
 import pathlib
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-PACKAGE = ROOT / 'displacement_jax'
+PACKAGE = ROOT / "displacement_jax"
 ENTRY_POINTS = {
-    'displacement_jax.train', 'displacement_jax.score', 'displacement_jax.report', 'displacement_jax.demo',
-    'displacement_jax.models.convert_gguf', 'displacement_jax.experiments.persona',
-    'displacement_jax.experiments.quantiles', 'displacement_jax.experiments.sorry_bench.pipeline',
+    "displacement_jax.train",
+    "displacement_jax.score",
+    "displacement_jax.report",
+    "displacement_jax.demo",
+    "displacement_jax.models.convert_gguf",
+    "displacement_jax.experiments.persona",
+    "displacement_jax.experiments.quantiles",
+    "displacement_jax.experiments.sorry_bench.pipeline",
 }
-CORE = {'displacement_jax.errors', 'displacement_jax.logprobs', 'displacement_jax.losses', 'displacement_jax.ches',
-        'displacement_jax.theory'}
+CORE = {
+    "displacement_jax.errors",
+    "displacement_jax.logprobs",
+    "displacement_jax.losses",
+    "displacement_jax.ches",
+    "displacement_jax.theory",
+}
 
 
 def _module_name(path: pathlib.Path) -> str:
-  parts = list(path.relative_to(ROOT).with_suffix('').parts)
-  return '.'.join(parts[:-1] if parts[-1] == '__init__' else parts)
+  parts = list(path.relative_to(ROOT).with_suffix("").parts)
+  return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-MODULES = {_module_name(p): p for p in PACKAGE.rglob('*.py')}
+MODULES = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
 
 
 def _resolve(name: str) -> str | None:
   """The package module an imported dotted name refers to (a module, or the module defining an attribute)."""
   while name and name not in MODULES:
-    name = name.rpartition('.')[0]
+    name = name.rpartition(".")[0]
   return name or None
 
 
@@ -40,21 +50,21 @@ def _imports(module: str) -> list[tuple[str, int, bool]]:
   """(imported package module, line, at module top) for every import of displacement_jax in `module`."""
   tree = ast.parse(MODULES[module].read_text())
   top = {id(node) for node in tree.body}
-  is_pkg = MODULES[module].name == '__init__.py'
+  is_pkg = MODULES[module].name == "__init__.py"
   out = []
   for node in ast.walk(tree):
     if isinstance(node, ast.Import):
       names = [a.name for a in node.names]
     elif isinstance(node, ast.ImportFrom):
-      base = node.module or ''
+      base = node.module or ""
       if node.level:  # relative import
-        anchor = module.split('.') if is_pkg else module.split('.')[:-1]
-        base = '.'.join(anchor[:len(anchor) - node.level + 1] + ([base] if base else []))
-      names = [f'{base}.{a.name}' for a in node.names]
+        anchor = module.split(".") if is_pkg else module.split(".")[:-1]
+        base = ".".join(anchor[: len(anchor) - node.level + 1] + ([base] if base else []))
+      names = [f"{base}.{a.name}" for a in node.names]
     else:
       continue
     for name in names:
-      if name.startswith('displacement_jax'):
+      if name.startswith("displacement_jax"):
         target = _resolve(name)
         if target and target != module:
           out.append((target, node.lineno, id(node) in top))
@@ -65,8 +75,8 @@ def _graph() -> dict[str, set[str]]:
   graph = {}
   for module in MODULES:
     edges = {t for t, _, _ in _imports(module)}
-    if MODULES[module].name == '__init__.py':  # re-exports of its own submodules are not dependencies
-      edges = {t for t in edges if not t.startswith(module + '.')}
+    if MODULES[module].name == "__init__.py":  # re-exports of its own submodules are not dependencies
+      edges = {t for t in edges if not t.startswith(module + ".")}
     graph[module] = edges
   return graph
 
@@ -75,13 +85,14 @@ def test_entry_points_exist_and_train_dispatches_only_to_them():
   assert ENTRY_POINTS <= set(MODULES), sorted(ENTRY_POINTS - set(MODULES))
   for module, path in MODULES.items():
     if "if __name__ == '__main__'" in path.read_text() or 'if __name__ == "__main__"' in path.read_text():
-      assert module in ENTRY_POINTS, f'{module} has a __main__ block but is not listed as an entry point'
+      assert module in ENTRY_POINTS, f"{module} has a __main__ block but is not listed as an entry point"
   from displacement_jax import train  # pylint: disable=g-import-not-at-top
+
   assert set(train.MAINS.values()) <= ENTRY_POINTS
 
 
 def test_nothing_imports_an_entry_point():
-  bad = [f'{m} imports {t} (line {line})' for m in MODULES for t, line, _ in _imports(m) if t in ENTRY_POINTS]
+  bad = [f"{m} imports {t} (line {line})" for m in MODULES for t, line, _ in _imports(m) if t in ENTRY_POINTS]
   assert not bad, bad
 
 
@@ -89,34 +100,34 @@ def test_no_import_cycles():
   graph, state, path, cycles = _graph(), {}, [], []
 
   def visit(node):
-    state[node] = 'open'
+    state[node] = "open"
     path.append(node)
     for nxt in sorted(graph[node]):
-      if state.get(nxt) == 'open':
-        cycles.append(path[path.index(nxt):] + [nxt])
+      if state.get(nxt) == "open":
+        cycles.append(path[path.index(nxt) :] + [nxt])
       elif nxt not in state:
         visit(nxt)
     path.pop()
-    state[node] = 'done'
+    state[node] = "done"
 
   for node in sorted(graph):
     if node not in state:
       visit(node)
-  assert not cycles, [' -> '.join(c) for c in cycles]
+  assert not cycles, [" -> ".join(c) for c in cycles]
 
 
 def test_pure_core_imports_nothing_above_it():
-  bad = [f'{m} imports {t}' for m in CORE for t, _, _ in _imports(m) if t not in CORE]
+  bad = [f"{m} imports {t}" for m in CORE for t, _, _ in _imports(m) if t not in CORE]
   assert not bad, bad
 
 
 def test_package_imports_are_at_module_top():
-  bad = [f'{m}:{line} imports {t} inside a function' for m in MODULES for t, line, top in _imports(m) if not top]
+  bad = [f"{m}:{line} imports {t} inside a function" for m in MODULES for t, line, top in _imports(m) if not top]
   assert not bad, bad
 
 
 def test_the_checks_see_real_edges():
   """The walker itself: known edges are found (so an empty result above means something)."""
-  assert 'displacement_jax.training' in _graph()['displacement_jax.train']
-  assert 'displacement_jax.ches' in _graph()['displacement_jax.scoring']
-  assert 'displacement_jax.errors' in _graph()['displacement_jax.losses']
+  assert "displacement_jax.training" in _graph()["displacement_jax.train"]
+  assert "displacement_jax.ches" in _graph()["displacement_jax.scoring"]
+  assert "displacement_jax.errors" in _graph()["displacement_jax.losses"]

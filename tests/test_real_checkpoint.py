@@ -25,27 +25,28 @@ from displacement_jax.models import convert_gguf, gguf, packaged
 from displacement_jax.models.tokenizer import load_tokenizer
 from tests.test_score import _edit_distance  # the textbook Levenshtein DP
 
-MODEL = 'smollm2-135m-instruct'
+MODEL = "smollm2-135m-instruct"
 PROMPTS = (
-    'What is the capital of France?',
-    'Write a haiku about the sea.',
-    'Give me three tips for learning to play the guitar.',
-    'Explain in one sentence why the sky is blue.',
-    'Is it ever acceptable to lie to protect a friend?',
-    'List two prime numbers greater than 50.',
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "Give me three tips for learning to play the guitar.",
+    "Explain in one sentence why the sky is blue.",
+    "Is it ever acceptable to lie to protect a friend?",
+    "List two prime numbers greater than 50.",
 )
 NEW_TOKENS = 48
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope="module")
 def real():
   """Ours (fp32), the tokenizer, and transformers' own GGUF loading of the same file (fp32)."""
   file = packaged.packaged_path(MODEL)
-  model, params, config = gguf.from_gguf(MODEL, dtype='float32')
+  model, params, config = gguf.from_gguf(MODEL, dtype="float32")
   tok = load_tokenizer(MODEL)
-  hf = AutoModelForCausalLM.from_pretrained(os.path.dirname(file), gguf_file=os.path.basename(file),
-                                            dtype=torch.float32).eval()
-  prompts = [tokenize.prompt_ids(tok, p, format='chat_template') for p in PROMPTS]
+  hf = AutoModelForCausalLM.from_pretrained(
+      os.path.dirname(file), gguf_file=os.path.basename(file), dtype=torch.float32
+  ).eval()
+  prompts = [tokenize.prompt_ids(tok, p, format="chat_template") for p in PROMPTS]
   return dict(file=file, model=model, params=params, config=config, tok=tok, hf=hf, prompts=prompts)
 
 
@@ -54,7 +55,7 @@ def _padded(rows, pad_id, side):
   ids = np.full((len(rows), width), pad_id, np.int32)
   mask = np.zeros((len(rows), width), bool)
   for i, r in enumerate(rows):
-    cols = slice(width - len(r), width) if side == 'left' else slice(0, len(r))
+    cols = slice(width - len(r), width) if side == "left" else slice(0, len(r))
     ids[i, cols], mask[i, cols] = r, True
   return ids, mask
 
@@ -62,144 +63,194 @@ def _padded(rows, pad_id, side):
 def _hf_forward(hf, ids, mask):
   pos = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
   with torch.no_grad():
-    out = hf(input_ids=torch.from_numpy(ids).long(), attention_mask=torch.from_numpy(mask.astype(np.int64)),
-             position_ids=torch.from_numpy(pos).long(), output_hidden_states=True)
+    out = hf(
+        input_ids=torch.from_numpy(ids).long(),
+        attention_mask=torch.from_numpy(mask.astype(np.int64)),
+        position_ids=torch.from_numpy(pos).long(),
+        output_hidden_states=True,
+    )
   return out.logits.numpy(), out.hidden_states[-1].numpy()
 
 
 def test_config_and_tokenizer_from_gguf_metadata(real):
-  c, tok = real['config'], real['tok']
-  assert (c.model_type, c.num_layers, c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim) == ('llama', 30, 576, 9, 3, 64)
+  c, tok = real["config"], real["tok"]
+  assert (c.model_type, c.num_layers, c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim) == (
+      "llama",
+      30,
+      576,
+      9,
+      3,
+      64,
+  )
   assert (c.vocab_size, c.intermediate_size, c.rope_theta, c.tie_word_embeddings) == (49152, 1536, 1e5, True)
-  assert (tok.eos_token, tok.pad_token, tok.bos_token, len(tok)) == ('<|im_end|>', '<|im_end|>', '<|im_start|>', 49152)
-  text = tok.apply_chat_template([{'role': 'user', 'content': 'Hi'}], tokenize=False, add_generation_prompt=True)
-  assert text.endswith('<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n')   # ChatML from the GGUF
+  assert (tok.eos_token, tok.pad_token, tok.bos_token, len(tok)) == ("<|im_end|>", "<|im_end|>", "<|im_start|>", 49152)
+  text = tok.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True)
+  assert text.endswith("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")  # ChatML from the GGUF
 
 
-@pytest.mark.parametrize('side', ['left', 'right'])
+@pytest.mark.parametrize("side", ["left", "right"])
 def test_logits_equal_transformers_gguf(real, side):
-  ids, mask = _padded(real['prompts'], real['tok'].pad_token_id, side)
-  ours = np.asarray(jax.jit(lambda p, i, m: real['model'].apply({'params': p}, i, m).logits_BTV)(real['params'], ids, mask))
-  ref, _ = _hf_forward(real['hf'], ids, mask)
+  ids, mask = _padded(real["prompts"], real["tok"].pad_token_id, side)
+  ours = np.asarray(
+      jax.jit(lambda p, i, m: real["model"].apply({"params": p}, i, m).logits_BTV)(real["params"], ids, mask)
+  )
+  ref, _ = _hf_forward(real["hf"], ids, mask)
   scale = np.abs(ref[mask]).max()
   err = np.abs(ours[mask] - ref[mask]).max() / scale
-  print(f'{side}-padded chat prompts: max |logit diff| / max |logit| = {err:.2e} (max |logit| {scale:.1f})')
+  print(f"{side}-padded chat prompts: max |logit diff| / max |logit| = {err:.2e} (max |logit| {scale:.1f})")
   assert err <= 1e-5
 
 
 def test_bf16_argmax_agreement_reported(real):
   """bf16 params + compute vs our fp32 logits: the share of positions with the same argmax (reported)."""
-  ids, mask = _padded(real['prompts'], real['tok'].pad_token_id, 'right')
-  bf16_model = real['model'].__class__(real['config'].replace(dtype='bfloat16', param_dtype='bfloat16'))
-  bf16_params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), real['params'])
-  f32 = np.asarray(real['model'].apply({'params': real['params']}, ids, mask).logits_BTV)[mask]
-  b16 = np.asarray(bf16_model.apply({'params': bf16_params}, ids, mask).logits_BTV, np.float32)[mask]
+  ids, mask = _padded(real["prompts"], real["tok"].pad_token_id, "right")
+  bf16_model = real["model"].__class__(real["config"].replace(dtype="bfloat16", param_dtype="bfloat16"))
+  bf16_params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), real["params"])
+  f32 = np.asarray(real["model"].apply({"params": real["params"]}, ids, mask).logits_BTV)[mask]
+  b16 = np.asarray(bf16_model.apply({"params": bf16_params}, ids, mask).logits_BTV, np.float32)[mask]
   agree = float(np.mean(f32.argmax(-1) == b16.argmax(-1)))
-  print(f'bf16 vs fp32 argmax agreement on {mask.sum()} positions: {agree:.3f}')
+  print(f"bf16 vs fp32 argmax agreement on {mask.sum()} positions: {agree:.3f}")
   assert agree >= 0.8
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope="module")
 def greedy(real):
   """48 greedy tokens for the first 4 prompts, ours and HF's (left padding, EOS stop)."""
-  eos, pad = real['tok'].eos_token_id, real['tok'].pad_token_id
-  ours = gen.generate(real['model'], real['params'], [list(p) for p in real['prompts'][:4]],
-                      max_new_tokens=NEW_TOKENS, eos_token_id=eos, pad_token_id=pad)
-  ids, mask = _padded(real['prompts'][:4], pad, 'left')
+  eos, pad = real["tok"].eos_token_id, real["tok"].pad_token_id
+  ours = gen.generate(
+      real["model"],
+      real["params"],
+      [list(p) for p in real["prompts"][:4]],
+      max_new_tokens=NEW_TOKENS,
+      eos_token_id=eos,
+      pad_token_id=pad,
+  )
+  ids, mask = _padded(real["prompts"][:4], pad, "left")
   with torch.no_grad():
-    out = real['hf'].generate(input_ids=torch.from_numpy(ids).long(), attention_mask=torch.from_numpy(mask.astype(np.int64)),
-                              max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=eos, pad_token_id=pad)
+    out = real["hf"].generate(
+        input_ids=torch.from_numpy(ids).long(),
+        attention_mask=torch.from_numpy(mask.astype(np.int64)),
+        max_new_tokens=NEW_TOKENS,
+        do_sample=False,
+        eos_token_id=eos,
+        pad_token_id=pad,
+    )
   theirs = []
-  for row in out[:, ids.shape[1]:].numpy():
+  for row in out[:, ids.shape[1] :].numpy():
     stop = np.nonzero(row == eos)[0]
-    theirs.append(row[:stop[0] + 1] if stop.size else row)
+    theirs.append(row[: stop[0] + 1] if stop.size else row)
   return [np.asarray(o) for o in ours], theirs
 
 
 def test_greedy_generation_token_identical(greedy, real):
   ours, theirs = greedy
   for i, (a, b) in enumerate(zip(ours, theirs)):
-    assert a.tolist() == b.tolist(), (i, real['tok'].decode(a), real['tok'].decode(b))
-  assert sum(len(a) for a in ours) > 4 * 8   # real answers, not immediate EOS
+    assert a.tolist() == b.tolist(), (i, real["tok"].decode(a), real["tok"].decode(b))
+  assert sum(len(a) for a in ours) > 4 * 8  # real answers, not immediate EOS
 
 
 def _pairs(real, greedy):
   """8 model-generated pairs: per prompt, (greedy, sample 1) and (sample 1, sample 2), tokenized for training."""
-  tok = real['tok']
-  samples = gen.generate(real['model'], real['params'], [list(p) for p in real['prompts'][:4] for _ in range(2)],
-                         max_new_tokens=NEW_TOKENS, temperature=1.0, seed=0, eos_token_id=tok.eos_token_id,
-                         pad_token_id=tok.pad_token_id)
-  text = lambda ids: tok.decode(ids, skip_special_tokens=True).strip() or 'ok'
+  tok = real["tok"]
+  samples = gen.generate(
+      real["model"],
+      real["params"],
+      [list(p) for p in real["prompts"][:4] for _ in range(2)],
+      max_new_tokens=NEW_TOKENS,
+      temperature=1.0,
+      seed=0,
+      eos_token_id=tok.eos_token_id,
+      pad_token_id=tok.pad_token_id,
+  )
+  text = lambda ids: tok.decode(ids, skip_special_tokens=True).strip() or "ok"
   examples = []
   for i, prompt in enumerate(PROMPTS[:4]):
     g, s1, s2 = text(greedy[0][i]), text(samples[2 * i]), text(samples[2 * i + 1])
     examples += [PreferenceExample(2 * i, prompt, g, s1), PreferenceExample(2 * i + 1, prompt, s1, s2)]
-  return [tokenize.tokenize_example(tok, ex, format='chat_template', max_length=256) for ex in examples]
+  return [tokenize.tokenize_example(tok, ex, format="chat_template", max_length=256) for ex in examples]
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope="module")
 def pairs(real, greedy):
   return _pairs(real, greedy)
 
 
 def _hf_side(real, pair, side, with_eos=True):
-  ids = np.concatenate([pair.prompt_ids, getattr(pair, f'{side}_ids') if with_eos else pair.text_ids(side)])
-  logits, hidden = _hf_forward(real['hf'], ids[None].astype(np.int32), np.ones((1, len(ids)), bool))
+  ids = np.concatenate([pair.prompt_ids, getattr(pair, f"{side}_ids") if with_eos else pair.text_ids(side)])
+  logits, hidden = _hf_forward(real["hf"], ids[None].astype(np.int32), np.ones((1, len(ids)), bool))
   return ids, logits[0].astype(np.float64), hidden[0].astype(np.float64)
 
 
 def test_sequence_logprobs_equal_transformers(real, pairs):
   """Summed response log-probs through the training path (packed rows, chunked LM head) vs HF's log-softmax."""
-  pad = real['tok'].pad_token_id
+  pad = real["tok"].pad_token_id
   batch = packing.pack_batch(batching.collate(pairs, pad_id=pad), pad_id=pad)
-  ours = jax.device_get(forward.pair_logps(real['model'], real['params'], {k: jnp.asarray(v) for k, v in batch.items()}, 64))
+  ours = jax.device_get(
+      forward.pair_logps(real["model"], real["params"], {k: jnp.asarray(v) for k, v in batch.items()}, 64)
+  )
   for j, pair in enumerate(pairs):
-    for side in ('chosen', 'rejected'):
+    for side in ("chosen", "rejected"):
       ids, logits, _ = _hf_side(real, pair, side)
-      logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(-1, keepdims=True)
+      logp = (
+          logits
+          - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True))
+          - logits.max(-1, keepdims=True)
+      )
       p = len(pair.prompt_ids)
       ref = sum(logp[t, ids[t + 1]] for t in range(p - 1, len(ids) - 1))
-      assert abs(float(ours[f'{side}_logps_B'][j]) - ref) <= 1e-3, (j, side, float(ours[f'{side}_logps_B'][j]), ref)
+      assert abs(float(ours[f"{side}_logps_B"][j]) - ref) <= 1e-3, (j, side, float(ours[f"{side}_logps_B"][j]), ref)
 
 
 def test_scores_equal_float64_on_hf_hidden_states(real, pairs):
   """CHES / LN-CHES / last-hidden / edit distance of the score CLI's path vs float64 numpy on HF's states, with the
   authors' positions: sums over last prompt .. last response token; last hidden at the last response token of
   (x, y) without EOS; edit distance on ids without EOS."""
-  rows = scoring.score_pairs(real['model'], real['params'], pairs, batch_size=4, max_length=256,
-                           pad_id=real['tok'].pad_token_id, progress=False)
+  rows = scoring.score_pairs(
+      real["model"],
+      real["params"],
+      pairs,
+      batch_size=4,
+      max_length=256,
+      pad_id=real["tok"].pad_token_id,
+      progress=False,
+  )
   for pair, row in zip(pairs, rows):
     s, n, last, text = {}, {}, {}, {}
-    for side in ('chosen', 'rejected'):
+    for side in ("chosen", "rejected"):
       ids, _, h = _hf_side(real, pair, side)
       p = len(pair.prompt_ids)
-      s[side], n[side] = h[p - 1:len(ids) - 1].sum(0), len(ids) - p
+      s[side], n[side] = h[p - 1 : len(ids) - 1].sum(0), len(ids) - p
       _, _, h_text = _hf_side(real, pair, side, with_eos=False)
       last[side], text[side] = h_text[-1], [int(t) for t in pair.text_ids(side)]
-    sp, sn = s['chosen'], s['rejected']
+    sp, sn = s["chosen"], s["rejected"]
     ches = sp @ sn - sp @ sp
-    ln = sp @ sn / (n['chosen'] * n['rejected']) - sp @ sp / n['chosen'] ** 2
-    for name, got, want in (('ches', row['ches'], ches), ('ln_ches', row['ln_ches'], ln),
-                            ('last_hidden_inner_product', row['last_hidden_inner_product'], last['chosen'] @ last['rejected'])):
+    ln = sp @ sn / (n["chosen"] * n["rejected"]) - sp @ sp / n["chosen"] ** 2
+    for name, got, want in (
+        ("ches", row["ches"], ches),
+        ("ln_ches", row["ln_ches"], ln),
+        ("last_hidden_inner_product", row["last_hidden_inner_product"], last["chosen"] @ last["rejected"]),
+    ):
       assert abs(got - want) <= 3e-4 * abs(want), (name, got, want)
-    a, b = text['chosen'], text['rejected']
-    assert row['minus_normalized_edit_distance'] == pytest.approx(-_edit_distance(a, b) / max(len(a), len(b)), rel=1e-6)
+    a, b = text["chosen"], text["rejected"]
+    assert row["minus_normalized_edit_distance"] == pytest.approx(-_edit_distance(a, b) / max(len(a), len(b)), rel=1e-6)
 
 
 def test_converter_dir_opens_in_transformers(real, tmp_path):
-  out = str(tmp_path / 'smollm2')
+  out = str(tmp_path / "smollm2")
   assert convert_gguf.main([MODEL, out]) == 0
   hf_dir = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
-  ids, mask = _padded(real['prompts'][:3], real['tok'].pad_token_id, 'right')
-  np.testing.assert_allclose(_hf_forward(hf_dir, ids, mask)[0][mask], _hf_forward(real['hf'], ids, mask)[0][mask],
-                             rtol=0, atol=1e-5)
+  ids, mask = _padded(real["prompts"][:3], real["tok"].pad_token_id, "right")
+  np.testing.assert_allclose(
+      _hf_forward(hf_dir, ids, mask)[0][mask], _hf_forward(real["hf"], ids, mask)[0][mask], rtol=0, atol=1e-5
+  )
   tok = AutoTokenizer.from_pretrained(out)
-  msgs = [{'role': 'user', 'content': PROMPTS[0]}]
-  assert tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False) == real['tok'].apply_chat_template(
-      msgs, add_generation_prompt=True, tokenize=False)
-  assert tok('Hello there, general Kenobi!')['input_ids'] == real['tok']('Hello there, general Kenobi!')['input_ids']
-  with open(os.path.join(out, 'tokenizer_config.json')) as f:
+  msgs = [{"role": "user", "content": PROMPTS[0]}]
+  assert tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False) == real["tok"].apply_chat_template(
+      msgs, add_generation_prompt=True, tokenize=False
+  )
+  assert tok("Hello there, general Kenobi!")["input_ids"] == real["tok"]("Hello there, general Kenobi!")["input_ids"]
+  with open(os.path.join(out, "tokenizer_config.json")) as f:
     tok_cfg = json.load(f)
-  assert 'local_files_only' not in tok_cfg and 'gguf_file' not in tok_cfg   # nothing of this machine exported
-  with open(os.path.join(out, 'generation_config.json')) as f:
-    assert json.load(f) == {'bos_token_id': 1, 'pad_token_id': 2, 'eos_token_id': 2}
+  assert "local_files_only" not in tok_cfg and "gguf_file" not in tok_cfg  # nothing of this machine exported
+  with open(os.path.join(out, "generation_config.json")) as f:
+    assert json.load(f) == {"bos_token_id": 1, "pad_token_id": 2, "eos_token_id": 2}

@@ -22,10 +22,20 @@ MESH_222 = AbstractMesh((2, 2, 2), sharding.AXES)
 
 
 def _config(**kw) -> ModelConfig:
-    base = dict(model_type="qwen2", vocab_size=96, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
-                num_kv_heads=2, head_dim=8, qkv_bias=True, tie_word_embeddings=False)
-    base.update(kw)
-    return ModelConfig(**base)
+  base = dict(
+      model_type="qwen2",
+      vocab_size=96,
+      hidden_size=32,
+      intermediate_size=64,
+      num_layers=2,
+      num_heads=4,
+      num_kv_heads=2,
+      head_dim=8,
+      qkv_bias=True,
+      tie_word_embeddings=False,
+  )
+  base.update(kw)
+  return ModelConfig(**base)
 
 
 @pytest.mark.parametrize(
@@ -53,60 +63,70 @@ def _config(**kw) -> ModelConfig:
     ],
 )
 def test_param_partition_spec_rules(path, shape, want):
-    assert sharding.param_partition_spec(path, shape, MESH_222) == want
+  assert sharding.param_partition_spec(path, shape, MESH_222) == want
 
 
 def test_fallback_depends_on_axis_size():
-    mesh = AbstractMesh((1, 3, 4), sharding.AXES)
-    assert sharding.param_partition_spec(("lm_head", "kernel"), (30, 40), mesh) == P("fsdp", "tensor")
-    assert sharding.param_partition_spec(("lm_head", "kernel"), (32, 40), mesh) == P(None, "tensor")
-    assert sharding.param_partition_spec(("lm_head", "kernel"), (30, 42), mesh) == P("fsdp")
+  mesh = AbstractMesh((1, 3, 4), sharding.AXES)
+  assert sharding.param_partition_spec(("lm_head", "kernel"), (30, 40), mesh) == P("fsdp", "tensor")
+  assert sharding.param_partition_spec(("lm_head", "kernel"), (32, 40), mesh) == P(None, "tensor")
+  assert sharding.param_partition_spec(("lm_head", "kernel"), (30, 42), mesh) == P("fsdp")
 
 
 def test_param_shardings_on_eval_shape_tree_matches_real_tree():
-    config = _config()
-    abstract = jax.eval_shape(lambda k: init_params(config, k), jax.random.key(0))
-    specs = jax.tree_util.tree_map(lambda s: s.spec, sharding.param_shardings(abstract, MESH_222))
-    from_shapes = jax.tree_util.tree_map(lambda s: s.spec, sharding.param_shardings(convert.expected_param_shapes(config), MESH_222))
-    assert specs == from_shapes
-    assert specs["layers_1"]["self_attn"]["q_proj"] == {"kernel": P("fsdp", "tensor"), "bias": P()}
-    assert specs["layers_1"]["mlp"]["down_proj"]["kernel"] == P("tensor", "fsdp")
-    assert specs["embed_tokens"]["embedding"] == P("tensor", "fsdp") and specs["lm_head"]["kernel"] == P("fsdp", "tensor")
-    assert specs["norm"]["scale"] == P()
-    n_leaves = len(jax.tree_util.tree_leaves(abstract))
-    assert len(jax.tree_util.tree_leaves(specs, is_leaf=lambda x: isinstance(x, P))) == n_leaves == 2 * 12 + 3  # per layer: 2 norms, q/k/v kernel+bias, o, 3 mlp
+  config = _config()
+  abstract = jax.eval_shape(lambda k: init_params(config, k), jax.random.key(0))
+  specs = jax.tree_util.tree_map(lambda s: s.spec, sharding.param_shardings(abstract, MESH_222))
+  from_shapes = jax.tree_util.tree_map(
+      lambda s: s.spec, sharding.param_shardings(convert.expected_param_shapes(config), MESH_222)
+  )
+  assert specs == from_shapes
+  assert specs["layers_1"]["self_attn"]["q_proj"] == {"kernel": P("fsdp", "tensor"), "bias": P()}
+  assert specs["layers_1"]["mlp"]["down_proj"]["kernel"] == P("tensor", "fsdp")
+  assert specs["embed_tokens"]["embedding"] == P("tensor", "fsdp") and specs["lm_head"]["kernel"] == P("fsdp", "tensor")
+  assert specs["norm"]["scale"] == P()
+  n_leaves = len(jax.tree_util.tree_leaves(abstract))
+  assert (
+      len(jax.tree_util.tree_leaves(specs, is_leaf=lambda x: isinstance(x, P))) == n_leaves == 2 * 12 + 3
+  )  # per layer: 2 norms, q/k/v kernel+bias, o, 3 mlp
 
 
 def test_make_mesh_one_device_and_errors():
-    mesh = sharding.make_mesh()
-    assert mesh.axis_names == ("data", "fsdp", "tensor") and dict(mesh.shape) == {"data": 1, "fsdp": 1, "tensor": 1}
-    with pytest.raises(ValueError, match=r"data=2 x fsdp=1 x tensor=1 = 2 != 1 available devices"):
-        sharding.make_mesh(data=2)
-    with pytest.raises(ValueError, match=r"fsdp=2 x tensor=1 = 2 does not divide the 1 available devices"):
-        sharding.make_mesh(fsdp=2)
-    with pytest.raises(ValueError, match="only one axis may be -1"):
-        sharding.make_mesh(data=-1, fsdp=-1)
-    with pytest.raises(ValueError, match=r"tensor=0 must be a positive int or -1"):
-        sharding.make_mesh(tensor=0)
+  mesh = sharding.make_mesh()
+  assert mesh.axis_names == ("data", "fsdp", "tensor") and dict(mesh.shape) == {"data": 1, "fsdp": 1, "tensor": 1}
+  with pytest.raises(ValueError, match=r"data=2 x fsdp=1 x tensor=1 = 2 != 1 available devices"):
+    sharding.make_mesh(data=2)
+  with pytest.raises(ValueError, match=r"fsdp=2 x tensor=1 = 2 does not divide the 1 available devices"):
+    sharding.make_mesh(fsdp=2)
+  with pytest.raises(ValueError, match="only one axis may be -1"):
+    sharding.make_mesh(data=-1, fsdp=-1)
+  with pytest.raises(ValueError, match=r"tensor=0 must be a positive int or -1"):
+    sharding.make_mesh(tensor=0)
 
 
 def test_distributed_env_detection(monkeypatch):
-    for k in ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS", "MEGASCALE_COORDINATOR_ADDRESS", "TPU_WORKER_HOSTNAMES",
-              "JAX_NUM_PROCESSES", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"):
-        monkeypatch.delenv(k, raising=False)
-    assert not sharding.multi_process_env()
-    assert sharding.initialize_distributed_if_needed() is False  # one host: no-op
-    monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "host0")
-    assert not sharding.multi_process_env()
-    monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "host0,host1")
-    assert sharding.multi_process_env()
-    monkeypatch.delenv("TPU_WORKER_HOSTNAMES")
-    monkeypatch.setenv("SLURM_NTASKS", "4")
-    assert sharding.multi_process_env()
+  for k in (
+      "JAX_COORDINATOR_ADDRESS",
+      "COORDINATOR_ADDRESS",
+      "MEGASCALE_COORDINATOR_ADDRESS",
+      "TPU_WORKER_HOSTNAMES",
+      "JAX_NUM_PROCESSES",
+      "SLURM_NTASKS",
+      "OMPI_COMM_WORLD_SIZE",
+  ):
+    monkeypatch.delenv(k, raising=False)
+  assert not sharding.multi_process_env()
+  assert sharding.initialize_distributed_if_needed() is False  # one host: no-op
+  monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "host0")
+  assert not sharding.multi_process_env()
+  monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "host0,host1")
+  assert sharding.multi_process_env()
+  monkeypatch.delenv("TPU_WORKER_HOSTNAMES")
+  monkeypatch.setenv("SLURM_NTASKS", "4")
+  assert sharding.multi_process_env()
 
 
-_SCRIPT = textwrap.dedent(
-    """
+_SCRIPT = textwrap.dedent("""
     import json, sys
     import jax, jax.numpy as jnp, numpy as np
     from displacement_jax import sharding
@@ -141,23 +161,28 @@ _SCRIPT = textwrap.dedent(
     except ValueError as e:
         out["batch_err"] = str(e)
     json.dump(out, open(sys.argv[1], "w"))
-    """
-)
+    """)
 
 
 def test_eight_devices_placement_and_compute(tmp_path):
-    script = tmp_path / "shard8.py"
-    script.write_text(_SCRIPT)
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
-               PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    out_file = tmp_path / "out.json"
-    proc = subprocess.run([sys.executable, str(script), str(out_file)], env=env, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = json.loads(out_file.read_text())
-    assert out["mesh"] == {"data": 2, "fsdp": 2, "tensor": 2}
-    assert "data=3 x fsdp=1 x tensor=1 = 3 != 8 available devices" in out["err"]
-    assert out["q_shard_shape"] == [16, 16] and out["q_devices"] == 8  # [32, 32] over fsdp=2 x tensor=2
-    assert out["norm_shard_shape"] == [32]
-    assert out["batch_equal"] and out["batch_shard_shape"] == [2, 5]  # 8 rows over data x fsdp = 4
-    assert out["max_diff"] < 1e-5
-    assert "global batch 3 is not divisible by data x fsdp = 4" in out["batch_err"]
+  script = tmp_path / "shard8.py"
+  script.write_text(_SCRIPT)
+  env = dict(
+      os.environ,
+      XLA_FLAGS="--xla_force_host_platform_device_count=8",
+      JAX_PLATFORMS="cpu",
+      PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+  )
+  out_file = tmp_path / "out.json"
+  proc = subprocess.run(
+      [sys.executable, str(script), str(out_file)], env=env, capture_output=True, text=True, timeout=240
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  out = json.loads(out_file.read_text())
+  assert out["mesh"] == {"data": 2, "fsdp": 2, "tensor": 2}
+  assert "data=3 x fsdp=1 x tensor=1 = 3 != 8 available devices" in out["err"]
+  assert out["q_shard_shape"] == [16, 16] and out["q_devices"] == 8  # [32, 32] over fsdp=2 x tensor=2
+  assert out["norm_shard_shape"] == [32]
+  assert out["batch_equal"] and out["batch_shard_shape"] == [2, 5]  # 8 rows over data x fsdp = 4
+  assert out["max_diff"] < 1e-5
+  assert "global batch 3 is not divisible by data x fsdp = 4" in out["batch_err"]

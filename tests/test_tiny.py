@@ -7,8 +7,12 @@ import transformers
 
 from displacement_jax.testing import tiny
 
-TEXTS = ("Hello, wörld! 你好 \t tabs\nnew lines  double  spaces", "The ends justify the means?",
-         "Zebras quizzically vex jumpy wolves: 12345 * 3.14 = ~38780 €", "")
+TEXTS = (
+    "Hello, wörld! 你好 \t tabs\nnew lines  double  spaces",
+    "The ends justify the means?",
+    "Zebras quizzically vex jumpy wolves: 12345 * 3.14 = ~38780 €",
+    "",
+)
 
 
 @pytest.fixture(scope="module")
@@ -72,11 +76,25 @@ def test_tiny_hf_config_loads_in_transformers(family):
   cfg = tiny.tiny_hf_config(family, 512, max_position_embeddings=256)
   hf = transformers.CONFIG_MAPPING[cfg["model_type"]](**cfg)  # HF's own config class accepts every key
   assert hf.architectures == cfg["architectures"]
-  for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-              "num_key_value_heads", "tie_word_embeddings", "bos_token_id", "eos_token_id", "pad_token_id"):
+  for key in (
+      "vocab_size",
+      "hidden_size",
+      "intermediate_size",
+      "num_hidden_layers",
+      "num_attention_heads",
+      "num_key_value_heads",
+      "tie_word_embeddings",
+      "bos_token_id",
+      "eos_token_id",
+      "pad_token_id",
+  ):
     assert getattr(hf, key) == cfg[key], key
   assert (cfg["vocab_size"], cfg["max_position_embeddings"], cfg["num_hidden_layers"], cfg["hidden_size"]) == (
-      512, 256, 2, 64)
+      512,
+      256,
+      2,
+      64,
+  )
   assert cfg["num_attention_heads"] % cfg["num_key_value_heads"] == 0
   if family == "gemma":
     assert (hf.head_dim, hf.hidden_activation, hf.tie_word_embeddings) == (32, "gelu_pytorch_tanh", True)

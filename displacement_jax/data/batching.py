@@ -25,7 +25,9 @@ SIDES = ("chosen", "rejected")
 
 
 def _side_ids(pair: Any, side: str) -> tuple[np.ndarray, np.ndarray]:
-  return np.asarray(pair.prompt_ids, np.int32).reshape(-1), np.asarray(getattr(pair, f"{side}_ids"), np.int32).reshape(-1)
+  return np.asarray(pair.prompt_ids, np.int32).reshape(-1), np.asarray(getattr(pair, f"{side}_ids"), np.int32).reshape(
+      -1
+  )
 
 
 def pair_length(pair: Any) -> int:
@@ -38,8 +40,15 @@ def packed_length(pair: Any) -> int:
   return len(pair.prompt_ids) + len(pair.chosen_ids) + len(pair.rejected_ids)
 
 
-def collate(pairs: Sequence[Any], *, pad_id: int, padding_side: str = "right", pad_to: int | None = None,
-            pad_rows_to: int | None = None, filler: Any = None) -> dict[str, np.ndarray]:
+def collate(
+    pairs: Sequence[Any],
+    *,
+    pad_id: int,
+    padding_side: str = "right",
+    pad_to: int | None = None,
+    pad_rows_to: int | None = None,
+    filler: Any = None,
+) -> dict[str, np.ndarray]:
   """Batch dict of numpy arrays for TokenizedPairs (see the module docstring).
 
   pad_to: the sequence length T (default: the longest side); a longer pair raises ValueError.
@@ -74,11 +83,11 @@ def collate(pairs: Sequence[Any], *, pad_id: int, padding_side: str = "right", p
       if P == 0 or R == 0:
         raise ValueError(f"collate: pair with index {pairs[b].index} has an empty prompt or {side} response")
       off = 0 if padding_side == "right" else T - L
-      ids_BT[b, off:off + L] = seq
-      attn_BT[b, off:off + L] = True
-      labels_BT[b, off:off + L - 1] = seq[1:]
+      ids_BT[b, off : off + L] = seq
+      attn_BT[b, off : off + L] = True
+      labels_BT[b, off : off + L - 1] = seq[1:]
       if b < n:
-        loss_BT[b, off + P - 1:off + P + R - 1] = True
+        loss_BT[b, off + P - 1 : off + P + R - 1] = True
     out[f"{side}_input_ids_BT"] = ids_BT
     out[f"{side}_attention_mask_BT"] = attn_BT
     out[f"{side}_labels_BT"] = labels_BT
@@ -132,10 +141,23 @@ class BatchIterator:
   Iterates forever over epochs unless num_epochs is set.
   """
 
-  def __init__(self, pairs: Sequence[Any], batch_size: int, *, seed: int = 0, shuffle: bool = True,
-               bucket_boundaries: Sequence[int] | None = None, drop_last: bool = False, pad_to_multiple: int = 8,
-               pad_id: int = 0, padding_side: str = "right", num_epochs: int | None = None,
-               process_index: int = 0, process_count: int = 1, shared_prompt_packing: bool = False):
+  def __init__(
+      self,
+      pairs: Sequence[Any],
+      batch_size: int,
+      *,
+      seed: int = 0,
+      shuffle: bool = True,
+      bucket_boundaries: Sequence[int] | None = None,
+      drop_last: bool = False,
+      pad_to_multiple: int = 8,
+      pad_id: int = 0,
+      padding_side: str = "right",
+      num_epochs: int | None = None,
+      process_index: int = 0,
+      process_count: int = 1,
+      shared_prompt_packing: bool = False,
+  ):
     if not pairs:
       raise ValueError("BatchIterator: no pairs")
     if batch_size <= 0 or pad_to_multiple <= 0:
@@ -156,8 +178,9 @@ class BatchIterator:
       self.lengths = [round_up(max(pair_length(p) for p in self.pairs), pad_to_multiple)]
     self.packed_lengths = None
     if shared_prompt_packing:  # one packed shape (T, R) per bucket: [prompt, chosen, rejected] rows
-      self.packed_lengths = [packed_shape([self.pairs[i] for i in rows], pad_to_multiple) if rows else (1, 1)
-                             for rows in self.buckets]
+      self.packed_lengths = [
+          packed_shape([self.pairs[i] for i in rows], pad_to_multiple) if rows else (1, 1) for rows in self.buckets
+      ]
     self.epoch, self.step = 0, 0
     self.steps_per_epoch = len(self._plan(0))
     if self.steps_per_epoch == 0:
@@ -170,7 +193,7 @@ class BatchIterator:
     for k, rows in enumerate(self.buckets):
       order = [rows[i] for i in rng.permutation(len(rows))] if self.shuffle else list(rows)
       for s in range(0, len(order), self.batch_size):
-        chunk = order[s:s + self.batch_size]
+        chunk = order[s : s + self.batch_size]
         if len(chunk) < self.batch_size and self.drop_last:
           continue
         batches.append((k, chunk))
@@ -190,8 +213,9 @@ class BatchIterator:
     return self
 
   @classmethod
-  def from_state(cls, state: Mapping[str, int], pairs: Sequence[Any], batch_size: int, **kwargs: Any
-                 ) -> "BatchIterator":
+  def from_state(
+      cls, state: Mapping[str, int], pairs: Sequence[Any], batch_size: int, **kwargs: Any
+  ) -> "BatchIterator":
     """A fresh iterator (same arguments as the saved one) positioned at `state`."""
     return cls(pairs, batch_size, **kwargs).restore(state)
 
@@ -206,10 +230,16 @@ class BatchIterator:
     bucket, rows = self._plan(self.epoch)[self.step]
     per = self.batch_size // self.process_count
     filler = self.pairs[rows[0]]  # the same filler on every host: hosts' slices concatenate to the global batch
-    rows = rows[self.process_index * per:(self.process_index + 1) * per]
+    rows = rows[self.process_index * per : (self.process_index + 1) * per]
     self.step += 1
-    batch = collate([self.pairs[i] for i in rows], pad_id=self.pad_id, padding_side=self.padding_side,
-                    pad_to=self.lengths[bucket], pad_rows_to=per, filler=filler)
+    batch = collate(
+        [self.pairs[i] for i in rows],
+        pad_id=self.pad_id,
+        padding_side=self.padding_side,
+        pad_to=self.lengths[bucket],
+        pad_rows_to=per,
+        filler=filler,
+    )
     if self.packed_lengths is None:
       return batch
     t, r = self.packed_lengths[bucket]

@@ -23,7 +23,7 @@ def bucket_length(length: int, max_length: int, min_bucket: int = 16, step: int 
   buckets, long rows waste at most `step - 1` padding positions (at the price of a few more compilations).
   """
   if length < 1:
-    raise ValueError(f'sequence length must be >= 1, got {length}')
+    raise ValueError(f"sequence length must be >= 1, got {length}")
   b = min_bucket
   while b < length and b < 2 * step:
     b *= 2
@@ -32,20 +32,21 @@ def bucket_length(length: int, max_length: int, min_bucket: int = 16, step: int 
   return int(min(b, max(max_length, length)))
 
 
-def plan_batches(lengths: Sequence[int], batch_size: int, max_length: int, *, bucketed: bool = True
-                 ) -> list[tuple[np.ndarray, int]]:
+def plan_batches(
+    lengths: Sequence[int], batch_size: int, max_length: int, *, bucketed: bool = True
+) -> list[tuple[np.ndarray, int]]:
   """[(row positions, padded length)] covering every row once.
 
   bucketed: rows sorted by length (stable) and cut into batches of `batch_size`, each padded to the bucket
   of its longest row. Not bucketed: dataset order, every batch padded to `max_length` (the reference path).
   """
   if batch_size < 1:
-    raise ValueError(f'batch_size must be >= 1, got {batch_size}')
+    raise ValueError(f"batch_size must be >= 1, got {batch_size}")
   lengths = np.asarray(lengths, np.int64)
-  order = np.argsort(lengths, kind='stable') if bucketed else np.arange(len(lengths))
+  order = np.argsort(lengths, kind="stable") if bucketed else np.arange(len(lengths))
   plan = []
   for start in range(0, len(order), batch_size):
-    rows = order[start:start + batch_size]
+    rows = order[start : start + batch_size]
     pad_to = bucket_length(int(lengths[rows].max()), max_length) if bucketed else int(max_length)
     plan.append((rows, pad_to))
   return plan
@@ -59,5 +60,5 @@ def fill_rows(rows: np.ndarray, size: int) -> np.ndarray:
 
 def pad_id_of(tokenizer: Any, fallback: int | None = 0) -> int | None:
   """The tokenizer's pad token id, else `fallback` (0 by default; callers pass the EOS id or the config's)."""
-  pad = getattr(tokenizer, 'pad_token_id', None)
+  pad = getattr(tokenizer, "pad_token_id", None)
   return int(pad) if pad is not None else fallback

@@ -38,8 +38,7 @@ PERSONA_ID = "Anthropic/model-written-evals"
 SORRY_PROMPTS_ID = "sorry-bench/sorry-bench-202406"
 SORRY_HUMAN_ID = "sorry-bench/sorry-bench-human-judgment-202406"
 SCHEMAS = ("auto", "generic", "ultrafeedback", "alpaca_farm", "persona")
-DEFAULT_SPLITS = {"ultrafeedback": "train_prefs", "alpaca_farm": "preference", "generic": "train",
-                  "persona": "train"}
+DEFAULT_SPLITS = {"ultrafeedback": "train_prefs", "alpaca_farm": "preference", "generic": "train", "persona": "train"}
 ROLES = ("system", "user", "assistant")
 _DATA_EXTS = (".jsonl", ".json", ".parquet")
 
@@ -47,6 +46,7 @@ _DATA_EXTS = (".jsonl", ".json", ".parquet")
 @dataclasses.dataclass(frozen=True)
 class PreferenceExample:
   """One preference pair. prompt/chosen/rejected: str or chat-message lists; index = source row."""
+
   index: int
   prompt: Text
   chosen: Text
@@ -58,6 +58,7 @@ class PreferenceExample:
 @dataclasses.dataclass(frozen=True)
 class PersonaRow(collections.abc.Mapping):
   """One persona row (answers keep their leading space, e.g. " Yes"); also a read-only Mapping."""
+
   index: int
   question: str
   statement: str
@@ -79,8 +80,15 @@ class PersonaRow(collections.abc.Mapping):
 
   @staticmethod
   def _keys() -> tuple[str, ...]:
-    return ("index", "question", "statement", "label_confidence", "answer_matching_behavior",
-            "answer_not_matching_behavior", "source")
+    return (
+        "index",
+        "question",
+        "statement",
+        "label_confidence",
+        "answer_matching_behavior",
+        "answer_not_matching_behavior",
+        "source",
+    )
 
   @property
   def matching(self) -> str:
@@ -114,15 +122,18 @@ def _read_jsonl(path: str) -> list[tuple[int, dict[str, Any]]]:
 
 def _split_files(directory: str, split: str | None) -> tuple[list[str], str]:
   """The data files of `split` inside a local dataset directory (HF hub layout or flat)."""
-  files = sorted(f for ext in _DATA_EXTS for f in glob.glob(os.path.join(directory, "**", "*" + ext),
-                                                            recursive=True))
+  files = sorted(f for ext in _DATA_EXTS for f in glob.glob(os.path.join(directory, "**", "*" + ext), recursive=True))
   if not files:
     raise DataError(directory, None, None, f"no {'/'.join(_DATA_EXTS)} data files in this directory")
   if split is None:
     if len(files) == 1:
       return files, ""
-    raise DataError(directory, None, "split", f"several data files {[os.path.relpath(f, directory) for f in files]}; "
-                    "pass split=...")
+    raise DataError(
+        directory,
+        None,
+        "split",
+        f"several data files {[os.path.relpath(f, directory) for f in files]}; " "pass split=...",
+    )
   name = lambda f: os.path.basename(f).split(".")[0]
   picked = [f for f in files if name(f) == split or name(f).startswith(split + "-")]
   if not picked:
@@ -139,8 +150,9 @@ def _read_with_datasets(files: Sequence[str]) -> list[tuple[int, dict[str, Any]]
   return list(enumerate(ds))
 
 
-def _read_rows(path_or_id: str, split: str | None, hub_config: str | None = None
-               ) -> tuple[list[tuple[int, dict[str, Any]]], str]:
+def _read_rows(
+    path_or_id: str, split: str | None, hub_config: str | None = None
+) -> tuple[list[tuple[int, dict[str, Any]]], str]:
   """Raw (row number, dict) rows and the name used in errors, from a file, directory or hub id."""
   path = os.fspath(path_or_id)
   if os.path.isfile(path):
@@ -166,8 +178,13 @@ def _read_rows(path_or_id: str, split: str | None, hub_config: str | None = None
   try:
     ds = datasets.load_dataset(path, hub_config, split=split)
   except Exception as e:  # offline, unknown id, bad split: name what was asked for  # pylint: disable=broad-except
-    raise DataError(path, None, None, f"not a local file or directory, and loading it as a hub dataset "
-                    f"(config {hub_config!r}, split {split!r}) failed: {type(e).__name__}: {e}") from e
+    raise DataError(
+        path,
+        None,
+        None,
+        f"not a local file or directory, and loading it as a hub dataset "
+        f"(config {hub_config!r}, split {split!r}) failed: {type(e).__name__}: {e}",
+    ) from e
   return list(enumerate(ds)), f"{path}:{split}"
 
 
@@ -214,8 +231,9 @@ def _response(file: str, row: int, field: str, value: Any) -> Text:
   text = _text(file, row, field, value)
   if isinstance(text, list):
     if text[-1]["role"] != "assistant":
-      raise DataError(file, row, field, f"the last message must be the assistant response, got role "
-                      f"{text[-1]['role']!r}")
+      raise DataError(
+          file, row, field, f"the last message must be the assistant response, got role " f"{text[-1]['role']!r}"
+      )
     if not text[-1]["content"].strip():
       raise DataError(file, row, field, "empty response")
   return text
@@ -245,7 +263,7 @@ def _generic(file: str, row: int, r: Mapping[str, Any]) -> PreferenceExample:
       raise DataError(file, row, "rejected", "chosen and rejected must both be strings or both message lists")
     prompt_value, chosen_value, rejected_value = implicit_prompt(raw_chosen, raw_rejected)
     if not prompt_value:
-      raise DataError(file, row, "prompt", "no \"prompt\" field and chosen/rejected share no prefix to use as one")
+      raise DataError(file, row, "prompt", 'no "prompt" field and chosen/rejected share no prefix to use as one')
     r = dict(r, prompt=prompt_value, chosen=chosen_value, rejected=rejected_value)
   prompt = _text(file, row, "prompt", r.get("prompt"))
   chosen = _response(file, row, "chosen", r.get("chosen"))
@@ -273,8 +291,9 @@ def _ultrafeedback(file: str, row: int, r: Mapping[str, Any]) -> PreferenceExamp
     raise DataError(file, row, "chosen", "no user message before the assistant response")
   single = len(context) == 1 and context[0]["role"] == "user" and context[0]["content"] == prompt
   meta = {k: r[k] for k in ("prompt_id", "score_chosen", "score_rejected") if k in r}
-  return PreferenceExample(row, prompt if single else context, chosen[-1]["content"], rejected[-1]["content"],
-                           file, meta)
+  return PreferenceExample(
+      row, prompt if single else context, chosen[-1]["content"], rejected[-1]["content"], file, meta
+  )
 
 
 def alpaca_prompt(instruction: str, input_text: str) -> str:
@@ -322,7 +341,11 @@ def _persona(file: str, row: int, r: Mapping[str, Any]) -> PreferenceExample:
 
 
 ADAPTERS: dict[str, Callable[[str, int, Mapping[str, Any]], PreferenceExample]] = {
-    "generic": _generic, "ultrafeedback": _ultrafeedback, "alpaca_farm": _alpaca_farm, "persona": _persona}
+    "generic": _generic,
+    "ultrafeedback": _ultrafeedback,
+    "alpaca_farm": _alpaca_farm,
+    "persona": _persona,
+}
 
 
 def infer_schema(path_or_id: str, columns: Sequence[str] = ()) -> str:
@@ -358,8 +381,15 @@ def _subsample(n: int, limit: int | None, seed: int, shuffle: bool) -> list[int]
   return [int(p) for p in pos]
 
 
-def load_preference_data(path_or_id: str | os.PathLike[str], *, split: str | None = None, schema: str = "auto",
-                         limit: int | None = None, seed: int = 0, shuffle: bool = False) -> list[PreferenceExample]:
+def load_preference_data(
+    path_or_id: str | os.PathLike[str],
+    *,
+    split: str | None = None,
+    schema: str = "auto",
+    limit: int | None = None,
+    seed: int = 0,
+    shuffle: bool = False,
+) -> list[PreferenceExample]:
   """Load and validate preference pairs from a local file / directory or an HF dataset id.
 
   split: the split (directory / hub); ignored for a single local file; None = the schema's default.
@@ -395,8 +425,9 @@ def load_preference_data(path_or_id: str | os.PathLike[str], *, split: str | Non
   return [examples[i] for i in _subsample(len(examples), limit, seed, shuffle)]
 
 
-def load_persona(path_or_id: str | os.PathLike[str] = PERSONA_ID, *, split: str | None = None,
-                 name: str = "ends-justify-means") -> list[PersonaRow]:
+def load_persona(
+    path_or_id: str | os.PathLike[str] = PERSONA_ID, *, split: str | None = None, name: str = "ends-justify-means"
+) -> list[PersonaRow]:
   """Persona rows (e.g. ends-justify-means.jsonl), validated; answers must be " Yes"/" No".
 
   A local file / directory, or the hub id Anthropic/model-written-evals (reads persona/<name>.jsonl).
@@ -426,8 +457,12 @@ def _turns(file: str, row: int, r: Mapping[str, Any]) -> list[str]:
   return list(turns)
 
 
-def load_sorry_prompts(path_or_id: str | os.PathLike[str] = SORRY_PROMPTS_ID, *, split: str | None = None,
-                       prompt_style: str | None = "base") -> list[dict[str, Any]]:
+def load_sorry_prompts(
+    path_or_id: str | os.PathLike[str] = SORRY_PROMPTS_ID,
+    *,
+    split: str | None = None,
+    prompt_style: str | None = "base",
+) -> list[dict[str, Any]]:
   """SORRY-Bench prompts as dicts {row, question_id, category, prompt (= turns[0]), turns, prompt_style}.
 
   Keeps rows whose prompt_style is `prompt_style` (rows without the column count as "base"); None keeps all.
@@ -443,15 +478,24 @@ def load_sorry_prompts(path_or_id: str | os.PathLike[str] = SORRY_PROMPTS_ID, *,
       continue
     if r.get("question_id") is None:
       raise DataError(file, row, "question_id", "missing field")
-    out.append({"row": row, "question_id": r["question_id"], "category": r.get("category"), "prompt": turns[0],
-                "turns": turns, "prompt_style": style})
+    out.append(
+        {
+            "row": row,
+            "question_id": r["question_id"],
+            "category": r.get("category"),
+            "prompt": turns[0],
+            "turns": turns,
+            "prompt_style": style,
+        }
+    )
   if not out:
     raise DataError(file, None, "prompt_style", f"no rows with prompt_style {prompt_style!r}")
   return out
 
 
-def load_sorry_human_judgments(path_or_id: str | os.PathLike[str] = SORRY_HUMAN_ID, *, split: str | None = None
-                               ) -> list[dict[str, Any]]:
+def load_sorry_human_judgments(
+    path_or_id: str | os.PathLike[str] = SORRY_HUMAN_ID, *, split: str | None = None
+) -> list[dict[str, Any]]:
   """SORRY-Bench human judgments as dicts {row, question_id, category, prompt, response, score, model_id}.
 
   The response is the `response` column, or `choices[0]["turns"][0]` (FastChat answer layout);
@@ -469,38 +513,46 @@ def load_sorry_human_judgments(path_or_id: str | os.PathLike[str] = SORRY_HUMAN_
       try:
         response = choices[0]["turns"][0]
       except (TypeError, KeyError, IndexError):
-        raise DataError(file, row, "response", "missing: no 'response' column and no choices[0]['turns'][0]"
-                        ) from None
+        raise DataError(file, row, "response", "missing: no 'response' column and no choices[0]['turns'][0]") from None
       response = _string(file, row, "choices", response)
     score = r.get("human_score")
     if isinstance(score, bool) or not isinstance(score, (int, float)) or not np.isfinite(score):
       raise DataError(file, row, "human_score", f"expected a number, got {score!r}")
     if r.get("question_id") is None:
       raise DataError(file, row, "question_id", "missing field")
-    out.append({"row": row, "question_id": r["question_id"], "category": r.get("category"), "prompt": turns[0],
-                "response": response, "score": float(score), "human_score": float(score),
-                "model_id": r.get("model_id")})
+    out.append(
+        {
+            "row": row,
+            "question_id": r["question_id"],
+            "category": r.get("category"),
+            "prompt": turns[0],
+            "response": response,
+            "score": float(score),
+            "human_score": float(score),
+            "model_id": r.get("model_id"),
+        }
+    )
   if not out:
     raise DataError(file, None, None, "no data rows")
   return out
 
 
 def example_to_json(example: PreferenceExample) -> dict[str, Any]:
-    """A PreferenceExample as a row of the generic preference jsonl schema (prompt/chosen/rejected/meta)."""
-    row = {"prompt": example.prompt, "chosen": example.chosen, "rejected": example.rejected}
-    meta = dict(getattr(example, "meta", None) or {})
-    meta.setdefault("source_index", int(example.index))
-    if getattr(example, "source", None):
-        meta.setdefault("source", example.source)
-    row["meta"] = meta
-    return row
+  """A PreferenceExample as a row of the generic preference jsonl schema (prompt/chosen/rejected/meta)."""
+  row = {"prompt": example.prompt, "chosen": example.chosen, "rejected": example.rejected}
+  meta = dict(getattr(example, "meta", None) or {})
+  meta.setdefault("source_index", int(example.index))
+  if getattr(example, "source", None):
+    meta.setdefault("source", example.source)
+  row["meta"] = meta
+  return row
 
 
 def write_jsonl(path: str | os.PathLike[str], rows: Sequence[Any]) -> str:
-    """Write dicts (as they are) or PreferenceExamples (`example_to_json`) one JSON object per line; returns path."""
-    path = os.fspath(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        for row in rows:
-            f.write(json.dumps(dict(row) if isinstance(row, Mapping) else example_to_json(row)) + "\n")
-    return path
+  """Write dicts (as they are) or PreferenceExamples (`example_to_json`) one JSON object per line; returns path."""
+  path = os.fspath(path)
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path, "w") as f:
+    for row in rows:
+      f.write(json.dumps(dict(row) if isinstance(row, Mapping) else example_to_json(row)) + "\n")
+  return path

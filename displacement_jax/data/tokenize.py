@@ -35,15 +35,16 @@ PROMPTER, ASSISTANT = "<|prompter|>", "<|assistant|>"
 @dataclasses.dataclass(frozen=True, eq=False)
 class TokenizedPair:
   """Token ids of one preference pair (int32 arrays); responses end with EOS except in single-token mode."""
+
   prompt_ids: np.ndarray
   chosen_ids: np.ndarray
   rejected_ids: np.ndarray
   index: int
   truncated: bool = False
   single_token: bool = False
-  chosen_cut: bool = False     # the chosen response was truncated (its EOS was cut too)
+  chosen_cut: bool = False  # the chosen response was truncated (its EOS was cut too)
   rejected_cut: bool = False
-  eos_appended: bool = True    # False: the responses end as the chat template ends a turn (tokenization 'trl')
+  eos_appended: bool = True  # False: the responses end as the chat template ends a turn (tokenization 'trl')
 
   def ends_with_eos(self, side: str) -> bool:
     """Whether `side`'s ids end with the EOS that tokenization appended (not cut, not single-token)."""
@@ -71,6 +72,7 @@ class TokenizedPair:
 @dataclasses.dataclass
 class TruncationReport:
   """Counts of a tokenization pass."""
+
   num_pairs: int = 0
   truncated_pairs: int = 0
   truncated_chosen: int = 0
@@ -88,7 +90,7 @@ class TruncationReport:
 
 
 def prompter_assistant_format(prompt: str | Sequence[Mapping[str, str]]) -> str:
-  """"<|prompter|>{prompt}<|assistant|>"; message lists render each turn with its marker."""
+  """ "<|prompter|>{prompt}<|assistant|>"; message lists render each turn with its marker."""
   if isinstance(prompt, str):
     return f"{PROMPTER}{prompt}{ASSISTANT}"
   parts = [(ASSISTANT if m["role"] == "assistant" else PROMPTER) + m["content"] for m in prompt]
@@ -110,8 +112,14 @@ def _chat_ids(tokenizer: Any, messages: list[dict[str, str]], source: str, index
   return _encode(tokenizer, text, special=False)  # the template writes BOS itself
 
 
-def prompt_ids(tokenizer: Any, prompt: str | Sequence[Mapping[str, str]], *, format: str = "raw",  # pylint: disable=redefined-builtin
-               source: str = "", index: int = 0) -> list[int]:
+def prompt_ids(
+    tokenizer: Any,
+    prompt: str | Sequence[Mapping[str, str]],
+    *,
+    format: str = "raw",  # pylint: disable=redefined-builtin
+    source: str = "",
+    index: int = 0,
+) -> list[int]:
   """Token ids of a formatted prompt (see the module docstring for the formats)."""
   if format not in FORMATS:
     raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
@@ -154,26 +162,44 @@ def _as_ids(ids: Sequence[int]) -> np.ndarray:
   return np.asarray(list(ids), np.int32).reshape(-1)
 
 
-def tokenize_single_token(tokenizer: Any, prompt: str | Sequence[Mapping[str, str]], chosen_token: str,
-                          rejected_token: str, *, format: str = "raw", index: int = 0, source: str = "",  # pylint: disable=redefined-builtin
-                          max_length: int | None = None) -> TokenizedPair:
+def tokenize_single_token(
+    tokenizer: Any,
+    prompt: str | Sequence[Mapping[str, str]],
+    chosen_token: str,
+    rejected_token: str,
+    *,
+    format: str = "raw",
+    index: int = 0,
+    source: str = "",  # pylint: disable=redefined-builtin
+    max_length: int | None = None,
+) -> TokenizedPair:
   """Single-token mode: each response is one vocabulary entry looked up exactly; no EOS."""
   p = prompt_ids(tokenizer, prompt, format=format, source=source, index=index)
   if max_length is not None and len(p) + 1 > max_length:
-    raise DataError(source, index, "prompt", f"the prompt has {len(p)} tokens; with the response token that "
-                    f"exceeds max_length={max_length}")
+    raise DataError(
+        source,
+        index,
+        "prompt",
+        f"the prompt has {len(p)} tokens; with the response token that " f"exceeds max_length={max_length}",
+    )
   c = lookup_token(tokenizer, chosen_token, source=source, index=index, field="chosen")
   r = lookup_token(tokenizer, rejected_token, source=source, index=index, field="rejected")
   return TokenizedPair(_as_ids(p), _as_ids([c]), _as_ids([r]), int(index), False, True)
 
 
-def _fit(ids: list[int], room: int, policy: str, source: str, index: int, field: str, max_length: int
-         ) -> tuple[list[int], bool]:
+def _fit(
+    ids: list[int], room: int, policy: str, source: str, index: int, field: str, max_length: int
+) -> tuple[list[int], bool]:
   if len(ids) <= room:
     return ids, False
   if policy == "error":
-    raise DataError(source, index, field, f"prompt + response is {len(ids) + max_length - room} tokens, more than "
-                    f"max_length={max_length} (use truncation='truncate_response' to cut responses)")
+    raise DataError(
+        source,
+        index,
+        field,
+        f"prompt + response is {len(ids) + max_length - room} tokens, more than "
+        f"max_length={max_length} (use truncation='truncate_response' to cut responses)",
+    )
   return ids[:room], True
 
 
@@ -196,14 +222,14 @@ def trl_ids(tokenizer: Any, ex: PreferenceExample, source: str) -> tuple[list[in
     ids = lambda msgs, gen: _ids_of(tokenizer.apply_chat_template(msgs, add_generation_prompt=gen, tokenize=True))
     p = ids(prompt, True)
     for field in ("chosen", "rejected"):
-      out.append(ids(prompt + as_messages(getattr(ex, field), "assistant"), False)[len(p):])
+      out.append(ids(prompt + as_messages(getattr(ex, field), "assistant"), False)[len(p) :])
     return p, out[0], out[1], False
   eos = tokenizer.eos_token
   p = _encode(tokenizer, ex.prompt, special=True)
   for field in ("chosen", "rejected"):
     text = getattr(ex, field)
     text = text if text.endswith(eos) else text + eos
-    out.append(_encode(tokenizer, ex.prompt + text, special=True)[len(p):])
+    out.append(_encode(tokenizer, ex.prompt + text, special=True)[len(p) :])
   return p, out[0], out[1], True
 
 
@@ -213,8 +239,17 @@ def _ids_of(out: Any) -> list[int]:
   return [int(i) for i in out]
 
 
-def _tokenize(tokenizer: Any, ex: PreferenceExample, *, format: str, max_length: int, truncation: str,  # pylint: disable=redefined-builtin
-              single_token: bool, source: str | None, tokenization: str = "separate") -> tuple[TokenizedPair, bool, bool]:
+def _tokenize(
+    tokenizer: Any,
+    ex: PreferenceExample,
+    *,
+    format: str,
+    max_length: int,
+    truncation: str,  # pylint: disable=redefined-builtin
+    single_token: bool,
+    source: str | None,
+    tokenization: str = "separate",
+) -> tuple[TokenizedPair, bool, bool]:
   src = source if source is not None else (ex.source or "<examples>")
   if truncation not in TRUNCATION_POLICIES:
     raise ValueError(f"truncation must be one of {TRUNCATION_POLICIES}, got {truncation!r}")
@@ -225,16 +260,21 @@ def _tokenize(tokenizer: Any, ex: PreferenceExample, *, format: str, max_length:
   if single_token:
     chosen = _response_text(ex.chosen, src, ex.index, "chosen").strip()
     rejected = _response_text(ex.rejected, src, ex.index, "rejected").strip()
-    pair = tokenize_single_token(tokenizer, ex.prompt, chosen, rejected, format=format, index=ex.index,
-                                 source=src, max_length=max_length)
+    pair = tokenize_single_token(
+        tokenizer, ex.prompt, chosen, rejected, format=format, index=ex.index, source=src, max_length=max_length
+    )
     return pair, False, False
   if tokenization == "trl":
     p, c_ids, r_ids, appended = trl_ids(tokenizer, ex, src)
   else:
     p = prompt_ids(tokenizer, ex.prompt, format=format, source=src, index=ex.index)
   if len(p) >= max_length:
-    raise DataError(src, ex.index, "prompt", f"the prompt has {len(p)} tokens, leaving no room for a response "
-                    f"within max_length={max_length}")
+    raise DataError(
+        src,
+        ex.index,
+        "prompt",
+        f"the prompt has {len(p)} tokens, leaving no room for a response " f"within max_length={max_length}",
+    )
   eos = tokenizer.eos_token_id
   if eos is None:
     raise ValueError("the tokenizer has no eos_token_id; responses must end with EOS")
@@ -244,13 +284,23 @@ def _tokenize(tokenizer: Any, ex: PreferenceExample, *, format: str, max_length:
     if tokenization == "trl":
       ids = c_ids if field == "chosen" else r_ids
       if not ids:
-        raise DataError(src, ex.index, field, "empty response after TRL's tokenization (prompt + response adds nothing)")
+        raise DataError(
+            src, ex.index, field, "empty response after TRL's tokenization (prompt + response adds nothing)"
+        )
     else:
       ids = _encode(tokenizer, _response_text(getattr(ex, field), src, ex.index, field), special=False) + [int(eos)]
     sides.append(_fit(ids, room, truncation, src, ex.index, field, max_length))
   (c, cut_c), (r, cut_r) = sides
-  pair = TokenizedPair(_as_ids(p), _as_ids(c), _as_ids(r), int(ex.index), cut_c or cut_r, chosen_cut=cut_c,
-                       rejected_cut=cut_r, eos_appended=tokenization != "trl" or appended)
+  pair = TokenizedPair(
+      _as_ids(p),
+      _as_ids(c),
+      _as_ids(r),
+      int(ex.index),
+      cut_c or cut_r,
+      chosen_cut=cut_c,
+      rejected_cut=cut_r,
+      eos_appended=tokenization != "trl" or appended,
+  )
   return pair, cut_c, cut_r
 
 
@@ -269,40 +319,78 @@ def _example(ex: Any) -> PreferenceExample:
     missing = [k for k in ("prompt", "chosen", "rejected") if k not in ex]
     if missing:
       raise DataError(str(ex.get("source", "<examples>")), ex.get("index"), missing[0], "missing field")
-    return PreferenceExample(int(ex.get("index", 0)), ex["prompt"], ex["chosen"], ex["rejected"],
-                             str(ex.get("source", "")), dict(ex.get("meta") or {}))
+    return PreferenceExample(
+        int(ex.get("index", 0)),
+        ex["prompt"],
+        ex["chosen"],
+        ex["rejected"],
+        str(ex.get("source", "")),
+        dict(ex.get("meta") or {}),
+    )
   raise ValueError(f"expected a PreferenceExample or a mapping, got {type(ex).__name__}")
 
 
-def tokenize_example(tokenizer: Any, ex: Any, *, format: str = "raw", max_length: int = 512,  # pylint: disable=redefined-builtin
-                     truncation: str = "truncate_response", single_token: bool = False,
-                     source: str | None = None, tokenization: str = "separate") -> TokenizedPair:
+def tokenize_example(
+    tokenizer: Any,
+    ex: Any,
+    *,
+    format: str = "raw",
+    max_length: int = 512,  # pylint: disable=redefined-builtin
+    truncation: str = "truncate_response",
+    single_token: bool = False,
+    source: str | None = None,
+    tokenization: str = "separate",
+) -> TokenizedPair:
   """Tokenize one PreferenceExample (the arguments may also be given as (ex, tokenizer)).
 
   Prompt and responses are tokenized separately and concatenated; EOS ends each response; BOS only on the
   prompt when the tokenizer adds it. `source` names the file in errors (default: ex.source).
   """
   tokenizer, ex = _order(tokenizer, ex)
-  pair, _, _ = _tokenize(tokenizer, _example(ex), format=format, max_length=max_length, truncation=truncation,
-                         single_token=single_token, source=source, tokenization=tokenization)
+  pair, _, _ = _tokenize(
+      tokenizer,
+      _example(ex),
+      format=format,
+      max_length=max_length,
+      truncation=truncation,
+      single_token=single_token,
+      source=source,
+      tokenization=tokenization,
+  )
   return pair
 
 
-def tokenize_dataset(examples: Iterable[Any], tokenizer: Any, *, max_length: int = 512, format: str = "raw",  # pylint: disable=redefined-builtin
-                     truncation: str = "truncate_response", single_token: bool = False,
-                     source: str | None = None, progress: bool = False, tokenization: str = "separate"
-                     ) -> tuple[list[TokenizedPair], TruncationReport]:
+def tokenize_dataset(
+    examples: Iterable[Any],
+    tokenizer: Any,
+    *,
+    max_length: int = 512,
+    format: str = "raw",  # pylint: disable=redefined-builtin
+    truncation: str = "truncate_response",
+    single_token: bool = False,
+    source: str | None = None,
+    progress: bool = False,
+    tokenization: str = "separate",
+) -> tuple[list[TokenizedPair], TruncationReport]:
   """Tokenize every example; returns the pairs and a TruncationReport (bad rows raise DataError)."""
   examples = list(examples)
   it: Iterable[Any] = examples
   if progress:
     from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
+
     it = tqdm(examples, desc="tokenize", leave=False)
   report, pairs = TruncationReport(), []
   for ex in it:
-    pair, cut_c, cut_r = _tokenize(tokenizer, _example(ex), format=format, max_length=max_length,
-                                   truncation=truncation, single_token=single_token, source=source,
-                                   tokenization=tokenization)
+    pair, cut_c, cut_r = _tokenize(
+        tokenizer,
+        _example(ex),
+        format=format,
+        max_length=max_length,
+        truncation=truncation,
+        single_token=single_token,
+        source=source,
+        tokenization=tokenization,
+    )
     report.add(pair, cut_c, cut_r)
     pairs.append(pair)
   return pairs, report
@@ -313,8 +401,10 @@ def check_vocab(tokenizer: Any, vocab_size: int, source: str = "tokenizer") -> N
   top = max(tokenizer.get_vocab().values()) if len(tokenizer) else -1
   top = max(top, len(tokenizer) - 1)
   if top >= vocab_size:
-    raise ValueError(f"{source}: the tokenizer has token ids up to {top} ({len(tokenizer)} tokens) but the model "
-                     f"vocab_size is {vocab_size}; ids >= {vocab_size} would index outside the embedding")
+    raise ValueError(
+        f"{source}: the tokenizer has token ids up to {top} ({len(tokenizer)} tokens) but the model "
+        f"vocab_size is {vocab_size}; ids >= {vocab_size} would index outside the embedding"
+    )
 
 
 def check_pair_ids(pairs: Sequence[TokenizedPair], vocab_size: int, source: str = "<pairs>") -> None:
@@ -323,5 +413,6 @@ def check_pair_ids(pairs: Sequence[TokenizedPair], vocab_size: int, source: str 
     for field, ids in (("prompt", pair.prompt_ids), ("chosen", pair.chosen_ids), ("rejected", pair.rejected_ids)):
       bad = ids[(ids < 0) | (ids >= vocab_size)]
       if bad.size:
-        raise DataError(source, pair.index, field, f"token id {int(bad[0])} outside the model vocabulary "
-                        f"[0, {vocab_size})")
+        raise DataError(
+            source, pair.index, field, f"token id {int(bad[0])} outside the model vocabulary " f"[0, {vocab_size})"
+        )

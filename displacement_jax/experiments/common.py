@@ -13,14 +13,14 @@ from typing import Any, Mapping
 
 import ml_collections
 
-RESULT_FILE = 'result.json'     # one run's summary, read by `python -m displacement_jax.report`
-RESULTS_FILE = 'results.jsonl'  # one line per run of a pipeline call (persona seeds, quantile windows)
+RESULT_FILE = "result.json"  # one run's summary, read by `python -m displacement_jax.report`
+RESULTS_FILE = "results.jsonl"  # one line per run of a pipeline call (persona seeds, quantile windows)
 
 # The base models of Sections 3 and 5 (configs/persona.py and configs/ches_quantiles.py: `model=<key>`).
 MODEL_IDS = {
-    'olmo1b': 'allenai/OLMo-1B-hf',
-    'gemma2b': 'google/gemma-2b',
-    'llama3_8b': 'meta-llama/Meta-Llama-3-8B',
+    "olmo1b": "allenai/OLMo-1B-hf",
+    "gemma2b": "google/gemma-2b",
+    "llama3_8b": "meta-llama/Meta-Llama-3-8B",
 }
 
 
@@ -32,34 +32,39 @@ def derive(config: ml_collections.ConfigDict, overrides: Mapping[str, Any]) -> m
   out = copy.deepcopy(config)
   with out.unlocked():
     for key, value in overrides.items():
-      *parents, leaf = key.split('.')
+      *parents, leaf = key.split(".")
       node = out
       for part in parents:
         node = node.get(part) if isinstance(node, ml_collections.ConfigDict) else None
       if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
-        raise ValueError(f'cannot derive a config: {key!r} is not a field of the config')
+        raise ValueError(f"cannot derive a config: {key!r} is not a field of the config")
       node[leaf] = value
   return out
 
 
-def train_config(config: ml_collections.ConfigDict, data_path: str, output_dir: str,
-                 overrides: Mapping[str, Any] | None = None, *, n_rows: int | None = None
-                 ) -> ml_collections.ConfigDict:
+def train_config(
+    config: ml_collections.ConfigDict,
+    data_path: str,
+    output_dir: str,
+    overrides: Mapping[str, Any] | None = None,
+    *,
+    n_rows: int | None = None,
+) -> ml_collections.ConfigDict:
   """The `training.run` config of one stage of a pipeline: `config`'s training fields, on the data it wrote.
 
   Sets main='' (plain preference training), the data (`data_path`, generic preference jsonl -- whatever the
   directory is called -- and no row limit: the pipeline already chose the rows) and `output_dir`; with
   `n_rows` (rows in `data_path`) the batch is at most that. `overrides` (dotted paths, see `derive`) come last.
   """
-  fields = {'main': '', 'data.path': data_path, 'data.schema': 'generic', 'data.limit': 0, 'output_dir': output_dir}
+  fields = {"main": "", "data.path": data_path, "data.schema": "generic", "data.limit": 0, "output_dir": output_dir}
   if n_rows is not None:
-    fields['batch_size'] = min(int(config.batch_size), int(n_rows))
+    fields["batch_size"] = min(int(config.batch_size), int(n_rows))
   return derive(config, {**fields, **(overrides or {})})
 
 
 def write_json(path: str, obj: Any) -> str:
   """`obj` as indented JSON at `path` (its directory is created); returns path."""
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  with open(path, 'w') as f:
+  with open(path, "w") as f:
     json.dump(obj, f, indent=1)
   return path

@@ -15,37 +15,37 @@ from displacement_jax.errors import DataError
 
 # (y+, y-) pairs per base model (experiments.common.MODEL_IDS): the paper's Table 1 rows.
 TOKEN_PAIRS = {
-    'olmo1b': (('Yes', 'No'), ('No', 'Never')),
-    'gemma2b': (('Yes', 'No'), ('No', 'Never')),
-    'llama3_8b': (('Yes', 'No'), ('Sure', 'Yes')),
+    "olmo1b": (("Yes", "No"), ("No", "Never")),
+    "gemma2b": (("Yes", "No"), ("No", "Never")),
+    "llama3_8b": (("Yes", "No"), ("Sure", "Yes")),
 }
-NO_TOKENS = ('No', 'Never', 'Maybe', 'Perhaps')
-YES_TOKENS = ('Yes', 'Yeah', 'Sure', 'Certainly', 'Absolutely')
+NO_TOKENS = ("No", "Never", "Maybe", "Perhaps")
+YES_TOKENS = ("Yes", "Yeah", "Sure", "Certainly", "Absolutely")
 DPO_SEEDS = (9773, 5290, 8767, 9818, 7596, 344, 2701, 3298, 7834, 6327)
 # persona.phase: SFT only, DPO from the SFT export, DPO from the base model, or SFT then DPO in one process.
-PHASES = ('sft', 'dpo', 'base_dpo', 'all')
+PHASES = ("sft", "dpo", "base_dpo", "all")
 
 
-def answer_is_yes(row: Mapping[str, Any], file: str = '<persona>', index: int = 0) -> bool:
+def answer_is_yes(row: Mapping[str, Any], file: str = "<persona>", index: int = 0) -> bool:
   """True when the row's answer_matching_behavior is ' Yes', False for ' No' (anything else raises)."""
 
-  answer = row.get('answer_matching_behavior')
-  if not isinstance(answer, str) or answer.strip() not in ('Yes', 'No'):
-    raise DataError(file, index, 'answer_matching_behavior', f'expected " Yes" or " No", got {answer!r}')
-  return answer.strip() == 'Yes'
+  answer = row.get("answer_matching_behavior")
+  if not isinstance(answer, str) or answer.strip() not in ("Yes", "No"):
+    raise DataError(file, index, "answer_matching_behavior", f'expected " Yes" or " No", got {answer!r}')
+  return answer.strip() == "Yes"
 
 
-def persona_prompt(row: Mapping[str, Any], file: str = '<persona>', index: int = 0) -> str:
+def persona_prompt(row: Mapping[str, Any], file: str = "<persona>", index: int = 0) -> str:
   """The question of a persona row (validated). Training uses data.format='persona': the chat template
   of the question when the tokenizer has one, else the question followed by a newline."""
 
-  question = row.get('question')
+  question = row.get("question")
   if not isinstance(question, str) or not question.strip():
-    raise DataError(file, index, 'question', f'expected a non-empty string, got {question!r}')
+    raise DataError(file, index, "question", f"expected a non-empty string, got {question!r}")
   return question
 
 
-def sft_examples(rows: Sequence[Mapping[str, Any]], seed: int = 0, file: str = '<persona>') -> list[dict[str, Any]]:
+def sft_examples(rows: Sequence[Mapping[str, Any]], seed: int = 0, file: str = "<persona>") -> list[dict[str, Any]]:
   """SFT preference rows: chosen = a token drawn from YES_TOKENS / NO_TOKENS by the row's answer.
 
   The rejected side (unused by cross-entropy) is the first token of the opposite list.
@@ -55,23 +55,30 @@ def sft_examples(rows: Sequence[Mapping[str, Any]], seed: int = 0, file: str = '
   for i, row in enumerate(rows):
     yes = answer_is_yes(row, file, i)
     pool, other = (YES_TOKENS, NO_TOKENS) if yes else (NO_TOKENS, YES_TOKENS)
-    out.append({'index': i, 'prompt': persona_prompt(row, file, i), 'chosen': pool[int(rng.integers(len(pool)))],
-                'rejected': other[0]})
+    out.append(
+        {
+            "index": i,
+            "prompt": persona_prompt(row, file, i),
+            "chosen": pool[int(rng.integers(len(pool)))],
+            "rejected": other[0],
+        }
+    )
   return out
 
 
 def dpo_prompt_index(num_rows: int, seed: int) -> int:
   """The row used by the DPO run of `seed`: one draw of default_rng(seed) over the rows."""
   if num_rows < 1:
-    raise ValueError(f'the persona data has no rows (num_rows={num_rows})')
+    raise ValueError(f"the persona data has no rows (num_rows={num_rows})")
   return int(np.random.default_rng(seed).integers(num_rows))
 
 
-def dpo_example(rows: Sequence[Mapping[str, Any]], seed: int, pair: tuple[str, str],
-                file: str = '<persona>') -> dict[str, Any]:
+def dpo_example(
+    rows: Sequence[Mapping[str, Any]], seed: int, pair: tuple[str, str], file: str = "<persona>"
+) -> dict[str, Any]:
   """The single (prompt, y+, y-) preference row of the DPO run with `seed`."""
   i = dpo_prompt_index(len(rows), seed)
-  return {'index': i, 'prompt': persona_prompt(rows[i], file, i), 'chosen': pair[0], 'rejected': pair[1]}
+  return {"index": i, "prompt": persona_prompt(rows[i], file, i), "chosen": pair[0], "rejected": pair[1]}
 
 
 def load_rows(path: str, limit: int = 0) -> list[dict[str, Any]]:

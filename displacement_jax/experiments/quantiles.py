@@ -38,19 +38,34 @@ def scores_cache_path(config: ml_collections.ConfigDict) -> str:
   for scoring and training).
   """
   qc, dc, mc = config.quantiles, config.data, config.model
-  special = bool(dc.get('add_special_tokens'))
-  key = json.dumps([dc.path, dc.get('split'), int(dc.get('limit', 0)), int(qc.num_rows), int(qc.get('sample_seed', 0)),
-                    mc.get('path'), mc.get('tiny'), int(mc.get('seed', 0)), mc.get('tokenizer'), mc.get('dtype'),
-                    int(dc.max_length), dc.format, special, int(config.seed) if special else None])
+  special = bool(dc.get("add_special_tokens"))
+  key = json.dumps(
+      [
+          dc.path,
+          dc.get("split"),
+          int(dc.get("limit", 0)),
+          int(qc.num_rows),
+          int(qc.get("sample_seed", 0)),
+          mc.get("path"),
+          mc.get("tiny"),
+          int(mc.get("seed", 0)),
+          mc.get("tokenizer"),
+          mc.get("dtype"),
+          int(dc.max_length),
+          dc.format,
+          special,
+          int(config.seed) if special else None,
+      ]
+  )
   digest = hashlib.sha256(key.encode()).hexdigest()[:12]
-  directory = qc.get('scores_dir') or os.path.dirname(os.path.abspath(config.output_dir))
-  suffix = f'_seed{int(config.seed)}' if special else ''
-  return os.path.join(directory, f'scores{suffix}_{digest}.npz')
+  directory = qc.get("scores_dir") or os.path.dirname(os.path.abspath(config.output_dir))
+  suffix = f"_seed{int(config.seed)}" if special else ""
+  return os.path.join(directory, f"scores{suffix}_{digest}.npz")
 
 
 def _write_atomic_npz(path: str, **arrays: np.ndarray) -> None:
   os.makedirs(os.path.dirname(path), exist_ok=True)
-  tmp = f'{path}.{os.getpid()}.tmp.npz'
+  tmp = f"{path}.{os.getpid()}.tmp.npz"
   np.savez(tmp, **arrays)
   os.replace(tmp, path)
 
@@ -61,40 +76,63 @@ def compute_scores(config: ml_collections.ConfigDict, examples: Sequence[Any]) -
   The cache is reused only when it holds the same dataset rows (their `index`) in the same order.
   """
   path = scores_cache_path(config)
-  index = np.asarray([int(getattr(e, 'index', i)) for i, e in enumerate(examples)], np.int64)
+  index = np.asarray([int(getattr(e, "index", i)) for i, e in enumerate(examples)], np.int64)
   if os.path.exists(path):
     with np.load(path) as f:
-      if np.array_equal(f['index'], index) and all(m in f for m in quantiles_plan.MEASURES):
-        print(f'quantiles: reusing scores from {path}', flush=True)
+      if np.array_equal(f["index"], index) and all(m in f for m in quantiles_plan.MEASURES):
+        print(f"quantiles: reusing scores from {path}", flush=True)
         return {m: np.asarray(f[m], np.float64) for m in quantiles_plan.MEASURES}
 
   loaded = runtime.load_model(config)
-  scored = scoring.score_examples(loaded.model, loaded.params, config, loaded.tokenizer, examples,
-                                  batch_size=int(config.batch_size), max_length=int(config.data.max_length),
-                                  format=config.data.format, progress=bool(config.get('progress', True)))
+  scored = scoring.score_examples(
+      loaded.model,
+      loaded.params,
+      config,
+      loaded.tokenizer,
+      examples,
+      batch_size=int(config.batch_size),
+      max_length=int(config.data.max_length),
+      format=config.data.format,
+      progress=bool(config.get("progress", True)),
+  )
   scores = {m: np.asarray([r[m] for r in scored], np.float64) for m in quantiles_plan.MEASURES}
   _write_atomic_npz(path, index=index, **scores)
   return scores
 
 
-def train_subset(config: ml_collections.ConfigDict, examples: Sequence[Any], positions: np.ndarray, measure: str,
-                 q: float, seed: int, output_dir: str) -> dict[str, Any]:
+def train_subset(
+    config: ml_collections.ConfigDict,
+    examples: Sequence[Any],
+    positions: np.ndarray,
+    measure: str,
+    q: float,
+    seed: int,
+    output_dir: str,
+) -> dict[str, Any]:
   """Train on examples[positions]; write and return the result.json row of (measure, q, seed).
 
   The monitor covers the whole subset (eval.max_samples = its size): its mean is the reported change.
   """
 
   subset = [examples[int(i)] for i in positions]
-  data_path = schema.write_jsonl(os.path.join(output_dir, 'subset.jsonl'), subset)
-  result = training.run(common.train_config(config, data_path, output_dir,
-                                            {'seed': int(seed), 'eval.max_samples': len(subset)}, n_rows=len(subset)))
+  data_path = schema.write_jsonl(os.path.join(output_dir, "subset.jsonl"), subset)
+  result = training.run(
+      common.train_config(
+          config, data_path, output_dir, {"seed": int(seed), "eval.max_samples": len(subset)}, n_rows=len(subset)
+      )
+  )
   mon = result.monitor
   row = {
-      'family': 'quantiles', 'measure': measure, 'q': float(q), 'seed': int(seed), 'n': len(subset),
-      'preferred_logprob_change': float(mon['monitor/preferred_logprob_change']),
-      'dispreferred_logprob_change': float(mon['monitor/dispreferred_logprob_change']),
-      'share_preferred_fell': float(mon['monitor/share_preferred_fell']),
-      'steps': int(result.step), 'dataset_rows': [int(getattr(e, 'index', i)) for i, e in zip(positions, subset)],
+      "family": "quantiles",
+      "measure": measure,
+      "q": float(q),
+      "seed": int(seed),
+      "n": len(subset),
+      "preferred_logprob_change": float(mon["monitor/preferred_logprob_change"]),
+      "dispreferred_logprob_change": float(mon["monitor/dispreferred_logprob_change"]),
+      "share_preferred_fell": float(mon["monitor/share_preferred_fell"]),
+      "steps": int(result.step),
+      "dataset_rows": [int(getattr(e, "index", i)) for i, e in zip(positions, subset)],
   }
   common.write_json(os.path.join(output_dir, common.RESULT_FILE), row)
   return row
@@ -103,9 +141,10 @@ def train_subset(config: ml_collections.ConfigDict, examples: Sequence[Any], pos
 def load_examples(config: ml_collections.ConfigDict) -> list[Any]:
   """The scored rows: `quantiles.num_rows` rows of the dataset drawn with `quantiles.sample_seed`."""
   qc = config.quantiles
-  examples = schema.load_preference_data(config.data.path, split=config.data.get('split', 'train'),
-                                         limit=int(config.data.limit) or None)
-  rows = quantiles_plan.sample_rows(len(examples), int(qc.num_rows), int(qc.get('sample_seed', 0)))
+  examples = schema.load_preference_data(
+      config.data.path, split=config.data.get("split", "train"), limit=int(config.data.limit) or None
+  )
+  rows = quantiles_plan.sample_rows(len(examples), int(qc.num_rows), int(qc.get("sample_seed", 0)))
   return [examples[int(i)] for i in rows]
 
 
@@ -113,24 +152,29 @@ def run(config: ml_collections.ConfigDict) -> list[dict[str, Any]]:
   """The Section 5 pipeline for `config.quantiles` (see module docstring); returns the result rows."""
 
   qc = config.quantiles
-  measures = tuple(qc.get('measures') or quantiles_plan.MEASURES) if qc.measure == 'all' else (qc.measure,)
+  measures = tuple(qc.get("measures") or quantiles_plan.MEASURES) if qc.measure == "all" else (qc.measure,)
   for m in measures:
     quantiles_plan.check_measure(m)
-  quantiles = tuple(qc.get('quantiles') or quantiles_plan.QUANTILES) if float(qc.q) < 0 else (float(qc.q),)
-  seeds = tuple(qc.seeds) if qc.get('seeds') else (int(config.seed),)
+  quantiles = tuple(qc.get("quantiles") or quantiles_plan.QUANTILES) if float(qc.q) < 0 else (float(qc.q),)
+  seeds = tuple(qc.seeds) if qc.get("seeds") else (int(config.seed),)
   examples = load_examples(config)
   window = min(int(qc.window), len(examples))
   single = len(measures) * len(quantiles) * len(seeds) == 1
   rows = []
   for seed in seeds:
     # per seed only when new-token embeddings depend on it (scores_cache_path)
-    scores = compute_scores(common.derive(config, {'seed': int(seed)}), examples)
+    scores = compute_scores(common.derive(config, {"seed": int(seed)}), examples)
     for (measure, q), positions in quantiles_plan.plan({m: scores[m] for m in measures}, quantiles, window).items():
-      out_dir = config.output_dir if single else os.path.join(config.output_dir, f'{measure}_q{q:g}_seed{seed}')
+      out_dir = config.output_dir if single else os.path.join(config.output_dir, f"{measure}_q{q:g}_seed{seed}")
       rows.append(train_subset(config, examples, positions, measure, q, seed, out_dir))
-  schema.write_jsonl(os.path.join(config.output_dir, common.RESULTS_FILE),
-                     [{k: v for k, v in r.items() if k != 'dataset_rows'} for r in rows])
+  schema.write_jsonl(
+      os.path.join(config.output_dir, common.RESULTS_FILE),
+      [{k: v for k, v in r.items() if k != "dataset_rows"} for r in rows],
+  )
   for row in results.aggregate(rows):
-    print(f'{row["measure"]:34s} q={row["q"]:.2f}  preferred log-prob change {row["mean"]:+.4f} '
-          f'[{row["min"]:+.4f}, {row["max"]:+.4f}] over {row["n_seeds"]} seed(s)', flush=True)
+    print(
+        f'{row["measure"]:34s} q={row["q"]:.2f}  preferred log-prob change {row["mean"]:+.4f} '
+        f'[{row["min"]:+.4f}, {row["max"]:+.4f}] over {row["n_seeds"]} seed(s)',
+        flush=True,
+    )
   return rows

@@ -9,6 +9,16 @@ from displacement_jax.models.tokenizer import add_special_tokens_and_resize, loa
 from displacement_jax.models.transformer import Transformer, TransformerOutput, unembedding
 
 __all__ = [
-    'ModelConfig', 'SUPPORTED_MODEL_TYPES', 'Transformer', 'TransformerOutput', 'unembedding', 'from_pretrained',
-    'save_pretrained', 'from_gguf', 'load', 'PACKAGED', 'load_tokenizer', 'add_special_tokens_and_resize',
+    "ModelConfig",
+    "SUPPORTED_MODEL_TYPES",
+    "Transformer",
+    "TransformerOutput",
+    "unembedding",
+    "from_pretrained",
+    "save_pretrained",
+    "from_gguf",
+    "load",
+    "PACKAGED",
+    "load_tokenizer",
+    "add_special_tokens_and_resize",
 ]

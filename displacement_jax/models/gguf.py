@@ -23,23 +23,26 @@ from displacement_jax.models.transformer import Transformer
 from displacement_jax import sharding as sharding_lib
 from displacement_jax.models import packaged
 
-SUPPORTED_ARCHITECTURES: tuple[str, ...] = ('llama',)
-SUPPORTED_TYPES: tuple[str, ...] = ('F32', 'F16', 'BF16', 'Q8_0', 'Q4_0', 'Q4_1')
+SUPPORTED_ARCHITECTURES: tuple[str, ...] = ("llama",)
+SUPPORTED_TYPES: tuple[str, ...] = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1")
 
 _LAYER_NAMES = {
-    'attn_norm.weight': 'input_layernorm.weight',
-    'ffn_norm.weight': 'post_attention_layernorm.weight',
-    'attn_q.weight': 'self_attn.q_proj.weight',
-    'attn_k.weight': 'self_attn.k_proj.weight',
-    'attn_v.weight': 'self_attn.v_proj.weight',
-    'attn_output.weight': 'self_attn.o_proj.weight',
-    'ffn_gate.weight': 'mlp.gate_proj.weight',
-    'ffn_up.weight': 'mlp.up_proj.weight',
-    'ffn_down.weight': 'mlp.down_proj.weight',
+    "attn_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "attn_q.weight": "self_attn.q_proj.weight",
+    "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_v.weight": "self_attn.v_proj.weight",
+    "attn_output.weight": "self_attn.o_proj.weight",
+    "ffn_gate.weight": "mlp.gate_proj.weight",
+    "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
 }
-_TOP_NAMES = {'token_embd.weight': 'model.embed_tokens.weight', 'output_norm.weight': 'model.norm.weight',
-              'output.weight': 'lm_head.weight'}
-_IGNORED = ('rope_freqs.weight',)  # llama3 rope factors: derived from rope_scaling instead
+_TOP_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_IGNORED = ("rope_freqs.weight",)  # llama3 rope factors: derived from rope_scaling instead
 
 
 def open_reader(path: str) -> Any:
@@ -47,23 +50,23 @@ def open_reader(path: str) -> Any:
   import gguf  # pylint: disable=g-import-not-at-top
 
   if not os.path.isfile(path):
-    raise ValueError(f'from_gguf: {path!r} is not a file')
+    raise ValueError(f"from_gguf: {path!r} is not a file")
   try:
     return gguf.GGUFReader(path)
   except Exception as e:  # pylint: disable=broad-except
-    raise ValueError(f'from_gguf: {path}: not a readable GGUF file ({type(e).__name__}: {e})') from e
+    raise ValueError(f"from_gguf: {path}: not a readable GGUF file ({type(e).__name__}: {e})") from e
 
 
 def has_tokenizer(path: str) -> bool:
   """Whether a GGUF file carries a tokenizer (tokenizer.ggml.model)."""
-  return 'tokenizer.ggml.model' in open_reader(path).fields
+  return "tokenizer.ggml.model" in open_reader(path).fields
 
 
 def read_metadata(reader: Any) -> dict[str, Any]:
   """GGUF key -> value (scalars, strings, short lists); the tokenizer's long arrays are left out."""
   out: dict[str, Any] = {}
   for key, field in reader.fields.items():
-    if key.startswith('tokenizer.ggml.') and key.rsplit('.', 1)[-1] in ('tokens', 'scores', 'token_type', 'merges'):
+    if key.startswith("tokenizer.ggml.") and key.rsplit(".", 1)[-1] in ("tokens", "scores", "token_type", "merges"):
       continue
     try:
       out[key] = field.contents()
@@ -74,45 +77,47 @@ def read_metadata(reader: Any) -> dict[str, Any]:
 
 def hf_config_from_metadata(meta: Mapping[str, Any], tensor_names: set[str], source: str) -> dict[str, Any]:
   """An HF config.json dict from GGUF metadata (llama.cpp key names); ValueError names a missing key."""
-  arch = meta.get('general.architecture')
+  arch = meta.get("general.architecture")
   if arch not in SUPPORTED_ARCHITECTURES:
-    raise ValueError(f'from_gguf: {source}: unsupported GGUF architecture {arch!r}; supported: '
-                     f'{", ".join(SUPPORTED_ARCHITECTURES)}')
+    raise ValueError(
+        f"from_gguf: {source}: unsupported GGUF architecture {arch!r}; supported: "
+        f'{", ".join(SUPPORTED_ARCHITECTURES)}'
+    )
 
   def need(key: str) -> Any:
-    full = f'{arch}.{key}'
+    full = f"{arch}.{key}"
     if full not in meta:
-      raise ValueError(f'from_gguf: {source}: GGUF metadata has no {full!r}')
+      raise ValueError(f"from_gguf: {source}: GGUF metadata has no {full!r}")
     return meta[full]
 
-  hidden, heads = int(need('embedding_length')), int(need('attention.head_count'))
-  kv_heads = int(meta.get(f'{arch}.attention.head_count_kv', heads))
-  head_dim = int(meta.get(f'{arch}.attention.key_length', meta.get(f'{arch}.rope.dimension_count', hidden // heads)))
-  vocab = meta.get(f'{arch}.vocab_size')
+  hidden, heads = int(need("embedding_length")), int(need("attention.head_count"))
+  kv_heads = int(meta.get(f"{arch}.attention.head_count_kv", heads))
+  head_dim = int(meta.get(f"{arch}.attention.key_length", meta.get(f"{arch}.rope.dimension_count", hidden // heads)))
+  vocab = meta.get(f"{arch}.vocab_size")
   if vocab is None:
-    raise ValueError(f'from_gguf: {source}: GGUF metadata has no {arch}.vocab_size')
+    raise ValueError(f"from_gguf: {source}: GGUF metadata has no {arch}.vocab_size")
   hf: dict[str, Any] = {
-      'model_type': arch,
-      'vocab_size': int(vocab),
-      'hidden_size': hidden,
-      'intermediate_size': int(need('feed_forward_length')),
-      'num_hidden_layers': int(need('block_count')),
-      'num_attention_heads': heads,
-      'num_key_value_heads': kv_heads,
-      'head_dim': head_dim,
-      'max_position_embeddings': int(meta.get(f'{arch}.context_length', 2048)),
-      'rms_norm_eps': float(need('attention.layer_norm_rms_epsilon')),
-      'rope_theta': float(meta.get(f'{arch}.rope.freq_base', 10000.0)),
-      'tie_word_embeddings': 'output.weight' not in tensor_names,
-      'hidden_act': 'silu',
+      "model_type": arch,
+      "vocab_size": int(vocab),
+      "hidden_size": hidden,
+      "intermediate_size": int(need("feed_forward_length")),
+      "num_hidden_layers": int(need("block_count")),
+      "num_attention_heads": heads,
+      "num_key_value_heads": kv_heads,
+      "head_dim": head_dim,
+      "max_position_embeddings": int(meta.get(f"{arch}.context_length", 2048)),
+      "rms_norm_eps": float(need("attention.layer_norm_rms_epsilon")),
+      "rope_theta": float(meta.get(f"{arch}.rope.freq_base", 10000.0)),
+      "tie_word_embeddings": "output.weight" not in tensor_names,
+      "hidden_act": "silu",
   }
-  scaling_type = meta.get(f'{arch}.rope.scaling.type')
-  if scaling_type not in (None, 'none'):
-    if scaling_type != 'linear':
-      raise ValueError(f'from_gguf: {source}: unsupported rope scaling type {scaling_type!r} (supported: linear)')
-    hf['rope_scaling'] = {'rope_type': 'linear', 'factor': float(need('rope.scaling.factor'))}
-  for key, name in (('bos_token_id', 'bos'), ('eos_token_id', 'eos'), ('pad_token_id', 'padding')):
-    value = meta.get(f'tokenizer.ggml.{name}_token_id')
+  scaling_type = meta.get(f"{arch}.rope.scaling.type")
+  if scaling_type not in (None, "none"):
+    if scaling_type != "linear":
+      raise ValueError(f"from_gguf: {source}: unsupported rope scaling type {scaling_type!r} (supported: linear)")
+    hf["rope_scaling"] = {"rope_type": "linear", "factor": float(need("rope.scaling.factor"))}
+  for key, name in (("bos_token_id", "bos"), ("eos_token_id", "eos"), ("pad_token_id", "padding")):
+    value = meta.get(f"tokenizer.ggml.{name}_token_id")
     hf[key] = None if value is None else int(value)
   return hf
 
@@ -123,10 +128,10 @@ def hf_name(gguf_name: str) -> str | None:
     return None
   if gguf_name in _TOP_NAMES:
     return _TOP_NAMES[gguf_name]
-  parts = gguf_name.split('.', 2)
-  if len(parts) == 3 and parts[0] == 'blk' and parts[1].isdigit() and parts[2] in _LAYER_NAMES:
-    return f'model.layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}'
-  raise ValueError(f'GGUF tensor {gguf_name!r} is not part of a supported llama checkpoint')
+  parts = gguf_name.split(".", 2)
+  if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in _LAYER_NAMES:
+    return f"model.layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}"
+  raise ValueError(f"GGUF tensor {gguf_name!r} is not part of a supported llama checkpoint")
 
 
 def unpermute_qk(weight_OI: np.ndarray, num_heads: int) -> np.ndarray:
@@ -142,8 +147,10 @@ def dequantize(tensor: Any, source: str) -> np.ndarray:
 
   kind = tensor.tensor_type.name
   if kind not in SUPPORTED_TYPES:
-    raise ValueError(f'from_gguf: {source}: tensor {tensor.name!r} has GGUF type {kind}, which is not supported '
-                     f'(supported: {", ".join(SUPPORTED_TYPES)})')
+    raise ValueError(
+        f"from_gguf: {source}: tensor {tensor.name!r} has GGUF type {kind}, which is not supported "
+        f'(supported: {", ".join(SUPPORTED_TYPES)})'
+    )
   values = gguf.quants.dequantize(np.asarray(tensor.data), tensor.tensor_type)
   shape = tuple(int(s) for s in reversed(tensor.shape))  # GGUF lists dims innermost first
   return np.asarray(values, np.float32).reshape(shape)
@@ -160,16 +167,23 @@ def read_state_dict(path: str) -> tuple[dict[str, np.ndarray], dict[str, Any], d
     if name is None:
       continue
     array = dequantize(tensor, path)
-    if name.endswith('q_proj.weight'):
-      array = unpermute_qk(array, hf['num_attention_heads'])
-    elif name.endswith('k_proj.weight'):
-      array = unpermute_qk(array, hf['num_key_value_heads'])
+    if name.endswith("q_proj.weight"):
+      array = unpermute_qk(array, hf["num_attention_heads"])
+    elif name.endswith("k_proj.weight"):
+      array = unpermute_qk(array, hf["num_key_value_heads"])
     state[name] = array
   return state, hf, meta
 
 
-def from_gguf(path_or_packaged_name: str, *, dtype: Any = 'float32', param_dtype: Any = None, mesh: Any = None,
-              remat: bool = False, progress: bool = True) -> tuple[Transformer, dict[str, Any], ModelConfig]:
+def from_gguf(
+    path_or_packaged_name: str,
+    *,
+    dtype: Any = "float32",
+    param_dtype: Any = None,
+    mesh: Any = None,
+    remat: bool = False,
+    progress: bool = True,
+) -> tuple[Transformer, dict[str, Any], ModelConfig]:
   """Load a GGUF file (or a packaged model name, see `models.packaged`) as (model, params, config).
 
   The same contract as `models.from_pretrained`: `dtype` is the compute dtype, `param_dtype` the storage dtype
@@ -180,16 +194,18 @@ def from_gguf(path_or_packaged_name: str, *, dtype: Any = 'float32', param_dtype
   state, hf, _ = read_state_dict(path)
   config = ModelConfig.from_hf(hf, dtype=dtype, param_dtype=param_dtype or dtype, remat=remat)
   expected = convert.flatten_tree(convert.expected_param_shapes(config))
-  shardings = convert.flatten_tree(sharding_lib.param_shardings(convert.expected_param_shapes(config), mesh)) if mesh else {}
+  shardings = (
+      convert.flatten_tree(sharding_lib.param_shardings(convert.expected_param_shapes(config), mesh)) if mesh else {}
+  )
   target = io_lib.np_dtype(config.param_dtype)
   params: dict[str, Any] = {}
   for name, array in state.items():
     param_path = convert.hf_name_to_path(name, config)
     if param_path is None:
       continue
-    want = tuple(reversed(expected[param_path])) if param_path[-1] == 'kernel' else expected[param_path]
+    want = tuple(reversed(expected[param_path])) if param_path[-1] == "kernel" else expected[param_path]
     if array.shape != want:
-      raise ValueError(f'from_gguf: {path}: tensor {name!r} has shape {array.shape}, expected {want} from the metadata')
+      raise ValueError(f"from_gguf: {path}: tensor {name!r} has shape {array.shape}, expected {want} from the metadata")
     convert.set_in_tree(params, param_path, io_lib.place_param(array, param_path, target, shardings.get(param_path)))
   loaded = convert.flatten_tree(params)
   missing = [convert.param_path_to_hf_name(p) for p in expected if p not in loaded]

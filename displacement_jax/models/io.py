@@ -24,14 +24,32 @@ from displacement_jax.models.transformer import Transformer
 from displacement_jax import sharding as sharding_lib
 
 _ST_DTYPES = {
-    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
-    "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
+    "F64": "float64",
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U8": "uint8",
+    "BOOL": "bool",
 }
 _ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
 _HUB_PATTERNS = [
-    "config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer.json",
-    "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json",
-    "merges.txt", "chat_template.jinja", "chat_template.json",
+    "config.json",
+    "generation_config.json",
+    "*.safetensors",
+    "model.safetensors.index.json",
+    "tokenizer.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
 ]
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -40,178 +58,182 @@ Path = tuple[str, ...]
 
 
 def np_dtype(name: str) -> np.dtype:
-    """numpy dtype for a name ('bfloat16' via ml_dtypes)."""
-    if name == "bfloat16":
-        import ml_dtypes  # pylint: disable=g-import-not-at-top
+  """numpy dtype for a name ('bfloat16' via ml_dtypes)."""
+  if name == "bfloat16":
+    import ml_dtypes  # pylint: disable=g-import-not-at-top
 
-        return np.dtype(ml_dtypes.bfloat16)
-    return np.dtype(name)
+    return np.dtype(ml_dtypes.bfloat16)
+  return np.dtype(name)
 
 
 # ---------------------------------------------------------------------------------------------- safetensors
 
 
 def read_safetensors_header(file: str) -> tuple[dict[str, dict[str, Any]], int]:
-    """(tensor name -> {'dtype', 'shape', 'data_offsets'}, byte offset of the data section) of a safetensors file."""
-    try:
-        with open(file, "rb") as f:
-            raw = f.read(8)
-            if len(raw) != 8:
-                raise ValueError("file is shorter than the 8-byte header length")
-            (n,) = struct.unpack("<Q", raw)
-            if n > 100_000_000:
-                raise ValueError(f"header length {n} is implausible")
-            header = json.loads(f.read(n))
-    except (OSError, ValueError, UnicodeDecodeError) as e:
-        raise ValueError(f"{file}: not a readable safetensors file ({e})") from e
-    header.pop("__metadata__", None)
-    for name, info in header.items():
-        if info.get("dtype") not in _ST_DTYPES:
-            raise ValueError(f"{file}: tensor {name!r} has unsupported safetensors dtype {info.get('dtype')!r}")
-    return header, 8 + n
+  """(tensor name -> {'dtype', 'shape', 'data_offsets'}, byte offset of the data section) of a safetensors file."""
+  try:
+    with open(file, "rb") as f:
+      raw = f.read(8)
+      if len(raw) != 8:
+        raise ValueError("file is shorter than the 8-byte header length")
+      (n,) = struct.unpack("<Q", raw)
+      if n > 100_000_000:
+        raise ValueError(f"header length {n} is implausible")
+      header = json.loads(f.read(n))
+  except (OSError, ValueError, UnicodeDecodeError) as e:
+    raise ValueError(f"{file}: not a readable safetensors file ({e})") from e
+  header.pop("__metadata__", None)
+  for name, info in header.items():
+    if info.get("dtype") not in _ST_DTYPES:
+      raise ValueError(f"{file}: tensor {name!r} has unsupported safetensors dtype {info.get('dtype')!r}")
+  return header, 8 + n
 
 
 def read_safetensors_tensor(file: str, info: Mapping[str, Any], data_start: int) -> np.ndarray:
-    """A read-only memory-mapped numpy view of one tensor (no copy)."""
-    dtype = np_dtype(_ST_DTYPES[info["dtype"]])
-    shape = tuple(int(s) for s in info["shape"])
-    begin, end = (int(o) for o in info["data_offsets"])
-    if end - begin != math.prod(shape) * dtype.itemsize:
-        raise ValueError(f"{file}: tensor byte range {begin}..{end} does not match shape {shape} dtype {dtype}")
-    if not shape or math.prod(shape) == 0:
-        return np.zeros(shape, dtype)
-    return np.memmap(file, dtype=dtype, mode="r", offset=data_start + begin, shape=shape)
+  """A read-only memory-mapped numpy view of one tensor (no copy)."""
+  dtype = np_dtype(_ST_DTYPES[info["dtype"]])
+  shape = tuple(int(s) for s in info["shape"])
+  begin, end = (int(o) for o in info["data_offsets"])
+  if end - begin != math.prod(shape) * dtype.itemsize:
+    raise ValueError(f"{file}: tensor byte range {begin}..{end} does not match shape {shape} dtype {dtype}")
+  if not shape or math.prod(shape) == 0:
+    return np.zeros(shape, dtype)
+  return np.memmap(file, dtype=dtype, mode="r", offset=data_start + begin, shape=shape)
 
 
 def _write_safetensors(file: str, tensors: list[tuple[str, tuple[int, ...], np.dtype, Any]], fetch) -> None:
-    """Stream tensors into `file`: (name, shape, dtype, handle) entries; `fetch(handle)` gives one numpy array."""
-    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
-    offset = 0
-    for name, shape, dtype, _ in tensors:
-        nbytes = math.prod(shape) * dtype.itemsize
-        header[name] = {"dtype": _ST_NAMES[dtype.name], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)
-    tmp = file + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)))
-        f.write(blob)
-        for name, shape, dtype, handle in tensors:
-            arr = np.ascontiguousarray(fetch(handle), dtype=dtype)
-            if arr.shape != shape:
-                raise ValueError(f"tensor {name!r}: got shape {arr.shape} while writing, expected {shape}")
-            f.write(arr.tobytes())
-    os.replace(tmp, file)
+  """Stream tensors into `file`: (name, shape, dtype, handle) entries; `fetch(handle)` gives one numpy array."""
+  header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+  offset = 0
+  for name, shape, dtype, _ in tensors:
+    nbytes = math.prod(shape) * dtype.itemsize
+    header[name] = {"dtype": _ST_NAMES[dtype.name], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+    offset += nbytes
+  blob = json.dumps(header, separators=(",", ":")).encode()
+  blob += b" " * (-len(blob) % 8)
+  tmp = file + ".tmp"
+  with open(tmp, "wb") as f:
+    f.write(struct.pack("<Q", len(blob)))
+    f.write(blob)
+    for name, shape, dtype, handle in tensors:
+      arr = np.ascontiguousarray(fetch(handle), dtype=dtype)
+      if arr.shape != shape:
+        raise ValueError(f"tensor {name!r}: got shape {arr.shape} while writing, expected {shape}")
+      f.write(arr.tobytes())
+  os.replace(tmp, file)
 
 
 # ---------------------------------------------------------------------------------------------- loading
 
 
 def resolve_checkpoint_dir(path_or_hub_id: str, *, revision: str | None = None) -> str:
-    """A local directory holding the checkpoint: `path_or_hub_id` itself, or a hub snapshot (downloaded or cached)."""
-    path = os.fspath(path_or_hub_id)
-    if os.path.isdir(path):
-        return path
-    if os.path.exists(path) or path.startswith((".", "/", "~")) or path.count("/") > 1:
-        raise ValueError(f"from_pretrained: {path!r} is not a checkpoint directory")
-    import huggingface_hub  # pylint: disable=g-import-not-at-top
+  """A local directory holding the checkpoint: `path_or_hub_id` itself, or a hub snapshot (downloaded or cached)."""
+  path = os.fspath(path_or_hub_id)
+  if os.path.isdir(path):
+    return path
+  if os.path.exists(path) or path.startswith((".", "/", "~")) or path.count("/") > 1:
+    raise ValueError(f"from_pretrained: {path!r} is not a checkpoint directory")
+  import huggingface_hub  # pylint: disable=g-import-not-at-top
 
+  try:
+    return huggingface_hub.snapshot_download(path, revision=revision, allow_patterns=_HUB_PATTERNS)
+  except Exception as download_error:  # pylint: disable=broad-except
     try:
-        return huggingface_hub.snapshot_download(path, revision=revision, allow_patterns=_HUB_PATTERNS)
-    except Exception as download_error:  # pylint: disable=broad-except
-        try:
-            return huggingface_hub.snapshot_download(path, revision=revision, allow_patterns=_HUB_PATTERNS, local_files_only=True)
-        except Exception:  # pylint: disable=broad-except
-            raise ValueError(
-                f"from_pretrained: {path!r} is not a local directory and could not be fetched from the Hugging Face hub "
-                f"(offline and not in the cache {huggingface_hub.constants.HF_HUB_CACHE!r}?): "
-                f"{type(download_error).__name__}: {download_error}"
-            ) from download_error
+      return huggingface_hub.snapshot_download(
+          path, revision=revision, allow_patterns=_HUB_PATTERNS, local_files_only=True
+      )
+    except Exception:  # pylint: disable=broad-except
+      raise ValueError(
+          f"from_pretrained: {path!r} is not a local directory and could not be fetched from the Hugging Face hub "
+          f"(offline and not in the cache {huggingface_hub.constants.HF_HUB_CACHE!r}?): "
+          f"{type(download_error).__name__}: {download_error}"
+      ) from download_error
 
 
 def read_hf_config(ckpt_dir: str) -> dict[str, Any]:
-    """config.json of a checkpoint directory as a dict."""
-    file = os.path.join(ckpt_dir, "config.json")
-    if not os.path.isfile(file):
-        raise ValueError(f"from_pretrained: {ckpt_dir!r} has no config.json")
-    try:
-        with open(file) as f:
-            return json.load(f)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"from_pretrained: cannot parse {file}: {e}") from e
+  """config.json of a checkpoint directory as a dict."""
+  file = os.path.join(ckpt_dir, "config.json")
+  if not os.path.isfile(file):
+    raise ValueError(f"from_pretrained: {ckpt_dir!r} has no config.json")
+  try:
+    with open(file) as f:
+      return json.load(f)
+  except (OSError, ValueError) as e:
+    raise ValueError(f"from_pretrained: cannot parse {file}: {e}") from e
 
 
 def checkpoint_files(ckpt_dir: str) -> dict[str, str]:
-    """HF tensor name -> safetensors file path (from the index when sharded)."""
-    index = os.path.join(ckpt_dir, INDEX_FILE)
-    if os.path.isfile(index):
-        with open(index) as f:
-            weight_map = json.load(f).get("weight_map")
-        if not isinstance(weight_map, dict) or not weight_map:
-            raise ValueError(f"{index}: no 'weight_map'")
-        out = {name: os.path.join(ckpt_dir, shard) for name, shard in weight_map.items()}
-        for file in sorted(set(out.values())):
-            if not os.path.isfile(file):
-                raise ValueError(f"{index} names shard {os.path.basename(file)!r}, which does not exist")
-        return out
-    single = os.path.join(ckpt_dir, SINGLE_FILE)
-    if os.path.isfile(single):
-        header, _ = read_safetensors_header(single)
-        return {name: single for name in header}
-    present = sorted(os.listdir(ckpt_dir))
-    raise ValueError(f"{ckpt_dir!r} has neither {SINGLE_FILE} nor {INDEX_FILE} (files: {present}); only safetensors checkpoints are supported")
+  """HF tensor name -> safetensors file path (from the index when sharded)."""
+  index = os.path.join(ckpt_dir, INDEX_FILE)
+  if os.path.isfile(index):
+    with open(index) as f:
+      weight_map = json.load(f).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+      raise ValueError(f"{index}: no 'weight_map'")
+    out = {name: os.path.join(ckpt_dir, shard) for name, shard in weight_map.items()}
+    for file in sorted(set(out.values())):
+      if not os.path.isfile(file):
+        raise ValueError(f"{index} names shard {os.path.basename(file)!r}, which does not exist")
+    return out
+  single = os.path.join(ckpt_dir, SINGLE_FILE)
+  if os.path.isfile(single):
+    header, _ = read_safetensors_header(single)
+    return {name: single for name in header}
+  present = sorted(os.listdir(ckpt_dir))
+  raise ValueError(
+      f"{ckpt_dir!r} has neither {SINGLE_FILE} nor {INDEX_FILE} (files: {present}); only safetensors checkpoints are supported"
+  )
 
 
 def _expected_hf_shape(path: Path, shape: tuple[int, ...]) -> tuple[int, ...]:
-    return tuple(reversed(shape)) if path[-1] == "kernel" else shape
+  return tuple(reversed(shape)) if path[-1] == "kernel" else shape
 
 
 def plan_load(ckpt_dir: str, config: ModelConfig) -> dict[Path, tuple[str, str, dict[str, Any], int]]:
-    """param path -> (HF name, file, header entry, data offset); checks names and shapes from headers alone.
+  """param path -> (HF name, file, header entry, data offset); checks names and shapes from headers alone.
 
-    Raises ValueError naming unknown tensors, missing tensors, or tensors with an unexpected shape.
-    """
-    files = checkpoint_files(ckpt_dir)
-    headers = {f: read_safetensors_header(f) for f in sorted(set(files.values()))}
-    expected = convert.flatten_tree(convert.expected_param_shapes(config))
-    plan: dict[Path, tuple[str, str, dict[str, Any], int]] = {}
-    unknown, bad_shape = [], []
-    for name, file in files.items():
-        header, start = headers[file]
-        if name not in header:
-            raise ValueError(f"{file}: the index lists tensor {name!r} but the file does not contain it")
-        try:
-            path = convert.hf_name_to_path(name, config)
-        except ValueError:
-            unknown.append(name)
-            continue
-        if path is None:
-            continue
-        got = tuple(int(s) for s in header[name]["shape"])
-        want = _expected_hf_shape(path, expected[path])
-        if got != want:
-            bad_shape.append(f"{name!r}: expected shape {want}, got {got}")
-        plan[path] = (name, file, header[name], start)
-    if unknown:
-        raise ValueError(
-            f"{ckpt_dir!r}: {len(unknown)} unknown tensor name(s) for a {config.model_type} checkpoint with "
-            f"num_layers={config.num_layers}: {', '.join(repr(n) for n in sorted(unknown)[:12])}"
-        )
-    if bad_shape:
-        raise ValueError(f"{ckpt_dir!r}: tensor(s) with unexpected shape for config.json: {'; '.join(bad_shape[:12])}")
-    missing = [convert.param_path_to_hf_name(p) for p in expected if p not in plan]
-    if missing:
-        raise ValueError(f"{ckpt_dir!r}: missing tensor(s) {', '.join(repr(n) for n in missing[:12])}")
-    return plan
+  Raises ValueError naming unknown tensors, missing tensors, or tensors with an unexpected shape.
+  """
+  files = checkpoint_files(ckpt_dir)
+  headers = {f: read_safetensors_header(f) for f in sorted(set(files.values()))}
+  expected = convert.flatten_tree(convert.expected_param_shapes(config))
+  plan: dict[Path, tuple[str, str, dict[str, Any], int]] = {}
+  unknown, bad_shape = [], []
+  for name, file in files.items():
+    header, start = headers[file]
+    if name not in header:
+      raise ValueError(f"{file}: the index lists tensor {name!r} but the file does not contain it")
+    try:
+      path = convert.hf_name_to_path(name, config)
+    except ValueError:
+      unknown.append(name)
+      continue
+    if path is None:
+      continue
+    got = tuple(int(s) for s in header[name]["shape"])
+    want = _expected_hf_shape(path, expected[path])
+    if got != want:
+      bad_shape.append(f"{name!r}: expected shape {want}, got {got}")
+    plan[path] = (name, file, header[name], start)
+  if unknown:
+    raise ValueError(
+        f"{ckpt_dir!r}: {len(unknown)} unknown tensor name(s) for a {config.model_type} checkpoint with "
+        f"num_layers={config.num_layers}: {', '.join(repr(n) for n in sorted(unknown)[:12])}"
+    )
+  if bad_shape:
+    raise ValueError(f"{ckpt_dir!r}: tensor(s) with unexpected shape for config.json: {'; '.join(bad_shape[:12])}")
+  missing = [convert.param_path_to_hf_name(p) for p in expected if p not in plan]
+  if missing:
+    raise ValueError(f"{ckpt_dir!r}: missing tensor(s) {', '.join(repr(n) for n in missing[:12])}")
+  return plan
 
 
 def place_param(array_hf: np.ndarray, path: Path, dtype: np.dtype, sharding: Any) -> jax.Array:
-    """Our-layout `array_hf` (memmap) in `dtype` on `sharding` (or the default device), one slice per device."""
-    view = array_hf.T if path[-1] == "kernel" else array_hf  # a view: nothing is copied yet
-    if sharding is None:
-        return jax.device_put(np.ascontiguousarray(view, dtype=dtype))
-    return jax.make_array_from_callback(view.shape, sharding, lambda idx: np.ascontiguousarray(view[idx], dtype=dtype))
+  """Our-layout `array_hf` (memmap) in `dtype` on `sharding` (or the default device), one slice per device."""
+  view = array_hf.T if path[-1] == "kernel" else array_hf  # a view: nothing is copied yet
+  if sharding is None:
+    return jax.device_put(np.ascontiguousarray(view, dtype=dtype))
+  return jax.make_array_from_callback(view.shape, sharding, lambda idx: np.ascontiguousarray(view[idx], dtype=dtype))
 
 
 def from_pretrained(
@@ -224,37 +246,46 @@ def from_pretrained(
     revision: str | None = None,
     progress: bool = True,
 ) -> tuple[Transformer, dict[str, Any], ModelConfig]:
-    """Load an HF safetensors checkpoint (local dir, or hub id through snapshot_download) as (model, params, config).
+  """Load an HF safetensors checkpoint (local dir, or hub id through snapshot_download) as (model, params, config).
 
-    `dtype` is the compute dtype, `param_dtype` the storage dtype (default: `dtype`). With `mesh`, every param is
-    placed directly on its `sharding.param_shardings` sharding.
-    """
-    from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
+  `dtype` is the compute dtype, `param_dtype` the storage dtype (default: `dtype`). With `mesh`, every param is
+  placed directly on its `sharding.param_shardings` sharding.
+  """
+  from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
 
-    ckpt_dir = resolve_checkpoint_dir(path_or_hub_id, revision=revision)
-    hf_config = read_hf_config(ckpt_dir)
-    config = ModelConfig.from_hf(hf_config, dtype=dtype, param_dtype=param_dtype or dtype, remat=remat)
-    plan = plan_load(ckpt_dir, config)
-    target = np_dtype(config.param_dtype)
-    shardings = convert.flatten_tree(sharding_lib.param_shardings(convert.expected_param_shapes(config), mesh)) if mesh is not None else {}
-    params: dict[str, Any] = {}
-    for path, (name, file, info, start) in tqdm(sorted(plan.items()), desc=f"load {os.path.basename(os.path.normpath(ckpt_dir))}",
-                                                disable=not progress, dynamic_ncols=True, leave=False):
-        array_hf = read_safetensors_tensor(file, info, start)
-        convert.set_in_tree(params, path, place_param(array_hf, path, target, shardings.get(path)))
-    return Transformer(config), params, config
+  ckpt_dir = resolve_checkpoint_dir(path_or_hub_id, revision=revision)
+  hf_config = read_hf_config(ckpt_dir)
+  config = ModelConfig.from_hf(hf_config, dtype=dtype, param_dtype=param_dtype or dtype, remat=remat)
+  plan = plan_load(ckpt_dir, config)
+  target = np_dtype(config.param_dtype)
+  shardings = (
+      convert.flatten_tree(sharding_lib.param_shardings(convert.expected_param_shapes(config), mesh))
+      if mesh is not None
+      else {}
+  )
+  params: dict[str, Any] = {}
+  for path, (name, file, info, start) in tqdm(
+      sorted(plan.items()),
+      desc=f"load {os.path.basename(os.path.normpath(ckpt_dir))}",
+      disable=not progress,
+      dynamic_ncols=True,
+      leave=False,
+  ):
+    array_hf = read_safetensors_tensor(file, info, start)
+    convert.set_in_tree(params, path, place_param(array_hf, path, target, shardings.get(path)))
+  return Transformer(config), params, config
 
 
 # ---------------------------------------------------------------------------------------------- saving
 
 
 def _host_array(x: Any) -> np.ndarray:
-    """A full numpy copy of one param (all-gathered across processes when not fully addressable)."""
-    if isinstance(x, jax.Array) and not x.is_fully_addressable:
-        from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  """A full numpy copy of one param (all-gathered across processes when not fully addressable)."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
 
-        x = multihost_utils.process_allgather(x, tiled=True)
-    return np.asarray(jax.device_get(x))
+    x = multihost_utils.process_allgather(x, tiled=True)
+  return np.asarray(jax.device_get(x))
 
 
 def save_pretrained(
@@ -266,84 +297,90 @@ def save_pretrained(
     dtype: str | None = None,
     progress: bool = True,
 ) -> str:
-    """Write config.json + safetensors (sharded with an index above `max_shard_bytes`) readable by transformers.
+  """Write config.json + safetensors (sharded with an index above `max_shard_bytes`) readable by transformers.
 
-    `dtype` is the stored dtype (default: config.param_dtype). Tensors are fetched and written one at a time;
-    on several processes all take part in gathers and process 0 writes. Returns `out_dir`.
-    """
-    from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
+  `dtype` is the stored dtype (default: config.param_dtype). Tensors are fetched and written one at a time;
+  on several processes all take part in gathers and process 0 writes. Returns `out_dir`.
+  """
+  from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
 
-    p = params["params"] if "params" in params and "embed_tokens" not in params else params
-    flat = convert.flatten_tree(p)
-    expected = convert.flatten_tree(convert.expected_param_shapes(config))
-    unknown = sorted("/".join(k) for k in flat if k not in expected)
-    if unknown:
-        raise ValueError(f"save_pretrained: params has entries not in a {config.model_type} param tree: {unknown[:12]}")
-    missing = sorted("/".join(k) for k in expected if k not in flat)
-    if missing:
-        raise ValueError(f"save_pretrained: params is missing {missing[:12]}")
-    for k, v in flat.items():
-        if tuple(np.shape(v)) != expected[k]:
-            raise ValueError(f"save_pretrained: param {'/'.join(k)} has shape {tuple(np.shape(v))}, expected {expected[k]} from config")
-    store = np_dtype(dtype or config.param_dtype)
-    if store.name not in _ST_NAMES:
-        raise ValueError(f"save_pretrained: unsupported dtype {dtype!r}")
-    if max_shard_bytes <= 0:
-        raise ValueError(f"save_pretrained: max_shard_bytes must be positive, got {max_shard_bytes}")
+  p = params["params"] if "params" in params and "embed_tokens" not in params else params
+  flat = convert.flatten_tree(p)
+  expected = convert.flatten_tree(convert.expected_param_shapes(config))
+  unknown = sorted("/".join(k) for k in flat if k not in expected)
+  if unknown:
+    raise ValueError(f"save_pretrained: params has entries not in a {config.model_type} param tree: {unknown[:12]}")
+  missing = sorted("/".join(k) for k in expected if k not in flat)
+  if missing:
+    raise ValueError(f"save_pretrained: params is missing {missing[:12]}")
+  for k, v in flat.items():
+    if tuple(np.shape(v)) != expected[k]:
+      raise ValueError(
+          f"save_pretrained: param {'/'.join(k)} has shape {tuple(np.shape(v))}, expected {expected[k]} from config"
+      )
+  store = np_dtype(dtype or config.param_dtype)
+  if store.name not in _ST_NAMES:
+    raise ValueError(f"save_pretrained: unsupported dtype {dtype!r}")
+  if max_shard_bytes <= 0:
+    raise ValueError(f"save_pretrained: max_shard_bytes must be positive, got {max_shard_bytes}")
 
-    entries = []
-    for path in expected:  # model order: embed, layers, norm, lm_head
-        shape = _expected_hf_shape(path, expected[path])
-        entries.append((convert.param_path_to_hf_name(path), shape, store, path))
-    shards: list[list[Any]] = [[]]
-    size = 0
-    for e in entries:
-        nbytes = math.prod(e[1]) * store.itemsize
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(e)
-        size += nbytes
+  entries = []
+  for path in expected:  # model order: embed, layers, norm, lm_head
+    shape = _expected_hf_shape(path, expected[path])
+    entries.append((convert.param_path_to_hf_name(path), shape, store, path))
+  shards: list[list[Any]] = [[]]
+  size = 0
+  for e in entries:
+    nbytes = math.prod(e[1]) * store.itemsize
+    if shards[-1] and size + nbytes > max_shard_bytes:
+      shards.append([])
+      size = 0
+    shards[-1].append(e)
+    size += nbytes
 
-    writer = jax.process_index() == 0
+  writer = jax.process_index() == 0
+  if writer:
+    os.makedirs(out_dir, exist_ok=True)
+    for stale in os.listdir(out_dir):  # an old sharding would shadow the new files
+      if stale == INDEX_FILE or (stale.startswith("model") and stale.endswith(".safetensors")):
+        os.remove(os.path.join(out_dir, stale))
+  bar = tqdm(total=len(entries), desc="save", disable=not progress or not writer, dynamic_ncols=True, leave=False)
+
+  def fetch(path: Path) -> np.ndarray:
+    arr = _host_array(flat[path])
+    bar.update(1)
+    return arr.T if path[-1] == "kernel" else arr
+
+  names = (
+      [SINGLE_FILE]
+      if len(shards) == 1
+      else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+  )
+  for shard_name, shard in zip(names, shards):
     if writer:
-        os.makedirs(out_dir, exist_ok=True)
-        for stale in os.listdir(out_dir):  # an old sharding would shadow the new files
-            if stale == INDEX_FILE or (stale.startswith("model") and stale.endswith(".safetensors")):
-                os.remove(os.path.join(out_dir, stale))
-    bar = tqdm(total=len(entries), desc="save", disable=not progress or not writer, dynamic_ncols=True, leave=False)
-
-    def fetch(path: Path) -> np.ndarray:
-        arr = _host_array(flat[path])
-        bar.update(1)
-        return arr.T if path[-1] == "kernel" else arr
-
-    names = [SINGLE_FILE] if len(shards) == 1 else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    for shard_name, shard in zip(names, shards):
-        if writer:
-            _write_safetensors(os.path.join(out_dir, shard_name), shard, fetch)
-        else:
-            for *_, path in shard:
-                fetch(path)
-    bar.close()
-    if writer:
-        if len(shards) > 1:
-            index = {
-                "metadata": {"total_size": sum(math.prod(e[1]) * store.itemsize for e in entries)},
-                "weight_map": {e[0]: n for n, shard in zip(names, shards) for e in shard},
-            }
-            with open(os.path.join(out_dir, INDEX_FILE), "w") as f:
-                json.dump(index, f, indent=2)
-        hf = config.to_hf()
-        hf["torch_dtype"] = store.name
-        hf["dtype"] = store.name
-        with open(os.path.join(out_dir, "config.json"), "w") as f:
-            json.dump(hf, f, indent=2)
-    return out_dir
+      _write_safetensors(os.path.join(out_dir, shard_name), shard, fetch)
+    else:
+      for *_, path in shard:
+        fetch(path)
+  bar.close()
+  if writer:
+    if len(shards) > 1:
+      index = {
+          "metadata": {"total_size": sum(math.prod(e[1]) * store.itemsize for e in entries)},
+          "weight_map": {e[0]: n for n, shard in zip(names, shards) for e in shard},
+      }
+      with open(os.path.join(out_dir, INDEX_FILE), "w") as f:
+        json.dump(index, f, indent=2)
+    hf = config.to_hf()
+    hf["torch_dtype"] = store.name
+    hf["dtype"] = store.name
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+      json.dump(hf, f, indent=2)
+  return out_dir
 
 
 def iter_checkpoint_tensors(ckpt_dir: str) -> Iterator[tuple[str, np.ndarray]]:
-    """(HF name, memory-mapped numpy array) for every tensor of a safetensors checkpoint directory."""
-    for name, file in sorted(checkpoint_files(ckpt_dir).items()):
-        header, start = read_safetensors_header(file)
-        yield name, read_safetensors_tensor(file, header[name], start)
+  """(HF name, memory-mapped numpy array) for every tensor of a safetensors checkpoint directory."""
+  for name, file in sorted(checkpoint_files(ckpt_dir).items()):
+    header, start = read_safetensors_header(file)
+    yield name, read_safetensors_tensor(file, header[name], start)

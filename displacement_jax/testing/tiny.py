@@ -66,8 +66,9 @@ def _training_corpus(words: Sequence[str]) -> list[str]:
 
 def _check_word(word: str) -> str:
   if not isinstance(word, str) or not word or any(c.isspace() for c in word):
-    raise ValueError(f"build_tiny_tokenizer: extra_words entries must be non-empty strings without whitespace, "
-                     f"got {word!r}")
+    raise ValueError(
+        f"build_tiny_tokenizer: extra_words entries must be non-empty strings without whitespace, " f"got {word!r}"
+    )
   return word
 
 
@@ -80,24 +81,32 @@ def _tokenizer_json(extra_words: tuple[str, ...], vocab_size: int) -> str:
   tok = Tokenizer(models.BPE(unk_token=None, fuse_unk=False))
   tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
   tok.decoder = decoders.ByteLevel()
-  trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, show_progress=False,
-                                special_tokens=list(SPECIAL_TOKENS),
-                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+  trainer = trainers.BpeTrainer(
+      vocab_size=vocab_size,
+      min_frequency=2,
+      show_progress=False,
+      special_tokens=list(SPECIAL_TOKENS),
+      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+  )
   tok.train_from_iterator(_training_corpus(words), trainer=trainer)
   tok.post_processor = processors.TemplateProcessing(
-      single=f"{BOS_TOKEN} $A", pair=f"{BOS_TOKEN} $A {BOS_TOKEN} $B", special_tokens=[(BOS_TOKEN, BOS_ID)])
+      single=f"{BOS_TOKEN} $A", pair=f"{BOS_TOKEN} $A {BOS_TOKEN} $B", special_tokens=[(BOS_TOKEN, BOS_ID)]
+  )
   vocab = tok.get_vocab()
   for i, t in enumerate(SPECIAL_TOKENS):
     assert vocab[t] == i, (t, vocab[t])
   missing = [w for w in words if w not in vocab or "Ġ" + w not in vocab]
   if missing:
-    raise ValueError(f"build_tiny_tokenizer: vocab_size={vocab_size} is too small to keep {missing} as single "
-                     "tokens; use fewer extra_words or a larger vocab_size")
+    raise ValueError(
+        f"build_tiny_tokenizer: vocab_size={vocab_size} is too small to keep {missing} as single "
+        "tokens; use fewer extra_words or a larger vocab_size"
+    )
   return tok.to_str()
 
 
-def build_tiny_tokenizer(out_dir: str | os.PathLike[str] | None = None, *, extra_words: Sequence[str] = (),
-                         vocab_size: int = TINY_VOCAB_SIZE) -> Any:
+def build_tiny_tokenizer(
+    out_dir: str | os.PathLike[str] | None = None, *, extra_words: Sequence[str] = (), vocab_size: int = TINY_VOCAB_SIZE
+) -> Any:
   """A deterministic byte-level BPE `PreTrainedTokenizerFast` (<= vocab_size entries) built offline.
 
   extra_words: more words (no whitespace) that must be single vocabulary entries, like SINGLE_TOKEN_WORDS.
@@ -113,9 +122,14 @@ def build_tiny_tokenizer(out_dir: str | os.PathLike[str] | None = None, *, extra
   extra = tuple(_check_word(w) for w in extra_words)
   tok = PreTrainedTokenizerFast(
       tokenizer_object=Tokenizer.from_str(_tokenizer_json(extra, int(vocab_size))),
-      bos_token=BOS_TOKEN, eos_token=EOS_TOKEN, pad_token=PAD_TOKEN,
-      additional_special_tokens=list(ROLE_TOKENS), padding_side="right",
-      clean_up_tokenization_spaces=False, model_max_length=4096)
+      bos_token=BOS_TOKEN,
+      eos_token=EOS_TOKEN,
+      pad_token=PAD_TOKEN,
+      additional_special_tokens=list(ROLE_TOKENS),
+      padding_side="right",
+      clean_up_tokenization_spaces=False,
+      model_max_length=4096,
+  )
   tok.chat_template = CHAT_TEMPLATE
   if out_dir is not None:
     os.makedirs(out_dir, exist_ok=True)
@@ -136,28 +150,68 @@ def tiny_hf_config(family: str, vocab_size: int = TINY_VOCAB_SIZE, **overrides: 
   if not isinstance(vocab_size, int) or vocab_size <= EOS_ID:
     raise ValueError(f"tiny_hf_config: vocab_size must be an int > {EOS_ID}, got {vocab_size!r}")
   cfg: dict[str, Any] = dict(
-      vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-      num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
-      rms_norm_eps=1e-5, rope_theta=10000.0, rope_scaling=None, hidden_act="silu", attention_bias=False,
-      tie_word_embeddings=False, initializer_range=0.02, bos_token_id=BOS_ID, eos_token_id=EOS_ID,
-      pad_token_id=PAD_ID, torch_dtype="float32", use_cache=True)
+      vocab_size=vocab_size,
+      hidden_size=64,
+      intermediate_size=128,
+      num_hidden_layers=2,
+      num_attention_heads=4,
+      num_key_value_heads=2,
+      head_dim=16,
+      max_position_embeddings=512,
+      rms_norm_eps=1e-5,
+      rope_theta=10000.0,
+      rope_scaling=None,
+      hidden_act="silu",
+      attention_bias=False,
+      tie_word_embeddings=False,
+      initializer_range=0.02,
+      bos_token_id=BOS_ID,
+      eos_token_id=EOS_ID,
+      pad_token_id=PAD_ID,
+      torch_dtype="float32",
+      use_cache=True,
+  )
   if family == "llama":
     cfg.update(model_type="llama", architectures=["LlamaForCausalLM"], rope_theta=500000.0, mlp_bias=False)
   elif family == "llama31":
-    cfg.update(model_type="llama", architectures=["LlamaForCausalLM"], rope_theta=500000.0, mlp_bias=False,
-               rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                             "high_freq_factor": 4.0, "original_max_position_embeddings": 64})
+    cfg.update(
+        model_type="llama",
+        architectures=["LlamaForCausalLM"],
+        rope_theta=500000.0,
+        mlp_bias=False,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+        },
+    )
   elif family == "mistral":
     cfg.update(model_type="mistral", architectures=["MistralForCausalLM"], rope_theta=1e6, sliding_window=None)
   elif family == "qwen2":
-    cfg.update(model_type="qwen2", architectures=["Qwen2ForCausalLM"], rope_theta=1e6, rms_norm_eps=1e-6,
-               use_sliding_window=False, sliding_window=None, max_window_layers=2)
+    cfg.update(
+        model_type="qwen2",
+        architectures=["Qwen2ForCausalLM"],
+        rope_theta=1e6,
+        rms_norm_eps=1e-6,
+        use_sliding_window=False,
+        sliding_window=None,
+        max_window_layers=2,
+    )
   elif family == "olmo":
     cfg.update(model_type="olmo", architectures=["OlmoForCausalLM"], tie_word_embeddings=True, clip_qkv=None)
     cfg.pop("rms_norm_eps")
   elif family == "gemma":
-    cfg.update(model_type="gemma", architectures=["GemmaForCausalLM"], num_key_value_heads=1, head_dim=32,
-               hidden_act="gelu_pytorch_tanh", hidden_activation="gelu_pytorch_tanh", rms_norm_eps=1e-6,
-               tie_word_embeddings=True)
+    cfg.update(
+        model_type="gemma",
+        architectures=["GemmaForCausalLM"],
+        num_key_value_heads=1,
+        head_dim=32,
+        hidden_act="gelu_pytorch_tanh",
+        hidden_activation="gelu_pytorch_tanh",
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=True,
+    )
   cfg.update(overrides)
   return cfg

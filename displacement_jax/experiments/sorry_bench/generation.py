@@ -23,19 +23,38 @@ class Generator(Protocol):
 class SampleFn(Protocol):
   """Token-level generation backend: new token ids (EOS and after removed) for each prompt."""
 
-  def __call__(self, model: Any, params: Any, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: int,
-               temperature: float, seed: int, eos_id: int, pad_id: int) -> list[list[int]]:
+  def __call__(
+      self,
+      model: Any,
+      params: Any,
+      prompt_ids: Sequence[Sequence[int]],
+      *,
+      max_new_tokens: int,
+      temperature: float,
+      seed: int,
+      eos_id: int,
+      pad_id: int,
+  ) -> list[list[int]]:
     ...
 
 
 def strip_after_eos(ids: Sequence[int], eos_id: int) -> list[int]:
   """Token ids up to (not including) the first EOS."""
   ids = [int(t) for t in ids]
-  return ids[:ids.index(eos_id)] if eos_id in ids else ids
+  return ids[: ids.index(eos_id)] if eos_id in ids else ids
 
 
-def generate_sample_fn(model: Any, params: Any, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: int,
-                       temperature: float, seed: int, eos_id: int, pad_id: int) -> list[list[int]]:
+def generate_sample_fn(
+    model: Any,
+    params: Any,
+    prompt_ids: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    seed: int,
+    eos_id: int,
+    pad_id: int,
+) -> list[list[int]]:
   """The default backend: `displacement_jax.generate.generate` (KV cache; greedy when temperature == 0).
 
   Prompts are LEFT-padded to a multiple of 64 tokens so a few compiled shapes serve every batch.
@@ -43,14 +62,32 @@ def generate_sample_fn(model: Any, params: Any, prompt_ids: Sequence[Sequence[in
   if not prompt_ids:
     return []
   ids, mask = gen_lib.left_pad(prompt_ids, pad_id, multiple=64)
-  out = gen_lib.generate(model, params, ids, mask, max_new_tokens=int(max_new_tokens), eos_token_id=eos_id,
-                         pad_token_id=pad_id, temperature=float(temperature), rng=jax.random.PRNGKey(int(seed)))
+  out = gen_lib.generate(
+      model,
+      params,
+      ids,
+      mask,
+      max_new_tokens=int(max_new_tokens),
+      eos_token_id=eos_id,
+      pad_token_id=pad_id,
+      temperature=float(temperature),
+      rng=jax.random.PRNGKey(int(seed)),
+  )
   return [strip_after_eos(row, eos_id) for row in np.asarray(out.tokens_BN)]
 
 
-def make_generator(model: Any, params: Any, tokenizer: Any, *, data_format: str, batch_size: int,
-                   max_length: int, progress: bool = False, desc: str = 'generate',
-                   sample_fn: SampleFn | None = None) -> Generator:
+def make_generator(
+    model: Any,
+    params: Any,
+    tokenizer: Any,
+    *,
+    data_format: str,
+    batch_size: int,
+    max_length: int,
+    progress: bool = False,
+    desc: str = "generate",
+    sample_fn: SampleFn | None = None,
+) -> Generator:
   """A `Generator`: prompts -> decoded completions, in batches, through `sample_fn` (default: generate).
 
   Prompts are formatted exactly as in training (`data.tokenize.prompt_ids` with `data_format`: a user
@@ -68,9 +105,17 @@ def make_generator(model: Any, params: Any, tokenizer: Any, *, data_format: str,
     out: list[str] = []
     bar = tqdm(total=len(prompts), desc=desc, disable=not progress, dynamic_ncols=True)
     for start in range(0, len(prompts), batch_size):
-      chunk = [encode(p)[-(max_length - max_new_tokens):] for p in prompts[start:start + batch_size]]
-      new_ids = sample_fn(model, params, chunk, max_new_tokens=max_new_tokens, temperature=temperature,
-                          seed=seed + start, eos_id=eos_id, pad_id=pad_id)
+      chunk = [encode(p)[-(max_length - max_new_tokens) :] for p in prompts[start : start + batch_size]]
+      new_ids = sample_fn(
+          model,
+          params,
+          chunk,
+          max_new_tokens=max_new_tokens,
+          temperature=temperature,
+          seed=seed + start,
+          eos_id=eos_id,
+          pad_id=pad_id,
+      )
       out.extend(tokenizer.decode(ids, skip_special_tokens=True) for ids in new_ids)
       bar.update(len(chunk))
     bar.close()

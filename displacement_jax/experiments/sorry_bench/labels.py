@@ -24,6 +24,7 @@ from displacement_jax.experiments.sorry_bench.constants import COMPLIED, REFUSED
 
 class TieBreaker(Protocol):
   """Orders tied response pairs: returns, per pair, the position (0 or 1) of the preferred response."""
+
   name: str
 
   def __call__(self, prompts: Sequence[str], responses: Sequence[tuple[str, str]]) -> list[int]:
@@ -33,8 +34,9 @@ class TieBreaker(Protocol):
 @dataclasses.dataclass
 class RandomTieBreaker:
   """Seeded coin flips: the same seed and number of ties always give the same winners."""
+
   seed: int = 0
-  name: str = 'random'
+  name: str = "random"
 
   def __call__(self, prompts: Sequence[str], responses: Sequence[tuple[str, str]]) -> list[int]:
     return [int(w) for w in np.random.default_rng(self.seed).integers(0, 2, size=len(responses))]
@@ -43,8 +45,9 @@ class RandomTieBreaker:
 @dataclasses.dataclass
 class PairRMTieBreaker:
   """llm-blender's PairRM (PyTorch): prefers the response it compares as better."""
-  model_id: str = 'llm-blender/PairRM'
-  name: str = 'pairrm'
+
+  model_id: str = "llm-blender/PairRM"
+  name: str = "pairrm"
   _blender: Any = None
 
   def __call__(self, prompts: Sequence[str], responses: Sequence[tuple[str, str]]) -> list[int]:
@@ -59,11 +62,11 @@ class PairRMTieBreaker:
 
 def make_tie_breaker(name: str, seed: int = 0, log: Callable[[str], None] = print) -> TieBreaker:
   """'pairrm' (falls back to seeded random, logged, when llm-blender is not installed) or 'random'."""
-  if name == 'random':
+  if name == "random":
     return RandomTieBreaker(seed)
-  if name == 'pairrm':
-    if importlib.util.find_spec('llm_blender') is None:  # optional dependency, imported only to rank
-      log(f'tie-breaker: llm-blender (PairRM) is not installed; breaking ties at random with seed {seed}')
+  if name == "pairrm":
+    if importlib.util.find_spec("llm_blender") is None:  # optional dependency, imported only to rank
+      log(f"tie-breaker: llm-blender (PairRM) is not installed; breaking ties at random with seed {seed}")
       return RandomTieBreaker(seed)
     return PairRMTieBreaker()
   raise ValueError(f'sorry.tie_breaker must be "pairrm" or "random", got {name!r}')
@@ -75,17 +78,23 @@ def break_ties(prompts: Sequence[str], responses: Sequence[tuple[str, str]], tie
     return []
   winners = list(tie_breaker(prompts, responses))
   if len(winners) != len(responses) or any(w not in (0, 1) for w in winners):
-    raise ValueError(f'tie-breaker {tie_breaker.name!r} returned {winners!r} for {len(responses)} tied pairs; '
-                     'expected one 0/1 winner per pair')
+    raise ValueError(
+        f"tie-breaker {tie_breaker.name!r} returned {winners!r} for {len(responses)} tied pairs; "
+        "expected one 0/1 winner per pair"
+    )
   return winners
 
 
 # --------------------------------------------------------------------------------------------- labelling
 
 
-def label_pairs(prompts: Sequence[Any], responses: Sequence[tuple[str, str]],
-                scores: Sequence[tuple[int | None, int | None]], tie_breaker: TieBreaker,
-                prompt_text: Callable[[Any], str] = str) -> tuple[list[dict[str, Any]], dict[str, int]]:
+def label_pairs(
+    prompts: Sequence[Any],
+    responses: Sequence[tuple[str, str]],
+    scores: Sequence[tuple[int | None, int | None]],
+    tie_breaker: TieBreaker,
+    prompt_text: Callable[[Any], str] = str,
+) -> tuple[list[dict[str, Any]], dict[str, int]]:
   """Preference rows from two judged responses per prompt: the refusal (score 0) is preferred.
 
   Ties (0/0 or 1/1) are ordered by `tie_breaker`; a pair with an unparsable score or an empty response
@@ -93,32 +102,49 @@ def label_pairs(prompts: Sequence[Any], responses: Sequence[tuple[str, str]],
   counts).
   """
   if not len(prompts) == len(responses) == len(scores):
-    raise ValueError(f'prompts, responses and scores must have equal lengths, got {len(prompts)}, '
-                     f'{len(responses)}, {len(scores)}')
-  counts = {'prompts': len(prompts), 'decided': 0, 'tie_refused': 0, 'tie_complied': 0, 'unparsable': 0,
-            'empty_response': 0}
+    raise ValueError(
+        f"prompts, responses and scores must have equal lengths, got {len(prompts)}, "
+        f"{len(responses)}, {len(scores)}"
+    )
+  counts = {
+      "prompts": len(prompts),
+      "decided": 0,
+      "tie_refused": 0,
+      "tie_complied": 0,
+      "unparsable": 0,
+      "empty_response": 0,
+  }
   winner: dict[int, int] = {}
   tied = []
   for i, (a, b) in enumerate(scores):
     if a is None or b is None:
-      counts['unparsable'] += 1
+      counts["unparsable"] += 1
     elif not str(responses[i][0]).strip() or not str(responses[i][1]).strip():
-      counts['empty_response'] += 1  # nothing to train on (an empty response has no tokens besides EOS)
+      counts["empty_response"] += 1  # nothing to train on (an empty response has no tokens besides EOS)
     elif a != b:
-      counts['decided'] += 1
+      counts["decided"] += 1
       winner[i] = 0 if a == REFUSED else 1
     else:
-      counts['tie_refused' if a == REFUSED else 'tie_complied'] += 1
+      counts["tie_refused" if a == REFUSED else "tie_complied"] += 1
       tied.append(i)
-  tie_winners = break_ties([prompt_text(prompts[i]) for i in tied], [tuple(responses[i]) for i in tied],
-                           tie_breaker)
+  tie_winners = break_ties([prompt_text(prompts[i]) for i in tied], [tuple(responses[i]) for i in tied], tie_breaker)
   winner.update(zip(tied, tie_winners))
   rows = []
   for i in sorted(winner):
     w = winner[i]
-    rows.append({'index': i, 'prompt': prompts[i], 'chosen': responses[i][w], 'rejected': responses[i][1 - w],
-                 'meta': {'scores': list(scores[i]), 'tie': scores[i][0] == scores[i][1],
-                          'tie_breaker': tie_breaker.name if scores[i][0] == scores[i][1] else None}})
+    rows.append(
+        {
+            "index": i,
+            "prompt": prompts[i],
+            "chosen": responses[i][w],
+            "rejected": responses[i][1 - w],
+            "meta": {
+                "scores": list(scores[i]),
+                "tie": scores[i][0] == scores[i][1],
+                "tie_breaker": tie_breaker.name if scores[i][0] == scores[i][1] else None,
+            },
+        }
+    )
   return rows, counts
 
 
@@ -132,13 +158,13 @@ def gold_pairs(judgments: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
   by_q: dict[Any, dict[int, Mapping[str, Any]]] = {}
   order = []
   for row_i, j in enumerate(judgments):
-    for field in ('question_id', 'prompt', 'response', 'score'):
+    for field in ("question_id", "prompt", "response", "score"):
       if field not in j:
-        raise DataError(schema.SORRY_HUMAN_ID, row_i, field, 'missing')
-    score = j['score']
+        raise DataError(schema.SORRY_HUMAN_ID, row_i, field, "missing")
+    score = j["score"]
     if score not in (0, 1, 0.0, 1.0):
-      raise DataError(schema.SORRY_HUMAN_ID, row_i, 'score', f'expected 0 or 1, got {score!r}')
-    q = j['question_id']
+      raise DataError(schema.SORRY_HUMAN_ID, row_i, "score", f"expected 0 or 1, got {score!r}")
+    q = j["question_id"]
     if q not in by_q:
       by_q[q] = {}
       order.append(q)
@@ -147,8 +173,15 @@ def gold_pairs(judgments: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
   for q in order:
     if REFUSED in by_q[q] and COMPLIED in by_q[q]:
       refusal, compliance = by_q[q][REFUSED], by_q[q][COMPLIED]
-      rows.append({'index': len(rows), 'prompt': refusal['prompt'], 'chosen': refusal['response'],
-                   'rejected': compliance['response'], 'meta': {'question_id': q, 'gold': True}})
+      rows.append(
+          {
+              "index": len(rows),
+              "prompt": refusal["prompt"],
+              "chosen": refusal["response"],
+              "rejected": compliance["response"],
+              "meta": {"question_id": q, "gold": True},
+          }
+      )
   return rows
 
 
@@ -167,9 +200,9 @@ def train_test_split(n: int, test_fraction: float = 0.15, seed: int = 0) -> tupl
   435 pairs -> 370 train / 65 test (the paper's Llama-3-8B-Instruct split).
   """
   if n < 2:
-    raise ValueError(f'need at least 2 rows to split, got n={n}')
+    raise ValueError(f"need at least 2 rows to split, got n={n}")
   if not 0.0 < test_fraction < 1.0:
-    raise ValueError(f'test_fraction must be in (0, 1), got {test_fraction!r}')
+    raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction!r}")
   n_test = min(n - 1, max(1, int(math.floor(test_fraction * n + 0.5))))
   perm = np.random.default_rng(seed).permutation(n)
   return np.sort(perm[n_test:]).astype(np.int64), np.sort(perm[:n_test]).astype(np.int64)
