@@ -30,6 +30,18 @@ SHAPES: dict[str, dict[str, Any]] = {
         num_key_value_heads=4,
         tie_word_embeddings=False,
     ),
+    # HuggingFaceTB/SmolLM2-135M-Instruct (the packaged real model): 30 layers, GQA 9/3, tied, rope theta 1e5.
+    "smollm2-135m": dict(
+        model_type="llama",
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        tie_word_embeddings=True,
+        rope_theta=100000.0,
+    ),
     # allenai/OLMo-1B-hf: non-parametric LayerNorm, tied embeddings, MHA.
     "olmo-1b": dict(
         model_type="olmo",

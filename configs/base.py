@@ -32,6 +32,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.export_hf = False  # save the trained model in HF format to output_dir/hf at the end
   config.log_every = 1  # metrics.jsonl / TensorBoard row every N steps (1 = every step)
   config.progress = True  # tqdm progress bar (loss, preferred log-prob change)
+  config.overwrite = False  # True: a fresh run may replace the checkpoints of an earlier run in output_dir
+  config.resume_allow_changes = False  # True: --resume continues even if loss/optim/model/data/batch/seed changed
 
   config.model = ml_collections.ConfigDict()
   config.model.path = ""  # HF dir, hub id, .gguf file or packaged name ('smollm2-135m-instruct'); models.load
@@ -108,7 +110,14 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.measures = ml_collections.ConfigDict()
   config.measures.include_eos = False  # scoring: edit distance / last hidden incl. the appended EOS
 
+  config.distributed = ml_collections.ConfigDict()
+  config.distributed.init_timeout = 300  # s: every process must join jax.distributed.initialize within this
+  config.distributed.heartbeat_timeout = 100  # s: jax counts a silent process as dead, the others then abort
+  config.distributed.shutdown_timeout = 300  # s: at exit a process waits this long for the others (jax's barrier)
+  config.distributed.peer_timeout = 60  # s: another process without a heartbeat this long ends this one (0: off)
+
   config.debug = ml_collections.ConfigDict()
   config.debug.stop_after_steps = 0  # > 0: stop (after checkpointing) once this step is reached, to test resume
+  config.debug.log_rows = False  # each process appends its batches' dataset rows to output_dir/rows_process<i>.jsonl
 
   return config

@@ -11,6 +11,8 @@ from typing import Any, Callable, Sequence
 from absl import flags
 from ml_collections import config_flags
 
+from displacement_jax.errors import UsageError
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _FIELD_RE = re.compile(r"^\s+(?:config|f)\.([\w.]+) = (.+?)\s+# (.*)$")
 
@@ -114,14 +116,25 @@ def add_config_root(path: str) -> None:
 def one_line_errors(
     fn: Callable[[], Any], errors: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError)
 ) -> int:
-  """Run `fn()`; 0 when it returns, 1 with `error: <message>` on stderr when it raises one of `errors` (the CLIs'
-  exit status for bad input)."""
+  """Run `fn()`; 0 when it returns; 2 with `error: <message>` on stderr for a `UsageError` (output_dir locked or
+  holding another run, no usable checkpoint, a refused --resume); 1 with `error: <message>` for one of `errors`
+  or an OSError (bad input, a full disk: the CLIs' exit status for a failed run)."""
   try:
     fn()
-  except errors as e:
+  except UsageError as e:
     print(f"error: {e}", file=sys.stderr)
+    return 2
+  except errors + (OSError,) as e:
+    print(f"error: {os_error_line(e) if isinstance(e, OSError) else e}", file=sys.stderr)
     return 1
   return 0
+
+
+def os_error_line(error: OSError) -> str:
+  """'No space left on device: /path' for an OSError that names its file, else its message."""
+  if error.strerror and error.filename is not None:
+    return f"{error.strerror}: {error.filename}"
+  return str(error)
 
 
 def _last_line(message: str) -> str:

@@ -18,6 +18,11 @@ class DataError(ValueError):
     super().__init__(f"{', '.join(where)}: {message}")
 
 
+class UsageError(Exception):
+  """The run cannot start as asked (output_dir locked or holding another run, no usable checkpoint, a refused
+  --resume): the CLIs print its one-line message and exit with status 2."""
+
+
 def shape_of(x: Any) -> tuple[int, ...]:
   """The shape of an array-like, or () for scalars."""
   return tuple(getattr(x, "shape", ()))

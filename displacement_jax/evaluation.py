@@ -1,9 +1,11 @@
-"""The displacement monitor run during training: the fixed monitor subset through the step's jitted functions.
+"""The displacement monitor run during training: the fixed monitor subset through one jitted forward pass.
 
 `Monitor(...)(params, step)` returns the `monitor/*` metrics of `displacement_jax.monitor` (log-prob changes
 against the monitor's own baseline, Definition-1 share, single-token gainers beside Theorem 2, unembedding
-metrics). Its baseline log-probs come from the reference pass (`reference.compute_or_load`), which runs the
-very same jitted function on the very same batch before training, so step 0 shows exactly zero change.
+metrics). One evaluation costs one forward pass over the monitor rows: `make_monitor_fn` gives the log-probs and
+the loss from the same forward, on shared-prompt packed rows of one fixed shape (compiled once per run). Its
+baseline log-probs come from the reference pass (`reference.compute_or_load`), which runs the very same jitted
+function on the very same batch before training, so step 0 shows exactly zero change.
 """
 
 from __future__ import annotations
@@ -14,18 +16,41 @@ import jax
 import ml_collections
 import numpy as np
 
+from displacement_jax import forward
 from displacement_jax import monitor as monitor_lib
 from displacement_jax import runtime, sharding
+from displacement_jax import step as step_lib
 from displacement_jax.data.layout import fill_rows, round_up
+
+
+def make_monitor_fn(model: Any, loss_config: Any, chunk_size: int) -> Any:
+  """monitor_fn(params, batch) -> {'chosen_logps_B', 'rejected_logps_B', 'loss'}: log-probs and the configured
+  loss from ONE forward pass (either batch layout; the batch carries the reference log-probs)."""
+
+  def monitor_fn(params, batch):
+    logps = forward.pair_logps(model, params, batch, chunk_size)
+    pc, pr = logps["chosen_logps_B"], logps["rejected_logps_B"]
+    loss, _ = step_lib.preference_loss(loss_config, pc, pr, batch["chosen_ref_logps_B"], batch["rejected_ref_logps_B"])
+    return {"chosen_logps_B": pc, "rejected_logps_B": pr, "loss": loss}
+
+  return monitor_fn
 
 
 def monitor_batch(
     dataset: runtime.Dataset, rows: np.ndarray, config: ml_collections.ConfigDict, dp: int, ref: dict[str, np.ndarray]
 ) -> dict[str, np.ndarray]:
   """The fixed monitor subset with its reference log-probs, padded (by repeating its last row) to a multiple
-  of the data-parallel size."""
+  of the data-parallel size: the two-side collated batch (single-token mode reads the next-token distribution
+  from it) and the layout the log-probs run on (`packed_monitor_batch`)."""
   padded = fill_rows(rows, round_up(len(rows), dp))
   return add_reference(runtime.collate([dataset.pairs[i] for i in padded], dataset.pad_id, config), padded, ref)
+
+
+def packed_monitor_batch(
+    batch: dict[str, np.ndarray], dataset: runtime.Dataset, config: ml_collections.ConfigDict
+) -> dict[str, np.ndarray]:
+  """The monitor batch in the training layout (shared-prompt packed when enabled), one fixed shape."""
+  return runtime.pack_for_logps(batch, dataset.pad_id, config, runtime.packed_shape(dataset.pairs))
 
 
 def add_reference(batch: dict[str, np.ndarray], rows: np.ndarray, ref: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -51,7 +76,8 @@ class Monitor:
     self.fns, self.rows, self.ref, self.n = fns, rows, ref, len(rows)
     self.top_k = int(config.eval.top_k)
     self.batch_np = monitor_batch(dataset, rows, config, sharding.data_parallel_size(mesh), ref)
-    self.batch = sharding.global_batch_to_devices(self.batch_np, mesh)
+    self.batch = sharding.global_batch_to_devices(packed_monitor_batch(self.batch_np, dataset, config), mesh)
+    self.two_side = sharding.global_batch_to_devices(self.batch_np, mesh) if fns.next_token is not None else None
     self.token_names = None
     if fns.next_token is not None:
       vocab = loaded.model_config.vocab_size
@@ -61,9 +87,8 @@ class Monitor:
   def __call__(self, params: Any, step: int) -> dict[str, Any]:
     """Log-prob changes, Definition-1 share and (single-token mode) gainers at `step`."""
     n, batch = self.n, self.batch
-    logps = jax.device_get(self.fns.logps(params, batch))
-    loss, _ = jax.device_get(self.fns.loss(params, batch))
-    out: dict[str, Any] = {"monitor/loss": float(loss)}
+    logps = jax.device_get(self.fns.monitor(params, batch))
+    out: dict[str, Any] = {"monitor/loss": float(logps["loss"])}
     out.update(
         monitor_lib.logprob_change_stats(
             logps["chosen_logps_B"][:n],
@@ -78,7 +103,7 @@ class Monitor:
 
   def _single_token(self, params: Any, step: int) -> dict[str, Any]:
     n, batch_np = self.n, self.batch_np
-    nt = jax.device_get(self.fns.next_token(params, self.batch))
+    nt = jax.device_get(self.fns.next_token(params, self.two_side))
     pos = np.argmax(batch_np["chosen_loss_mask_BT"][:n], axis=-1)
     y_pos = batch_np["chosen_labels_BT"][np.arange(n), pos]
     y_neg = batch_np["rejected_labels_BT"][np.arange(n), pos]

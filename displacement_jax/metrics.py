@@ -72,8 +72,11 @@ class MetricsWriter:
     row = {"step": int(step), **{k: to_python(v) for k, v in metrics.items()}}
     if not self.enabled:
       return row
-    self._file.write(json.dumps(row) + "\n")
-    self._file.flush()
+    try:
+      self._file.write(json.dumps(row) + "\n")
+      self._file.flush()
+    except OSError as e:  # e.g. a full disk: name the file
+      raise OSError(e.errno, e.strerror, self.path) from e
     if self._tb is not None:
       for key, value in row.items():
         if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):

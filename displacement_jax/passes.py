@@ -22,9 +22,11 @@ def batched_pass(
   """Yield (rows, host batch, host outputs) for every (rows, padded length) of `plan`.
 
   `build(rows, pad_to)` gives (the host batch, the part that goes to the device); `put` places the latter (e.g.
-  `sharding.global_batch_to_devices`); `fn(params, device batch)` is the jitted function. A tqdm bar counts rows.
+  `sharding.global_batch_to_devices`); `fn(params, device batch)` is the jitted function. A tqdm bar counts rows
+  (on process 0 only: every process runs the same pass).
   """
-  bar = tqdm(total=int(sum(len(rows) for rows, _ in plan)), desc=desc, disable=not progress, dynamic_ncols=True)
+  show = progress and jax.process_index() == 0
+  bar = tqdm(total=int(sum(len(rows) for rows, _ in plan)), desc=desc, disable=not show, dynamic_ncols=True)
   try:
     for rows, pad_to in plan:
       host, device = build(rows, pad_to)

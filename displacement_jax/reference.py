@@ -93,12 +93,17 @@ def load_cache(cache_dir: str, key: str) -> dict[str, np.ndarray] | None:
 
 
 def save_cache(cache_dir: str, key: str, arrays: Mapping[str, np.ndarray]) -> str:
-  """Write arrays atomically to the cache file of `key`; return its path."""
+  """Write arrays atomically to the cache file of `key` (through a temporary file of this process's own, so
+  concurrent writers never clash); return its path."""
   os.makedirs(cache_dir, exist_ok=True)
   path = cache_path(cache_dir, key)
-  tmp = path + ".tmp.npz"
-  np.savez(tmp, __key__=np.asarray(key), **{k: np.asarray(v) for k, v in arrays.items()})
-  os.replace(tmp, path)
+  tmp = f"{path}.{os.getpid()}.tmp.npz"
+  try:
+    np.savez(tmp, __key__=np.asarray(key), **{k: np.asarray(v) for k, v in arrays.items()})
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
   return path
 
 
@@ -111,16 +116,18 @@ def cached_reference(
 ) -> tuple[dict[str, np.ndarray], bool]:
   """(arrays, from_cache): load the arrays of `key` from `cache_dir` or compute and store them.
 
-  `cache_dir=None` disables the cache (always computes, never writes).
+  `cache_dir=None` disables the cache (always computes, never writes). With several processes, process 0 alone
+  reads and writes the cache: it decides hit or miss for all, a hit reaches the others by broadcast (their disks
+  need not hold the file), and on a miss all compute (`compute` is collective) and process 0 writes.
   """
   if cache_dir:
-    arrays = load_cache(cache_dir, key)
+    arrays = sharding.broadcast_from_main(load_cache(cache_dir, key) if sharding.is_main_process() else None)
     if arrays is not None:
       log(f"reference log-probs: reusing cache {cache_path(cache_dir, key)}")
       return arrays, True
   arrays = {k: np.asarray(v) for k, v in compute().items()}
   if cache_dir:
-    path = save_cache(cache_dir, key, arrays)
+    path = save_cache(cache_dir, key, arrays) if sharding.is_main_process() else cache_path(cache_dir, key)
     log(f"reference log-probs: computed and cached to {path}")
   else:
     log("reference log-probs: computed (cache disabled)")
@@ -140,9 +147,9 @@ def compute_or_load(
   """(arrays, from_cache): reference log-probs of every pair, the monitor's own baseline, and in single-token
   mode the monitor's mean next-token distribution, all with the initial params, cached on disk.
 
-  `fns.logps` / `fns.next_token` are the jitted functions training and the monitor use (evaluation.Monitor);
-  the monitor baseline goes through `fns.logps` on exactly the batch the monitor evaluates later (zeros standing
-  in for the reference values), so its change at step 0 is exactly 0.
+  Every batch of the pass has one packed shape (`runtime.packed_shape`: one compile). The monitor baseline goes
+  through `fns.monitor` on exactly the batch `evaluation.Monitor` evaluates later (zeros standing in for the
+  reference values), so its change at step 0 is exactly 0; `fns.next_token` gives single-token mode's baseline.
   """
   key = cache_key(
       model=loaded.identity,
@@ -154,7 +161,7 @@ def compute_or_load(
       single_token=bool(config.data.single_token),
       monitor_rows=hash_arrays([monitor_rows]),
       chunk=int(config.logprob_chunk_size),
-      monitor_baseline=1,
+      monitor_baseline=2,
   )
   cache_dir = None
   if config.reference.get("cache", True):
@@ -166,12 +173,14 @@ def compute_or_load(
     bs = round_up(int(config.reference.get("batch_size") or max(config.batch_size // config.optim.grad_accum, 1)), dp)
     n = len(dataset.pairs)
     chosen, rejected = np.zeros(n, np.float32), np.zeros(n, np.float32)
+    shape = runtime.packed_shape(dataset.pairs)
 
     def build(rows, _):
       batch = runtime.pack_for_logps(
           runtime.collate([dataset.pairs[i] for i in fill_rows(rows, bs)], dataset.pad_id, config),
           dataset.pad_id,
           config,
+          shape,
       )
       return batch, batch
 
@@ -188,12 +197,12 @@ def compute_or_load(
       rejected[rows] = out["rejected_logps_B"][: len(rows)]
     arrays = {"chosen_ref_logps": chosen, "rejected_ref_logps": rejected}
     placeholder = {"chosen_ref_logps": np.zeros(n, np.float32), "rejected_ref_logps": np.zeros(n, np.float32)}
-    batch = put(evaluation.monitor_batch(dataset, monitor_rows, config, dp, placeholder))
-    base = jax.device_get(fns.logps(loaded.params, batch))
+    two_side = evaluation.monitor_batch(dataset, monitor_rows, config, dp, placeholder)
+    base = jax.device_get(fns.monitor(loaded.params, put(evaluation.packed_monitor_batch(two_side, dataset, config))))
     arrays["monitor_chosen_ref_logps"] = np.asarray(base["chosen_logps_B"][: len(monitor_rows)], np.float32)
     arrays["monitor_rejected_ref_logps"] = np.asarray(base["rejected_logps_B"][: len(monitor_rows)], np.float32)
     if fns.next_token is not None:
-      probs = np.asarray(jax.device_get(fns.next_token(loaded.params, batch))["prob_BV"])[: len(monitor_rows)]
+      probs = np.asarray(jax.device_get(fns.next_token(loaded.params, put(two_side)))["prob_BV"])[: len(monitor_rows)]
       arrays["monitor_ref_prob_V"] = probs.mean(0)
     return arrays
 

@@ -17,6 +17,7 @@ import numpy as np
 
 from displacement_jax import models
 from displacement_jax.data import batching, packing, schema, tokenize
+from displacement_jax.data import checks as data_checks
 from displacement_jax.data.layout import pad_id_of
 from displacement_jax.models import packaged
 from displacement_jax.models import tokenizer as tokenizer_lib
@@ -88,12 +89,14 @@ def load_model(config: ml_collections.ConfigDict, mesh: Any = None) -> Loaded:
 
 @dataclasses.dataclass
 class Dataset:
-  """Tokenized preference pairs, the truncation report, the pad id and row index -> position in `pairs`."""
+  """Tokenized preference pairs, the truncation report, the pad id, row index -> position in `pairs`, and the
+  suspicious rows (data.checks: chosen == rejected, duplicates) that train warns about."""
 
   pairs: list[Any]
   truncation: dict[str, Any]
   pad_id: int
   position_of: dict[int, int]
+  checks: data_checks.DataChecks = dataclasses.field(default_factory=data_checks.DataChecks)
 
 
 def load_data(config: ml_collections.ConfigDict, tokenizer: Any, vocab_size: int) -> Dataset:
@@ -113,6 +116,8 @@ def load_data(config: ml_collections.ConfigDict, tokenizer: Any, vocab_size: int
   )
   if not examples:
     raise ValueError(f"config.data.path={dc.path!r} holds no preference rows")
+  checks = data_checks.check_examples(examples)
+  checks.raise_on_repeated_indices(str(dc.path))
   pairs, report = tokenize.tokenize_dataset(
       examples,
       tokenizer,
@@ -126,7 +131,7 @@ def load_data(config: ml_collections.ConfigDict, tokenizer: Any, vocab_size: int
   position_of = {int(p.index): i for i, p in enumerate(pairs)}
   if len(position_of) != len(pairs):
     raise ValueError(f"config.data.path={dc.path!r}: row indices of the tokenized pairs are not unique")
-  return Dataset(list(pairs), dataclasses.asdict(report), pad_id_of(tokenizer), position_of)
+  return Dataset(list(pairs), dataclasses.asdict(report), pad_id_of(tokenizer), position_of, checks)
 
 
 def collate(pairs: Sequence[Any], pad_id: int, config: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
@@ -145,9 +150,17 @@ def packing_enabled(config: ml_collections.ConfigDict) -> bool:
 
 
 def pack_for_logps(
-    batch: dict[str, np.ndarray], pad_id: int, config: ml_collections.ConfigDict
+    batch: dict[str, np.ndarray], pad_id: int, config: ml_collections.ConfigDict, shape: tuple[int, int] | None = None
 ) -> dict[str, np.ndarray]:
-  """The packed layout of a collated batch when packing is on (T and R rounded up to 64: few compiles)."""
+  """The packed layout of a collated batch when packing is on: (T, R) = `shape` (one compiled shape for every
+  batch of a pass; `packed_shape(pairs)` gives the one that fits all), else rounded up to 64."""
   if not packing_enabled(config):
     return batch
-  return packing.pack_batch(batch, pad_id=pad_id, multiple=64)
+  if shape is None:
+    return packing.pack_batch(batch, pad_id=pad_id, multiple=64)
+  return packing.pack_batch(batch, pad_id=pad_id, pad_to=shape[0], response_pad_to=shape[1])
+
+
+def packed_shape(pairs: Sequence[Any]) -> tuple[int, int]:
+  """(T, R) that holds any of `pairs` as a packed row, rounded up to 64 (the reference pass and the monitor)."""
+  return batching.packed_shape(pairs, multiple=64)

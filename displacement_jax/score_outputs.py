@@ -1,11 +1,20 @@
-"""Outputs of a scoring run: summary statistics, scores.jsonl, the LN-CHES histogram, and the filtered subset."""
+"""Outputs of a scoring run: summary statistics, scores.jsonl, the LN-CHES histogram, the filtered subset, and
+what makes them safe to trust: every file is written to a temp file and renamed into place (`atomic`), the
+outputs of an earlier run are moved aside to previous/ when a run starts (`move_aside`), run.json says
+"complete" only once everything is written (`write_run`), and scores.partial.jsonl (`Progress`) holds the
+rows of every finished batch so that `--resume` continues an interrupted run.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import datetime
 import json
 import math
 import os
-from typing import Any, Sequence
+import shutil
+import socket
+from typing import Any, Iterator, Sequence
 
 import ml_collections
 import numpy as np
@@ -16,6 +25,8 @@ from displacement_jax.scoring import MEASURES
 
 SCORES_FILE, SUMMARY_FILE, HIST_FILE = "scores.jsonl", "summary.json", "ln_ches_hist.png"
 FILTERED_FILE, FILTERED_INDICES_FILE = "filtered.jsonl", "filtered_indices.json"
+RUN_FILE, PROGRESS_FILE, PREVIOUS_DIR = "run.json", "scores.partial.jsonl", "previous"
+OUTPUT_FILES = (SCORES_FILE, SUMMARY_FILE, HIST_FILE, FILTERED_FILE, FILTERED_INDICES_FILE, RUN_FILE, PROGRESS_FILE)
 QUANTILES = (0.0, 0.05, 0.25, 0.5, 0.75, 0.95, 1.0)
 
 
@@ -47,9 +58,111 @@ def _json_float(x: float) -> Any:
   return x if math.isfinite(x) else ("nan" if math.isnan(x) else ("inf" if x > 0 else "-inf"))
 
 
+# ------------------------------------------------------------------------------------- safe files of a run
+
+
+@contextlib.contextmanager
+def atomic(path: str) -> Iterator[str]:
+  """`with atomic(path) as tmp:` write `tmp`; it replaces `path` only when the block succeeds (else it is
+  removed). An OSError without a file name (a full disk during write) is re-raised naming `path`."""
+  tmp = f"{path}.tmp{os.path.splitext(path)[1]}"
+  try:
+    yield tmp
+    os.replace(tmp, path)
+  except BaseException as e:
+    with contextlib.suppress(OSError):
+      os.remove(tmp)
+    if isinstance(e, OSError) and e.filename is None and e.errno is not None:
+      raise OSError(e.errno, e.strerror, path) from e
+    raise
+
+
+def write_json(path: str, obj: Any) -> None:
+  """`obj` as indented JSON at `path`, atomically."""
+  with atomic(path) as tmp, open(tmp, "w") as f:
+    json.dump(obj, f, indent=1)
+
+
+def move_aside(output_dir: str) -> list[str]:
+  """Move the outputs of an earlier run (OUTPUT_FILES) into output_dir/previous/ (replacing what an even
+  earlier run left there); returns the names moved."""
+  found = [name for name in OUTPUT_FILES if os.path.exists(os.path.join(output_dir, name))]
+  if found:
+    previous = os.path.join(output_dir, PREVIOUS_DIR)
+    shutil.rmtree(previous, ignore_errors=True)
+    os.makedirs(previous)
+    for name in found:
+      os.replace(os.path.join(output_dir, name), os.path.join(previous, name))
+  return found
+
+
+def read_run(output_dir: str) -> dict[str, Any] | None:
+  """run.json of `output_dir`, or None."""
+  path = os.path.join(output_dir, RUN_FILE)
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def write_run(output_dir: str, status: str, identity: dict[str, Any], **fields: Any) -> dict[str, Any]:
+  """run.json: `status` ('running' from the start, 'complete' only once every output is written), what was
+  scored (`identity`: config and data, compared by --resume), the process and times."""
+  record = read_run(output_dir) if status != "running" else None
+  record = dict(record or {"started": _now(), "pid": os.getpid(), "host": socket.gethostname()})
+  record.update(status=status, **identity, **fields)
+  if status == "complete":
+    record["finished"] = _now()
+  write_json(os.path.join(output_dir, RUN_FILE), record)
+  return record
+
+
+def _now() -> str:
+  return datetime.datetime.now().isoformat(timespec="seconds")
+
+
+class Progress:
+  """scores.partial.jsonl: {"pos": position, **result} per scored row, appended and fsynced after every batch."""
+
+  def __init__(self, output_dir: str):
+    self.path = os.path.join(output_dir, PROGRESS_FILE)
+    self._file = open(self.path, "a")  # pylint: disable=consider-using-with  (closed by close())
+
+  def append(self, batch: Sequence[tuple[int, dict[str, Any]]]) -> None:
+    try:
+      self._file.write("".join(json.dumps({"pos": int(p), **r}) + "\n" for p, r in batch))
+      self._file.flush()
+      os.fsync(self._file.fileno())
+    except OSError as e:
+      raise OSError(e.errno, e.strerror, self.path) from e
+
+  def close(self) -> None:
+    self._file.close()
+
+  @staticmethod
+  def read(output_dir: str, num_rows: int) -> dict[int, dict[str, Any]]:
+    """{position: result} of the rows an interrupted run finished (a line cut by a kill is ignored)."""
+    path, done = os.path.join(output_dir, PROGRESS_FILE), {}
+    if not os.path.exists(path):
+      return done
+    with open(path) as f:
+      for line in f:
+        try:
+          row = json.loads(line)
+        except json.JSONDecodeError:
+          continue
+        pos = row.pop("pos", None)
+        if isinstance(pos, int) and 0 <= pos < num_rows:
+          done[pos] = row
+    return done
+
+
+# ---------------------------------------------------------------------------------------------- the outputs
+
+
 def write_scores(results: Sequence[dict[str, Any]], path: str) -> None:
-  """scores.jsonl: one JSON object per row (non-finite floats as "nan"/"inf" strings)."""
-  with open(path, "w") as f:
+  """scores.jsonl: one JSON object per row (non-finite floats as "nan"/"inf" strings), atomically."""
+  with atomic(path) as tmp, open(tmp, "w") as f:
     for r in results:
       f.write(json.dumps({k: _json_float(v) if isinstance(v, float) else v for k, v in r.items()}) + "\n")
 
@@ -69,8 +182,11 @@ def plot_histogram(values: np.ndarray, path: str, *, title: str = "LN-CHES") -> 
   ax.set_ylabel("pairs")
   ax.set_title(f"{title} over {values.size} pairs (higher = more displacement)")
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
+  try:
+    with atomic(path) as tmp:
+      fig.savefig(tmp, dpi=100, format="png")
+  finally:
+    plt.close(fig)
 
 
 def select_rows(results: Sequence[dict[str, Any]], filter_cfg: ml_collections.ConfigDict) -> np.ndarray:
@@ -99,7 +215,7 @@ def write_filtered(
 ) -> dict[str, Any]:
   """filtered.jsonl (selected rows, dataset order) + filtered_indices.json; returns the indices record."""
   keep = np.sort(np.asarray(selected, np.int64))
-  with open(os.path.join(output_dir, FILTERED_FILE), "w") as f:
+  with atomic(os.path.join(output_dir, FILTERED_FILE)) as tmp, open(tmp, "w") as f:
     for pos in keep:
       f.write(json.dumps(schema.example_to_json(examples[pos])) + "\n")
   measure = filter_cfg.get("measure", "ln_ches")
@@ -116,6 +232,5 @@ def write_filtered(
       "indices_by_score": [int(results[p]["index"]) for p in selected],  # ascending by the measure
       "scores_by_score": [_json_float(float(results[p][measure])) for p in selected],
   }
-  with open(os.path.join(output_dir, FILTERED_INDICES_FILE), "w") as f:
-    json.dump(record, f, indent=1)
+  write_json(os.path.join(output_dir, FILTERED_INDICES_FILE), record)
   return record

@@ -24,7 +24,7 @@ padded to a fixed multiple of the device count and the padding rows are dropped.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -170,6 +170,8 @@ def score_examples(
     packing: bool | None = None,
     progress: bool = True,
     measures_include_eos: bool | None = None,
+    done: Mapping[int, dict[str, Any]] | None = None,
+    on_batch: Callable[[list[tuple[int, dict[str, Any]]]], None] | None = None,
 ) -> list[dict[str, Any]]:
   """Score every example; returns one dict per example, in the order of `examples`.
 
@@ -179,6 +181,7 @@ def score_examples(
   data.single_token, data.truncation, data.tokenization, data.padding_side and (unless given)
   data.shared_prompt_packing and measures.include_eos.
   With `mesh`, batches are sharded over ('data', 'fsdp') and params by `sharding.param_shardings`.
+  `done` / `on_batch`: resuming a long run, see `score_pairs`.
   """
   if not examples:
     raise ValueError("score_examples: no examples to score")
@@ -194,6 +197,7 @@ def score_examples(
       tokenization=data_cfg.get("tokenization", "separate"),
   )
   pad_id = pad_id_of(tokenizer)
+  with_index = lambda p, r: dict(r, index=int(getattr(examples[p], "index", r["index"])))  # the dataset's index
   results = score_pairs(
       model,
       params,
@@ -211,6 +215,8 @@ def score_examples(
           if measures_include_eos is None
           else measures_include_eos
       ),
+      done=done,
+      on_batch=None if on_batch is None else (lambda batch: on_batch([(p, with_index(p, r)) for p, r in batch])),
   )
   for result, example in zip(results, examples):
     result["index"] = int(getattr(example, "index", result["index"]))
@@ -231,6 +237,8 @@ def score_pairs(
     packing: bool = True,
     progress: bool = True,
     measures_include_eos: bool = False,
+    done: Mapping[int, dict[str, Any]] | None = None,
+    on_batch: Callable[[list[tuple[int, dict[str, Any]]]], None] | None = None,
 ) -> list[dict[str, Any]]:
   """Score already tokenized pairs (`data.tokenize.TokenizedPair`); one dict per pair, in input order.
 
@@ -238,6 +246,9 @@ def score_pairs(
   the mesh's batch axes when `mesh` is given. `index` is the pair's own `index`. packing: one shared-prompt
   packed row per pair (data/packing.py; the prompt is run once), else the two sides separately.
   measures_include_eos: the EOS-inclusive edit distance / last-hidden variants (module docstring).
+  done: {position: result} of pairs scored by an earlier, interrupted run; batches of the (deterministic) plan
+  whose rows are all done are skipped and their results reused. on_batch([(position, result), ...]) is called
+  after every scored batch (the score CLI appends them to its progress file).
   """
   if not pairs:
     raise ValueError("score_pairs: no pairs to score")
@@ -280,7 +291,9 @@ def score_pairs(
       device[key] = batch[key] & (not measures_include_eos)
     return batch, device
 
-  results: list[dict[str, Any] | None] = [None] * len(pairs)
+  done = {int(p): r for p, r in (done or {}).items()}
+  results: list[dict[str, Any] | None] = [done.get(i) for i in range(len(pairs))]
+  plan = [(rows, pad_to) for rows, pad_to in plan if not all(int(r) in done for r in rows)]
   for rows, batch, out in passes.batched_pass(fn, params, plan, build, put, desc="score", progress=progress):
     for j, row in enumerate(rows):  # rows past len(rows) are padding and are dropped here
       ids_pos = measure_ids(pairs[row], "chosen", measures_include_eos)
@@ -298,4 +311,6 @@ def score_pairs(
           "chosen_truncated": bool(getattr(pairs[row], "chosen_cut", False)),
           "rejected_truncated": bool(getattr(pairs[row], "rejected_cut", False)),
       }
+    if on_batch is not None:
+      on_batch([(int(row), results[row]) for row in rows])
   return results  # type: ignore[return-value]

@@ -70,27 +70,47 @@ def preference_loss(
   )
 
 
+NONFINITE = ("", "loss", "gradient norm", "updated params", "optimizer state")  # metrics["nonfinite"] indexes it
+
+
+def all_finite(tree: Any) -> jax.Array:
+  """bool scalar: every floating leaf of `tree` is free of NaN/inf."""
+  flags = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(flags)) if flags else jnp.bool_(True)
+
+
 def make_train_step(
     loss_fn: Callable, optimizer: optax.GradientTransformation, grad_accum: int
 ) -> Callable[[TrainState, dict[str, jax.Array]], tuple[TrainState, dict[str, jax.Array]]]:
   """train_step(state, batch) -> (new state, metrics); gradients averaged over `grad_accum` micro-batches.
 
-  When the loss is NaN/inf the update is skipped (the returned state equals the input state), so a caller
-  that donates the state can still checkpoint the last good state before stopping.
+  NaN/inf guard: the loss, the gradient norm, the updated params and the optimizer state are checked, in that
+  order; `metrics["nonfinite"]` is 0 when all are finite, else the index in `NONFINITE` of the first that is not.
+  Then the update is skipped (the returned state equals the input state, all params finite), so a caller that
+  donates the state can still checkpoint the last good state before stopping.
   """
 
   def train_step(state: TrainState, batch: dict[str, jax.Array]):
     loss, aux, grads = optim_lib.accumulate_gradients(loss_fn, state.params, batch, grad_accum)
+    grad_norm = optax.tree.norm(grads)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "tokens": forward.token_count(batch), **aux}
+    checks = [jnp.isfinite(loss), jnp.isfinite(grad_norm), all_finite(params), all_finite(opt_state)]
+    first_bad = jnp.argmin(jnp.stack(checks))  # index of the first False (0 when all are True)
+    finite = jnp.all(jnp.stack(checks))
+    metrics = {
+        "loss": loss,
+        "grad_norm": grad_norm,
+        "tokens": forward.token_count(batch),
+        "nonfinite": jnp.where(finite, 0, first_bad + 1).astype(jnp.int32),
+        **aux,
+    }
     new_state = state.replace(
         params=params,
         opt_state=opt_state,
         step=state.step + 1,
         rng=jax.random.key_data(jax.random.fold_in(jax.random.wrap_key_data(state.rng), 0)),
     )
-    finite = jnp.isfinite(loss)
     new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
     return new_state, metrics
 

@@ -15,7 +15,7 @@ from typing import Any, Callable, Sequence
 
 import ml_collections
 
-from displacement_jax import cli, training
+from displacement_jax import cli, sharding, training
 
 MAINS = {
     "demo": "displacement_jax.demo",
@@ -65,7 +65,10 @@ def main(argv: Sequence[str] | None = None) -> int:
       if config.get("main")
       else (lambda: training.run(config, resume=flag_values.resume))
   )
-  return cli.one_line_errors(run, (ValueError, FileNotFoundError, training.NonFiniteLossError))
+  # sharding.reporting_failures: in a multi-process run an error here also ends the other processes, naming it.
+  return cli.one_line_errors(
+      sharding.reporting_failures(run), (ValueError, FileNotFoundError, training.NonFiniteLossError)
+  )
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import os
 import shutil
 import sys
@@ -32,8 +31,9 @@ from displacement_jax import metrics as metrics_lib
 from displacement_jax import monitor as monitor_lib
 from displacement_jax import optim as optim_lib
 from displacement_jax import reference as reference_lib
-from displacement_jax import runtime, sharding, step as step_lib
+from displacement_jax import runlock, runtime, sharding, step as step_lib
 from displacement_jax.data import batching
+from displacement_jax.errors import UsageError
 from displacement_jax.models import io as io_lib
 from displacement_jax.models import loading as loading_lib
 
@@ -72,14 +72,43 @@ def log(msg: str) -> None:
 
 
 def run(config: ml_collections.ConfigDict, *, resume: bool = False) -> RunResult:
-  """Train with `config` (see configs/base.py); `resume=True` continues from the latest checkpoint."""
+  """Train with `config` (see configs/base.py); `resume=True` continues from the newest usable checkpoint.
+
+  Before any model is loaded: the config is checked, output_dir is locked (runlock: a second run exits 2), a
+  fresh run refuses an earlier run's checkpoints unless config.overwrite, and --resume compares the config
+  with the checkpoint's (`check_resume_config`).
+  """
   config_checks.check_train(config)
-  mesh = sharding.mesh_from_config(config.mesh)
+  mesh = sharding.mesh_from_config(config.mesh, config.get("distributed"))
   check_batch_fits_mesh(config, mesh)
   os.makedirs(config.output_dir, exist_ok=True)
+  with runlock.hold(config.output_dir, "train", enabled=jax.process_index() == 0, log=log):
+    with open_checkpointer(config, resume) as ckpt:
+      resumed_from = check_resume_config(ckpt, config) if resume else None
+      try:
+        return train(config, mesh, ckpt, resumed_from)
+      except OSError as e:
+        if e.filename is None and e.strerror:  # a write through a file object: name the dir it was writing in
+          raise OSError(e.errno, e.strerror, config.output_dir) from e
+        raise
+
+
+def train(
+    config: ml_collections.ConfigDict,
+    mesh: Any,
+    ckpt: checkpoint_lib.Checkpointer,
+    resumed_from: tuple[int, dict[str, Any]] | None,
+) -> RunResult:
+  """The body of `run` once output_dir is locked: `resumed_from` is (step, meta) of the checkpoint to resume."""
+  resume = resumed_from is not None
   loaded = runtime.load_model(config, mesh)
   dataset = runtime.load_data(config, loaded.tokenizer, loaded.model_config.vocab_size)
   log(f"data: {len(dataset.pairs)} pairs from {config.data.path}; truncation: {dataset.truncation}")
+  for warning in dataset.checks.warnings(str(config.data.path)):
+    log(warning)
+  identity = data_identity(dataset, config)
+  if resume:
+    check_resume_data(resumed_from, identity, config)
   iterator = make_iterator(dataset, config)
   total_steps = num_train_steps(config, iterator.steps_per_epoch)
   fns = make_fns(loaded, config, mesh, total_steps)
@@ -88,8 +117,13 @@ def run(config: ml_collections.ConfigDict, *, resume: bool = False) -> RunResult
   ref, from_cache = reference_lib.compute_or_load(loaded, dataset, monitor_rows, config, fns, mesh, log=log)
   state = fns.init_state(loaded.params)
   del loaded.params  # no reference params stay on device: the state holds the (only) copy
-  ckpt = open_checkpointer(config, resume)
-  state, start_step, meta = restore_if_resuming(ckpt, state, iterator, resume)
+  state, start_step, meta = restore_if_resuming(ckpt, state, iterator, resumed_from, config)
+  if resume and start_step >= total_steps:
+    log(f"the run in {config.output_dir} is already complete (step {start_step} of {total_steps}); nothing to do")
+    params, hf_dir = host_params(state.params), os.path.join(config.output_dir, "hf")
+    if config.get("export_hf") and not os.path.exists(os.path.join(hf_dir, "config.json")):  # killed before it
+      export_hf(params, loaded, hf_dir, progress=bool(config.progress))
+    return RunResult(params, start_step, config.output_dir, [], {}, from_cache, dataset.truncation)
   writer = metrics_lib.MetricsWriter(
       config.output_dir, enabled=jax.process_index() == 0, truncate_after_step=start_step if resume else None
   )
@@ -100,14 +134,16 @@ def run(config: ml_collections.ConfigDict, *, resume: bool = False) -> RunResult
           "total_steps": total_steps,
           "reference_from_cache": from_cache,
           **{f"data/{k}": v for k, v in dataset.truncation.items()},
+          **{f"data/{k}": v for k, v in dataset.checks.record().items()},
       },
   )
   monitor = evaluation.Monitor(fns, loaded, dataset, monitor_rows, ref, config, mesh)
-  loop = TrainLoop(config, fns, iterator, dataset, ref, mesh, ckpt, writer, monitor, total_steps, meta)
+  run_info = {"config": config_json(config), "data": identity, "total_steps": total_steps}
+  loop = TrainLoop(config, fns, iterator, dataset, ref, mesh, ckpt, writer, monitor, total_steps, meta, run_info)
   try:
     state, step, rows, stopped_early = loop(state, start_step, resume)
+    ckpt.wait()  # the last checkpoint is written and verified (a failed save raises here)
   finally:
-    ckpt.close()
     writer.close()
   params = host_params(state.params)
   hf_dir = None
@@ -129,10 +165,12 @@ def run(config: ml_collections.ConfigDict, *, resume: bool = False) -> RunResult
 class TrainLoop:
   """The step loop of `run`: train step, NaN stop, monitor + warning, metrics row, progress bar, checkpoint."""
 
-  def __init__(self, config, fns, iterator, dataset, ref, mesh, ckpt, writer, monitor, total_steps, meta):
-    """`meta`: the restored checkpoint's meta on resume ({} for a fresh run)."""
+  def __init__(self, config, fns, iterator, dataset, ref, mesh, ckpt, writer, monitor, total_steps, meta, run_info):
+    """`meta`: the restored checkpoint's meta on resume ({} for a fresh run); `run_info`: what every checkpoint
+    records of the run (its config, data identity and length, compared by a later --resume)."""
     self.config, self.fns, self.iterator, self.dataset, self.ref, self.mesh = config, fns, iterator, dataset, ref, mesh
     self.ckpt, self.writer, self.monitor, self.total_steps = ckpt, writer, monitor, total_steps
+    self.run_info = run_info
     self.last_monitor: dict[str, Any] = {}
     self.prev_eval = dict(meta.get("monitor_prev", {}))
     self.num_tokens = int(meta.get("num_tokens", 0))  # TRL's num_tokens: cumulative, restored on resume
@@ -144,16 +182,18 @@ class TrainLoop:
     )
 
   def save(self, step: int, state: step_lib.TrainState, data_state: dict[str, int] | None = None) -> None:
-    self.ckpt.save(
-        step,
-        state,
-        {
-            "step": step,
-            "data": data_state or self.iterator.state(),
-            "monitor_prev": self.prev_eval,
-            "num_tokens": self.num_tokens,
-        },
-    )
+    """Checkpoint `state` at `step` (asynchronously); a failed save (this one or the one before) stops the run."""
+    meta = {
+        "step": step,
+        "data": data_state or self.iterator.state(),
+        "monitor_prev": self.prev_eval,
+        "num_tokens": self.num_tokens,
+        "run": self.run_info,
+    }
+    try:
+      self.ckpt.save(step, state, meta)
+    except checkpoint_lib.CheckpointWriteError as e:
+      raise checkpoint_lib.CheckpointWriteError(f"{e}; training stopped at step {step}") from e
 
   def __call__(
       self, state: step_lib.TrainState, start_step: int, resume: bool
@@ -172,14 +212,16 @@ class TrainLoop:
     stopped_early, step = False, start_step
     try:
       for step in range(start_step + 1, self.total_steps + 1):
+        self.check_checkpoints(step)
         data_before = self.iterator.state()
         local = next(self.iterator)
         batch = evaluation.add_reference(local, positions(local, self.dataset), self.ref)
         state, step_metrics = self.fns.train_step(state, sharding.host_local_batch_to_global(batch, self.mesh))
         step_metrics = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
         self.num_tokens += int(step_metrics.pop("tokens"))
-        if not math.isfinite(step_metrics["loss"]):  # the step skipped its update: `state` is the last good one
-          self.stop_on_nonfinite(step, state, step_metrics, data_before)
+        nonfinite = int(step_metrics.pop("nonfinite"))
+        if nonfinite:  # the step skipped its update: `state` is the last good one (all params finite)
+          self.stop_on_nonfinite(step, state, step_metrics, data_before, step_lib.NONFINITE[nonfinite])
         row = dict(step_metrics, **self.trl_progress(step))
         if eval_every > 0 and step % eval_every == 0 or step == self.total_steps:
           row.update(self.evaluate(step, state))
@@ -221,18 +263,35 @@ class TrainLoop:
     }
     return self.last_monitor
 
+  def check_checkpoints(self, step: int) -> None:
+    """Stop at once, in one line naming the directory, when an asynchronous checkpoint save has failed."""
+    try:
+      self.ckpt.poll()
+    except checkpoint_lib.CheckpointWriteError as e:
+      raise checkpoint_lib.CheckpointWriteError(f"{e}; training stopped before step {step}") from e
+
   def stop_on_nonfinite(
-      self, step: int, state: step_lib.TrainState, step_metrics: dict[str, float], data_before: dict[str, int]
+      self,
+      step: int,
+      state: step_lib.TrainState,
+      step_metrics: dict[str, float],
+      data_before: dict[str, int],
+      quantity: str,
   ) -> None:
-    """Checkpoint the last good state and raise NonFiniteLossError."""
+    """Checkpoint the last good state and raise NonFiniteLossError naming the first non-finite quantity."""
     if self.ckpt.latest_step() != step - 1:
       self.save(step - 1, state, data_before)
     self.ckpt.wait()
     self.writer.write(step, step_metrics)
+    loss, grad_norm = step_metrics["loss"], step_metrics["grad_norm"]
+    what, finite = {
+        "loss": (f"loss {loss}", ""),
+        "gradient norm": (f"gradient norm {grad_norm}", f"the loss {loss:.6g} was finite; "),
+    }.get(quantity, (quantity, f"the loss {loss:.6g} and the gradient norm {grad_norm:.6g} were finite; "))
     raise NonFiniteLossError(
-        f'non-finite loss {step_metrics["loss"]} at step {step} (lr={self.config.optim.lr}, objective='
-        f"{self.config.loss.objective}); stopped, the state before this step is checkpointed at step {step - 1} "
-        f"in {self.ckpt.directory}"
+        f"non-finite {what} at step {step} ({finite}lr={self.config.optim.lr}, objective={self.config.loss.objective}); "
+        f"stopped, the state before this step (all params finite) is checkpointed at step {step - 1} in "
+        f"{self.ckpt.directory}"
     )
 
 
@@ -271,6 +330,11 @@ def make_iterator(dataset: runtime.Dataset, config: ml_collections.ConfigDict) -
       process_index=jax.process_index(),
       process_count=jax.process_count(),
       shared_prompt_packing=runtime.packing_enabled(config),
+      rows_log=(
+          os.path.join(config.output_dir, f"rows_process{jax.process_index()}.jsonl")
+          if config.debug.get("log_rows")
+          else None
+      ),
   )
 
 
@@ -288,7 +352,7 @@ class Fns:
   logps: Callable
   next_token: Callable | None
   unembed: Callable
-  loss: Callable
+  monitor: Callable
   init_state: Callable
   train_step: Callable
   param_sh: Any
@@ -328,7 +392,7 @@ def make_fns(loaded: runtime.Loaded, config: ml_collections.ConfigDict, mesh: An
       logps=jit(lambda p, b: forward.pair_logps(model, p, b, chunk)),
       next_token=jit(lambda p, b: forward.next_token_outputs(model, p, b)) if config.data.single_token else None,
       unembed=jax.jit(lambda p: forward.unembed(model, p), in_shardings=(param_sh,), out_shardings=replicated),
-      loss=jit(loss_fn),
+      monitor=jit(evaluation.make_monitor_fn(model, config.loss, chunk)),
       init_state=init_state,
       train_step=train_step,
       param_sh=param_sh,
@@ -337,11 +401,18 @@ def make_fns(loaded: runtime.Loaded, config: ml_collections.ConfigDict, mesh: An
 
 
 def open_checkpointer(config: ml_collections.ConfigDict, resume: bool) -> checkpoint_lib.Checkpointer:
-  """The run's Checkpointer; a fresh run (no --resume) first replaces an old run's checkpoints."""
+  """The run's Checkpointer. A fresh run (no --resume) into a directory holding an earlier run's checkpoints is
+  refused (UsageError) unless config.overwrite, which removes them first (said in one line): never silently."""
   ckpt_dir = os.path.join(config.output_dir, checkpoint_lib.CHECKPOINT_DIR)
-  if not resume and os.path.isdir(ckpt_dir):  # a fresh run replaces an old run's checkpoints (like metrics.jsonl)
+  earlier = sorted(int(d) for d in os.listdir(ckpt_dir) if d.isdigit()) if os.path.isdir(ckpt_dir) else []
+  if not resume and earlier:
+    if not config.get("overwrite"):
+      raise UsageError(
+          f"output_dir {config.output_dir} holds the checkpoints of an earlier run (steps "
+          f'{", ".join(map(str, earlier))}): pass --resume to continue it, or --config.overwrite=True to replace it'
+      )
     if jax.process_index() == 0:
-      log(f"fresh run (no --resume): removing the old checkpoints in {ckpt_dir}")
+      log(f"fresh run with config.overwrite=True: removing the earlier run's checkpoints in {ckpt_dir}")
       shutil.rmtree(ckpt_dir)
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top  (multi-host only)
@@ -352,15 +423,79 @@ def open_checkpointer(config: ml_collections.ConfigDict, resume: bool) -> checkp
   )
 
 
+def config_json(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The config as plain JSON (what a checkpoint records of the run)."""
+  return json.loads(config.to_json_best_effort())
+
+
+def data_identity(dataset: runtime.Dataset, config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """What a checkpoint records of the training data: its path, size and a sha256 of every tokenized pair."""
+  return {
+      "path": str(config.data.path),
+      "num_pairs": len(dataset.pairs),
+      "sha256": reference_lib.hash_pairs(dataset.pairs),
+  }
+
+
+def check_resume_config(ckpt: checkpoint_lib.Checkpointer, config: ml_collections.ConfigDict) -> tuple[int, dict]:
+  """(step, meta) of the newest verified checkpoint, checked before any model is loaded: the differences between
+  `config` and the config it was trained with are printed, and those that alter the optimisation are refused
+  (UsageError) unless config.resume_allow_changes. No verified checkpoint: NoUsableCheckpointError."""
+  step, meta = ckpt.newest_meta()
+  compare_config(step, meta, config)
+  return step, meta
+
+
+def compare_config(step: int, meta: dict[str, Any], config: ml_collections.ConfigDict) -> None:
+  """`check_resume_config` for the meta of checkpoint `step`."""
+  stored = meta.get("run", {}).get("config")
+  if stored is None:
+    log(f"--resume: checkpoint {step} records no config (written by an older version); not compared")
+    return
+  refused, allowed = config_checks.resume_changes(stored, config)
+  for line in allowed:
+    log(f"--resume: config differs from checkpoint {step}'s: {line}")
+  if refused and not config.get("resume_allow_changes"):
+    raise UsageError(
+        f"--resume: the config differs from the one checkpoint {step} was trained with in fields that change the "
+        f'optimisation: {"; ".join(refused)}. Use another output_dir, or pass --config.resume_allow_changes=True '
+        "to continue anyway"
+    )
+  for line in refused:
+    log(f"--resume: config differs from checkpoint {step}'s (allowed by config.resume_allow_changes): {line}")
+
+
+def check_resume_data(
+    resumed_from: tuple[int, dict[str, Any]], identity: dict[str, Any], config: ml_collections.ConfigDict
+) -> None:
+  """Refuse (UsageError) training data other than the checkpoint's, unless config.resume_allow_changes."""
+  step, meta = resumed_from
+  stored = meta.get("run", {}).get("data")
+  if stored is None or stored == identity:
+    return
+  diff = ", ".join(f"{k} {stored.get(k)!r} -> {identity.get(k)!r}" for k in identity if stored.get(k) != identity[k])
+  if not config.get("resume_allow_changes"):
+    raise UsageError(
+        f"--resume: the training data differs from checkpoint {step}'s ({diff}). Use another output_dir, or pass "
+        "--config.resume_allow_changes=True to continue anyway"
+    )
+  log(f"--resume: the training data differs from checkpoint {step}'s (allowed by config.resume_allow_changes): {diff}")
+
+
 def restore_if_resuming(
-    ckpt: checkpoint_lib.Checkpointer, state: step_lib.TrainState, iterator: Any, resume: bool
+    ckpt: checkpoint_lib.Checkpointer,
+    state: step_lib.TrainState,
+    iterator: Any,
+    resumed_from: tuple[int, dict[str, Any]] | None,
+    config: ml_collections.ConfigDict,
 ) -> tuple[step_lib.TrainState, int, dict[str, Any]]:
-  """(state, start step, checkpoint meta): from the latest checkpoint with --resume, else (state, 0, {})."""
-  if not resume:
+  """(state, start step, checkpoint meta): from the newest usable checkpoint when resuming (a corrupt one is
+  reported and the next older one used), else (state, 0, {})."""
+  if resumed_from is None:
     return state, 0, {}
-  if ckpt.latest_step() is None:
-    raise FileNotFoundError(f"--resume: no checkpoint in {ckpt.directory}")
-  state, meta, start_step = ckpt.restore(state)
+  state, meta, start_step = ckpt.restore_latest(state, log=log)
+  if start_step != resumed_from[0]:  # fell back past the checkpoint whose config was compared
+    compare_config(start_step, meta, config)
   iterator.restore(meta["data"])
   log(f"resumed from step {start_step} ({ckpt.directory})")
   return state, start_step, meta

@@ -30,13 +30,17 @@ SECTION_ORDER = (
 
 
 def build() -> str:
-  """The README text: the head, then every section in SECTION_ORDER (each must exist)."""
+  """The README text: the head, then every section in SECTION_ORDER (each must exist), with the real-output
+  markers expanded from docs/outputs/ (docs/outputs.py)."""
+  sys.path.insert(0, str(ROOT / "docs"))
+  import outputs  # pylint: disable=g-import-not-at-top  (docs/outputs.py, next to this file)
+
   parts = [(ROOT / "docs" / "README_head.md").read_text().rstrip() + "\n"]
   for name in SECTION_ORDER:
     path = ROOT / "docs" / "sections" / f"{name}.md"
     if not path.exists():
       raise FileNotFoundError(f"README section {path} is missing")
-    parts.append(path.read_text().rstrip() + "\n")
+    parts.append(outputs.expand(path.read_text()).rstrip() + "\n")
   return "\n".join(parts)
 
 

@@ -64,7 +64,7 @@ def test_load_matches_hf_pytorch(llama, llama_loaded):
   np.testing.assert_allclose(_ours_logits(model, params), llama["ref_logits"], atol=1e-4, rtol=1e-4)
   # Tensors are placed exactly (Linear weights transposed).
   q = llama["state"]["model.layers.1.self_attn.q_proj.weight"]
-  np.testing.assert_array_equal(np.asarray(params["layers_1"]["self_attn"]["q_proj"]["kernel"]), q.T)
+  np.testing.assert_array_equal(np.asarray(params["layers"]["self_attn"]["q_proj"]["kernel"][1]), q.T)  # layer 1
 
 
 _EIGHT_DEVICE_SCRIPT = textwrap.dedent("""
@@ -113,10 +113,10 @@ def test_load_on_8_device_mesh_matches_1_device_and_hf(llama, llama_loaded, tmp_
   np.testing.assert_allclose(logits8, _ours_logits(model, params), atol=1e-4, rtol=1e-4)
   np.testing.assert_allclose(logits8, llama["ref_logits"], atol=1e-4, rtol=1e-4)
   info = json.load(open(out + ".json"))
-  q = info["['layers_0']['self_attn']['q_proj']['kernel']"]  # [64, 64]
-  assert q["spec"] == ["fsdp", "tensor"] and q["shard_shape"] == [32, 32] and q["n_devices"] == 8
-  o = info["['layers_1']['self_attn']['o_proj']['kernel']"]
-  assert o["spec"] == ["tensor", "fsdp"] and o["shard_shape"] == [32, 32]
+  q = info["['layers']['self_attn']['q_proj']['kernel']"]  # [2 layers, 64, 64]: the layer axis is never split
+  assert q["spec"] == [None, "fsdp", "tensor"] and q["shard_shape"] == [2, 32, 32] and q["n_devices"] == 8
+  o = info["['layers']['self_attn']['o_proj']['kernel']"]
+  assert o["spec"] == [None, "tensor", "fsdp"] and o["shard_shape"] == [2, 32, 32]
   emb = info["['embed_tokens']['embedding']"]  # [300, 64]
   assert emb["spec"] == ["tensor", "fsdp"] and emb["shard_shape"] == [150, 32]
   head = info["['lm_head']['kernel']"]  # [64, 300]
@@ -168,7 +168,7 @@ def test_bf16_checkpoints(llama, tmp_path):
   hf_bf16 = hf_tiny.build_tiny_hf_torch_model("llama").to(torch.bfloat16)
   hf_bf16.save_pretrained(str(tmp_path / "hf_bf16"))
   _, params, config = io.from_pretrained(str(tmp_path / "hf_bf16"), dtype="bfloat16", progress=False)
-  kernel = params["layers_0"]["mlp"]["down_proj"]["kernel"]
+  kernel = params["layers"]["mlp"]["down_proj"]["kernel"][0]
   assert kernel.dtype == jnp.bfloat16 and config.param_dtype == "bfloat16"
   ref = hf_bf16.model.layers[0].mlp.down_proj.weight.detach().float().numpy().T
   np.testing.assert_array_equal(np.asarray(kernel, np.float32), ref)

@@ -1,10 +1,12 @@
 """Sweep expansion and the launch scripts (bash syntax, dry-run commands, run_sweep)."""
 
+import json
 import os
 import shlex
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 
@@ -193,3 +195,87 @@ def test_gpu_node_dry_run():
   assert out[1] == f"+ python -m pip install -q -e {ROOT}"
   assert any(l.startswith("+ export XLA_FLAGS=") and "latency_hiding_scheduler" in l for l in out)
   assert out[-1] == "+ python -m displacement_jax.score --config=configs/score_tiny.py"
+
+
+# ------------------------------------------------------------------------ launch/local.py (pod rehearsal)
+
+LOCAL_PY = os.path.join(LAUNCH, "local.py")
+POD_VARS = ("JAX_COORDINATOR_ADDRESS", "JAX_COORDINATOR_BIND_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
+
+
+def test_local_dry_run_prints_each_process_environment():
+  cmd = ["python", "-m", "displacement_jax.train", "--config=configs/dpo_tiny.py", "--config.output_dir=/tmp/o"]
+  out = subprocess.run(
+      [sys.executable, LOCAL_PY, "-n", "3", "-d", "2", "--port", "12345", "--dry-run", "--", *cmd],
+      capture_output=True,
+      text=True,
+      check=True,
+      env={k: v for k, v in os.environ.items() if k != "XLA_FLAGS"},
+  )
+  lines = out.stdout.splitlines()
+  assert len(lines) == 3
+  assert lines[1] == (
+      "+ JAX_COORDINATOR_ADDRESS=127.0.0.1:12345 JAX_COORDINATOR_BIND_ADDRESS=127.0.0.1:12345 JAX_NUM_PROCESSES=3 "
+      "JAX_PROCESS_ID=1 JAX_PLATFORMS=cpu XLA_FLAGS=--xla_force_host_platform_device_count=2 "
+      + " ".join(cmd)
+      + " > /tmp/o/launch_logs/process_1.log 2>&1 &"
+  )
+  assert "3 processes x 2 devices, coordinator 127.0.0.1:12345" in out.stderr
+  # no --port: a free port of the loopback address, the same for every process
+  out = subprocess.run(
+      [sys.executable, LOCAL_PY, "--dry-run", "--", "true"], capture_output=True, text=True, check=True
+  )
+  ports = {line.split("JAX_COORDINATOR_ADDRESS=127.0.0.1:")[1].split()[0] for line in out.stdout.splitlines()}
+  assert len(ports) == 1 and 0 < int(ports.pop()) < 65536
+  assert "runs/local_logs/process_0.log" in out.stdout
+  proc = subprocess.run([sys.executable, LOCAL_PY, "-n", "0", "--", "true"], capture_output=True, text=True)
+  assert proc.returncode == 2 and "--num-processes" in proc.stderr
+
+
+_FAKE_WORKER = """
+import json, os, sys, time
+env = {k: os.environ.get(k) for k in %r + ("JAX_PLATFORMS", "XLA_FLAGS")}
+print(json.dumps(env), flush=True)
+if sys.argv[1] == "fail" and env["JAX_PROCESS_ID"] == "1":
+  print("error: boom on process 1", file=sys.stderr)
+  sys.exit(3)
+if sys.argv[1] == "hang":
+  time.sleep(60)
+""" % (POD_VARS,)
+
+
+def test_local_runs_every_process_with_the_pod_environment(tmp_path):
+  worker = tmp_path / "worker.py"
+  worker.write_text(_FAKE_WORKER)
+  env = dict(os.environ, XLA_FLAGS="--xla_cpu_use_thunk_runtime=true --xla_force_host_platform_device_count=8")
+
+  def launch(mode, *flags):
+    cmd = [sys.executable, LOCAL_PY, "-n", "2", "-d", "3", "--log-dir", str(tmp_path / mode), *flags, "--"]
+    return subprocess.run(
+        [*cmd, sys.executable, str(worker), mode], capture_output=True, text=True, env=env, timeout=60
+    )
+
+  proc = launch("ok")
+  assert proc.returncode == 0, proc.stderr
+  assert "[local] all 2 processes finished" in proc.stderr
+  envs = [json.loads((tmp_path / "ok" / f"process_{i}.log").read_text()) for i in range(2)]
+  assert json.loads(proc.stdout) == envs[0]  # process 0's output is also on the terminal
+  port = envs[0]["JAX_COORDINATOR_ADDRESS"].split(":")[1]
+  for i, e in enumerate(envs):
+    assert e == {
+        "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
+        "JAX_COORDINATOR_BIND_ADDRESS": f"127.0.0.1:{port}",
+        "JAX_NUM_PROCESSES": "2",
+        "JAX_PROCESS_ID": str(i),
+        "JAX_PLATFORMS": "cpu",
+        "XLA_FLAGS": "--xla_cpu_use_thunk_runtime=true --xla_force_host_platform_device_count=3",
+    }
+  # a failing process: its status, and its error line in the summary
+  proc = launch("fail")
+  assert proc.returncode == 3
+  assert "[local] process 1 exited with status 3: error: boom on process 1" in proc.stderr
+  # --timeout ends every process (the others are terminated, status 124)
+  start = time.monotonic()
+  proc = launch("hang", "--timeout", "1")
+  assert proc.returncode == 124 and "--timeout=1 s reached" in proc.stderr
+  assert time.monotonic() - start < 30

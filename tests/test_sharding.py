@@ -55,6 +55,10 @@ def _config(**kw) -> ModelConfig:
         (("norm", "scale"), (32,), P()),
         (("params", "layers_0", "mlp", "up_proj", "kernel"), (32, 64), P("fsdp", "tensor")),  # 'params' wrapper
         (("something", "else"), (4, 4), P()),
+        # Decoder-layer params of the model are stacked on a leading layer axis, which is never split.
+        (("layers", "self_attn", "q_proj", "kernel"), (2, 32, 32), P(None, "fsdp", "tensor")),
+        (("params", "layers", "mlp", "down_proj", "kernel"), (2, 64, 32), P(None, "tensor", "fsdp")),
+        (("layers", "input_layernorm", "scale"), (2, 32), P()),
         # Fallback: a dim not divisible by its axis size is not split along that axis.
         (("embed_tokens", "embedding"), (97, 32), P(None, "fsdp")),
         (("lm_head", "kernel"), (32, 97), P("fsdp")),
@@ -81,14 +85,14 @@ def test_param_shardings_on_eval_shape_tree_matches_real_tree():
       lambda s: s.spec, sharding.param_shardings(convert.expected_param_shapes(config), MESH_222)
   )
   assert specs == from_shapes
-  assert specs["layers_1"]["self_attn"]["q_proj"] == {"kernel": P("fsdp", "tensor"), "bias": P()}
-  assert specs["layers_1"]["mlp"]["down_proj"]["kernel"] == P("tensor", "fsdp")
+  assert specs["layers"]["self_attn"]["q_proj"] == {"kernel": P(None, "fsdp", "tensor"), "bias": P()}
+  assert specs["layers"]["mlp"]["down_proj"]["kernel"] == P(None, "tensor", "fsdp")
   assert specs["embed_tokens"]["embedding"] == P("tensor", "fsdp") and specs["lm_head"]["kernel"] == P("fsdp", "tensor")
   assert specs["norm"]["scale"] == P()
   n_leaves = len(jax.tree_util.tree_leaves(abstract))
   assert (
-      len(jax.tree_util.tree_leaves(specs, is_leaf=lambda x: isinstance(x, P))) == n_leaves == 2 * 12 + 3
-  )  # per layer: 2 norms, q/k/v kernel+bias, o, 3 mlp
+      len(jax.tree_util.tree_leaves(specs, is_leaf=lambda x: isinstance(x, P))) == n_leaves == 12 + 3
+  )  # the stacked layers: 2 norms, q/k/v kernel+bias, o, 3 mlp; plus embedding, final norm, lm_head
 
 
 def test_make_mesh_one_device_and_errors():
@@ -143,7 +147,7 @@ _SCRIPT = textwrap.dedent("""
                          num_heads=4, num_kv_heads=2, head_dim=8)
     params = init_params(config, jax.random.key(0))
     sharded = sharding.shard_params(params, mesh)
-    q = sharded["layers_0"]["self_attn"]["q_proj"]["kernel"]
+    q = sharded["layers"]["self_attn"]["q_proj"]["kernel"]
     out["q_shard_shape"] = list(q.addressable_shards[0].data.shape)
     out["q_devices"] = len(q.sharding.device_set)
     out["norm_shard_shape"] = list(sharded["norm"]["scale"].addressable_shards[0].data.shape)
@@ -181,7 +185,7 @@ def test_eight_devices_placement_and_compute(tmp_path):
   out = json.loads(out_file.read_text())
   assert out["mesh"] == {"data": 2, "fsdp": 2, "tensor": 2}
   assert "data=3 x fsdp=1 x tensor=1 = 3 != 8 available devices" in out["err"]
-  assert out["q_shard_shape"] == [16, 16] and out["q_devices"] == 8  # [32, 32] over fsdp=2 x tensor=2
+  assert out["q_shard_shape"] == [1, 16, 16] and out["q_devices"] == 8  # [1 layer, 32, 32], fsdp=2 x tensor=2
   assert out["norm_shard_shape"] == [32]
   assert out["batch_equal"] and out["batch_shard_shape"] == [2, 5]  # 8 rows over data x fsdp = 4
   assert out["max_diff"] < 1e-5

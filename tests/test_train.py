@@ -232,7 +232,7 @@ def test_two_side_batches_same_loss_curve(tmp_path, full_run, data_path):
   np.testing.assert_allclose(
       result.monitor["monitor/preferred_logprob_change"],
       full_run.monitor["monitor/preferred_logprob_change"],
-      atol=1e-4,
+      atol=5e-4,  # sums of ~-100 log-probs in another summation order, after 10 chaotic RMSprop steps at lr 1e-3
   )
 
 

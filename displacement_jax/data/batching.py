@@ -14,6 +14,7 @@ With `shared_prompt_packing` it yields the packed layout of `data/packing.py` in
 from __future__ import annotations
 
 import bisect
+import json
 from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
@@ -138,7 +139,8 @@ class BatchIterator:
   `batch_size`, and the batches of all buckets are interleaved in a seeded order. Each batch is padded to its
   bucket's length (boundary, or the longest pair rounded up to pad_to_multiple without buckets). The last
   incomplete batch of a bucket is dropped (drop_last) or filled with filler rows (index -1, no loss).
-  Iterates forever over epochs unless num_epochs is set.
+  Iterates forever over epochs unless num_epochs is set. `rows_log`: a jsonl file to which every batch appends
+  {"epoch", "step", "process", "index"} (this host's dataset rows; per-host data can be checked from it).
   """
 
   def __init__(
@@ -157,6 +159,7 @@ class BatchIterator:
       process_index: int = 0,
       process_count: int = 1,
       shared_prompt_packing: bool = False,
+      rows_log: str | None = None,
   ):
     if not pairs:
       raise ValueError("BatchIterator: no pairs")
@@ -170,6 +173,7 @@ class BatchIterator:
     self.batch_size, self.seed, self.shuffle, self.drop_last = int(batch_size), int(seed), bool(shuffle), drop_last
     self.pad_id, self.padding_side, self.num_epochs = int(pad_id), padding_side, num_epochs
     self.process_index, self.process_count = int(process_index), int(process_count)
+    self.rows_log = rows_log
     if bucket_boundaries:
       self.buckets = length_buckets(self.pairs, bucket_boundaries)
       self.lengths = [int(b) for b in bucket_boundaries]
@@ -231,6 +235,19 @@ class BatchIterator:
     per = self.batch_size // self.process_count
     filler = self.pairs[rows[0]]  # the same filler on every host: hosts' slices concatenate to the global batch
     rows = rows[self.process_index * per : (self.process_index + 1) * per]
+    if self.rows_log:
+      with open(self.rows_log, "a") as f:
+        f.write(
+            json.dumps(
+                {
+                    "epoch": self.epoch,
+                    "step": self.step,
+                    "process": self.process_index,
+                    "index": [int(self.pairs[i].index) for i in rows],
+                }
+            )
+            + "\n"
+        )
     self.step += 1
     batch = collate(
         [self.pairs[i] for i in rows],

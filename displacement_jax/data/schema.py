@@ -18,6 +18,7 @@ Every bad row raises `DataError(file, row, field, message)`; nothing is silently
 
 from __future__ import annotations
 
+import codecs
 import collections.abc
 import dataclasses
 import glob
@@ -45,7 +46,8 @@ _DATA_EXTS = (".jsonl", ".json", ".parquet")
 
 @dataclasses.dataclass(frozen=True)
 class PreferenceExample:
-  """One preference pair. prompt/chosen/rejected: str or chat-message lists; index = source row."""
+  """One preference pair. prompt/chosen/rejected: str or chat-message lists; index = the row's `index` field (its
+  source row without one); row = the 0-based row it was read from (None when not read from a file / dataset)."""
 
   index: int
   prompt: Text
@@ -53,6 +55,7 @@ class PreferenceExample:
   rejected: Text
   source: str = ""
   meta: dict[str, Any] = dataclasses.field(default_factory=dict)
+  row: int | None = dataclasses.field(default=None, compare=False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,16 +107,30 @@ class PersonaRow(collections.abc.Mapping):
 
 
 def _read_jsonl(path: str) -> list[tuple[int, dict[str, Any]]]:
-  """(0-based line index, object) per non-blank line; invalid json / non-objects raise DataError."""
+  """(0-based line index, object) per non-blank line. A UTF-8 byte-order mark at the start is skipped; invalid
+  UTF-8 (naming the byte offset in the file), invalid json and non-objects raise DataError."""
   rows = []
-  with open(path, encoding="utf-8") as f:
-    for line_no, line in enumerate(f):
+  offset = 0
+  with open(path, "rb") as f:
+    for line_no, raw in enumerate(f):
+      start, offset = offset, offset + len(raw)
+      if line_no == 0 and raw.startswith(codecs.BOM_UTF8):
+        raw, start = raw[len(codecs.BOM_UTF8) :], start + len(codecs.BOM_UTF8)
+      try:
+        line = raw.decode("utf-8")
+      except UnicodeDecodeError as e:
+        raise DataError(
+            path,
+            line_no,
+            None,
+            f"invalid UTF-8 at byte offset {start + e.start} (byte 0x{raw[e.start]:02x}); the file must be UTF-8",
+        ) from None
       if not line.strip():
         continue
       try:
         obj = json.loads(line)
       except json.JSONDecodeError as e:
-        raise DataError(path, line_no, None, f"invalid json: {e.msg} at column {e.colno}") from None
+        raise DataError(path, line_no, None, f"invalid json at column {e.colno}: {e.msg.removesuffix(' at')}") from None
       if not isinstance(obj, dict):
         raise DataError(path, line_no, None, f"expected a json object, got {type(obj).__name__}")
       rows.append((line_no, obj))
@@ -421,7 +438,7 @@ def load_preference_data(
   if schema == "auto":
     named = infer_schema(path, list(rows[0][1].keys()))
   adapter = ADAPTERS[named]
-  examples = [adapter(file, row, r) for row, r in rows]
+  examples = [dataclasses.replace(adapter(file, row, r), row=row) for row, r in rows]
   return [examples[i] for i in _subsample(len(examples), limit, seed, shuffle)]
 
 

@@ -2,6 +2,12 @@
 
 HF `nn.Linear` stores `weight` as [out, in]; our Dense `kernel` is [in, out], so Linear weights are transposed.
 Embeddings, norm weights and biases keep their layout. Gemma norm weights are stored raw (the model applies 1 + w).
+
+The model scans one layer body over the decoder layers, so its tree holds each layer param once, stacked on a
+leading layer axis: `layers/self_attn/q_proj/kernel [L, D, H*hd]`. HF names one tensor per layer
+(`model.layers.3.self_attn.q_proj.weight`); at this boundary a layer tensor is addressed by its per-layer path
+`('layers_3', 'self_attn', 'q_proj', 'kernel')` (`hf_name_to_path`, `expected_layer_shapes`), and
+`stacked_path` / `layer_path` move between the two.
 """
 
 from __future__ import annotations
@@ -82,8 +88,57 @@ def _np_dtype(name: str) -> np.dtype:
   return np.dtype(name)
 
 
+LAYERS = "layers"
+
+
+def stacked_path(path: Path) -> tuple[Path, int | None]:
+  """(path in the stacked param tree, layer index) of a per-layer path; (path, None) outside the layers."""
+  if path[0].startswith("layers_"):
+    return (LAYERS,) + tuple(path[1:]), int(path[0][len("layers_") :])
+  return path, None
+
+
+def layer_path(path: Path, layer: int | None) -> Path:
+  """The per-layer path of stacked-tree `path` at `layer` (the inverse of `stacked_path`)."""
+  return path if layer is None else (f"layers_{layer}",) + tuple(path[1:])
+
+
 def expected_param_shapes(config: ModelConfig) -> dict[str, Any]:
-  """The param tree of `config` with shape tuples as leaves (see DESIGN.md)."""
+  """The param tree of `config` (layers stacked on a leading axis) with shape tuples as leaves."""
+  tree = {}
+  for path, shape in expected_layer_shapes(config).items():
+    stacked, layer = stacked_path(path)
+    if layer in (None, 0):
+      set_in_tree(tree, stacked, shape if layer is None else (config.num_layers,) + shape)
+  return tree
+
+
+def stack_layers(flat: Mapping[Path, Any], config: ModelConfig) -> dict[str, Any]:
+  """The stacked param tree from {per-layer path: array} (numpy; every layer must be present)."""
+  tree: dict[str, Any] = {}
+  for path in expected_layer_shapes(config):
+    stacked, layer = stacked_path(path)
+    if layer is None:
+      set_in_tree(tree, stacked, flat[path])
+    elif layer == 0:
+      set_in_tree(tree, stacked, np.stack([np.asarray(flat[layer_path(stacked, i)]) for i in range(config.num_layers)]))
+  return tree
+
+
+def unstack_layers(params: Mapping[str, Any]) -> dict[Path, Any]:
+  """{per-layer path: array} of a stacked param tree (the layer slices of each stacked leaf)."""
+  out: dict[Path, Any] = {}
+  for path, value in flatten_tree(params).items():
+    if path[0] == LAYERS:
+      for i in range(np.shape(value)[0]):
+        out[layer_path(path, i)] = value[i]
+    else:
+      out[path] = value
+  return out
+
+
+def expected_layer_shapes(config: ModelConfig) -> dict[Path, tuple[int, ...]]:
+  """{per-layer path: shape} of every param of `config`, in model order (HF granularity, see the module docstring)."""
   c = config
   d, f, q, kv = c.hidden_size, c.intermediate_size, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
   has_norm = c.norm_type != "layernorm_nonparam"
@@ -117,7 +172,7 @@ def expected_param_shapes(config: ModelConfig) -> dict[str, Any]:
     tree["norm"] = {"scale": (d,)}
   if not c.tie_word_embeddings:
     tree["lm_head"] = {"kernel": (d, c.vocab_size)}
-  return tree
+  return flatten_tree(tree)
 
 
 def flatten_tree(tree: Mapping[str, Any], prefix: Path = ()) -> dict[Path, Any]:
@@ -145,9 +200,9 @@ def state_dict_to_params(
 
   Raises ValueError naming the tensor on a wrong shape, an unknown name, or a missing parameter.
   """
-  expected = flatten_tree(expected_param_shapes(config))
+  expected = expected_layer_shapes(config)
   target = _np_dtype(dtype or config.param_dtype)
-  params: dict[str, Any] = {}
+  flat: dict[Path, Any] = {}
   seen: dict[Path, str] = {}
   for name, array in state_dict.items():
     path = hf_name_to_path(name, config)
@@ -163,14 +218,14 @@ def state_dict_to_params(
           f"expected param shape {expected[path]} for this {config.model_type} config"
       )
     seen[path] = name
-    set_in_tree(params, path, value.astype(target, copy=False))
+    flat[path] = value.astype(target, copy=False)
   missing = [p for p in expected if p not in seen]
   if missing:
     names = ", ".join("/".join(p) for p in missing[:8])
     raise ValueError(
         f"HF state dict is missing {len(missing)} parameter(s) for this {config.model_type} config: {names}"
     )
-  return params
+  return stack_layers(flat, config)
 
 
 def param_path_to_hf_name(path: Path) -> str:
@@ -197,11 +252,12 @@ def params_to_state_dict(params: Mapping[str, Any], config: ModelConfig) -> dict
   missing = [p for p in expected if p not in flat]
   if missing:
     raise ValueError(f"params is missing entries: {['/'.join(p) for p in missing[:8]]}")
-  out: dict[str, np.ndarray] = {}
   for path, value in flat.items():
+    if tuple(np.shape(value)) != expected[path]:
+      raise ValueError(f"param {'/'.join(path)} has shape {np.shape(value)}, expected {expected[path]}")
+  out: dict[str, np.ndarray] = {}
+  for path, value in unstack_layers(params).items():
     value = np.asarray(value)
-    if tuple(value.shape) != expected[path]:
-      raise ValueError(f"param {'/'.join(path)} has shape {value.shape}, expected {expected[path]}")
     if _is_linear(path):
       value = np.ascontiguousarray(value.T)
     out[param_path_to_hf_name(path)] = value

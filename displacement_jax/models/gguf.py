@@ -20,7 +20,6 @@ from displacement_jax.models import convert
 from displacement_jax.models import io as io_lib
 from displacement_jax.models.config import ModelConfig
 from displacement_jax.models.transformer import Transformer
-from displacement_jax import sharding as sharding_lib
 from displacement_jax.models import packaged
 
 SUPPORTED_ARCHITECTURES: tuple[str, ...] = ("llama",)
@@ -193,12 +192,8 @@ def from_gguf(
   path = packaged.resolve_gguf(path_or_packaged_name)
   state, hf, _ = read_state_dict(path)
   config = ModelConfig.from_hf(hf, dtype=dtype, param_dtype=param_dtype or dtype, remat=remat)
-  expected = convert.flatten_tree(convert.expected_param_shapes(config))
-  shardings = (
-      convert.flatten_tree(sharding_lib.param_shardings(convert.expected_param_shapes(config), mesh)) if mesh else {}
-  )
-  target = io_lib.np_dtype(config.param_dtype)
-  params: dict[str, Any] = {}
+  expected = convert.expected_layer_shapes(config)
+  tensors = {}
   for name, array in state.items():
     param_path = convert.hf_name_to_path(name, config)
     if param_path is None:
@@ -206,10 +201,9 @@ def from_gguf(
     want = tuple(reversed(expected[param_path])) if param_path[-1] == "kernel" else expected[param_path]
     if array.shape != want:
       raise ValueError(f"from_gguf: {path}: tensor {name!r} has shape {array.shape}, expected {want} from the metadata")
-    convert.set_in_tree(params, param_path, io_lib.place_param(array, param_path, target, shardings.get(param_path)))
-  loaded = convert.flatten_tree(params)
-  missing = [convert.param_path_to_hf_name(p) for p in expected if p not in loaded]
+    tensors[param_path] = array
+  missing = [convert.param_path_to_hf_name(p) for p in expected if p not in tensors]
   if missing:
     raise ValueError(f'from_gguf: {path}: missing tensor(s) {", ".join(repr(n) for n in missing[:12])}')
-  del progress  # dequantizing 272 tensors takes a few seconds; no bar needed
+  params = io_lib.place_tensors(tensors, config, mesh, desc=f"load {os.path.basename(path)}", progress=progress)
   return Transformer(config), params, config

@@ -13,7 +13,7 @@ import json
 import math
 import os
 import struct
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -83,9 +83,16 @@ def read_safetensors_header(file: str) -> tuple[dict[str, dict[str, Any]], int]:
   except (OSError, ValueError, UnicodeDecodeError) as e:
     raise ValueError(f"{file}: not a readable safetensors file ({e})") from e
   header.pop("__metadata__", None)
+  size = os.path.getsize(file)
   for name, info in header.items():
     if info.get("dtype") not in _ST_DTYPES:
       raise ValueError(f"{file}: tensor {name!r} has unsupported safetensors dtype {info.get('dtype')!r}")
+    end = 8 + n + int(info.get("data_offsets", (0, 0))[1])
+    if end > size:  # a file cut short (interrupted download or copy): name it before anything is mapped
+      raise ValueError(
+          f"{file}: tensor {name!r} ends at byte {end} but the file has only {size} bytes (truncated: an "
+          "interrupted download or copy?)"
+      )
   return header, 8 + n
 
 
@@ -98,6 +105,12 @@ def read_safetensors_tensor(file: str, info: Mapping[str, Any], data_start: int)
     raise ValueError(f"{file}: tensor byte range {begin}..{end} does not match shape {shape} dtype {dtype}")
   if not shape or math.prod(shape) == 0:
     return np.zeros(shape, dtype)
+  size = os.path.getsize(file)
+  if data_start + end > size:
+    raise ValueError(
+        f"{file}: a tensor at bytes {data_start + begin}..{data_start + end} lies past the end of the file "
+        f"({size} bytes; truncated?)"
+    )
   return np.memmap(file, dtype=dtype, mode="r", offset=data_start + begin, shape=shape)
 
 
@@ -196,7 +209,7 @@ def plan_load(ckpt_dir: str, config: ModelConfig) -> dict[Path, tuple[str, str, 
   """
   files = checkpoint_files(ckpt_dir)
   headers = {f: read_safetensors_header(f) for f in sorted(set(files.values()))}
-  expected = convert.flatten_tree(convert.expected_param_shapes(config))
+  expected = convert.expected_layer_shapes(config)
   plan: dict[Path, tuple[str, str, dict[str, Any], int]] = {}
   unknown, bad_shape = [], []
   for name, file in files.items():
@@ -228,12 +241,50 @@ def plan_load(ckpt_dir: str, config: ModelConfig) -> dict[Path, tuple[str, str, 
   return plan
 
 
-def place_param(array_hf: np.ndarray, path: Path, dtype: np.dtype, sharding: Any) -> jax.Array:
-  """Our-layout `array_hf` (memmap) in `dtype` on `sharding` (or the default device), one slice per device."""
-  view = array_hf.T if path[-1] == "kernel" else array_hf  # a view: nothing is copied yet
+def place_param(array_hf: np.ndarray | Sequence[np.ndarray], path: Path, dtype: np.dtype, sharding: Any) -> jax.Array:
+  """One param of the stacked tree in our layout, `dtype`, on `sharding` (or the default device).
+
+  `array_hf` is one HF-layout tensor (e.g. a memmap), or for a layer param (`path` under `layers/`) the list of
+  its per-layer tensors, stacked here on the leading axis. Each device reads only its own slice.
+  """
+  per_layer = isinstance(array_hf, (list, tuple))
+  views = [a.T if path[-1] == "kernel" else a for a in (array_hf if per_layer else [array_hf])]  # views: no copies
+
+  def read(idx: tuple[slice, ...]) -> np.ndarray:
+    if not per_layer:
+      return np.ascontiguousarray(views[0][idx], dtype=dtype)
+    return np.ascontiguousarray(np.stack([views[i][idx[1:]] for i in range(*idx[0].indices(len(views)))]), dtype=dtype)
+
+  shape = ((len(views),) if per_layer else ()) + tuple(views[0].shape)
   if sharding is None:
-    return jax.device_put(np.ascontiguousarray(view, dtype=dtype))
-  return jax.make_array_from_callback(view.shape, sharding, lambda idx: np.ascontiguousarray(view[idx], dtype=dtype))
+    return jax.device_put(read(tuple(slice(None) for _ in shape)))
+  return jax.make_array_from_callback(shape, sharding, read)
+
+
+def place_tensors(
+    tensors_hf: Mapping[Path, Any], config: ModelConfig, mesh: Any = None, *, desc: str = "load", progress: bool = True
+) -> dict[str, Any]:
+  """The stacked param tree from {per-layer path: HF-layout tensor} (memmaps or arrays), each param placed on
+  its `sharding.param_shardings` sharding when `mesh` is given (models/convert.py describes the two layouts)."""
+  from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
+
+  target = np_dtype(config.param_dtype)
+  shardings = (
+      convert.flatten_tree(sharding_lib.param_shardings(convert.expected_param_shapes(config), mesh))
+      if mesh is not None
+      else {}
+  )
+  grouped: dict[Path, dict[int | None, Any]] = {}
+  for path, tensor in tensors_hf.items():
+    stacked, layer = convert.stacked_path(path)
+    grouped.setdefault(stacked, {})[layer] = tensor
+  params: dict[str, Any] = {}
+  for stacked, layers in tqdm(
+      sorted(grouped.items()), desc=desc, disable=not progress, dynamic_ncols=True, leave=False
+  ):
+    tensors = layers[None] if None in layers else [layers[i] for i in range(config.num_layers)]
+    convert.set_in_tree(params, stacked, place_param(tensors, stacked, target, shardings.get(stacked)))
+  return params
 
 
 def from_pretrained(
@@ -251,28 +302,14 @@ def from_pretrained(
   `dtype` is the compute dtype, `param_dtype` the storage dtype (default: `dtype`). With `mesh`, every param is
   placed directly on its `sharding.param_shardings` sharding.
   """
-  from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
-
   ckpt_dir = resolve_checkpoint_dir(path_or_hub_id, revision=revision)
   hf_config = read_hf_config(ckpt_dir)
   config = ModelConfig.from_hf(hf_config, dtype=dtype, param_dtype=param_dtype or dtype, remat=remat)
   plan = plan_load(ckpt_dir, config)
-  target = np_dtype(config.param_dtype)
-  shardings = (
-      convert.flatten_tree(sharding_lib.param_shardings(convert.expected_param_shapes(config), mesh))
-      if mesh is not None
-      else {}
+  tensors = {path: read_safetensors_tensor(file, info, start) for path, (_, file, info, start) in plan.items()}
+  params = place_tensors(
+      tensors, config, mesh, desc=f"load {os.path.basename(os.path.normpath(ckpt_dir))}", progress=progress
   )
-  params: dict[str, Any] = {}
-  for path, (name, file, info, start) in tqdm(
-      sorted(plan.items()),
-      desc=f"load {os.path.basename(os.path.normpath(ckpt_dir))}",
-      disable=not progress,
-      dynamic_ncols=True,
-      leave=False,
-  ):
-    array_hf = read_safetensors_tensor(file, info, start)
-    convert.set_in_tree(params, path, place_param(array_hf, path, target, shardings.get(path)))
   return Transformer(config), params, config
 
 
@@ -325,9 +362,13 @@ def save_pretrained(
     raise ValueError(f"save_pretrained: max_shard_bytes must be positive, got {max_shard_bytes}")
 
   entries = []
-  for path in expected:  # model order: embed, layers, norm, lm_head
-    shape = _expected_hf_shape(path, expected[path])
-    entries.append((convert.param_path_to_hf_name(path), shape, store, path))
+  layer_shapes = convert.expected_layer_shapes(config)
+  for stacked in expected:  # model order: embed, layers (one param over all layers at a time), norm, lm_head
+    for layer in [None] if stacked[0] != convert.LAYERS else range(config.num_layers):
+      path = convert.layer_path(stacked, layer)
+      entries.append(
+          (convert.param_path_to_hf_name(path), _expected_hf_shape(path, layer_shapes[path]), store, (stacked, layer))
+      )
   shards: list[list[Any]] = [[]]
   size = 0
   for e in entries:
@@ -346,10 +387,15 @@ def save_pretrained(
         os.remove(os.path.join(out_dir, stale))
   bar = tqdm(total=len(entries), desc="save", disable=not progress or not writer, dynamic_ncols=True, leave=False)
 
-  def fetch(path: Path) -> np.ndarray:
-    arr = _host_array(flat[path])
+  held: dict[str, Any] = {}  # the host copy of the one stacked param being written
+
+  def fetch(handle: tuple[Path, int | None]) -> np.ndarray:
+    stacked, layer = handle
+    if held.get("path") != stacked:
+      held.update(path=stacked, array=_host_array(flat[stacked]))
+    arr = held["array"] if layer is None else held["array"][layer]
     bar.update(1)
-    return arr.T if path[-1] == "kernel" else arr
+    return arr.T if stacked[-1] == "kernel" else arr
 
   names = (
       [SINGLE_FILE]
@@ -360,8 +406,8 @@ def save_pretrained(
     if writer:
       _write_safetensors(os.path.join(out_dir, shard_name), shard, fetch)
     else:
-      for *_, path in shard:
-        fetch(path)
+      for *_, handle in shard:
+        fetch(handle)
   bar.close()
   if writer:
     if len(shards) > 1:

@@ -1,6 +1,7 @@
 """Flax linen decoder-only transformer: Llama-3(.1) / Mistral / Qwen2 / OLMo-1 / Gemma-1, with a KV cache.
 
-The param tree mirrors HF names (see DESIGN.md). Norm statistics, RoPE tables, softmax and logits are float32;
+The param tree mirrors HF names with the decoder layers stacked on a leading axis under `layers/` (one scanned
+layer body; models/convert.py maps HF's per-layer names at the io boundary, see DESIGN.md). Norm statistics, RoPE tables, softmax and logits are float32;
 everything else runs in `config.dtype` with params stored in `config.param_dtype`.
 """
 
@@ -231,9 +232,14 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-  """Pre-norm block: x + attn(norm(x)), then + mlp(norm(.))."""
+  """Pre-norm block: x + attn(norm(x)), then + mlp(norm(.)).
+
+  Called through `nn.scan` over the layers (params stacked on a leading layer axis): returns the new residual
+  stream (the scan carry) and (this layer's new KV cache, its output when `collect_hidden`) as the scan output.
+  """
 
   config: ModelConfig
+  collect_hidden: bool = False
 
   @nn.compact
   def __call__(
@@ -251,7 +257,7 @@ class DecoderLayer(nn.Module):
     x_BTD = x_BTD + attn
     h = _norm(c, "post_attention_layernorm")(x_BTD)
     x_BTD = x_BTD + MLP(c, name="mlp")(h)
-    return x_BTD, new_cache
+    return x_BTD, (new_cache, x_BTD if self.collect_hidden else None)
 
 
 # -------------------------------------------------------------------------------------------- masks
@@ -299,17 +305,17 @@ def init_cache(config: ModelConfig, batch: int, max_len: int, dtype: Any = None)
   """An empty KV cache for `batch` rows and `max_len` slots (keys/values in `dtype`, default config.dtype).
 
   Structure: {'index': int32 next slot, 'length_B': int32 real tokens seen, 'mask_BS': bool valid slots,
-  'layers': tuple of {'k', 'v'} [B, max_len, num_kv_heads, head_dim]}.
+  'layers': {'k', 'v'} [num_layers, B, max_len, num_kv_heads, head_dim]} (stacked like the layer params).
   """
   if batch <= 0 or max_len <= 0:
     raise ValueError(f"init_cache needs batch > 0 and max_len > 0, got batch={batch}, max_len={max_len}")
   dtype = _dtype(dtype or config.dtype)
-  shape = (batch, max_len, config.num_kv_heads, config.head_dim)
+  shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.head_dim)
   return {
       "index": jnp.zeros((), jnp.int32),
       "length_B": jnp.zeros((batch,), jnp.int32),
       "mask_BS": jnp.zeros((batch, max_len), bool),
-      "layers": tuple({"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(config.num_layers)),
+      "layers": {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)},
   }
 
 
@@ -330,8 +336,8 @@ def _check_inputs(
     raise ValueError(f"positions_BT shape {tuple(np.shape(positions_BT))} must equal input_ids_BT shape {ids_shape}")
   if cache is not None:
     cache_shape = tuple(np.shape(cache["mask_BS"]))
-    if len(cache["layers"]) != config.num_layers:
-      raise ValueError(f"cache has {len(cache['layers'])} layers, model has {config.num_layers}")
+    if cache["layers"]["k"].shape[0] != config.num_layers:
+      raise ValueError(f"cache has {cache['layers']['k'].shape[0]} layers, model has {config.num_layers}")
     if cache_shape[0] != ids_shape[0] or cache_shape[1] < ids_shape[1]:
       raise ValueError(f"cache mask_BS shape {cache_shape} does not fit input_ids_BT shape {ids_shape}")
   ids = input_ids_BT
@@ -404,18 +410,35 @@ class Transformer(nn.Module):
     else:
       mask_BTS = branch_attention_mask_BTS(mask_BT, jnp.asarray(branch_BT), positions_BT, c.sliding_window)
 
-    layer_cls = nn.remat(DecoderLayer, prevent_cse=True) if c.remat else DecoderLayer
-    all_hidden = [x_BTD]
-    new_layers = []
-    for i in range(c.num_layers):
-      kv = cache["layers"][i] if cache is not None else None
-      x_BTD, new_kv = layer_cls(c, name=f"layers_{i}")(x_BTD, cos_BTH, sin_BTH, mask_BTS, kv, index)
-      new_layers.append(new_kv)
-      all_hidden.append(x_BTD)
+    # One compiled layer body scanned over the stacked layer params (compile time independent of depth);
+
+    # remat per layer keeps only each layer's input for the backward pass.
+
+    layer_cls = nn.remat(DecoderLayer, prevent_cse=False) if c.remat else DecoderLayer
+
+    layers = nn.scan(
+        layer_cls,
+        variable_axes={"params": 0},
+        split_rngs={"params": True},
+        in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast),
+        length=c.num_layers,
+    )(c, collect_hidden=return_all_hidden, name="layers")
+
+    embedded_BTD = x_BTD
+
+    x_BTD, (new_kv, per_layer_LBTD) = layers(
+        x_BTD, cos_BTH, sin_BTH, mask_BTS, cache["layers"] if cache is not None else None, index
+    )
 
     final_norm = _norm(c, "norm")
+
     hidden_BTD = final_norm(x_BTD)
-    all_hidden[-1] = hidden_BTD  # HF convention: the last entry is after the final norm
+
+    all_hidden = None
+
+    if return_all_hidden:  # HF convention: embeddings, each layer's output, the last one after the final norm
+
+      all_hidden = (embedded_BTD, *(per_layer_LBTD[i] for i in range(c.num_layers - 1)), hidden_BTD)
 
     new_cache = None
     if cache is not None:
@@ -423,7 +446,7 @@ class Transformer(nn.Module):
           "index": index + t,
           "length_B": cache["length_B"] + mask_BT.sum(axis=1, dtype=jnp.int32),
           "mask_BS": key_valid_BS,
-          "layers": tuple(new_layers),
+          "layers": new_kv,
       }
 
     lm_kernel_DV = None if c.tie_word_embeddings else _LMHead(c, name="lm_head")()
@@ -434,7 +457,7 @@ class Transformer(nn.Module):
     return TransformerOutput(
         logits_BTV=logits_BTV,
         hidden_BTD=hidden_BTD if return_hidden else None,
-        all_hidden=tuple(all_hidden) if return_all_hidden else None,
+        all_hidden=all_hidden,
         cache=new_cache,
     )
 

@@ -1,0 +1,41 @@
+"""Every real-output block of README.md is produced by a registered command (docs/outputs.py), and a fresh run of
+that command gives the stored text again (numbers within 1e-3 relative; hashes and timings masked)."""
+
+import pathlib
+import re
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "docs"))
+import outputs  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
+
+SECTIONS = sorted((ROOT / "docs" / "sections").glob("*.md"))
+
+
+def _markers():
+  return [m for p in SECTIONS for m in re.findall(r"^<!-- (?:output|snippet): (\w+) -->$", p.read_text(), re.M)]
+
+
+def test_every_marker_is_registered_and_every_output_is_shown():
+  markers = _markers()
+  assert sorted(set(markers)) == sorted(outputs.OUTPUTS), (sorted(set(markers)), sorted(outputs.OUTPUTS))
+  for name in markers:
+    assert (outputs.STORE / f"{name}.txt").is_file(), name
+
+
+def test_compare_tolerates_rounding_and_masks_but_not_changes():
+  assert outputs.compare("loss 0.69315 took 2.7 ms\n", "loss 0.69312 took 9.1 ms\n") is None
+  assert outputs.compare("cache reference_" + "a" * 32 + ".npz\n", "cache reference_" + "b" * 32 + ".npz\n") is None
+  assert outputs.compare("loss 0.70\n", "loss 0.69\n") is not None
+  assert outputs.compare("loss 0.69 | share 0.00\n", "loss 0.69 | share y+ 0.00\n") is not None
+
+
+@pytest.mark.parametrize("name", sorted(outputs.OUTPUTS))
+def test_fresh_run_gives_the_stored_output(name):
+  diff = outputs.compare(outputs.run(name), outputs.stored(name))
+  assert diff is None, (
+      f"docs/outputs/{name}.txt no longer reproduces (rerun `python docs/outputs.py --only {name}` "
+      f"and read the README prose around it):\n{diff}"
+  )
