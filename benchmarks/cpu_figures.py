@@ -26,7 +26,7 @@ import ml_collections
 import numpy as np
 import torch
 
-from benchmarks import cpu_vs_torch, flops, shapes
+from benchmarks import cpu_vs_torch, flops, shapes, tables
 
 
 def peak_matmul(n: int = 2048, reps: int = 5) -> dict[str, float]:
@@ -188,11 +188,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
       f"{agree['ches'][1]:.1e}; LN-CHES Spearman {agree['ln_ches'][0]:.4f}, max rel. diff {agree['ln_ches'][1]:.1e} |",
       "",
   ]
-  table = "\n".join(lines)
-  print(table)
-  if a.append:
-    with open(a.append, "a") as f:
-      f.write("\n" + table)
+  tables.emit(lines, a.append)
   return dict(peak=peak, compile_step=c_step, compile_logps=c_logps, bf16_speed=score_s / bf_s, agree=agree)
 
 

@@ -30,7 +30,7 @@ import ml_collections
 import numpy as np
 import torch
 
-from benchmarks import shapes
+from benchmarks import shapes, tables
 from benchmarks import torch_reference
 
 Row = tuple[list[int], list[int], list[int]]
@@ -247,11 +247,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
       f"| DPO first step incl. JIT compile | | {jax_first_s:.2f} s | | |",
       "",
   ]
-  table = "\n".join(lines)
-  print(table)
-  if a.append:
-    with open(a.append, "a") as f:
-      f.write("\n" + table)
+  table = tables.emit(lines, a.append)
   return dict(
       table=table,
       score_ratio=torch_s / steady_s,

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from benchmarks import shapes
+from benchmarks import shapes, tables
 
 CATEGORIES = ("dense layers", "attention", "LM head + log-softmax", "other model ops", "optimizer / rest")
 
@@ -176,11 +176,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
       *table(result, a.top),
       "",
   ]
-  text = "\n".join(lines)
-  print(text)
-  if a.append:
-    with open(a.append, "a") as f:
-      f.write("\n" + text)
+  text = tables.emit(lines, a.append)
   return dict(result, table=text)
 
 

@@ -118,10 +118,7 @@ def score_and_write(
         loaded.tokenizer,
         examples,
         batch_size=int(config.batch_size),
-        max_length=int(config.data.max_length),
-        format=config.data.format,
         mesh=mesh,
-        progress=bool(config.get("progress", True)),
         done=done,
         on_batch=progress.append if progress else None,
     )

@@ -163,12 +163,12 @@ def score_examples(
     examples: Sequence[Any],
     *,
     batch_size: int,
-    max_length: int,
-    format: str,
+    max_length: int | None = None,
+    format: str | None = None,
     mesh: Any = None,
     bucketed: bool = True,
     packing: bool | None = None,
-    progress: bool = True,
+    progress: bool | None = None,
     measures_include_eos: bool | None = None,
     done: Mapping[int, dict[str, Any]] | None = None,
     on_batch: Callable[[list[tuple[int, dict[str, Any]]]], None] | None = None,
@@ -179,7 +179,7 @@ def score_examples(
   last_hidden_inner_product, chosen_len / rejected_len (response tokens incl. EOS), chosen_total_len /
   rejected_total_len (prompt + response), chosen_truncated / rejected_truncated. `config` supplies
   data.single_token, data.truncation, data.tokenization, data.padding_side and (unless given)
-  data.shared_prompt_packing and measures.include_eos.
+  data.max_length, data.format, progress, data.shared_prompt_packing and measures.include_eos.
   With `mesh`, batches are sharded over ('data', 'fsdp') and params by `sharding.param_shardings`.
   `done` / `on_batch`: resuming a long run, see `score_pairs`.
   """
@@ -187,10 +187,13 @@ def score_examples(
     raise ValueError("score_examples: no examples to score")
   data_cfg = config.get("data", ml_collections.ConfigDict())
   single = bool(data_cfg.get("single_token", False))
+  max_length = int(data_cfg.max_length if max_length is None else max_length)
+  format = data_cfg.format if format is None else format
+  progress = bool(config.get("progress", True) if progress is None else progress)
   pairs = tokenize_examples(
       examples,
       tokenizer,
-      max_length=int(max_length),
+      max_length=max_length,
       format=format,
       single_token=single,
       truncation=data_cfg.get("truncation", "truncate_response"),

@@ -91,9 +91,6 @@ def compute_scores(config: ml_collections.ConfigDict, examples: Sequence[Any]) -
       loaded.tokenizer,
       examples,
       batch_size=int(config.batch_size),
-      max_length=int(config.data.max_length),
-      format=config.data.format,
-      progress=bool(config.get("progress", True)),
   )
   scores = {m: np.asarray([r[m] for r in scored], np.float64) for m in quantiles_plan.MEASURES}
   _write_atomic_npz(path, index=index, **scores)

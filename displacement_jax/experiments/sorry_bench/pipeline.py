@@ -164,9 +164,6 @@ def filtered_data(
       loaded.tokenizer,
       examples,
       batch_size=int(sc.gen_batch_size),
-      max_length=int(config.data.max_length),
-      format=config.data.format,
-      progress=bool(config.get("progress", True)),
   )
   keep = labels.filtered_positions([r["ln_ches"] for r in scored], int(sc.filter_k))
   kept = [dict(split.train_pairs[int(i)], index=j) for j, i in enumerate(np.sort(keep))]
