@@ -63,9 +63,8 @@ def compile_seconds(jitted: Any, *args: Any) -> float:
 def train_step_parts(model: Any, params: Any, rows: list, lr: float = 1e-6):
   """(jitted packed DPO step, state, batch, tokens): the step `training.run` jits, on `rows`."""
   from displacement_jax import forward, optim, step as step_lib  # pylint: disable=g-import-not-at-top
-  from displacement_jax.data import packing  # pylint: disable=g-import-not-at-top
 
-  batch = packing.pack_batch(cpu_vs_torch.pair_batch(rows))
+  batch = cpu_vs_torch.train_layout(rows, pairs_per_row=2)
   ref = jax.jit(lambda p, b: forward.pair_logps(model, p, b, 128))(params, batch)
   batch = jax.device_put(
       dict(batch, chosen_ref_logps_B=ref["chosen_logps_B"], rejected_ref_logps_B=ref["rejected_logps_B"])

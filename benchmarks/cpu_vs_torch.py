@@ -127,17 +127,25 @@ def score_torch(tmodel, rows: Sequence[Row]) -> tuple[np.ndarray, float]:
   return ches, time.perf_counter() - t0
 
 
-def dpo_ours(
-    model, params, rows: Sequence[Row], steps: int, lr: float, packing: bool = True
-) -> tuple[float, float, np.ndarray]:
-  """(first-step seconds incl. compile, steady seconds per step, log-probs after `steps` steps)."""
-  from displacement_jax import forward, optim, step as step_lib  # pylint: disable=g-import-not-at-top
+def train_layout(rows: Sequence[Row], pairs_per_row: int) -> dict[str, np.ndarray]:
+  """The batch `train.run` steps on: packed rows of up to `pairs_per_row` pairs (data.pairs_per_row), lengths
+  bucketed like the training iterator's; pairs_per_row=0: the two-side collated batch (no packing)."""
+  from displacement_jax.data import batching, packing  # pylint: disable=g-import-not-at-top
 
   batch = pair_batch(rows)
-  if packing:
-    from displacement_jax.data import packing as packing_lib  # pylint: disable=g-import-not-at-top
+  if not pairs_per_row:
+    return batch
+  return packing.pack_pairs(batch, pairs_per_row=pairs_per_row, bucket=batching.packed_bucket)
 
-    batch = packing_lib.pack_batch(batch)
+
+def dpo_ours(
+    model, params, rows: Sequence[Row], steps: int, lr: float, pairs_per_row: int = 2
+) -> tuple[float, float, np.ndarray]:
+  """(first-step seconds incl. compile, steady seconds per step, log-probs after `steps` steps) on
+  `train_layout(rows, pairs_per_row)`."""
+  from displacement_jax import forward, optim, step as step_lib  # pylint: disable=g-import-not-at-top
+
+  batch = train_layout(rows, pairs_per_row)
   ref = forward.pair_logps(model, params, batch, chunk_size=128)
   jbatch = jax.device_put(
       dict(batch, chosen_ref_logps_B=ref["chosen_logps_B"], rejected_ref_logps_B=ref["rejected_logps_B"])
@@ -196,6 +204,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   p.add_argument("--prompt_len", type=int, nargs=2, default=(16, 96))
   p.add_argument("--response_len", type=int, nargs=2, default=(8, 192))
   p.add_argument("--dpo_rows", type=int, default=8, help="rows in the DPO batch")
+  p.add_argument("--pairs_per_row", type=int, default=2, help="data.pairs_per_row of our DPO step")
   p.add_argument("--steps", type=int, default=5, help="DPO steps timed (after the first)")
   p.add_argument("--lr", type=float, default=1e-5)
   p.add_argument("--append", default=None, help="append the table to this markdown file")
@@ -215,9 +224,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   dpo = rows[: a.dpo_rows]
   dpo_tokens = sum(len(r[0]) * 2 + len(r[1]) + len(r[2]) for r in dpo)
   torch_step_s, logps_t = dpo_torch(tmodel, dpo, a.steps + 1, a.lr)
-  jax_first_s, jax_step_s, logps_j = dpo_ours(model, params, dpo, a.steps + 1, a.lr)
+  jax_first_s, jax_step_s, logps_j = dpo_ours(model, params, dpo, a.steps + 1, a.lr, a.pairs_per_row)
   dpo_diff = float(np.max(np.abs(logps_j - logps_t)))
-  _, jax2_step_s, logps_2 = dpo_ours(model, params, dpo, a.steps + 1, a.lr, packing=False)
+  _, jax1_step_s, logps_1 = dpo_ours(model, params, dpo, a.steps + 1, a.lr, pairs_per_row=1)
+  dpo_diff1 = float(np.max(np.abs(logps_1 - logps_t)))
+  _, jax2_step_s, logps_2 = dpo_ours(model, params, dpo, a.steps + 1, a.lr, pairs_per_row=0)
   dpo_diff2 = float(np.max(np.abs(logps_2 - logps_t)))
 
   today = datetime.date.today().isoformat()
@@ -238,9 +249,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
       f"{tokens / steady2_s:.0f} tok/s | {torch_s / steady2_s:.2f}x | max rel. CHES diff {rel2:.1e} |",
       f"| CHES scoring incl. JIT compile (first call) | {a.rows / torch_s:.2f} rows/s | {a.rows / first_s:.2f} rows/s "
       f"| {torch_s / first_s:.2f}x | |",
-      f"| DPO step, {a.dpo_rows} pairs, {dpo_tokens} tokens, RMSprop | {1 / torch_step_s:.2f} steps/s "
+      f"| DPO step, {a.dpo_rows} pairs ({a.pairs_per_row} per packed row), {dpo_tokens} tokens, RMSprop | "
+      f"{1 / torch_step_s:.2f} steps/s "
       f"({dpo_tokens / torch_step_s:.0f} tok/s) | {1 / jax_step_s:.2f} steps/s ({dpo_tokens / jax_step_s:.0f} tok/s) | "
       f"**{torch_step_s / jax_step_s:.2f}x** | max abs. log-prob diff after {a.steps + 1} steps {dpo_diff:.1e} |",
+      f"| ablation: DPO step, one pair per packed row | | {1 / jax1_step_s:.2f} steps/s "
+      f"({dpo_tokens / jax1_step_s:.0f} tok/s) | {torch_step_s / jax1_step_s:.2f}x | max abs. log-prob diff "
+      f"{dpo_diff1:.1e} |",
       f"| ablation: DPO step, two-side batches (no packing) | | {1 / jax2_step_s:.2f} steps/s "
       f"({dpo_tokens / jax2_step_s:.0f} tok/s) | {torch_step_s / jax2_step_s:.2f}x | max abs. log-prob diff "
       f"{dpo_diff2:.1e} |",
@@ -258,6 +273,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
       ches_torch=ches_t,
       ches_two_side=ches_2,
       dpo_two_side_logp_max_abs_diff=dpo_diff2,
+      dpo_ratio_one_pair_per_row=torch_step_s / jax1_step_s,
       score_ratio_two_side=torch_s / steady2_s,
       dpo_ratio_two_side=torch_step_s / jax2_step_s,
   )

@@ -80,9 +80,10 @@ def make_workload(
   config = shapes.model_config(shape, dtype=dtype, remat=remat)
   model, params = Transformer(config), gpu_mfu.init_params_on_device(config, seed)
   rows = cpu_vs_torch.random_rows(pairs, config.vocab_size, prompt_len=(16, 96), response_len=(8, 192), seed=seed)
-  batch = cpu_vs_torch.pair_batch(rows)
-  if packing:
-    batch = packing_lib.pack_batch(batch)
+  if task == "score":  # scoring's layout: one pair per packed row (rows are sorted by length there)
+    batch = packing_lib.pack_batch(cpu_vs_torch.pair_batch(rows)) if packing else cpu_vs_torch.pair_batch(rows)
+  else:  # training's: up to 2 pairs per packed row (data.pairs_per_row)
+    batch = cpu_vs_torch.train_layout(rows, pairs_per_row=2 if packing else 0)
   if task == "score":
     keys = packing_lib.PACKED_KEYS if packing else tuple(k for k in batch if k.endswith("_BT"))
     data = jax.device_put(

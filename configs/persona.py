@@ -6,7 +6,8 @@
     python -m displacement_jax.train --config=configs/persona.py:model=olmo1b,tiny                 # offline, seconds
     python -m displacement_jax.report persona runs/persona_olmo1b
 
-Arg (configs.common.parse_arg): model = olmo1b (default) | gemma2b | llama3_8b; phase = sft | dpo (default: from
+Arg (configs.common.parse_arg): model = olmo1b (default) | gemma2b | llama3_8b | smollm2 (the packaged
+SmolLM2-135M-Instruct on the shipped 60 persona rows, phase 'all' by default, offline); phase = sft | dpo (default: from
 the SFT export `runs/persona_<model>/sft/hf`, override model.path) | base_dpo (from the base model) | all (SFT then
 DPO in one process; the default with tiny); objective = dpo (default) | ipo; pair = index into the model's token
 pairs (persona_data.TOKEN_PAIRS; OLMo-1B / Gemma-2B: 0 = Yes/No, 1 = No/Never; Llama-3-8B: 0 = Yes/No,
@@ -25,6 +26,7 @@ from displacement_jax.experiments import common as experiments_common
 from displacement_jax.experiments import persona_data
 
 PERSONA_DATA = "ends-justify-means.jsonl"  # Anthropic/model-written-evals persona/ends-justify-means.jsonl
+SHIPPED_PERSONA = os.path.join(common.ROOT, "displacement_jax", "assets", "persona_demo.jsonl")  # 60 of its rows
 OBJECTIVES = ("dpo", "ipo")
 
 
@@ -40,7 +42,9 @@ def run_name(phase: str, objective: str, pair: int, tiny: bool) -> str:
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   arg = common.parse_arg(arg, model="olmo1b", phase="", objective="dpo", pair=0, tiny=False)
   model = common.choose("persona", "model", arg.model, experiments_common.MODEL_IDS)
-  phase = common.choose("persona", "phase", arg.phase or ("all" if arg.tiny else "dpo"), persona_data.PHASES)
+  packaged_model = model == "smollm2"  # offline: SFT then DPO in one process, on the shipped 60 rows
+  default_phase = "all" if arg.tiny or packaged_model else "dpo"
+  phase = common.choose("persona", "phase", arg.phase or default_phase, persona_data.PHASES)
   objective = common.choose("persona", "objective", arg.objective, OBJECTIVES)
   pairs = persona_data.TOKEN_PAIRS[model]
   if not 0 <= arg.pair < len(pairs):
@@ -80,6 +84,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       config.model.path = f"runs/persona_{model}/sft/hf"
     config.batch_size = 1  # one prompt per seed, full batch
     config.num_steps = 101
+  if packaged_model:
+    config.persona.data_path = SHIPPED_PERSONA
+    config.persona.sft_batch_size = 12  # one epoch of the 60 rows in 5 steps (the paper: 1000 rows, batch 32)
+    config.data.format = "persona"
+    config.checkpoint.at_end = False  # 20 runs of a 135M model: no 1.6 GB checkpoint each
   if arg.tiny:
     config.persona.data_path = os.path.join(common.FIXTURES, "ends-justify-means.jsonl")
     config.persona.seeds = persona_data.DPO_SEEDS[:2]

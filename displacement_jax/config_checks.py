@@ -14,7 +14,7 @@ from displacement_jax.data import tokenize
 # --resume: fields whose change alters the optimisation (refused unless config.resume_allow_changes), by prefix;
 # the exceptions change how a run is computed or reported, not what it computes.
 OPTIMISATION_FIELDS = ("loss.", "optim.", "model.", "data.", "batch_size", "seed")
-RESUME_SAFE_FIELDS = ("model.remat", "data.padding_side", "data.shared_prompt_packing")
+RESUME_SAFE_FIELDS = ("model.remat", "data.padding_side", "data.shared_prompt_packing", "data.pairs_per_row")
 STEP_COUNT_FIELDS = ("num_steps", "num_epochs")  # safe unless the learning-rate schedule depends on them
 BETA_OBJECTIVES = ("dpo", "ipo", "gpo", "dpop")
 
@@ -58,6 +58,7 @@ def check_common(config: ml_collections.ConfigDict) -> None:
   _choice("data.tokenization", dc.get("tokenization", "separate"), tokenize.TOKENIZATIONS)
   _choice("data.padding_side", dc.get("padding_side", "right"), ("right", "left"))
   _int_at_least("data.limit", dc.get("limit", 0) or 0, minimum=0)
+  _int_at_least("data.pairs_per_row", dc.get("pairs_per_row", 1))
 
 
 def check_train(config: ml_collections.ConfigDict) -> None:

@@ -47,10 +47,11 @@ def monitor_batch(
 
 
 def packed_monitor_batch(
-    batch: dict[str, np.ndarray], dataset: runtime.Dataset, config: ml_collections.ConfigDict
+    batch: dict[str, np.ndarray], dataset: runtime.Dataset, config: ml_collections.ConfigDict, dp: int
 ) -> dict[str, np.ndarray]:
-  """The monitor batch in the training layout (shared-prompt packed when enabled), one fixed shape."""
-  return runtime.pack_for_logps(batch, dataset.pad_id, config, runtime.packed_shape(dataset.pairs))
+  """The monitor batch in the training layout (packed rows of up to data.pairs_per_row pairs when packing is on,
+  planned over the `dp` data-parallel devices), one fixed shape."""
+  return runtime.pack_for_logps(batch, dataset.pad_id, config, groups=dp)
 
 
 def add_reference(batch: dict[str, np.ndarray], rows: np.ndarray, ref: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -75,8 +76,9 @@ class Monitor:
   ):
     self.fns, self.rows, self.ref, self.n = fns, rows, ref, len(rows)
     self.top_k = int(config.eval.top_k)
-    self.batch_np = monitor_batch(dataset, rows, config, sharding.data_parallel_size(mesh), ref)
-    self.batch = sharding.global_batch_to_devices(packed_monitor_batch(self.batch_np, dataset, config), mesh)
+    dp = sharding.data_parallel_size(mesh)
+    self.batch_np = monitor_batch(dataset, rows, config, dp, ref)
+    self.batch = sharding.global_batch_to_devices(packed_monitor_batch(self.batch_np, dataset, config, dp), mesh)
     self.two_side = sharding.global_batch_to_devices(self.batch_np, mesh) if fns.next_token is not None else None
     self.token_names = None
     if fns.next_token is not None:

@@ -67,6 +67,7 @@ def packed_forward_hidden(model: Any, params: Any, batch: dict[str, jax.Array]) 
       branch_BT >= 0,
       positions_BT=batch["packed_positions_BT"],
       branch_BT=branch_BT,
+      segment_BT=batch.get("packed_segment_BT"),
       return_logits=False,
       return_hidden=True,
   )
@@ -89,9 +90,19 @@ def packed_pair_logps(model: Any, params: Any, batch: dict[str, jax.Array], chun
   mean_BR = mean_logit(hidden_BRD, unembed_DV)
   out = {}
   for k, side in enumerate(SIDES, start=1):
-    out[f"{side}_logps_B"] = jnp.sum(jnp.where(side_BR == k, logps_BR, 0.0), axis=-1)
-    out[f"{side}_logit_sum_B"] = jnp.sum(jnp.where(side_BR == k, mean_BR, 0.0), axis=-1)
+    out[f"{side}_logps_B"] = per_pair_sum(logps_BR, batch, k)
+    out[f"{side}_logit_sum_B"] = per_pair_sum(mean_BR, batch, k)
   return out
+
+
+def per_pair_sum(values_BR: jax.Array, batch: dict[str, jax.Array], side: int) -> jax.Array:
+  """[P] float32 sums of `values_BR` over each pair's response slots of `side` (packing.CHOSEN / REJECTED) in a
+  packed batch: a segment sum over response_pair_BR (a row may hold several pairs)."""
+  num_pairs = batch["index_B"].shape[0]
+  pair_BR = batch["response_pair_BR"]
+  ids_BR = jnp.where((batch["response_side_BR"] == side) & (pair_BR >= 0), pair_BR, num_pairs)  # num_pairs: dropped
+  values = jnp.where(ids_BR < num_pairs, values_BR, 0.0).astype(jnp.float32)
+  return jax.ops.segment_sum(values.reshape(-1), ids_BR.reshape(-1), num_segments=num_pairs)
 
 
 def pair_logps(model: Any, params: Any, batch: dict[str, jax.Array], chunk_size: int) -> dict[str, jax.Array]:
@@ -112,7 +123,8 @@ def last_prompt_position(loss_mask_BT: jax.Array) -> jax.Array:
 
 
 def next_token_outputs(model: Any, params: Any, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
-  """Single-token mode: hidden state h_BD and next-token probabilities p_BV at the last prompt position.
+  """Single-token mode: hidden state h_BD, next-token probabilities prob_BV and log-probs logp_BV (float32) at the
+  last prompt position.
 
   Uses the chosen side (the prompt is identical on both sides). Only [B, V] is materialised.
   """
@@ -120,4 +132,5 @@ def next_token_outputs(model: Any, params: Any, batch: dict[str, jax.Array]) -> 
   pos_B = last_prompt_position(batch["chosen_loss_mask_BT"])
   h_BD = jnp.take_along_axis(hidden_BTD, pos_B[:, None, None], axis=1)[:, 0].astype(jnp.float32)
   logits_BV = jnp.einsum("bd,dv->bv", h_BD, unembed(model, params).astype(jnp.float32))
-  return {"h_BD": h_BD, "prob_BV": jax.nn.softmax(logits_BV, axis=-1)}
+  logp_BV = jax.nn.log_softmax(logits_BV, axis=-1)
+  return {"h_BD": h_BD, "prob_BV": jnp.exp(logp_BV), "logp_BV": logp_BV}

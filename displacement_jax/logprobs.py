@@ -3,9 +3,9 @@
 Convention (batch contract): the logits (or hidden state) at position t predict `labels_BT[:, t]`, and a
 sequence log-prob sums `log pi(label_t)` over the positions where `mask_BT` is true (the `loss_mask`).
 
-`chunked_token_logprobs` applies the unembedding and the log-softmax chunk by chunk over T with a
-`jax.checkpoint` per chunk inside `lax.map`, so neither the forward nor the backward pass holds a float32
-[B, T, V] buffer: peak extra memory is one [B, chunk_size, V] float32 block.
+`chunked_token_logprobs` applies the unembedding and the log-softmax chunk by chunk (`lax.map` forward, a
+custom VJP that recomputes each chunk's logits once backward), so neither pass holds a float32 [B, T, V]
+buffer: peak extra memory is one [B, chunk_size, V] float32 block.
 
 Labels must lie in [0, V). Out-of-range labels cannot be detected at trace time; `token_logprobs` returns NaN
 at such positions (concrete numpy labels are checked eagerly), while the sequence functions ignore the label
@@ -83,35 +83,79 @@ def _check_chunked_args(hidden_BTD, unembed_DV, labels_BT, chunk_size) -> None:
     raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
 
 
+def _chunk_logits(h_ND: jax.Array, unembed_DV: jax.Array) -> jax.Array:
+  return jnp.einsum("nd,dv->nv", h_ND, unembed_DV, preferred_element_type=jnp.float32)
+
+
+def _chunk_forward(h_ND: jax.Array, unembed_DV: jax.Array, y_N: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(log pi(y) [N] with NaN for out-of-range labels, logsumexp [N]) of one chunk, float32."""
+  logits_NV = _chunk_logits(h_ND, unembed_DV)
+  max_N = jax.lax.stop_gradient(jnp.max(logits_NV, axis=-1))
+  lse_N = max_N + jnp.log(jnp.sum(jnp.exp(logits_NV - max_N[:, None]), axis=-1))
+  valid_N = (y_N >= 0) & (y_N < unembed_DV.shape[-1])
+  picked_N = jnp.take_along_axis(logits_NV, jnp.where(valid_N, y_N, 0)[:, None], axis=-1)[:, 0]
+  return jnp.where(valid_N, picked_N - lse_N, jnp.nan), lse_N
+
+
+@jax.custom_vjp
+def _chunked_logprobs_KC(h_KCD: jax.Array, unembed_DV: jax.Array, y_KC: jax.Array) -> jax.Array:
+  """log pi(y) [K, C] of K chunks of C positions: lax.map over the chunks, one [C, V] float32 block at a time."""
+  return jax.lax.map(lambda a: _chunk_forward(a[0], unembed_DV, a[1])[0], (h_KCD, y_KC))
+
+
+def _chunked_fwd(h_KCD, unembed_DV, y_KC):
+  logp_KC, lse_KC = jax.lax.map(lambda a: _chunk_forward(a[0], unembed_DV, a[1]), (h_KCD, y_KC))
+  return logp_KC, (h_KCD, unembed_DV, y_KC, lse_KC)  # residuals: the inputs and one float per position
+
+
+def _chunked_bwd(res, g_KC):
+  """d log pi(y_n) / d logits_n = onehot(y_n) - softmax_n: each chunk's logits are recomputed once and give
+  both cotangents (hidden: g (e_y - p) W^T; unembedding: accumulated h^T g (e_y - p), formed as [V, D],
+  the layout XLA:CPU multiplies fastest). The softmax reuses the forward's logsumexp."""
+  h_KCD, unembed_DV, y_KC, lse_KC = res
+  v = unembed_DV.shape[-1]
+
+  def one_chunk(d_unembed_VD, args):
+    h_CD, y_C, lse_C, g_C = args
+    p_CV = jnp.exp(_chunk_logits(h_CD, unembed_DV) - lse_C[:, None])
+    dlogits_CV = g_C[:, None] * (jax.nn.one_hot(y_C, v, dtype=jnp.float32) - p_CV)
+    dh_CD = jnp.einsum("cv,dv->cd", dlogits_CV, unembed_DV, preferred_element_type=jnp.float32)
+    d_unembed_VD = d_unembed_VD + jnp.einsum("cv,cd->vd", dlogits_CV, h_CD, preferred_element_type=jnp.float32)
+    return d_unembed_VD, dh_CD.astype(h_CD.dtype)
+
+  g_KC = jnp.where((y_KC >= 0) & (y_KC < v), g_KC, 0.0)  # out-of-range labels: a NaN constant, no gradient
+  zeros_VD = jnp.zeros((v, unembed_DV.shape[0]), jnp.float32)
+  d_unembed_VD, dh_KCD = jax.lax.scan(one_chunk, zeros_VD, (h_KCD, y_KC, lse_KC, g_KC.astype(jnp.float32)))
+  return dh_KCD, d_unembed_VD.T.astype(unembed_DV.dtype), None
+
+
+_chunked_logprobs_KC.defvjp(_chunked_fwd, _chunked_bwd)
+
+
 def chunked_token_logprobs(
     hidden_BTD: jax.Array, unembed_DV: jax.Array, labels_BT: jax.Array, *, chunk_size: int = DEFAULT_CHUNK_SIZE
 ) -> jax.Array:
-  """log softmax(hidden_BTD @ unembed_DV)[labels_BT] -> [B, T] float32, computed chunk_size positions at a time.
+  """log softmax(hidden_BTD @ unembed_DV)[labels_BT] -> [B, T] float32, never holding a float32 [B, T, V] block.
 
-  The matmul accumulates in float32 (`preferred_element_type`), so bf16 hidden/unembedding give the same
-  logits as a bf16 model whose LM head returns float32 logits. T need not be divisible by chunk_size (the
-  last chunk is zero-padded and the padding dropped). Each chunk is rematerialised in the backward pass.
+  The B x T positions are flattened and cut into chunks of B * chunk_size positions (the last one zero-padded),
+  so peak extra memory is one [B, chunk_size, V] float32 block, in the forward and in the backward pass. The
+  matmul accumulates in float32 (`preferred_element_type`): bf16 hidden/unembedding give the logits of a bf16
+  model whose LM head returns float32 logits. The backward pass is a custom VJP that recomputes each chunk's
+  logits once and forms both cotangents from them (4 matmuls per chunk in all, one exp pass in the backward;
+  autodiff of a rematerialised chunk also differentiates the logsumexp). Reverse mode only: `jax.jvp` through
+  this function is not supported (jax.custom_vjp).
   """
   _check_chunked_args(hidden_BTD, unembed_DV, labels_BT, chunk_size)
   _check_labels_range(labels_BT, unembed_DV.shape[-1])
   hidden_BTD, unembed_DV, labels_BT = map(jnp.asarray, (hidden_BTD, unembed_DV, labels_BT))
   b, t, d = hidden_BTD.shape
-  c = int(min(chunk_size, t)) or 1
-  n = -(-t // c)
-  pad = n * c - t
-  hidden_BTD = jnp.pad(hidden_BTD, ((0, 0), (0, pad), (0, 0)))
-  labels_BT = jnp.pad(labels_BT.astype(jnp.int32), ((0, 0), (0, pad)))
-  hidden_NBCD = hidden_BTD.reshape(b, n, c, d).transpose(1, 0, 2, 3)
-  labels_NBC = labels_BT.reshape(b, n, c).transpose(1, 0, 2)
-
-  @jax.checkpoint
-  def one_chunk(args):
-    h_BCD, y_BC = args
-    logits_BCV = jnp.einsum("bcd,dv->bcv", h_BCD, unembed_DV, preferred_element_type=jnp.float32)
-    return _pick_logprobs(logits_BCV, y_BC)
-
-  out_NBC = jax.lax.map(one_chunk, (hidden_NBCD, labels_NBC))
-  return out_NBC.transpose(1, 0, 2).reshape(b, n * c)[:, :t]
+  n = b * t
+  c = max(min(int(chunk_size) * b, n), 1)
+  k = -(-n // c)
+  pad = k * c - n
+  h_KCD = jnp.pad(hidden_BTD.reshape(n, d), ((0, pad), (0, 0))).reshape(k, c, d)
+  y_KC = jnp.pad(labels_BT.astype(jnp.int32).reshape(n), (0, pad)).reshape(k, c)
+  return _chunked_logprobs_KC(h_KCD, unembed_DV, y_KC).reshape(k * c)[:n].reshape(b, t)
 
 
 def chunked_sequence_logprobs(

@@ -20,6 +20,7 @@ import ml_collections
 import numpy as np
 
 from displacement_jax import evaluation, passes, runtime, sharding
+from displacement_jax.data import batching
 from displacement_jax.data.layout import fill_rows, plan_batches, round_up
 
 CACHE_PREFIX = "reference_"
@@ -147,7 +148,8 @@ def compute_or_load(
   """(arrays, from_cache): reference log-probs of every pair, the monitor's own baseline, and in single-token
   mode the monitor's mean next-token distribution, all with the initial params, cached on disk.
 
-  Every batch of the pass has one packed shape (`runtime.packed_shape`: one compile). The monitor baseline goes
+  The pass runs over the pairs sorted by length, each batch packed like training's (`runtime.pack_for_logps`,
+  bucketed lengths: one compile per bucket, little padding). The monitor baseline goes
   through `fns.monitor` on exactly the batch `evaluation.Monitor` evaluates later (zeros standing in for the
   reference values), so its change at step 0 is exactly 0; `fns.next_token` gives single-token mode's baseline.
   """
@@ -173,21 +175,21 @@ def compute_or_load(
     bs = round_up(int(config.reference.get("batch_size") or max(config.batch_size // config.optim.grad_accum, 1)), dp)
     n = len(dataset.pairs)
     chosen, rejected = np.zeros(n, np.float32), np.zeros(n, np.float32)
-    shape = runtime.packed_shape(dataset.pairs)
 
     def build(rows, _):
       batch = runtime.pack_for_logps(
           runtime.collate([dataset.pairs[i] for i in fill_rows(rows, bs)], dataset.pad_id, config),
           dataset.pad_id,
           config,
-          shape,
+          groups=dp,
       )
       return batch, batch
 
+    lengths = [batching.packed_length(p) for p in dataset.pairs]
     for rows, _, out in passes.batched_pass(
         fns.logps,
         loaded.params,
-        plan_batches(np.ones(n), bs, 1, bucketed=False),
+        plan_batches(lengths, bs, max(lengths)),
         build,
         put,
         desc="reference",
@@ -198,7 +200,9 @@ def compute_or_load(
     arrays = {"chosen_ref_logps": chosen, "rejected_ref_logps": rejected}
     placeholder = {"chosen_ref_logps": np.zeros(n, np.float32), "rejected_ref_logps": np.zeros(n, np.float32)}
     two_side = evaluation.monitor_batch(dataset, monitor_rows, config, dp, placeholder)
-    base = jax.device_get(fns.monitor(loaded.params, put(evaluation.packed_monitor_batch(two_side, dataset, config))))
+    base = jax.device_get(
+        fns.monitor(loaded.params, put(evaluation.packed_monitor_batch(two_side, dataset, config, dp)))
+    )
     arrays["monitor_chosen_ref_logps"] = np.asarray(base["chosen_logps_B"][: len(monitor_rows)], np.float32)
     arrays["monitor_rejected_ref_logps"] = np.asarray(base["rejected_logps_B"][: len(monitor_rows)], np.float32)
     if fns.next_token is not None:

@@ -35,6 +35,14 @@ class Loaded:
   identity: dict[str, Any]
 
 
+def load_tokenizer(config: ml_collections.ConfigDict) -> Any:
+  """The tokenizer `load_model` gives (before any special tokens are added), without loading the weights."""
+  mc = config.model
+  if mc.get("tokenizer"):
+    return tokenizer_lib.load_tokenizer(mc.tokenizer)
+  return tiny.build_tiny_tokenizer() if mc.get("tiny") else tokenizer_lib.load_tokenizer(mc.path)
+
+
 def load_model(config: ml_collections.ConfigDict, mesh: Any = None) -> Loaded:
   """Tiny random model (`model.tiny`) or a checkpoint (`model.path`: packaged name, .gguf, HF dir, hub id),
   its tokenizer, and the special tokens of `data.add_special_tokens`."""
@@ -42,7 +50,7 @@ def load_model(config: ml_collections.ConfigDict, mesh: Any = None) -> Loaded:
   dtype, param_dtype, remat = mc.dtype, mc.get("param_dtype") or mc.dtype, bool(mc.get("remat", False))
   freeze_pad = bool(mc.get("freeze_pad_embedding", False))
   if mc.get("tiny"):
-    tokenizer = tokenizer_lib.load_tokenizer(mc.tokenizer) if mc.get("tokenizer") else tiny.build_tiny_tokenizer()
+    tokenizer = load_tokenizer(config)
     hf_config = tiny.tiny_hf_config(
         mc.tiny, **({"vocab_size": int(mc.tiny_vocab_size)} if mc.get("tiny_vocab_size") else {})
     )
@@ -60,7 +68,7 @@ def load_model(config: ml_collections.ConfigDict, mesh: Any = None) -> Loaded:
         remat=remat,
         progress=bool(config.get("progress", True)),
     )
-    tokenizer = tokenizer_lib.load_tokenizer(mc.get("tokenizer") or mc.path)
+    tokenizer = load_tokenizer(config)
     identity = {"path": os.path.abspath(mc.path) if os.path.exists(mc.path) else mc.path}
     if packaged.is_gguf(mc.path):  # a packaged name: the file it resolves to and its size identify the weights
       file = packaged.resolve_gguf(mc.path)
@@ -149,18 +157,18 @@ def packing_enabled(config: ml_collections.ConfigDict) -> bool:
   return bool(config.data.get("shared_prompt_packing", True))
 
 
+def pairs_per_row(config: ml_collections.ConfigDict) -> int:
+  """config.data.pairs_per_row: pairs per packed training row (several pairs share a row; data/packing.py)."""
+  return int(config.data.get("pairs_per_row", 1))
+
+
 def pack_for_logps(
-    batch: dict[str, np.ndarray], pad_id: int, config: ml_collections.ConfigDict, shape: tuple[int, int] | None = None
+    batch: dict[str, np.ndarray], pad_id: int, config: ml_collections.ConfigDict, *, groups: int = 1
 ) -> dict[str, np.ndarray]:
-  """The packed layout of a collated batch when packing is on: (T, R) = `shape` (one compiled shape for every
-  batch of a pass; `packed_shape(pairs)` gives the one that fits all), else rounded up to 64."""
+  """The layout log-probs run on: with packing on, rows of up to data.pairs_per_row pairs planned over `groups`
+  data-parallel devices, lengths bucketed like training's (packing.pack_pairs); else the collated batch."""
   if not packing_enabled(config):
     return batch
-  if shape is None:
-    return packing.pack_batch(batch, pad_id=pad_id, multiple=64)
-  return packing.pack_batch(batch, pad_id=pad_id, pad_to=shape[0], response_pad_to=shape[1])
-
-
-def packed_shape(pairs: Sequence[Any]) -> tuple[int, int]:
-  """(T, R) that holds any of `pairs` as a packed row, rounded up to 64 (the reference pass and the monitor)."""
-  return batching.packed_shape(pairs, multiple=64)
+  return packing.pack_pairs(
+      batch, pairs_per_row=pairs_per_row(config), bucket=batching.packed_bucket, groups=groups, pad_id=pad_id
+  )

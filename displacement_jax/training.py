@@ -109,8 +109,14 @@ def train(
   identity = data_identity(dataset, config)
   if resume:
     check_resume_data(resumed_from, identity, config)
-  iterator = make_iterator(dataset, config)
+  iterator = make_iterator(dataset, config, mesh)
   total_steps = num_train_steps(config, iterator.steps_per_epoch)
+  shapes = iterator.packed_shapes(iterator.epoch)
+  if shapes:
+    log(
+        f"train step shapes (rows, slots, response slots), one compile each: {len(shapes)} in epoch "
+        f"{iterator.epoch}: {shapes}"
+    )
   fns = make_fns(loaded, config, mesh, total_steps)
   loaded.params = jax.device_put(loaded.params, fns.param_sh)
   monitor_rows = np.arange(min(len(dataset.pairs), int(config.eval.get("max_samples", 256))))
@@ -205,6 +211,7 @@ class TrainLoop:
       self.prev_eval = {"loss": self.last_monitor["monitor/loss"], "preferred": None}
       rows.append(self.writer.write(0, self.last_monitor))
     eval_every, ckpt_every = int(config.eval.every), int(config.checkpoint.every)
+    at_end = bool(config.checkpoint.get("at_end", True))
     stop_after = int(config.debug.get("stop_after_steps", 0))
     bar = metrics_lib.progress_bar(
         self.total_steps, start_step, enabled=bool(config.get("progress", True)) and jax.process_index() == 0
@@ -229,7 +236,7 @@ class TrainLoop:
           rows.append(self.writer.write(step, row))
         bar.set_postfix(metrics_lib.postfix(step_metrics, ("loss", "logps/chosen_change")))
         bar.update(1)
-        if ckpt_every > 0 and step % ckpt_every == 0 or step == self.total_steps or step == stop_after:
+        if ckpt_every > 0 and step % ckpt_every == 0 or step == self.total_steps and at_end or step == stop_after:
           self.save(step, state)
         if stop_after and step >= stop_after and step < self.total_steps:
           stopped_early = True
@@ -309,10 +316,11 @@ def check_batch_fits_mesh(config: ml_collections.ConfigDict, mesh: Any) -> None:
     )
 
 
-def make_iterator(dataset: runtime.Dataset, config: ml_collections.ConfigDict) -> batching.BatchIterator:
+def make_iterator(dataset: runtime.Dataset, config: ml_collections.ConfigDict, mesh: Any) -> batching.BatchIterator:
   """The seeded, resumable batch iterator (data.batching.BatchIterator) giving this host its rows.
 
-  Full global batches only (drop_last): every step averages over exactly `batch_size` real pairs.
+  Full global batches only (drop_last): every step averages over exactly `batch_size` real pairs. Packed rows
+  hold up to data.pairs_per_row pairs, planned per data-parallel device and micro-batch (packing.pack_pairs).
   """
   if len(dataset.pairs) < int(config.batch_size):
     raise ValueError(
@@ -330,6 +338,9 @@ def make_iterator(dataset: runtime.Dataset, config: ml_collections.ConfigDict) -
       process_index=jax.process_index(),
       process_count=jax.process_count(),
       shared_prompt_packing=runtime.packing_enabled(config),
+      pairs_per_row=runtime.pairs_per_row(config),
+      data_shards=max(sharding.data_parallel_size(mesh) // jax.process_count(), 1),
+      micro_batches=int(config.optim.grad_accum),
       rows_log=(
           os.path.join(config.output_dir, f"rows_process{jax.process_index()}.jsonl")
           if config.debug.get("log_rows")

@@ -1,4 +1,5 @@
-"""The demo pipeline end to end, shortened (few SFT and DPO steps), through `train.main` like the README command."""
+"""The demo pipeline end to end on the tiny random Llama (`configs/demo.py:tiny`), shortened, through `train.main` like
+the README command; the packaged SmolLM2 run of the same pipeline is in tests/test_real_checkpoint.py."""
 
 import json
 import os
@@ -7,6 +8,7 @@ import numpy as np
 import pytest
 
 from displacement_jax import demo, theory
+from displacement_jax.experiments import single_token
 from displacement_jax import train as train_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -19,7 +21,7 @@ def demo_run(tmp_path_factory):
   rc = train_lib.main(
       [
           "train",
-          f'--config={os.path.join(ROOT, "configs", "demo.py")}',
+          f'--config={os.path.join(ROOT, "configs", "demo.py")}:tiny',
           f"--config.output_dir={out}",
           f"--config.sft.num_steps={SFT_STEPS}",
           f"--config.dpo.num_steps={DPO_STEPS}",
@@ -80,9 +82,9 @@ def test_displacement_flag_matches_trajectory(demo_run):
 
 def test_pick_pair_and_summary_units():
   rates = np.array([[np.nan, 2.0, -1.0], [-3.0, np.nan, 0.5], [1.0, -3.0, np.nan]])
-  assert demo.pick_pair(rates, [10, 11, 12]) == (11, 10, -3.0)  # ties: first in row-major order
+  assert single_token.pick_pair(rates, [10, 11, 12]) == (11, 10, -3.0)  # ties: first in row-major order
   logp = np.log(np.array([[0.5, 0.3, 0.2], [0.2, 0.1, 0.7], [0.4, 0.1, 0.5]]))
-  s = demo.summarize_trajectory(logp, np.array([0.69, 0.5, 0.4]), y_pos=0, y_neg=1, top_k=1)
+  s = single_token.summarize_trajectory(logp, np.array([0.69, 0.5, 0.4]), y_pos=0, y_neg=1, top_k=1)
   assert s["displaced"] and s["loss_fell"] and s["measured_gainers"] == [2]
   np.testing.assert_allclose([s["largest_drop"], s["preferred_prob_min"]], [0.3, 0.2])
   assert s["preferred_prob_argmin_step"] == 1
@@ -97,7 +99,7 @@ def test_demo_imports_no_torch(tmp_path):
       "import sys\n"
       "sys.modules['torch'] = None  # any `import torch` now raises ImportError\n"
       "from displacement_jax import train\n"
-      f"rc = train.main(['train', '--config={os.path.join(ROOT, 'configs', 'demo.py')}', '--config.output_dir={tmp_path}',\n"
+      f"rc = train.main(['train', '--config={os.path.join(ROOT, 'configs', 'demo.py')}:tiny', '--config.output_dir={tmp_path}',\n"
       "                 '--config.sft.num_steps=2', '--config.dpo.num_steps=2', '--config.progress=False'])\n"
       "loaded = [m for m, v in sys.modules.items() if m.split('.')[0] == 'torch' and v is not None]\n"
       "print('torch modules loaded:', loaded)\n"

@@ -68,6 +68,15 @@ def test_persona_configs():
   t = persona.get_config("model=gemma2b,tiny")
   assert t.model.tiny and not t.model.path and os.path.exists(t.persona.data_path)
   assert (t.persona.phase, t.output_dir, t.logprob_chunk_size) == ("all", "runs/persona_gemma2b/tiny", 16)
+  s = persona.get_config("model=smollm2,pair=1")  # the packaged model: offline, SFT then DPO in one process
+  assert (s.model.path, s.persona.phase, s.persona.preferred, s.persona.dispreferred) == (
+      "smollm2-135m-instruct",
+      "all",
+      "No",
+      "Never",
+  )
+  assert os.path.exists(s.persona.data_path) and s.persona.sft_batch_size == 12 and not s.checkpoint.at_end
+  assert (s.num_steps, s.batch_size, s.loss.beta, s.optim.lr, len(s.persona.seeds)) == (101, 1, 0.1, 1e-7, 10)
   with pytest.raises(ValueError, match="persona config arg"):
     persona.get_config("model=olmo1b,pair=2")
   with pytest.raises(ValueError, match="persona config arg"):

@@ -73,6 +73,25 @@ def test_every_type_equals_transformers_gguf_loader(tmp_path, tie):
   np.testing.assert_allclose(logits[mask], ref[mask], rtol=0, atol=1e-5 * np.abs(ref[mask]).max())
 
 
+def _assert_reader_equals_gguf_package(path):
+  """Our header parser (models.gguf.open_reader) gives the gguf package's GGUFReader's fields and tensors."""
+  import gguf as gguf_package
+
+  ours, theirs = gguf.open_reader(path), gguf_package.GGUFReader(path)
+  fields = {k: v for k, v in theirs.fields.items() if not k.startswith("GGUF.")}  # its header pseudo-fields
+  assert list(ours.fields) == list(fields)
+  for key, value in ours.fields.items():
+    assert value == fields[key].contents(), key
+  assert [t.name for t in ours.tensors] == [t.name for t in theirs.tensors]
+  for a, b in zip(ours.tensors, theirs.tensors):
+    assert a.tensor_type == b.tensor_type and a.shape == tuple(int(d) for d in b.shape), a.name
+    np.testing.assert_array_equal(a.data, b.data, err_msg=a.name)
+
+
+def test_reader_equals_gguf_package(tiny_file):
+  _assert_reader_equals_gguf_package(tiny_file[0])
+
+
 def test_unpermute_inverts_llama_cpp_permutation():
   w = np.arange(8 * 6 * 3, dtype=np.float32).reshape(8 * 6, 3)
   for heads in (1, 2, 6):

@@ -21,6 +21,8 @@ ENTRY_POINTS = {
     "displacement_jax.experiments.persona",
     "displacement_jax.experiments.quantiles",
     "displacement_jax.experiments.sorry_bench.pipeline",
+    "displacement_jax.experiments.theory_check",
+    "displacement_jax.experiments.generated_pairs",
 }
 CORE = {
     "displacement_jax.errors",

@@ -128,21 +128,74 @@ def test_packed_scoring_equals_two_side_scoring():
       np.testing.assert_allclose(b[key], a[key], rtol=1e-5, atol=1e-6)
 
 
-def test_batch_iterator_packs_the_same_rows():
+@pytest.mark.parametrize("pairs_per_row", [1, 2, 3])
+def test_batch_iterator_packs_the_same_rows(pairs_per_row):
   pairs = _random_pairs(12, seed=4)
   kw = dict(seed=3, drop_last=True)
   plain = batching.BatchIterator(pairs, 4, **kw)
-  packed_it = batching.BatchIterator(pairs, 4, shared_prompt_packing=True, **kw)
+  packed_it = batching.BatchIterator(pairs, 4, shared_prompt_packing=True, pairs_per_row=pairs_per_row, **kw)
   shapes = set()
-  for _ in range(plain.steps_per_epoch + 1):
+  for _ in range(plain.steps_per_epoch):
     a, b = next(plain), next(packed_it)
     np.testing.assert_array_equal(a["index_B"], b["index_B"])
+    want = packing.pack_pairs(a, pairs_per_row=pairs_per_row, bucket=batching.packed_bucket)
     for key in packing.PACKED_KEYS:
-      np.testing.assert_array_equal(
-          b[key],
-          packing.pack_batch(
-              a, pad_to=b["packed_input_ids_BT"].shape[1], response_pad_to=b["response_slot_BR"].shape[1]
-          )[key],
-      )
-    shapes.add((b["packed_input_ids_BT"].shape, b["response_slot_BR"].shape))
-  assert len(shapes) == 1  # one compiled shape
+      np.testing.assert_array_equal(b[key], want[key])
+    assert b["packed_input_ids_BT"].shape[0] == -(-4 // pairs_per_row)
+    # every pair's tokens appear exactly once: its prompt + chosen + rejected, in its own segment
+    for i, pair in enumerate(pairs[j] for j in a["index_B"]):
+      slots = np.flatnonzero(b["response_pair_BR"] == i)
+      assert len(slots) == len(pair.chosen_ids) + len(pair.rejected_ids)
+    shapes.add((b["packed_input_ids_BT"].shape[0], b["packed_input_ids_BT"].shape[1], b["response_slot_BR"].shape[1]))
+  assert shapes <= set(packed_it.packed_shapes(0))  # the shapes announced at start, compiled once each
+  assert len(shapes) >= 1
+
+
+def test_first_fit_decreasing_and_row_plan():
+  assert packing.first_fit_decreasing([5, 3, 4, 2], 2, 7) == [[0, 3], [1, 2]]
+  assert packing.first_fit_decreasing([5, 5, 5], 2, 7) is None
+  # 2 device blocks x 2 micro-batches of 2 pairs, up to 2 pairs per row: each group in one row, strided like
+  # optim.split_micro_batches (micro-batch m = rows m, m + 2, ...) within each device block.
+  rows, t, r = packing.plan_pair_rows(
+      [10, 20, 30, 40, 50, 60, 70, 80], [5] * 8, pairs_per_row=2, bucket=lambda k: k, groups=2, micro_batches=2
+  )
+  assert rows == [[0, 2], [1, 3], [4, 6], [5, 7]] and t == 140 and r == 10
+  with pytest.raises(ValueError, match="do not split into 2 device block"):
+    packing.plan_pair_rows([1, 2, 3], [1, 1, 1], pairs_per_row=2, bucket=lambda k: k, groups=2)
+
+
+@pytest.mark.parametrize("family,overrides", [("llama", {}), ("mistral", {"sliding_window": 4})])
+def test_several_pairs_per_row_equal_each_unpacked_sequence(family, overrides):
+  """Pairs sharing a row see only their own segment: hidden states, log-probs and gradients equal the two-side
+  batch's (positions restart in every segment; the sliding window counts positions)."""
+  model, params = _model(family, **overrides)
+  pairs = _random_pairs(6, seed=5)
+  batch = batching.collate(pairs, pad_id=0)
+  packed = packing.pack_pairs(batch, pairs_per_row=3, bucket=lambda k: k + 3)
+  assert packed["packed_input_ids_BT"].shape[0] == 2 and set(np.unique(packed["packed_segment_BT"])) == {-1, 0, 1, 2}
+  h_packed = np.asarray(jax.jit(forward.packed_forward_hidden, static_argnums=0)(model, params, packed))
+  for side, branch in (("chosen", 1), ("rejected", 2)):
+    h_side = np.asarray(
+        jax.jit(forward.forward_hidden, static_argnums=0)(
+            model, params, batch[f"{side}_input_ids_BT"], batch[f"{side}_attention_mask_BT"]
+        )
+    )
+    for i in range(len(pairs)):
+      row = int(np.flatnonzero((packed["response_pair_BR"] == i).any(axis=1))[0])
+      seg = packed["packed_segment_BT"][row, packed["response_slot_BR"][row][packed["response_pair_BR"][row] == i][0]]
+      in_seg = packed["packed_segment_BT"][row] == seg
+      slots = np.flatnonzero(in_seg & np.isin(packed["packed_branch_BT"][row], (0, branch)))
+      n = int(batch[f"{side}_attention_mask_BT"][i].sum())
+      np.testing.assert_allclose(h_packed[row, slots], h_side[i, :n], atol=2e-5, rtol=2e-5)
+  logps = lambda p, b: forward.pair_logps(model, p, b, chunk_size=8)
+
+  @jax.jit
+  def value_and_grad(p, b):
+    loss = lambda p: (lambda o: jnp.sum(o["chosen_logps_B"] - 0.5 * o["rejected_logps_B"]))(logps(p, b))
+    return logps(p, b), jax.grad(loss)(p)
+
+  (want, g_want), (got, g_got) = value_and_grad(params, batch), value_and_grad(params, packed)
+  for key in want:
+    np.testing.assert_allclose(got[key], want[key], rtol=1e-5, atol=1e-4)
+  for a, b in zip(jax.tree.leaves(g_want), jax.tree.leaves(g_got)):
+    np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5 * float(np.max(np.abs(a))) + 1e-7)

@@ -254,3 +254,9 @@ def test_converter_dir_opens_in_transformers(real, tmp_path):
   assert "local_files_only" not in tok_cfg and "gguf_file" not in tok_cfg  # nothing of this machine exported
   with open(os.path.join(out, "generation_config.json")) as f:
     assert json.load(f) == {"bos_token_id": 1, "pad_token_id": 2, "eos_token_id": 2}
+
+
+def test_reader_equals_gguf_package_on_the_real_file(real):
+  from tests.test_gguf import _assert_reader_equals_gguf_package
+
+  _assert_reader_equals_gguf_package(real["file"])

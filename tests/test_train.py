@@ -205,23 +205,36 @@ _SUBPROCESS = r"""
 import json, sys
 sys.path[:0] = [{root!r}, {tests!r}]
 import jax
-assert jax.device_count() == 8, jax.devices()
+assert jax.device_count() == {devices}, jax.devices()
 import test_train
 from displacement_jax import training
-res = training.run(test_train.make_config({out!r}, {data!r}, **{{'mesh.data': 4, 'mesh.fsdp': 2}}))
+res = training.run(test_train.make_config({out!r}, {data!r}, **{overrides!r}))
 print('LOSSES=' + json.dumps(res.losses))
 """
 
 
-def test_eight_devices_same_loss_curve(tmp_path, full_run, data_path):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-  code = _SUBPROCESS.format(root=ROOT, tests=TESTS, out=str(tmp_path / "mesh8"), data=data_path)
+@pytest.mark.parametrize(
+    "devices,overrides",
+    [
+        (8, {"mesh.data": 4, "mesh.fsdp": 2}),  # one pair per device: one pair per row
+        # 2 devices x 2 micro-batches, 2 pairs per row: rows planned per device and strided micro-batch
+        (2, {"mesh.data": 2, "optim.grad_accum": 2, "data.pairs_per_row": 2}),
+    ],
+)
+def test_devices_and_micro_batches_same_loss_curve(tmp_path, full_run, data_path, devices, overrides):
+  """The full run (1 device, 8 pairs in 4 packed rows of 2) and runs on meshes of several devices, with gradient
+  accumulation, give the same losses: packed rows never mix pairs of two devices or micro-batches."""
+  assert full_run.metrics and make_config(tmp_path, data_path).data.pairs_per_row == 2
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
+  code = _SUBPROCESS.format(
+      root=ROOT, tests=TESTS, out=str(tmp_path / "mesh"), data=data_path, devices=devices, overrides=overrides
+  )
   proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
   line = [l for l in proc.stdout.splitlines() if l.startswith("LOSSES=")][-1]
-  losses8 = json.loads(line[len("LOSSES=") :])
-  assert len(losses8) == STEPS
-  np.testing.assert_allclose(losses8, full_run.losses, atol=1e-5, rtol=0)
+  losses = json.loads(line[len("LOSSES=") :])
+  assert len(losses) == STEPS
+  np.testing.assert_allclose(losses, full_run.losses, atol=1e-5, rtol=0)
 
 
 def test_two_side_batches_same_loss_curve(tmp_path, full_run, data_path):

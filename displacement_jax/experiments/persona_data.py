@@ -18,6 +18,7 @@ TOKEN_PAIRS = {
     "olmo1b": (("Yes", "No"), ("No", "Never")),
     "gemma2b": (("Yes", "No"), ("No", "Never")),
     "llama3_8b": (("Yes", "No"), ("Sure", "Yes")),
+    "smollm2": (("Yes", "No"), ("No", "Never")),  # the packaged SmolLM2-135M-Instruct (docs/results.md)
 }
 NO_TOKENS = ("No", "Never", "Maybe", "Perhaps")
 YES_TOKENS = ("Yes", "Yeah", "Sure", "Certainly", "Absolutely")

@@ -86,7 +86,7 @@ class ModelConfig:
   param_dtype: str = "float32"
   remat: bool = False
   freeze_pad_embedding: bool = False  # as HF's nn.Embedding(padding_idx=pad_token_id): no lookup gradient for that row
-  attention_impl: str | None = None  # None: jax.nn.dot_product_attention picks; 'xla' | 'cudnn' | 'reference'
+  attention_impl: str | None = None  # None: 'blocked' (no KV cache) / JAX's pick; 'blocked' 'xla' 'cudnn' 'reference'
   extra: tuple[tuple[str, Any], ...] = ()  # unrecognised HF keys kept for to_hf round trips
 
   def __post_init__(self):
@@ -115,9 +115,10 @@ class ModelConfig:
       object.__setattr__(self, name, dtype_name(getattr(self, name)))
       if getattr(self, name) not in SUPPORTED_DTYPES:
         raise ValueError(f"ModelConfig.{name} must be one of {SUPPORTED_DTYPES}, got {getattr(self, name)!r}")
-    if self.attention_impl not in (None, "xla", "cudnn", "reference"):
+    if self.attention_impl not in (None, "blocked", "xla", "cudnn", "reference"):
       raise ValueError(
-          f"ModelConfig.attention_impl must be None, 'xla', 'cudnn' or 'reference', got {self.attention_impl!r}"
+          "ModelConfig.attention_impl must be None, 'blocked', 'xla', 'cudnn' or 'reference', got "
+          f"{self.attention_impl!r}"
       )
     rope_type = self.rope_type
     if rope_type not in SUPPORTED_ROPE_TYPES:

@@ -11,7 +11,9 @@ support (`models.tokenizer.load_tokenizer` on a .gguf path).
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import struct
 from typing import Any, Mapping
 
 import numpy as np
@@ -44,14 +46,107 @@ _TOP_NAMES = {
 _IGNORED = ("rope_freqs.weight",)  # llama3 rope factors: derived from rope_scaling instead
 
 
-def open_reader(path: str) -> Any:
-  """A gguf.GGUFReader of `path` (tensors stay memory-mapped); ValueError naming the file when unreadable."""
+_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_STRING, _ARRAY = 8, 9
+_PLAIN_DTYPES = {"F32": np.float32, "F16": np.float16}  # stored as numbers; every other type as raw blocks
+
+
+@dataclasses.dataclass
+class Tensor:
+  """One tensor of a GGUF file: `shape` innermost dim first (as GGUF lists it), `data` a view of the file."""
+
+  name: str
+  tensor_type: Any  # gguf.GGMLQuantizationType
+  shape: tuple[int, ...]
+  data: np.ndarray
+
+
+@dataclasses.dataclass
+class Reader:
+  """A GGUF file's metadata (`fields`: key -> Python value; arrays as lists) and tensors (memory-mapped)."""
+
+  fields: dict[str, Any]
+  tensors: list[Tensor]
+
+
+def _parse(path: str) -> Reader:
+  """Parse a GGUF (v2/v3) file: the header with struct over a memory map (the gguf package's reader builds a
+  numpy view per value, 7 s for SmolLM2's 98k tokenizer strings; this takes well under a second), the tensors
+  as views of the map in the gguf reader's layout (quantized types: [rows, bytes per row] uint8)."""
   import gguf  # pylint: disable=g-import-not-at-top
 
+  mm = np.memmap(path, dtype=np.uint8, mode="r")
+  buf = memoryview(mm)
+  offset = 0
+
+  def take(fmt: str) -> Any:
+    nonlocal offset
+    value = struct.unpack_from(fmt, buf, offset)[0]
+    offset += struct.calcsize(fmt)
+    return value
+
+  def string() -> str:
+    nonlocal offset
+    n = take("<Q")
+    value = bytes(buf[offset : offset + n]).decode("utf-8", errors="replace")
+    offset += n
+    return value
+
+  def value(kind: int) -> Any:
+    if kind == _STRING:
+      return string()
+    if kind == _ARRAY:
+      item, count = take("<I"), take("<Q")
+      if item in _SCALARS:  # one numpy read for a numeric array
+        nonlocal offset
+        dtype = np.dtype(_SCALARS[item])
+        out = np.frombuffer(buf, dtype, count, offset).tolist()
+        offset += dtype.itemsize * count
+        return out
+      return [value(item) for _ in range(count)]
+    if kind not in _SCALARS:
+      raise ValueError(f"unknown GGUF value type {kind}")
+    return take(_SCALARS[kind])
+
+  if bytes(buf[:4]) != b"GGUF":
+    raise ValueError("no GGUF magic number")
+  offset = 4
+  version, tensor_count, kv_count = take("<I"), take("<Q"), take("<Q")
+  if version not in (2, 3):
+    raise ValueError(f"GGUF version {version} (supported: 2, 3)")
+  fields = {}
+  for _ in range(kv_count):
+    key = string()
+    fields[key] = value(take("<I"))
+  infos = []
+  for _ in range(tensor_count):
+    name = string()
+    dims = tuple(take("<Q") for _ in range(take("<I")))
+    infos.append((name, dims, gguf.GGMLQuantizationType(take("<I")), take("<Q")))
+  alignment = int(fields.get("general.alignment", 32))
+  start = -(-offset // alignment) * alignment
+  tensors = []
+  for name, dims, kind, rel in infos:
+    block, type_size = gguf.GGML_QUANT_SIZES[kind]
+    n_bytes = int(np.prod(dims, dtype=np.int64)) * type_size // block
+    raw = mm[start + rel : start + rel + n_bytes]
+    if len(raw) != n_bytes:
+      raise ValueError(f"tensor {name!r} runs past the end of the file")
+    shape = tuple(reversed(dims))
+    if kind.name in _PLAIN_DTYPES:
+      data = raw.view(_PLAIN_DTYPES[kind.name]).reshape(shape)
+    else:
+      data = raw.reshape(*shape[:-1], shape[-1] // block * type_size)
+    tensors.append(Tensor(name, kind, dims, data))
+  return Reader(fields, tensors)
+
+
+def open_reader(path: str) -> Reader:
+  """The parsed GGUF file `path` (tensors stay memory-mapped); ValueError naming the file when unreadable."""
   if not os.path.isfile(path):
     raise ValueError(f"from_gguf: {path!r} is not a file")
   try:
-    return gguf.GGUFReader(path)
+    return _parse(path)
   except Exception as e:  # pylint: disable=broad-except
     raise ValueError(f"from_gguf: {path}: not a readable GGUF file ({type(e).__name__}: {e})") from e
 
@@ -61,17 +156,14 @@ def has_tokenizer(path: str) -> bool:
   return "tokenizer.ggml.model" in open_reader(path).fields
 
 
-def read_metadata(reader: Any) -> dict[str, Any]:
+def read_metadata(reader: Reader) -> dict[str, Any]:
   """GGUF key -> value (scalars, strings, short lists); the tokenizer's long arrays are left out."""
-  out: dict[str, Any] = {}
-  for key, field in reader.fields.items():
-    if key.startswith("tokenizer.ggml.") and key.rsplit(".", 1)[-1] in ("tokens", "scores", "token_type", "merges"):
-      continue
-    try:
-      out[key] = field.contents()
-    except Exception:  # pylint: disable=broad-except
-      continue
-  return out
+  long_arrays = ("tokens", "scores", "token_type", "merges")
+  return {
+      key: value
+      for key, value in reader.fields.items()
+      if not (key.startswith("tokenizer.ggml.") and key.rsplit(".", 1)[-1] in long_arrays)
+  }
 
 
 def hf_config_from_metadata(meta: Mapping[str, Any], tensor_names: set[str], source: str) -> dict[str, Any]:
@@ -150,7 +242,7 @@ def dequantize(tensor: Any, source: str) -> np.ndarray:
         f"from_gguf: {source}: tensor {tensor.name!r} has GGUF type {kind}, which is not supported "
         f'(supported: {", ".join(SUPPORTED_TYPES)})'
     )
-  values = gguf.quants.dequantize(np.asarray(tensor.data), tensor.tensor_type)
+  values = gguf.quants.dequantize(np.asarray(tensor.data), tensor.tensor_type)  # float32 for the plain types too
   shape = tuple(int(s) for s in reversed(tensor.shape))  # GGUF lists dims innermost first
   return np.asarray(values, np.float32).reshape(shape)
 

@@ -1,0 +1,335 @@
+"""Single-token persona experiments on one prompt (Section 3): the pieces the demo and the theory check share.
+
+The SFT data (y+ drawn from the row's answer group, as the paper does), the prompt's collated batch, the theory's
+rates for every ordered pair of candidate tokens (Theorem 1 in the unconstrained-features model; the exact
+full-network rate from the general identity, via autodiff), DPO on one prompt recording the whole next-token
+distribution after every step, and the summary / plot of such a trajectory.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from tqdm.auto import tqdm
+
+from displacement_jax import forward, losses, runtime, theory, training
+from displacement_jax import monitor as monitor_lib
+from displacement_jax import optim as optim_lib
+from displacement_jax import step as step_lib
+from displacement_jax.data import batching, tokenize
+from displacement_jax.data.layout import bucket_length, pad_id_of
+from displacement_jax.experiments import common, persona_data
+
+
+def single_token_words(tokenizer: Any, words: Sequence[str]) -> tuple[list[int], list[str], list[str]]:
+  """(ids, words found, words missing): a word counts when it is exactly one vocabulary entry ("Yes", not "ĠYes"):
+  the token an assistant turn starts with."""
+  vocab = tokenizer.get_vocab()
+  ids, found, missing = [], [], []
+  for w in words:
+    if w in vocab:
+      ids.append(int(vocab[w]))
+      found.append(w)
+    else:
+      missing.append(w)
+  return ids, found, missing
+
+
+def answer_groups(tokenizer: Any) -> tuple[tuple[str, ...], tuple[str, ...], list[str]]:
+  """(yes group, no group, left out): the paper's answer groups (persona_data.YES_TOKENS / NO_TOKENS) without
+  the words that are not one token of this tokenizer (SmolLM2: "Absolutely" is two)."""
+  _, yes, out_yes = single_token_words(tokenizer, persona_data.YES_TOKENS)
+  _, no, out_no = single_token_words(tokenizer, persona_data.NO_TOKENS)
+  if not yes or not no:
+    raise ValueError(f"no single-token answer left in a group (yes {yes}, no {no}) for this tokenizer")
+  return tuple(yes), tuple(no), out_yes + out_no
+
+
+def write_sft_data(examples: Sequence[Any], path: str, seed: int, groups: tuple[Sequence[str], Sequence[str]]) -> int:
+  """Section 3 SFT data as generic preference jsonl: y+ drawn (seeded) from the row's answer group.
+
+  A row whose preferred answer is "Yes" gets y+ from groups[0], "No" from groups[1] (the paper's SFT phase);
+  y- is drawn from the other group (unused by cross-entropy). Returns the number of rows written.
+  """
+  rng = np.random.default_rng(seed)
+  yes, no = groups
+  with open(path, "w") as f:
+    for ex in examples:
+      answer = (ex.chosen if isinstance(ex.chosen, str) else ex.chosen[-1]["content"]).strip()
+      if answer not in ("Yes", "No"):
+        raise ValueError(f'{ex.source or "persona data"} row {ex.index}: expected answers "Yes"/"No", got {answer!r}')
+      pos, neg = (yes, no) if answer == "Yes" else (no, yes)
+      row = {"prompt": ex.prompt, "chosen": str(rng.choice(pos)), "rejected": str(rng.choice(neg)), "index": ex.index}
+      f.write(json.dumps(row) + "\n")
+  return len(examples)
+
+
+def sft_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The train.run config of the SFT phase (cross-entropy, single-token) derived from an experiment's config
+  (its `sft` block: lr, batch_size, num_steps, num_epochs): data in output_dir/sft, no checkpoint kept."""
+  out_dir = os.path.join(config.output_dir, "sft")
+  return common.train_config(
+      config,
+      os.path.join(out_dir, "sft_data.jsonl"),
+      out_dir,
+      {
+          "loss.objective": "cross_entropy",
+          "data.single_token": True,
+          "optim.lr": float(config.sft.lr),
+          "batch_size": int(config.sft.batch_size),
+          "num_steps": int(config.sft.num_steps),
+          "num_epochs": int(config.sft.num_epochs),
+          "eval.every": 0,
+          "checkpoint.every": 0,
+          "checkpoint.at_end": False,
+          "export_hf": False,
+          "reference.cache": False,
+      },
+  )
+
+
+def run_sft(
+    config: ml_collections.ConfigDict, examples: Sequence[Any], *, log: Callable[[str], None] = print
+) -> tuple[runtime.Loaded, list[float]]:
+  """The SFT phase (train.run, cross-entropy, single-token) on persona `examples` into output_dir/sft (started
+  afresh): (the model with its params at the end of SFT, the SFT losses)."""
+  sft_cfg = sft_config(config)
+  if os.path.isdir(sft_cfg.output_dir):  # a pipeline's own scratch run
+    shutil.rmtree(sft_cfg.output_dir)
+  os.makedirs(sft_cfg.output_dir)
+  yes, no, left_out = answer_groups(runtime.load_tokenizer(sft_cfg))
+  if left_out:
+    log(f"[sft] not one token of this tokenizer, left out of the answer groups: {left_out}")
+  write_sft_data(examples, sft_cfg.data.path, int(config.seed), (yes, no))
+  log(
+      f"[sft] cross-entropy on {len(examples)} persona prompts of {config.data.path} (y+ drawn from "
+      f"{list(yes)} / {list(no)} by the row's answer), {sft_cfg.num_steps or sft_cfg.num_epochs} "
+      f'{"steps" if sft_cfg.num_steps else "epoch(s)"}, RMSprop lr {sft_cfg.optim.lr:g}, batch {sft_cfg.batch_size}'
+  )
+  result = training.run(sft_cfg)
+  loaded = runtime.load_model(sft_cfg)  # the model and tokenizer (~6 s for SmolLM2); params: the SFT result
+  loaded.params = result.params
+  if result.losses:
+    log(f"[sft] loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f}")
+  return loaded, result.losses
+
+
+def prompt_batch(example: Any, tokenizer: Any, config: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
+  """The collated single-token batch ([1, max_length] arrays) of one persona example."""
+  pair = tokenize.tokenize_example(
+      example, tokenizer, max_length=int(config.data.max_length), format=config.data.format, single_token=True
+  )
+  base = batching.collate(
+      [pair],
+      pad_id=pad_id_of(tokenizer),
+      padding_side=config.data.get("padding_side", "right"),
+      pad_to=bucket_length(pair.max_length, int(config.data.max_length)),  # the prompt's bucket, not max_length
+  )
+  return {k: v for k, v in base.items() if k.endswith("_BT")}
+
+
+def dpo_batch(base_batch: dict[str, np.ndarray], y_pos: int, y_neg: int) -> dict[str, np.ndarray]:
+  """One collated single-token pair with its responses replaced by y+ (chosen) and y- (rejected)."""
+  batch = {k: np.array(v) for k, v in base_batch.items()}
+  for side, tok in (("chosen", y_pos), ("rejected", y_neg)):
+    mask_BT = batch[f"{side}_loss_mask_BT"].astype(bool)
+    if mask_BT.sum() != mask_BT.shape[0]:
+      raise ValueError(
+          f"dpo_batch needs single-token pairs (one loss position per row), got "
+          f"{int(mask_BT.sum())} positions in {mask_BT.shape[0]} rows of {side}_loss_mask_BT"
+      )
+    rows, pos = np.nonzero(mask_BT)
+    batch[f"{side}_labels_BT"][rows, pos] = tok
+    batch[f"{side}_input_ids_BT"][rows, pos + 1] = tok
+  return batch
+
+
+# ------------------------------------------------------------------------------------------------ theory
+
+
+def start_of_dpo(model: Any, params: Any, base_batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """{'h_D', 'p_V', 'W_VD'}: the prompt's final hidden state, its next-token distribution and the unembeddings
+  (float32 numpy) at `params`."""
+  nt = jax.jit(lambda p, b: forward.next_token_outputs(model, p, b))(
+      params, {k: jnp.asarray(v) for k, v in base_batch.items()}
+  )
+  return {
+      "h_D": np.asarray(nt["h_BD"][0], np.float32),
+      "p_V": np.asarray(nt["prob_BV"][0], np.float32),
+      "W_VD": np.asarray(jax.device_get(forward.unembed(model, params)), np.float32).T,
+  }
+
+
+def initial_loss_derivative(objective: str, beta: float) -> float:
+  """l' of the objective at the start of DPO (policy = reference, so the margin equals the reference margin)."""
+  return float(losses.loss_derivative(objective, 0.0, beta=beta, ref_margin=0.0))
+
+
+def pair_rates(W_VD: np.ndarray, h_D: np.ndarray, candidates: Sequence[int], loss_derivative: float) -> np.ndarray:
+  """[C, C] Theorem 1 rates d/dt ln pi(y+ = c_i) when the loss prefers c_i over c_j (diagonal NaN)."""
+  c = len(candidates)
+  rates = np.full((c, c), np.nan, np.float64)
+  for i, yp in enumerate(candidates):
+    for j, yn in enumerate(candidates):
+      if i != j:
+        rates[i, j] = float(theory.logprob_rate(W_VD, h_D, int(yp), int(yn), loss_derivative=loss_derivative))
+  return rates
+
+
+def network_gram(model: Any, params: Any, batch: dict[str, np.ndarray], candidates: Sequence[int]) -> np.ndarray:
+  """[C, C] Gram matrix <grad ln pi(c_i|x), grad ln pi(c_j|x)> over ALL network parameters (autodiff).
+
+  With it the general identity gives the exact gradient-flow rate of the full network at the start of DPO:
+  d/dt ln pi(y+) = -l' (G[+,+] - G[+,-]) (`network_rates`).
+  """
+  b = {k: jnp.asarray(v) for k, v in batch.items()}
+  ids_C = jnp.asarray(list(candidates), jnp.int32)
+
+  @jax.jit
+  def gram(p):
+    jac = jax.jacrev(lambda q: forward.next_token_outputs(model, q, b)["logp_BV"][0, ids_C])(p)  # leaves [C, ...]
+    parts = [
+        jnp.einsum("cp,dp->cd", g.reshape(len(candidates), -1), g.reshape(len(candidates), -1), precision="highest")
+        for g in jax.tree.leaves(jax.tree.map(lambda g: g.astype(jnp.float32), jac))
+    ]
+    return sum(parts)
+
+  return np.asarray(gram(params), np.float64)
+
+
+def network_rates(gram_CC: np.ndarray, loss_derivative: float) -> np.ndarray:
+  """[C, C] full-network gradient-flow rates d/dt ln pi(c_i) when c_i is preferred over c_j (diagonal NaN):
+  the general identity -l' <g_i, g_i - g_j> with the Gram matrix of `network_gram`."""
+  rates = -loss_derivative * (np.diag(gram_CC)[:, None] - gram_CC)
+  np.fill_diagonal(rates, np.nan)
+  return rates
+
+
+def pick_pair(rates_CC: np.ndarray, candidates: Sequence[int]) -> tuple[int, int, float]:
+  """(y+, y-, rate) of the most negative rate (first in row-major order on ties)."""
+  flat = np.where(np.isnan(rates_CC), np.inf, rates_CC).reshape(-1)
+  i, j = divmod(int(np.argmin(flat)), rates_CC.shape[1])
+  return int(candidates[i]), int(candidates[j]), float(rates_CC[i, j])
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+
+class DPOOnOnePrompt:
+  """DPO on one prompt from given params with `step.make_train_step` (the step `train.run` uses), recording the
+  whole next-token distribution at every step. Jitted once; call it for as many (y+, y-) pairs as needed.
+
+  Single-token mode shares the prompt between both sides, so the loss takes ln pi(y+|x) and ln pi(y-|x) from
+  ONE forward pass of the prompt (the two-row pair forward of `train.run` computes the same values twice); the
+  step also returns that pass's [V] log-probs, so recording the trajectory costs no extra forward.
+  """
+
+  def __init__(self, model: Any, config: ml_collections.ConfigDict):
+    self.steps = int(config.dpo.num_steps)
+    self.seed = int(config.seed)
+    self.progress = bool(config.get("progress", True))
+    loss_cfg = ml_collections.ConfigDict({"objective": config.dpo.objective, "beta": float(config.dpo.beta)})
+    optim_cfg = copy.deepcopy(config.optim)
+    with optim_cfg.unlocked():
+      optim_cfg.lr = float(config.dpo.lr)
+    self.optimizer = optim_lib.make_optimizer(optim_cfg, self.steps)
+
+    def next_logp(params, batch):
+      return forward.next_token_outputs(model, params, batch)["logp_BV"][0]
+
+    def loss_fn(params, batch):
+      logp_V = next_logp(params, batch)
+      pc, pr = logp_V[batch["y_pos"]][None], logp_V[batch["y_neg"]][None]
+      loss, _ = step_lib.preference_loss(loss_cfg, pc, pr, batch["ref_pos"][None], batch["ref_neg"][None])
+      return loss, {"logp_V": jax.lax.stop_gradient(logp_V)}
+
+    # the state is donated: updated in place, not ~4 fresh model-sized buffers (page faults) every step
+    self.train_step = jax.jit(step_lib.make_train_step(loss_fn, self.optimizer, 1), donate_argnums=0)
+    self.next_logp = jax.jit(next_logp)
+    self.loss = jax.jit(lambda p, b: loss_fn(p, b)[0])
+
+  def __call__(self, params: Any, batch_np: dict[str, np.ndarray], steps: int | None = None) -> dict[str, Any]:
+    """{'logp_SV': [S+1, V] next-token log-probs at steps 0..S, 'loss_S': [S+1], 'params': final params}.
+
+    `batch_np`: `dpo_batch` (a single-token pair; y+ and y- are read from its chosen / rejected labels)."""
+    steps = self.steps if steps is None else int(steps)
+    batch = {k: jnp.asarray(v) for k, v in batch_np.items()}
+    labels = {s: batch_np[f"{s}_labels_BT"][batch_np[f"{s}_loss_mask_BT"].astype(bool)] for s in ("chosen", "rejected")}
+    batch["y_pos"], batch["y_neg"] = jnp.int32(labels["chosen"][0]), jnp.int32(labels["rejected"][0])
+    ref_V = self.next_logp(params, batch)  # the reference is the start: policy = reference at step 0
+    batch["ref_pos"], batch["ref_neg"] = ref_V[batch["y_pos"]], ref_V[batch["y_neg"]]
+    state = step_lib.TrainState(
+        params=jax.tree.map(jnp.copy, params),  # the caller's params stay valid (the steps donate the state)
+        opt_state=self.optimizer.init(params),
+        step=jnp.zeros((), jnp.int32),
+        rng=jax.random.key_data(jax.random.key(self.seed)),
+    )
+    logps, loss = [], []
+    for _ in tqdm(range(steps), desc="dpo", dynamic_ncols=True, disable=not self.progress, leave=False):
+      state, metrics = self.train_step(state, batch)  # metrics: loss and log-probs BEFORE this step's update
+      logps.append(np.asarray(metrics["logp_V"]))
+      loss.append(float(metrics["loss"]))
+    logps.append(np.asarray(self.next_logp(state.params, batch)))
+    loss.append(float(self.loss(state.params, batch)))
+    return {
+        "logp_SV": np.stack(logps).astype(np.float32),
+        "loss_S": np.asarray(loss, np.float32),
+        "params": state.params,
+    }
+
+
+# ---------------------------------------------------------------------------------------------- report
+
+
+def summarize_trajectory(logp_SV: np.ndarray, loss_S: np.ndarray, y_pos: int, y_neg: int, top_k: int) -> dict[str, Any]:
+  """Start/end/min of pi(y+), largest drop, loss start/end, measured top-k gainers, displacement flag."""
+  p_pos = np.exp(logp_SV[:, y_pos].astype(np.float64))
+  p_start_V, p_end_V = np.exp(logp_SV[0].astype(np.float64)), np.exp(logp_SV[-1].astype(np.float64))
+  gainers = monitor_lib.top_k_gainers(p_end_V, p_start_V, top_k, exclude=(y_pos, y_neg))
+  return {
+      "preferred_prob_start": float(p_pos[0]),
+      "preferred_prob_end": float(p_pos[-1]),
+      "preferred_prob_min": float(p_pos.min()),
+      "preferred_prob_argmin_step": int(p_pos.argmin()),
+      "largest_drop": float(p_pos[0] - p_pos.min()),
+      "preferred_logprob_start": float(logp_SV[0, y_pos]),
+      "preferred_logprob_end": float(logp_SV[-1, y_pos]),
+      "dispreferred_prob_start": float(np.exp(logp_SV[0, y_neg])),
+      "dispreferred_prob_end": float(np.exp(logp_SV[-1, y_neg])),
+      "loss_start": float(loss_S[0]),
+      "loss_end": float(loss_S[-1]),
+      "loss_fell": bool(loss_S[-1] < loss_S[0]),
+      "displaced": bool(p_pos[-1] < p_pos[0]),
+      "measured_gainers": [int(t) for t in gainers],
+      "measured_gains": [float(p_end_V[t] - p_start_V[t]) for t in gainers],
+  }
+
+
+def plot_trajectories(logp_SV: np.ndarray, loss_S: np.ndarray, series: dict[str, int], path: str, title: str) -> None:
+  """ln pi(token) vs step for each named token (top panel) and the DPO loss (bottom panel)."""
+  import matplotlib  # pylint: disable=g-import-not-at-top  (optional plotting dependency)
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  fig, (ax, ax_loss) = plt.subplots(2, 1, figsize=(7, 6), sharex=True, height_ratios=(3, 1))
+  steps = np.arange(logp_SV.shape[0])
+  for i, (label, tok) in enumerate(series.items()):
+    ax.plot(steps, logp_SV[:, tok], lw=2.5 if i < 2 else 1.2, ls="-" if i < 2 else "--", label=label)
+  ax.set_ylabel("ln pi(token | x)")
+  ax.legend(fontsize=8, loc="best")
+  ax.set_title(title, fontsize=10)
+  ax_loss.plot(steps, loss_S, color="k")
+  ax_loss.set_ylabel("DPO loss")
+  ax_loss.set_xlabel("DPO step")
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
