@@ -25,7 +25,7 @@ The DPO phase uses the same pieces as `train.run` (`step_lib.make_loss_fn`, `ste
 next-token distribution at every step, which `train.run` does not expose.
 
 Outputs in `output_dir` (default runs/demo): summary.json, theory.npz (W_VD, h_D and p_V at the start of DPO,
-the candidate token ids and the rate of each pair), trajectory.npz (logp_SV: next-token log-probs at steps
+the candidate token ids, the rate of each pair and the full-network Gram matrix of the chosen pair), trajectory.npz (logp_SV: next-token log-probs at steps
 0..S, loss_S), logprob_trajectories.png, and sft/ (the SFT run's metrics.jsonl).
 """
 
@@ -106,9 +106,8 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
       )
   )
   _log(f"[demo] predicted top-{k} gainers (Theorem 2): {[tok_name(t) for t in predicted]}")
-  gram = st.network_gram(model, params, base, candidates)
-  i, j = candidates.index(y_pos), candidates.index(y_neg)
-  network_rate = float(st.network_rates(gram, lp)[i, j])
+  gram = st.network_gram(model, params, base, [y_pos, y_neg])  # the chosen pair only: 2 gradients, not C
+  network_rate = float(st.network_rates(gram, lp)[0, 1])
   _log(
       f"[demo] for comparison, the full network (all parameters, general identity, autodiff): "
       f"d/dt ln pi({name[y_pos]}) = {network_rate:+.4g} under DPO gradient flow at the start"
@@ -123,10 +122,10 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
       y_pos=y_pos,
       y_neg=y_neg,
       predicted=np.asarray(predicted),
-      gram_CC=gram,
+      gram_pair=gram,  # [2, 2]: <g_i, g_j> of ln pi(y+), ln pi(y-) over all parameters
   )
 
-  seconds["theory"] = lap("theory (rates of every pair, full-network Gram matrix)")
+  seconds["theory"] = lap("theory (rates of every pair, full-network rate of the chosen pair)")
 
   # --- 3. DPO on the one prompt ---
   _log(

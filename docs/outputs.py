@@ -3,11 +3,13 @@ r"""README's real-output blocks: each is produced by a command registered here a
   python docs/outputs.py                 # run every registered command, store docs/outputs/<name>.txt
   python docs/outputs.py --only NAME     # one of them
   python docs/outputs.py --check         # run them and compare with the stored text (what the tests do)
+  python docs/outputs.py --check --slow  # the slow ones only (minutes each: what .ci/run does after the suite)
 
 A section of docs/sections/ includes a stored output with the marker line `<!-- output: NAME -->`;
 docs/build_readme.py replaces it with the fenced text. A snippet (`kind='snippet'`, the code in
 docs/snippets/NAME.py) is included with `<!-- snippet: NAME -->`: its code block, then "Output:" and its output.
-Commands run from the repository root with JAX_PLATFORMS=cpu and the HF offline variables; paths below the
+Commands run from the repository root with JAX_PLATFORMS=cpu, the HF offline variables and this interpreter as
+`python`; paths below the
 repository root are stored relative to it. `compare` treats numbers as equal within a relative 1e-3 (XLA:CPU
 rounding may differ between CPUs) and ignores what `MASKS` matches (hashes, timings).
 """
@@ -42,6 +44,7 @@ class Output:
   keep: str = ""  # regex: keep only the lines that match (empty: every line)
   env: tuple[tuple[str, str], ...] = ()
   head: int = 0  # > 0: keep the first `head` lines
+  slow: bool = False  # minutes on the 2-core CPU: checked by .ci/run (`--check --slow`), not by the test suite
 
 
 OUTPUTS: dict[str, Output] = {}
@@ -58,6 +61,122 @@ register("core_losses", kind="snippet")
 register("core_ches", kind="snippet")
 
 
+def _shown(*commands: str) -> str:
+  """bash that prints `$ <command>` before running each command (stderr into stdout)."""
+  return "; ".join(f"echo {shlex.quote('$ ' + c)}; {c} 2>&1" for c in commands)
+
+
+# the README's first command on the packaged SmolLM2-135M-Instruct (about 5 minutes on the 2-core CPU)
+register(
+    "demo",
+    command="python -m displacement_jax.train --config=configs/demo.py --config.progress=False "
+    f"--config.output_dir={_RUNS}/demo",
+    keep=r"^\[(demo|sft)\]",
+    slow=True,
+)
+register(
+    "demo_tiny",
+    command="python -m displacement_jax.train --config=configs/demo.py:tiny --config.progress=False "
+    f"--config.output_dir={_RUNS}/demo_tiny",
+    keep=r"^\[(demo|sft)\]",
+    slow=True,
+)
+# train.md
+register(
+    "train_dpo_tiny",
+    command=f"rm -rf {_RUNS}/dpo_tiny; python -m displacement_jax.train --config=configs/dpo_tiny.py "
+    f"--config.progress=False --config.output_dir={_RUNS}/dpo_tiny",
+    keep=r"^(data|reference|monitor|WARNING)",
+    slow=True,
+)
+register(
+    "train_persona_tiny",
+    command=f"rm -rf {_RUNS}/persona_single_token; python -m displacement_jax.train --config=configs/dpo_tiny.py "
+    f"--config.progress=False --config.output_dir={_RUNS}/persona_single_token "
+    "--config.data.path=displacement_jax/assets/persona_demo.jsonl --config.data.single_token=True "
+    "--config.data.format=persona --config.eval.top_k=5 --config.eval.every=2 --config.num_steps=6 "
+    "--config.optim.lr=1e-4",
+    keep=r"^(data|reference|monitor|WARNING)",
+    slow=True,
+)
+# score.md
+register(
+    "score_tiny",
+    command=f"rm -rf {_RUNS}/score_tiny; "
+    + _shown(
+        "python -m displacement_jax.score --config=configs/score_tiny.py --config.filter.mode=lowest_fraction "
+        f"--config.filter.fraction=0.25 --config.progress=False --config.output_dir={_RUNS}/score_tiny",
+        f"head -1 {_RUNS}/score_tiny/scores.jsonl",
+    ),
+    slow=True,
+)
+# theory.md
+register(
+    "theory_gradient_flow",
+    command=_shown(f"python examples/theory_gradient_flow.py --out {_RUNS}/theory_gradient_flow.png"),
+    slow=True,
+)
+# experiments.md: the tiny run of each family, then its report
+register(
+    "persona_tiny",
+    command="rm -rf runs/persona_olmo1b/tiny; "
+    + _shown(
+        "python -m displacement_jax.train --config=configs/persona.py:model=olmo1b,tiny",
+        "python -m displacement_jax.report persona runs/persona_olmo1b/tiny",
+    ),
+    keep=r"^(\$|persona |Table|model |tiny-llama|y\+/y-|No/Never|wrote)",
+    slow=True,
+)
+register(
+    "quantiles_tiny",
+    command="rm -rf runs/quantiles_uf_tiny; "
+    + _shown(
+        "python -m displacement_jax.train --config=configs/ches_quantiles.py:dataset=ultrafeedback,tiny "
+        "--config.quantiles.measure=all --config.quantiles.q=-1",
+        "python -m displacement_jax.report quantiles runs/quantiles_uf_tiny",
+    ),
+    keep=r"^(\$|ches |minus_normalized|last_hidden|Figure|measure |wrote)",
+    slow=True,
+)
+register(
+    "sorry_tiny",
+    command="rm -rf runs/sorry_gemma2b_it_tiny; "
+    + _shown(
+        "python -m displacement_jax.train --config=configs/sorry.py:model=gemma2b_it,tiny",
+        "python -m displacement_jax.report sorry runs/sorry_gemma2b_it_tiny",
+    ),
+    keep=r"^(\$|sorry:|Figure|model |llama |wrote)",
+    slow=True,
+)
+# launch.md
+register(
+    "sweep_dry_run",
+    command="python launch/run_sweep.py configs/ches_quantiles.py:model=olmo1b --dry-run "
+    "| sed \"s|$(python -c 'import sys; print(sys.executable)')|python|\" | sed -n '1,2p;$p'",
+    slow=True,
+)
+register(
+    "sweep_tiny",
+    command="rm -rf runs/quantiles_uf_tiny; "
+    + _shown(
+        'python launch/run_sweep.py configs/ches_quantiles.py:tiny --only "q=1.0_seed=0" --parallel 2',
+        "python -m displacement_jax.report quantiles runs/quantiles_uf_tiny",
+    ).replace(  # two at a time finish in either order: the run lines, unnumbered, sorted
+        "--parallel 2 2>&1;", "--parallel 2 2>&1 | sed -E 's/^\\[[0-9]+\\/3 ok\\]/[ok]/' | LC_ALL=C sort;", 1
+    ),
+    keep=r"^(\$|\[ok\]|all 3|Figure|measure |ches |minus_normalized|last_hidden|wrote)",
+    slow=True,
+)
+register(
+    "local_two_processes",
+    command=f"rm -rf {_RUNS}/dpo_tiny_2proc; python launch/local.py -n 2 -d 2 -- python -m displacement_jax.train "
+    f"--config=configs/dpo_tiny.py --config.output_dir={_RUNS}/dpo_tiny_2proc --config.num_steps=4 "
+    "--config.progress=False 2>&1 | sed -E 's/pid [0-9]+/pid <pid>/; s/127\\.0\\.0\\.1:[0-9]+/127.0.0.1:<port>/'",
+    keep=r"^(\[local\]|data|reference|monitor)",
+    slow=True,
+)
+
+
 def run(name: str) -> str:
   """The output of registered `name`, run fresh, with paths under the repository stored relative to it."""
   out = OUTPUTS[name]
@@ -69,6 +188,7 @@ def run(name: str) -> str:
       TRANSFORMERS_OFFLINE="1",
       MPLBACKEND="Agg",
       PYTHONPATH=str(ROOT),
+      PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""),  # `python` = this interpreter
       **dict(out.env),
   )
   if out.kind == "snippet":
@@ -132,7 +252,7 @@ def expand(markdown: str) -> str:
 
 
 def main(argv: list[str]) -> int:
-  names = list(OUTPUTS)
+  names = [n for n, o in OUTPUTS.items() if o.slow == ("--slow" in argv)] if "--check" in argv else list(OUTPUTS)
   if "--only" in argv:
     names = [argv[argv.index("--only") + 1]]
   failed = 0

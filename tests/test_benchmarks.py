@@ -129,3 +129,16 @@ def test_profile_ops_accounts_for_the_step(task):
   assert (cats["LM head + log-softmax"] > 0) == (task == "dpo")  # scoring never runs the LM head
   assert sum(cats.values()) == pytest.approx(sum(out["ops"].values()))
   assert "| dense layers |" in out["table"]
+
+
+def test_attention_benchmark_runs_and_agrees(tmp_path, capsys):
+  """benchmarks/attention.py at the tiny shape: a row per implementation, each equal to the full square."""
+  from benchmarks import attention  # pylint: disable=g-import-not-at-top
+
+  out = tmp_path / "table.md"
+  assert attention.main(["--shape=tiny", "--pairs=4", f"--append={out}"]) == 0
+  rows = [line for line in out.read_text().splitlines() if line.startswith("| ") and " ms |" in line]
+  assert [r.split("|")[1].strip() for r in rows] == list(attention.IMPLS)
+  for r in rows:
+    out_diff, grad_diff = (float(x) for x in r.split("|")[4].split("/"))
+    assert out_diff < 1e-5 and grad_diff < 1e-4, r

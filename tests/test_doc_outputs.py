@@ -32,7 +32,13 @@ def test_compare_tolerates_rounding_and_masks_but_not_changes():
   assert outputs.compare("loss 0.69 | share 0.00\n", "loss 0.69 | share y+ 0.00\n") is not None
 
 
-@pytest.mark.parametrize("name", sorted(outputs.OUTPUTS))
+def test_slow_outputs_are_checked_by_ci():
+  """The slow outputs (whole pipelines: minutes in all) are not rerun here: .ci/run checks them after the suite."""
+  assert "python docs/outputs.py --check --slow" in (ROOT / ".ci" / "run").read_text()
+  assert "demo" in [n for n, o in outputs.OUTPUTS.items() if o.slow]
+
+
+@pytest.mark.parametrize("name", sorted(n for n, o in outputs.OUTPUTS.items() if not o.slow))
 def test_fresh_run_gives_the_stored_output(name):
   diff = outputs.compare(outputs.run(name), outputs.stored(name))
   assert diff is None, (

@@ -253,3 +253,33 @@ def test_from_pretrained_on_hf_save_pretrained_dir(tmp_path):
   assert config.replace(extra=()) == c["config"].replace(extra=())
   logits = np.asarray(model.apply({"params": params}, c["ids"], c["mask"]).logits_BTV)
   assert np.abs(logits - c["hf_logits"])[c["mask"]].max() <= TOL
+
+
+@pytest.mark.parametrize("window", [None, 40])
+def test_blocked_attention_equals_full_square(window):
+  """'blocked' (the default without KV cache) = the full [T, T] reference attention, values and gradients, on a
+  length that is not a multiple of the block, with padding, several packed segments and a sliding window."""
+  from displacement_jax.models import transformer  # pylint: disable=g-import-not-at-top
+
+  rng = np.random.default_rng(0)
+  b, t, n, kv, h = 2, 150, 4, 2, 16
+  q, k, v = (jnp.asarray(rng.normal(size=(b, t, m, h)), jnp.float32) for m in (n, kv, kv))
+  pos = np.arange(t)
+  segment_BT = np.stack([pos // 70, np.where(pos < 120, 0, -1)])  # row 0: 3 segments; row 1: 30 padded slots
+  mask = (pos[None, :, None] >= pos[None, None, :]) & (segment_BT[:, :, None] == segment_BT[:, None, :])
+  mask &= (segment_BT >= 0)[:, None, :]
+  if window:
+    mask &= pos[None, :, None] - pos[None, None, :] < window
+  mask = jnp.asarray(mask)
+  w = jnp.asarray(rng.normal(size=(b, t, n, h)), jnp.float32)
+
+  def loss(impl, q, k, v):
+    out = transformer.attention(q, k, v, mask, 0.25, impl)
+    return jnp.sum(jnp.where((segment_BT >= 0)[:, :, None, None], out * w, 0.0)), out
+
+  (_, ref), g_ref = jax.value_and_grad(functools.partial(loss, "reference"), argnums=(0, 1, 2), has_aux=True)(q, k, v)
+  (_, blk), g_blk = jax.value_and_grad(functools.partial(loss, "blocked"), argnums=(0, 1, 2), has_aux=True)(q, k, v)
+  real = (segment_BT >= 0)[:, :, None, None]
+  np.testing.assert_allclose(np.where(real, blk, 0), np.where(real, ref, 0), atol=2e-6, rtol=1e-5)
+  for a, r in zip(g_blk, g_ref):
+    np.testing.assert_allclose(a, r, atol=2e-5, rtol=1e-4)

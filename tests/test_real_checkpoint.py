@@ -260,3 +260,31 @@ def test_reader_equals_gguf_package_on_the_real_file(real):
   from tests.test_gguf import _assert_reader_equals_gguf_package
 
   _assert_reader_equals_gguf_package(real["file"])
+
+
+def test_demo_path_on_the_real_model(tmp_path):
+  """The README's first command, shortened (2 SFT and 3 DPO steps): it runs on SmolLM2, leaves "Absolutely"
+  (two tokens here) out, and its summary is consistent with its saved theory and trajectory."""
+  import sys  # pylint: disable=g-import-not-at-top
+
+  from displacement_jax import demo, theory  # pylint: disable=g-import-not-at-top
+  from displacement_jax import train as train_lib  # pylint: disable=g-import-not-at-top
+
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  sys.path.insert(0, root)
+  flags = ["--config.sft.num_steps=2", "--config.dpo.num_steps=3", "--config.progress=False"]
+  rc = train_lib.main(["train", f"--config={root}/configs/demo.py", f"--config.output_dir={tmp_path}", *flags])
+  assert rc == 0
+  summary = json.load(open(tmp_path / demo.SUMMARY_FILE))
+  th = np.load(tmp_path / demo.THEORY_FILE)
+  traj = np.load(tmp_path / demo.TRAJECTORY_FILE)
+  assert summary["model"] == MODEL and "Absolutely" not in summary["candidate_tokens"]
+  assert summary["candidate_tokens"] == ["Yes", "No", "Never", "Maybe", "Perhaps", "Yeah", "Sure", "Certainly"]
+  assert th["W_VD"].shape == (49152, 576) and traj["logp_SV"].shape == (4, 49152)
+  lp = summary["loss_derivative"]
+  rate = theory.logprob_rate(th["W_VD"], th["h_D"], summary["y_pos"], summary["y_neg"], loss_derivative=lp)
+  np.testing.assert_allclose(summary["predicted_rate"], float(rate), rtol=1e-5)
+  np.testing.assert_allclose(traj["loss_S"][0], np.log(2.0), rtol=1e-5)
+  np.testing.assert_allclose(np.exp(traj["logp_SV"][0]), th["p_V"], atol=1e-6)  # step 0 is the SFT model
+  p_pos = np.exp(traj["logp_SV"][:, summary["y_pos"]].astype(np.float64))
+  assert summary["displaced"] == bool(p_pos[-1] < p_pos[0])
