@@ -288,3 +288,32 @@ def test_demo_path_on_the_real_model(tmp_path):
   np.testing.assert_allclose(np.exp(traj["logp_SV"][0]), th["p_V"], atol=1e-6)  # step 0 is the SFT model
   p_pos = np.exp(traj["logp_SV"][:, summary["y_pos"]].astype(np.float64))
   assert summary["displaced"] == bool(p_pos[-1] < p_pos[0])
+
+
+def test_gguf_tokenizer_without_torch_equals_transformers(real, tmp_path):
+  """The base install has no torch, and transformers reads GGUF files through torch: the tokenizer is then built by
+  transformers' torch-free converter on this package's reader. Fresh cache, torch unimportable: same tokenizer."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+
+  texts = ["Hello world, naïve café!", "Is it ever acceptable to lie?\n\nAnswer: Yes", "  tabs\t 12345 日本語 🙂"]
+  messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": PROMPTS[4]}]
+  script = (
+      "import json, sys\n"
+      "sys.modules['torch'] = None\n"
+      "from displacement_jax.models.tokenizer import load_tokenizer\n"
+      f"tok = load_tokenizer({MODEL!r})\n"
+      f"out = dict(ids=[tok(t)['input_ids'] for t in {texts!r}], vocab=len(tok.get_vocab()),\n"
+      f"           chat=tok.apply_chat_template({messages!r}, add_generation_prompt=True, tokenize=False),\n"
+      "           special=tok.special_tokens_map)\n"
+      "print(json.dumps(out))\n"
+  )
+  env = dict(os.environ, DISPLACEMENT_JAX_CACHE=str(tmp_path / "cache"), HF_HUB_OFFLINE="1")
+  proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  got = json.loads(proc.stdout.strip().splitlines()[-1])
+  tok = real["tok"]  # transformers' own GGUF loading (torch available)
+  assert got["ids"] == [tok(t)["input_ids"] for t in texts]
+  assert got["vocab"] == len(tok.get_vocab()) == 49152
+  assert got["chat"] == tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+  assert got["special"] == json.loads(json.dumps(tok.special_tokens_map))

@@ -33,6 +33,38 @@ def cache_root() -> str:
   return os.environ.get("DISPLACEMENT_JAX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "displacement_jax")
 
 
+def gguf_metadata(gguf_path: str, string_arrays: Sequence[str] = ()) -> tuple[dict[str, Any], tuple[str, ...]]:
+  """(metadata, tensor names) of a GGUF file as transformers' `read_gguf_metadata` gives them (string arrays as
+  their length unless named in `string_arrays`), read with this package's reader (no torch)."""
+  from displacement_jax.models import gguf  # pylint: disable=g-import-not-at-top
+
+  reader = gguf.open_reader(gguf_path)
+  metadata = {
+      key: len(value)
+      if isinstance(value, list) and value and isinstance(value[0], str) and key not in string_arrays
+      else value
+      for key, value in reader.fields.items()
+  }
+  return metadata, tuple(t.name for t in reader.tensors)
+
+
+def _provide_gguf_metadata_reader() -> None:
+  """transformers reads a GGUF file's metadata with a module that imports torch, which the base install lacks:
+  there, register `gguf_metadata` as that module's `read_gguf_metadata` (the tokenizer conversion itself is
+  transformers' own, torch-free code), so a GGUF tokenizer loads the same with or without torch (tested)."""
+  import importlib  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  import types  # pylint: disable=g-import-not-at-top
+
+  name = "transformers.integrations.gguf.reader"
+  try:
+    importlib.import_module(name)
+  except ImportError:
+    module = types.ModuleType(name, "displacement_jax stand-in: GGUF metadata without torch")
+    module.read_gguf_metadata = gguf_metadata
+    sys.modules[name] = module
+
+
 def load_gguf_tokenizer(gguf_file: str) -> Any:
   """The tokenizer (with chat template) of a GGUF file via transformers' GGUF support, cached on disk.
 
@@ -47,10 +79,15 @@ def load_gguf_tokenizer(gguf_file: str) -> Any:
   cached = os.path.join(cache_root(), "gguf_tokenizers", f"{os.path.basename(gguf_file)}-{key}")
   if os.path.isfile(os.path.join(cached, "tokenizer_config.json")):
     return _without_local_kwargs(AutoTokenizer.from_pretrained(cached, local_files_only=True))
+  where = dict(gguf_file=os.path.basename(gguf_file), local_files_only=True)
   try:
-    tok = AutoTokenizer.from_pretrained(
-        os.path.dirname(os.path.abspath(gguf_file)), gguf_file=os.path.basename(gguf_file), local_files_only=True
-    )
+    try:
+      tok = AutoTokenizer.from_pretrained(os.path.dirname(os.path.abspath(gguf_file)), **where)
+    except ImportError:  # no torch (the base install): AutoTokenizer reads the GGUF config through torch
+      from transformers.tokenization_utils_tokenizers import TokenizersBackend  # pylint: disable=g-import-not-at-top
+
+      _provide_gguf_metadata_reader()  # the class AutoTokenizer picks, built by transformers' torch-free converter
+      tok = TokenizersBackend.from_pretrained(os.path.dirname(os.path.abspath(gguf_file)), **where)
   except Exception as e:  # pylint: disable=broad-except
     raise ValueError(
         f"load_tokenizer: cannot read the tokenizer of GGUF file {gguf_file}: {type(e).__name__}: {e}"
