@@ -22,6 +22,7 @@ from typing import Any, Mapping, Sequence
 import jax.numpy as jnp
 import numpy as np
 
+from displacement_jax.models import gguf
 from displacement_jax.models import packaged
 from displacement_jax.models.config import ModelConfig
 
@@ -36,8 +37,6 @@ def cache_root() -> str:
 def gguf_metadata(gguf_path: str, string_arrays: Sequence[str] = ()) -> tuple[dict[str, Any], tuple[str, ...]]:
   """(metadata, tensor names) of a GGUF file as transformers' `read_gguf_metadata` gives them (string arrays as
   their length unless named in `string_arrays`), read with this package's reader (no torch)."""
-  from displacement_jax.models import gguf  # pylint: disable=g-import-not-at-top
-
   reader = gguf.open_reader(gguf_path)
   metadata = {
       key: len(value)
