@@ -59,6 +59,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if dataset == "generated":  # 512 pairs: windows of 64 (the paper: 512 of 5000)
     config.quantiles.window = 64
     config.quantiles.num_rows = 0
+    config.batch_size = 4  # 16 steps per one-epoch window, as the paper's 512 / 32
   # training: the base defaults are the paper's (DPO, beta 0.1, RMSprop lr 1e-7, batch 32, one epoch)
   config.eval.every = 0  # monitor only at the end: the whole subset
   if arg.tiny:

@@ -63,6 +63,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.persona.preferred, config.persona.dispreferred = pairs[arg.pair]
   config.persona.sft_lr = 1e-7  # used by phase 'all'
   config.persona.sft_batch_size = 32  # used by phase 'all'
+  config.persona.fast = True  # all seeds on one loaded model and one compiled step; False: training.run per seed
   config.data.single_token = True
   config.data.format = "persona"  # chat template of the question if the tokenizer has one, else question + '\n'
   config.data.max_length = 128

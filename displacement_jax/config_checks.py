@@ -77,6 +77,7 @@ def check_train(config: ml_collections.ConfigDict) -> None:
   _choice("optim.name", oc.get("name", "rmsprop"), optim.OPTIMIZERS)
   _finite_number("optim.lr", oc.get("lr"), positive=True)
   _choice("optim.schedule", oc.get("schedule", "constant"), optim.SCHEDULES)
+  _choice("optim.guard", oc.get("guard", "state"), optim.GUARDS)
   _int_at_least("optim.warmup_steps", oc.get("warmup_steps", 0), minimum=0)
   _finite_number("optim.clip", oc.get("clip", 0.0) or 0.0, low=0.0)
   for name in ("weight_decay", "momentum", "eps"):

@@ -61,6 +61,12 @@ def add_reference(batch: dict[str, np.ndarray], rows: np.ndarray, ref: dict[str,
   )
 
 
+def token_names(tokenizer: Any, vocab_size: int) -> list[str]:
+  """The tokenizer's string of every id below `vocab_size` ('<unused_i>' for the embedding rows past its vocab)."""
+  names = tokenizer.convert_ids_to_tokens(list(range(vocab_size))[: len(tokenizer)])
+  return names + [f"<unused_{i}>" for i in range(len(names), vocab_size)]
+
+
 class Monitor:
   """Displacement monitor on the fixed subset `rows` of the training pairs (see the module docstring)."""
 
@@ -82,9 +88,7 @@ class Monitor:
     self.two_side = sharding.global_batch_to_devices(self.batch_np, mesh) if fns.next_token is not None else None
     self.token_names = None
     if fns.next_token is not None:
-      vocab = loaded.model_config.vocab_size
-      names = loaded.tokenizer.convert_ids_to_tokens(list(range(vocab))[: len(loaded.tokenizer)])
-      self.token_names = names + [f"<unused_{i}>" for i in range(len(names), vocab)]
+      self.token_names = token_names(loaded.tokenizer, loaded.model_config.vocab_size)
 
   def __call__(self, params: Any, step: int) -> dict[str, Any]:
     """Log-prob changes, Definition-1 share and (single-token mode) gainers at `step`."""
@@ -110,17 +114,17 @@ class Monitor:
     y_pos = batch_np["chosen_labels_BT"][np.arange(n), pos]
     y_neg = batch_np["rejected_labels_BT"][np.arange(n), pos]
     W_VD = np.asarray(jax.device_get(self.fns.unembed(params)), np.float32).T
-    k = min(self.top_k, W_VD.shape[0] - 2)
-    predicted = monitor_lib.predicted_gainers(W_VD, nt["h_BD"][:n], y_pos, y_neg, nt["prob_BV"][:n], k)
-    report = monitor_lib.single_token_report(
-        nt["prob_BV"][:n], self.ref["monitor_ref_prob_V"], predicted, y_pos, y_neg, k, self.token_names
+    return monitor_lib.single_token_row(
+        W_VD,
+        nt["h_BD"][:n],
+        nt["prob_BV"][:n],
+        self.ref["monitor_ref_prob_V"],
+        y_pos,
+        y_neg,
+        self.top_k,
+        step,
+        self.token_names,
     )
-    if step == 0:  # nothing trained yet: measured gains are rounding noise; keep only the theory's prediction
-      report = {key: v for key, v in report.items() if "predicted" in key}
-    out = dict(report)
-    out.update(monitor_lib.unembedding_metrics(W_VD, int(y_pos[0]), int(y_neg[0])))
-    out["monitor/preferred_prob"] = float(np.mean(nt["prob_BV"][np.arange(n), y_pos]))
-    return out
 
 
 def warning_after(

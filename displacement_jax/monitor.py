@@ -160,6 +160,31 @@ def single_token_report(
   return out
 
 
+def single_token_row(
+    W_VD: np.ndarray,
+    h_ND: np.ndarray,
+    prob_NV: np.ndarray,
+    prob_ref_V: np.ndarray,
+    y_pos_N: np.ndarray,
+    y_neg_N: np.ndarray,
+    k: int,
+    step: int,
+    token_names: Sequence[str] | None = None,
+) -> dict[str, Any]:
+  """The single-token monitor keys at `step`: measured vs predicted top-k gainers (at step 0 only the prediction:
+  nothing trained yet, measured gains are rounding noise), the unembedding metrics of the first pair and the mean
+  pi(y+) over the N samples."""
+  y_pos_N, y_neg_N = np.asarray(y_pos_N).reshape(-1), np.asarray(y_neg_N).reshape(-1)
+  k = min(int(k), W_VD.shape[0] - 2)
+  predicted = predicted_gainers(W_VD, h_ND, y_pos_N, y_neg_N, prob_NV, k)
+  out = single_token_report(prob_NV, prob_ref_V, predicted, y_pos_N, y_neg_N, k, token_names)
+  if step == 0:
+    out = {key: v for key, v in out.items() if "predicted" in key}
+  out.update(unembedding_metrics(W_VD, int(y_pos_N[0]), int(y_neg_N[0])))
+  out[PREFIX + "preferred_prob"] = float(np.mean(np.asarray(prob_NV)[np.arange(len(y_pos_N)), y_pos_N]))
+  return out
+
+
 def displacement_warning(
     step: int,
     loss: float,

@@ -15,6 +15,7 @@ import optax
 
 OPTIMIZERS = ("rmsprop", "adamw", "sgd")
 SCHEDULES = ("constant", "linear", "cosine")
+GUARDS = ("state", "gradients")  # the train step's NaN/inf guard (step.make_train_step; config.optim.guard)
 
 
 def make_schedule(name: str, lr: float, num_steps: int, warmup_steps: int = 0) -> optax.Schedule:

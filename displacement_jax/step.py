@@ -80,22 +80,34 @@ def all_finite(tree: Any) -> jax.Array:
 
 
 def make_train_step(
-    loss_fn: Callable, optimizer: optax.GradientTransformation, grad_accum: int
+    loss_fn: Callable, optimizer: optax.GradientTransformation, grad_accum: int, guard: str = "state"
 ) -> Callable[[TrainState, dict[str, jax.Array]], tuple[TrainState, dict[str, jax.Array]]]:
   """train_step(state, batch) -> (new state, metrics); gradients averaged over `grad_accum` micro-batches.
 
-  NaN/inf guard: the loss, the gradient norm, the updated params and the optimizer state are checked, in that
-  order; `metrics["nonfinite"]` is 0 when all are finite, else the index in `NONFINITE` of the first that is not.
-  Then the update is skipped (the returned state equals the input state, all params finite), so a caller that
-  donates the state can still checkpoint the last good state before stopping.
+  NaN/inf guard (`metrics["nonfinite"]`: 0 when all checks pass, else the index in `NONFINITE` of the first that
+  fails; a failed check skips the update, the returned state equals the input state):
+  - guard='state': the loss, the gradient norm, the updated params and the optimizer state are checked, in that
+    order, so the returned state always has all params finite and a caller that donates the state can still
+    checkpoint the last good state before stopping. Costs two reads of the new state and a select over the whole
+    state (BENCHMARKS.md: about a third of a memory-bound small-batch step on the 2-core CPU).
+  - guard='gradients': only the loss and the gradient norm, known BEFORE the update, so the skip fuses into the
+    update itself. An optimizer overflow from finite gradients is not caught in this step (it shows as a
+    non-finite loss one step later, when the input state is no longer the last good one).
   """
+  if guard not in optim_lib.GUARDS:
+    raise ValueError(f"guard must be one of {optim_lib.GUARDS}, got {guard!r}")
 
   def train_step(state: TrainState, batch: dict[str, jax.Array]):
     loss, aux, grads = optim_lib.accumulate_gradients(loss_fn, state.params, batch, grad_accum)
     grad_norm = optax.tree.norm(grads)
+    checks = [jnp.isfinite(loss), jnp.isfinite(grad_norm)]
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    checks = [jnp.isfinite(loss), jnp.isfinite(grad_norm), all_finite(params), all_finite(opt_state)]
+    if guard == "gradients":
+      ok = jnp.all(jnp.stack(checks))
+      params = jax.tree.map(lambda p, u: (p + jnp.where(ok, u, 0)).astype(p.dtype), state.params, updates)
+    else:
+      params = optax.apply_updates(state.params, updates)
+      checks += [all_finite(params), all_finite(opt_state)]
     first_bad = jnp.argmin(jnp.stack(checks))  # index of the first False (0 when all are True)
     finite = jnp.all(jnp.stack(checks))
     metrics = {
@@ -111,8 +123,15 @@ def make_train_step(
         step=state.step + 1,
         rng=jax.random.key_data(jax.random.fold_in(jax.random.wrap_key_data(state.rng), 0)),
     )
-    new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
-    return new_state, metrics
+    keep = lambda new, old: jnp.where(finite, new, old)
+    if guard == "gradients":  # the params already kept their values on a skip
+      return (
+          new_state.replace(
+              **{f: jax.tree.map(keep, getattr(new_state, f), getattr(state, f)) for f in ("opt_state", "step", "rng")}
+          ),
+          metrics,
+      )
+    return jax.tree.map(keep, new_state, state), metrics
 
   return train_step
 

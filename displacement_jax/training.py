@@ -394,7 +394,7 @@ def make_fns(loaded: runtime.Loaded, config: ml_collections.ConfigDict, mesh: An
       donate_argnums=0,
   )
   train_step = jax.jit(
-      step_lib.make_train_step(loss_fn, optimizer, int(config.optim.grad_accum)),
+      step_lib.make_train_step(loss_fn, optimizer, int(config.optim.grad_accum), config.optim.get("guard", "state")),
       in_shardings=(state_sh, batch_sh),
       out_shardings=(state_sh, replicated),
       donate_argnums=0,

@@ -48,6 +48,34 @@ def test_sft_then_dpo_per_seed(run_dir):
     assert rows[r["prompt_row"]]["question"] in open(os.path.join(d, "dpo_data.jsonl")).read()
 
 
+def test_fast_seeds_equal_training_run_per_seed(run_dir, tmp_path):
+  """persona.fast (one model, one compiled step for all seeds) against one training.run per seed with the monitor
+  every step, from the same SFT export: equal pi(y+) trajectories, summaries and metrics rows."""
+  from displacement_jax.experiments import common
+
+  config, out = run_dir
+  dpo_dir = os.path.join(config.output_dir, "dpo")
+  fields = {"model.path": out["sft"]["hf_dir"], "model.tiny": "", "model.tokenizer": out["sft"]["hf_dir"]}
+  fields.update({"persona.phase": "dpo", "persona.fast": False, "output_dir": str(tmp_path)})
+  slow = persona.run_dpo(common.derive(config, fields))
+  for fast_r, slow_r in zip(out["dpo"], slow):
+    assert fast_r.keys() == slow_r.keys()
+    for key, value in fast_r.items():
+      if isinstance(value, float):
+        assert value == pytest.approx(slow_r[key], rel=1e-4, abs=1e-6), key
+      else:
+        assert value == slow_r[key], key
+    rows = {
+        name: [m for m in metrics.read_metrics(os.path.join(d, f'seed_{fast_r["seed"]}')) if "monitor/loss" in m]
+        for name, d in (("fast", dpo_dir), ("slow", str(tmp_path)))
+    }
+    assert [m["step"] for m in rows["fast"]] == [m["step"] for m in rows["slow"]] == list(range(6))
+    for key in ("monitor/preferred_prob", "monitor/preferred_logprob_change", "monitor/loss"):
+      np.testing.assert_allclose(
+          [m[key] for m in rows["fast"]], [m[key] for m in rows["slow"]], rtol=1e-4, atol=1e-6, err_msg=key
+      )
+
+
 def test_dpo_starts_from_the_sft_export(run_dir):
   """pi(No | prompt) at DPO step 0 equals the exported SFT model's next-token probability, computed here."""
   from displacement_jax import models

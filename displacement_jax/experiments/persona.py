@@ -18,16 +18,21 @@ An entry point (`config.main = 'persona'`, configs/persona.py): nothing imports 
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from tqdm.auto import tqdm
 
+from displacement_jax import evaluation, forward, runtime, training
 from displacement_jax import metrics as metrics_lib
-from displacement_jax import training
+from displacement_jax import monitor as monitor_lib
 from displacement_jax.data import schema
-from displacement_jax.experiments import common, persona_data, results
+from displacement_jax.experiments import common, persona_data, results, single_token
 
 
 def run_sft(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -58,28 +63,20 @@ def run_sft(config: ml_collections.ConfigDict) -> dict[str, Any]:
   return summary
 
 
-def run_seed(config: ml_collections.ConfigDict, rows: list[dict[str, Any]], seed: int) -> dict[str, Any]:
-  """One single-prompt DPO run (the prompt drawn with `seed`, full batch); its result.json summary."""
+def _seed_dir_and_data(
+    config: ml_collections.ConfigDict, rows: list[dict[str, Any]], seed: int
+) -> tuple[str, str, dict]:
+  """(<output_dir>/seed_<s>, its dpo_data.jsonl with the seed's one preference row, that row)."""
+  pc = config.persona
+  out_dir = os.path.join(config.output_dir, f"seed_{seed}")
+  example = persona_data.dpo_example(rows, seed, (str(pc.preferred), str(pc.dispreferred)), pc.data_path)
+  return out_dir, schema.write_jsonl(os.path.join(out_dir, "dpo_data.jsonl"), [example]), example
+
+
+def _finish_seed(config: ml_collections.ConfigDict, out_dir: str, example: dict, seed: int, steps: int) -> dict:
+  """The seed's result.json summary from its metrics.jsonl (written and returned)."""
   pc = config.persona
   pair = (str(pc.preferred), str(pc.dispreferred))
-  out_dir = os.path.join(config.output_dir, f"seed_{seed}")
-  example = persona_data.dpo_example(rows, seed, pair, pc.data_path)
-  data = schema.write_jsonl(os.path.join(out_dir, "dpo_data.jsonl"), [example])
-  result = training.run(
-      common.train_config(
-          config,
-          data,
-          out_dir,
-          {
-              "data.single_token": True,
-              "seed": seed,
-              "batch_size": 1,
-              "eval.every": 1,
-              "eval.max_samples": 1,
-              "data.shuffle": False,
-          },
-      )
-  )
   summary = results.summarize_seed(metrics_lib.read_metrics(out_dir), pair)
   summary.update(
       seed=seed,
@@ -87,19 +84,104 @@ def run_seed(config: ml_collections.ConfigDict, rows: list[dict[str, Any]], seed
       objective=str(config.loss.objective),
       phase=str(pc.phase),
       model=str(pc.get("label") or config.model.get("path") or config.model.get("tiny")),
-      steps=int(result.step),
+      steps=int(steps),
   )
   common.write_json(os.path.join(out_dir, common.RESULT_FILE), summary)
   return summary
 
 
+def run_seed(config: ml_collections.ConfigDict, rows: list[dict[str, Any]], seed: int) -> dict[str, Any]:
+  """One single-prompt DPO run through `training.run` (the prompt drawn with `seed`, full batch, the monitor every
+  step); its result.json summary. The general route (`persona.fast=False`): checkpoints, resume, TensorBoard."""
+  out_dir, data, example = _seed_dir_and_data(config, rows, seed)
+  overrides = {"data.single_token": True, "seed": seed, "batch_size": 1, "eval.every": 1, "eval.max_samples": 1}
+  result = training.run(common.train_config(config, data, out_dir, {**overrides, "data.shuffle": False}))
+  return _finish_seed(config, out_dir, example, seed, result.step)
+
+
+class FastSeeds:
+  """Every seed's single-prompt DPO on ONE loaded model and ONE jitted step (`single_token.DPOOnOnePrompt`: the
+  step `training.run` uses, one forward of the prompt per step), writing the same metrics.jsonl rows as the
+  monitor of `run_seed`: pi(y+), the log-prob changes and the loss every step; the gainers (measured and
+  predicted) and the unembedding metrics at step 0 and at the end, the two rows `results.summarize_seed` reads.
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict):
+    self.config = config
+    self.loaded = runtime.load_model(config)
+    dpo_cfg = common.derive(config, {})
+    with dpo_cfg.unlocked():
+      dpo_cfg.dpo = ml_collections.ConfigDict(
+          {
+              "num_steps": int(config.num_steps),
+              "objective": str(config.loss.objective),
+              "beta": float(config.loss.beta),
+              "lr": float(config.optim.lr),
+          }
+      )
+      dpo_cfg.progress = False
+    self.dpo = single_token.DPOOnOnePrompt(self.loaded.model, dpo_cfg)
+    model = self.loaded.model
+    self.next_token = jax.jit(lambda p, b: forward.next_token_outputs(model, p, b))
+    self.unembed = jax.jit(lambda p: forward.unembed(model, p))
+    self.names = evaluation.token_names(self.loaded.tokenizer, self.loaded.model_config.vocab_size)
+
+  def _full_row(self, params: Any, batch: dict[str, np.ndarray], ref_prob_V, y_pos: int, y_neg: int, step: int):
+    nt = jax.device_get(self.next_token(params, {k: jnp.asarray(v) for k, v in batch.items()}))
+    W_VD = np.asarray(jax.device_get(self.unembed(params)), np.float32).T
+    k = int(self.config.eval.top_k)
+    yp, yn = np.array([y_pos]), np.array([y_neg])
+    return monitor_lib.single_token_row(
+        W_VD, nt["h_BD"][:1], nt["prob_BV"][:1], ref_prob_V, yp, yn, k, step, self.names
+    )
+
+  def __call__(self, rows: list[dict[str, Any]], seed: int) -> dict[str, Any]:
+    out_dir, data, example = _seed_dir_and_data(self.config, rows, seed)
+    (ex,) = schema.load_preference_data(data, schema="generic")
+    batch = single_token.prompt_batch(ex, self.loaded.tokenizer, self.config)
+    y_pos, y_neg = (
+        int(batch[f"{s}_labels_BT"][batch[f"{s}_loss_mask_BT"].astype(bool)][0]) for s in ("chosen", "rejected")
+    )
+    params = self.loaded.params
+    traj = self.dpo(params, batch)
+    logp_SV, loss_S = traj["logp_SV"], traj["loss_S"]
+    steps = logp_SV.shape[0] - 1
+    ref_prob_V = np.exp(logp_SV[0].astype(np.float64))
+    with metrics_lib.MetricsWriter(out_dir, tensorboard=False) as writer:
+      for s in range(steps + 1):
+        row: dict[str, Any] = {"monitor/loss": float(loss_S[s])}
+        row.update(
+            monitor_lib.logprob_change_stats(
+                logp_SV[s, [y_pos]], logp_SV[s, [y_neg]], logp_SV[0, [y_pos]], logp_SV[0, [y_neg]]
+            )
+        )
+        row["monitor/preferred_prob"] = float(np.exp(np.float64(logp_SV[s, y_pos])))
+        if s in (0, steps):
+          row.update(self._full_row(params if s == 0 else traj["params"], batch, ref_prob_V, y_pos, y_neg, s))
+        writer.write(s, row)
+    return _finish_seed(self.config, out_dir, example, seed, steps)
+
+
 def run_dpo(config: ml_collections.ConfigDict) -> list[dict[str, Any]]:
-  """DPO/IPO phase: one single-prompt run per seed from the SFT (or base) model; per-seed summaries."""
+  """DPO/IPO phase: one single-prompt run per seed from the SFT (or base) model; per-seed summaries.
+
+  `persona.fast` (default True): every seed on one loaded model and one compiled step (`FastSeeds`); False: one
+  `training.run` per seed (`run_seed`). Both give the same summaries (tests/test_experiments_persona.py).
+  """
 
   pc = config.persona
   rows = persona_data.load_rows(pc.data_path, int(pc.get("limit", 0)))
   seeds = tuple(int(s) for s in pc.seeds)
-  summaries = [run_seed(config, rows, seed) for seed in seeds]
+  run_one = FastSeeds(config) if pc.get("fast", True) else functools.partial(run_seed, config)
+  summaries = []
+  for seed in tqdm(seeds, desc="seeds", dynamic_ncols=True, disable=not config.get("progress", True)):
+    summaries.append(run_one(rows, seed))
+    r = summaries[-1]
+    print(
+        f'[persona] seed {seed} (prompt row {r["prompt_row"]}): pi({pc.preferred}) {r["start"]:.4f} -> min '
+        f'{r["min"]:.4f} -> {r["end"]:.4f}, top gainers {r["top_k_gainers"][:3]}',
+        flush=True,
+    )
   schema.write_jsonl(os.path.join(config.output_dir, common.RESULTS_FILE), summaries)
   drops = [r["largest_drop"] for r in summaries]
   print(

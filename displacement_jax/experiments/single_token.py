@@ -241,6 +241,7 @@ class DPOOnOnePrompt:
     with optim_cfg.unlocked():
       optim_cfg.lr = float(config.dpo.lr)
     self.optimizer = optim_lib.make_optimizer(optim_cfg, self.steps)
+    self.lr, self.beta = float(config.dpo.lr), float(config.dpo.beta)
 
     def next_logp(params, batch):
       return forward.next_token_outputs(model, params, batch)["logp_BV"][0]
@@ -251,8 +252,10 @@ class DPOOnOnePrompt:
       loss, _ = step_lib.preference_loss(loss_cfg, pc, pr, batch["ref_pos"][None], batch["ref_neg"][None])
       return loss, {"logp_V": jax.lax.stop_gradient(logp_V)}
 
-    # the state is donated: updated in place, not ~4 fresh model-sized buffers (page faults) every step
-    self.train_step = jax.jit(step_lib.make_train_step(loss_fn, self.optimizer, 1), donate_argnums=0)
+    # the state is donated: updated in place, not ~4 fresh model-sized buffers (page faults) every step. The guard
+    # checks the loss and gradient before the update (fused into it): here the step is memory-bound and the full
+    # state guard would cost a third of it; nothing is checkpointed, a non-finite step raises.
+    self.train_step = jax.jit(step_lib.make_train_step(loss_fn, self.optimizer, 1, "gradients"), donate_argnums=0)
     self.next_logp = jax.jit(next_logp)
     self.loss = jax.jit(lambda p, b: loss_fn(p, b)[0])
 
@@ -275,6 +278,11 @@ class DPOOnOnePrompt:
     logps, loss = [], []
     for _ in tqdm(range(steps), desc="dpo", dynamic_ncols=True, disable=not self.progress, leave=False):
       state, metrics = self.train_step(state, batch)  # metrics: loss and log-probs BEFORE this step's update
+      if int(metrics["nonfinite"]):
+        raise FloatingPointError(
+            f"non-finite {step_lib.NONFINITE[int(metrics['nonfinite'])]} at DPO step {len(loss) + 1} (lr "
+            f"{self.lr:g}, beta {self.beta:g}); the update was skipped and the run stopped"
+        )
       logps.append(np.asarray(metrics["logp_V"]))
       loss.append(float(metrics["loss"]))
     logps.append(np.asarray(self.next_logp(state.params, batch)))
