@@ -4,14 +4,17 @@ r"""One attention layer on the DPO step's packed rows: block-causal ('blocked', 
 
 The packed layout `train.run` steps on (benchmarks.cpu_vs_torch.train_layout: the same random rows, up to
 `--pairs_per_row` pairs per row, segment + branch + causal mask), the shape's heads and head size, random q/k/v
-(float32): best-of-5 wall time of the jitted forward and of forward + backward (gradients of q, k and v) for
-each `ModelConfig.attention_impl`, and the largest difference from 'reference' (the full [T, T] einsum).
+(float32): best-of-5 wall time of the jitted forward and of forward + backward (gradients of q, k and v) and the
+compile time of forward + backward for each `ModelConfig.attention_impl` ('blocked' at every `--blocks` query
+block size; the model compiles one attention per layer body, so these compile times add to the step's), and
+the largest difference from 'reference' (the full [T, T] einsum).
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import sys
 import time
 
@@ -40,6 +43,9 @@ def main(argv: list[str]) -> int:
   parser.add_argument("--shape", default="smollm2-135m", choices=sorted(shapes.SHAPES))
   parser.add_argument("--pairs", type=int, default=8)
   parser.add_argument("--pairs_per_row", type=int, default=2)
+  parser.add_argument(
+      "--blocks", default=str(transformer.QUERY_BLOCK), help="query block sizes of 'blocked', e.g. 64,128"
+  )
   parser.add_argument("--append", default="")
   args = parser.parse_args(argv)
   hf = shapes.SHAPES[args.shape]
@@ -61,25 +67,29 @@ def main(argv: list[str]) -> int:
       f"({datetime.date.today()})",
       "",
       f"Command: `python -m benchmarks.attention --shape={args.shape} --pairs={args.pairs} "
-      f"--pairs_per_row={args.pairs_per_row}`  ",
+      f"--pairs_per_row={args.pairs_per_row} --blocks={args.blocks}`  ",
       f"Packed rows [{bsz}, {t}], {n} query / {kv} key-value heads of {h}; float32; best of 5.",
       "",
-      "| attention_impl | forward | forward + backward | max abs. diff vs reference (out / grads) |",
-      "|---|---|---|---|",
+      "| attention_impl | forward | forward + backward | compile forward + backward | max abs. diff vs reference (out / grads) |",
+      "|---|---|---|---|---|",
   ]
+  variants = {impl: functools.partial(transformer.attention, impl=impl) for impl in IMPLS if impl != "blocked"}
+  for block in (int(x) for x in args.blocks.split(",")):
+    variants[f"blocked ({block} queries)"] = functools.partial(transformer.causal_block_attention, block=block)
   outs = {}
-  for impl in IMPLS:
-    fwd = jax.jit(lambda q, k, v, impl=impl: transformer.attention(q, k, v, mask, h**-0.5, impl))
-    grad = jax.jit(
-        jax.grad(lambda q, k, v, impl=impl: jnp.sum(transformer.attention(q, k, v, mask, h**-0.5, impl) * g), (0, 1, 2))
-    )
+  for impl, attend in variants.items():
+    fwd = jax.jit(lambda q, k, v, attend=attend: attend(q, k, v, mask, h**-0.5))
+    grad = jax.jit(jax.grad(lambda q, k, v, attend=attend: jnp.sum(attend(q, k, v, mask, h**-0.5) * g), (0, 1, 2)))
+    start = time.perf_counter()
+    grad.lower(q, k, v).compile()
+    compile_s = time.perf_counter() - start
     outs[impl] = (fwd(q, k, v), grad(q, k, v))
     ref_out, ref_grads = outs["reference"]
     diff_out = float(jnp.max(jnp.abs(outs[impl][0] - ref_out)))
     diff_grad = max(float(jnp.max(jnp.abs(a - r))) for a, r in zip(outs[impl][1], ref_grads))
     lines.append(
         f"| {impl} | {1e3 * best_seconds(fwd, q, k, v):.1f} ms | {1e3 * best_seconds(grad, q, k, v):.1f} ms | "
-        f"{diff_out:.1e} / {diff_grad:.1e} |"
+        f"{compile_s:.2f} s | {diff_out:.1e} / {diff_grad:.1e} |"
     )
   tables.emit(lines, args.append)
   return 0

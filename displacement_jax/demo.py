@@ -6,9 +6,9 @@ r"""The offline demo: likelihood displacement in a real instruct model, predicte
 Section 3 of Razin et al. (2025) on the shipped persona sample (`displacement_jax/assets/persona_demo.jsonl`),
 in single-token mode (the response is one vocabulary token):
 
-1. SFT phase: `train.run` with the cross-entropy objective on every persona prompt, y+ drawn from the row's
-   answer group (persona_data.YES_TOKENS / NO_TOKENS; a word that is not one token of the tokenizer is left
-   out and said so).
+1. SFT phase: cross-entropy on every persona prompt (`single_token.SFTOnPrompts`: the batches and step of
+   `train.run`, one forward of each prompt batch), y+ drawn from the row's answer group
+   (persona_data.YES_TOKENS / NO_TOKENS; a word that is not one token of the tokenizer is left out and said so).
 2. Pick one prompt (`dpo.prompt_index`). At the SFT model, compute the final hidden state h_x of the prompt
    and the unembeddings W, and for every ordered pair (y+, y-) of persona tokens the Theorem 1 rate
    d/dt ln pi(y+) (`theory.logprob_rate`) of DPO gradient flow in the unconstrained-features model. The pair
@@ -20,13 +20,14 @@ in single-token mode (the response is one vocabulary token):
    overlap, and whether displacement occurred (pi(y+) at the end below its start). A PNG plots the
    log-prob trajectories of y+, y- and the top gainers.
 
-The DPO phase uses the same pieces as `train.run` (`step_lib.make_loss_fn`, `step_lib.make_train_step`,
-`optim.make_optimizer`) in its own short loop, because it must start from the SFT parameters and record the full
-next-token distribution at every step, which `train.run` does not expose.
+Both training phases use the pieces of `train.run` (`step.make_train_step`, `optim.make_optimizer`, its batch
+iterator) in their own short loops (experiments/single_token.py): single-token mode shares the prompt between y+
+and y-, so one forward per step gives both log-probs (and the recorded next-token distribution), where
+`train.run`'s two-row pair forward computes them twice. tests/test_demo.py checks the SFT loop against train.run.
 
 Outputs in `output_dir` (default runs/demo): summary.json, theory.npz (W_VD, h_D and p_V at the start of DPO,
 the candidate token ids, the rate of each pair and the full-network Gram matrix of the chosen pair), trajectory.npz (logp_SV: next-token log-probs at steps
-0..S, loss_S), logprob_trajectories.png, and sft/ (the SFT run's metrics.jsonl).
+0..S, loss_S), logprob_trajectories.png, and sft/ (its data and metrics.jsonl: the loss of every SFT step).
 """
 
 from __future__ import annotations

@@ -89,7 +89,7 @@ def make_train_step(
   - guard='state': the loss, the gradient norm, the updated params and the optimizer state are checked, in that
     order, so the returned state always has all params finite and a caller that donates the state can still
     checkpoint the last good state before stopping. Costs two reads of the new state and a select over the whole
-    state (BENCHMARKS.md: about a third of a memory-bound small-batch step on the 2-core CPU).
+    state (BENCHMARKS.md: about a quarter of a memory-bound single-prompt step on the 2-core CPU).
   - guard='gradients': only the loss and the gradient norm, known BEFORE the update, so the skip fuses into the
     update itself. An optimizer overflow from finite gradients is not caught in this step (it shows as a
     non-finite loss one step later, when the input state is no longer the last good one).

@@ -136,9 +136,10 @@ def test_attention_benchmark_runs_and_agrees(tmp_path, capsys):
   from benchmarks import attention  # pylint: disable=g-import-not-at-top
 
   out = tmp_path / "table.md"
-  assert attention.main(["--shape=tiny", "--pairs=4", f"--append={out}"]) == 0
+  assert attention.main(["--shape=tiny", "--pairs=4", "--blocks=16,64", f"--append={out}"]) == 0
   rows = [line for line in out.read_text().splitlines() if line.startswith("| ") and " ms |" in line]
-  assert [r.split("|")[1].strip() for r in rows] == list(attention.IMPLS)
+  names = ["reference", "xla", "blocked (16 queries)", "blocked (64 queries)"]
+  assert [r.split("|")[1].strip() for r in rows] == names
   for r in rows:
-    out_diff, grad_diff = (float(x) for x in r.split("|")[4].split("/"))
+    out_diff, grad_diff = (float(x) for x in r.split("|")[5].split("/"))
     assert out_diff < 1e-5 and grad_diff < 1e-4, r

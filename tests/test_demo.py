@@ -37,7 +37,10 @@ def test_outputs_exist(demo_run):
     assert os.path.getsize(os.path.join(demo_run, name)) > 0, name
   with open(os.path.join(demo_run, demo.PLOT_FILE), "rb") as f:
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"
-  assert os.path.exists(os.path.join(demo_run, "sft", "metrics.jsonl"))  # the SFT phase went through train.run
+  sft_rows = [json.loads(line) for line in open(os.path.join(demo_run, "sft", "metrics.jsonl"))]
+  assert [r["step"] for r in sft_rows] == list(range(1, SFT_STEPS + 1)) and all(
+      np.isfinite(r["loss"]) for r in sft_rows
+  )
 
 
 def test_prediction_equals_theory_recomputed(demo_run):
@@ -109,3 +112,40 @@ def test_demo_imports_no_torch(tmp_path):
   assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
   assert "torch modules loaded: []" in result.stdout
   assert os.path.exists(tmp_path / demo.SUMMARY_FILE)
+
+
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_single_token_sft_equals_training_run(tmp_path, shuffle):
+  """SFTOnPrompts (one forward of each prompt batch per step) against `training.run` on the same SFT config (two
+  forwards per pair, the monitor off): the same batches in the same order, equal losses and final params. SGD:
+  the update is linear in the gradient (RMSprop's first step, lr * g / |g| * 10, turns the float noise of
+  near-zero gradient entries into lr-sized differences)."""
+  import sys
+
+  sys.path.insert(0, ROOT)
+  from configs import demo as demo_config  # pylint: disable=g-import-not-at-top
+  from displacement_jax import runtime, training  # pylint: disable=g-import-not-at-top
+  from displacement_jax.data import schema  # pylint: disable=g-import-not-at-top
+
+  config = demo_config.get_config("tiny")
+  config.output_dir = str(tmp_path)
+  config.progress = False
+  config.sft.num_steps = 6
+  config.sft.batch_size = 4
+  config.data.shuffle = shuffle
+  config.optim.name, config.sft.lr = "sgd", 0.5
+  examples = list(schema.load_preference_data(config.data.path))
+  loaded, losses = single_token.run_sft(config, examples, log=lambda _: None)
+  reference = training.run(single_token.sft_config(config))
+  np.testing.assert_allclose(losses, reference.losses, rtol=2e-5)
+  assert len(losses) == 6
+  initial = runtime.load_model(single_token.sft_config(config)).params
+  assert max(np.abs(a - b).max() for a, b in zip(jax_leaves(loaded.params), jax_leaves(initial))) > 1e-2  # it moved
+  for a, b in zip(jax_leaves(loaded.params), jax_leaves(reference.params), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)  # float32 sums in another order, 6 steps of lr 0.5
+
+
+def jax_leaves(tree):
+  import jax  # pylint: disable=g-import-not-at-top
+
+  return [np.asarray(x) for x in jax.tree.leaves(tree)]

@@ -20,7 +20,8 @@ import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
-from displacement_jax import forward, losses, runtime, theory, training
+from displacement_jax import forward, losses, runtime, theory
+from displacement_jax import metrics as metrics_lib
 from displacement_jax import monitor as monitor_lib
 from displacement_jax import optim as optim_lib
 from displacement_jax import step as step_lib
@@ -99,8 +100,8 @@ def sft_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 def run_sft(
     config: ml_collections.ConfigDict, examples: Sequence[Any], *, log: Callable[[str], None] = print
 ) -> tuple[runtime.Loaded, list[float]]:
-  """The SFT phase (train.run, cross-entropy, single-token) on persona `examples` into output_dir/sft (started
-  afresh): (the model with its params at the end of SFT, the SFT losses)."""
+  """The SFT phase (cross-entropy, single-token; `SFTOnPrompts`, the batches and step of `train.run`) on persona
+  `examples`, its data in output_dir/sft (started afresh): (the model with its params after SFT, the SFT losses)."""
   sft_cfg = sft_config(config)
   if os.path.isdir(sft_cfg.output_dir):  # a pipeline's own scratch run
     shutil.rmtree(sft_cfg.output_dir)
@@ -114,12 +115,15 @@ def run_sft(
       f"{list(yes)} / {list(no)} by the row's answer), {sft_cfg.num_steps or sft_cfg.num_epochs} "
       f'{"steps" if sft_cfg.num_steps else "epoch(s)"}, RMSprop lr {sft_cfg.optim.lr:g}, batch {sft_cfg.batch_size}'
   )
-  result = training.run(sft_cfg)
-  loaded = runtime.load_model(sft_cfg)  # the model and tokenizer (~6 s for SmolLM2); params: the SFT result
-  loaded.params = result.params
-  if result.losses:
-    log(f"[sft] loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f}")
-  return loaded, result.losses
+  loaded = runtime.load_model(sft_cfg)  # the model and tokenizer (~6 s for SmolLM2)
+  dataset = runtime.load_data(sft_cfg, loaded.tokenizer, loaded.model_config.vocab_size)
+  loaded.params, losses = SFTOnPrompts(loaded.model, sft_cfg)(loaded.params, dataset)
+  with metrics_lib.MetricsWriter(sft_cfg.output_dir, tensorboard=False) as writer:  # output_dir/sft/metrics.jsonl
+    for step, loss in enumerate(losses, start=1):
+      writer.write(step, {"loss": loss})
+  if losses:
+    log(f"[sft] loss {losses[0]:.4f} -> {losses[-1]:.4f}")
+  return loaded, losses
 
 
 def prompt_batch(example: Any, tokenizer: Any, config: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
@@ -223,14 +227,101 @@ def pick_pair(rates_CC: np.ndarray, candidates: Sequence[int]) -> tuple[int, int
 # ---------------------------------------------------------------------------------------------- training
 
 
-class DPOOnOnePrompt:
-  """DPO on one prompt from given params with `step.make_train_step` (the step `train.run` uses), recording the
-  whole next-token distribution at every step. Jitted once; call it for as many (y+, y-) pairs as needed.
+def single_token_labels(batch_np: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+  """([B] y+, [B] y-): the one chosen / rejected response token of each row of a collated single-token batch."""
+  out = []
+  for side in ("chosen", "rejected"):
+    mask_BT = batch_np[f"{side}_loss_mask_BT"].astype(bool)
+    if not (mask_BT.sum(axis=1) == 1).all():
+      raise ValueError(f"single-token batches need one loss position per row, got {mask_BT.sum(axis=1).tolist()}")
+    out.append(batch_np[f"{side}_labels_BT"][mask_BT].astype(np.int32))
+  return out[0], out[1]
 
-  Single-token mode shares the prompt between both sides, so the loss takes ln pi(y+|x) and ln pi(y-|x) from
-  ONE forward pass of the prompt (the two-row pair forward of `train.run` computes the same values twice); the
-  step also returns that pass's [V] log-probs, so recording the trajectory costs no extra forward.
-  """
+
+def single_token_loss_fn(model: Any, loss_cfg: ml_collections.ConfigDict) -> Callable:
+  """loss_fn(params, batch) of `step.make_train_step` in single-token mode: the objective of `loss_cfg` on
+  ln pi(y+|x) and ln pi(y-|x) read from ONE forward of each prompt (the two-row pair forward of `train.run`
+  computes the same values twice). Batch: the collated arrays plus y_pos_B, y_neg_B, ref_pos_B, ref_neg_B.
+  Aux: the [V] log-probs of row 0 (stop-gradient), so recording a trajectory costs no extra forward."""
+
+  def loss_fn(params, batch):
+    logp_BV = forward.next_token_outputs(model, params, batch)["logp_BV"]
+    rows_B = jnp.arange(logp_BV.shape[0])
+    pc, pr = logp_BV[rows_B, batch["y_pos_B"]], logp_BV[rows_B, batch["y_neg_B"]]
+    loss, _ = step_lib.preference_loss(loss_cfg, pc, pr, batch["ref_pos_B"], batch["ref_neg_B"])
+    return loss, {"logp_V": jax.lax.stop_gradient(logp_BV[0])}
+
+  return loss_fn
+
+
+def _nonfinite_error(metrics: dict[str, Any], what: str, step: int, lr: float) -> None:
+  if int(metrics["nonfinite"]):
+    raise FloatingPointError(
+        f"non-finite {step_lib.NONFINITE[int(metrics['nonfinite'])]} at {what} step {step} (lr {lr:g}); the update "
+        "was skipped and the run stopped"
+    )
+
+
+# The steps below are donated (updated in place, not ~4 fresh model-sized buffers every step) and use the guard that
+# checks the loss and gradient before the update (step.make_train_step): they are memory-bound, the full state
+# guard would cost about a quarter of each, and nothing is checkpointed (a non-finite step raises).
+
+
+class SFTOnPrompts:
+  """Cross-entropy SFT in single-token mode: the batches of `train.run` (data.batching.BatchIterator with its seed,
+  shuffle and drop_last) and its step (`step.make_train_step`), one forward of each prompt batch per step.
+  `config`: a `train.run` config (`sft_config`): optim, batch_size, num_steps or num_epochs, seed, data."""
+
+  def __init__(self, model: Any, config: ml_collections.ConfigDict):
+    self.config = config
+    self.model = model
+    self.loss_cfg = ml_collections.ConfigDict({"objective": "cross_entropy", "beta": 0.0})
+    self.progress = bool(config.get("progress", True))
+
+  def __call__(self, params: Any, dataset: runtime.Dataset) -> tuple[Any, list[float]]:
+    """(params after SFT, the loss of every step)."""
+    c = self.config
+    bs, n = int(c.batch_size), len(dataset.pairs)
+    if n < bs:
+      raise ValueError(f"the SFT data ({c.data.path}) has {n} rows, fewer than the batch size {bs}")
+    steps = int(c.num_steps) if int(c.num_steps) > 0 else int(c.num_epochs) * (n // bs)
+    iterator = batching.BatchIterator(
+        dataset.pairs,
+        bs,
+        seed=int(c.seed),
+        shuffle=bool(c.data.get("shuffle", True)),
+        drop_last=True,
+        pad_id=dataset.pad_id,
+        padding_side=c.data.get("padding_side", "right"),
+    )
+    optimizer = optim_lib.make_optimizer(c.optim, steps)
+    train_step = jax.jit(
+        step_lib.make_train_step(single_token_loss_fn(self.model, self.loss_cfg), optimizer, 1, "gradients"),
+        donate_argnums=0,
+    )
+    state = step_lib.TrainState(
+        params=jax.tree.map(jnp.copy, params),
+        opt_state=optimizer.init(params),
+        step=jnp.zeros((), jnp.int32),
+        rng=jax.random.key_data(jax.random.key(int(c.seed))),
+    )
+    losses = []
+    for step in tqdm(range(1, steps + 1), desc="sft", dynamic_ncols=True, disable=not self.progress, leave=False):
+      batch_np = {k: v for k, v in next(iterator).items() if k.endswith("_BT")}
+      y_pos_B, y_neg_B = single_token_labels(batch_np)
+      zeros_B = np.zeros(len(y_pos_B), np.float32)  # cross-entropy has no reference
+      batch = {k: jnp.asarray(v) for k, v in batch_np.items()}
+      batch.update(y_pos_B=y_pos_B, y_neg_B=y_neg_B, ref_pos_B=zeros_B, ref_neg_B=zeros_B)
+      state, metrics = train_step(state, batch)
+      _nonfinite_error(metrics, "SFT", step, float(c.optim.lr))
+      losses.append(float(metrics["loss"]))
+    return state.params, losses
+
+
+class DPOOnOnePrompt:
+  """DPO on one prompt from given params with `step.make_train_step` (the step `train.run` uses) on
+  `single_token_loss_fn`, recording the whole next-token distribution at every step. Jitted once; call it for as
+  many (y+, y-) pairs as needed."""
 
   def __init__(self, model: Any, config: ml_collections.ConfigDict):
     self.steps = int(config.dpo.num_steps)
@@ -241,22 +332,10 @@ class DPOOnOnePrompt:
     with optim_cfg.unlocked():
       optim_cfg.lr = float(config.dpo.lr)
     self.optimizer = optim_lib.make_optimizer(optim_cfg, self.steps)
-    self.lr, self.beta = float(config.dpo.lr), float(config.dpo.beta)
-
-    def next_logp(params, batch):
-      return forward.next_token_outputs(model, params, batch)["logp_BV"][0]
-
-    def loss_fn(params, batch):
-      logp_V = next_logp(params, batch)
-      pc, pr = logp_V[batch["y_pos"]][None], logp_V[batch["y_neg"]][None]
-      loss, _ = step_lib.preference_loss(loss_cfg, pc, pr, batch["ref_pos"][None], batch["ref_neg"][None])
-      return loss, {"logp_V": jax.lax.stop_gradient(logp_V)}
-
-    # the state is donated: updated in place, not ~4 fresh model-sized buffers (page faults) every step. The guard
-    # checks the loss and gradient before the update (fused into it): here the step is memory-bound and the full
-    # state guard would cost a third of it; nothing is checkpointed, a non-finite step raises.
+    self.lr = float(config.dpo.lr)
+    loss_fn = single_token_loss_fn(model, loss_cfg)
     self.train_step = jax.jit(step_lib.make_train_step(loss_fn, self.optimizer, 1, "gradients"), donate_argnums=0)
-    self.next_logp = jax.jit(next_logp)
+    self.next_logp = jax.jit(lambda p, b: forward.next_token_outputs(model, p, b)["logp_BV"][0])
     self.loss = jax.jit(lambda p, b: loss_fn(p, b)[0])
 
   def __call__(self, params: Any, batch_np: dict[str, np.ndarray], steps: int | None = None) -> dict[str, Any]:
@@ -265,10 +344,9 @@ class DPOOnOnePrompt:
     `batch_np`: `dpo_batch` (a single-token pair; y+ and y- are read from its chosen / rejected labels)."""
     steps = self.steps if steps is None else int(steps)
     batch = {k: jnp.asarray(v) for k, v in batch_np.items()}
-    labels = {s: batch_np[f"{s}_labels_BT"][batch_np[f"{s}_loss_mask_BT"].astype(bool)] for s in ("chosen", "rejected")}
-    batch["y_pos"], batch["y_neg"] = jnp.int32(labels["chosen"][0]), jnp.int32(labels["rejected"][0])
+    batch["y_pos_B"], batch["y_neg_B"] = (jnp.asarray(y) for y in single_token_labels(batch_np))
     ref_V = self.next_logp(params, batch)  # the reference is the start: policy = reference at step 0
-    batch["ref_pos"], batch["ref_neg"] = ref_V[batch["y_pos"]], ref_V[batch["y_neg"]]
+    batch["ref_pos_B"], batch["ref_neg_B"] = ref_V[batch["y_pos_B"]], ref_V[batch["y_neg_B"]]
     state = step_lib.TrainState(
         params=jax.tree.map(jnp.copy, params),  # the caller's params stay valid (the steps donate the state)
         opt_state=self.optimizer.init(params),
@@ -278,11 +356,7 @@ class DPOOnOnePrompt:
     logps, loss = [], []
     for _ in tqdm(range(steps), desc="dpo", dynamic_ncols=True, disable=not self.progress, leave=False):
       state, metrics = self.train_step(state, batch)  # metrics: loss and log-probs BEFORE this step's update
-      if int(metrics["nonfinite"]):
-        raise FloatingPointError(
-            f"non-finite {step_lib.NONFINITE[int(metrics['nonfinite'])]} at DPO step {len(loss) + 1} (lr "
-            f"{self.lr:g}, beta {self.beta:g}); the update was skipped and the run stopped"
-        )
+      _nonfinite_error(metrics, "DPO", len(loss) + 1, self.lr)
       logps.append(np.asarray(metrics["logp_V"]))
       loss.append(float(metrics["loss"]))
     logps.append(np.asarray(self.next_logp(state.params, batch)))
