@@ -143,3 +143,14 @@ def test_attention_benchmark_runs_and_agrees(tmp_path, capsys):
   for r in rows:
     out_diff, grad_diff = (float(x) for x in r.split("|")[5].split("/"))
     assert out_diff < 1e-5 and grad_diff < 1e-4, r
+
+
+def test_guard_benchmark_runs(tmp_path):
+  """benchmarks/guard.py at the tiny shape: a row per guard and the unguarded floor, each with a compile time."""
+  from benchmarks import guard  # pylint: disable=g-import-not-at-top
+
+  out = tmp_path / "table.md"
+  assert guard.main(["--shape=tiny", "--prompt_len=8", "--rounds=1", "--steps=1", f"--append={out}"]) == 0
+  rows = [line for line in out.read_text().splitlines() if line.startswith("| ") and "x |" in line]
+  assert [r.split("|")[1].strip() for r in rows] == ["guard='state'", "guard='gradients'", "no guard (floor)"]
+  assert rows[-1].split("|")[4].strip() == "1.00x"
