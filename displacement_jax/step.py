@@ -90,9 +90,10 @@ def make_train_step(
     order, so the returned state always has all params finite and a caller that donates the state can still
     checkpoint the last good state before stopping. Costs two reads of the new state and a select over the whole
     state (BENCHMARKS.md: about a quarter of a memory-bound single-prompt step on the 2-core CPU).
-  - guard='gradients': only the loss and the gradient norm, known BEFORE the update, so the skip fuses into the
-    update itself. An optimizer overflow from finite gradients is not caught in this step (it shows as a
-    non-finite loss one step later, when the input state is no longer the last good one).
+  - guard='gradients': only the loss and the gradient norm, known BEFORE the update, so the update runs under a
+    conditional (in place, or not at all) and nothing is selected afterwards. An optimizer overflow from finite
+    gradients is not caught in this step (it shows as a non-finite loss one step later, when the input state is no
+    longer the last good one).
   """
   if guard not in optim_lib.GUARDS:
     raise ValueError(f"guard must be one of {optim_lib.GUARDS}, got {guard!r}")
@@ -101,12 +102,18 @@ def make_train_step(
     loss, aux, grads = optim_lib.accumulate_gradients(loss_fn, state.params, batch, grad_accum)
     grad_norm = optax.tree.norm(grads)
     checks = [jnp.isfinite(loss), jnp.isfinite(grad_norm)]
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    if guard == "gradients":
-      ok = jnp.all(jnp.stack(checks))
-      params = jax.tree.map(lambda p, u: (p + jnp.where(ok, u, 0)).astype(p.dtype), state.params, updates)
+
+    def update(operands):
+      params, opt_state, grads = operands
+      updates, opt_state = optimizer.update(grads, opt_state, params)
+      return optax.apply_updates(params, updates), opt_state
+
+    if guard == "gradients":  # a conditional, not a select: the update runs in place or not at all
+      params, opt_state = jax.lax.cond(
+          jnp.all(jnp.stack(checks)), update, lambda ops: ops[:2], (state.params, state.opt_state, grads)
+      )
     else:
-      params = optax.apply_updates(state.params, updates)
+      params, opt_state = update((state.params, state.opt_state, grads))
       checks += [all_finite(params), all_finite(opt_state)]
     first_bad = jnp.argmin(jnp.stack(checks))  # index of the first False (0 when all are True)
     finite = jnp.all(jnp.stack(checks))
@@ -124,13 +131,8 @@ def make_train_step(
         rng=jax.random.key_data(jax.random.fold_in(jax.random.wrap_key_data(state.rng), 0)),
     )
     keep = lambda new, old: jnp.where(finite, new, old)
-    if guard == "gradients":  # the params already kept their values on a skip
-      return (
-          new_state.replace(
-              **{f: jax.tree.map(keep, getattr(new_state, f), getattr(state, f)) for f in ("opt_state", "step", "rng")}
-          ),
-          metrics,
-      )
+    if guard == "gradients":  # params and optimizer state already kept their values on a skip
+      return new_state.replace(step=keep(new_state.step, state.step), rng=keep(new_state.rng, state.rng)), metrics
     return jax.tree.map(keep, new_state, state), metrics
 
   return train_step

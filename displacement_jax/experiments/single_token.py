@@ -291,6 +291,8 @@ class SFTOnPrompts:
         seed=int(c.seed),
         shuffle=bool(c.data.get("shuffle", True)),
         drop_last=True,
+        # every batch padded to the longest prompt of the data: one compiled step (prompts differ by a few tokens)
+        pad_to_multiple=-(-max(p.max_length for p in dataset.pairs) // 8) * 8,
         pad_id=dataset.pad_id,
         padding_side=c.data.get("padding_side", "right"),
     )
