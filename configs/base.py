@@ -78,10 +78,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.optim.warmup_steps = 0  # linear warmup steps for 'linear' / 'cosine' (and 'constant')
   config.optim.clip = 0.0  # > 0: clip gradients to this global norm
   config.optim.grad_accum = 1  # micro-batches per step; gradients are AVERAGED over them
-  # NaN/inf guard of the step: 'state' (loss, gradient, updated params and optimizer state; the returned state is
-  # always the last good one) | 'gradients' (loss and gradient only, checked before the update: cheaper when the
-  # step is memory-bound, e.g. one short prompt; see step.make_train_step)
-  config.optim.guard = "state"
+  # 'state' checks loss, gradient, new params and optimizer state (the returned state is always the last good one);
+  # 'gradients' checks loss and gradient before the update (cheaper for a memory-bound step; step.make_train_step)
+  config.optim.guard = "state"  # NaN/inf guard of the step: 'state' | 'gradients'
   config.optim.weight_decay = 0.0  # adamw decoupled weight decay
   config.optim.momentum = 0.0  # sgd / rmsprop momentum (torch default 0)
   config.optim.b1 = 0.9  # adamw

@@ -285,7 +285,9 @@ def test_demo_path_on_the_real_model(tmp_path):
   rate = theory.logprob_rate(th["W_VD"], th["h_D"], summary["y_pos"], summary["y_neg"], loss_derivative=lp)
   np.testing.assert_allclose(summary["predicted_rate"], float(rate), rtol=1e-5)
   np.testing.assert_allclose(traj["loss_S"][0], np.log(2.0), rtol=1e-5)
-  np.testing.assert_allclose(np.exp(traj["logp_SV"][0]), th["p_V"], atol=1e-6)  # step 0 is the SFT model
+  # step 0 is the SFT model; the DPO step's and the theory's forwards are two compiled programs (different fusion
+  # and reduction order over 30 layers): they agree to float32 rounding, ~1e-5 relative at p ~ 0.15
+  np.testing.assert_allclose(np.exp(traj["logp_SV"][0]), th["p_V"], rtol=1e-4, atol=1e-6)
   p_pos = np.exp(traj["logp_SV"][:, summary["y_pos"]].astype(np.float64))
   assert summary["displaced"] == bool(p_pos[-1] < p_pos[0])
 
