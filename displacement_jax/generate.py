@@ -30,12 +30,15 @@ class GenerateOutput(NamedTuple):
 def filter_logits(logits_BV: Array, *, temperature: float | Array, top_k: int = 0, top_p: float | Array = 1.0) -> Array:
   """Float32 logits / temperature with everything outside the top-k and the top-p nucleus set to -inf.
 
-  top_k=0 and top_p=1.0 disable the filters; the most likely token is always kept.
+  top_k=0 and top_p=1.0 disable the filters; the most likely token is always kept. A Python top_p >= 1.0 skips the
+  nucleus (a sort of the [B, V] logits per step: more than the decode step's own cost on CPU at V=49152).
   """
   logits_BV = logits_BV.astype(jnp.float32) / jnp.asarray(temperature, jnp.float32)
   if top_k > 0:
     kth_B1 = jax.lax.top_k(logits_BV, min(top_k, logits_BV.shape[-1]))[0][:, -1:]
     logits_BV = jnp.where(logits_BV < kth_B1, -jnp.inf, logits_BV)
+  if isinstance(top_p, (int, float)) and top_p >= 1.0:
+    return logits_BV
   sorted_BV = jnp.sort(logits_BV, axis=-1)[:, ::-1]
   probs_BV = jax.nn.softmax(sorted_BV, axis=-1)
   mass_before_BV = jnp.cumsum(probs_BV, axis=-1) - probs_BV
@@ -45,7 +48,9 @@ def filter_logits(logits_BV: Array, *, temperature: float | Array, top_k: int = 
   return jnp.where(logits_BV < cutoff_B1, -jnp.inf, logits_BV)
 
 
-def _next_token(logits_BV: Array, rng: Array, sample: bool, temperature: Array, top_k: int, top_p: Array) -> Array:
+def _next_token(
+    logits_BV: Array, rng: Array, sample: bool, temperature: Array, top_k: int, top_p: Array | float
+) -> Array:
   if not sample:
     return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
   filtered = filter_logits(logits_BV, temperature=temperature, top_k=top_k, top_p=top_p)
@@ -53,10 +58,11 @@ def _next_token(logits_BV: Array, rng: Array, sample: bool, temperature: Array, 
 
 
 @functools.lru_cache(maxsize=32)
-def _compiled(config: ModelConfig, max_new_tokens: int, sample: bool, top_k: int):
+def _compiled(config: ModelConfig, max_new_tokens: int, sample: bool, top_k: int, nucleus: bool):
   model = Transformer(config)
 
-  def run(params, ids_BT, mask_BT, rng, temperature, top_p, eos_E, pad_id):
+  def run(params, ids_BT, mask_BT, rng, temperature, top_p_arg, eos_E, pad_id):
+    top_p = top_p_arg if nucleus else 1.0  # static 1.0: no sort
     b, t = ids_BT.shape
     cache = init_cache(config, b, t + max_new_tokens)
     # Prefill without the fp32 [B, T, V] logits: only the last slot (every row's last real token) is needed.
@@ -193,7 +199,7 @@ def generate(
   if rng is None:
     rng = jax.random.PRNGKey(0)
   params = params.get("params", params) if isinstance(params, dict) else params
-  fn = _compiled(config, max_new_tokens, sample, top_k)
+  fn = _compiled(config, max_new_tokens, sample, top_k, top_p < 1.0)
   tokens, lengths = fn(
       params,
       jnp.asarray(ids, jnp.int32),

@@ -283,3 +283,13 @@ def test_blocked_attention_equals_full_square(window):
   np.testing.assert_allclose(np.where(real, blk, 0), np.where(real, ref, 0), atol=2e-6, rtol=1e-5)
   for a, r in zip(g_blk, g_ref):
     np.testing.assert_allclose(a, r, atol=2e-5, rtol=1e-4)
+
+
+def test_query_block_bounds_the_number_of_blocks():
+  """At least QUERY_BLOCK queries per block, a multiple of 8, and never more than MAX_QUERY_BLOCKS blocks."""
+  from displacement_jax.models import transformer  # pylint: disable=g-import-not-at-top
+
+  assert [transformer.query_block(t) for t in (1, 100, 512, 1024, 1030, 2048)] == [128, 128, 128, 128, 136, 256]
+  for t in range(1, 5000, 7):
+    block = transformer.query_block(t)
+    assert block % 8 == 0 and block >= transformer.QUERY_BLOCK and -(-t // block) <= transformer.MAX_QUERY_BLOCKS

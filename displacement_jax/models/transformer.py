@@ -160,17 +160,26 @@ def reference_attention(q_BTNH: Array, k_BSKH: Array, v_BSKH: Array, mask_BTS: A
   return out_BTKGH.reshape(b, t, n, h)
 
 
-QUERY_BLOCK = 64  # queries per block of `causal_block_attention`
+QUERY_BLOCK = 128  # queries per block of `causal_block_attention` (at least; see `query_block`)
+MAX_QUERY_BLOCKS = 8  # longer sequences get larger blocks: compile time grows with the number of blocks
+
+
+def query_block(t: int, block: int = QUERY_BLOCK, max_blocks: int = MAX_QUERY_BLOCKS) -> int:
+  """Queries per block for a length-`t` sequence: `block`, or ceil(t / max_blocks) rounded up to a multiple of 8
+  where that is larger (at most `max_blocks` blocks, each unrolled in the compiled program)."""
+  return max(block, -(-(-(-t // max_blocks)) // 8) * 8)
 
 
 def causal_block_attention(
-    q_BTNH: Array, k_BTKH: Array, v_BTKH: Array, mask_BTS: Array, scale: float, block: int = QUERY_BLOCK
+    q_BTNH: Array, k_BTKH: Array, v_BTKH: Array, mask_BTS: Array, scale: float, block: int | None = None
 ) -> Array:
   """`reference_attention` of a CAUSAL mask (no query sees a later slot: every mask of a forward without a KV
-  cache), one block of `block` queries at a time against the keys up to the block's end: the same result for
-  about half the scores, in blocks small enough to stay in cache (benchmarks/attention.py, BENCHMARKS.md: on the
-  2-core CPU at [4, 640] forward 69 ms against 182 ms for the full square, forward + backward 137 against 257 ms)."""
+  cache), one block of queries at a time (`query_block(T)` unless `block` is given) against the keys up to the
+  block's end: the same result for about half the scores, in blocks small enough to stay in cache
+  (benchmarks/attention.py, BENCHMARKS.md: on the 2-core CPU at [4, 512] forward + backward 114 ms in 128-query
+  blocks against 234 ms for the full square; 128-query blocks compile in half the time of 64-query ones)."""
   t = q_BTNH.shape[1]
+  block = query_block(t) if block is None else block
   if t <= block:
     return reference_attention(q_BTNH, k_BTKH, v_BTKH, mask_BTS, scale)
   outs = []
