@@ -146,7 +146,7 @@ def test_list_of_lists_input_and_sorry_bench_backend():
 
 def test_top_p_one_keeps_the_whole_distribution():
   """A Python top_p=1.0 skips the nucleus sort and leaves every logit (/ temperature), tail included; a traced
-  top_p=1.0 keeps the same support up to cumsum rounding, and top_p<1 still cuts the tail."""
+  top_p<1 still cuts the tail and keeps the head."""
   logits_BV = jnp.asarray(np.random.default_rng(0).normal(size=(3, 50)) * 4, jnp.float32)
   np.testing.assert_array_equal(gen.filter_logits(logits_BV, temperature=2.0, top_p=1.0), logits_BV / 2.0)
   cut = gen.filter_logits(logits_BV, temperature=1.0, top_p=jnp.float32(0.5))

@@ -167,7 +167,8 @@ MAX_QUERY_BLOCKS = 8  # longer sequences get larger blocks: compile time grows w
 def query_block(t: int, block: int = QUERY_BLOCK, max_blocks: int = MAX_QUERY_BLOCKS) -> int:
   """Queries per block for a length-`t` sequence: `block`, or ceil(t / max_blocks) rounded up to a multiple of 8
   where that is larger (at most `max_blocks` blocks, each unrolled in the compiled program)."""
-  return max(block, -(-(-(-t // max_blocks)) // 8) * 8)
+  per_block = -(-t // max_blocks)  # ceil(t / max_blocks)
+  return max(block, -(-per_block // 8) * 8)
 
 
 def causal_block_attention(
