@@ -142,7 +142,9 @@ def test_single_token_sft_equals_training_run(tmp_path, shuffle):
   initial = runtime.load_model(single_token.sft_config(config)).params
   assert max(np.abs(a - b).max() for a, b in zip(jax_leaves(loaded.params), jax_leaves(initial))) > 1e-2  # it moved
   for a, b in zip(jax_leaves(loaded.params), jax_leaves(reference.params), strict=True):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)  # float32 sums in another order, 6 steps of lr 0.5
+    # float32 sums in another order, 6 steps of lr 0.5: CI saw one entry of 8192 at 1.5e-5 absolute (the params
+    # move by > 1e-2, so 5e-5 still tells a wrong batch or a wrong update apart).
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=5e-5)
 
 
 def jax_leaves(tree):

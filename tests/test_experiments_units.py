@@ -259,6 +259,16 @@ def test_persona_sft_examples_draw_from_the_answer_list():
     persona_data.sft_examples([ROWS[0], dict(ROWS[1], answer_matching_behavior="Maybe")], file="p.jsonl")
 
 
+def test_persona_sft_examples_draw_only_from_the_given_groups():
+  """The groups a tokenizer allows (single_token.answer_groups): a word left out of a group is never drawn."""
+  groups = (("Yes", "Sure"), ("No",))
+  ex = persona_data.sft_examples(ROWS * 20, seed=3, groups=groups)
+  assert {e["chosen"] for e in ex[0::2]} == {"Yes", "Sure"} and {e["chosen"] for e in ex[1::2]} == {"No"}
+  assert ex[0]["rejected"] == "No" and ex[1]["rejected"] == "Yes"
+  with pytest.raises(ValueError, match="both answer groups need a token"):
+    persona_data.sft_examples(ROWS, groups=(("Yes",), ()))
+
+
 def test_persona_dpo_example_and_constants():
   assert persona_data.DPO_SEEDS == (9773, 5290, 8767, 9818, 7596, 344, 2701, 3298, 7834, 6327)
   assert persona_data.TOKEN_PAIRS["llama3_8b"] == (("Yes", "No"), ("Sure", "Yes"))

@@ -292,6 +292,31 @@ def test_demo_path_on_the_real_model(tmp_path):
   assert summary["displaced"] == bool(p_pos[-1] < p_pos[0])
 
 
+def test_persona_sft_data_is_single_tokens_of_smollm2():
+  """configs/persona.py:model=smollm2's SFT rows on the shipped persona prompts: "Absolutely" (two tokens of
+  SmolLM2) is left out of the yes group, and every chosen / rejected answer is one vocabulary entry."""
+  import sys  # pylint: disable=g-import-not-at-top
+
+  from displacement_jax import runtime  # pylint: disable=g-import-not-at-top
+  from displacement_jax.experiments import persona_data, single_token  # pylint: disable=g-import-not-at-top
+
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  from configs import persona as persona_config  # pylint: disable=g-import-not-at-top
+
+  config = persona_config.get_config("model=smollm2,pair=0")
+  tokenizer = runtime.load_tokenizer(config)
+  yes, no, left_out = single_token.answer_groups(tokenizer)
+  assert left_out == ["Absolutely"] and "Absolutely" not in yes and len(yes) + len(no) == 8
+  rows = persona_data.load_rows(config.persona.data_path, 0)
+  examples = persona_data.sft_examples(rows, int(config.seed), config.persona.data_path, groups=(yes, no))
+  assert len(examples) == len(rows) == 60
+  drawn = {e["chosen"] for e in examples}
+  assert drawn <= set(yes) | set(no) and len(drawn) > 2
+  for e in examples:
+    for field in ("chosen", "rejected"):
+      tokenize.lookup_token(tokenizer, e[field], source="sft", index=e["index"], field=field)
+
+
 def test_gguf_tokenizer_without_torch_equals_transformers(real, tmp_path):
   """The base install has no torch, and transformers reads GGUF files through torch: the tokenizer is then built by
   transformers' torch-free converter on this package's reader. Fresh cache, torch unimportable: same tokenizer."""

@@ -46,16 +46,25 @@ def persona_prompt(row: Mapping[str, Any], file: str = "<persona>", index: int =
   return question
 
 
-def sft_examples(rows: Sequence[Mapping[str, Any]], seed: int = 0, file: str = "<persona>") -> list[dict[str, Any]]:
-  """SFT preference rows: chosen = a token drawn from YES_TOKENS / NO_TOKENS by the row's answer.
+def sft_examples(
+    rows: Sequence[Mapping[str, Any]],
+    seed: int = 0,
+    file: str = "<persona>",
+    groups: tuple[Sequence[str], Sequence[str]] = (YES_TOKENS, NO_TOKENS),
+) -> list[dict[str, Any]]:
+  """SFT preference rows: chosen = a token drawn from groups[0] (yes) / groups[1] (no) by the row's answer.
 
-  The rejected side (unused by cross-entropy) is the first token of the opposite list.
+  The groups default to YES_TOKENS / NO_TOKENS; `single_token.answer_groups` gives them without the words that
+  are not one token of the model's tokenizer. The rejected side (unused by cross-entropy) is the first token
+  of the opposite group.
   """
+  if not groups[0] or not groups[1]:
+    raise ValueError(f"both answer groups need a token, got {groups}")
   rng = np.random.default_rng(seed)
   out = []
   for i, row in enumerate(rows):
     yes = answer_is_yes(row, file, i)
-    pool, other = (YES_TOKENS, NO_TOKENS) if yes else (NO_TOKENS, YES_TOKENS)
+    pool, other = (groups[0], groups[1]) if yes else (groups[1], groups[0])
     out.append(
         {
             "index": i,
