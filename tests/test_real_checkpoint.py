@@ -304,9 +304,11 @@ def test_persona_sft_data_is_single_tokens_of_smollm2():
   from configs import persona as persona_config  # pylint: disable=g-import-not-at-top
 
   config = persona_config.get_config("model=smollm2,pair=0")
+  messages = []
+  yes, no = single_token.sft_answer_groups(config, messages.append)  # what persona.run_sft draws from
+  assert messages == ["[sft] not one token of this tokenizer, left out of the answer groups: ['Absolutely']"]
+  assert "Absolutely" not in yes and len(yes) + len(no) == 8
   tokenizer = runtime.load_tokenizer(config)
-  yes, no, left_out = single_token.answer_groups(tokenizer)
-  assert left_out == ["Absolutely"] and "Absolutely" not in yes and len(yes) + len(no) == 8
   rows = persona_data.load_rows(config.persona.data_path, 0)
   examples = persona_data.sft_examples(rows, int(config.seed), config.persona.data_path, groups=(yes, no))
   assert len(examples) == len(rows) == 60

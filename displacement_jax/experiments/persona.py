@@ -2,8 +2,8 @@
 
 Plan (per model; `persona_data.TOKEN_PAIRS` lists the (y+, y-) pairs):
 1. SFT phase: cross-entropy on every persona prompt, y+ drawn (seeded) from `NO_TOKENS` or `YES_TOKENS`
-   by the row's `answer_matching_behavior` (words that are not one token of the tokenizer left out); batch 32, 1 epoch, RMSprop lr 1e-7; the model is exported
-   in HF format (`<output_dir>/hf`) for the DPO phase.
+   by the row's `answer_matching_behavior` (less the words that are not one token of the tokenizer); batch 32,
+   1 epoch, RMSprop lr 1e-7; the model is exported in HF format (`<output_dir>/hf`) for the DPO phase.
 2. DPO phase: for each seed in `DPO_SEEDS` one prompt (drawn with that seed), full batch (= 1 pair),
    101 steps, RMSprop lr 1e-7, beta 0.1 (IPO: lr 1e-8, beta 0.01), starting from the SFT model (or from
    the base model: `persona.phase='base_dpo'`). Every step the train monitor records the probability of
@@ -40,10 +40,8 @@ def run_sft(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
   pc = config.persona
   rows = persona_data.load_rows(pc.data_path, int(pc.get("limit", 0)))
-  yes, no, left_out = single_token.answer_groups(runtime.load_tokenizer(config))
-  if left_out:  # SmolLM2: "Absolutely" is two tokens
-    print(f"[sft] not one token of this tokenizer, left out of the answer groups: {left_out}", flush=True)
-  examples = persona_data.sft_examples(rows, int(config.seed), pc.data_path, groups=(yes, no))
+  groups = single_token.sft_answer_groups(config, functools.partial(print, flush=True))  # SmolLM2: no "Absolutely"
+  examples = persona_data.sft_examples(rows, int(config.seed), pc.data_path, groups=groups)
   data = schema.write_jsonl(os.path.join(config.output_dir, "sft_data.jsonl"), examples)
   result = training.run(
       common.train_config(

@@ -54,6 +54,16 @@ def answer_groups(tokenizer: Any) -> tuple[tuple[str, ...], tuple[str, ...], lis
   return tuple(yes), tuple(no), out_yes + out_no
 
 
+def sft_answer_groups(
+    config: ml_collections.ConfigDict, log: Callable[[str], None] = print
+) -> tuple[tuple[str, ...], tuple[str, ...]]:
+  """`answer_groups` of the config's tokenizer (no weights loaded), saying which words it left out."""
+  yes, no, left_out = answer_groups(runtime.load_tokenizer(config))
+  if left_out:
+    log(f"[sft] not one token of this tokenizer, left out of the answer groups: {left_out}")
+  return yes, no
+
+
 def write_sft_data(examples: Sequence[Any], path: str, seed: int, groups: tuple[Sequence[str], Sequence[str]]) -> int:
   """Section 3 SFT data as generic preference jsonl: y+ drawn (seeded) from the row's answer group.
 
@@ -106,9 +116,7 @@ def run_sft(
   if os.path.isdir(sft_cfg.output_dir):  # a pipeline's own scratch run
     shutil.rmtree(sft_cfg.output_dir)
   os.makedirs(sft_cfg.output_dir)
-  yes, no, left_out = answer_groups(runtime.load_tokenizer(sft_cfg))
-  if left_out:
-    log(f"[sft] not one token of this tokenizer, left out of the answer groups: {left_out}")
+  yes, no = sft_answer_groups(sft_cfg, log)
   write_sft_data(examples, sft_cfg.data.path, int(config.seed), (yes, no))
   log(
       f"[sft] cross-entropy on {len(examples)} persona prompts of {config.data.path} (y+ drawn from "
