@@ -11,7 +11,7 @@ docs/snippets/NAME.py) is included with `<!-- snippet: NAME -->`: its code block
 Commands run from the repository root with JAX_PLATFORMS=cpu, the HF offline variables and this interpreter as
 `python`; paths below the
 repository root are stored relative to it. `compare` treats numbers as equal within a relative 1e-3 (XLA:CPU
-rounding may differ between CPUs) and ignores what `MASKS` matches (hashes, timings).
+rounding may differ between CPUs; an output whose run amplifies it registers a wider `rtol`, with the reason) and ignores what `MASKS` matches (hashes, timings).
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ class Output:
   env: tuple[tuple[str, str], ...] = ()
   head: int = 0  # > 0: keep the first `head` lines
   slow: bool = False  # minutes on the 2-core CPU: checked by .ci/run (`--check --slow`), not by the test suite
+  rtol: float = 1e-3  # relative tolerance of `compare` for this output's numbers
 
 
 OUTPUTS: dict[str, Output] = {}
@@ -88,6 +89,9 @@ register(
     f"--config.progress=False --config.output_dir={_RUNS}/dpo_tiny",
     keep=r"^(data|reference|monitor|WARNING)",
     slow=True,
+    # 10 RMSprop steps at lr 1e-3 amplify XLA:CPU's rounding differences: on CI's CPU dlogp(y-) at step 10 read
+    # -0.8882 against this machine's -0.8950 (0.8%), every other number within 1e-3.
+    rtol=2e-2,
 )
 register(
     "train_persona_tiny",
@@ -259,7 +263,7 @@ def main(argv: list[str]) -> int:
   for name in names:
     text = run(name)
     if "--check" in argv:
-      diff = compare(text, stored(name))
+      diff = compare(text, stored(name), rtol=OUTPUTS[name].rtol)
       if diff:
         failed += 1
         print(f"{name}: differs from docs/outputs/{name}.txt:\n{diff}", file=sys.stderr)
