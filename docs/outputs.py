@@ -11,7 +11,8 @@ docs/snippets/NAME.py) is included with `<!-- snippet: NAME -->`: its code block
 Commands run from the repository root with JAX_PLATFORMS=cpu, the HF offline variables and this interpreter as
 `python`; paths below the
 repository root are stored relative to it. `compare` treats numbers as equal within a relative 1e-3 (XLA:CPU
-rounding may differ between CPUs; an output whose run amplifies it registers a wider `rtol`, with the reason) and ignores what `MASKS` matches (hashes, timings).
+rounding may differ between CPUs; an output whose run amplifies it registers a wider `rtol`, with the reason,
+and `check` compares at it) and ignores what `MASKS` matches (hashes, timings).
 """
 
 from __future__ import annotations
@@ -241,6 +242,11 @@ def compare(got: str, want: str, rtol: float = 1e-3, atol: float = 1e-6) -> str 
   return None
 
 
+def check(name: str, text: str) -> str | None:
+  """`compare` of `text` with registered `name`'s stored output, at that output's `rtol`."""
+  return compare(text, stored(name), rtol=OUTPUTS[name].rtol)
+
+
 def expand(markdown: str) -> str:
   """A section with its `<!-- output: NAME -->` / `<!-- snippet: NAME -->` markers replaced by the stored text."""
 
@@ -263,7 +269,7 @@ def main(argv: list[str]) -> int:
   for name in names:
     text = run(name)
     if "--check" in argv:
-      diff = compare(text, stored(name), rtol=OUTPUTS[name].rtol)
+      diff = check(name, text)
       if diff:
         failed += 1
         print(f"{name}: differs from docs/outputs/{name}.txt:\n{diff}", file=sys.stderr)

@@ -37,6 +37,10 @@ def test_an_output_registered_with_a_wider_rtol_is_compared_at_it():
   got, want = "dlogp(y-) -0.8882\n", "dlogp(y-) -0.8950\n"
   assert outputs.compare(got, want) is not None
   assert outputs.compare(got, want, rtol=outputs.OUTPUTS["train_dpo_tiny"].rtol) is None
+  stored = outputs.stored("train_dpo_tiny")
+  assert "dlogp(y-) -0.8950" in stored
+  assert outputs.check("train_dpo_tiny", stored.replace("dlogp(y-) -0.8950", "dlogp(y-) -0.8882")) is None
+  assert outputs.check("train_dpo_tiny", stored.replace("dlogp(y-) -0.8950", "dlogp(y-) -0.9950")) is not None
 
 
 def test_slow_outputs_are_checked_by_ci():
@@ -47,7 +51,7 @@ def test_slow_outputs_are_checked_by_ci():
 
 @pytest.mark.parametrize("name", sorted(n for n, o in outputs.OUTPUTS.items() if not o.slow))
 def test_fresh_run_gives_the_stored_output(name):
-  diff = outputs.compare(outputs.run(name), outputs.stored(name), rtol=outputs.OUTPUTS[name].rtol)
+  diff = outputs.check(name, outputs.run(name))
   assert diff is None, (
       f"docs/outputs/{name}.txt no longer reproduces (rerun `python docs/outputs.py --only {name}` "
       f"and read the README prose around it):\n{diff}"
