@@ -30,7 +30,7 @@ import ml_collections
 import numpy as np
 import torch
 
-from benchmarks import shapes, tables
+from benchmarks import flops, shapes, tables
 from benchmarks import torch_reference
 
 Row = tuple[list[int], list[int], list[int]]
@@ -138,6 +138,47 @@ def train_layout(rows: Sequence[Row], pairs_per_row: int) -> dict[str, np.ndarra
   return packing.pack_pairs(batch, pairs_per_row=pairs_per_row, bucket=batching.packed_bucket)
 
 
+def _layer_shape(config) -> dict[str, int]:
+  return dict(
+      hidden_size=config.hidden_size,
+      intermediate_size=config.intermediate_size,
+      num_layers=config.num_layers,
+      num_heads=config.num_heads,
+      num_kv_heads=config.num_kv_heads,
+      head_dim=config.head_dim,
+      vocab_size=config.vocab_size,
+  )
+
+
+def trl_step_flops(config, rows: Sequence[Row]) -> float:
+  """Hardware FLOPs of the TRL-style step: 2P sequences padded to the longest, the LM head at every slot, each
+  query scored against every key slot (a padding mask makes SDPA run the full square)."""
+  n, t = torch_reference.build_trl_batch(rows, pad_id=0)["input_ids"].shape
+  return flops.step_flops(slots=n * t, head_positions=n * t, attention_pairs=n * t * t, **_layer_shape(config))
+
+
+def our_step_flops(config, batch: dict[str, np.ndarray], chunk_size: int = 128) -> float:
+  """Hardware FLOPs of our packed step on `batch` as it runs: every packed slot, the causal query blocks against
+  the keys up to each block's end, the LM head on the live chunks only (logprobs.chunked_token_logprobs), and the
+  backward pass's recomputation of the head's logits and of the attention scores."""
+  from displacement_jax.models import transformer  # pylint: disable=g-import-not-at-top
+
+  b, t = batch["packed_input_ids_BT"].shape
+  block = transformer.query_block(t)
+  pairs = b * sum((min(s + block, t) - s) * min(s + block, t) for s in range(0, t, block))
+  rb, r = batch["response_side_BR"].shape
+  chunk = min(chunk_size * rb, rb * r)
+  head = -(-int((batch["response_side_BR"] > 0).sum()) // chunk) * chunk
+  return flops.step_flops(
+      slots=b * t,
+      head_positions=head,
+      attention_pairs=pairs,
+      head_recomputed=True,
+      scores_recomputed=True,
+      **_layer_shape(config),
+  )
+
+
 def dpo_ours(
     model, params, rows: Sequence[Row], steps: int, lr: float, pairs_per_row: int = 2
 ) -> tuple[float, float, np.ndarray]:
@@ -230,6 +271,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   dpo_diff1 = float(np.max(np.abs(logps_1 - logps_t)))
   _, jax2_step_s, logps_2 = dpo_ours(model, params, dpo, a.steps + 1, a.lr, pairs_per_row=0)
   dpo_diff2 = float(np.max(np.abs(logps_2 - logps_t)))
+  trl_flops = trl_step_flops(config, dpo)
+  our_flops = our_step_flops(config, train_layout(dpo, a.pairs_per_row)) if a.pairs_per_row else float("nan")
 
   today = datetime.date.today().isoformat()
   cmd = "python -m benchmarks.cpu_vs_torch " + " ".join(argv if argv is not None else sys.argv[1:])
@@ -260,6 +303,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
       f"({dpo_tokens / jax2_step_s:.0f} tok/s) | {torch_step_s / jax2_step_s:.2f}x | max abs. log-prob diff "
       f"{dpo_diff2:.1e} |",
       f"| DPO first step incl. JIT compile | | {jax_first_s:.2f} s | | |",
+      f"| DPO step hardware FLOPs as laid out (`flops.step_flops`) | {trl_flops / 1e9:.0f} GFLOP, "
+      f"{trl_flops / torch_step_s / 1e9:.0f} GFLOP/s | {our_flops / 1e9:.0f} GFLOP, {our_flops / jax_step_s / 1e9:.0f} "
+      f"GFLOP/s | {trl_flops / our_flops:.2f}x at equal FLOP/s | |",
       "",
   ]
   table = tables.emit(lines, a.append)
@@ -276,6 +322,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
       dpo_ratio_one_pair_per_row=torch_step_s / jax1_step_s,
       score_ratio_two_side=torch_s / steady2_s,
       dpo_ratio_two_side=torch_step_s / jax2_step_s,
+      dpo_flops_ratio=trl_flops / our_flops,
   )
 
 

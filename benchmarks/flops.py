@@ -42,3 +42,24 @@ def train_flops_per_token(**shape) -> float:
 def mfu(model_flops: float, seconds: float, peak_tflops: float) -> float:
   """Model FLOPs utilisation in [0, 1]."""
   return model_flops / seconds / (peak_tflops * 1e12)
+
+
+def step_flops(
+    *,
+    slots: int,
+    head_positions: int,
+    attention_pairs: int,
+    head_recomputed: bool = False,
+    scores_recomputed: bool = False,
+    **shape: int,
+) -> float:
+  """Hardware FLOPs of one training step as laid out: `slots` token slots through the layers (padding included),
+  `attention_pairs` (query, key) pairs scored per head and layer, the LM head on `head_positions` positions
+  (plus one more forward of it when its backward recomputes the logits, and one more QK^T product when the
+  attention's backward recomputes its probabilities). `shape`: `forward_flops_per_token`'s model sizes.
+  Forward + backward = 3 forwards."""
+  per_slot = forward_flops_per_token(**shape, seq_len=0, lm_head=False)  # projections and MLP of every layer
+  attention = shape["num_layers"] * 2 * 2 * shape["head_dim"] * shape["num_heads"] * attention_pairs
+  head = 2 * shape["hidden_size"] * shape["vocab_size"] * head_positions
+  recomputed = (head if head_recomputed else 0.0) + (attention / 2 if scores_recomputed else 0.0)
+  return 3.0 * (slots * per_slot + attention + head) + recomputed

@@ -85,7 +85,7 @@ def packed_pair_logps(model: Any, params: Any, batch: dict[str, jax.Array], chun
   side_BR = batch["response_side_BR"]
   unembed_DV = unembed(model, params)
   logps_BR = logprobs_lib.chunked_token_logprobs(
-      hidden_BRD, unembed_DV, jnp.where(side_BR > 0, batch["response_label_BR"], 0), chunk_size=chunk_size
+      hidden_BRD, unembed_DV, batch["response_label_BR"], chunk_size=chunk_size, mask_BT=side_BR > 0
   )
   mean_BR = mean_logit(hidden_BRD, unembed_DV)
   out = {}

@@ -23,6 +23,14 @@ def test_flops_per_token_by_hand():
   assert flops.forward_flops_per_token(lm_head=False, **shape) == 96 + 48 + 192
   assert flops.train_flops_per_token(**shape) == 3 * (96 + 48 + 192 + 80)
   assert flops.mfu(2e12, 2.0, 1.0) == pytest.approx(1.0)
+  # a step laid out as 5 slots, 9 attention pairs, the head on 2 positions and recomputed once:
+  # per slot 96 + 192; attention 2*2*2*2 = 16 per pair; head 80 per position.
+  layout = {k: v for k, v in shape.items() if k != "seq_len"}
+  got = flops.step_flops(slots=5, head_positions=2, attention_pairs=9, head_recomputed=True, **layout)
+  assert got == 3 * (5 * (96 + 192) + 9 * 16 + 2 * 80) + 2 * 80
+  # the attention's backward recomputing QK^T (half of the 16 forward FLOPs per pair) adds 9 * 8
+  got = flops.step_flops(slots=5, head_positions=2, attention_pairs=9, scores_recomputed=True, **layout)
+  assert got == 3 * (5 * (96 + 192) + 9 * 16 + 2 * 80) + 9 * 8
 
 
 def test_cpu_vs_torch_same_scores_and_updates():
@@ -45,6 +53,7 @@ def test_cpu_vs_torch_same_scores_and_updates():
   np.testing.assert_allclose(out["ches_ours"], out["ches_torch"], rtol=1e-4)
   np.testing.assert_allclose(out["ches_two_side"], out["ches_torch"], rtol=1e-4)  # the ablation layout too
   assert out["dpo_logp_max_abs_diff"] < 1e-3 and out["dpo_two_side_logp_max_abs_diff"] < 1e-3
+  assert np.isfinite(out["dpo_flops_ratio"]) and out["dpo_flops_ratio"] > 0
   assert out["score_ratio_two_side"] > 0 and out["dpo_ratio_two_side"] > 0
   assert out["score_ratio"] > 0 and out["dpo_ratio"] > 0
   assert "| CHES scoring" in out["table"] and "| DPO step" in out["table"]
@@ -154,3 +163,32 @@ def test_guard_benchmark_runs(tmp_path):
   rows = [line for line in out.read_text().splitlines() if line.startswith("| ") and "x |" in line]
   assert [r.split("|")[1].strip() for r in rows] == ["guard='state'", "guard='gradients'", "no guard (floor)"]
   assert rows[-1].split("|")[4].strip() == "1.00x"
+
+
+def test_step_ablation_benchmark_runs_and_the_variants_agree(tmp_path):
+  """benchmarks/step_ablation.py at the tiny shape: the three variants, each compiled, computing the same step."""
+  from benchmarks import step_ablation  # pylint: disable=g-import-not-at-top
+
+  out = tmp_path / "table.md"
+  assert step_ablation.main(["--shape=tiny", "--pairs=4", "--rounds=1", "--steps=1", f"--append={out}"]) == 0
+  rows = [line.split("|") for line in out.read_text().splitlines() if line.startswith("| ") and "GiB" in line]
+  assert [r[1].strip() for r in rows] == list(step_ablation.VARIANTS)
+  assert rows[0][5].strip() == "1.00x"
+  assert all(float(r[6]) < 1e-4 for r in rows)
+
+
+def test_our_step_flops_counts_the_layout_as_it_runs():
+  """One packed row of 200 slots (128-query blocks: 128 x 128 + 72 x 200 query-key pairs), 130 real response
+  slots of 300: with chunks of 128 positions the LM head runs 2 chunks = 256 positions, and once more backward,
+  as do the attention scores QK^T."""
+  config = shapes.model_config("tiny")
+  side = np.zeros((1, 300), np.int32)
+  side[0, :130] = 1
+  batch = {"packed_input_ids_BT": np.zeros((1, 200), np.int32), "response_side_BR": side}
+  layout = cpu_vs_torch._layer_shape(config)  # pylint: disable=protected-access
+  want = flops.step_flops(slots=200, head_positions=256, attention_pairs=128 * 128 + 72 * 200, **layout)
+  assert cpu_vs_torch.our_step_flops(
+      config, batch, chunk_size=128
+  ) == want + 2 * config.hidden_size * config.vocab_size * 256 + config.num_layers * config.num_heads * 2 * config.head_dim * (  # the head's logits recomputed
+      128 * 128 + 72 * 200
+  )  # QK^T recomputed

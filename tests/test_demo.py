@@ -137,7 +137,10 @@ def test_single_token_sft_equals_training_run(tmp_path, shuffle):
   examples = list(schema.load_preference_data(config.data.path))
   loaded, losses = single_token.run_sft(config, examples, log=lambda _: None)
   reference = training.run(single_token.sft_config(config))
-  np.testing.assert_allclose(losses, reference.losses, rtol=2e-5)
+  # float32 sums in another order (the training path compacts response positions and skips padding chunks of its
+  # LM head): 2.04e-5 relative at the 6th loss on 2026-12-05 after a step at loss 18.7; a wrong batch or update
+  # differs by percents
+  np.testing.assert_allclose(losses, reference.losses, rtol=1e-4)
   assert len(losses) == 6
   initial = runtime.load_model(single_token.sft_config(config)).params
   assert max(np.abs(a - b).max() for a, b in zip(jax_leaves(loaded.params), jax_leaves(initial))) > 1e-2  # it moved

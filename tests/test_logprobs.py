@@ -86,6 +86,43 @@ def test_chunked_equals_unchunked_values_and_grads(chunk_size):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
+def test_masked_chunked_head_skips_padding_chunks():
+  """With mask_BT, kept positions are compacted to the front and chunks holding none of them are not computed:
+  NaN hidden states at the masked positions (whole chunks of them after compaction) leave every value and both
+  gradients finite and equal to the float64 / dense-autodiff reference on the kept positions alone. (The skip
+  runs on a single device; test_train's 8-device run covers the path that computes every chunk.)"""
+  assert jax.device_count() == 1, "the suite runs on one CPU device; the skip is off on several"
+  hidden, unembed, labels, _ = _data(b=2, t=8)
+  mask = np.zeros((2, 8), bool)
+  mask[0, [1, 4, 5, 7]] = mask[1, [0, 2, 3, 6]] = True  # 8 kept of 16: chunks of 2 * 2 = 4 -> 2 live, 2 dead
+  poisoned = np.where(mask[..., None], hidden, np.nan).astype(np.float32)
+  labels = np.where(mask, labels, 10_000).astype(np.int32)  # masked labels out of range: never used
+  out = logprobs.chunked_token_logprobs(poisoned, unembed, labels, chunk_size=2, mask_BT=mask)
+  ref = _np_token_logprobs(hidden.astype(np.float64) @ unembed, np.where(mask, labels, 0))
+  np.testing.assert_allclose(out, np.where(mask, ref, 0.0), rtol=1e-5, atol=1e-5)
+  weights_BT = jnp.asarray(np.random.default_rng(1).normal(size=(2, 8)), jnp.float32)
+
+  def masked(h, w):
+    return jnp.sum(weights_BT * logprobs.chunked_token_logprobs(h, w, labels, chunk_size=2, mask_BT=mask))
+
+  def dense(h, w):
+    logp = logprobs.token_logprobs(jnp.einsum("btd,dv->btv", h, w), jnp.where(mask, labels, 0))
+    return jnp.sum(jnp.where(mask, weights_BT * logp, 0.0))
+
+  g_masked = jax.grad(masked, argnums=(0, 1))(poisoned, unembed)
+  g_dense = jax.grad(dense, argnums=(0, 1))(hidden, unembed)
+  np.testing.assert_allclose(g_masked[0], np.where(mask[..., None], g_dense[0], 0.0), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(g_masked[1], g_dense[1], rtol=1e-5, atol=1e-6)
+  # under jit, and with every position kept (no compaction) the mask changes nothing
+  full = np.ones((2, 8), bool)
+  in_range = np.where(mask, labels, 3).astype(np.int32)
+  np.testing.assert_allclose(
+      jax.jit(lambda h: logprobs.chunked_token_logprobs(h, unembed, in_range, chunk_size=2, mask_BT=full))(hidden),
+      logprobs.chunked_token_logprobs(hidden, unembed, in_range, chunk_size=2),
+      rtol=1e-6,
+  )
+
+
 def test_chunked_bf16_hidden():
   hidden, unembed, labels, mask = _data(t=9)
   h16, w16 = jnp.asarray(hidden, jnp.bfloat16), jnp.asarray(unembed, jnp.bfloat16)

@@ -7,6 +7,7 @@ everything else runs in `config.dtype` with params stored in `config.param_dtype
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from typing import Any, NamedTuple
@@ -160,6 +161,55 @@ def reference_attention(q_BTNH: Array, k_BSKH: Array, v_BSKH: Array, mask_BTS: A
   return out_BTKGH.reshape(b, t, n, h)
 
 
+def _masked_scores(q_BTKGH: Array, k_BSKH: Array, mask_BTS: Array, scale: float) -> Array:
+  """Scaled float32 logits [B, K, G, T, S] with masked entries at _MASK_VALUE (as `reference_attention`)."""
+  logits = jnp.einsum("btkgh,bskh->bkgts", q_BTKGH, k_BSKH, preferred_element_type=jnp.float32) * scale
+  return jnp.where(mask_BTS[:, None, None], logits, _MASK_VALUE)
+
+
+def _attention_fwd_stats(q_BTKGH, k_BSKH, v_BSKH, mask_BTS, scale):
+  """(out [B, T, K, G, H], row max [B, K, G, T], row sum of exp [B, K, G, T]). The probabilities are normalised
+  before the value product, as `jax.nn.softmax` in `reference_attention` does, so the output rounds the same
+  (normalising after it moved real-checkpoint logits by 1e-5 in fp32)."""
+  s_BKGTS = _masked_scores(q_BTKGH, k_BSKH, mask_BTS, scale)
+  m_BKGT = jnp.max(s_BKGTS, axis=-1)
+  e_BKGTS = jnp.exp(s_BKGTS - m_BKGT[..., None])
+  l_BKGT = jnp.sum(e_BKGTS, axis=-1)
+  p_BKGTS = (e_BKGTS / l_BKGT[..., None]).astype(v_BSKH.dtype)
+  out = jnp.einsum("bkgts,bskh->btkgh", p_BKGTS, v_BSKH)
+  return out, m_BKGT, l_BKGT
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def recompute_attention(q_BTKGH: Array, k_BSKH: Array, v_BSKH: Array, mask_BTS: Array, scale: float) -> Array:
+  """`reference_attention` (grouped layout, float32 softmax) whose backward recomputes the probabilities from
+  the saved row max and sum (flash-attention style): nothing of size [T, S] is kept for the backward pass, and
+  the softmax's backward uses rowsum(dout * out) instead of a pass over [T, S]."""
+  return _attention_fwd_stats(q_BTKGH, k_BSKH, v_BSKH, mask_BTS, scale)[0]
+
+
+def _recompute_fwd(q_BTKGH, k_BSKH, v_BSKH, mask_BTS, scale):
+  out, m_BKGT, l_BKGT = _attention_fwd_stats(q_BTKGH, k_BSKH, v_BSKH, mask_BTS, scale)
+  return out, (q_BTKGH, k_BSKH, v_BSKH, mask_BTS, out, m_BKGT, l_BKGT)
+
+
+def _recompute_bwd(scale, res, dout_BTKGH):
+  q_BTKGH, k_BSKH, v_BSKH, mask_BTS, out, m_BKGT, l_BKGT = res
+  p_BKGTS = jnp.exp(_masked_scores(q_BTKGH, k_BSKH, mask_BTS, scale) - m_BKGT[..., None]) / l_BKGT[..., None]
+  dv = jnp.einsum("bkgts,btkgh->bskh", p_BKGTS.astype(dout_BTKGH.dtype), dout_BTKGH, preferred_element_type=jnp.float32)
+  dp_BKGTS = jnp.einsum("btkgh,bskh->bkgts", dout_BTKGH, v_BSKH, preferred_element_type=jnp.float32)
+  delta_BKGT = jnp.einsum("btkgh,btkgh->bkgt", dout_BTKGH, out, preferred_element_type=jnp.float32)
+  # where(): masked logits are constants (no gradient), also in fully masked rows where p is 1/S
+  ds_BKGTS = jnp.where(mask_BTS[:, None, None], p_BKGTS * (dp_BKGTS - delta_BKGT[..., None]), 0.0) * scale
+  ds_BKGTS = ds_BKGTS.astype(q_BTKGH.dtype)
+  dq = jnp.einsum("bkgts,bskh->btkgh", ds_BKGTS, k_BSKH, preferred_element_type=jnp.float32)
+  dk = jnp.einsum("bkgts,btkgh->bskh", ds_BKGTS, q_BTKGH, preferred_element_type=jnp.float32)
+  return dq.astype(q_BTKGH.dtype), dk.astype(k_BSKH.dtype), dv.astype(v_BSKH.dtype), None
+
+
+recompute_attention.defvjp(_recompute_fwd, _recompute_bwd)
+
+
 QUERY_BLOCK = 128  # queries per block of `causal_block_attention` (at least; see `query_block`)
 MAX_QUERY_BLOCKS = 8  # longer sequences get larger blocks: compile time grows with the number of blocks
 
@@ -179,17 +229,19 @@ def causal_block_attention(
   block's end: the same result for about half the scores, in blocks small enough to stay in cache
   (benchmarks/attention.py, BENCHMARKS.md: on the 2-core CPU at [4, 512] forward + backward 114 ms in 128-query
   blocks against 234 ms for the full square; 128-query blocks compile in half the time of 64-query ones)."""
-  t = q_BTNH.shape[1]
+  b, t, n, h = q_BTNH.shape
+  kv = k_BTKH.shape[2]
+  q_BTKGH = q_BTNH.reshape(b, t, kv, n // kv, h)
   block = query_block(t) if block is None else block
-  if t <= block:
-    return reference_attention(q_BTNH, k_BTKH, v_BTKH, mask_BTS, scale)
   outs = []
   for start in range(0, t, block):
     end = min(start + block, t)
     outs.append(
-        reference_attention(q_BTNH[:, start:end], k_BTKH[:, :end], v_BTKH[:, :end], mask_BTS[:, start:end, :end], scale)
+        recompute_attention(
+            q_BTKGH[:, start:end], k_BTKH[:, :end], v_BTKH[:, :end], mask_BTS[:, start:end, :end], scale
+        )
     )
-  return jnp.concatenate(outs, axis=1)
+  return jnp.concatenate(outs, axis=1).reshape(b, t, n, h)
 
 
 def attention(q_BTNH: Array, k_BSKH: Array, v_BSKH: Array, mask_BTS: Array, scale: float, impl: str | None) -> Array:
@@ -461,9 +513,7 @@ class Transformer(nn.Module):
       mask_BTS = branch_attention_mask_BTS(mask_BT, jnp.asarray(branch_BT), positions_BT, c.sliding_window, segment)
 
     # One compiled layer body scanned over the stacked layer params (compile time independent of depth);
-
     # remat per layer keeps only each layer's input for the backward pass.
-
     layer_cls = nn.remat(DecoderLayer, prevent_cse=False) if c.remat else DecoderLayer
 
     layers = nn.scan(
@@ -475,19 +525,13 @@ class Transformer(nn.Module):
     )(c, collect_hidden=return_all_hidden, name="layers")
 
     embedded_BTD = x_BTD
-
     x_BTD, (new_kv, per_layer_LBTD) = layers(
         x_BTD, cos_BTH, sin_BTH, mask_BTS, cache["layers"] if cache is not None else None, index
     )
 
-    final_norm = _norm(c, "norm")
-
-    hidden_BTD = final_norm(x_BTD)
-
+    hidden_BTD = _norm(c, "norm")(x_BTD)
     all_hidden = None
-
     if return_all_hidden:  # HF convention: embeddings, each layer's output, the last one after the final norm
-
       all_hidden = (embedded_BTD, *(per_layer_LBTD[i] for i in range(c.num_layers - 1)), hidden_BTD)
 
     new_cache = None
