@@ -135,7 +135,7 @@ def main(argv: list[str]) -> int:
       f"response slots {list(batch['response_slot_BR'].shape)}, {int((batch['response_side_BR'] > 0).sum())} of them "
       f"real; median of {args.rounds} interleaved rounds of {args.steps} steps.",
       "",
-      "| variant | compile | temp memory | s / step | vs current | max abs. log-prob diff vs current |",
+      "| variant | compile | temp memory | s / step | time vs current | max abs. log-prob diff vs current |",
       "|---|---|---|---|---|---|",
   ]
   for name, s in stats.items():

@@ -3,7 +3,7 @@
 Convention (batch contract): the logits (or hidden state) at position t predict `labels_BT[:, t]`, and a
 sequence log-prob sums `log pi(label_t)` over the positions where `mask_BT` is true (the `loss_mask`).
 
-`chunked_token_logprobs` applies the unembedding and the log-softmax chunk by chunk (`lax.map` forward, a
+`chunked_token_logprobs` applies the unembedding and the log-softmax chunk by chunk (a `lax.scan` forward, a
 custom VJP that recomputes each chunk's logits once backward), so neither pass holds a float32 [B, T, V]
 buffer: peak extra memory is one [B, chunk_size, V] float32 block.
 
@@ -99,7 +99,8 @@ def _chunk_forward(h_ND: jax.Array, unembed_DV: jax.Array, y_N: jax.Array) -> tu
   return jnp.where(valid_N, picked_N - lse_N, jnp.nan), lse_N
 
 
-def _zeros_like_chunk(h_CD: jax.Array) -> tuple[jax.Array, jax.Array]:
+def _dead_chunk_forward(h_CD: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """The forward's output for a skipped chunk: (log-probs, logsumexp) of zeros."""
   return jnp.zeros(h_CD.shape[:1], jnp.float32), jnp.zeros(h_CD.shape[:1], jnp.float32)
 
 
@@ -117,17 +118,21 @@ def _chunked_logprobs_KC(
   return _chunked_fwd(h_KCD, unembed_DV, y_KC, live_chunks)[0]
 
 
-def _chunked_fwd(h_KCD, unembed_DV, y_KC, live_chunks):
+def _chunked_fwd(
+    h_KCD: jax.Array, unembed_DV: jax.Array, y_KC: jax.Array, live_chunks: jax.Array | None
+) -> tuple[jax.Array, tuple[Any, ...]]:
+  """The custom VJP's forward: (log pi(y) [K, C], residuals: the inputs and the logsumexp [K, C])."""
+
   def one_chunk(i, args):
     h_CD, y_C = args
-    out = _if_live(i, live_chunks, lambda: _chunk_forward(h_CD, unembed_DV, y_C), lambda: _zeros_like_chunk(h_CD))
+    out = _if_live(i, live_chunks, lambda: _chunk_forward(h_CD, unembed_DV, y_C), lambda: _dead_chunk_forward(h_CD))
     return i + 1, out
 
   _, (logp_KC, lse_KC) = jax.lax.scan(one_chunk, jnp.int32(0), (h_KCD, y_KC))
   return logp_KC, (h_KCD, unembed_DV, y_KC, live_chunks, lse_KC)  # residuals: the inputs and one float per position
 
 
-def _chunked_bwd(res, g_KC):
+def _chunked_bwd(res: tuple[Any, ...], g_KC: jax.Array) -> tuple[Any, ...]:
   """d log pi(y_n) / d logits_n = onehot(y_n) - softmax_n: each chunk's logits are recomputed once and give
   both cotangents (hidden: g (e_y - p) W^T; unembedding: accumulated h^T g (e_y - p), formed as [V, D],
   the layout XLA:CPU multiplies fastest). The softmax reuses the forward's logsumexp; dead chunks are skipped."""
@@ -193,6 +198,8 @@ def chunked_token_logprobs(
   h_ND, y_N = hidden_BTD.reshape(n, d), labels_BT.astype(jnp.int32).reshape(n)
   live_N = jnp.ones((n,), bool) if mask_BT is None else jnp.asarray(mask_BT).astype(bool).reshape(n)
   y_N = jnp.where(live_N, y_N, 0)
+  if mask_BT is not None:  # masked positions give 0 and no gradient, even where their hidden state is NaN/inf
+    h_ND = jnp.where(live_N[:, None], h_ND, jnp.zeros((), h_ND.dtype))
   # The skip runs on one device only: on an 8-device CPU mesh, collectives inside its lax.cond deadlocked
   # XLA (all-reduce rendezvous: 7 of 8 devices arrived), whatever the predicate's sharding.
   skip = mask_BT is not None and jax.device_count() == 1

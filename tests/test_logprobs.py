@@ -88,13 +88,14 @@ def test_chunked_equals_unchunked_values_and_grads(chunk_size):
 
 def test_masked_chunked_head_skips_padding_chunks():
   """With mask_BT, kept positions are compacted to the front and chunks holding none of them are not computed:
-  NaN hidden states at the masked positions (whole chunks of them after compaction) leave every value and both
-  gradients finite and equal to the float64 / dense-autodiff reference on the kept positions alone. (The skip
-  runs on a single device; test_train's 8-device run covers the path that computes every chunk.)"""
+  NaN hidden states at the masked positions (whole chunks of them after compaction, and some sharing the last
+  live chunk with kept ones) leave every value and both gradients finite and equal to the float64 /
+  dense-autodiff reference on the kept positions alone. (The skip runs on a single device; test_train's
+  8-device run covers the path that computes every chunk.)"""
   assert jax.device_count() == 1, "the suite runs on one CPU device; the skip is off on several"
   hidden, unembed, labels, _ = _data(b=2, t=8)
   mask = np.zeros((2, 8), bool)
-  mask[0, [1, 4, 5, 7]] = mask[1, [0, 2, 3, 6]] = True  # 8 kept of 16: chunks of 2 * 2 = 4 -> 2 live, 2 dead
+  mask[0, [1, 4, 5]] = mask[1, [0, 2, 3, 6]] = True  # 7 kept of 16: chunks of 2 * 2 = 4 -> 2 live (one masked), 2 dead
   poisoned = np.where(mask[..., None], hidden, np.nan).astype(np.float32)
   labels = np.where(mask, labels, 10_000).astype(np.int32)  # masked labels out of range: never used
   out = logprobs.chunked_token_logprobs(poisoned, unembed, labels, chunk_size=2, mask_BT=mask)

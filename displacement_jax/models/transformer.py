@@ -149,25 +149,26 @@ def _dense(config: ModelConfig, features: int, bias: bool, name: str) -> nn.Dens
 # ------------------------------------------------------------------------------------------ attention
 
 
+def _masked_scores(q_BTKGH: Array, k_BSKH: Array, mask_BTS: Array, scale: float) -> Array:
+  """Scaled float32 logits [B, K, G, T, S] with masked entries at _MASK_VALUE."""
+  logits = jnp.einsum("btkgh,bskh->bkgts", q_BTKGH, k_BSKH, preferred_element_type=jnp.float32) * scale
+  return jnp.where(mask_BTS[:, None, None], logits, _MASK_VALUE)
+
+
 def reference_attention(q_BTNH: Array, k_BSKH: Array, v_BSKH: Array, mask_BTS: Array, scale: float) -> Array:
   """Plain-einsum grouped-query attention with float32 logits/softmax (the fallback implementation)."""
   b, t, n, h = q_BTNH.shape
   kv = k_BSKH.shape[2]
   q_BTKGH = q_BTNH.reshape(b, t, kv, n // kv, h)
-  logits_BKGTS = jnp.einsum("btkgh,bskh->bkgts", q_BTKGH, k_BSKH, preferred_element_type=jnp.float32) * scale
-  logits_BKGTS = jnp.where(mask_BTS[:, None, None], logits_BKGTS, _MASK_VALUE)
+  logits_BKGTS = _masked_scores(q_BTKGH, k_BSKH, mask_BTS, scale)
   probs = jax.nn.softmax(logits_BKGTS, axis=-1).astype(v_BSKH.dtype)
   out_BTKGH = jnp.einsum("bkgts,bskh->btkgh", probs, v_BSKH)
   return out_BTKGH.reshape(b, t, n, h)
 
 
-def _masked_scores(q_BTKGH: Array, k_BSKH: Array, mask_BTS: Array, scale: float) -> Array:
-  """Scaled float32 logits [B, K, G, T, S] with masked entries at _MASK_VALUE (as `reference_attention`)."""
-  logits = jnp.einsum("btkgh,bskh->bkgts", q_BTKGH, k_BSKH, preferred_element_type=jnp.float32) * scale
-  return jnp.where(mask_BTS[:, None, None], logits, _MASK_VALUE)
-
-
-def _attention_fwd_stats(q_BTKGH, k_BSKH, v_BSKH, mask_BTS, scale):
+def _attention_fwd_stats(
+    q_BTKGH: Array, k_BSKH: Array, v_BSKH: Array, mask_BTS: Array, scale: float
+) -> tuple[Array, Array, Array]:
   """(out [B, T, K, G, H], row max [B, K, G, T], row sum of exp [B, K, G, T]). The probabilities are normalised
   before the value product, as `jax.nn.softmax` in `reference_attention` does, so the output rounds the same
   (normalising after it moved real-checkpoint logits by 1e-5 in fp32)."""
@@ -183,17 +184,22 @@ def _attention_fwd_stats(q_BTKGH, k_BSKH, v_BSKH, mask_BTS, scale):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def recompute_attention(q_BTKGH: Array, k_BSKH: Array, v_BSKH: Array, mask_BTS: Array, scale: float) -> Array:
   """`reference_attention` (grouped layout, float32 softmax) whose backward recomputes the probabilities from
-  the saved row max and sum (flash-attention style): nothing of size [T, S] is kept for the backward pass, and
+  the saved row max and sum (flash-attention style): no float [T, S] block is kept for the backward pass (only the
+  boolean mask), and
   the softmax's backward uses rowsum(dout * out) instead of a pass over [T, S]."""
   return _attention_fwd_stats(q_BTKGH, k_BSKH, v_BSKH, mask_BTS, scale)[0]
 
 
-def _recompute_fwd(q_BTKGH, k_BSKH, v_BSKH, mask_BTS, scale):
+def _recompute_fwd(
+    q_BTKGH: Array, k_BSKH: Array, v_BSKH: Array, mask_BTS: Array, scale: float
+) -> tuple[Array, tuple[Array, ...]]:
+  """The custom VJP's forward: (out, residuals: the inputs, out and the row statistics)."""
   out, m_BKGT, l_BKGT = _attention_fwd_stats(q_BTKGH, k_BSKH, v_BSKH, mask_BTS, scale)
   return out, (q_BTKGH, k_BSKH, v_BSKH, mask_BTS, out, m_BKGT, l_BKGT)
 
 
-def _recompute_bwd(scale, res, dout_BTKGH):
+def _recompute_bwd(scale: float, res: tuple[Array, ...], dout_BTKGH: Array) -> tuple[Array | None, ...]:
+  """Cotangents of q, k, v (none for the mask) from the probabilities recomputed from the saved row max and sum."""
   q_BTKGH, k_BSKH, v_BSKH, mask_BTS, out, m_BKGT, l_BKGT = res
   p_BKGTS = jnp.exp(_masked_scores(q_BTKGH, k_BSKH, mask_BTS, scale) - m_BKGT[..., None]) / l_BKGT[..., None]
   dv = jnp.einsum("bkgts,btkgh->bskh", p_BKGTS.astype(dout_BTKGH.dtype), dout_BTKGH, preferred_element_type=jnp.float32)
