@@ -138,26 +138,14 @@ def train_layout(rows: Sequence[Row], pairs_per_row: int) -> dict[str, np.ndarra
   return packing.pack_pairs(batch, pairs_per_row=pairs_per_row, bucket=batching.packed_bucket)
 
 
-def _layer_shape(config) -> dict[str, int]:
-  return dict(
-      hidden_size=config.hidden_size,
-      intermediate_size=config.intermediate_size,
-      num_layers=config.num_layers,
-      num_heads=config.num_heads,
-      num_kv_heads=config.num_kv_heads,
-      head_dim=config.head_dim,
-      vocab_size=config.vocab_size,
-  )
-
-
-def trl_step_flops(config, rows: Sequence[Row]) -> float:
+def trl_step_flops(shape: str, rows: Sequence[Row]) -> float:
   """Hardware FLOPs of the TRL-style step: 2P sequences padded to the longest, the LM head at every slot, each
   query scored against every key slot (a padding mask makes SDPA run the full square)."""
   n, t = torch_reference.build_trl_batch(rows, pad_id=0)["input_ids"].shape
-  return flops.step_flops(slots=n * t, head_positions=n * t, attention_pairs=n * t * t, **_layer_shape(config))
+  return flops.step_flops(slots=n * t, head_positions=n * t, attention_pairs=n * t * t, **shapes.flops_shape(shape))
 
 
-def our_step_flops(config, batch: dict[str, np.ndarray], chunk_size: int = 128) -> float:
+def our_step_flops(shape: str, batch: dict[str, np.ndarray], chunk_size: int = 128) -> float:
   """Hardware FLOPs of our packed step on `batch` as it runs: every packed slot, the causal query blocks against
   the keys up to each block's end, the LM head on the live chunks only (logprobs.chunked_token_logprobs), and the
   backward pass's recomputation of the head's logits and of the attention scores."""
@@ -175,7 +163,7 @@ def our_step_flops(config, batch: dict[str, np.ndarray], chunk_size: int = 128) 
       attention_pairs=pairs,
       head_recomputed=True,
       scores_recomputed=True,
-      **_layer_shape(config),
+      **shapes.flops_shape(shape),
   )
 
 
@@ -271,8 +259,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   dpo_diff1 = float(np.max(np.abs(logps_1 - logps_t)))
   _, jax2_step_s, logps_2 = dpo_ours(model, params, dpo, a.steps + 1, a.lr, pairs_per_row=0)
   dpo_diff2 = float(np.max(np.abs(logps_2 - logps_t)))
-  trl_flops = trl_step_flops(config, dpo)
-  our_flops = our_step_flops(config, train_layout(dpo, a.pairs_per_row)) if a.pairs_per_row else float("nan")
+  trl_flops = trl_step_flops(a.shape, dpo)
+  our_flops = our_step_flops(a.shape, train_layout(dpo, a.pairs_per_row)) if a.pairs_per_row else float("nan")
 
   today = datetime.date.today().isoformat()
   cmd = "python -m benchmarks.cpu_vs_torch " + " ".join(argv if argv is not None else sys.argv[1:])

@@ -177,11 +177,11 @@ def chunked_token_logprobs(
   so peak extra memory is one [B, chunk_size, V] float32 block, in the forward and in the backward pass. With
   `mask_BT`, the positions it keeps are moved to the front first and the chunks that hold none of them are
   skipped at run time (in both passes; on a single device, see below): padding costs no LM-head work beyond the
-  last live chunk, and masked positions give 0. The matmul accumulates in float32 (`preferred_element_type`): bf16 hidden/unembedding give
-  the logits of a bf16 model whose LM head returns float32 logits. The backward pass is a custom VJP that
-  recomputes each chunk's logits once and forms both cotangents from them (4 matmuls per chunk in all, one exp
-  pass in the backward; autodiff of a rematerialised chunk also differentiates the logsumexp). Reverse mode
-  only: `jax.jvp` through this function is not supported (jax.custom_vjp).
+  last live chunk, and masked positions give 0. The matmul accumulates in float32 (`preferred_element_type`):
+  bf16 hidden/unembedding give the logits of a bf16 model whose LM head returns float32 logits. The backward
+  pass is a custom VJP that recomputes each chunk's logits once and forms both cotangents from them (4 matmuls
+  per chunk in all, one exp pass in the backward; autodiff of a rematerialised chunk also differentiates the
+  logsumexp). Reverse mode only: `jax.jvp` through this function is not supported (jax.custom_vjp).
   """
   _check_chunked_args(hidden_BTD, unembed_DV, labels_BT, chunk_size)
   if mask_BT is not None:

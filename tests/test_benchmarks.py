@@ -180,15 +180,16 @@ def test_step_ablation_benchmark_runs_and_the_variants_agree(tmp_path):
 def test_our_step_flops_counts_the_layout_as_it_runs():
   """One packed row of 200 slots (128-query blocks: 128 x 128 + 72 x 200 query-key pairs), 130 real response
   slots of 300: with chunks of 128 positions the LM head runs 2 chunks = 256 positions, and once more backward,
-  as do the attention scores QK^T."""
-  config = shapes.model_config("tiny")
+  as do the attention scores QK^T (both recomputations counted by hand in test_flops_per_token_by_hand)."""
   side = np.zeros((1, 300), np.int32)
   side[0, :130] = 1
   batch = {"packed_input_ids_BT": np.zeros((1, 200), np.int32), "response_side_BR": side}
-  layout = cpu_vs_torch._layer_shape(config)  # pylint: disable=protected-access
-  want = flops.step_flops(slots=200, head_positions=256, attention_pairs=128 * 128 + 72 * 200, **layout)
-  assert cpu_vs_torch.our_step_flops(
-      config, batch, chunk_size=128
-  ) == want + 2 * config.hidden_size * config.vocab_size * 256 + config.num_layers * config.num_heads * 2 * config.head_dim * (  # the head's logits recomputed
-      128 * 128 + 72 * 200
-  )  # QK^T recomputed
+  want = flops.step_flops(
+      slots=200,
+      head_positions=256,
+      attention_pairs=128 * 128 + 72 * 200,
+      head_recomputed=True,
+      scores_recomputed=True,
+      **shapes.flops_shape("tiny"),
+  )
+  assert cpu_vs_torch.our_step_flops("tiny", batch, chunk_size=128) == want

@@ -184,9 +184,8 @@ def _attention_fwd_stats(
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def recompute_attention(q_BTKGH: Array, k_BSKH: Array, v_BSKH: Array, mask_BTS: Array, scale: float) -> Array:
   """`reference_attention` (grouped layout, float32 softmax) whose backward recomputes the probabilities from
-  the saved row max and sum (flash-attention style): no float [T, S] block is kept for the backward pass (only the
-  boolean mask), and
-  the softmax's backward uses rowsum(dout * out) instead of a pass over [T, S]."""
+  the saved row max and sum (flash-attention style): no float [T, S] block is kept for the backward pass (only
+  the boolean mask), and the softmax's backward uses rowsum(dout * out) instead of a pass over [T, S]."""
   return _attention_fwd_stats(q_BTKGH, k_BSKH, v_BSKH, mask_BTS, scale)[0]
 
 
