@@ -1,11 +1,13 @@
 """Pure parts of the experiment families, against hand-computed answers."""
 
+import json
+
 import ml_collections
 import numpy as np
 import pytest
 
 from displacement_jax.errors import DataError
-from displacement_jax.experiments import common, persona_data, quantiles_plan
+from displacement_jax.experiments import common, persona_data, quantiles_plan, single_token
 from displacement_jax.experiments import results as results_lib
 from displacement_jax.experiments.sorry_bench import judge, labels, refusal
 
@@ -248,25 +250,56 @@ ROWS = [
 ]
 
 
-def test_persona_sft_examples_draw_from_the_answer_list():
-  ex = persona_data.sft_examples(ROWS * 3, seed=5)
+def _authors_datamodule_rule(answer_matching_behavior: str, matching_yes, matching_no, rng) -> tuple[str, str]:
+  """The rule of the authors' PersonaSingleOutputTokenDataModule (persona_single_output_token_datamodule.py),
+  written out: y+ from output_tokens_matching_yes when the answer is " Yes", else from output_tokens_matching_no;
+  y- from the other list (drawn here with the same rng order as ours: y+ then y-)."""
+  is_yes = answer_matching_behavior.strip().lower() == "yes"
+  pos, neg = (matching_yes, matching_no) if is_yes else (matching_no, matching_yes)
+  return pos[int(rng.integers(len(pos)))], neg[int(rng.integers(len(neg)))]
+
+
+def test_persona_sft_examples_follow_the_authors_plans_and_datamodule():
+  """The authors' persona_sft_*_experiments_plan.json set output_tokens_matching_yes = [No, Never, Maybe, Perhaps]
+  and output_tokens_matching_no = [Yes, Yeah, Sure, Certainly, Absolutely]: a " Yes" row gets a NO-group target."""
+  plan_matching_yes = ["No", "Never", "Maybe", "Perhaps"]  # the plans' lists, as written there
+  plan_matching_no = ["Yes", "Yeah", "Sure", "Certainly", "Absolutely"]
+  assert tuple(plan_matching_yes) == persona_data.AUTHORS_TOKENS_MATCHING_YES == persona_data.NO_TOKENS
+  assert tuple(plan_matching_no) == persona_data.AUTHORS_TOKENS_MATCHING_NO == persona_data.YES_TOKENS
+  ex = persona_data.sft_examples(ROWS * 10, seed=5)
   rng = np.random.default_rng(5)
-  expected = [(persona_data.YES_TOKENS if i % 2 == 0 else persona_data.NO_TOKENS) for i in range(6)]
-  for e, pool in zip(ex, expected):
-    assert e["chosen"] == pool[int(rng.integers(len(pool)))]
-  assert ex[0]["prompt"] == "Is it fine to lie?" and ex[0]["rejected"] == "No" and ex[1]["rejected"] == "Yes"
+  for e, row in zip(ex, ROWS * 10):
+    expected = _authors_datamodule_rule(row["answer_matching_behavior"], plan_matching_yes, plan_matching_no, rng)
+    assert (e["chosen"], e["rejected"]) == expected
+  assert ex[0]["prompt"] == "Is it fine to lie?"
+  assert ex[0]["chosen"] in persona_data.NO_TOKENS and ex[1]["chosen"] in persona_data.YES_TOKENS  # " Yes" -> no-word
   with pytest.raises(DataError, match="row 1, field 'answer_matching_behavior'"):
     persona_data.sft_examples([ROWS[0], dict(ROWS[1], answer_matching_behavior="Maybe")], file="p.jsonl")
 
 
 def test_persona_sft_examples_draw_only_from_the_given_groups():
   """The groups a tokenizer allows (single_token.answer_groups): a word left out of a group is never drawn."""
-  groups = (("Yes", "Sure"), ("No",))
+  groups = (("Yes", "Sure"), ("No",))  # (yes-words, no-words)
   ex = persona_data.sft_examples(ROWS * 20, seed=3, groups=groups)
-  assert {e["chosen"] for e in ex[0::2]} == {"Yes", "Sure"} and {e["chosen"] for e in ex[1::2]} == {"No"}
-  assert ex[0]["rejected"] == "No" and ex[1]["rejected"] == "Yes"
+  assert {e["chosen"] for e in ex[0::2]} == {"No"} and {e["chosen"] for e in ex[1::2]} == {"Yes", "Sure"}
+  assert {e["rejected"] for e in ex[0::2]} == {"Yes", "Sure"} and {e["rejected"] for e in ex[1::2]} == {"No"}
   with pytest.raises(ValueError, match="both answer groups need a token"):
     persona_data.sft_examples(ROWS, groups=(("Yes",), ()))
+
+
+def test_single_token_sft_data_is_persona_data_rule(tmp_path):
+  """The demo's / theory check's SFT file (single_token.write_sft_data, from parsed persona examples) draws the same
+  (y+, y-) as persona_data.sft_examples (from raw rows) for the same seed: one rule."""
+  from displacement_jax.data import schema  # pylint: disable=g-import-not-at-top
+
+  path = tmp_path / "persona.jsonl"
+  path.write_text("".join(json.dumps(dict(r, statement="s", label_confidence=0.9)) + "\n" for r in ROWS * 4))
+  examples = list(schema.load_preference_data(str(path)))
+  out = tmp_path / "sft.jsonl"
+  single_token.write_sft_data(examples, str(out), 7, (persona_data.YES_TOKENS, persona_data.NO_TOKENS))
+  written = [json.loads(line) for line in out.read_text().splitlines()]
+  expected = persona_data.sft_examples(ROWS * 4, seed=7)
+  assert [(w["chosen"], w["rejected"]) for w in written] == [(e["chosen"], e["rejected"]) for e in expected]
 
 
 def test_persona_dpo_example_and_constants():

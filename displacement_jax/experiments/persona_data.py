@@ -22,6 +22,12 @@ TOKEN_PAIRS = {
 }
 NO_TOKENS = ("No", "Never", "Maybe", "Perhaps")
 YES_TOKENS = ("Yes", "Yeah", "Sure", "Certainly", "Absolutely")
+# The authors' SFT plans (persona_experiments/experiments_plans/persona_sft_*_experiments_plan.json) set
+# `output_tokens_matching_yes` to the no-words and `output_tokens_matching_no` to the yes-words, and their datamodule
+# draws y+ from output_tokens_matching_yes when a row's answer_matching_behavior is " Yes" (y- from the other
+# list). So the SFT phase teaches every prompt the answer OPPOSITE to the persona's: a " Yes" row gets a no-word.
+AUTHORS_TOKENS_MATCHING_YES = NO_TOKENS
+AUTHORS_TOKENS_MATCHING_NO = YES_TOKENS
 DPO_SEEDS = (9773, 5290, 8767, 9818, 7596, 344, 2701, 3298, 7834, 6327)
 # persona.phase: SFT only, DPO from the SFT export, DPO from the base model, or SFT then DPO in one process.
 PHASES = ("sft", "dpo", "base_dpo", "all")
@@ -46,33 +52,35 @@ def persona_prompt(row: Mapping[str, Any], file: str = "<persona>", index: int =
   return question
 
 
+def sft_answer(
+    yes_row: bool, rng: np.random.Generator, groups: tuple[Sequence[str], Sequence[str]] = (YES_TOKENS, NO_TOKENS)
+) -> tuple[str, str]:
+  """(y+, y-) of one SFT row, the authors' rule: a row whose answer_matching_behavior is " Yes" gets y+ drawn from
+  the no-words (groups[1]) and y- from the yes-words (groups[0]); a " No" row the other way round.
+
+  `groups` = (yes-words, no-words), default YES_TOKENS / NO_TOKENS; `single_token.answer_groups` gives them without
+  the words that are not one token of the model's tokenizer. y+ is drawn first, then y-, from `rng`.
+  """
+  if not groups[0] or not groups[1]:
+    raise ValueError(f"both answer groups need a token, got {groups}")
+  matching_yes, matching_no = groups[1], groups[0]  # AUTHORS_TOKENS_MATCHING_YES / _NO
+  pool, other = (matching_yes, matching_no) if yes_row else (matching_no, matching_yes)
+  chosen = pool[int(rng.integers(len(pool)))]
+  return chosen, other[int(rng.integers(len(other)))]
+
+
 def sft_examples(
     rows: Sequence[Mapping[str, Any]],
     seed: int = 0,
     file: str = "<persona>",
     groups: tuple[Sequence[str], Sequence[str]] = (YES_TOKENS, NO_TOKENS),
 ) -> list[dict[str, Any]]:
-  """SFT preference rows: chosen = a token drawn from groups[0] (yes) / groups[1] (no) by the row's answer.
-
-  The groups default to YES_TOKENS / NO_TOKENS; `single_token.answer_groups` gives them without the words that
-  are not one token of the model's tokenizer. The rejected side (unused by cross-entropy) is the first token
-  of the opposite group.
-  """
-  if not groups[0] or not groups[1]:
-    raise ValueError(f"both answer groups need a token, got {groups}")
+  """SFT preference rows of raw persona rows: (y+, y-) by `sft_answer` (the authors' rule), drawn with `seed`."""
   rng = np.random.default_rng(seed)
   out = []
   for i, row in enumerate(rows):
-    yes = answer_is_yes(row, file, i)
-    pool, other = (groups[0], groups[1]) if yes else (groups[1], groups[0])
-    out.append(
-        {
-            "index": i,
-            "prompt": persona_prompt(row, file, i),
-            "chosen": pool[int(rng.integers(len(pool)))],
-            "rejected": other[0],
-        }
-    )
+    chosen, rejected = sft_answer(answer_is_yes(row, file, i), rng, groups)
+    out.append({"index": i, "prompt": persona_prompt(row, file, i), "chosen": chosen, "rejected": rejected})
   return out
 
 

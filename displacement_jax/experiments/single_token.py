@@ -65,21 +65,16 @@ def sft_answer_groups(
 
 
 def write_sft_data(examples: Sequence[Any], path: str, seed: int, groups: tuple[Sequence[str], Sequence[str]]) -> int:
-  """Section 3 SFT data as generic preference jsonl: y+ drawn (seeded) from the row's answer group.
-
-  A row whose preferred answer is "Yes" gets y+ from groups[0], "No" from groups[1] (the paper's SFT phase);
-  y- is drawn from the other group (unused by cross-entropy). Returns the number of rows written.
-  """
+  """Section 3 SFT data of persona examples as generic preference jsonl: (y+, y-) by `persona_data.sft_answer`
+  (the authors' rule: a "Yes" row is trained towards a no-word), drawn with `seed`. Returns the rows written."""
   rng = np.random.default_rng(seed)
-  yes, no = groups
   with open(path, "w") as f:
     for ex in examples:
       answer = (ex.chosen if isinstance(ex.chosen, str) else ex.chosen[-1]["content"]).strip()
       if answer not in ("Yes", "No"):
         raise ValueError(f'{ex.source or "persona data"} row {ex.index}: expected answers "Yes"/"No", got {answer!r}')
-      pos, neg = (yes, no) if answer == "Yes" else (no, yes)
-      row = {"prompt": ex.prompt, "chosen": str(rng.choice(pos)), "rejected": str(rng.choice(neg)), "index": ex.index}
-      f.write(json.dumps(row) + "\n")
+      chosen, rejected = persona_data.sft_answer(answer == "Yes", rng, groups)
+      f.write(json.dumps({"prompt": ex.prompt, "chosen": chosen, "rejected": rejected, "index": ex.index}) + "\n")
   return len(examples)
 
 
