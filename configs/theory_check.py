@@ -3,7 +3,7 @@
     python -m displacement_jax.train --config=configs/theory_check.py          # SmolLM2-135M-Instruct (packaged)
     python -m displacement_jax.train --config=configs/theory_check.py:tiny     # a tiny random Llama (the tests)
 
-The demo's SFT phase (configs/demo.py, same arg), then for each prompt of `check.prompts` and each of the
+The demo's SFT phase (configs/persona_demo.py, same arg), then for each prompt of `check.prompts` and each of the
 C x (C - 1) ordered pairs of single-token candidates: the Theorem 1 rate and the full-network rate at the SFT
 model against the measured change of ln pi(y+) after `dpo.num_steps` DPO steps (paper's RMSprop lr 1e-7,
 beta 0.1). See displacement_jax/experiments/theory_check.py.

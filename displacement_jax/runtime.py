@@ -105,6 +105,7 @@ class Dataset:
   pad_id: int
   position_of: dict[int, int]
   checks: data_checks.DataChecks = dataclasses.field(default_factory=data_checks.DataChecks)
+  path: str = ""  # config.data.path it was loaded from
 
 
 def load_data(config: ml_collections.ConfigDict, tokenizer: Any, vocab_size: int) -> Dataset:
@@ -139,7 +140,7 @@ def load_data(config: ml_collections.ConfigDict, tokenizer: Any, vocab_size: int
   position_of = {int(p.index): i for i, p in enumerate(pairs)}
   if len(position_of) != len(pairs):
     raise ValueError(f"config.data.path={dc.path!r}: row indices of the tokenized pairs are not unique")
-  return Dataset(list(pairs), dataclasses.asdict(report), pad_id_of(tokenizer), position_of, checks)
+  return Dataset(list(pairs), dataclasses.asdict(report), pad_id_of(tokenizer), position_of, checks, str(dc.path))
 
 
 def collate(pairs: Sequence[Any], pad_id: int, config: ml_collections.ConfigDict) -> dict[str, np.ndarray]:

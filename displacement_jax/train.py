@@ -2,7 +2,7 @@ r"""Training CLI: `python -m displacement_jax.train --config=configs/<name>.py[:
 
 Any config field can be overridden (`--config.optim.lr=1e-7`); `--resume` continues from the latest checkpoint
 in `output_dir`. `config.main` names what runs the config: '' is preference training
-(`displacement_jax.training.run`); a registered name (`MAINS`: demo, persona, quantiles, sorry_bench, theory_check, generate_pairs) or a module
+(`displacement_jax.training.run`); a registered name (`MAINS`: demo, persona_demo, persona, quantiles, sorry_bench, theory_check, generate_pairs, edit_search) or a module
 under `displacement_jax.` with a `run(config)` function runs that pipeline instead (e.g. configs/demo.py sets
 main='demo'). Nothing else is imported: a dotted path outside the package is a usage error.
 """
@@ -19,12 +19,14 @@ from displacement_jax import cli, sharding, training
 
 MAINS = {
     "demo": "displacement_jax.demo",
+    "persona_demo": "displacement_jax.experiments.persona_demo",
     "persona": "displacement_jax.experiments.persona",
     "quantiles": "displacement_jax.experiments.quantiles",
     "ches_quantiles": "displacement_jax.experiments.quantiles",
     "sorry_bench": "displacement_jax.experiments.sorry_bench.pipeline",
     "theory_check": "displacement_jax.experiments.theory_check",
     "generate_pairs": "displacement_jax.experiments.generated_pairs",
+    "edit_search": "displacement_jax.experiments.edit_search",
 }
 
 

@@ -70,16 +70,16 @@ def _shown(*commands: str) -> str:
 
 # the README's first command on the packaged SmolLM2-135M-Instruct (about 5 minutes on the 2-core CPU)
 register(
-    "demo",
-    command="python -m displacement_jax.train --config=configs/demo.py --config.progress=False "
-    f"--config.output_dir={_RUNS}/demo",
+    "persona_demo",
+    command="python -m displacement_jax.train --config=configs/persona_demo.py --config.progress=False "
+    f"--config.output_dir={_RUNS}/persona_demo",
     keep=r"^\[(demo|sft)\]",
     slow=True,
 )
 register(
-    "demo_tiny",
-    command="python -m displacement_jax.train --config=configs/demo.py:tiny --config.progress=False "
-    f"--config.output_dir={_RUNS}/demo_tiny",
+    "persona_demo_tiny",
+    command="python -m displacement_jax.train --config=configs/persona_demo.py:tiny --config.progress=False "
+    f"--config.output_dir={_RUNS}/persona_demo_tiny",
     keep=r"^\[(demo|sft)\]",
     slow=True,
 )

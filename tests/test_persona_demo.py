@@ -1,4 +1,4 @@
-"""The demo pipeline end to end on the tiny random Llama (`configs/demo.py:tiny`), shortened, through `train.main` like
+"""The demo pipeline end to end on the tiny random Llama (`configs/persona_demo.py:tiny`), shortened, through `train.main` like
 the README command; the packaged SmolLM2 run of the same pipeline is in tests/test_real_checkpoint.py."""
 
 import json
@@ -7,7 +7,8 @@ import os
 import numpy as np
 import pytest
 
-from displacement_jax import demo, theory
+from displacement_jax import theory
+from displacement_jax.experiments import persona_demo as demo
 from displacement_jax.experiments import single_token
 from displacement_jax import train as train_lib
 
@@ -21,7 +22,7 @@ def demo_run(tmp_path_factory):
   rc = train_lib.main(
       [
           "train",
-          f'--config={os.path.join(ROOT, "configs", "demo.py")}:tiny',
+          f'--config={os.path.join(ROOT, "configs", "persona_demo.py")}:tiny',
           f"--config.output_dir={out}",
           f"--config.sft.num_steps={SFT_STEPS}",
           f"--config.dpo.num_steps={DPO_STEPS}",
@@ -102,7 +103,7 @@ def test_demo_imports_no_torch(tmp_path):
       "import sys\n"
       "sys.modules['torch'] = None  # any `import torch` now raises ImportError\n"
       "from displacement_jax import train\n"
-      f"rc = train.main(['train', '--config={os.path.join(ROOT, 'configs', 'demo.py')}:tiny', '--config.output_dir={tmp_path}',\n"
+      f"rc = train.main(['train', '--config={os.path.join(ROOT, 'configs', 'persona_demo.py')}:tiny', '--config.output_dir={tmp_path}',\n"
       "                 '--config.sft.num_steps=2', '--config.dpo.num_steps=2', '--config.progress=False'])\n"
       "loaded = [m for m, v in sys.modules.items() if m.split('.')[0] == 'torch' and v is not None]\n"
       "print('torch modules loaded:', loaded)\n"
@@ -123,7 +124,7 @@ def test_single_token_sft_equals_training_run(tmp_path, shuffle):
   import sys
 
   sys.path.insert(0, ROOT)
-  from configs import demo as demo_config  # pylint: disable=g-import-not-at-top
+  from configs import persona_demo as demo_config  # pylint: disable=g-import-not-at-top
   from displacement_jax import runtime, training  # pylint: disable=g-import-not-at-top
   from displacement_jax.data import schema  # pylint: disable=g-import-not-at-top
 

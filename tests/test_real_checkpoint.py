@@ -267,13 +267,14 @@ def test_demo_path_on_the_real_model(tmp_path):
   (two tokens here) out, and its summary is consistent with its saved theory and trajectory."""
   import sys  # pylint: disable=g-import-not-at-top
 
-  from displacement_jax import demo, theory  # pylint: disable=g-import-not-at-top
+  from displacement_jax import theory
+  from displacement_jax.experiments import persona_demo as demo  # pylint: disable=g-import-not-at-top
   from displacement_jax import train as train_lib  # pylint: disable=g-import-not-at-top
 
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   sys.path.insert(0, root)
   flags = ["--config.sft.num_steps=2", "--config.dpo.num_steps=3", "--config.progress=False"]
-  rc = train_lib.main(["train", f"--config={root}/configs/demo.py", f"--config.output_dir={tmp_path}", *flags])
+  rc = train_lib.main(["train", f"--config={root}/configs/persona_demo.py", f"--config.output_dir={tmp_path}", *flags])
   assert rc == 0
   summary = json.load(open(tmp_path / demo.SUMMARY_FILE))
   th = np.load(tmp_path / demo.THEORY_FILE)

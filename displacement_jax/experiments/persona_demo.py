@@ -1,7 +1,7 @@
 r"""The offline demo: likelihood displacement in a real instruct model, predicted by the theory, then observed.
 
-    python -m displacement_jax.train --config=configs/demo.py          # SmolLM2-135M-Instruct (packaged)
-    python -m displacement_jax.train --config=configs/demo.py:tiny     # a tiny random Llama, seconds
+    python -m displacement_jax.train --config=configs/persona_demo.py          # SmolLM2-135M-Instruct (packaged)
+    python -m displacement_jax.train --config=configs/persona_demo.py:tiny     # a tiny random Llama, seconds
 
 Section 3 of Razin et al. (2025) on the shipped persona sample (`displacement_jax/assets/persona_demo.jsonl`),
 in single-token mode (the response is one vocabulary token):

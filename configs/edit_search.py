@@ -1,0 +1,58 @@
+"""Where DPO displaces the packaged SmolLM2-135M-Instruct: short factual pairs (experiments/edit_pairs.py).
+
+    python -m displacement_jax.train --config=configs/edit_search.py                 # the grid of docs/results.md
+    python -m displacement_jax.train --config=configs/edit_search.py:grid=remedies   # DPO vs DPO+SFT vs DPOP
+    python -m displacement_jax.train --config=configs/edit_search.py:tiny            # tiny random Llama (tests)
+
+`grid=main`: the three pair kinds (edit, paraphrase, offpolicy) x RMSprop (the paper's, torch defaults) and
+AdamW (what TRL users run) x lr 1e-7, 1e-6, 5e-6, DPO beta 0.1, batch 8, 48 pairs of each kind, measured after epochs 1-3.
+`grid=remedies`: minimal-edit pairs, RMSprop lr 1e-6, DPO against DPO + SFT term (0.1) and DPOP (lambda 50).
+The model is an arg (`model=/path/to/hf_dir`); the chat template formats every pair.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from configs import base
+from configs import common
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+VARIANTS = {"dpo": {}, "dpo+sft": {"loss": {"sft_coeff": 0.1}}, "dpop": {"loss": {"objective": "dpop"}}}
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  arg = common.parse_arg(arg, model=DEFAULT_MODEL, grid="main", tiny=False)
+  common.choose("edit_search", "grid", arg.grid, ("main", "remedies"))
+  config = base.get_base_config()
+  config.main = "edit_search"
+  config.output_dir = f"runs/edit_search_{arg.grid}" + ("_tiny" if arg.tiny else "")
+  config.model.path = arg.model
+  config.data.format = "chat_template"
+  config.data.max_length = 64
+  config.logprob_chunk_size = 64
+  config.batch_size = 8
+  config.num_epochs = 3
+  config.progress = False
+  config.loss.objective = "dpo"
+  config.loss.beta = 0.1
+
+  config.search = ml_collections.ConfigDict()
+  config.search.num_pairs = 48  # the first countries of edit_pairs.CAPITALS (0 = all 80)
+  if arg.grid == "main":
+    config.search.kinds = ("edit", "paraphrase", "offpolicy")
+    config.search.optimizers = ("rmsprop", "adamw")
+    config.search.lrs = (1e-7, 1e-6, 5e-6)
+    config.search.variants = {"dpo": VARIANTS["dpo"]}
+  else:
+    config.search.kinds = ("edit",)
+    config.search.optimizers = ("rmsprop",)
+    config.search.lrs = (1e-6,)
+    config.search.variants = VARIANTS
+  if arg.tiny:
+    config.model.path = ""
+    config.model.tiny = "llama"
+    config.search.num_pairs = 16
+    config.num_epochs = 2
+    config.search.lrs = tuple(x * 1000 for x in config.search.lrs)
+  return config

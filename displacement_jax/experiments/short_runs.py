@@ -1,0 +1,190 @@
+"""Many short preference-training runs on one loaded model, each measured per pair after every epoch.
+
+A search over settings (objective, optimizer, learning rate, epochs, data kind) or a demo that trains the same
+pairs several ways loads the model once and reuses it: `Session` holds the model, its initial params and the
+mesh; `Session.dataset` tokenizes rows exactly as `train.run` does (`runtime.load_data`), and `Session.train`
+runs `training.make_fns`'s train step on `training.make_iterator`'s batches (the batches and step of `train.run`,
+without checkpoints or the monitor), returning ln pi(y+) and ln pi(y-) of every pair before training and after
+each epoch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from displacement_jax import audit, config_checks, evaluation, forward, runtime, sharding, training
+from displacement_jax import optim as optim_lib
+from displacement_jax import step as step_lib
+from displacement_jax.data import batching, schema
+from displacement_jax.experiments import common
+
+EVAL_BATCH = 32  # pairs per forward when measuring log-probs
+
+
+@dataclasses.dataclass
+class Measured:
+  """ln pi(y+) / ln pi(y-) of every pair [N] at the start, and after each epoch [E, N]."""
+
+  chosen_N: np.ndarray
+  rejected_N: np.ndarray
+  chosen_EN: np.ndarray
+  rejected_EN: np.ndarray
+  params: Any = None  # the trained params (kept only when asked)
+
+  def chosen_change(self, epoch: int = -1) -> np.ndarray:
+    """Change of ln pi(y+) per pair after `epoch` (1-based; -1 = the last)."""
+    return self.chosen_EN[epoch if epoch < 0 else epoch - 1] - self.chosen_N
+
+  def rejected_change(self, epoch: int = -1) -> np.ndarray:
+    return self.rejected_EN[epoch if epoch < 0 else epoch - 1] - self.rejected_N
+
+
+def summary(chosen_change_N: np.ndarray, rejected_change_N: np.ndarray) -> dict[str, float]:
+  """The search's columns: mean change of ln pi(y+) and ln pi(y-), share of pairs whose ln pi(y+) fell, the
+  largest fall, and the mean change of the margin ln pi(y+) - ln pi(y-)."""
+  return {
+      "chosen_change_mean": float(np.mean(chosen_change_N)),
+      "share_chosen_fell": float(np.mean(chosen_change_N < 0)),
+      "chosen_change_min": float(np.min(chosen_change_N)),
+      "rejected_change_mean": float(np.mean(rejected_change_N)),
+      "margin_change_mean": float(np.mean(chosen_change_N - rejected_change_N)),
+  }
+
+
+def flatten(overrides: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+  """Nested overrides ({'loss': {'sft_coeff': 0.1}}, as a config stores them) -> dotted ({'loss.sft_coeff': 0.1})."""
+  out = {}
+  for key, value in overrides.items():
+    if isinstance(value, Mapping) or isinstance(value, ml_collections.ConfigDict):
+      out.update(flatten(value, f"{prefix}{key}."))
+    else:
+      out[f"{prefix}{key}"] = value
+  return out
+
+
+class Session:
+  """One loaded model (`runtime.load_model(config)`) for many short runs; `config` gives the model, data format,
+  max_length and the defaults every run's config starts from."""
+
+  def __init__(self, config: ml_collections.ConfigDict, *, log: Callable[[str], None] = print):
+    self.config, self.log = config, log
+    self.mesh = sharding.mesh_from_config(config.mesh, config.get("distributed"))
+    self.loaded = runtime.load_model(config, self.mesh)
+    self.params0 = self.loaded.params
+    self._logps: Callable | None = None
+    self._first_order: Callable | None = None
+
+  def dataset(self, rows: Sequence[Mapping[str, Any]], name: str) -> runtime.Dataset:
+    """Tokenize `rows` (generic preference rows) as train.run would, written to output_dir/data/<name>.jsonl."""
+    path = os.path.join(self.config.output_dir, "data", f"{name}.jsonl")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    schema.write_jsonl(path, list(rows))
+    cfg = common.derive(self.config, {"data.path": path, "data.schema": "generic", "data.limit": 0})
+    return runtime.load_data(cfg, self.loaded.tokenizer, self.loaded.model_config.vocab_size)
+
+  def logps(self, params: Any, dataset: runtime.Dataset) -> tuple[np.ndarray, np.ndarray]:
+    """(ln pi(y+) [N], ln pi(y-) [N]) of every pair of `dataset` under `params`."""
+    if self._logps is None:  # one jitted pass for every params (the same model and chunk size)
+      model, chunk = self.loaded.model, int(self.config.logprob_chunk_size)
+      self._logps = jax.jit(lambda p, b: forward.pair_logps(model, p, b, chunk))
+    pairs = dataset.pairs
+    chosen, rejected = [], []
+    for start in range(0, len(pairs), EVAL_BATCH):
+      part = pairs[start : start + EVAL_BATCH]
+      out = jax.device_get(self._logps(params, self._collate(part, dataset.pad_id, EVAL_BATCH)))
+      chosen.append(np.asarray(out["chosen_logps_B"])[: len(part)])
+      rejected.append(np.asarray(out["rejected_logps_B"])[: len(part)])
+    return np.concatenate(chosen), np.concatenate(rejected)
+
+  def _collate(self, pairs: Sequence[Any], pad_id: int, rows: int) -> dict[str, Any]:
+    batch = batching.collate(
+        list(pairs),
+        pad_id=pad_id,
+        padding_side=self.config.data.get("padding_side", "right"),
+        pad_to=int(self.config.data.max_length),
+        pad_rows_to=rows,
+    )
+    return sharding.host_local_batch_to_global(batch, self.mesh)
+
+  def first_order(self, direction: Any, dataset: runtime.Dataset) -> np.ndarray:
+    """[2, N]: <grad ln pi(y+-), direction> at the initial params for every pair (`audit.make_first_order`)."""
+    if self._first_order is None:
+      self._first_order = audit.make_first_order(self.loaded.model)
+    out, pairs = [], dataset.pairs
+    for start in range(0, len(pairs), audit.JVP_PAIRS):
+      part = pairs[start : start + audit.JVP_PAIRS]
+      tangent = self._first_order(self.params0, direction, self._collate(part, dataset.pad_id, audit.JVP_PAIRS))
+      out.append(np.asarray(jax.device_get(tangent))[:, : len(part)])
+    return np.concatenate(out, axis=1)
+
+  def audit(self, dataset: runtime.Dataset, overrides: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """The displacement audit of the run `train(dataset, overrides)` would make (`audit`'s replay route): the
+    run's batches replayed at the initial params, predictions [2, N] per pair (chosen, rejected) of the change
+    after all its epochs: {'first_order', 'along_direction', 'curvature'}."""
+    cfg = self.run_config({"data.path": dataset.path, **overrides})
+    iterator = training.make_iterator(dataset, cfg, self.mesh)
+    total = int(cfg.num_epochs) * iterator.steps_per_epoch
+    optimizer = optim_lib.make_optimizer(cfg.optim, total)
+    loss_fn = step_lib.make_loss_fn(self.loaded.model, cfg.loss, int(cfg.logprob_chunk_size))
+    replay = jax.jit(audit.make_replay_step(loss_fn, optimizer, int(cfg.optim.grad_accum)))
+    chosen0, rejected0 = self.logps(self.params0, dataset)
+    ref = {"chosen_ref_logps": chosen0, "rejected_ref_logps": rejected0}
+
+    def batches():
+      for _ in range(total):
+        local = next(iterator)
+        batch = evaluation.add_reference(local, training.positions(local, dataset), ref)
+        yield sharding.host_local_batch_to_global(batch, self.mesh)
+
+    direction = audit.replay_direction(replay, optimizer, self.params0, batches())
+    return audit.predict(
+        lambda p: np.stack(self.logps(p, dataset)),
+        lambda d: self.first_order(d, dataset),
+        self.params0,
+        direction,
+    )
+
+  def run_config(self, overrides: Mapping[str, Any]) -> ml_collections.ConfigDict:
+    """The session's config with `overrides` (dotted paths, `common.derive`, or nested), checked as train.run
+    checks it."""
+    cfg = common.derive(self.config, flatten(overrides))
+    config_checks.check_train(cfg)
+    return cfg
+
+  def train(
+      self,
+      dataset: runtime.Dataset,
+      overrides: Mapping[str, Any],
+      *,
+      start: tuple[np.ndarray, np.ndarray] | None = None,
+      keep_params: bool = False,
+  ) -> Measured:
+    """Train from the initial params on `dataset` with the session's config + `overrides` for its num_epochs
+    (the train step and batches of train.run; reference log-probs = the initial model's), measuring every pair
+    after each epoch. `start`: the pairs' log-probs at the initial params when already measured."""
+    cfg = self.run_config({"data.path": dataset.path, **overrides})
+    iterator = training.make_iterator(dataset, cfg, self.mesh)
+    epochs = int(cfg.num_epochs)
+    fns = training.make_fns(self.loaded, cfg, self.mesh, epochs * iterator.steps_per_epoch)
+    chosen0, rejected0 = start if start is not None else self.logps(self.params0, dataset)
+    ref = {"chosen_ref_logps": chosen0, "rejected_ref_logps": rejected0}
+    state = fns.init_state(jax.tree.map(jnp.copy, self.params0))  # init_state donates its argument
+    chosen_E, rejected_E = [], []
+    for _ in range(epochs):
+      for _ in range(iterator.steps_per_epoch):
+        local = next(iterator)
+        batch = evaluation.add_reference(local, training.positions(local, dataset), ref)
+        state, metrics = fns.train_step(state, sharding.host_local_batch_to_global(batch, self.mesh))
+        if int(jax.device_get(metrics["nonfinite"])):
+          raise training.NonFiniteLossError(f"non-finite loss or gradient in a short run with {dict(overrides)}")
+      c, r = self.logps(state.params, dataset)
+      chosen_E.append(c)
+      rejected_E.append(r)
+    return Measured(chosen0, rejected0, np.stack(chosen_E), np.stack(rejected_E), state.params if keep_params else None)
