@@ -15,8 +15,6 @@ to checkpoints_corrupt/, and none usable raises `NoUsableCheckpointError` (a `Us
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 import shutil
@@ -30,13 +28,13 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from displacement_jax import rundir
 from displacement_jax.errors import UsageError
 
 CHECKPOINT_DIR = "checkpoints"
 CORRUPT_DIR = "checkpoints_corrupt"  # beside CHECKPOINT_DIR: checkpoints that failed verification, kept for a look
 CHECKSUM_FILE = "checksums.json"
 ERROR_LOG = "checkpoint_errors.log"  # beside CHECKPOINT_DIR: orbax's own error records (tracebacks) of a failed save
-_CHUNK = 8 << 20
 _HEADROOM = 64 << 10  # bytes a save needs beyond its arrays (metadata, meta, checksums)
 
 
@@ -75,56 +73,14 @@ def short_reason(error: BaseException, limit: int = 160) -> str:
 # ------------------------------------------------------------------------------------------------ checksums
 
 
-def file_digests(step_dir: str) -> dict[str, list[Any]]:
-  """{relative path: [size, sha256]} of every file under `step_dir` but the checksum file."""
-  out = {}
-  for root, _, files in os.walk(step_dir):
-    for name in files:
-      path = os.path.join(root, name)
-      rel = os.path.relpath(path, step_dir)
-      if rel == CHECKSUM_FILE or rel.startswith(CHECKSUM_FILE + "."):
-        continue
-      digest = hashlib.sha256()
-      with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-          digest.update(chunk)
-      out[rel] = [os.path.getsize(path), digest.hexdigest()]
-  return dict(sorted(out.items()))
-
-
 def write_checksums(step_dir: str) -> None:
-  """checksums.json of a finished step directory (written to a temp file, fsynced, renamed)."""
-  path = os.path.join(step_dir, CHECKSUM_FILE)
-  tmp = f"{path}.tmp"
-  with open(tmp, "w") as f:
-    json.dump({"files": file_digests(step_dir)}, f)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
+  """checksums.json of a finished step directory (rundir.write_digests: written last, atomically)."""
+  rundir.write_digests(step_dir, CHECKSUM_FILE)
 
 
 def verify(step_dir: str) -> str | None:
   """None when every file of `step_dir` matches its checksum, else the first reason it does not."""
-  path = os.path.join(step_dir, CHECKSUM_FILE)
-  if not os.path.exists(path):
-    return f"no {CHECKSUM_FILE}: its save never completed"
-  try:
-    with open(path) as f:
-      expected = json.load(f)["files"]
-  except (OSError, ValueError, KeyError, TypeError) as e:
-    return f"unreadable {CHECKSUM_FILE} ({short_reason(e)})"
-  for rel, (size, _) in expected.items():
-    file = os.path.join(step_dir, rel)
-    if not os.path.isfile(file):
-      return f"{rel} is missing"
-    actual = os.path.getsize(file)
-    if actual != size:
-      return f"{rel} has {actual} bytes, {size} were written"
-  actual_digests = file_digests(step_dir)
-  for rel, (_, sha) in expected.items():
-    if actual_digests.get(rel, [None, None])[1] != sha:
-      return f"{rel} does not match its checksum"
-  return None
+  return rundir.check_digests(step_dir, CHECKSUM_FILE)
 
 
 _all_finite = jax.jit(lambda leaves: [jnp.all(jnp.isfinite(x)) for x in leaves])

@@ -11,7 +11,7 @@ from typing import Any, Callable, Sequence
 from absl import flags
 from ml_collections import config_flags
 
-from displacement_jax.errors import UsageError
+from displacement_jax.errors import Interrupted, UsageError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _FIELD_RE = re.compile(r"^\s+(?:config|f)\.([\w.]+) = (.+?)\s+# (.*)$")
@@ -96,8 +96,8 @@ def parse_config_flags(
   except flags.Error as e:  # a config file that fails to load: its own exception, on one line
     print(f"error: {_last_line(str(e))}", file=sys.stderr)
     return None, 2
-  except (AttributeError, KeyError, TypeError, ValueError) as e:  # an override of a field that does not exist
-    print(f"error: {unknown_override(argv, e)}", file=sys.stderr)
+  except Exception as e:  # pylint: disable=broad-except  (a config file whose get_config raises, or a bad override)
+    print(f"error: {config_load_error(argv) or unknown_override(argv, e)}", file=sys.stderr)
     return None, 2
   if flag_values.config is None:
     print("error: --config=configs/<name>.py is required", file=sys.stderr)
@@ -118,9 +118,16 @@ def one_line_errors(
 ) -> int:
   """Run `fn()`; 0 when it returns; 2 with `error: <message>` on stderr for a `UsageError` (output_dir locked or
   holding another run, no usable checkpoint, a refused --resume); 1 with `error: <message>` for one of `errors`
-  or an OSError (bad input, a full disk: the CLIs' exit status for a failed run)."""
+  or an OSError (bad input, a full disk: the CLIs' exit status for a failed run); 128 + the signal number with
+  its one line for SIGTERM / SIGINT (`errors.Interrupted`, or a KeyboardInterrupt: 130)."""
   try:
     fn()
+  except Interrupted as e:
+    print(f"{e}", file=sys.stderr)
+    return e.status
+  except KeyboardInterrupt:
+    print("stopped by SIGINT; --resume continues from the newest checkpoint", file=sys.stderr)
+    return 130
   except UsageError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
@@ -142,6 +149,20 @@ def _last_line(message: str) -> str:
   lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
   head = lines[0].split(": Error whilst parsing config file", 1)[0].removeprefix("flag ")
   return lines[0] if len(lines) == 1 else f"{head}: {lines[-1]}"
+
+
+def config_load_error(argv: Sequence[str]) -> str | None:
+  """One line for a config file that fails to load on its own (its get_config raises), else None."""
+  base = [a for a in argv[:1]] + [a for a in argv[1:] if a.startswith("--config=")]
+  probe = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "", flag_values=probe, lock_config=False, sys_argv=base)
+  try:
+    probe(base)
+  except flags.Error as e:
+    return _last_line(str(e))
+  except Exception as e:  # pylint: disable=broad-except  (whatever the config file raises: named in one line)
+    return f"{base[-1] if len(base) > 1 else '--config'}: loading the config raised {type(e).__name__}: {_last_line(str(e))}"
+  return None
 
 
 def unknown_override(argv: Sequence[str], error: BaseException) -> str:

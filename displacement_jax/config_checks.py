@@ -89,6 +89,8 @@ def check_train(config: ml_collections.ConfigDict) -> None:
     raise ValueError(
         f"config.batch_size={config.batch_size} must be a positive multiple of " f"config.optim.grad_accum={accum}"
     )
+  _int_at_least("num_steps", config.num_steps, minimum=0)  # 0: num_epochs decides
+  _int_at_least("num_epochs", config.num_epochs, minimum=0)
   if config.num_steps <= 0 and config.num_epochs <= 0:
     raise ValueError("set config.num_steps > 0 or config.num_epochs > 0")
   _int_at_least("checkpoint.every", config.checkpoint.get("every", 0), minimum=0)

@@ -102,3 +102,12 @@ def check_array(
       check_mask(name, x)
   except ValueError as e:
     raise ValueError(f"{e} ({describe(x)})") from None
+
+
+class Interrupted(Exception):
+  """A run stopped by SIGTERM or SIGINT (a scheduler's preemption, Ctrl-C): the CLIs print its one-line message
+  and exit with 128 + the signal number (143 for SIGTERM, 130 for SIGINT)."""
+
+  def __init__(self, signum: int, message: str):
+    self.signum, self.status = int(signum), 128 + int(signum)
+    super().__init__(message)

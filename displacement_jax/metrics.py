@@ -9,9 +9,11 @@ from __future__ import annotations
 import json
 import math
 import os
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
+
+from displacement_jax import rundir
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -34,20 +36,27 @@ def to_python(value: Any) -> Any:
 
 
 def read_metrics(path: str) -> list[dict[str, Any]]:
-  """All rows of a metrics.jsonl file (or of output_dir/metrics.jsonl when given a directory)."""
+  """All rows of a metrics.jsonl file (or of output_dir/metrics.jsonl when given a directory); a line that does
+  not parse raises rundir.CorruptFileError naming the file and the line."""
   if os.path.isdir(path):
     path = os.path.join(path, METRICS_FILE)
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  return rundir.read_jsonl(path)
 
 
 class MetricsWriter:
   """Append step metrics to metrics.jsonl and TensorBoard (scalars only) under `output_dir`."""
 
   def __init__(
-      self, output_dir: str, *, tensorboard: bool = True, enabled: bool = True, truncate_after_step: int | None = None
+      self,
+      output_dir: str,
+      *,
+      tensorboard: bool = True,
+      enabled: bool = True,
+      truncate_after_step: int | None = None,
+      log: Callable[[str], None] = print,
   ):
-    """`truncate_after_step`: on resume, drop rows with step > this (they are recomputed)."""
+    """`truncate_after_step`: on resume, drop rows with step > this (they are recomputed) and lines cut short by
+    a kill (said in one line naming the file); the kept rows are rewritten atomically before anything is added."""
     self.output_dir = output_dir
     self.enabled = enabled
     self.path = os.path.join(output_dir, METRICS_FILE)
@@ -56,9 +65,12 @@ class MetricsWriter:
       return
     os.makedirs(output_dir, exist_ok=True)
     if truncate_after_step is not None and os.path.exists(self.path):
-      kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= truncate_after_step]
-      with open(self.path, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in kept)
+      rows, bad = rundir.salvage_jsonl(self.path)
+      if bad:
+        log(f"{self.path}: dropped line(s) {', '.join(map(str, bad))}, cut short or not valid JSON")
+      rundir.write_jsonl(
+          self.path, [r for r in rows if isinstance(r, dict) and r.get("step", 0) <= truncate_after_step]
+      )
     elif truncate_after_step is None and os.path.exists(self.path):
       os.remove(self.path)
     self._file = open(self.path, "a")

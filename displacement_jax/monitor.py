@@ -24,6 +24,7 @@ PREFIX = "monitor/"
 FALL_RTOL = 1e-5
 # The displacement warning needs the mean preferred log-prob below its reference by more than this (nats).
 WARNING_NATS = 0.01
+LOSS_NOISE = 1e-4  # a loss change below this share of the loss is float noise (the warning line shows 4 digits)
 
 
 def fell(preferred_change_B: Any, preferred_ref_B: Any, xp: Any = np) -> Any:
@@ -198,12 +199,14 @@ def displacement_warning(
 
   `prev_loss` is the loss at the previous eval (the initial loss at the first eval; None: no warning).
   With no previous eval the preferred reference point is the start of training (change 0). A preferred
-  log-prob that wiggles while still above (or within `nats` of) its reference never warns.
+  log-prob that wiggles while still above (or within `nats` of) its reference never warns, nor does a loss that
+  moved by less than LOSS_NOISE of itself (e.g. log 2 -> log 2 on chosen == rejected rows).
   """
   if prev_loss is None:
     return None
   prev_pref = 0.0 if prev_preferred_change is None else prev_preferred_change
-  if loss < prev_loss and preferred_change < -nats and preferred_change < prev_pref:
+  fell = prev_loss - loss > LOSS_NOISE * max(1.0, abs(prev_loss))  # 0.6931 -> 0.6931 is float noise, not a fall
+  if fell and preferred_change < -nats and preferred_change < prev_pref:
     since = "the start" if prev_preferred_change is None else "the previous eval"
     return (
         f"WARNING likelihood displacement at step {step}: loss fell {prev_loss:.4g} -> {loss:.4g} while the "

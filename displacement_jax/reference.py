@@ -19,7 +19,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from displacement_jax import evaluation, passes, runtime, sharding
+from displacement_jax import evaluation, passes, rundir, runtime, sharding
 from displacement_jax.data import batching
 from displacement_jax.data.layout import fill_rows, plan_batches, round_up
 
@@ -81,31 +81,26 @@ def cache_path(cache_dir: str, key: str) -> str:
   return os.path.join(cache_dir, f"{CACHE_PREFIX}{key[:32]}.npz")
 
 
-def load_cache(cache_dir: str, key: str) -> dict[str, np.ndarray] | None:
-  """The cached arrays for `key`, or None when absent (or written under another key)."""
+def load_cache(cache_dir: str, key: str, *, log: Callable[[str], None] = logging.info) -> dict[str, np.ndarray] | None:
+  """The cached arrays for `key`, or None when absent, written under another key, or corrupt (a cut or damaged
+  file: said in one line naming it, and recomputed by the caller)."""
   path = cache_path(cache_dir, key)
   if not os.path.exists(path):
     return None
-  with np.load(path) as data:
-    arrays = {k: data[k] for k in data.files}
+  try:
+    arrays = rundir.read_npz(path)
+  except rundir.CorruptFileError as e:
+    log(f"reference log-probs: the cache {e}; computing them again")
+    return None
   if str(arrays.pop("__key__", "")) != key:
     return None
   return arrays
 
 
 def save_cache(cache_dir: str, key: str, arrays: Mapping[str, np.ndarray]) -> str:
-  """Write arrays atomically to the cache file of `key` (through a temporary file of this process's own, so
-  concurrent writers never clash); return its path."""
-  os.makedirs(cache_dir, exist_ok=True)
-  path = cache_path(cache_dir, key)
-  tmp = f"{path}.{os.getpid()}.tmp.npz"
-  try:
-    np.savez(tmp, __key__=np.asarray(key), **{k: np.asarray(v) for k, v in arrays.items()})
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-  return path
+  """Write arrays to the cache file of `key` (rundir.write_npz: atomically, through a temporary file of this
+  process's own, so concurrent writers never clash); return its path."""
+  return rundir.write_npz(cache_path(cache_dir, key), {"__key__": np.asarray(key), **arrays})
 
 
 def cached_reference(
@@ -122,7 +117,7 @@ def cached_reference(
   need not hold the file), and on a miss all compute (`compute` is collective) and process 0 writes.
   """
   if cache_dir:
-    arrays = sharding.broadcast_from_main(load_cache(cache_dir, key) if sharding.is_main_process() else None)
+    arrays = sharding.broadcast_from_main(load_cache(cache_dir, key, log=log) if sharding.is_main_process() else None)
     if arrays is not None:
       log(f"reference log-probs: reusing cache {cache_path(cache_dir, key)}")
       return arrays, True

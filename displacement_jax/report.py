@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import math
 import os
 import sys
@@ -28,12 +27,27 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from displacement_jax import cli
+from displacement_jax import cli, rundir
 from displacement_jax import metrics as metrics_lib
 from displacement_jax.experiments import common, results as results_lib
+from displacement_jax.errors import DataError
 from displacement_jax.experiments.results import UNEMBEDDING_KEYS
 
 FAMILIES = ("persona", "quantiles", "sorry")
+_NUMBER = (int, float)
+# The fields each family's tables read from a result.json, and the types they may have.
+REQUIRED = {
+    "persona": {
+        "preferred": str,
+        "dispreferred": str,
+        "start": _NUMBER,
+        "min": _NUMBER,
+        "end": _NUMBER,
+        "largest_drop": _NUMBER,
+    },
+    "quantiles": {"measure": str, "q": _NUMBER, "seed": int, "preferred_logprob_change": _NUMBER},
+    "sorry": {"initial": dict},
+}
 
 
 def find_results(dirs: Sequence[str], family: str) -> list[dict[str, Any]]:
@@ -45,17 +59,35 @@ def find_results(dirs: Sequence[str], family: str) -> list[dict[str, Any]]:
     for root, _, files in sorted(os.walk(d)):
       if common.RESULT_FILE in files:
         path = os.path.join(root, common.RESULT_FILE)
-        with open(path) as f:
-          try:
-            row = json.load(f)
-          except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from e
-        if row.get("family") == family:
+        row = rundir.read_json(path)
+        if isinstance(row, dict) and row.get("family") == family:
+          check_result(path, row, family)
           row["_dir"] = root
           out.append(row)
   if not out:
     raise ValueError(f"no {family} result.json under {list(dirs)} (did the pipeline finish?)")
   return out
+
+
+def check_result(path: str, row: dict[str, Any], family: str) -> None:
+  """DataError naming the file and the field when a result.json lacks a field its family's tables read, or holds
+  a value of another type (an SFT-phase persona result is not tabulated: not checked)."""
+  if family == "persona" and row.get("phase") == "sft":
+    return
+  for field, kind in REQUIRED[family].items():
+    if field not in row:
+      raise DataError(path, None, field, "missing (written by an unfinished or older pipeline?)")
+    value = row[field]
+    if isinstance(value, bool) or not isinstance(value, kind):
+      want = "a number" if kind is _NUMBER else f"a {kind.__name__}"
+      raise DataError(path, None, field, f"must be {want}, got {value!r}")
+
+
+def _save(fig: Any, path: str) -> str:
+  """`fig` as a PNG at `path`, atomically (rundir.atomic); returns path."""
+  with rundir.atomic(path) as tmp:
+    fig.savefig(tmp, dpi=100, format="png")
+  return path
 
 
 def _plt():
@@ -159,8 +191,7 @@ def plot_persona(rows: Sequence[dict[str, Any]], out_dir: str) -> list[str]:
     )
     fig.tight_layout()
     name = f'persona_{r["phase"]}_{r["objective"]}_{r["preferred"]}_{r["dispreferred"]}.png'
-    paths.append(os.path.join(out_dir, name))
-    fig.savefig(paths[-1], dpi=100)
+    paths.append(_save(fig, os.path.join(out_dir, name)))
     plt.close(fig)
   return paths
 
@@ -198,7 +229,7 @@ def plot_quantiles(rows: Sequence[dict[str, Any]], path: str) -> str:
   ax.set_title("Figure 2: displacement per quantile window")
   ax.legend(fontsize=8)
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
+  _save(fig, path)
   plt.close(fig)
   return path
 
@@ -254,7 +285,7 @@ def plot_sorry(rows: Sequence[dict[str, Any]], path: str) -> str:
     ax.set_title(os.path.basename(str(model)))
     ax.legend()
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
+  _save(fig, path)
   plt.close(fig)
   return path
 

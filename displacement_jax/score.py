@@ -27,7 +27,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from displacement_jax import cli, config_checks, runlock, runtime, scoring, sharding
+from displacement_jax import cli, config_checks, rundir, runlock, runtime, scoring, sharding
 from displacement_jax import score_outputs as outputs
 from displacement_jax.data import checks as data_checks
 from displacement_jax.data import schema
@@ -170,7 +170,10 @@ def start_or_resume(
         print(f"moved the outputs of an earlier run ({', '.join(moved)}) to {out}/{outputs.PREVIOUS_DIR}/", flush=True)
       outputs.write_run(out, "running", identity)
     return {}
-  record = outputs.read_run(out)
+  try:
+    record = outputs.read_run(out)
+  except rundir.CorruptFileError as e:
+    raise UsageError(f"--resume: {e}; cannot tell which run it was: score afresh (without --resume)") from e
   if record is None:
     raise UsageError(f"--resume: no score run to resume in {out} (no {outputs.RUN_FILE})")
   if record.get("status") == "complete":
@@ -210,7 +213,7 @@ def write_outputs(
   record = None
   if selected is not None:
     record = outputs.write_filtered(examples, results, selected, filter_cfg, config.output_dir)
-  outputs.write_json(os.path.join(config.output_dir, outputs.SUMMARY_FILE), summary)
+  rundir.write_json(os.path.join(config.output_dir, outputs.SUMMARY_FILE), summary)
   return record
 
 

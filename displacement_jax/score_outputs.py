@@ -1,5 +1,5 @@
 """Outputs of a scoring run: summary statistics, scores.jsonl, the LN-CHES histogram, the filtered subset, and
-what makes them safe to trust: every file is written to a temp file and renamed into place (`atomic`), the
+what makes them safe to trust: every file is written to a temp file and renamed into place (`rundir.atomic`), the
 outputs of an earlier run are moved aside to previous/ when a run starts (`move_aside`), run.json says
 "complete" only once everything is written (`write_run`), and scores.partial.jsonl (`Progress`) holds the
 rows of every finished batch so that `--resume` continues an interrupted run.
@@ -7,19 +7,18 @@ rows of every finished batch so that `--resume` continues an interrupted run.
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import json
 import math
 import os
 import shutil
 import socket
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import ml_collections
 import numpy as np
 
-from displacement_jax import filtering
+from displacement_jax import filtering, rundir
 from displacement_jax.data import schema
 from displacement_jax.scoring import MEASURES
 
@@ -61,28 +60,6 @@ def _json_float(x: float) -> Any:
 # ------------------------------------------------------------------------------------- safe files of a run
 
 
-@contextlib.contextmanager
-def atomic(path: str) -> Iterator[str]:
-  """`with atomic(path) as tmp:` write `tmp`; it replaces `path` only when the block succeeds (else it is
-  removed). An OSError without a file name (a full disk during write) is re-raised naming `path`."""
-  tmp = f"{path}.tmp{os.path.splitext(path)[1]}"
-  try:
-    yield tmp
-    os.replace(tmp, path)
-  except BaseException as e:
-    with contextlib.suppress(OSError):
-      os.remove(tmp)
-    if isinstance(e, OSError) and e.filename is None and e.errno is not None:
-      raise OSError(e.errno, e.strerror, path) from e
-    raise
-
-
-def write_json(path: str, obj: Any) -> None:
-  """`obj` as indented JSON at `path`, atomically."""
-  with atomic(path) as tmp, open(tmp, "w") as f:
-    json.dump(obj, f, indent=1)
-
-
 def move_aside(output_dir: str) -> list[str]:
   """Move the outputs of an earlier run (OUTPUT_FILES) into output_dir/previous/ (replacing what an even
   earlier run left there); returns the names moved."""
@@ -97,12 +74,14 @@ def move_aside(output_dir: str) -> list[str]:
 
 
 def read_run(output_dir: str) -> dict[str, Any] | None:
-  """run.json of `output_dir`, or None."""
+  """run.json of `output_dir`, or None; rundir.CorruptFileError naming it when it does not parse."""
   path = os.path.join(output_dir, RUN_FILE)
   if not os.path.exists(path):
     return None
-  with open(path) as f:
-    return json.load(f)
+  record = rundir.read_json(path)
+  if not isinstance(record, dict):
+    raise rundir.CorruptFileError(path, f"not a run record (a JSON object), got {type(record).__name__}")
+  return record
 
 
 def write_run(output_dir: str, status: str, identity: dict[str, Any], **fields: Any) -> dict[str, Any]:
@@ -113,7 +92,7 @@ def write_run(output_dir: str, status: str, identity: dict[str, Any], **fields: 
   record.update(status=status, **identity, **fields)
   if status == "complete":
     record["finished"] = _now()
-  write_json(os.path.join(output_dir, RUN_FILE), record)
+  rundir.write_json(os.path.join(output_dir, RUN_FILE), record)
   return record
 
 
@@ -122,7 +101,8 @@ def _now() -> str:
 
 
 class Progress:
-  """scores.partial.jsonl: {"pos": position, **result} per scored row, appended and fsynced after every batch."""
+  """scores.partial.jsonl: {"pos": position, **result} per scored row, sealed with its checksum (rundir.seal),
+  appended and fsynced after every batch."""
 
   def __init__(self, output_dir: str):
     self.path = os.path.join(output_dir, PROGRESS_FILE)
@@ -130,7 +110,7 @@ class Progress:
 
   def append(self, batch: Sequence[tuple[int, dict[str, Any]]]) -> None:
     try:
-      self._file.write("".join(json.dumps({"pos": int(p), **r}) + "\n" for p, r in batch))
+      self._file.write("".join(json.dumps(rundir.seal({"pos": int(p), **r})) + "\n" for p, r in batch))
       self._file.flush()
       os.fsync(self._file.fileno())
     except OSError as e:
@@ -140,20 +120,25 @@ class Progress:
     self._file.close()
 
   @staticmethod
-  def read(output_dir: str, num_rows: int) -> dict[int, dict[str, Any]]:
-    """{position: result} of the rows an interrupted run finished (a line cut by a kill is ignored)."""
+  def read(output_dir: str, num_rows: int, *, log: Callable[[str], None] = print) -> dict[int, dict[str, Any]]:
+    """{position: result} of the rows an interrupted run finished. A line cut by a kill, or a row that does not
+    match its checksum (edited), is not trusted: said in one line naming the file, dropped from it (rewritten
+    atomically) and scored again."""
     path, done = os.path.join(output_dir, PROGRESS_FILE), {}
     if not os.path.exists(path):
       return done
-    with open(path) as f:
-      for line in f:
-        try:
-          row = json.loads(line)
-        except json.JSONDecodeError:
-          continue
-        pos = row.pop("pos", None)
-        if isinstance(pos, int) and 0 <= pos < num_rows:
-          done[pos] = row
+    rows, bad = rundir.salvage_jsonl(path)
+    untrusted = len(bad)
+    for row in rows:
+      row = rundir.unseal(row)
+      pos = row.pop("pos", None) if row is not None else None
+      if isinstance(pos, int) and 0 <= pos < num_rows:
+        done[pos] = row
+      else:
+        untrusted += 1
+    if untrusted:
+      log(f"{path}: {untrusted} row(s) cut short or not matching their checksum; they are scored again")
+      rundir.write_jsonl(path, (rundir.seal({"pos": p, **r}) for p, r in sorted(done.items())))
     return done
 
 
@@ -162,9 +147,7 @@ class Progress:
 
 def write_scores(results: Sequence[dict[str, Any]], path: str) -> None:
   """scores.jsonl: one JSON object per row (non-finite floats as "nan"/"inf" strings), atomically."""
-  with atomic(path) as tmp, open(tmp, "w") as f:
-    for r in results:
-      f.write(json.dumps({k: _json_float(v) if isinstance(v, float) else v for k, v in r.items()}) + "\n")
+  rundir.write_jsonl(path, ({k: _json_float(v) if isinstance(v, float) else v for k, v in r.items()} for r in results))
 
 
 def plot_histogram(values: np.ndarray, path: str, *, title: str = "LN-CHES") -> None:
@@ -183,7 +166,7 @@ def plot_histogram(values: np.ndarray, path: str, *, title: str = "LN-CHES") -> 
   ax.set_title(f"{title} over {values.size} pairs (higher = more displacement)")
   fig.tight_layout()
   try:
-    with atomic(path) as tmp:
+    with rundir.atomic(path) as tmp:
       fig.savefig(tmp, dpi=100, format="png")
   finally:
     plt.close(fig)
@@ -215,9 +198,7 @@ def write_filtered(
 ) -> dict[str, Any]:
   """filtered.jsonl (selected rows, dataset order) + filtered_indices.json; returns the indices record."""
   keep = np.sort(np.asarray(selected, np.int64))
-  with atomic(os.path.join(output_dir, FILTERED_FILE)) as tmp, open(tmp, "w") as f:
-    for pos in keep:
-      f.write(json.dumps(schema.example_to_json(examples[pos])) + "\n")
+  rundir.write_jsonl(os.path.join(output_dir, FILTERED_FILE), (schema.example_to_json(examples[pos]) for pos in keep))
   measure = filter_cfg.get("measure", "ln_ches")
   record = {
       "mode": filter_cfg.mode,
@@ -232,5 +213,5 @@ def write_filtered(
       "indices_by_score": [int(results[p]["index"]) for p in selected],  # ascending by the measure
       "scores_by_score": [_json_float(float(results[p][measure])) for p in selected],
   }
-  write_json(os.path.join(output_dir, FILTERED_INDICES_FILE), record)
+  rundir.write_json(os.path.join(output_dir, FILTERED_INDICES_FILE), record)
   return record

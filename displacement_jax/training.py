@@ -31,15 +31,24 @@ from displacement_jax import metrics as metrics_lib
 from displacement_jax import monitor as monitor_lib
 from displacement_jax import optim as optim_lib
 from displacement_jax import reference as reference_lib
-from displacement_jax import runlock, runtime, sharding, step as step_lib
+from displacement_jax import interrupts as interrupts_lib
+from displacement_jax import rundir, runlock, runtime, sharding, step as step_lib
 from displacement_jax.data import batching
-from displacement_jax.errors import UsageError
+from displacement_jax.errors import Interrupted, UsageError
 from displacement_jax.models import io as io_lib
 from displacement_jax.models import loading as loading_lib
+
+HF_DIR = "hf"  # the HF export, under output_dir
+EXPORT_MANIFEST = "export.json"  # written last into the export: its files' checksums and the params' sha256
+TENSORBOARD_DIR = "tensorboard"
 
 
 class NonFiniteLossError(FloatingPointError):
   """The training loss became NaN/inf; a checkpoint of the last state was written before raising."""
+
+
+class ExportError(OSError):
+  """The HF export failed; the checkpoints are kept and `--resume` exports again."""
 
 
 @dataclasses.dataclass
@@ -76,21 +85,23 @@ def run(config: ml_collections.ConfigDict, *, resume: bool = False) -> RunResult
 
   Before any model is loaded: the config is checked, output_dir is locked (runlock: a second run exits 2), a
   fresh run refuses an earlier run's checkpoints unless config.overwrite, and --resume compares the config
-  with the checkpoint's (`check_resume_config`).
+  with the checkpoint's (`check_resume_config`). SIGTERM / SIGINT raise `errors.Interrupted`; during the steps
+  the current step is finished and checkpointed first (interrupts.Interrupts).
   """
   config_checks.check_train(config)
   mesh = sharding.mesh_from_config(config.mesh, config.get("distributed"))
   check_batch_fits_mesh(config, mesh)
   os.makedirs(config.output_dir, exist_ok=True)
-  with runlock.hold(config.output_dir, "train", enabled=jax.process_index() == 0, log=log):
-    with open_checkpointer(config, resume) as ckpt:
-      resumed_from = check_resume_config(ckpt, config) if resume else None
-      try:
-        return train(config, mesh, ckpt, resumed_from)
-      except OSError as e:
-        if e.filename is None and e.strerror:  # a write through a file object: name the dir it was writing in
-          raise OSError(e.errno, e.strerror, config.output_dir) from e
-        raise
+  with interrupts_lib.Interrupts() as interrupts:
+    with runlock.hold(config.output_dir, "train", enabled=jax.process_index() == 0, log=log):
+      with open_checkpointer(config, resume) as ckpt:
+        resumed_from = check_resume_config(ckpt, config) if resume else None
+        try:
+          return train(config, mesh, ckpt, resumed_from, interrupts)
+        except OSError as e:
+          if e.filename is None and e.strerror:  # a write through a file object: name the dir it was writing in
+            raise OSError(e.errno, e.strerror, config.output_dir) from e
+          raise
 
 
 def train(
@@ -98,6 +109,7 @@ def train(
     mesh: Any,
     ckpt: checkpoint_lib.Checkpointer,
     resumed_from: tuple[int, dict[str, Any]] | None,
+    interrupts: interrupts_lib.Interrupts,
 ) -> RunResult:
   """The body of `run` once output_dir is locked: `resumed_from` is (step, meta) of the checkpoint to resume."""
   resume = resumed_from is not None
@@ -126,12 +138,15 @@ def train(
   state, start_step, meta = restore_if_resuming(ckpt, state, iterator, resumed_from, config)
   if resume and start_step >= total_steps:
     log(f"the run in {config.output_dir} is already complete (step {start_step} of {total_steps}); nothing to do")
-    params, hf_dir = host_params(state.params), os.path.join(config.output_dir, "hf")
-    if config.get("export_hf") and not os.path.exists(os.path.join(hf_dir, "config.json")):  # killed before it
-      export_hf(params, loaded, hf_dir, progress=bool(config.progress))
+    params, hf_dir = host_params(state.params), os.path.join(config.output_dir, HF_DIR)
+    if config.get("export_hf"):
+      stale = export_problem(hf_dir, params)
+      if stale:  # killed before or during it, or the export of another run
+        log(f"{hf_dir}: {stale}; exporting this run's params")
+        export_hf(params, loaded, hf_dir, progress=bool(config.progress))
     return RunResult(params, start_step, config.output_dir, [], {}, from_cache, dataset.truncation)
   writer = metrics_lib.MetricsWriter(
-      config.output_dir, enabled=jax.process_index() == 0, truncate_after_step=start_step if resume else None
+      config.output_dir, enabled=jax.process_index() == 0, truncate_after_step=start_step if resume else None, log=log
   )
   writer.write(
       start_step,
@@ -147,14 +162,15 @@ def train(
   run_info = {"config": config_json(config), "data": identity, "total_steps": total_steps}
   loop = TrainLoop(config, fns, iterator, dataset, ref, mesh, ckpt, writer, monitor, total_steps, meta, run_info)
   try:
-    state, step, rows, stopped_early = loop(state, start_step, resume)
+    with interrupts.deferred():
+      state, step, rows, stopped_early = loop(state, start_step, resume, interrupts)
     ckpt.wait()  # the last checkpoint is written and verified (a failed save raises here)
   finally:
     writer.close()
   params = host_params(state.params)
   hf_dir = None
   if config.get("export_hf") and not stopped_early:  # every process takes part (gathers); process 0 writes
-    hf_dir = export_hf(params, loaded, os.path.join(config.output_dir, "hf"), progress=bool(config.progress))
+    hf_dir = export_hf(params, loaded, os.path.join(config.output_dir, HF_DIR), progress=bool(config.progress))
   return RunResult(
       params=params,
       step=step,
@@ -202,7 +218,7 @@ class TrainLoop:
       raise checkpoint_lib.CheckpointWriteError(f"{e}; training stopped at step {step}") from e
 
   def __call__(
-      self, state: step_lib.TrainState, start_step: int, resume: bool
+      self, state: step_lib.TrainState, start_step: int, resume: bool, interrupts: interrupts_lib.Interrupts
   ) -> tuple[step_lib.TrainState, int, list[dict[str, Any]], bool]:
     config, rows = self.config, []
     if not resume:
@@ -242,9 +258,23 @@ class TrainLoop:
           stopped_early = True
           log(f"debug.stop_after_steps={stop_after}: stopping at step {step}")
           break
+        signum = interrupts.pending()
+        if signum:
+          self.stop_on_signal(step, state, signum)
     finally:
       bar.close()
     return state, step, rows, stopped_early
+
+  def stop_on_signal(self, step: int, state: step_lib.TrainState, signum: int) -> None:
+    """Checkpoint `state` (the step just finished), wait until it is written and verified, raise Interrupted."""
+    if self.ckpt.latest_step() != step:
+      self.save(step, state)
+    self.ckpt.wait()
+    raise Interrupted(
+        signum,
+        f"stopped by {interrupts_lib.signal_name(signum)} after step {step} of {self.total_steps}: checkpoint {step} "
+        f"is written in {self.ckpt.directory}; continue with --resume",
+    )
 
   def trl_progress(self, step: int) -> dict[str, float]:
     """TRL's progress keys: learning_rate (the rate this step used), num_tokens (cumulative non-padding tokens of
@@ -413,7 +443,8 @@ def make_fns(loaded: runtime.Loaded, config: ml_collections.ConfigDict, mesh: An
 
 def open_checkpointer(config: ml_collections.ConfigDict, resume: bool) -> checkpoint_lib.Checkpointer:
   """The run's Checkpointer. A fresh run (no --resume) into a directory holding an earlier run's checkpoints is
-  refused (UsageError) unless config.overwrite, which removes them first (said in one line): never silently."""
+  refused (UsageError) unless config.overwrite, which removes them first, with that run's HF export and
+  TensorBoard events (said in one line): never silently."""
   ckpt_dir = os.path.join(config.output_dir, checkpoint_lib.CHECKPOINT_DIR)
   earlier = sorted(int(d) for d in os.listdir(ckpt_dir) if d.isdigit()) if os.path.isdir(ckpt_dir) else []
   if not resume and earlier:
@@ -423,8 +454,16 @@ def open_checkpointer(config: ml_collections.ConfigDict, resume: bool) -> checkp
           f'{", ".join(map(str, earlier))}): pass --resume to continue it, or --config.overwrite=True to replace it'
       )
     if jax.process_index() == 0:
-      log(f"fresh run with config.overwrite=True: removing the earlier run's checkpoints in {ckpt_dir}")
+      stale = [
+          d
+          for d in (HF_DIR, HF_DIR + ".partial", TENSORBOARD_DIR)
+          if os.path.exists(os.path.join(config.output_dir, d))
+      ]
+      also = f" and its {', '.join(d + '/' for d in stale)}" if stale else ""
+      log(f"fresh run with config.overwrite=True: removing the earlier run's checkpoints in {ckpt_dir}{also}")
       shutil.rmtree(ckpt_dir)
+      for d in stale:
+        shutil.rmtree(os.path.join(config.output_dir, d))
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top  (multi-host only)
 
@@ -534,17 +573,53 @@ def host_params(params: Any) -> Any:
   return jax.device_get(params)
 
 
+def params_digest(params: Any) -> str:
+  """sha256 of every leaf of a (host numpy) param tree: what an export's manifest records of its params."""
+  return reference_lib.hash_arrays(np.asarray(x) for x in jax.tree.leaves(params))
+
+
+def export_problem(hf_dir: str, params: Any) -> str | None:
+  """None when `hf_dir` is a complete export of `params` (its manifest, written last, verifies and names these
+  params), else what is wrong with it."""
+  if not os.path.isdir(hf_dir):
+    return "no export"
+  record = rundir.read_manifest(hf_dir, EXPORT_MANIFEST)
+  if record is None:
+    return f"no readable {EXPORT_MANIFEST}: the export never completed"
+  if record.get("params_sha256") != params_digest(params):
+    return "it holds other params than this run's (an earlier run's export)"
+  return rundir.check_digests(hf_dir, EXPORT_MANIFEST)
+
+
 def export_hf(params: Any, loaded: runtime.Loaded, out_dir: str, *, progress: bool = True) -> str:
   """Save the trained params, the tokenizer and the source's generation config in HF format
-  (models.io.save_pretrained): what the source checkpoint had, nothing of how this machine loaded it."""
-  io_lib.save_pretrained(params, loaded.model_config, out_dir, progress=progress)
-  if jax.process_index() == 0:
-    if hasattr(loaded.tokenizer, "save_pretrained"):
-      loaded.tokenizer.save_pretrained(out_dir)
-    source = loaded.identity.get("path")
-    generation = loading_lib.generation_config(source, loaded.model_config) if source else None
-    if generation is not None:
-      with open(os.path.join(out_dir, "generation_config.json"), "w") as f:
-        json.dump(generation, f, indent=2)
+  (models.io.save_pretrained): what the source checkpoint had, nothing of how this machine loaded it.
+
+  Written into `out_dir`.partial, completed by its manifest (EXPORT_MANIFEST: checksums and the params' sha256,
+  written last), then renamed to `out_dir`: an `out_dir` is always a complete export. A failure raises
+  ExportError in one line (the checkpoints are kept; --resume exports again).
+  """
+  partial, writer = out_dir + ".partial", jax.process_index() == 0
+  try:
+    if writer:
+      shutil.rmtree(partial, ignore_errors=True)
+    io_lib.save_pretrained(params, loaded.model_config, partial, progress=progress)
+    if writer:
+      if hasattr(loaded.tokenizer, "save_pretrained"):
+        loaded.tokenizer.save_pretrained(partial)
+      source = loaded.identity.get("path")
+      generation = loading_lib.generation_config(source, loaded.model_config) if source else None
+      if generation is not None:
+        rundir.write_json(os.path.join(partial, "generation_config.json"), generation, indent=2)
+      rundir.write_digests(partial, EXPORT_MANIFEST, params_sha256=params_digest(params))
+      rundir.replace_dir(partial, out_dir)
+  except Interrupted:
+    raise
+  except Exception as e:  # pylint: disable=broad-except  (any failure: one line, the run's checkpoints are kept)
+    lines = [line for line in str(e).splitlines() if line.strip()]
+    reason = f"{type(e).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+    raise ExportError(
+        f"the HF export to {out_dir} failed ({reason}); the checkpoints are kept: --resume exports again"
+    ) from e
   log(f"exported HF model to {out_dir}")
   return out_dir

@@ -105,3 +105,10 @@ def test_format_line():
       4, {"monitor/loss": 0.5, "monitor/preferred_logprob_change": -0.25, "monitor/share_preferred_fell": 0.75}
   )
   assert line == "monitor step 4: loss 0.5000 | dlogp(y+) -0.2500 | share y+ fell 0.75"
+
+
+def test_no_displacement_warning_on_a_loss_that_did_not_fall():
+  """Chosen == rejected rows: the loss is log 2 at every eval, up to float noise; that is no fall (it was warned as
+  'loss fell 0.6931 -> 0.6931')."""
+  assert monitor.displacement_warning(4, 0.69314712, -0.3, 0.69314718, -0.1) is None
+  assert monitor.displacement_warning(4, 0.6930, -0.3, 0.69314718, -0.1) is not None

@@ -464,6 +464,7 @@ def test_config_errors_come_before_any_model_is_loaded(tmp_path):
       ("--config.optim.lr=-1", "config.optim.lr must be > 0, got -1.0"),
       ("--config.loss.beta=0", "config.loss.beta must be > 0, got 0.0"),
       ("--config.checkpoint.keep=0", "config.checkpoint.keep must be an integer >= 1, got 0"),
+      ("--config.num_steps=-1", "config.num_steps must be an integer >= 0, got -1"),
       (
           "--config.data.truncation=cut",
           "config.data.truncation must be one of ('error', 'truncate_response'), got 'cut'",
@@ -479,3 +480,258 @@ def test_config_errors_come_before_any_model_is_loaded(tmp_path):
     assert (rc, err.strip().splitlines()) == (1, [f"error: {message}"]), flag
   rc, _, err = _main(score, [f"--config={SCORE_TINY}", f"--config.output_dir={tmp_path}", "--config.batch_size=0"])
   assert (rc, err.strip().splitlines()) == (1, ["error: config.batch_size must be an integer >= 1, got 0"])
+
+
+# ------------------------------------------------------------------ the run directory: what is read back is verified
+
+
+def test_overwrite_then_resume_exports_this_runs_params_not_the_earlier_ones(tmp_path, data_path, full):
+  """Run A exports into D; run B replaces it (overwrite, another lr): A's hf/ and TensorBoard events go with its
+  checkpoints, and B's --resume with export_hf exports B's params (A's hf/ would not verify against them)."""
+  out = tmp_path / "run"
+  training.run(make_config(out, data_path, export_hf=True, num_steps=2))
+  events_a = set(glob.glob(str(out / "tensorboard" / "*")))
+  stale_hf = tmp_path / "hf_of_a"
+  shutil.copytree(out / "hf", stale_hf)
+  overwrite_log = io.StringIO()
+  with contextlib.redirect_stdout(overwrite_log):
+    b = training.run(make_config(out, data_path, overwrite=True, num_steps=2, **{"optim.lr": 2e-3}))
+  removed = not (out / "hf").exists() and not events_a & set(glob.glob(str(out / "tensorboard" / "*")))
+  if not (out / "hf").exists():
+    shutil.copytree(stale_hf, out / "hf")  # an earlier run's export left behind (as an older version did)
+  log = io.StringIO()
+  with contextlib.redirect_stdout(log):
+    done = training.run(make_config(out, data_path, export_hf=True, num_steps=2, **{"optim.lr": 2e-3}), resume=True)
+  assert done.step == 2
+  _, params, _ = io_lib.from_pretrained(str(out / "hf"), progress=False)
+  _assert_params_equal(params, b.params, atol=0)  # B's params, not A's
+  assert f"{out}/hf: it holds other params than this run's (an earlier run's export); exporting" in log.getvalue()
+  assert training.export_problem(str(out / "hf"), b.params) is None
+  assert removed
+  assert (
+      f"removing the earlier run's checkpoints in {out}/checkpoints and its hf/, tensorboard/"
+      in overwrite_log.getvalue()
+  )
+
+
+def test_torn_last_metrics_line_is_cut_on_resume(tmp_path, data_path, full, interrupted):
+  out = tmp_path / "run"
+  shutil.copytree(interrupted, out)
+  with open(out / "metrics.jsonl", "a") as f:
+    f.write('{"step": 5, "loss": "0.69')  # what kill -9 mid-write leaves
+  lines = len((out / "metrics.jsonl").read_text().splitlines())
+  log = io.StringIO()
+  with contextlib.redirect_stdout(log):
+    result = training.run(make_config(out, data_path), resume=True)
+  assert f"{out}/metrics.jsonl: dropped line(s) {lines}, cut short or not valid JSON\n" in log.getvalue()
+  _assert_params_equal(result.params, full.params)
+  losses = {r["step"]: r["loss"] for r in metrics_lib.read_metrics(str(out)) if "loss" in r}
+  np.testing.assert_allclose([losses[s] for s in range(1, 7)], full.losses, atol=1e-6)
+
+
+def test_metrics_rewrite_on_resume_is_atomic(tmp_path, monkeypatch):
+  """A failure while metrics.jsonl is rewritten on resume leaves the old file whole (it was rewritten in place)."""
+  rows = [{"step": s, "loss": 0.5} for s in range(4)]
+  path = tmp_path / "metrics.jsonl"
+  path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  real, calls = json.dumps, []
+
+  def failing_dumps(*args, **kwargs):
+    calls.append(1)
+    if len(calls) == 2:
+      raise OSError(28, "No space left on device")
+    return real(*args, **kwargs)
+
+  monkeypatch.setattr(json, "dumps", failing_dumps)
+  with pytest.raises(OSError):
+    metrics_lib.MetricsWriter(str(tmp_path), tensorboard=False, truncate_after_step=2)
+  monkeypatch.undo()
+  assert metrics_lib.read_metrics(str(path)) == rows
+  assert os.listdir(tmp_path) == ["metrics.jsonl"]
+
+
+@pytest.mark.parametrize("how", ["flip", "truncate"])
+def test_corrupt_reference_cache_is_recomputed(tmp_path, data_path, full, interrupted, how):
+  out = tmp_path / "run"
+  shutil.copytree(interrupted, out)
+  (cache,) = glob.glob(str(out / "reference_cache" / "*.npz"))
+  size = os.path.getsize(cache)
+  if how == "flip":
+    with open(cache, "r+b") as f:
+      f.seek(size // 2)
+      byte = f.read(1)
+      f.seek(size // 2)
+      f.write(bytes([byte[0] ^ 0xFF]))
+  else:
+    os.truncate(cache, size // 2)
+  log = io.StringIO()
+  with contextlib.redirect_stdout(log):
+    result = training.run(make_config(out, data_path), resume=True)
+  assert re.search(
+      rf"reference log-probs: the cache {re.escape(cache)}: not a readable npz \([^\n]+\); computing them again\n",
+      log.getvalue(),
+  ), log.getvalue()
+  assert not result.reference_from_cache
+  _assert_params_equal(result.params, full.params)
+  assert os.path.getsize(cache) == size  # written again, whole
+
+
+def test_an_export_that_fails_is_not_complete_and_resume_exports_again(tmp_path, data_path, monkeypatch):
+  """The export fails after config.json is written: one line, exit 1, no hf/ claiming completion; --resume
+  exports again (tokenizer included)."""
+  out = tmp_path / "run"
+  args = [f"--config={_config_file(tmp_path, out, data_path)}", "--config.export_hf=True", "--config.num_steps=2"]
+  real = training.io_lib.save_pretrained
+
+  def save_then_fail(*a, **k):
+    real(*a, **k)
+    raise RuntimeError("the disk went away")
+
+  monkeypatch.setattr(training.io_lib, "save_pretrained", save_then_fail)
+  rc, _, err = _main(train_lib, args)
+  assert (rc, err.strip().splitlines()) == (
+      1,
+      [
+          f"error: the HF export to {out}/hf failed (RuntimeError: the disk went away); the checkpoints are kept: "
+          "--resume exports again"
+      ],
+  )
+  assert not (out / "hf").exists()
+  monkeypatch.undo()
+  rc, stdout, err = _main(train_lib, [*args, "--resume"])
+  assert rc == 0, err
+  assert "already complete (step 2 of 2)" in stdout and f"{out}/hf: no export; exporting this run's params" in stdout
+  assert (out / "hf" / "tokenizer.json").exists() and (out / "hf" / training.EXPORT_MANIFEST).exists()
+  assert not (out / "hf.partial").exists()
+
+
+SIGNAL_CONFIG = """
+import os, signal, sys
+sys.path[:0] = [{root!r}, {tests!r}]
+import test_train
+from displacement_jax import training
+
+_make_fns = training.make_fns
+
+
+def _signalling_fns(*args, **kwargs):  # sends {signum} to this process while step {at} runs
+  fns = _make_fns(*args, **kwargs)
+  step, calls = fns.train_step, []
+
+  def train_step(state, batch):
+    calls.append(1)
+    if len(calls) == {at}:
+      os.kill(os.getpid(), {signum})
+    return step(state, batch)
+
+  fns.train_step = train_step
+  return fns
+
+
+training.make_fns = _signalling_fns
+
+
+def get_config(arg=None):
+  return test_train.make_config({out!r}, {data!r})
+"""
+
+
+@pytest.mark.parametrize("signum, status", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_sigterm_or_sigint_checkpoints_the_step_and_resumes_exact(tmp_path, data_path, full, signum, status):
+  """The signal arrives during step 3 (checkpoints every 2): the step finishes, checkpoint 3 is written, one line,
+  exit 128 + signal; --resume ends with the uninterrupted run's params."""
+  out = tmp_path / "run"
+  cfg = tmp_path / "cfg_signal.py"
+  cfg.write_text(
+      SIGNAL_CONFIG.format(root=ROOT, tests=TESTS, out=str(out), data=str(data_path), signum=int(signum), at=3)
+  )
+  proc = subprocess.run(
+      [sys.executable, "-m", "displacement_jax.train", f"--config={cfg}"],
+      capture_output=True,
+      text=True,
+      env=_env(),
+      cwd=ROOT,
+      timeout=300,
+  )
+  assert proc.returncode == status, proc.stderr[-3000:]
+  assert proc.stderr.strip().splitlines() == [
+      f"stopped by {signal.Signals(signum).name} after step 3 of 6: checkpoint 3 is written in {out}/checkpoints; "
+      "continue with --resume"
+  ]
+  assert sorted(os.listdir(out / "checkpoints")) == ["2", "3"]
+  assert checkpoint_lib.verify(str(out / "checkpoints" / "3")) is None
+  log = io.StringIO()
+  with contextlib.redirect_stdout(log):
+    result = training.run(make_config(out, data_path), resume=True)
+  assert "resumed from step 3 " in log.getvalue()
+  _assert_params_equal(result.params, full.params)
+  losses = {r["step"]: r["loss"] for r in metrics_lib.read_metrics(str(out)) if "loss" in r}
+  np.testing.assert_allclose([losses[s] for s in range(1, 7)], full.losses, atol=1e-6)
+
+
+def test_config_file_whose_get_config_raises_is_one_line_exit_2(tmp_path):
+  cfg = tmp_path / "cfg_raises.py"
+  cfg.write_text("def get_config(arg=None):\n  raise RuntimeError('no such sweep point')\n")
+  for module in (train_lib, score):
+    rc, _, err = _main(module, [f"--config={cfg}"])
+    assert (rc, err.strip().splitlines()) == (
+        2,
+        [f"error: --config={cfg}: loading the config raised RuntimeError: no such sweep point"],
+    ), module.__name__
+
+
+def _killed_score_run(tmp_path, monkeypatch, args, batches):
+  """A score run that stops (as a kill would) after `batches` finished batches: its scores.partial.jsonl."""
+  real, seen = score.outputs.Progress.append, []
+
+  def append_then_die(self, batch):
+    real(self, batch)
+    seen.append(1)
+    if len(seen) == batches:
+      raise RuntimeError("killed")
+
+  monkeypatch.setattr(score.outputs.Progress, "append", append_then_die)
+  with pytest.raises(RuntimeError, match="killed"):
+    _main(score, args)
+  monkeypatch.undo()
+
+
+def test_score_resume_recomputes_tampered_or_torn_partial_rows(tmp_path, monkeypatch):
+  data = test_train._write_jsonl(tmp_path / "rows.jsonl", test_train._rows(12, seed=2))
+  args = [f"--config={SCORE_TINY}", f"--config.data.path={data}", "--config.data.format=raw"]
+  args += ["--config.batch_size=1", "--config.progress=False"]
+  ref, killed = tmp_path / "ref", tmp_path / "killed"
+  rc, _, err = _main(score, [*args, f"--config.output_dir={ref}"])
+  assert rc == 0, err
+  _killed_score_run(tmp_path, monkeypatch, [*args, f"--config.output_dir={killed}"], batches=6)
+  partial = killed / "scores.partial.jsonl"
+  lines = partial.read_text().splitlines()
+  assert len(lines) == 6
+  row = json.loads(lines[1])
+  row["ln_ches"] = 12345.0  # edited by hand: its checksum no longer matches
+  lines[1] = json.dumps(row)
+  partial.write_text("\n".join(lines[:5]) + "\n" + lines[5][: len(lines[5]) // 2])  # the last row cut by a kill
+  rc, stdout, err = _main(score, [*args, f"--config.output_dir={killed}", "--resume"])
+  assert rc == 0, err
+  assert _read_jsonl(killed / "scores.jsonl") == _read_jsonl(ref / "scores.jsonl")
+  assert f"{partial}: 2 row(s) cut short or not matching their checksum; they are scored again" in stdout
+  assert f"resuming the score run in {killed}: 4 of 12 rows already scored" in stdout
+
+
+def test_score_resume_with_a_cut_run_json_is_one_line_naming_it(tmp_path):
+  data = test_train._write_jsonl(tmp_path / "rows.jsonl", test_train._rows(4, seed=2))
+  out = tmp_path / "out"
+  out.mkdir()
+  (out / "run.json").write_text('{"status": "running", "config": {"model.ti')
+  rc, _, err = _main(
+      score,
+      [f"--config={SCORE_TINY}", f"--config.data.path={data}", "--config.data.format=raw", f"--config.output_dir={out}"]
+      + ["--resume"],
+  )
+  assert (rc, err.strip().splitlines()) == (
+      2,
+      [
+          f"error: --resume: {out}/run.json: not valid JSON (Unterminated string starting at: line 1 column 34 (char "
+          "33)); cannot tell which run it was: score afresh (without --resume)"
+      ],
+  )

@@ -99,3 +99,37 @@ def test_report_errors(tmp_path, capsys):
   assert "no quantiles result.json" in capsys.readouterr().err
   with pytest.raises(ValueError, match="does not exist"):
     report.report("sorry", [str(tmp_path / "missing")])
+
+
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        (None, "field 'largest_drop': missing (written by an unfinished or older pipeline?)"),
+        ("0.5", "field 'largest_drop': must be a number, got '0.5'"),
+    ],
+)
+def test_report_names_the_file_and_field_of_a_bad_result(tmp_path, capsys, value, message):
+  row = {"family": "persona", "preferred": "No", "dispreferred": "Never", "start": 0.9, "min": 0.2, "end": 0.3}
+  if value is not None:
+    row["largest_drop"] = value
+  _write(str(tmp_path / "seed_1" / "result.json"), row)
+  assert report.main(["persona", str(tmp_path)]) == 1
+  assert capsys.readouterr().err.strip().splitlines() == [
+      f"error: file '{tmp_path / 'seed_1' / 'result.json'}', {message}"
+  ]
+
+
+def test_report_plot_is_written_atomically(tmp_path, monkeypatch):
+  """A plot that fails while being written leaves no half PNG under its name."""
+  import matplotlib.figure  # pylint: disable=g-import-not-at-top
+
+  def half_then_fail(self, fname, **kwargs):
+    with open(fname, "wb") as f:
+      f.write(b"\x89PNG half")
+    raise OSError(28, "No space left on device")
+
+  monkeypatch.setattr(matplotlib.figure.Figure, "savefig", half_then_fail)
+  rows = [{"measure": "ches", "q": 0.5, "mean": -1.0, "min": -2.0, "max": 0.0, "n_seeds": 2}]
+  with pytest.raises(OSError):
+    report.plot_quantiles(rows, str(tmp_path / "quantiles.png"))
+  assert os.listdir(tmp_path) == []

@@ -28,6 +28,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
+from displacement_jax import rundir
 from displacement_jax.errors import DataError
 
 Text = str | list[dict[str, str]]
@@ -566,10 +567,8 @@ def example_to_json(example: PreferenceExample) -> dict[str, Any]:
 
 
 def write_jsonl(path: str | os.PathLike[str], rows: Sequence[Any]) -> str:
-  """Write dicts (as they are) or PreferenceExamples (`example_to_json`) one JSON object per line; returns path."""
-  path = os.fspath(path)
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  with open(path, "w") as f:
-    for row in rows:
-      f.write(json.dumps(dict(row) if isinstance(row, Mapping) else example_to_json(row)) + "\n")
-  return path
+  """Write dicts (as they are) or PreferenceExamples (`example_to_json`) one JSON object per line, atomically
+  (rundir.write_jsonl); returns path."""
+  return rundir.write_jsonl(
+      os.fspath(path), (dict(row) if isinstance(row, Mapping) else example_to_json(row) for row in rows)
+  )

@@ -7,8 +7,6 @@ writes itself; `train_config` is the one place that turns the pipeline's config 
 from __future__ import annotations
 
 import copy
-import json
-import os
 from typing import Any, Mapping
 
 import ml_collections
@@ -61,11 +59,3 @@ def train_config(
   if n_rows is not None:
     fields["batch_size"] = min(int(config.batch_size), int(n_rows))
   return derive(config, {**fields, **(overrides or {})})
-
-
-def write_json(path: str, obj: Any) -> str:
-  """`obj` as indented JSON at `path` (its directory is created); returns path."""
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  with open(path, "w") as f:
-    json.dump(obj, f, indent=1)
-  return path

@@ -20,7 +20,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from displacement_jax import runtime
+from displacement_jax import rundir, runtime
 from displacement_jax.data import schema
 from displacement_jax.experiments import common
 from displacement_jax.experiments.sorry_bench import generation
@@ -152,7 +152,7 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
       "response_tokens_mean": float(np.mean(lengths)) if lengths else 0.0,
       "path": path,
   }
-  common.write_json(os.path.join(config.output_dir, SUMMARY_FILE), summary)
+  rundir.write_json(os.path.join(config.output_dir, SUMMARY_FILE), summary)
   _log(
       f"[pairs] {len(pairs)} pairs ({left_out} prompts left out: equal or empty responses), mean response "
       f"{summary['response_tokens_mean']:.1f} tokens -> {path}"

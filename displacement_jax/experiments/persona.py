@@ -28,7 +28,7 @@ import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
-from displacement_jax import evaluation, forward, runtime, training
+from displacement_jax import evaluation, forward, rundir, runtime, training
 from displacement_jax import metrics as metrics_lib
 from displacement_jax import monitor as monitor_lib
 from displacement_jax.data import schema
@@ -59,7 +59,7 @@ def run_sft(config: ml_collections.ConfigDict) -> dict[str, Any]:
       "final_loss": result.losses[-1] if result.losses else None,
       "n_rows": len(rows),
   }
-  common.write_json(os.path.join(config.output_dir, common.RESULT_FILE), summary)
+  rundir.write_json(os.path.join(config.output_dir, common.RESULT_FILE), summary)
   return summary
 
 
@@ -86,7 +86,7 @@ def _finish_seed(config: ml_collections.ConfigDict, out_dir: str, example: dict,
       model=str(pc.get("label") or config.model.get("path") or config.model.get("tiny")),
       steps=int(steps),
   )
-  common.write_json(os.path.join(out_dir, common.RESULT_FILE), summary)
+  rundir.write_json(os.path.join(out_dir, common.RESULT_FILE), summary)
   return summary
 
 

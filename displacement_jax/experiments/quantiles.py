@@ -23,7 +23,7 @@ from typing import Any, Sequence
 import ml_collections
 import numpy as np
 
-from displacement_jax import runtime, scoring, training
+from displacement_jax import rundir, runtime, scoring, training
 from displacement_jax.data import schema
 from displacement_jax.experiments import common, quantiles_plan, results
 
@@ -63,13 +63,6 @@ def scores_cache_path(config: ml_collections.ConfigDict) -> str:
   return os.path.join(directory, f"scores{suffix}_{digest}.npz")
 
 
-def _write_atomic_npz(path: str, **arrays: np.ndarray) -> None:
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  tmp = f"{path}.{os.getpid()}.tmp.npz"
-  np.savez(tmp, **arrays)
-  os.replace(tmp, path)
-
-
 def compute_scores(config: ml_collections.ConfigDict, examples: Sequence[Any]) -> dict[str, np.ndarray]:
   """{measure: [N] scores} of `examples` under the initial model (scoring.score_examples), cached on disk.
 
@@ -77,11 +70,14 @@ def compute_scores(config: ml_collections.ConfigDict, examples: Sequence[Any]) -
   """
   path = scores_cache_path(config)
   index = np.asarray([int(getattr(e, "index", i)) for i, e in enumerate(examples)], np.int64)
-  if os.path.exists(path):
-    with np.load(path) as f:
-      if np.array_equal(f["index"], index) and all(m in f for m in quantiles_plan.MEASURES):
-        print(f"quantiles: reusing scores from {path}", flush=True)
-        return {m: np.asarray(f[m], np.float64) for m in quantiles_plan.MEASURES}
+  cached = read_scores_cache(path)
+  if (
+      cached is not None
+      and np.array_equal(cached.get("index"), index)
+      and all(m in cached for m in quantiles_plan.MEASURES)
+  ):
+    print(f"quantiles: reusing scores from {path}", flush=True)
+    return {m: np.asarray(cached[m], np.float64) for m in quantiles_plan.MEASURES}
 
   loaded = runtime.load_model(config)
   scored = scoring.score_examples(
@@ -93,8 +89,19 @@ def compute_scores(config: ml_collections.ConfigDict, examples: Sequence[Any]) -
       batch_size=int(config.batch_size),
   )
   scores = {m: np.asarray([r[m] for r in scored], np.float64) for m in quantiles_plan.MEASURES}
-  _write_atomic_npz(path, index=index, **scores)
+  rundir.write_npz(path, {"index": index, **scores})
   return scores
+
+
+def read_scores_cache(path: str) -> dict[str, np.ndarray] | None:
+  """The arrays of a scores cache, or None when there is none or it is corrupt (said in one line naming it)."""
+  if not os.path.exists(path):
+    return None
+  try:
+    return rundir.read_npz(path)
+  except rundir.CorruptFileError as e:
+    print(f"quantiles: the scores cache {e}; scoring again", flush=True)
+    return None
 
 
 def train_subset(
@@ -131,7 +138,7 @@ def train_subset(
       "steps": int(result.step),
       "dataset_rows": [int(getattr(e, "index", i)) for i, e in zip(positions, subset)],
   }
-  common.write_json(os.path.join(output_dir, common.RESULT_FILE), row)
+  rundir.write_json(os.path.join(output_dir, common.RESULT_FILE), row)
   return row
 
 

@@ -24,6 +24,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
+from displacement_jax import rundir
 from displacement_jax.data import schema
 from displacement_jax.experiments import common, results
 from displacement_jax.experiments import single_token as st
@@ -135,7 +136,7 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
       **agreement(rows),
   }
   summary["plot"] = plot(rows, summary, os.path.join(config.output_dir, PLOT_FILE))
-  common.write_json(os.path.join(config.output_dir, SUMMARY_FILE), summary)
+  rundir.write_json(os.path.join(config.output_dir, SUMMARY_FILE), summary)
   for pred in ("theorem1_rate", "network_rate"):
     for measured in ("measured_change_step1", "measured_change"):
       key = f"{pred}/{measured}"

@@ -12,12 +12,12 @@ unsupported GGUF: one line naming it), 2 (usage).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
 from typing import Sequence
 
+from displacement_jax import rundir
 from displacement_jax.models import gguf, loading, packaged, tokenizer
 from displacement_jax.models import io as io_lib
 
@@ -36,12 +36,8 @@ def convert(source: str, out_dir: str, *, dtype: str = "float32", overwrite: boo
     tok.save_pretrained(tmp)
   else:
     print(f"note: {path} carries no tokenizer; {out_dir} holds the model only", file=sys.stderr)
-  with open(os.path.join(tmp, "generation_config.json"), "w") as f:
-    json.dump(loading.generation_config(path, config), f, indent=2)
-  if os.path.exists(out_dir):
-    shutil.rmtree(out_dir)
-  os.replace(tmp, out_dir)
-  return out_dir
+  rundir.write_json(os.path.join(tmp, "generation_config.json"), loading.generation_config(path, config), indent=2)
+  return rundir.replace_dir(tmp, out_dir)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

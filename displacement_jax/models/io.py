@@ -21,6 +21,7 @@ import numpy as np
 from displacement_jax.models import convert
 from displacement_jax.models.config import ModelConfig
 from displacement_jax.models.transformer import Transformer
+from displacement_jax import rundir
 from displacement_jax import sharding as sharding_lib
 
 _ST_DTYPES = {
@@ -124,8 +125,7 @@ def _write_safetensors(file: str, tensors: list[tuple[str, tuple[int, ...], np.d
     offset += nbytes
   blob = json.dumps(header, separators=(",", ":")).encode()
   blob += b" " * (-len(blob) % 8)
-  tmp = file + ".tmp"
-  with open(tmp, "wb") as f:
+  with rundir.atomic(file) as tmp, open(tmp, "wb") as f:
     f.write(struct.pack("<Q", len(blob)))
     f.write(blob)
     for name, shape, dtype, handle in tensors:
@@ -133,7 +133,6 @@ def _write_safetensors(file: str, tensors: list[tuple[str, tuple[int, ...], np.d
       if arr.shape != shape:
         raise ValueError(f"tensor {name!r}: got shape {arr.shape} while writing, expected {shape}")
       f.write(arr.tobytes())
-  os.replace(tmp, file)
 
 
 # ---------------------------------------------------------------------------------------------- loading
@@ -415,13 +414,11 @@ def save_pretrained(
           "metadata": {"total_size": sum(math.prod(e[1]) * store.itemsize for e in entries)},
           "weight_map": {e[0]: n for n, shard in zip(names, shards) for e in shard},
       }
-      with open(os.path.join(out_dir, INDEX_FILE), "w") as f:
-        json.dump(index, f, indent=2)
+      rundir.write_json(os.path.join(out_dir, INDEX_FILE), index, indent=2)
     hf = config.to_hf()
     hf["torch_dtype"] = store.name
     hf["dtype"] = store.name
-    with open(os.path.join(out_dir, "config.json"), "w") as f:
-      json.dump(hf, f, indent=2)
+    rundir.write_json(os.path.join(out_dir, "config.json"), hf, indent=2)
   return out_dir
 
 

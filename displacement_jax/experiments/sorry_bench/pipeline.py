@@ -22,7 +22,7 @@ from typing import Any, Sequence
 import ml_collections
 import numpy as np
 
-from displacement_jax import runtime, scoring, training
+from displacement_jax import rundir, runtime, scoring, training
 from displacement_jax.data import schema
 from displacement_jax.experiments import common
 from displacement_jax.experiments.sorry_bench import generation, judge as judge_lib, labels, refusal
@@ -260,5 +260,5 @@ def run(config: ml_collections.ConfigDict, *, sample_fn: generation.SampleFn | N
   _log(f'sorry: initial refusal rate train {result["initial"]["train"]} test {result["initial"]["test"]}')
   for variant in sc.variants:
     result["variants"][variant] = train_variant(variant, split, loaded, judge, config, sample_fn)
-  common.write_json(os.path.join(config.output_dir, common.RESULT_FILE), result)
+  rundir.write_json(os.path.join(config.output_dir, common.RESULT_FILE), result)
   return result

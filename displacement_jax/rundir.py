@@ -1,0 +1,244 @@
+"""The files of a run directory: every one written atomically, every one read back verified.
+
+Writing: `atomic(path)` gives a temp file of this process's own beside `path`; when the block succeeds the file
+is fsynced, renamed over `path` and the directory fsynced, so a kill or a power cut leaves the old file or the
+new one, never half of one. `write_json`, `write_jsonl`, `write_npz` and `write_bytes` go through it.
+
+Reading: `read_json`, `read_jsonl` and `read_npz` raise `CorruptFileError`, one line naming the file (and the
+line) and what is wrong, instead of a parser's traceback; `salvage_jsonl` keeps the good lines of an appended
+log and reports the others. `seal` / `unseal` put a checksum on each row of an appended file, so that a row
+cut by a kill or edited by hand is recomputed rather than trusted. A directory written in pieces (a checkpoint
+step, an HF export) is complete only once `write_digests` has put its manifest (size and sha256 of every file)
+in it, last; `check_digests` re-hashes against that manifest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import zipfile
+import zlib
+from typing import Any, Iterable, Iterator, Mapping
+
+import numpy as np
+
+_CHUNK = 8 << 20
+SEAL_KEY = "_sha256"  # the checksum field of a sealed row
+
+
+class CorruptFileError(ValueError):
+  """A file of a run that cannot be read back as written: the message names the file and what is wrong."""
+
+  def __init__(self, path: str, reason: str):
+    self.path, self.reason = path, reason
+    super().__init__(f"{path}: {reason}")
+
+
+def _first_line(error: BaseException) -> str:
+  lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+  return lines[0] if lines else type(error).__name__
+
+
+# ------------------------------------------------------------------------------------------------- writing
+
+
+def fsync_dir(directory: str) -> None:
+  """Flush a directory's entries (a rename into it) to disk; a no-op where directories cannot be opened."""
+  with contextlib.suppress(OSError):
+    fd = os.open(directory or ".", os.O_RDONLY)
+    try:
+      os.fsync(fd)
+    finally:
+      os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic(path: str) -> Iterator[str]:
+  """`with atomic(path) as tmp:` write `tmp`; when the block succeeds it is fsynced and renamed over `path` (the
+  directory fsynced too), else removed. An OSError without a file name (a full disk) is re-raised naming `path`."""
+  directory = os.path.dirname(os.path.abspath(path))
+  os.makedirs(directory, exist_ok=True)
+  tmp = f"{path}.{os.getpid()}.tmp{os.path.splitext(path)[1]}"
+  try:
+    yield tmp
+    with open(tmp, "rb+") as f:
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(directory)
+  except BaseException as e:
+    with contextlib.suppress(OSError):
+      os.remove(tmp)
+    if isinstance(e, OSError) and e.filename is None and e.errno is not None:
+      raise OSError(e.errno, e.strerror, path) from e
+    raise
+
+
+def write_bytes(path: str, data: bytes) -> str:
+  """`data` at `path`, atomically; returns `path`."""
+  with atomic(path) as tmp, open(tmp, "wb") as f:
+    f.write(data)
+  return path
+
+
+def write_json(path: str, obj: Any, *, indent: int | None = 1) -> str:
+  """`obj` as JSON at `path`, atomically; returns `path`."""
+  with atomic(path) as tmp, open(tmp, "w") as f:
+    json.dump(obj, f, indent=indent)
+  return path
+
+
+def write_jsonl(path: str, rows: Iterable[Any]) -> str:
+  """One JSON object per line at `path`, atomically; returns `path`."""
+  with atomic(path) as tmp, open(tmp, "w") as f:
+    f.writelines(json.dumps(row) + "\n" for row in rows)
+  return path
+
+
+def write_npz(path: str, arrays: Mapping[str, Any]) -> str:
+  """Arrays as an uncompressed npz at `path` (each member carries its zip CRC-32), atomically; returns `path`."""
+  with atomic(path) as tmp:
+    with open(tmp, "wb") as f:
+      np.savez(f, **{k: np.asarray(v) for k, v in arrays.items()})
+  return path
+
+
+def replace_dir(tmp: str, path: str) -> str:
+  """Put the finished directory `tmp` in place of `path` (an earlier one removed first), the parent fsynced: a
+  reader finds the old directory, none, or the new one whole. Returns `path`."""
+  if os.path.exists(path):
+    shutil.rmtree(path)
+  os.replace(tmp, path)
+  fsync_dir(os.path.dirname(os.path.abspath(path)))
+  return path
+
+
+# ------------------------------------------------------------------------------------------------- reading
+
+
+def read_json(path: str) -> Any:
+  """The JSON value of `path`; CorruptFileError when it does not parse (cut short by a kill, edited)."""
+  try:
+    with open(path, encoding="utf-8") as f:
+      return json.load(f)
+  except (ValueError, UnicodeDecodeError) as e:
+    raise CorruptFileError(path, f"not valid JSON ({_first_line(e)})") from e
+
+
+def salvage_jsonl(path: str) -> tuple[list[Any], list[int]]:
+  """(rows, bad): the rows of every line that parses and the 1-based numbers of those that do not (a last line
+  without its newline counts as cut short, even when what is there parses)."""
+  with open(path, "rb") as f:
+    lines = f.read().split(b"\n")
+  rows, bad = [], []
+  for number, line in enumerate(lines, 1):
+    if not line.strip():
+      continue
+    if number == len(lines):  # no newline after it: the write was cut
+      bad.append(number)
+      continue
+    try:
+      rows.append(json.loads(line))
+    except (ValueError, UnicodeDecodeError):
+      bad.append(number)
+  return rows, bad
+
+
+def read_jsonl(path: str) -> list[Any]:
+  """Every row of a JSON-lines file; CorruptFileError naming the first line that does not parse."""
+  rows, bad = salvage_jsonl(path)
+  if bad:
+    raise CorruptFileError(path, f"line {bad[0]} is not valid JSON (cut short or edited)")
+  return rows
+
+
+def read_npz(path: str) -> dict[str, np.ndarray]:
+  """Every array of an npz (all members read, so each zip CRC-32 is checked); CorruptFileError when one fails."""
+  try:
+    with np.load(path, allow_pickle=False) as data:
+      return {k: np.asarray(data[k]) for k in data.files}
+  except (zipfile.BadZipFile, zlib.error, EOFError, ValueError, KeyError, OSError) as e:
+    if isinstance(e, FileNotFoundError):
+      raise
+    raise CorruptFileError(path, f"not a readable npz ({_first_line(e)})") from e
+
+
+# ------------------------------------------------------------------------------------------- sealed rows
+
+
+def _row_digest(row: Mapping[str, Any]) -> str:
+  return hashlib.sha256(json.dumps(row, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def seal(row: Mapping[str, Any]) -> dict[str, Any]:
+  """`row` with its checksum (SEAL_KEY) added, for a file whose rows are trusted on a later read."""
+  return {**row, SEAL_KEY: _row_digest(row)}
+
+
+def unseal(row: Any) -> dict[str, Any] | None:
+  """The row without its checksum, or None when it has none or it does not match (the row was edited)."""
+  if not isinstance(row, dict) or not isinstance(row.get(SEAL_KEY), str):
+    return None
+  body = {k: v for k, v in row.items() if k != SEAL_KEY}
+  return body if _row_digest(body) == row[SEAL_KEY] else None
+
+
+# ------------------------------------------------------------------------------ directories in several files
+
+
+def file_digests(directory: str, *, skip: str = "") -> dict[str, list[Any]]:
+  """{relative path: [size, sha256]} of every file under `directory` but `skip` (the manifest) and its temps."""
+  out = {}
+  for root, _, files in os.walk(directory):
+    for name in files:
+      path = os.path.join(root, name)
+      rel = os.path.relpath(path, directory)
+      if skip and (rel == skip or rel.startswith(skip + ".")):
+        continue
+      digest = hashlib.sha256()
+      with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+          digest.update(chunk)
+      out[rel] = [os.path.getsize(path), digest.hexdigest()]
+  return dict(sorted(out.items()))
+
+
+def write_digests(directory: str, manifest: str, **facts: Any) -> str:
+  """The manifest of a finished directory (every file's size and sha256, and `facts`), written last and
+  atomically: its presence is the directory's completion marker. Returns its path."""
+  return write_json(os.path.join(directory, manifest), {"files": file_digests(directory, skip=manifest), **facts})
+
+
+def read_manifest(directory: str, manifest: str) -> dict[str, Any] | None:
+  """The manifest of `directory`, or None when there is none or it does not parse."""
+  try:
+    record = read_json(os.path.join(directory, manifest))
+  except (OSError, CorruptFileError):
+    return None
+  return record if isinstance(record, dict) and isinstance(record.get("files"), dict) else None
+
+
+def check_digests(directory: str, manifest: str) -> str | None:
+  """None when every file of `directory`'s manifest is there with its size and sha256, else the first reason not."""
+  path = os.path.join(directory, manifest)
+  if not os.path.exists(path):
+    return f"no {manifest}: its save never completed"
+  try:
+    expected = read_json(path)["files"]
+    sizes = {rel: int(size) for rel, (size, _) in expected.items()}
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    return f"unreadable {manifest} ({e.reason if isinstance(e, CorruptFileError) else _first_line(e)})"
+  for rel, size in sizes.items():
+    file = os.path.join(directory, rel)
+    if not os.path.isfile(file):
+      return f"{rel} is missing"
+    actual = os.path.getsize(file)
+    if actual != size:
+      return f"{rel} has {actual} bytes, {size} were written"
+  actual_digests = file_digests(directory, skip=manifest)
+  for rel, (_, sha) in expected.items():
+    if actual_digests.get(rel, [None, None])[1] != sha:
+      return f"{rel} does not match its checksum"
+  return None
