@@ -50,7 +50,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.data.path = ""  # preference jsonl file or a supported HF dataset id
   config.data.split = "train"  # split of an HF dataset id
   config.data.schema = "auto"  # 'auto' (from the path) | 'generic' | 'ultrafeedback' | 'alpaca_farm' | 'persona'
-  config.data.format = "raw"  # 'raw' | 'prompter_assistant' | 'chat_template'
+  config.data.format = "raw"  # 'raw' | 'prompter_assistant' | 'chat_template' | 'persona' | 'auto' (tokenizer's)
   config.data.single_token = False  # responses are single vocabulary tokens (persona experiments)
   config.data.max_length = 512  # prompt + response tokens; longer pairs are truncated and counted
   config.data.truncation = "truncate_response"  # too-long response: 'truncate_response' (cut + counted) | 'error'

@@ -5,8 +5,8 @@
         --config.data.path=my_pairs.jsonl --config.export_hf=True
 
 The arg names the model (HF dir, hub id, .gguf file or packaged name; default 'smollm2-135m-instruct'). Like
-configs/score.py, an instruct GGUF/packaged model uses its chat template, any other model the paper's
-`<|prompter|>...<|assistant|>` format with the special tokens added. Batch 32, one epoch, max 512 tokens; the
+configs/score.py, the prompt format follows the tokenizer (data.format='auto'): its chat template when it has one,
+else the paper's `<|prompter|>...<|assistant|>` format with the markers added as tokens (printed at start). Batch 32, one epoch, max 512 tokens; the
 displacement monitor runs every 10 steps. Without a data.path override the shipped 24-row jsonl is used.
 """
 

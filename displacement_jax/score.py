@@ -109,6 +109,8 @@ def score_and_write(
   """(results, summary, filter record): the model loaded, the rows not in `done` scored (each finished batch
   appended to scores.partial.jsonl), and on process 0 the outputs written."""
   loaded = runtime.load_model(config, mesh)
+  if primary:
+    print(loaded.setup_line, flush=True)
   progress = outputs.Progress(config.output_dir) if primary else None
   try:
     results = scoring.score_examples(
@@ -129,7 +131,9 @@ def score_and_write(
   summary.update(
       data_path=config.data.path,
       model=config.model.get("path") or config.model.get("tiny"),
-      format=config.data.format,
+      format=loaded.identity["data_format"],
+      vocab_size=int(loaded.model_config.vocab_size),
+      added_tokens=loaded.identity["added_tokens"],
       max_length=int(config.data.max_length),
       devices=int(mesh.size),
       data_checks=checks.record(),

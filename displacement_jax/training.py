@@ -102,6 +102,7 @@ def train(
   """The body of `run` once output_dir is locked: `resumed_from` is (step, meta) of the checkpoint to resume."""
   resume = resumed_from is not None
   loaded = runtime.load_model(config, mesh)
+  log(loaded.setup_line)
   dataset = runtime.load_data(config, loaded.tokenizer, loaded.model_config.vocab_size)
   log(f"data: {len(dataset.pairs)} pairs from {config.data.path}; truncation: {dataset.truncation}")
   for warning in dataset.checks.warnings(str(config.data.path)):
@@ -139,6 +140,9 @@ def train(
           "event": "resume" if resume else "start",
           "total_steps": total_steps,
           "reference_from_cache": from_cache,
+          "data/format": loaded.identity["data_format"],
+          "model/added_tokens": loaded.identity["added_tokens"],
+          "model/vocab_size": loaded.model_config.vocab_size,
           **{f"data/{k}": v for k, v in dataset.truncation.items()},
           **{f"data/{k}": v for k, v in dataset.checks.record().items()},
       },
