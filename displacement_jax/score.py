@@ -218,6 +218,23 @@ def write_outputs(
   return record
 
 
+# The config fields scoring does not read (training's): --help leaves them out.
+SKIPPED_FIELDS = (
+    "main",
+    "num_epochs",
+    "num_steps",
+    "export_hf",
+    "log_every",
+    "overwrite",
+    "loss.",
+    "optim.",
+    "checkpoint.",
+    "eval.",
+    "reference.",
+    "debug.",
+)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   """CLI entry; returns 0, 1 (bad input, a failed run: one-line message on stderr) or 2 (bad flags, output_dir
   in use, a refused --resume)."""
@@ -226,6 +243,7 @@ def main(argv: Sequence[str] | None = None) -> int:
       "Scoring preference pairs by CHES, LN-CHES, edit distance and last-hidden inner product",
       bools=[("resume", "continue an interrupted run in output_dir from its last finished batch")],
       prog="displacement_jax.score",
+      help_skip=SKIPPED_FIELDS,
       help_extra="measures: "
       + ", ".join(scoring.MEASURES)
       + "; filter modes: none, lowest_k, lowest_fraction, quantile_window",
