@@ -36,5 +36,7 @@ setup(
     extras_require={
         # torch + accelerate: the HF PyTorch references (accelerate for transformers' own GGUF loading).
         "test": ["pytest>=8", "hypothesis>=6.100", "torch==2.13.0", "accelerate>=1.0"],
+        # the viewer of output_dir/tensorboard/ (training writes the events with tensorboardX, which has none)
+        "tensorboard": ["tensorboard"],
     },
 )

@@ -50,7 +50,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.data.path = ""  # preference jsonl file or a supported HF dataset id
   config.data.split = "train"  # split of an HF dataset id
   config.data.schema = "auto"  # 'auto' (from the path) | 'generic' | 'ultrafeedback' | 'alpaca_farm' | 'persona'
-  config.data.format = "raw"  # 'raw' | 'prompter_assistant' | 'chat_template'
+  config.data.format = "raw"  # 'raw' | 'prompter_assistant' | 'chat_template' | 'persona' | 'auto' (tokenizer's)
   config.data.single_token = False  # responses are single vocabulary tokens (persona experiments)
   config.data.max_length = 512  # prompt + response tokens; longer pairs are truncated and counted
   config.data.truncation = "truncate_response"  # too-long response: 'truncate_response' (cut + counted) | 'error'
@@ -95,7 +95,7 @@ def get_base_config() -> ml_collections.ConfigDict:
 
   config.checkpoint = ml_collections.ConfigDict()
   config.checkpoint.every = 0  # > 0: orbax checkpoint every N steps (and always at the end)
-  config.checkpoint.keep = 2  # keep the newest N checkpoints
+  config.checkpoint.keep = 1  # keep the newest N checkpoints (1: what --resume needs; each is params + optimizer state)
   config.checkpoint.at_end = True  # also save the final state (what --resume or a continued run starts from)
   config.checkpoint.async_save = True  # save in the background while training continues
 
@@ -104,6 +104,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.eval.top_k = 10  # single-token mode: top-k tokens by probability gain
   config.eval.max_samples = 256  # monitor on at most this many training pairs (fixed subset)
   config.eval.warning_nats = 0.01  # displacement WARNING: mean y+ log-prob this far below its reference, and falling
+  config.eval.warning_share = 0.25  # displacement WARNING: this share of monitored pairs has y+ below its reference
+  config.eval.warning_drop_nats = 1.0  # displacement WARNING: mean y+ change this many nats below its peak so far
+  config.eval.show_fell = 5  # the monitor line and metrics name the rows of the k pairs whose y+ fell most
 
   config.reference = ml_collections.ConfigDict()
   config.reference.cache = True  # cache reference log-probs on disk (npz) and reuse on a key match

@@ -5,9 +5,16 @@
         --config.data.path=my_pairs.jsonl --config.export_hf=True
 
 The arg names the model (HF dir, hub id, .gguf file or packaged name; default 'smollm2-135m-instruct'). Like
-configs/score.py, an instruct GGUF/packaged model uses its chat template, any other model the paper's
-`<|prompter|>...<|assistant|>` format with the special tokens added. Batch 32, one epoch, max 512 tokens; the
+configs/score.py, the prompt format follows the tokenizer (data.format='auto'): its chat template when it has one,
+else the paper's `<|prompter|>...<|assistant|>` format with the markers added as tokens (printed at start). Batch 32, one epoch, max 512 tokens; the
 displacement monitor runs every 10 steps. Without a data.path override the shipped 24-row jsonl is used.
+
+    python -m displacement_jax.train --config=configs/dpo.py:trl                        # TRL DPOConfig's defaults
+    python -m displacement_jax.train --config=configs/dpo.py:/path/to/hf_dir,trl
+
+The `trl` variant takes TRL's defaults instead (docs/sections/trl.md): AdamW lr 1e-6 with a linear decay, gradient
+clipping at 1.0, 8 pairs per step, 3 epochs, max_length 1024, TRL's tokenization, the pad embedding frozen as HF's
+padding_idx, a row every 10 steps, seed 42 (weights stay fp32: TRL's bf16 default needs an accelerator).
 """
 
 from __future__ import annotations
@@ -18,7 +25,10 @@ from configs import score
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  config = score.get_config(arg)
+  model, variant = arg, ""
+  if arg == "trl" or (arg or "").endswith(",trl"):  # 'trl' or 'MODEL,trl'
+    model, variant = arg[: -len("trl")].rstrip(",") or None, "trl"
+  config = score.get_config(model)
   del config["filter"]
   config.output_dir = "runs/dpo"
   config.data.limit = 0
@@ -30,4 +40,19 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.num_epochs = 1
   config.eval.every = 10
   config.checkpoint.every = 100
+  return trl_defaults(config) if variant == "trl" else config
+
+
+def trl_defaults(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """TRL DPOConfig's defaults (one device, no accumulation) on our fields; the table is docs/sections/trl.md."""
+  config.optim.update(name="adamw", lr=1e-6, schedule="linear", warmup_steps=0, clip=1.0, weight_decay=0.0)
+  config.batch_size = 8  # per_device_train_batch_size 8 x 1 device x gradient_accumulation_steps 1
+  config.num_epochs = 3
+  config.data.max_length = 1024
+  config.data.tokenization = "trl"
+  config.model.freeze_pad_embedding = True
+  config.log_every = 10  # logging_steps
+  config.checkpoint.every = 500  # save_steps
+  config.seed = 42
+  config.output_dir = "runs/dpo_trl"
   return config

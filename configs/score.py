@@ -6,9 +6,11 @@
 
 The arg names the model: an HF dir, a hub id (offline: must be in the HF cache), a .gguf file or a packaged
 name (default 'smollm2-135m-instruct', see models.load). Defaults are Section 5's: 5000 random rows (when the
-dataset has more), max 512 tokens, response + EOS. A packaged/GGUF instruct model formats pairs with its own chat
-template; any other model uses the paper's base-model format `<|prompter|>{prompt}<|assistant|>` with the special
-tokens added. Without a data.path override the shipped 24-row jsonl is scored (offline).
+dataset has more), max 512 tokens, response + EOS. The prompt format follows the tokenizer (data.format='auto'):
+its chat template when it has one, else the paper's base-model format `<|prompter|>{prompt}<|assistant|>` with
+those markers added as new tokens; so one model scores the same whichever way it is named (packaged name, .gguf
+file, HF dir). The choice and any vocabulary change are printed in one line at start and recorded (summary.json
+`format`, `vocabulary`). Without a data.path override the shipped 24-row jsonl is scored (offline).
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ import os
 import ml_collections
 
 from configs import base, score_tiny
-from displacement_jax.models import packaged
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
@@ -34,9 +35,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.data.limit = 5000  # Section 5: 5000 random rows (all rows when there are fewer)
   config.data.max_length = 512
   config.data.truncation = "truncate_response"
-  instruct = packaged.is_gguf(model)
-  config.data.format = "chat_template" if instruct else "prompter_assistant"
-  config.data.add_special_tokens = not instruct
+  config.data.format = "auto"  # the tokenizer's chat template, else <|prompter|>...<|assistant|> (tokens added)
   config.batch_size = 8
   config.filter = score_tiny.get_filter_config()
   return config

@@ -23,10 +23,13 @@ ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))
 def get_filter_config() -> ml_collections.ConfigDict:
   """The `filter` block shared by score configs (displacement_jax.filtering)."""
   f = ml_collections.ConfigDict()
-  f.mode = "none"  # 'none' | 'lowest_k' | 'lowest_fraction' | 'quantile_window'
+  f.mode = (
+      "none"  # 'none' | 'lowest_k' | 'lowest_fraction' | 'drop_highest_k' | 'drop_highest_fraction' | 'quantile_window'
+  )
   f.measure = "ln_ches"  # 'ches' | 'ln_ches' | 'minus_normalized_edit_distance' | 'last_hidden_inner_product'
-  f.k = 0  # lowest_k: keep this many rows (lowest scores)
-  f.fraction = 0.0  # lowest_fraction: keep round(fraction * N) rows (paper's SORRY-Bench filter: 0.05)
+  f.k = 0  # lowest_k: keep this many rows (lowest scores); drop_highest_k: drop this many (highest scores)
+  f.fraction = 0.0  # lowest_fraction: keep round(fraction * N) rows (SORRY-Bench: 0.05); drop_highest_fraction: drop
+  f.top_k = 10  # the riskiest rows by the measure: printed, written to risky.jsonl, marked in the histogram
   f.q = 0.5  # quantile_window: quantile in [0, 1] of the ascending-sorted scores
   f.window = 512  # quantile_window: window size centred at round(q (N-1)), clipped to [0, N)
   return f

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import difflib
 import os
 import re
@@ -11,6 +12,7 @@ from typing import Any, Callable, Sequence
 from absl import flags
 from ml_collections import config_flags
 
+from displacement_jax import config_checks, trl_names
 from displacement_jax.errors import Interrupted, UsageError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -37,8 +39,19 @@ def config_field_docs(
   return out
 
 
-def print_help(prog: str, what: str, bools: Sequence[tuple[str, str]], extra: str) -> None:
-  """The --help text: usage, flags, every config field with its default and doc, and `extra` (e.g. pipelines)."""
+def print_help(
+    prog: str,
+    what: str,
+    bools: Sequence[tuple[str, str]],
+    extra: str,
+    *,
+    config: Any = None,
+    config_file: str = "",
+    skip: Sequence[str] = (),
+) -> None:
+  """The --help text: usage, flags, the config fields the entry point reads (not starting with one of `skip`)
+  with their values in `config` (the given --config's; * where it differs from configs/base.py) or, without
+  one, the base defaults, each with its doc, and `extra` (e.g. pipelines)."""
   print(
       f"usage: python -m {prog} --config=configs/<name>.py[:arg] [--config.<field>=<value> ...]"
       + "".join(f" [--{name}]" for name, _ in bools)
@@ -47,11 +60,50 @@ def print_help(prog: str, what: str, bools: Sequence[tuple[str, str]], extra: st
   print("\nflags:\n  --config=FILE[:ARG]   the config file (its get_config(arg) gets ARG)")
   for name, help_text in bools:
     print(f"  --{name:<19} {help_text}")
-  print("\nconfig fields (defaults of configs/base.py; a config file may change them):")
-  for name, default, doc in config_field_docs():
-    print(f"  {name:<32} {default:<22} {doc}")
+  reads = lambda name: not name.startswith(tuple(skip))
+  docs = [(name, default, doc) for name, default, doc in config_field_docs() if reads(name)]
+  if config is None:
+    print("\nconfig fields (defaults of configs/base.py; a config file may change them):")
+    for name, default, doc in docs:
+      print(f"  {name:<32} {default:<22} {doc}")
+  else:
+    values = config_checks.flatten(config)
+    print(f"\nconfig fields (values of {config_file}; * = not the configs/base.py default):")
+    for name, default, doc in docs:
+      if name in values:
+        value = repr(values[name]).replace("'", '"')
+        mark = " " if _literal(default) == values[name] else "*"
+        print(f"  {name:<32}{mark}{value:<22} {doc}")
+    for name in sorted(set(values) - {n for n, _, _ in docs}):
+      if reads(name):
+        print(f"  {name:<32}*{repr(values[name])}")
   if extra:
     print("\n" + extra)
+
+
+def _literal(text: str) -> Any:
+  """The Python value of a default as written in configs/base.py (the text itself when it is not a literal)."""
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text
+
+
+def load_config_for_help(argv: Sequence[str]) -> tuple[Any, str]:
+  """(the config of argv's --config with its overrides, its file) for --help; (None, '') without one or when
+  it does not load (the help then shows the base defaults)."""
+  given = [a for a in argv[1:] if a.startswith("--config")]
+  files = [a.split("=", 1)[1] for a in given if a.startswith("--config=")]
+  if not files or not os.path.isfile(files[0].split(":", 1)[0]):
+    return None, ""
+  add_config_root(files[0].split(":", 1)[0])
+  probe = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "", flag_values=probe, lock_config=False, sys_argv=argv[:1] + given)
+  try:
+    probe(argv[:1] + given)
+  except Exception:  # pylint: disable=broad-except  (help never fails: it falls back to the base defaults)
+    return None, ""
+  return probe.config, files[0]
 
 
 def parse_config_flags(
@@ -61,18 +113,29 @@ def parse_config_flags(
     bools: Sequence[tuple[str, str]] = (),
     prog: str = "displacement_jax",
     help_extra: str = "",
+    help_skip: Sequence[str] = (),
 ) -> tuple[Any, int]:
   """(absl FlagValues, 0) for a valid command line, (None, 2) after printing a one-line error, or (None, 0)
   after printing the --help text.
 
   Defines `--config` (an ml_collections config file, every field overridable as `--config.a.b=value`) and one
   boolean flag per (name, help) in `bools`. The config file's repository root goes on sys.path first, so
-  configs can import their siblings (`from configs import base`).
+  configs can import their siblings (`from configs import base`). TRL's DPOConfig names are rewritten to ours
+  first (trl_names.translate; each printed once as 'beta -> loss.beta'). --help lists the fields starting with
+  none of `help_skip` (the fields this entry point does not read) with the given config's values.
   """
   argv = list(sys.argv if argv is None else argv)
   if any(a in ("--help", "-h", "--helpfull", "-help") for a in argv[1:]):
-    print_help(prog, what, bools, help_extra)
+    config, config_file = load_config_for_help(argv)
+    print_help(prog, what, bools, help_extra, config=config, config_file=config_file, skip=help_skip)
     return None, 0
+  try:
+    argv, renamed = trl_names.translate(argv)
+  except UsageError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return None, 2
+  for line in renamed:
+    print(f"TRL name: {line}", flush=True)
   for arg in argv[1:]:
     if arg.startswith("--config="):
       path = arg.split("=", 1)[1].split(":", 1)[0]
@@ -183,6 +246,9 @@ def unknown_override(argv: Sequence[str], error: BaseException) -> str:
         near = difflib.get_close_matches(key, fields, n=1)
         where = ".".join(path[:depth]) or "the config"
         hint = f"; did you mean {'.'.join(path[:depth] + near[:1])!r}?" if near else ""
+        alias = trl_names.ALIASES.get(key)
+        if alias is not None and alias.ours:  # a TRL name under a group: name our field
+          hint = f"; TRL's {key!r} is {alias.ours!r} here (--{key}=... works too)"
         return f'--config.{".".join(path)}: {where} has no field {key!r}{hint}'
       node = node[key]
   return f"{type(error).__name__}: {_last_line(str(error))}"

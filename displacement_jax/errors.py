@@ -6,13 +6,14 @@ from typing import Any
 
 
 class DataError(ValueError):
-  """A bad input row: names the file (or dataset id), the 0-based row and the field."""
+  """A bad input row: names the file (or dataset id), the 0-based row (and, for a jsonl file, its line) and the
+  field."""
 
   def __init__(self, file: str, row: int | None, field: str | None, message: str):
     self.file, self.row, self.field, self.message = file, row, field, message
     where = [f"file {file!r}"]
-    if row is not None:
-      where.append(f"row {row}")
+    if row is not None:  # a jsonl row is its 0-based line index: name the 1-based line an editor shows too
+      where.append(f"row {row} (0-based; line {row + 1})" if str(file).endswith(".jsonl") else f"row {row} (0-based)")
     if field is not None:
       where.append(f"field {field!r}")
     super().__init__(f"{', '.join(where)}: {message}")

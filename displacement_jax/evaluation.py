@@ -81,7 +81,8 @@ class Monitor:
       mesh: Any,
   ):
     self.fns, self.rows, self.ref, self.n = fns, rows, ref, len(rows)
-    self.top_k = int(config.eval.top_k)
+    self.top_k, self.show_fell = int(config.eval.top_k), int(config.eval.get("show_fell", 5))
+    self.row_index = [int(dataset.pairs[i].index) for i in rows]  # the monitored pairs' 0-based rows in the data
     dp = sharding.data_parallel_size(mesh)
     self.batch_np = monitor_batch(dataset, rows, config, dp, ref)
     self.batch = sharding.global_batch_to_devices(packed_monitor_batch(self.batch_np, dataset, config, dp), mesh)
@@ -101,6 +102,14 @@ class Monitor:
             logps["rejected_logps_B"][:n],
             self.ref["monitor_chosen_ref_logps"],
             self.ref["monitor_rejected_ref_logps"],
+        )
+    )
+    out.update(
+        monitor_lib.fallen_pairs(
+            logps["chosen_logps_B"][:n] - self.ref["monitor_chosen_ref_logps"],
+            self.ref["monitor_chosen_ref_logps"],
+            self.row_index,
+            self.show_fell,
         )
     )
     if self.fns.next_token is not None:
@@ -138,4 +147,20 @@ def warning_after(
       prev.get("loss"),
       prev.get("preferred"),
       nats=float(config.eval.get("warning_nats", monitor_lib.WARNING_NATS)),
+  )
+
+
+def more_warnings(
+    step: int, metrics: dict[str, Any], prev: dict[str, Any], config: ml_collections.ConfigDict
+) -> list[str]:
+  """The share and peak warnings of this evaluation (monitor.share_and_peak_warnings with eval.warning_share and
+  eval.warning_drop_nats; `prev` holds the previous eval's 'share' and the earlier evals' 'peak')."""
+  return monitor_lib.share_and_peak_warnings(
+      step,
+      metrics["monitor/share_preferred_fell"],
+      metrics["monitor/preferred_logprob_change"],
+      prev.get("share"),
+      prev.get("peak"),
+      share_threshold=float(config.eval.get("warning_share", monitor_lib.WARNING_SHARE)),
+      drop_nats=float(config.eval.get("warning_drop_nats", monitor_lib.WARNING_DROP_NATS)),
   )

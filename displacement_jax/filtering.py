@@ -1,7 +1,9 @@
 """Select training subsets by a per-example score (CHES, LN-CHES, edit distance, ...).
 
 All selectors sort the scores ascending with a *stable* sort (ties keep dataset order) and return
-the selected positions into `scores` as an int64 array, ordered by ascending score.
+the selected positions into `scores` as an int64 array, ordered by ascending score. `lowest_*` keep the safest
+rows; `drop_highest_*` drop the riskiest (highest-score) rows and keep the rest, so
+`drop_highest_fraction=0.1` keeps N - round(0.1 N) rows.
 
 Quantile windows follow the paper's Section 5 protocol: sort by the measure ascending and take the
 `window`-sample window centred at `round(q * (N - 1))`, shifted (not truncated) so that it stays inside
@@ -16,7 +18,7 @@ from typing import Sequence
 
 import numpy as np
 
-MODES = ("none", "lowest_k", "lowest_fraction", "quantile_window")
+MODES = ("none", "lowest_k", "lowest_fraction", "drop_highest_k", "drop_highest_fraction", "quantile_window")
 
 
 def _as_scores(scores: Sequence[float] | np.ndarray) -> np.ndarray:
@@ -73,6 +75,22 @@ def lowest_fraction(scores: Sequence[float] | np.ndarray, fraction: float) -> np
   return order[: fraction_to_k(order.size, fraction)]
 
 
+def drop_highest_k(scores: Sequence[float] | np.ndarray, k: int) -> np.ndarray:
+  """Positions of every score but the `k` highest (0 <= k < N), ascending by score, stable on ties."""
+  order = sort_order(scores)
+  if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
+    raise ValueError(f"k must be an integer, got {k!r}")
+  if not 0 <= k < order.size:
+    raise ValueError(f"k must be in [0, N={order.size}) (at least one row must stay), got k={k}")
+  return order[: order.size - k]
+
+
+def drop_highest_fraction(scores: Sequence[float] | np.ndarray, fraction: float) -> np.ndarray:
+  """Positions of every score but the highest `fraction` (round-half-up(fraction N) rows, `fraction_to_k`)."""
+  order = sort_order(scores)
+  return drop_highest_k(scores, min(fraction_to_k(order.size, fraction), order.size - 1))
+
+
 def window_bounds(n: int, q: float, window: int) -> tuple[int, int]:
   """[start, stop) of the `window`-sample window centred at round(q (n-1)) in sorted order, clipped."""
   if isinstance(q, bool) or not isinstance(q, (int, float, np.floating)) or not 0.0 <= float(q) <= 1.0:
@@ -113,6 +131,14 @@ def select(
     if fraction is None:
       raise ValueError("filter mode 'lowest_fraction' needs filter.fraction")
     return lowest_fraction(scores, fraction)
+  if mode in ("drop_highest_k", "drop_highest_fraction"):
+    if mode == "drop_highest_k":
+      if k is None:
+        raise ValueError("filter mode 'drop_highest_k' needs filter.k")
+      return drop_highest_k(scores, k)
+    if fraction is None:
+      raise ValueError("filter mode 'drop_highest_fraction' needs filter.fraction")
+    return drop_highest_fraction(scores, fraction)
   if mode == "quantile_window":
     if q is None:
       raise ValueError("filter mode 'quantile_window' needs filter.q")

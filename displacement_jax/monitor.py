@@ -232,4 +232,54 @@ def format_line(step: int, metrics: dict[str, Any]) -> str:
     parts.append(
         f"gainers {metrics[PREFIX + 'top_k_gainers_tokens']} " f"predicted {metrics[PREFIX + 'top_k_predicted_tokens']}"
     )
+  if metrics.get(PREFIX + "fell_rows"):
+    fallen = zip(metrics[PREFIX + "fell_rows"], metrics[PREFIX + "fell_changes"])
+    parts.append("y+ fell most: " + ", ".join(f"row {r} ({c:+.3g})" for r, c in fallen))
   return f"monitor step {step}: " + " | ".join(parts)
+
+
+# A share of the monitored pairs whose preferred log-prob fell (Definition 1) at or above this warns
+# (eval.warning_share), as does a mean preferred change this many nats below its peak (eval.warning_drop_nats).
+WARNING_SHARE = 0.25
+WARNING_DROP_NATS = 1.0
+
+
+def fallen_pairs(
+    preferred_change_B: np.ndarray, preferred_ref_B: np.ndarray, rows_B: Sequence[int], k: int
+) -> dict[str, list]:
+  """The (at most) k monitored pairs whose preferred log-prob fell most (Definition 1, `fell`), most fallen
+  first: their row indices in the data (`rows_B`, 0-based) and their changes in nats."""
+  change = np.asarray(preferred_change_B, np.float64)
+  fallen = np.flatnonzero(fell(change, np.asarray(preferred_ref_B, np.float64)))
+  worst = fallen[np.argsort(change[fallen], kind="stable")][: max(int(k), 0)]
+  return {
+      PREFIX + "fell_rows": [int(rows_B[i]) for i in worst],
+      PREFIX + "fell_changes": [float(change[i]) for i in worst],
+  }
+
+
+def share_and_peak_warnings(
+    step: int,
+    share: float,
+    preferred_change: float,
+    prev_share: float | None,
+    peak: float | None,
+    *,
+    share_threshold: float = WARNING_SHARE,
+    drop_nats: float = WARNING_DROP_NATS,
+) -> list[str]:
+  """Warnings the mean alone misses: a share of pairs at or above `share_threshold` whose preferred log-prob
+  fell (when it did not shrink since the previous eval), and a mean preferred change more than `drop_nats` below
+  its peak so far (`peak`: the highest mean change of the earlier evals; None at the first)."""
+  out = []
+  if share >= share_threshold and (prev_share is None or share >= prev_share):
+    out.append(
+        f"WARNING likelihood displacement at step {step}: the preferred log-prob fell for {share:.0%} of the monitored "
+        f"pairs (eval.warning_share={share_threshold:g})"
+    )
+  if peak is not None and peak - preferred_change > drop_nats:
+    out.append(
+        f"WARNING likelihood displacement at step {step}: the mean preferred log-prob change fell from its peak "
+        f"{peak:+.4g} to {preferred_change:+.4g} (more than eval.warning_drop_nats={drop_nats:g})"
+    )
+  return out

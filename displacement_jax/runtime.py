@@ -33,6 +33,7 @@ class Loaded:
   model_config: Any
   tokenizer: Any
   identity: dict[str, Any]
+  setup_line: str = ""  # the prompt format and any vocabulary change, printed once at start (`setup_line`)
 
 
 def load_tokenizer(config: ml_collections.ConfigDict) -> Any:
@@ -76,12 +77,17 @@ def load_model(config: ml_collections.ConfigDict, mesh: Any = None) -> Loaded:
   identity.update(
       dtype=dtype, param_dtype=param_dtype, tokenizer=mc.get("tokenizer") or "", tokenizer_vocab=len(tokenizer)
   )
-  if config.data.get("add_special_tokens"):
+  data_format, special = prompt_format(config.data, tokenizer)
+  vocab_before, old_vocab = model_config.vocab_size, set(tokenizer.get_vocab())
+  if special:
     tokenizer, params, model_config = tokenizer_lib.add_special_tokens_and_resize(
         tokenizer, params, model_config, seed=int(config.seed)
     )
     model = models.Transformer(model_config)
     identity["special_tokens_seed"] = int(config.seed)
+  added = sorted(set(tokenizer.get_vocab()) - old_vocab, key=tokenizer.convert_tokens_to_ids)
+  identity.update(data_format=data_format, added_tokens=added, vocab_size=model_config.vocab_size)
+  line = setup_line(config.data.get("format", "raw"), data_format, added, vocab_before, model_config.vocab_size)
   if freeze_pad:  # HF/TRL behaviour: the pad token's input-embedding row gets no gradient from lookups
     model_config = model_config.replace(freeze_pad_embedding=True)
     model = models.Transformer(model_config)
@@ -92,7 +98,35 @@ def load_model(config: ml_collections.ConfigDict, mesh: Any = None) -> Loaded:
       source=f'tokenizer/model vocabulary mismatch (model {mc.get("path") or mc.get("tiny")!r}, '
       f'tokenizer {mc.get("tokenizer") or "of the model"!r})',
   )
-  return Loaded(model, params, model_config, tokenizer, identity)
+  return Loaded(model, params, model_config, tokenizer, identity, line)
+
+
+def prompt_format(data_config: ml_collections.ConfigDict, tokenizer: Any) -> tuple[str, bool]:
+  """(concrete format, add special tokens): data.format 'auto' follows the tokenizer (its chat template when it
+  has one, else the paper's `<|prompter|>...<|assistant|>` format, whose markers are then added as tokens);
+  any other format is taken as given, with the tokens of data.add_special_tokens."""
+  requested = data_config.get("format", "raw")
+  data_format = tokenize.resolve_format(requested, tokenizer)
+  special = bool(data_config.get("add_special_tokens"))
+  return data_format, special or (requested == "auto" and data_format == "prompter_assistant")
+
+
+def setup_line(requested: str, data_format: str, added: Sequence[str], vocab_before: int, vocab_after: int) -> str:
+  """One line: the prompt format (and why, for 'auto') and the vocabulary change, if any."""
+  why = ""
+  if requested == "auto":
+    why = (
+        " (the tokenizer's chat template)"
+        if data_format == "chat_template"
+        else " (the tokenizer has no chat template)"
+    )
+  vocab = f"vocabulary unchanged ({vocab_after} rows)"
+  if added or vocab_after != vocab_before:
+    vocab = (
+        f"vocabulary {vocab_before} -> {vocab_after} rows: added {len(added)} token(s) {', '.join(added)} with a "
+        "seeded random init"
+    )
+  return f"prompt format: {data_format}{why}; {vocab}"
 
 
 @dataclasses.dataclass

@@ -7,7 +7,9 @@ r"""Scoring CLI: score a preference dataset by CHES and the baselines, then opti
 The measures and their exact positions are documented in displacement_jax.scoring.
 
 Outputs in `output_dir`: scores.jsonl (one object per row, dataset order, with its `index`), summary.json
-(count, mean, std and quantiles of each measure, truncation and suspicious-data counts), ln_ches_hist.png, and
+(count, mean, std and quantiles of each measure, truncation and suspicious-data counts), risky.jsonl (the
+filter.top_k riskiest rows by filter.measure with row index, scores, ranks and excerpts, also printed),
+ln_ches_hist.png (the filter's cutoff and the riskiest rows marked), and
 with `filter.mode != 'none'`: filtered.jsonl (the selected original rows in the generic preference jsonl
 schema, dataset order, ready for `displacement_jax.train`) and filtered_indices.json. run.json says "running"
 until every output is written, then "complete"; each output is written to a temp file and renamed; a fresh run
@@ -27,7 +29,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from displacement_jax import cli, config_checks, rundir, runlock, runtime, scoring, sharding
+from displacement_jax import cli, config_checks, filtering, rundir, runlock, runtime, scoring, sharding
 from displacement_jax import score_outputs as outputs
 from displacement_jax.data import checks as data_checks
 from displacement_jax.data import schema
@@ -89,9 +91,11 @@ def run(config: ml_collections.ConfigDict, *, resume: bool = False) -> dict[str,
       flush=True,
   )
   if record is not None:
+    dropped = record["dropped"]
     print(
         f'filter {record["mode"]} on {record["measure"]}: kept {record["num_selected"]} of {len(results)} rows -> '
-        f"{config.output_dir}/{outputs.FILTERED_FILE}",
+        f"{config.output_dir}/{outputs.FILTERED_FILE}; dropped {len(dropped)} (0-based rows): "
+        + (", ".join(map(str, dropped[:50])) + (" ..." if len(dropped) > 50 else "") if dropped else "none"),
         flush=True,
     )
   return {"results": results, "summary": summary, "filter": record}
@@ -109,6 +113,8 @@ def score_and_write(
   """(results, summary, filter record): the model loaded, the rows not in `done` scored (each finished batch
   appended to scores.partial.jsonl), and on process 0 the outputs written."""
   loaded = runtime.load_model(config, mesh)
+  if primary:
+    print(loaded.setup_line, flush=True)
   progress = outputs.Progress(config.output_dir) if primary else None
   try:
     results = scoring.score_examples(
@@ -129,7 +135,9 @@ def score_and_write(
   summary.update(
       data_path=config.data.path,
       model=config.model.get("path") or config.model.get("tiny"),
-      format=config.data.format,
+      format=loaded.identity["data_format"],
+      vocab_size=int(loaded.model_config.vocab_size),
+      added_tokens=loaded.identity["added_tokens"],
       max_length=int(config.data.max_length),
       devices=int(mesh.size),
       data_checks=checks.record(),
@@ -203,18 +211,47 @@ def write_outputs(
     selected: np.ndarray | None,
     filter_cfg: ml_collections.ConfigDict,
 ) -> dict[str, Any] | None:
-  """scores.jsonl, summary.json, the histogram and (with a filter) the filtered files, each written to a temp
-  file and renamed; returns the filter record."""
-  os.makedirs(config.output_dir, exist_ok=True)
-  outputs.write_scores(results, os.path.join(config.output_dir, outputs.SCORES_FILE))
+  """scores.jsonl, risky.jsonl (the filter.top_k riskiest rows, also printed), summary.json, the histogram (the
+  filter's cutoff and the riskiest rows marked) and (with a filter) the filtered files, each written to a temp file
+  and renamed; returns the filter record."""
+  out = config.output_dir
+  os.makedirs(out, exist_ok=True)
+  outputs.write_scores(results, os.path.join(out, outputs.SCORES_FILE))
+  measure = filter_cfg.get("measure", "ln_ches")
+  risky = outputs.riskiest(examples, results, int(filter_cfg.get("top_k", 10)), measure)
+  outputs.write_risky(risky, os.path.join(out, outputs.RISKY_FILE))
+  for line in outputs.risky_lines(risky, len(results), os.path.join(out, outputs.RISKY_FILE)):
+    print(line, flush=True)
+  cutoff = outputs.cutoff_of(results, selected, measure) if selected is not None else None
   outputs.plot_histogram(
-      np.asarray([r["ln_ches"] for r in results]), os.path.join(config.output_dir, outputs.HIST_FILE)
+      np.asarray([r[measure] for r in results]),
+      os.path.join(out, outputs.HIST_FILE),
+      title={"ln_ches": "LN-CHES", "ches": "CHES"}.get(measure, measure),
+      cutoff=cutoff,
+      flagged=[float(r[measure]) for r in results if int(r["index"]) in {x["row"] for x in risky}],
   )
   record = None
   if selected is not None:
-    record = outputs.write_filtered(examples, results, selected, filter_cfg, config.output_dir)
-  rundir.write_json(os.path.join(config.output_dir, outputs.SUMMARY_FILE), summary)
+    record = outputs.write_filtered(examples, results, selected, filter_cfg, out, cutoff)
+  rundir.write_json(os.path.join(out, outputs.SUMMARY_FILE), summary)
   return record
+
+
+# The config fields scoring does not read (training's): --help leaves them out.
+SKIPPED_FIELDS = (
+    "main",
+    "num_epochs",
+    "num_steps",
+    "export_hf",
+    "log_every",
+    "overwrite",
+    "loss.",
+    "optim.",
+    "checkpoint.",
+    "eval.",
+    "reference.",
+    "debug.",
+)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -225,9 +262,8 @@ def main(argv: Sequence[str] | None = None) -> int:
       "Scoring preference pairs by CHES, LN-CHES, edit distance and last-hidden inner product",
       bools=[("resume", "continue an interrupted run in output_dir from its last finished batch")],
       prog="displacement_jax.score",
-      help_extra="measures: "
-      + ", ".join(scoring.MEASURES)
-      + "; filter modes: none, lowest_k, lowest_fraction, quantile_window",
+      help_skip=SKIPPED_FIELDS,
+      help_extra="measures: " + ", ".join(scoring.MEASURES) + "; filter modes: " + ", ".join(filtering.MODES),
   )
   if flag_values is None:
     return status

@@ -22,10 +22,19 @@ from displacement_jax import filtering, rundir
 from displacement_jax.data import schema
 from displacement_jax.scoring import MEASURES
 
-SCORES_FILE, SUMMARY_FILE, HIST_FILE = "scores.jsonl", "summary.json", "ln_ches_hist.png"
+SCORES_FILE, SUMMARY_FILE, HIST_FILE, RISKY_FILE = "scores.jsonl", "summary.json", "ln_ches_hist.png", "risky.jsonl"
 FILTERED_FILE, FILTERED_INDICES_FILE = "filtered.jsonl", "filtered_indices.json"
 RUN_FILE, PROGRESS_FILE, PREVIOUS_DIR = "run.json", "scores.partial.jsonl", "previous"
-OUTPUT_FILES = (SCORES_FILE, SUMMARY_FILE, HIST_FILE, FILTERED_FILE, FILTERED_INDICES_FILE, RUN_FILE, PROGRESS_FILE)
+OUTPUT_FILES = (
+    SCORES_FILE,
+    SUMMARY_FILE,
+    HIST_FILE,
+    RISKY_FILE,
+    FILTERED_FILE,
+    FILTERED_INDICES_FILE,
+    RUN_FILE,
+    PROGRESS_FILE,
+)
 QUANTILES = (0.0, 0.05, 0.25, 0.5, 0.75, 0.95, 1.0)
 
 
@@ -150,8 +159,16 @@ def write_scores(results: Sequence[dict[str, Any]], path: str) -> None:
   rundir.write_jsonl(path, ({k: _json_float(v) if isinstance(v, float) else v for k, v in r.items()} for r in results))
 
 
-def plot_histogram(values: np.ndarray, path: str, *, title: str = "LN-CHES") -> None:
-  """Histogram PNG of one measure (matplotlib Agg)."""
+def plot_histogram(
+    values: np.ndarray,
+    path: str,
+    *,
+    title: str = "LN-CHES",
+    cutoff: float | None = None,
+    flagged: Sequence[float] = (),
+) -> None:
+  """Histogram PNG of one measure (matplotlib Agg); `cutoff`: the filter's boundary (a dashed line), `flagged`: the
+  values of the riskiest rows (red ticks under the bars)."""
   import matplotlib  # pylint: disable=g-import-not-at-top
 
   matplotlib.use("Agg")
@@ -161,6 +178,13 @@ def plot_histogram(values: np.ndarray, path: str, *, title: str = "LN-CHES") -> 
   values = values[np.isfinite(values)]
   fig, ax = plt.subplots(figsize=(6, 4))
   ax.hist(values, bins=min(50, max(5, values.size // 4)), color="tab:blue", alpha=0.8)
+  if cutoff is not None and math.isfinite(cutoff):
+    ax.axvline(cutoff, color="black", linestyle="--", label=f"filter cutoff {cutoff:.4g}")
+  flagged = [v for v in flagged if math.isfinite(v)]
+  if flagged:
+    ax.plot(flagged, [0] * len(flagged), "|", color="red", markersize=18, mew=2, label=f"{len(flagged)} riskiest")
+  if cutoff is not None or flagged:
+    ax.legend(loc="upper left")
   ax.set_xlabel(title)
   ax.set_ylabel("pairs")
   ax.set_title(f"{title} over {values.size} pairs (higher = more displacement)")
@@ -170,6 +194,79 @@ def plot_histogram(values: np.ndarray, path: str, *, title: str = "LN-CHES") -> 
       fig.savefig(tmp, dpi=100, format="png")
   finally:
     plt.close(fig)
+
+
+def excerpt(value: Any, width: int = 48) -> str:
+  """A one-line excerpt of a prompt/response (a message list: its last message's content)."""
+  text = value if isinstance(value, str) else (value[-1].get("content", "") if value else "")
+  text = " ".join(str(text).split())
+  return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def riskiest(
+    examples: Sequence[Any], results: Sequence[dict[str, Any]], k: int, measure: str = "ln_ches"
+) -> list[dict[str, Any]]:
+  """The `k` rows with the highest `measure` (most displacement expected), highest first: row index (0-based,
+  the row's `index`), both scores with their rank (1 = riskiest) and short excerpts of prompt/chosen/rejected."""
+  rank = {}
+  for m in ("ches", "ln_ches"):
+    scores = np.asarray([r[m] for r in results], np.float64)
+    order = np.argsort(-np.nan_to_num(scores, nan=-np.inf), kind="stable")
+    rank[m] = {int(p): i + 1 for i, p in enumerate(order)}
+  scores = np.nan_to_num(np.asarray([r[measure] for r in results], np.float64), nan=-np.inf)
+  top = np.argsort(-scores, kind="stable")[: max(int(k), 0)]
+  rows = []
+  for p in top:
+    r, ex = results[p], examples[p]
+    why = f"LN-CHES {r['ln_ches']:.4g} (rank {rank['ln_ches'][int(p)]}), CHES {r['ches']:.4g} (rank {rank['ches'][int(p)]})"
+    rows.append(
+        {
+            "row": int(r["index"]),
+            "measure": measure,
+            "score": _json_float(float(r[measure])),
+            "ches": _json_float(float(r["ches"])),
+            "ln_ches": _json_float(float(r["ln_ches"])),
+            "rank_ches": rank["ches"][int(p)],
+            "rank_ln_ches": rank["ln_ches"][int(p)],
+            "why": why,
+            "prompt": excerpt(ex.prompt),
+            "chosen": excerpt(ex.chosen),
+            "rejected": excerpt(ex.rejected),
+        }
+    )
+  return rows
+
+
+def risky_lines(rows: Sequence[dict[str, Any]], num_rows: int, path: str) -> list[str]:
+  """What score prints of `riskiest`: a header naming the file, then one line per row."""
+  if not rows:
+    return []
+  out = [
+      f"riskiest {len(rows)} of {num_rows} pairs by {rows[0]['measure']} (higher = more displacement expected; "
+      f"row = 0-based index in the data) -> {path}"
+  ]
+  for r in rows:
+    out.append(
+        f"  row {r['row']:>4}: {r['why']} | prompt {r['prompt']!r} | chosen {r['chosen']!r} | "
+        f"rejected {r['rejected']!r}"
+    )
+  return out
+
+
+def write_risky(rows: Sequence[dict[str, Any]], path: str) -> None:
+  """risky.jsonl: one `riskiest` row per line, riskiest first, atomically."""
+  rundir.write_jsonl(path, rows)
+
+
+def cutoff_of(results: Sequence[dict[str, Any]], selected: np.ndarray, measure: str) -> float | None:
+  """The filter's boundary on `measure`: midway between the highest kept and the lowest dropped score above it
+  (None when nothing above the kept rows is dropped, e.g. a quantile window or no filter)."""
+  scores = np.asarray([r[measure] for r in results], np.float64)
+  kept = np.zeros(scores.size, bool)
+  kept[np.asarray(selected, np.int64)] = True
+  top_kept = scores[kept].max() if kept.any() else -np.inf
+  above = scores[~kept & (scores >= top_kept)]
+  return float((top_kept + above.min()) / 2) if above.size and np.isfinite(top_kept) else None
 
 
 def select_rows(results: Sequence[dict[str, Any]], filter_cfg: ml_collections.ConfigDict) -> np.ndarray:
@@ -195,9 +292,12 @@ def write_filtered(
     selected: np.ndarray,
     filter_cfg: ml_collections.ConfigDict,
     output_dir: str,
+    cutoff: float | None = None,
 ) -> dict[str, Any]:
-  """filtered.jsonl (selected rows, dataset order) + filtered_indices.json; returns the indices record."""
+  """filtered.jsonl (selected rows, dataset order) + filtered_indices.json (kept and dropped row indices); returns
+  the indices record."""
   keep = np.sort(np.asarray(selected, np.int64))
+  kept = set(keep.tolist())
   rundir.write_jsonl(os.path.join(output_dir, FILTERED_FILE), (schema.example_to_json(examples[pos]) for pos in keep))
   measure = filter_cfg.get("measure", "ln_ches")
   record = {
@@ -210,8 +310,10 @@ def write_filtered(
       "num_rows": len(results),
       "num_selected": int(keep.size),
       "indices": [int(results[p]["index"]) for p in keep],  # dataset indices, dataset order
+      "dropped": [int(r["index"]) for p, r in enumerate(results) if p not in kept],  # dataset order
       "indices_by_score": [int(results[p]["index"]) for p in selected],  # ascending by the measure
       "scores_by_score": [_json_float(float(results[p][measure])) for p in selected],
+      "cutoff": cutoff,  # between the highest kept and the lowest dropped score above it (cutoff_of)
   }
   rundir.write_json(os.path.join(output_dir, FILTERED_INDICES_FILE), record)
   return record

@@ -57,9 +57,11 @@ def main(argv: Sequence[str] | None = None) -> int:
       "Preference training (DPO, IPO, cross-entropy, SLiC, DPOP, GPO, + SFT term)",
       bools=[("resume", "continue from the latest checkpoint in output_dir")],
       prog="displacement_jax.train",
+      help_skip=("filter.", "measures."),  # score's fields
       help_extra="pipelines (config.main): "
       + ", ".join(f"{k} -> {v}" for k, v in sorted(MAINS.items()))
-      + "; '' = one training run (displacement_jax.training.run)",
+      + "; '' = one training run (displacement_jax.training.run)\n\nTRL's DPOConfig names are accepted too "
+      "(--beta=0.1 is --config.loss.beta=0.1, printed once; the table: docs/sections/trl.md)",
   )
   if flag_values is None:
     return status

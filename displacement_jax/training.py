@@ -26,7 +26,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
 from displacement_jax import checkpoint as checkpoint_lib
-from displacement_jax import config_checks, evaluation, forward
+from displacement_jax import config_checks, evaluation, forward, train_plot
 from displacement_jax import metrics as metrics_lib
 from displacement_jax import monitor as monitor_lib
 from displacement_jax import optim as optim_lib
@@ -114,6 +114,7 @@ def train(
   """The body of `run` once output_dir is locked: `resumed_from` is (step, meta) of the checkpoint to resume."""
   resume = resumed_from is not None
   loaded = runtime.load_model(config, mesh)
+  log(loaded.setup_line)
   dataset = runtime.load_data(config, loaded.tokenizer, loaded.model_config.vocab_size)
   log(f"data: {len(dataset.pairs)} pairs from {config.data.path}; truncation: {dataset.truncation}")
   for warning in dataset.checks.warnings(str(config.data.path)):
@@ -134,6 +135,7 @@ def train(
   monitor_rows = np.arange(min(len(dataset.pairs), int(config.eval.get("max_samples", 256))))
   ref, from_cache = reference_lib.compute_or_load(loaded, dataset, monitor_rows, config, fns, mesh, log=log)
   state = fns.init_state(loaded.params)
+  log(checkpoint_size_line(state, config, total_steps))
   del loaded.params  # no reference params stay on device: the state holds the (only) copy
   state, start_step, meta = restore_if_resuming(ckpt, state, iterator, resumed_from, config)
   if resume and start_step >= total_steps:
@@ -154,6 +156,9 @@ def train(
           "event": "resume" if resume else "start",
           "total_steps": total_steps,
           "reference_from_cache": from_cache,
+          "data/format": loaded.identity["data_format"],
+          "model/added_tokens": loaded.identity["added_tokens"],
+          "model/vocab_size": loaded.model_config.vocab_size,
           **{f"data/{k}": v for k, v in dataset.truncation.items()},
           **{f"data/{k}": v for k, v in dataset.checks.record().items()},
       },
@@ -226,6 +231,7 @@ class TrainLoop:
       log(monitor_lib.format_line(0, self.last_monitor))
       self.prev_eval = {"loss": self.last_monitor["monitor/loss"], "preferred": None}
       rows.append(self.writer.write(0, self.last_monitor))
+      self.plot()
     eval_every, ckpt_every = int(config.eval.every), int(config.checkpoint.every)
     at_end = bool(config.checkpoint.get("at_end", True))
     stop_after = int(config.debug.get("stop_after_steps", 0))
@@ -250,6 +256,8 @@ class TrainLoop:
           row.update(self.evaluate(step, state))
         if step % int(config.get("log_every", 1) or 1) == 0 or step == self.total_steps or "monitor/loss" in row:
           rows.append(self.writer.write(step, row))
+        if "monitor/loss" in row:
+          self.plot()
         bar.set_postfix(metrics_lib.postfix(step_metrics, ("loss", "logps/chosen_change")))
         bar.update(1)
         if ckpt_every > 0 and step % ckpt_every == 0 or step == self.total_steps and at_end or step == stop_after:
@@ -294,11 +302,26 @@ class TrainLoop:
     if warning:
       log(warning)
       self.last_monitor["monitor/warning"] = warning
+    more = evaluation.more_warnings(step, self.last_monitor, self.prev_eval, self.config)
+    for line in more:
+      log(line)
+    if more:
+      self.last_monitor["monitor/warnings"] = more
+    preferred = self.last_monitor["monitor/preferred_logprob_change"]
     self.prev_eval = {
         "loss": self.last_monitor["monitor/loss"],
-        "preferred": self.last_monitor["monitor/preferred_logprob_change"],
+        "preferred": preferred,
+        "share": self.last_monitor["monitor/share_preferred_fell"],
+        "peak": max(preferred, self.prev_eval.get("peak", preferred)),
     }
     return self.last_monitor
+
+  def plot(self) -> None:
+    """output_dir/displacement.png from metrics.jsonl (train_plot; process 0, after each evaluation)."""
+    if self.writer.enabled:
+      train_plot.plot_displacement(
+          metrics_lib.read_metrics(self.writer.path), os.path.join(self.config.output_dir, train_plot.PLOT_FILE)
+      )
 
   def check_checkpoints(self, step: int) -> None:
     """Stop at once, in one line naming the directory, when an asynchronous checkpoint save has failed."""
@@ -470,6 +493,21 @@ def open_checkpointer(config: ml_collections.ConfigDict, resume: bool) -> checkp
       multihost_utils.sync_global_devices("train: old checkpoints removed")
   return checkpoint_lib.Checkpointer(
       ckpt_dir, keep=int(config.checkpoint.keep), async_save=bool(config.checkpoint.get("async_save", True))
+  )
+
+
+def checkpoint_size_line(state: Any, config: ml_collections.ConfigDict, total_steps: int) -> str:
+  """One line at start: how big one checkpoint is (params + optimizer state), how many are written and kept."""
+  size = sum(int(getattr(x, "nbytes", 0)) for x in jax.tree.leaves(state))
+  every, keep = int(config.checkpoint.every), int(config.checkpoint.keep)
+  at_end = bool(config.checkpoint.get("at_end", True))
+  saves = (total_steps // every if every > 0 else 0) + int(at_end and (every <= 0 or total_steps % every != 0))
+  if saves == 0:
+    return f"checkpoints: none (checkpoint.every={every}, checkpoint.at_end=False); --resume will have nothing"
+  return (
+      f"checkpoints: {size / 2**20:,.0f} MiB each (params + optimizer state), {saves} to write, the newest "
+      f"{keep} kept (checkpoint.keep) in {os.path.join(config.output_dir, checkpoint_lib.CHECKPOINT_DIR)}; "
+      "--config.checkpoint.at_end=False for a run that needs no --resume"
   )
 
 

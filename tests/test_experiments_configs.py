@@ -140,22 +140,22 @@ def test_sorry_configs():
 
 def test_real_model_score_and_dpo_configs_carry_the_papers_defaults():
   """configs/score.py and configs/dpo.py: the arg names the model; Section 5 / DPO defaults; both pass the same
-  config checks the CLIs run. An instruct GGUF/packaged model uses its chat template, an HF dir the paper's
-  prompter/assistant format with special tokens."""
+  config checks the CLIs run. The format is 'auto' whatever the model is named (the tokenizer decides:
+  tests/test_prompt_format.py)."""
   from configs import dpo, score
   from displacement_jax import config_checks
 
   s = score.get_config()
   assert s.model.path == "smollm2-135m-instruct" and not s.model.tiny
   assert (s.data.format, s.data.add_special_tokens, s.data.limit, s.data.max_length) == (
-      "chat_template",
+      "auto",
       False,
       5000,
       512,
   )
   config_checks.check_score(s)
   d = dpo.get_config("/models/olmo-1b-hf")
-  assert d.model.path == "/models/olmo-1b-hf" and d.data.format == "prompter_assistant" and d.data.add_special_tokens
+  assert d.model.path == "/models/olmo-1b-hf" and d.data.format == "auto" and not d.data.add_special_tokens
   assert (d.loss.objective, d.loss.beta, d.optim.name, d.optim.lr, d.batch_size) == ("dpo", 0.1, "rmsprop", 1e-7, 32)
   assert "filter" not in d and d.data.limit == 0
   config_checks.check_train(d)

@@ -219,7 +219,7 @@ def test_gold_pairs_from_human_judgments():
   ]
   rows = labels.gold_pairs(j)
   assert [(r["prompt"], r["chosen"], r["rejected"]) for r in rows] == [("q1", "refuse1", "comply1")]
-  with pytest.raises(DataError, match="row 1, field 'score'"):
+  with pytest.raises(DataError, match=r"row 1 \(0-based\), field 'score'"):
     labels.gold_pairs([j[0], dict(j[1], score=0.5)])
 
 
@@ -273,7 +273,7 @@ def test_persona_sft_examples_follow_the_authors_plans_and_datamodule():
     assert (e["chosen"], e["rejected"]) == expected
   assert ex[0]["prompt"] == "Is it fine to lie?"
   assert ex[0]["chosen"] in persona_data.NO_TOKENS and ex[1]["chosen"] in persona_data.YES_TOKENS  # " Yes" -> no-word
-  with pytest.raises(DataError, match="row 1, field 'answer_matching_behavior'"):
+  with pytest.raises(DataError, match=r"row 1 \(0-based; line 2\), field 'answer_matching_behavior'"):
     persona_data.sft_examples([ROWS[0], dict(ROWS[1], answer_matching_behavior="Maybe")], file="p.jsonl")
 
 

@@ -23,6 +23,8 @@ ENTRY_POINTS = {
     "displacement_jax.experiments.sorry_bench.pipeline",
     "displacement_jax.experiments.theory_check",
     "displacement_jax.experiments.generated_pairs",
+    "displacement_jax.experiments.persona_demo",
+    "displacement_jax.experiments.edit_search",
 }
 CORE = {
     "displacement_jax.errors",

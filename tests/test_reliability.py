@@ -397,7 +397,9 @@ def test_invalid_utf8_names_file_row_and_byte_offset(tmp_path):
   )
   assert (rc, err.strip().splitlines()) == (
       1,
-      [f"error: file '{path}', row {row}: invalid UTF-8 at byte offset {offset} (byte 0xff); the file must be UTF-8"],
+      [
+          f"error: file '{path}', row {row} (0-based; line {row + 1}): invalid UTF-8 at byte offset {offset} (byte 0xff); the file must be UTF-8"
+      ],
   )
 
 
@@ -414,7 +416,9 @@ def test_bom_is_accepted_and_invalid_json_reads_well(tmp_path):
   bad.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "cut short')
   with pytest.raises(ValueError) as e:
     schema.load_preference_data(str(bad))
-  assert str(e.value) == f"file '{bad}', row 1: invalid json at column 12: Unterminated string starting"
+  assert (
+      str(e.value) == f"file '{bad}', row 1 (0-based; line 2): invalid json at column 12: Unterminated string starting"
+  )
 
 
 def test_repeated_index_in_training_data_names_the_rows(tmp_path):
@@ -426,7 +430,9 @@ def test_repeated_index_in_training_data_names_the_rows(tmp_path):
   )
   assert (rc, err.strip().splitlines()) == (
       1,
-      [f"error: file '{path}', row 4, field 'index': index 7 is also the index of row 2; indices must be unique"],
+      [
+          f"error: file '{path}', row 4 (0-based; line 5), field 'index': index 7 is also the index of row 2; indices must be unique"
+      ],
   )
 
 

@@ -341,3 +341,41 @@ def test_score_rejects_both_model_sources(run1, tmp_path, capsys):
   data, _, _ = run1
   assert score.main(_argv(data, tmp_path / "o", "--config.model.path=/some/real/model")) == 1
   assert "exactly one of config.model.path and config.model.tiny" in capsys.readouterr().err
+
+
+def test_riskiest_rows_printed_written_and_the_filter_names_what_it_dropped(tmp_path, capsys):
+  """Issue 30 item 2: the top-k riskiest pairs (row, scores, ranks, excerpts) on stdout and in risky.jsonl; the
+  filter lists the rows it dropped; drop_highest_fraction drops exactly the riskiest."""
+  rows = _rows(12, seed=3)
+  data = _write_jsonl(tmp_path / "pairs.jsonl", rows)
+  out = tmp_path / "out"
+  argv = _argv(data, out, "--config.filter.mode=drop_highest_fraction", "--config.filter.fraction=0.25")
+  assert score.main([*argv, "--config.filter.top_k=3"]) == 0
+  stdout = capsys.readouterr().out
+  risky = _read_jsonl(out / "risky.jsonl")
+  scores = _read_jsonl(out / "scores.jsonl")
+  by_ln = sorted(scores, key=lambda r: -r["ln_ches"])
+  assert [r["row"] for r in risky] == [r["index"] for r in by_ln[:3]]
+  assert risky[0]["rank_ln_ches"] == 1 and risky[0]["ln_ches"] == by_ln[0]["ln_ches"]
+  assert risky[0]["prompt"] == score_outputs.excerpt(rows[risky[0]["row"]]["prompt"])
+  assert f"riskiest 3 of 12 pairs by ln_ches" in stdout
+  assert f"  row {risky[0]['row']:>4}: LN-CHES " in stdout
+  with open(out / "filtered_indices.json") as f:
+    record = json.load(f)
+  dropped = sorted(r["index"] for r in by_ln[:3])  # round(0.25 * 12) = 3 riskiest rows dropped
+  assert record["dropped"] == dropped and record["num_selected"] == 9
+  assert (
+      f"kept 9 of 12 rows -> {out}/filtered.jsonl; dropped 3 (0-based rows): " + ", ".join(map(str, dropped)) in stdout
+  )
+  assert by_ln[3]["ln_ches"] < record["cutoff"] < by_ln[2]["ln_ches"]
+  assert os.path.getsize(out / "ln_ches_hist.png") > 1000
+
+
+def test_drop_highest_modes_are_the_complement_of_keeping_the_lowest():
+  s = np.array([0.5, -1.0, 3.0, 2.0, 0.0])
+  np.testing.assert_array_equal(filtering.select(s, "drop_highest_k", k=2), [1, 4, 0])
+  np.testing.assert_array_equal(filtering.select(s, "drop_highest_fraction", fraction=0.4), [1, 4, 0])
+  np.testing.assert_array_equal(filtering.select(s, "drop_highest_k", k=0), filtering.sort_order(s))
+  with pytest.raises(ValueError, match="at least one row must stay"):
+    filtering.select(s, "drop_highest_k", k=5)
+  assert score_outputs.cutoff_of([{"x": v} for v in s], np.array([1, 4, 0]), "x") == 1.25

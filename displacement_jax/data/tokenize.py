@@ -5,6 +5,8 @@ Formats (the prompt side; responses are always the plain response text + EOS):
   prompter_assistant  "<|prompter|>{prompt}<|assistant|>" (Section 5 base-model format).
   chat_template       tokenizer.apply_chat_template(prompt messages, add_generation_prompt=True).
   persona             chat template of the question when the tokenizer has one, else question + "\\n".
+  auto                chat_template when the tokenizer has a chat template, else prompter_assistant (the format
+                      follows the tokenizer, so one model scores the same whichever way it is named).
 Chat-message prompts in raw / prompter_assistant formats: raw joins the contents with "\\n";
 prompter_assistant renders each user turn as <|prompter|>..., each assistant turn as <|assistant|>...
 
@@ -26,7 +28,7 @@ import numpy as np
 from displacement_jax.data.schema import PreferenceExample
 from displacement_jax.errors import DataError
 
-FORMATS = ("raw", "prompter_assistant", "chat_template", "persona")
+FORMATS = ("raw", "prompter_assistant", "chat_template", "persona", "auto")
 TRUNCATION_POLICIES = ("error", "truncate_response")
 TOKENIZATIONS = ("separate", "trl")
 PROMPTER, ASSISTANT = "<|prompter|>", "<|assistant|>"
@@ -89,6 +91,14 @@ class TruncationReport:
     self.max_total_tokens = max(self.max_total_tokens, pair.max_length)
 
 
+def resolve_format(format: str, tokenizer: Any) -> str:  # pylint: disable=redefined-builtin
+  """The concrete format of `format`: 'auto' is 'chat_template' when the tokenizer has a chat template, else
+  'prompter_assistant' (the paper's base-model format); any other format is itself."""
+  if format != "auto":
+    return format
+  return "chat_template" if getattr(tokenizer, "chat_template", None) else "prompter_assistant"
+
+
 def prompter_assistant_format(prompt: str | Sequence[Mapping[str, str]]) -> str:
   """ "<|prompter|>{prompt}<|assistant|>"; message lists render each turn with its marker."""
   if isinstance(prompt, str):
@@ -123,6 +133,7 @@ def prompt_ids(
   """Token ids of a formatted prompt (see the module docstring for the formats)."""
   if format not in FORMATS:
     raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
+  format = resolve_format(format, tokenizer)
   if format == "chat_template":
     return _chat_ids(tokenizer, _messages(prompt), source, index)
   if format == "persona":
