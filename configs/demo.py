@@ -1,9 +1,9 @@
 """The README's first command: `python -m displacement_jax.train --config=configs/demo.py` (offline, CPU, < 3 min).
 
 Likelihood displacement on a real model, predicted before training, then prevented (displacement_jax/demo.py):
-48 minimal-edit factual pairs the project writes (`experiments.edit_pairs`, kind 'edit'), the packaged
+40 minimal-edit factual pairs the project writes (`experiments.edit_pairs`, kind 'edit'), the packaged
 SmolLM2-135M-Instruct with its chat template, DPO beta 0.1 with RMSprop (the paper's optimizer, torch defaults)
-at lr 1e-6, batch 8, one epoch (6 steps). Where the effect lives was found by configs/edit_search.py
+at lr 1e-6, batch 8, one epoch (5 steps). Where the effect lives was found by configs/edit_search.py
 (docs/results.md): the paper's lr 1e-7 barely moves these pairs; 1e-6 is TRL's default learning rate.
 
     python -m displacement_jax.train --config=configs/demo.py                       # SmolLM2-135M-Instruct
@@ -39,7 +39,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.optim.name = "rmsprop"  # torch RMSprop defaults, as in the paper
 
   config.demo = ml_collections.ConfigDict()
-  config.demo.num_pairs = 48  # the first countries of edit_pairs.CAPITALS
+  config.demo.num_pairs = 40  # the first countries of edit_pairs.CAPITALS (5 steps at batch 8: < 3 min in all)
   config.demo.example_pair = 0  # the pair whose per-token probabilities are shown (France)
   config.demo.dpo = {"optim": {"lr": 1e-6}}  # the DPO run: overrides of this config
   # each remedy: the DPO run with these overrides (DPO + SFT term: 0.1 x mean summed -ln pi(y+); DPOP lambda 50)

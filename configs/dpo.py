@@ -14,7 +14,8 @@ displacement monitor runs every 10 steps. Without a data.path override the shipp
 
 The `trl` variant takes TRL's defaults instead (docs/sections/trl.md): AdamW lr 1e-6 with a linear decay, gradient
 clipping at 1.0, 8 pairs per step, 3 epochs, max_length 1024, TRL's tokenization, the pad embedding frozen as HF's
-padding_idx, a row every 10 steps, seed 42 (weights stay fp32: TRL's bf16 default needs an accelerator).
+padding_idx, a row every 10 steps, seed 42. It keeps fp32 compute and no remat: TRL's bf16=True (autocast over fp32
+weights) and gradient_checkpointing=True defaults are not taken (--bf16, --gradient_checkpointing set them).
 """
 
 from __future__ import annotations
@@ -44,7 +45,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
 
 def trl_defaults(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """TRL DPOConfig's defaults (one device, no accumulation) on our fields; the table is docs/sections/trl.md."""
+  """TRL DPOConfig's defaults (one device, no accumulation; trl 0.29 to 1.10) on our fields; the table is
+  docs/sections/trl.md."""
   config.optim.update(name="adamw", lr=1e-6, schedule="linear", warmup_steps=0, clip=1.0, weight_decay=0.0)
   config.batch_size = 8  # per_device_train_batch_size 8 x 1 device x gradient_accumulation_steps 1
   config.num_epochs = 3

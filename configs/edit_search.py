@@ -1,12 +1,17 @@
 """Where DPO displaces the packaged SmolLM2-135M-Instruct: short factual pairs (experiments/edit_pairs.py).
 
-    python -m displacement_jax.train --config=configs/edit_search.py                 # the grid of docs/results.md
+    python -m displacement_jax.train --config=configs/edit_search.py                 # minimal edits: opt x lr x epochs
+    python -m displacement_jax.train --config=configs/edit_search.py:grid=kinds      # paraphrase, off-policy pairs
     python -m displacement_jax.train --config=configs/edit_search.py:grid=remedies   # DPO vs DPO+SFT vs DPOP
+    python -m displacement_jax.train --config=configs/edit_search.py:grid=audit      # the audit's accuracy vs lr
     python -m displacement_jax.train --config=configs/edit_search.py:tiny            # tiny random Llama (tests)
 
-`grid=main`: the three pair kinds (edit, paraphrase, offpolicy) x RMSprop (the paper's, torch defaults) and
-AdamW (what TRL users run) x lr 1e-7, 1e-6, 5e-6, DPO beta 0.1, batch 8, 48 pairs of each kind, measured after epochs 1-3.
+`grid=main`: minimal-edit pairs x RMSprop (the paper's, torch defaults) and AdamW (what TRL users run) x lr 1e-7,
+1e-6, 5e-6; DPO beta 0.1, batch 8, 48 pairs, measured after epochs 1-3.
+`grid=kinds`: the other two kinds (paraphrase, offpolicy) x RMSprop and AdamW at lr 1e-6, as `main` otherwise.
 `grid=remedies`: minimal-edit pairs, RMSprop lr 1e-6, DPO against DPO + SFT term (0.1) and DPOP (lambda 50).
+`grid=audit`: minimal-edit pairs (40, the demo's), one epoch, RMSprop and AdamW at lr 1e-8, 1e-7, 1e-6, 5e-6, each run
+predicted first by the displacement audit: each order's Spearman and sign agreement against lr.
 The model is an arg (`model=/path/to/hf_dir`); the chat template formats every pair.
 """
 
@@ -23,7 +28,7 @@ VARIANTS = {"dpo": {}, "dpo+sft": {"loss": {"sft_coeff": 0.1}}, "dpop": {"loss":
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   arg = common.parse_arg(arg, model=DEFAULT_MODEL, grid="main", tiny=False)
-  common.choose("edit_search", "grid", arg.grid, ("main", "remedies"))
+  common.choose("edit_search", "grid", arg.grid, ("main", "kinds", "remedies", "audit"))
   config = base.get_base_config()
   config.main = "edit_search"
   config.output_dir = f"runs/edit_search_{arg.grid}" + ("_tiny" if arg.tiny else "")
@@ -39,16 +44,25 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   config.search = ml_collections.ConfigDict()
   config.search.num_pairs = 48  # the first countries of edit_pairs.CAPITALS (0 = all 80)
-  if arg.grid == "main":
-    config.search.kinds = ("edit", "paraphrase", "offpolicy")
+  config.search.audit = False  # predict each run with the displacement audit first (Spearman, sign columns)
+  if arg.grid in ("main", "kinds"):
+    config.search.kinds = ("edit",) if arg.grid == "main" else ("paraphrase", "offpolicy")
     config.search.optimizers = ("rmsprop", "adamw")
-    config.search.lrs = (1e-7, 1e-6, 5e-6)
+    config.search.lrs = (1e-7, 1e-6, 5e-6) if arg.grid == "main" else (1e-6,)
     config.search.variants = {"dpo": VARIANTS["dpo"]}
-  else:
+  elif arg.grid == "remedies":
     config.search.kinds = ("edit",)
     config.search.optimizers = ("rmsprop",)
     config.search.lrs = (1e-6,)
     config.search.variants = VARIANTS
+  else:
+    config.search.kinds = ("edit",)
+    config.search.optimizers = ("rmsprop", "adamw")
+    config.search.lrs = (1e-8, 1e-7, 1e-6, 5e-6)
+    config.search.variants = {"dpo": VARIANTS["dpo"]}
+    config.search.audit = True
+    config.search.num_pairs = 40
+    config.num_epochs = 1
   if arg.tiny:
     config.model.path = ""
     config.model.tiny = "llama"

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import ml_collections
 
-from configs import common, demo
+from configs import common, persona_demo
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  parsed = common.parse_arg(arg, model=demo.DEFAULT_MODEL, tiny=False)
-  config = demo.get_config(arg)
+  parsed = common.parse_arg(arg, model=persona_demo.DEFAULT_MODEL, tiny=False)
+  config = persona_demo.get_config(arg)
   config.main = "theory_check"
   config.output_dir = "runs/theory_check_tiny" if parsed.tiny else "runs/theory_check"
   config.dpo.num_steps = 10

@@ -6,8 +6,8 @@ building from zero exactly as in training: second moments, bias correction, Adam
 updates are summed, never applied, into one direction D = sum_t delta theta_t. Then for every pair i:
 
   first order    <grad ln pi(y+_i), D>: a forward-mode derivative (jax.jvp) along D, on the model with its
-                 reference attention and a dense log-softmax (the chunked kernels define custom VJPs, which
-                 have no JVP rule), a few pairs at a time;
+                 reference attention and a dense log-softmax at the response slots of the packed layout (the
+                 fast kernels define custom VJPs, which have no JVP rule), a few pairs at a time;
   along D        f(theta0 + D) - f(theta0): the model evaluated at the summed update (all orders along D);
   curvature      along D minus first order (second and higher orders along D).
 
@@ -27,11 +27,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from displacement_jax import forward, logprobs
+from displacement_jax import forward
 from displacement_jax import optim as optim_lib
 from displacement_jax.models import transformer
 
-JVP_PAIRS = 4  # pairs per forward-mode pass (its dense [pairs, T, V] float32 logits are the memory it needs)
+JVP_PAIRS = 8  # pairs per forward-mode pass (its dense [rows, response slots, V] float32 logits are its memory)
 
 
 def make_replay_step(loss_fn: Callable, optimizer: optax.GradientTransformation, grad_accum: int = 1) -> Callable:
@@ -63,15 +63,18 @@ def shifted(params0: Any, direction: Any, scale: float) -> Any:
 
 
 def dense_pair_logps(model: Any, params: Any, batch: dict[str, jax.Array]) -> jax.Array:
-  """[2, B] summed response log-probs (chosen, rejected) of a two-side collated batch through the model's dense
-  logits: the differentiable-both-ways reference of `forward.pair_logps` (same values to float32 rounding)."""
-  out = []
-  for side in forward.SIDES:
-    logits_BTV = model.apply(
-        {"params": params}, batch[f"{side}_input_ids_BT"], batch[f"{side}_attention_mask_BT"], return_logits=True
-    ).logits_BTV
-    out.append(logprobs.sequence_logprobs(logits_BTV, batch[f"{side}_labels_BT"], batch[f"{side}_loss_mask_BT"]))
-  return jnp.stack(out)
+  """[2, P] summed response log-probs (chosen, rejected) of a packed batch (data/packing.py) through dense float32
+  logits at the response slots: `forward.packed_pair_logps` without its custom-VJP head (same values to float32
+  rounding), so forward mode goes through it."""
+  hidden_BRD = forward.response_hidden(forward.packed_forward_hidden(model, params, batch), batch)
+  logits_BRV = jnp.einsum(
+      "brd,dv->brv", hidden_BRD.astype(jnp.float32), forward.unembed(model, params).astype(jnp.float32)
+  )
+  live_BR = batch["response_side_BR"] > 0  # packing.CHOSEN = 1, REJECTED = 2
+  labels_BR = jnp.where(live_BR, batch["response_label_BR"], 0)
+  logp_BR = jnp.take_along_axis(jax.nn.log_softmax(logits_BRV, axis=-1), labels_BR[..., None], axis=-1)[..., 0]
+  logp_BR = jnp.where(live_BR, logp_BR, 0.0)
+  return jnp.stack([forward.per_pair_sum(logp_BR, batch, side) for side in (1, 2)])
 
 
 def reference_model(model: Any) -> Any:

@@ -23,7 +23,6 @@ against predicted per pair; ln pi(y+) change per run), data/edit.jsonl (the pair
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from typing import Any, Callable
@@ -32,7 +31,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from displacement_jax import scoring
+from displacement_jax import rundir, scoring
 from displacement_jax.data import schema
 from displacement_jax.experiments import edit_pairs, short_runs
 from displacement_jax.experiments.results import sign_agreement, spearman
@@ -76,12 +75,13 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
   lap("load the model and the pairs", "load")
 
   dpo = short_runs.flatten(config.demo.dpo)
-  prediction = predict(session, dataset, dpo, config)
+  prediction = predict(session, dataset, dpo, config, start)
   lap("PREDICT (audit replay, CHES)", "predict")
 
   measured = session.train(dataset, dpo, start=start, keep_params=True)
   lap(f"DPO ({describe(config, dpo)})", "dpo")
-  show(measured, prediction, config)
+  ranks = rank_predictions(prediction, measured.chosen_change())
+  show(measured, ranks)
   mass = where_mass_went(session, dataset, measured.params, int(config.demo.example_pair))
   measured.params = None
   lap("where the mass went", "mass")
@@ -91,8 +91,9 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
     remedies[name] = session.train(dataset, {**dpo, **short_runs.flatten(overrides)}, start=start)
     report_run(name, remedies[name])
   lap(f"PREVENT ({', '.join(config.demo.remedies)})", "remedies")
-  summary = write_outputs(config, rows, start, prediction, measured, remedies, mass, lap.seconds)
+  summary = write_outputs(config, rows, start, prediction, ranks, measured, remedies, mass, lap.seconds)
   verdict(summary)
+  _log(f"[demo] outputs: {config.output_dir}/{{{SUMMARY_FILE},{PAIRS_FILE},{PLOT_FILE}}}")
   return summary
 
 
@@ -105,9 +106,15 @@ def describe(config: ml_collections.ConfigDict, overrides: dict[str, Any]) -> st
   )
 
 
-def predict(session: short_runs.Session, dataset: Any, dpo: dict[str, Any], config: ml_collections.ConfigDict):
+def predict(
+    session: short_runs.Session,
+    dataset: Any,
+    dpo: dict[str, Any],
+    config: ml_collections.ConfigDict,
+    start: tuple[np.ndarray, np.ndarray],
+) -> dict[str, Any]:
   """The audit's per-pair predictions for the DPO run and CHES / LN-CHES of every pair, all before training."""
-  audit = session.audit(dataset, dpo)
+  audit = session.audit(dataset, dpo, start=start)
   examples = list(schema.load_preference_data(dataset.path))
   scores = scoring.score_examples(
       session.loaded.model,
@@ -139,26 +146,38 @@ def report_run(name: str, m: short_runs.Measured) -> dict[str, float]:
   s = short_runs.summary(m.chosen_change(), m.rejected_change())
   _log(
       f"[demo] {name}: d ln pi(y+) mean {s['chosen_change_mean']:+.3f}, fell for "
-      f"{int(round(s['share_chosen_fell'] * len(m.chosen_N)))}/{len(m.chosen_N)} pairs (largest fall "
-      f"{s['chosen_change_min']:+.3f}); d ln pi(y-) {s['rejected_change_mean']:+.3f}; margin "
+      f"{int(round(s['share_chosen_fell'] * len(m.chosen_N)))}/{len(m.chosen_N)} pairs (lowest "
+      f"{s['chosen_change_min']:+.3f}); d ln pi(y-) mean {s['rejected_change_mean']:+.3f}; margin ln pi(y+) - ln pi(y-) "
       f"{s['margin_change_mean']:+.3f}"
   )
   return s
 
 
-def show(measured: short_runs.Measured, prediction: dict[str, Any], config: ml_collections.ConfigDict) -> None:
+PREDICTORS = (  # (summary key, printed name, values' key in the prediction, sign, has a sign to compare)
+    ("along_direction", "audit, model at theta0 + D", "along_direction", 1.0, True),
+    ("first_order", "audit, first order", "first_order", 1.0, True),
+    ("minus_ches", "minus CHES", "ches", -1.0, False),
+    ("minus_ln_ches", "minus LN-CHES", "ln_ches", -1.0, False),
+)
+
+
+def rank_predictions(prediction: dict[str, Any], measured_N: np.ndarray) -> dict[str, dict[str, float]]:
+  """{'spearman': {predictor: rho}, 'sign_agreement': {audit order: share}} against the measured d ln pi(y+)."""
+  out: dict[str, dict[str, float]] = {"spearman": {}, "sign_agreement": {}}
+  for key, _, source, sign, signed in PREDICTORS:
+    out["spearman"][key] = spearman(sign * prediction[source], measured_N)
+    if signed:
+      out["sign_agreement"][key] = sign_agreement(prediction[source], measured_N)
+  return out
+
+
+def show(measured: short_runs.Measured, ranks: dict[str, dict[str, float]]) -> None:
   """What DPO did, and how each prediction ranked it."""
   report_run("DPO", measured)
-  change = measured.chosen_change()
   _log("[demo] how each prediction ranks the measured change of ln pi(y+) (Spearman; sign agreement):")
-  for name, values, sign in (
-      ("audit, model at theta0 + D", prediction["along_direction"], True),
-      ("audit, first order", prediction["first_order"], True),
-      ("minus CHES", -prediction["ches"], False),
-      ("minus LN-CHES", -prediction["ln_ches"], False),
-  ):
-    agree = f"; sign {sign_agreement(values, change):.2f}" if sign else ""
-    _log(f"[demo]   {name:28s} Spearman {spearman(values, change):+.2f}{agree}")
+  for key, name, _, _, signed in PREDICTORS:
+    agree = f"; sign {ranks['sign_agreement'][key]:.2f}" if signed else ""
+    _log(f"[demo]   {name:28s} Spearman {ranks['spearman'][key]:+.2f}{agree}")
 
 
 def where_mass_went(session: short_runs.Session, dataset: Any, params: Any, index: int) -> dict[str, Any]:
@@ -178,10 +197,10 @@ def where_mass_went(session: short_runs.Session, dataset: Any, params: Any, inde
   gain = after[worst] - before[worst]
   gain[y[worst]] = -np.inf
   top = [int(t) for t in np.argsort(-gain)[:3]]
-  names = tok.convert_ids_to_tokens([int(t) for t in y])
+  names = [tok.decode([int(t)]) for t in y]
   _log(f"[demo] where the mass went, pair {index}: p(each token of y+) before -> after DPO")
   _log("[demo]   " + " ".join(f"{n!r}:{a:.2f}->{b:.2f}" for n, a, b in zip(names, p_before, p_after)))
-  top_names = tok.convert_ids_to_tokens(top)
+  top_names = [tok.decode([t]) for t in top]
   _log(
       f"[demo]   largest fall at {names[worst]!r} ({p_before[worst]:.3f} -> {p_after[worst]:.3f}); gained there: "
       + ", ".join(f"{n!r} +{gain[t]:.3f}" for n, t in zip(top_names, top))
@@ -202,7 +221,7 @@ def forward_logits(model: Any, params: Any, ids_BT: Any) -> Any:
   return model.apply({"params": params}, ids_BT, np.ones(ids_BT.shape, bool), return_logits=True).logits_BTV
 
 
-def write_outputs(config, rows, start, prediction, measured, remedies, mass, seconds) -> dict[str, Any]:
+def write_outputs(config, rows, start, prediction, ranks, measured, remedies, mass, seconds) -> dict[str, Any]:
   """summary.json, pairs.npz and the plot."""
   runs = {"DPO": measured, **remedies}
   summary = {
@@ -217,39 +236,27 @@ def write_outputs(config, rows, start, prediction, measured, remedies, mass, sec
           "first_order_share_fell": float(np.mean(prediction["first_order"] < 0)),
           "along_direction_share_fell": float(np.mean(prediction["along_direction"] < 0)),
       },
-      "spearman": {
-          name: spearman(values, measured.chosen_change())
-          for name, values in (
-              ("along_direction", prediction["along_direction"]),
-              ("first_order", prediction["first_order"]),
-              ("minus_ches", -prediction["ches"]),
-              ("minus_ln_ches", -prediction["ln_ches"]),
-          )
-      },
-      "sign_agreement": {
-          "along_direction": sign_agreement(prediction["along_direction"], measured.chosen_change()),
-          "first_order": sign_agreement(prediction["first_order"], measured.chosen_change()),
-      },
+      **ranks,
       "mass": mass,
       "dpo": short_runs.flatten(config.demo.dpo),
       "remedies": {k: short_runs.flatten(v) for k, v in config.demo.remedies.items()},
       "seconds": seconds,
   }
-  with open(os.path.join(config.output_dir, SUMMARY_FILE), "w") as f:
-    json.dump(summary, f, indent=1)
-  np.savez(
+  rundir.write_npz(
       os.path.join(config.output_dir, PAIRS_FILE),
-      chosen_start_N=start[0],
-      rejected_start_N=start[1],
-      ches_N=prediction["ches"],
-      ln_ches_N=prediction["ln_ches"],
-      first_order_2N=prediction["audit"]["first_order"],
-      along_direction_2N=prediction["audit"]["along_direction"],
-      **{f"chosen_after_{name}_N": m.chosen_EN[-1] for name, m in runs.items()},
-      **{f"rejected_after_{name}_N": m.rejected_EN[-1] for name, m in runs.items()},
+      {
+          "chosen_start_N": start[0],
+          "rejected_start_N": start[1],
+          "ches_N": prediction["ches"],
+          "ln_ches_N": prediction["ln_ches"],
+          "first_order_2N": prediction["audit"]["first_order"],
+          "along_direction_2N": prediction["audit"]["along_direction"],
+          **{f"chosen_after_{name}_N": m.chosen_EN[-1] for name, m in runs.items()},
+          **{f"rejected_after_{name}_N": m.rejected_EN[-1] for name, m in runs.items()},
+      },
   )
   plot(os.path.join(config.output_dir, PLOT_FILE), prediction, runs)
-  _log(f"[demo] outputs: {config.output_dir}/{{{SUMMARY_FILE},{PAIRS_FILE},{PLOT_FILE}}}")
+  rundir.write_json(os.path.join(config.output_dir, SUMMARY_FILE), summary)  # last: the run is complete
   return summary
 
 
@@ -279,7 +286,8 @@ def plot(path: str, prediction: dict[str, Any], runs: dict[str, short_runs.Measu
   ax1.legend(fontsize=8)
   fig.suptitle("Likelihood displacement on minimal-edit pairs: predicted, measured, prevented")
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  with rundir.atomic(path) as tmp:
+    fig.savefig(tmp, dpi=110, format="png")
   plt.close(fig)
 
 

@@ -4,6 +4,8 @@
 ("beta -> loss.beta"), which the CLI prints once. A TRL name or value we cannot honour exactly (a loss_type we do
 not have, `max_prompt_length`, `rpo_alpha`, a logger other than TensorBoard) is a UsageError naming what to use
 instead. The table (with each default here and in TRL) is docs/sections/trl.md's; `table_markdown()` writes it.
+TRL's defaults were read from trl's source (main at f2cd577, 1.10.0.dev0, 2026-07; tags v0.28.0 and v0.29.0 for
+what 0.29 removed) and, where DPOConfig inherits them, from transformers' TrainingArguments.
 """
 
 from __future__ import annotations
@@ -91,15 +93,17 @@ ALIASES: dict[str, Alias] = {
     "max_prompt_length": Alias(
         "",
         "-",
-        "512 (older TRL)",
+        "512 (TRL <= 0.28; removed in 0.29)",
         "no equivalent: prompts are never cut here; a pair longer than data.max_length has its response cut "
         "(data.truncation='truncate_response') or is an error ('error')",
     ),
-    "max_completion_length": Alias("", "-", "None", "no equivalent: use data.max_length (prompt + response)"),
+    "max_completion_length": Alias(
+        "", "-", "None (TRL <= 0.28; removed in 0.29)", "no equivalent: use data.max_length (prompt + response)"
+    ),
     "loss_type": Alias(
         "loss.objective",
         "dpo",
-        "sigmoid",
+        "sigmoid (TRL >= 0.29: a list, ['sigmoid'])",
         "sigmoid -> dpo; ipo -> ipo (TRL divides IPO's log-probs by the response length, ours uses the sums, as "
         "the paper); hinge -> gpo with loss.gpo_fn=hinge (relu(1 - beta h)); others are refused",
         _choice("loss_type", LOSS_TYPES, "; our other objectives: --config.loss.objective=slic|dpop|cross_entropy|gpo"),
@@ -107,25 +111,32 @@ ALIASES: dict[str, Alias] = {
     "rpo_alpha": Alias(
         "",
         "loss.sft_coeff 0",
-        "None",
-        "refused: TRL adds alpha x the chosen NLL averaged per token; our loss.sft_coeff adds coeff x (-sum of the "
-        "chosen's token log-probs), averaged over pairs; --config.loss.sft_coeff=alpha/(mean chosen tokens) matches",
+        "None (TRL <= 0.28; removed in 0.29: loss_type=['sigmoid', 'sft'], loss_weights=[1, alpha])",
+        "refused: TRL adds alpha x the chosen NLL averaged per token (over the batch's chosen response tokens); our "
+        "loss.sft_coeff adds coeff x (-sum of the chosen's token log-probs), averaged over pairs; "
+        "--config.loss.sft_coeff=alpha/(mean chosen tokens) matches",
     ),
-    "label_smoothing": Alias("loss.label_smoothing", "0.0", "0.0", "conservative DPO (cDPO), as TRL's sigmoid"),
+    "label_smoothing": Alias(
+        "loss.label_smoothing",
+        "0.0",
+        "0.0",
+        "conservative DPO (cDPO), as TRL <= 0.28's sigmoid; TRL >= 0.29's sigmoid ignores it (only its robust, "
+        "exo_pair and aot losses read it)",
+    ),
     "num_train_epochs": Alias("num_epochs", "1", "3", "whole epochs only", _int_of("num_train_epochs", "num_epochs")),
     "max_steps": Alias("num_steps", "0 (off)", "-1 (off)", "", _max_steps),
     "report_to": Alias(
         "",
         "metrics.jsonl + TensorBoard, always",
-        "all installed loggers",
+        "'all' (installed loggers) with transformers < 5; 'none' with transformers >= 5",
         "tensorboard/none/all are accepted and change nothing; other loggers are refused",
         _choice("report_to", LOGGERS, " (metrics.jsonl and TensorBoard events are always written)"),
     ),
     "optim": Alias(
         "optim.name",
         "rmsprop (torch defaults)",
-        "adamw_torch",
-        "adamw_torch/adamw_torch_fused/adamw_hf -> adamw; rmsprop; sgd",
+        "adamw_torch_fused with torch >= 2.8, else adamw_torch",
+        "adamw_torch/adamw_torch_fused/adamw_hf (transformers < 5) -> adamw; rmsprop; sgd",
         _choice("optim", OPTIMIZERS),
     ),
     "lr_scheduler_type": Alias(
@@ -144,12 +155,23 @@ ALIASES: dict[str, Alias] = {
     "logging_steps": Alias("log_every", "1", "10"),
     "save_steps": Alias("checkpoint.every", "0 (only at the end)", "500"),
     "save_total_limit": Alias("checkpoint.keep", "1", "None (all)"),
-    "eval_steps": Alias("eval.every", "1 (configs/dpo.py: 10)", "None", "our eval is the displacement monitor"),
-    "gradient_checkpointing": Alias("model.remat", "False", "False", "", _bool_to("model.remat", "True", "False")),
+    "eval_steps": Alias(
+        "eval.every",
+        "1 (configs/dpo.py: 10)",
+        "None (logging_steps when eval_strategy='steps'; eval_strategy defaults to 'no')",
+        "our eval is the displacement monitor",
+    ),
+    "gradient_checkpointing": Alias(
+        "model.remat",
+        "False",
+        "True (TRL's; transformers' is False)",
+        "trades speed for memory; the maths is unchanged",
+        _bool_to("model.remat", "True", "False"),
+    ),
     "bf16": Alias(
         "model.dtype",
         "float32",
-        "True where supported",
+        "True unless fp16 (TrainingArguments then errors where bf16 is unsupported, unless use_cpu)",
         "bf16=True -> model.dtype=bfloat16 (fp32 weights)",
         _bool_to("model.dtype", "bfloat16", "float32"),
     ),

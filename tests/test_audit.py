@@ -38,10 +38,10 @@ def test_first_order_equals_autodiff_inner_product(session):
   leaves, treedef = jax.tree.flatten(params)
   keys = jax.random.split(jax.random.key(1), len(leaves))
   direction = jax.tree.unflatten(treedef, [1e-3 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)])
-  batch = s._collate(dataset.pairs[:4], dataset.pad_id, 4)
+  batch = s._collate(dataset.pairs[:4], dataset.pad_id, 4, packed=True)
   first = np.asarray(audit.make_first_order(s.loaded.model)(params, direction, batch))
   ref = audit.reference_model(s.loaded.model)
-  jac = jax.jacrev(lambda p: audit.dense_pair_logps(ref, p, batch))(params)  # leaves [2, B, ...]
+  jac = jax.jacrev(lambda p: audit.dense_pair_logps(ref, p, batch))(params)  # leaves [2, P, ...]
   inner = sum(
       jnp.tensordot(j, d, axes=d.ndim) for j, d in zip(jax.tree.leaves(jac), jax.tree.leaves(direction))
   )  # [2, B]

@@ -23,9 +23,10 @@ from displacement_jax import audit, config_checks, evaluation, forward, runtime,
 from displacement_jax import optim as optim_lib
 from displacement_jax import step as step_lib
 from displacement_jax.data import batching, schema
+from displacement_jax.data.layout import round_up
 from displacement_jax.experiments import common
 
-EVAL_BATCH = 32  # pairs per forward when measuring log-probs
+EVAL_BATCH = 64  # at most this many pairs per forward when measuring log-probs (packed rows, one compile)
 
 
 @dataclasses.dataclass
@@ -95,15 +96,18 @@ class Session:
       model, chunk = self.loaded.model, int(self.config.logprob_chunk_size)
       self._logps = jax.jit(lambda p, b: forward.pair_logps(model, p, b, chunk))
     pairs = dataset.pairs
+    rows = min(EVAL_BATCH, round_up(len(pairs), sharding.data_parallel_size(self.mesh)))
     chosen, rejected = [], []
-    for start in range(0, len(pairs), EVAL_BATCH):
-      part = pairs[start : start + EVAL_BATCH]
-      out = jax.device_get(self._logps(params, self._collate(part, dataset.pad_id, EVAL_BATCH)))
+    for start in range(0, len(pairs), rows):
+      part = pairs[start : start + rows]
+      out = jax.device_get(self._logps(params, self._collate(part, dataset.pad_id, rows, packed=True)))
       chosen.append(np.asarray(out["chosen_logps_B"])[: len(part)])
       rejected.append(np.asarray(out["rejected_logps_B"])[: len(part)])
     return np.concatenate(chosen), np.concatenate(rejected)
 
-  def _collate(self, pairs: Sequence[Any], pad_id: int, rows: int) -> dict[str, Any]:
+  def _collate(self, pairs: Sequence[Any], pad_id: int, rows: int, *, packed: bool = False) -> dict[str, Any]:
+    """`pairs` collated to `rows` rows (filler rows carry no loss mask), in the packed layout of training
+    (`runtime.pack_for_logps`, lengths bucketed) when `packed`, placed on the mesh."""
     batch = batching.collate(
         list(pairs),
         pad_id=pad_id,
@@ -111,6 +115,8 @@ class Session:
         pad_to=int(self.config.data.max_length),
         pad_rows_to=rows,
     )
+    if packed:
+      batch = runtime.pack_for_logps(batch, pad_id, self.config, groups=sharding.data_parallel_size(self.mesh))
     return sharding.host_local_batch_to_global(batch, self.mesh)
 
   def first_order(self, direction: Any, dataset: runtime.Dataset) -> np.ndarray:
@@ -120,21 +126,28 @@ class Session:
     out, pairs = [], dataset.pairs
     for start in range(0, len(pairs), audit.JVP_PAIRS):
       part = pairs[start : start + audit.JVP_PAIRS]
-      tangent = self._first_order(self.params0, direction, self._collate(part, dataset.pad_id, audit.JVP_PAIRS))
+      batch = self._collate(part, dataset.pad_id, audit.JVP_PAIRS, packed=True)
+      tangent = self._first_order(self.params0, direction, batch)
       out.append(np.asarray(jax.device_get(tangent))[:, : len(part)])
     return np.concatenate(out, axis=1)
 
-  def audit(self, dataset: runtime.Dataset, overrides: Mapping[str, Any]) -> dict[str, np.ndarray]:
+  def audit(
+      self,
+      dataset: runtime.Dataset,
+      overrides: Mapping[str, Any],
+      *,
+      start: tuple[np.ndarray, np.ndarray] | None = None,
+  ) -> dict[str, np.ndarray]:
     """The displacement audit of the run `train(dataset, overrides)` would make (`audit`'s replay route): the
     run's batches replayed at the initial params, predictions [2, N] per pair (chosen, rejected) of the change
-    after all its epochs: {'first_order', 'along_direction', 'curvature'}."""
+    after all its epochs: {'first_order', 'along_direction', 'curvature'}. `start`: as in `train`."""
     cfg = self.run_config({"data.path": dataset.path, **overrides})
     iterator = training.make_iterator(dataset, cfg, self.mesh)
     total = int(cfg.num_epochs) * iterator.steps_per_epoch
     optimizer = optim_lib.make_optimizer(cfg.optim, total)
     loss_fn = step_lib.make_loss_fn(self.loaded.model, cfg.loss, int(cfg.logprob_chunk_size))
     replay = jax.jit(audit.make_replay_step(loss_fn, optimizer, int(cfg.optim.grad_accum)))
-    chosen0, rejected0 = self.logps(self.params0, dataset)
+    chosen0, rejected0 = start if start is not None else self.logps(self.params0, dataset)
     ref = {"chosen_ref_logps": chosen0, "rejected_ref_logps": rejected0}
 
     def batches():
@@ -145,7 +158,7 @@ class Session:
 
     direction = audit.replay_direction(replay, optimizer, self.params0, batches())
     return audit.predict(
-        lambda p: np.stack(self.logps(p, dataset)),
+        lambda p: np.stack((chosen0, rejected0) if p is self.params0 else self.logps(p, dataset)),
         lambda d: self.first_order(d, dataset),
         self.params0,
         direction,

@@ -114,8 +114,8 @@ def run_sft(
   yes, no = sft_answer_groups(sft_cfg, log)
   write_sft_data(examples, sft_cfg.data.path, int(config.seed), (yes, no))
   log(
-      f"[sft] cross-entropy on {len(examples)} persona prompts of {config.data.path} (y+ drawn from "
-      f"{list(yes)} / {list(no)} by the row's answer), {sft_cfg.num_steps or sft_cfg.num_epochs} "
+      f"[sft] cross-entropy on {len(examples)} persona prompts of {config.data.path} (the authors' rule: y+ of a "
+      f'" Yes" row drawn from {list(no)}, of a " No" row from {list(yes)}), {sft_cfg.num_steps or sft_cfg.num_epochs} "
       f'{"steps" if sft_cfg.num_steps else "epoch(s)"}, RMSprop lr {sft_cfg.optim.lr:g}, batch {sft_cfg.batch_size}'
   )
   loaded = runtime.load_model(sft_cfg)  # the model and tokenizer (~6 s for SmolLM2)
