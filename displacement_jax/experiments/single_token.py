@@ -113,10 +113,11 @@ def run_sft(
   os.makedirs(sft_cfg.output_dir)
   yes, no = sft_answer_groups(sft_cfg, log)
   write_sft_data(examples, sft_cfg.data.path, int(config.seed), (yes, no))
+  rule = f'the authors\' rule: y+ of a " Yes" row drawn from {list(no)}, of a " No" row from {list(yes)}'
+  length = f'{sft_cfg.num_steps or sft_cfg.num_epochs} {"steps" if sft_cfg.num_steps else "epoch(s)"}'
   log(
-      f"[sft] cross-entropy on {len(examples)} persona prompts of {config.data.path} (the authors' rule: y+ of a "
-      f'" Yes" row drawn from {list(no)}, of a " No" row from {list(yes)}), {sft_cfg.num_steps or sft_cfg.num_epochs} "
-      f'{"steps" if sft_cfg.num_steps else "epoch(s)"}, RMSprop lr {sft_cfg.optim.lr:g}, batch {sft_cfg.batch_size}'
+      f"[sft] cross-entropy on {len(examples)} persona prompts of {config.data.path} ({rule}), {length}, "
+      f"RMSprop lr {sft_cfg.optim.lr:g}, batch {sft_cfg.batch_size}"
   )
   loaded = runtime.load_model(sft_cfg)  # the model and tokenizer (~6 s for SmolLM2)
   dataset = runtime.load_data(sft_cfg, loaded.tokenizer, loaded.model_config.vocab_size)
