@@ -4,6 +4,7 @@ References outside the code under test: autodiff (jax.jacrev of the dense refere
 rules written out by hand (torch's RMSprop defaults, Adam's bias-corrected moments), and a measured SGD step.
 """
 
+import json
 import os
 import sys
 
@@ -13,7 +14,8 @@ import numpy as np
 import optax
 import pytest
 
-from displacement_jax import audit, forward
+from displacement_jax import forward
+from displacement_jax.audit import replay as audit
 from displacement_jax import optim as optim_lib
 from displacement_jax.experiments import edit_pairs, short_runs
 
@@ -114,3 +116,28 @@ def test_sgd_first_order_predicts_the_measured_step(session):
   np.testing.assert_allclose(pred["first_order"], changes, atol=0.02 * scale)
   np.testing.assert_allclose(pred["along_direction"], changes, atol=0.02 * scale)
   np.testing.assert_allclose(pred["curvature"], pred["along_direction"] - pred["first_order"], atol=1e-9)
+
+
+def test_cli_writes_one_row_per_pair_and_flags_what_theta0_plus_d_says(tmp_path, capsys):
+  """`python -m displacement_jax.audit` on the train config of configs/dpo_tiny.py: a row per pair, the flag is the
+  sign of the prediction at theta0 + D, the summary is its rows; bad usage is one line, exit 2."""
+  from displacement_jax.audit import main as audit_main  # pylint: disable=g-import-not-at-top  (an entry point)
+
+  config_path = os.path.join(ROOT, "configs", "dpo_tiny.py")
+  rc = audit_main.main(["audit", f"--config={config_path}", f"--config.output_dir={tmp_path}", "--config.num_steps=0"])
+  assert rc == 0
+  rows = [json.loads(line) for line in open(tmp_path / audit_main.ROWS_FILE)]
+  summary = json.load(open(tmp_path / audit_main.SUMMARY_FILE))
+  assert [r["row"] for r in rows] == list(range(len(rows))) == list(range(summary["num_pairs"]))
+  assert all(r["flag"] == (r["chosen_along_direction"] < 0) for r in rows)
+  np.testing.assert_allclose(
+      [r["chosen_curvature"] for r in rows],
+      [r["chosen_along_direction"] - r["chosen_first_order"] for r in rows],
+      atol=1e-9,
+  )
+  np.testing.assert_allclose(summary["share_flagged"], np.mean([r["flag"] for r in rows]))
+  out = capsys.readouterr().out
+  assert "[audit] the 10 pairs predicted to fall most" in out and out.count("[audit]   row ") == 10
+  rc = audit_main.main(["audit", f"--config={config_path}", f"--config.output_dir={tmp_path}", "--config.num_steps=3"])
+  err = capsys.readouterr().err.strip().splitlines()
+  assert rc in (1, 2) and len(err) == 1 and "num_steps" in err[0]

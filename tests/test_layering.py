@@ -25,6 +25,8 @@ ENTRY_POINTS = {
     "displacement_jax.experiments.generated_pairs",
     "displacement_jax.experiments.persona_demo",
     "displacement_jax.experiments.edit_search",
+    "displacement_jax.audit.main",
+    "displacement_jax.audit.__main__",
 }
 CORE = {
     "displacement_jax.errors",
@@ -95,8 +97,18 @@ def test_entry_points_exist_and_train_dispatches_only_to_them():
   assert set(train.MAINS.values()) <= ENTRY_POINTS
 
 
+def _runs_its_package_main(module: str, target: str) -> bool:
+  """`python -m pkg` runs pkg/__main__.py, which imports pkg.main: the one import of an entry point allowed."""
+  return module.endswith(".__main__") and target == module.rpartition(".")[0] + ".main"
+
+
 def test_nothing_imports_an_entry_point():
-  bad = [f"{m} imports {t} (line {line})" for m in MODULES for t, line, _ in _imports(m) if t in ENTRY_POINTS]
+  bad = [
+      f"{m} imports {t} (line {line})"
+      for m in MODULES
+      for t, line, _ in _imports(m)
+      if t in ENTRY_POINTS and not _runs_its_package_main(m, t)
+  ]
   assert not bad, bad
 
 

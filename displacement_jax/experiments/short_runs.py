@@ -19,7 +19,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from displacement_jax import audit, config_checks, evaluation, forward, runtime, sharding, training
+from displacement_jax import config_checks, evaluation, forward, runtime, sharding, training
+from displacement_jax.audit import replay as audit
 from displacement_jax import optim as optim_lib
 from displacement_jax import step as step_lib
 from displacement_jax.data import batching, schema
