@@ -31,7 +31,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from displacement_jax import rundir, scoring
+from displacement_jax import plots, rundir, scoring
 from displacement_jax.data import schema
 from displacement_jax.experiments import edit_pairs, short_runs
 from displacement_jax.experiments.results import sign_agreement, spearman
@@ -262,11 +262,7 @@ def write_outputs(config, rows, start, prediction, ranks, measured, remedies, ma
 
 def plot(path: str, prediction: dict[str, Any], runs: dict[str, short_runs.Measured]) -> None:
   """Left: predicted (audit) against measured change of ln pi(y+) per pair; right: each run's change per pair."""
-  import matplotlib  # pylint: disable=g-import-not-at-top  (optional heavy dependency, only for the figure)
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-
+  plt = plots.pyplot()
   measured = runs["DPO"].chosen_change()
   fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(11, 4.2))
   for key, label, marker in (("along_direction", "model at theta0 + D", "o"), ("first_order", "first order", "x")):
@@ -286,9 +282,7 @@ def plot(path: str, prediction: dict[str, Any], runs: dict[str, short_runs.Measu
   ax1.legend(fontsize=8)
   fig.suptitle("Likelihood displacement on minimal-edit pairs: predicted, measured, prevented")
   fig.tight_layout()
-  with rundir.atomic(path) as tmp:
-    fig.savefig(tmp, dpi=110, format="png")
-  plt.close(fig)
+  plots.save(fig, path)
 
 
 def verdict(summary: dict[str, Any]) -> None:

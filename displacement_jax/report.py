@@ -27,7 +27,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from displacement_jax import cli, rundir
+from displacement_jax import cli, plots, rundir
 from displacement_jax import metrics as metrics_lib
 from displacement_jax.experiments import common, results as results_lib
 from displacement_jax.errors import DataError
@@ -84,20 +84,11 @@ def check_result(path: str, row: dict[str, Any], family: str) -> None:
 
 
 def _save(fig: Any, path: str) -> str:
-  """`fig` as a PNG at `path`, atomically (rundir.atomic); returns path."""
-  with rundir.atomic(path) as tmp:
-    fig.savefig(tmp, dpi=100, format="png")
-  return path
+  """`fig` as a PNG at `path`, atomically (plots.save); returns path."""
+  return plots.save(fig, path, dpi=100)
 
 
-def _plt():
-  """matplotlib.pyplot on the Agg backend; imported only when a plot is drawn (optional, heavy)."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-
-  return plt
+_plt = plots.pyplot
 
 
 def _most_common(lists: Iterable[Sequence[str]], n: int = 3) -> list[str]:
@@ -192,7 +183,6 @@ def plot_persona(rows: Sequence[dict[str, Any]], out_dir: str) -> list[str]:
     fig.tight_layout()
     name = f'persona_{r["phase"]}_{r["objective"]}_{r["preferred"]}_{r["dispreferred"]}.png'
     paths.append(_save(fig, os.path.join(out_dir, name)))
-    plt.close(fig)
   return paths
 
 
@@ -230,7 +220,6 @@ def plot_quantiles(rows: Sequence[dict[str, Any]], path: str) -> str:
   ax.legend(fontsize=8)
   fig.tight_layout()
   _save(fig, path)
-  plt.close(fig)
   return path
 
 
@@ -286,7 +275,6 @@ def plot_sorry(rows: Sequence[dict[str, Any]], path: str) -> str:
     ax.legend()
   fig.tight_layout()
   _save(fig, path)
-  plt.close(fig)
   return path
 
 

@@ -94,27 +94,6 @@ def test_pick_pair_and_summary_units():
   assert s["preferred_prob_argmin_step"] == 1
 
 
-def test_demo_imports_no_torch(tmp_path):
-  """README's first command runs on the base install (no torch): torch made unimportable changes nothing."""
-  import subprocess  # pylint: disable=g-import-not-at-top
-  import sys  # pylint: disable=g-import-not-at-top
-
-  script = (
-      "import sys\n"
-      "sys.modules['torch'] = None  # any `import torch` now raises ImportError\n"
-      "from displacement_jax import train\n"
-      f"rc = train.main(['train', '--config={os.path.join(ROOT, 'configs', 'persona_demo.py')}:tiny', '--config.output_dir={tmp_path}',\n"
-      "                 '--config.sft.num_steps=2', '--config.dpo.num_steps=2', '--config.progress=False'])\n"
-      "loaded = [m for m, v in sys.modules.items() if m.split('.')[0] == 'torch' and v is not None]\n"
-      "print('torch modules loaded:', loaded)\n"
-      "sys.exit(rc or (3 if loaded else 0))\n"
-  )
-  result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=600)
-  assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-  assert "torch modules loaded: []" in result.stdout
-  assert os.path.exists(tmp_path / demo.SUMMARY_FILE)
-
-
 @pytest.mark.parametrize("shuffle", [True, False])
 def test_single_token_sft_equals_training_run(tmp_path, shuffle):
   """SFTOnPrompts (one forward of each prompt batch per step) against `training.run` on the same SFT config (two

@@ -28,7 +28,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from displacement_jax import rundir, scoring
+from displacement_jax import plots, rundir, scoring
 from displacement_jax.data import schema
 from displacement_jax.experiments import edit_pairs, short_runs
 from displacement_jax.experiments.results import sign_agreement, spearman
@@ -192,11 +192,7 @@ def run(config: ml_collections.ConfigDict) -> list[dict[str, Any]]:
 
 def plot_audit(path: str, rows: list[dict[str, Any]]) -> None:
   """Each predictor's Spearman (left) and the audit's sign agreement (right) against lr, per (kind, optimizer)."""
-  import matplotlib  # pylint: disable=g-import-not-at-top  (optional heavy dependency, only for the figure)
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-
+  plt = plots.pyplot()
   audited = [r for r in rows if "spearman_along_direction" in r]
   fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(11, 4.2))
   for kind, optimizer in sorted({(r["kind"], r["optimizer"]) for r in audited}):
@@ -212,6 +208,4 @@ def plot_audit(path: str, rows: list[dict[str, Any]]) -> None:
     ax.legend(fontsize=7)
   fig.suptitle("The displacement audit against the learning rate (one epoch of DPO)")
   fig.tight_layout()
-  with rundir.atomic(path) as tmp:
-    fig.savefig(tmp, dpi=110, format="png")
-  plt.close(fig)
+  plots.save(fig, path)
