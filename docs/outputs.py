@@ -1,4 +1,5 @@
-r"""README's real-output blocks: each is produced by a command registered here and checked against a fresh run.
+r"""The docs' real-output blocks (README.md, docs/*.md): each is produced by a command registered here and
+checked against a fresh run.
 
   python docs/outputs.py                 # run every registered command, store docs/outputs/<name>.txt
   python docs/outputs.py --only NAME     # one of them
@@ -56,7 +57,7 @@ def register(name: str, **kwargs) -> None:
   OUTPUTS[name] = Output(**kwargs)
 
 
-# ---- registry: one entry per real-output block of the README -----------------------------------------------
+# ---- registry: one entry per real-output block of the docs -------------------------------------------------
 _RUNS = "runs/docs"
 register("core_logprobs", kind="snippet")
 register("core_losses", kind="snippet")
@@ -279,6 +280,9 @@ def expand(markdown: str) -> str:
 
 
 def main(argv: list[str]) -> int:
+  if "--help" in argv or "-h" in argv:  # print the usage; run nothing
+    print(__doc__)
+    return 0
   names = [n for n, o in OUTPUTS.items() if o.slow == ("--slow" in argv)] if "--check" in argv else list(OUTPUTS)
   if "--only" in argv:
     names = [argv[argv.index("--only") + 1]]

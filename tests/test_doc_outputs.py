@@ -1,5 +1,5 @@
-"""Every real-output block of README.md is produced by a registered command (docs/outputs.py), and a fresh run of
-that command gives the stored text again (numbers within 1e-3 relative; hashes and timings masked)."""
+"""Every real-output block of README.md and docs/*.md is produced by a registered command (docs/outputs.py), and
+a fresh run of that command gives the stored text again (numbers within 1e-3 relative; hashes and timings masked)."""
 
 import pathlib
 import re

@@ -1,10 +1,13 @@
-"""README.md opens with the two commands and is the assembly of docs/sections (docs/build_readme.py)."""
+"""README.md is a front page that opens with the two commands; it and the topic pages under docs/ are built from
+docs/sections (docs/build_readme.py)."""
 
 import pathlib
 import subprocess
 import sys
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "docs"))
+import build_readme  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def _commands():
@@ -52,6 +55,25 @@ def test_ci_checks_the_formatter_before_the_tests():
   assert ci.index("pyink --check .") < ci.index('bash -euo pipefail -c "$(readme_command 1)"')
   config = ROOT.joinpath("pyproject.toml").read_text()
   assert "[tool.pyink]" in config and "pyink-indentation = 2" in config and "line-length = 120" in config
+
+
+def test_readme_is_a_front_page_linking_every_topic_page():
+  readme = ROOT.joinpath("README.md").read_text()
+  assert len(readme.splitlines()) <= 200
+  assert readme.count("![") == 1  # one picture
+  for page in [*build_readme.PAGES, *build_readme.HAND_WRITTEN]:
+    assert f"](docs/{page}.md" in readme, page
+
+
+def test_every_page_is_built_from_its_sections():
+  files = build_readme.build()
+  assert set(files) == {ROOT / "README.md", *(ROOT / "docs" / f"{page}.md" for page in build_readme.PAGES)}
+  for page, (title, _, sections) in build_readme.PAGES.items():
+    text = files[ROOT / "docs" / f"{page}.md"]
+    assert text.startswith("<!-- generated from docs/sections/") and f"\n# {title}\n" in text
+    assert "<!-- output:" not in text and "<!-- snippet:" not in text  # every marker expanded
+    for section in sections:
+      assert f"docs/sections/{section}.md" in text.splitlines()[0]
 
 
 def test_readme_is_up_to_date():
