@@ -179,6 +179,10 @@ def _assert_rows_close(got: dict, want: dict, where: str) -> None:
     if isinstance(value, float) or isinstance(got[key], float):
       scale = max(1.0, abs(value), logp if "change" in key or "margin" in key else 0.0)
       assert abs(got[key] - value) <= TOL * scale, f"{where}: {key} {got[key]} != {value}"
+    elif isinstance(value, list) and value and all(isinstance(v, float) for v in value):  # e.g. monitor/fell_changes
+      scale = max([1.0, logp] + [abs(v) for v in value])
+      assert len(got[key]) == len(value), f"{where}: {key}"
+      assert all(abs(g - v) <= TOL * scale for g, v in zip(got[key], value)), f"{where}: {key} {got[key]} != {value}"
     else:
       assert got[key] == value, f"{where}: {key}"
 

@@ -374,7 +374,10 @@ def test_score_moves_an_earlier_runs_outputs_aside_and_warns_about_suspicious_ro
   assert rc == 0, err
   assert not (out / "filtered.jsonl").exists() and not (out / "filtered_indices.json").exists()
   assert (out / "previous" / "filtered.jsonl").exists() and (out / "previous" / "scores.jsonl").exists()
-  assert "moved the outputs of an earlier run (scores.jsonl, summary.json, ln_ches_hist.png, filtered.jsonl" in stdout
+  assert (
+      "moved the outputs of an earlier run (scores.jsonl, summary.json, ln_ches_hist.png, risky.jsonl, filtered.jsonl"
+      in stdout
+  )
   assert json.loads((out / "run.json").read_text())["status"] == "complete"
   assert not [f for f in os.listdir(out) if ".tmp" in f]
 
