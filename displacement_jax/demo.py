@@ -31,8 +31,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from displacement_jax import plots, rundir, scoring
-from displacement_jax.data import schema
+from displacement_jax import plots, rundir
 from displacement_jax.experiments import edit_pairs, short_runs
 from displacement_jax.experiments.results import sign_agreement, spearman
 
@@ -115,18 +114,8 @@ def predict(
 ) -> dict[str, Any]:
   """The audit's per-pair predictions for the DPO run and CHES / LN-CHES of every pair, all before training."""
   audit = session.audit(dataset, dpo, start=start)
-  examples = list(schema.load_preference_data(dataset.path))
-  scores = scoring.score_examples(
-      session.loaded.model,
-      session.params0,
-      config,
-      session.loaded.tokenizer,
-      examples,
-      batch_size=int(config.batch_size),
-      progress=False,
-  )
-  ches = np.array([s["ches"] for s in scores])
-  ln_ches = np.array([s["ln_ches"] for s in scores])
+  scores = session.ches(dataset)
+  ches, ln_ches = scores["ches"], scores["ln_ches"]
   first, along = audit["first_order"][0], audit["along_direction"][0]
   _log(f"[demo] PREDICTION for DPO ({describe(config, dpo)}), per pair, before any update:")
   _log(

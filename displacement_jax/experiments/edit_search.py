@@ -28,8 +28,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from displacement_jax import plots, rundir, scoring
-from displacement_jax.data import schema
+from displacement_jax import plots, rundir
 from displacement_jax.experiments import edit_pairs, short_runs
 from displacement_jax.experiments.results import sign_agreement, spearman
 
@@ -102,21 +101,6 @@ def finished(path: str, audit: bool, epochs: int) -> tuple[short_runs.Measured, 
   return measured, predicted or None
 
 
-def ches_of(session: short_runs.Session, dataset: Any) -> dict[str, np.ndarray]:
-  """CHES and LN-CHES of every pair at the initial model (scoring.score_examples)."""
-  examples = list(schema.load_preference_data(dataset.path))
-  scores = scoring.score_examples(
-      session.loaded.model,
-      session.params0,
-      session.config,
-      session.loaded.tokenizer,
-      examples,
-      batch_size=int(session.config.batch_size),
-      progress=False,
-  )
-  return {m: np.array([s[m] for s in scores]) for m in ("ches", "ln_ches")}
-
-
 def prediction_columns(predicted: dict[str, np.ndarray], measured_N: np.ndarray) -> dict[str, float]:
   """Spearman of each predictor with the measured change of ln pi(y+), and the audit's sign agreement."""
   out = {f"spearman_{name}": spearman(values, measured_N) for name, values in predicted.items()}
@@ -136,7 +120,7 @@ def run(config: ml_collections.ConfigDict) -> list[dict[str, Any]]:
     )
     starts[kind] = session.logps(session.params0, datasets[kind])
     if audit:
-      ches[kind] = ches_of(session, datasets[kind])
+      ches[kind] = session.ches(datasets[kind])
     _log(
         f"[search] {kind}: {len(datasets[kind].pairs)} pairs, at the start mean ln pi(y+) "
         f"{starts[kind][0].mean():.3f}, ln pi(y-) {starts[kind][1].mean():.3f}"

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from displacement_jax import config_checks, evaluation, forward, runtime, sharding, training
+from displacement_jax import config_checks, evaluation, forward, runtime, scoring, sharding, training
 from displacement_jax.audit import replay as audit
 from displacement_jax import optim as optim_lib
 from displacement_jax import step as step_lib
@@ -105,6 +105,20 @@ class Session:
       chosen.append(np.asarray(out["chosen_logps_B"])[: len(part)])
       rejected.append(np.asarray(out["rejected_logps_B"])[: len(part)])
     return np.concatenate(chosen), np.concatenate(rejected)
+
+  def ches(self, dataset: runtime.Dataset) -> dict[str, np.ndarray]:
+    """{'ches', 'ln_ches'} [N] of every pair at the initial model (scoring.score_examples on its rows)."""
+    examples = list(schema.load_preference_data(dataset.path))
+    scores = scoring.score_examples(
+        self.loaded.model,
+        self.params0,
+        self.config,
+        self.loaded.tokenizer,
+        examples,
+        batch_size=int(self.config.batch_size),
+        progress=False,
+    )
+    return {m: np.array([s[m] for s in scores]) for m in ("ches", "ln_ches")}
 
   def _collate(self, pairs: Sequence[Any], pad_id: int, rows: int, *, packed: bool = False) -> dict[str, Any]:
     """`pairs` collated to `rows` rows (filler rows carry no loss mask), in the packed layout of training
