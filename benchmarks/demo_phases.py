@@ -41,7 +41,7 @@ def main() -> None:
   config = demo_config.get_config()
   config.output_dir = tempfile.mkdtemp()
   t = time.perf_counter()
-  session = short_runs.Session(config, log=lambda _: None)
+  session = short_runs.Session(config)
   dataset = session.dataset(edit_pairs.rows("edit", limit=args.pairs), "edit")
   print(f"load model and pairs: {time.perf_counter() - t:.1f} s", flush=True)
   timed("per-pair log-probs (packed)", lambda: session.logps(session.params0, dataset))

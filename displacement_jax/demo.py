@@ -59,7 +59,7 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """The whole demo; returns the summary dict (also written to output_dir/summary.json)."""
   os.makedirs(config.output_dir, exist_ok=True)
   lap = Laps()
-  session = short_runs.Session(config, log=_log)
+  session = short_runs.Session(config)
   rows = edit_pairs.rows("edit", seed=int(config.seed), limit=int(config.demo.num_pairs))
   dataset = session.dataset(rows, "edit")
   start = session.logps(session.params0, dataset)

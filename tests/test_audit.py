@@ -28,7 +28,7 @@ from configs import demo as demo_config  # pylint: disable=g-import-not-at-top,w
 def session(tmp_path_factory):
   config = demo_config.get_config("tiny")
   config.output_dir = str(tmp_path_factory.mktemp("audit"))
-  s = short_runs.Session(config, log=lambda _: None)
+  s = short_runs.Session(config)
   return s, s.dataset(edit_pairs.rows("edit", limit=8), "edit")
 
 

@@ -20,7 +20,7 @@ def test_a_short_run_equals_training_run(tmp_path):
   config: equal per-pair log-probs after two epochs (measured with the same forward on both params)."""
   config = search_config.get_config("tiny")
   config.output_dir = str(tmp_path / "session")
-  session = short_runs.Session(config, log=lambda _: None)
+  session = short_runs.Session(config)
   dataset = session.dataset(edit_pairs.rows("edit", limit=16), "edit")
   overrides = {"optim.name": "rmsprop", "optim.lr": 1e-3, "num_epochs": 2}
   measured = session.train(dataset, overrides, keep_params=True)

@@ -103,10 +103,8 @@ def interrupted(tmp_path_factory, data_path, full):
   return out
 
 
-def _damage(step_dir, how):
-  """Flip a byte in the middle of / cut in half the largest array file of a checkpoint; its path and sizes."""
-  files = glob.glob(os.path.join(step_dir, "state", "ocdbt.process_0", "d", "*"))
-  path = max(files, key=os.path.getsize)
+def _corrupt(path, how):
+  """Flip a byte in the middle of (`how='flip'`) or cut in half (`'truncate'`) the file at `path`; its old size."""
   size = os.path.getsize(path)
   if how == "flip":
     with open(path, "r+b") as f:
@@ -116,7 +114,14 @@ def _damage(step_dir, how):
       f.write(bytes([byte[0] ^ 0xFF]))
   else:
     os.truncate(path, size // 2)
-  return os.path.relpath(path, step_dir), size
+  return size
+
+
+def _damage(step_dir, how):
+  """Flip a byte in the middle of / cut in half the largest array file of a checkpoint; its path and sizes."""
+  files = glob.glob(os.path.join(step_dir, "state", "ocdbt.process_0", "d", "*"))
+  path = max(files, key=os.path.getsize)
+  return os.path.relpath(path, step_dir), _corrupt(path, how)
 
 
 # ------------------------------------------------------------------------------------------------- checkpoints
@@ -564,15 +569,7 @@ def test_corrupt_reference_cache_is_recomputed(tmp_path, data_path, full, interr
   out = tmp_path / "run"
   shutil.copytree(interrupted, out)
   (cache,) = glob.glob(str(out / "reference_cache" / "*.npz"))
-  size = os.path.getsize(cache)
-  if how == "flip":
-    with open(cache, "r+b") as f:
-      f.seek(size // 2)
-      byte = f.read(1)
-      f.seek(size // 2)
-      f.write(bytes([byte[0] ^ 0xFF]))
-  else:
-    os.truncate(cache, size // 2)
+  size = _corrupt(cache, how)
   log = io.StringIO()
   with contextlib.redirect_stdout(log):
     result = training.run(make_config(out, data_path), resume=True)

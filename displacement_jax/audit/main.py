@@ -78,7 +78,7 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
   if int(config.num_steps) > 0:
     raise ValueError("config.num_steps > 0: the audit replays whole epochs; set num_epochs instead (num_steps=0)")
   os.makedirs(config.output_dir, exist_ok=True)
-  session = short_runs.Session(config, log=_log)
+  session = short_runs.Session(config)
   dataset = runtime.load_data(config, session.loaded.tokenizer, session.loaded.model_config.vocab_size)
   _log(
       f"[audit] {len(dataset.pairs)} pairs of {config.data.path}; the run: {config.loss.objective} beta "

@@ -94,15 +94,16 @@ def make_first_order(model: Any) -> Callable[[Any, Any, dict[str, jax.Array]], j
 
 
 def predict(
+    at0: np.ndarray,
     logps_fn: Callable[[Any], np.ndarray],
     first_order_fn: Callable[[Any], np.ndarray],
     params0: Any,
     direction: Any,
 ) -> dict[str, np.ndarray]:
   """Per-pair predictions of the change of the log-probs along `direction`: {'first_order', 'along_direction',
-  'curvature'}, each [2, N] (chosen, rejected). `logps_fn(params)` -> [2, N] runs the forwards over the pairs,
-  `first_order_fn(direction)` -> [2, N] the JVPs at params0 (see the module docstring)."""
-  at0 = np.asarray(logps_fn(params0), np.float64)
+  'curvature'}, each [2, N] (chosen, rejected). `at0` [2, N]: the log-probs at params0; `logps_fn(params)` -> [2, N]
+  runs the forwards over the pairs, `first_order_fn(direction)` -> [2, N] the JVPs at params0 (module docstring)."""
+  at0 = np.asarray(at0, np.float64)
   along = np.asarray(logps_fn(shifted(params0, direction, 1.0)), np.float64) - at0
   first = np.asarray(first_order_fn(direction), np.float64)
   return {"first_order": first, "along_direction": along, "curvature": along - first}

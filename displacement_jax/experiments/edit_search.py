@@ -111,7 +111,7 @@ def prediction_columns(predicted: dict[str, np.ndarray], measured_N: np.ndarray)
 def run(config: ml_collections.ConfigDict) -> list[dict[str, Any]]:
   """The whole grid; returns the results rows (also written to output_dir)."""
   os.makedirs(os.path.join(config.output_dir, "pairs"), exist_ok=True)
-  session = short_runs.Session(config, log=_log)
+  session = short_runs.Session(config)
   audit = bool(config.search.get("audit", False))
   datasets, starts, ches = {}, {}, {}
   for kind in config.search.kinds:

@@ -75,8 +75,8 @@ class Session:
   """One loaded model (`runtime.load_model(config)`) for many short runs; `config` gives the model, data format,
   max_length and the defaults every run's config starts from."""
 
-  def __init__(self, config: ml_collections.ConfigDict, *, log: Callable[[str], None] = print):
-    self.config, self.log = config, log
+  def __init__(self, config: ml_collections.ConfigDict):
+    self.config = config
     self.mesh = sharding.mesh_from_config(config.mesh, config.get("distributed"))
     self.loaded = runtime.load_model(config, self.mesh)
     self.params0 = self.loaded.params
@@ -173,7 +173,8 @@ class Session:
 
     direction = audit.replay_direction(replay, optimizer, self.params0, batches())
     return audit.predict(
-        lambda p: np.stack((chosen0, rejected0) if p is self.params0 else self.logps(p, dataset)),
+        np.stack((chosen0, rejected0)),
+        lambda p: np.stack(self.logps(p, dataset)),
         lambda d: self.first_order(d, dataset),
         self.params0,
         direction,
