@@ -50,6 +50,11 @@ def test_theory_check_tiny(tmp_path):
   # the general identity: network(+,-) + network(-,+) = -l' |g+ - g-|^2 >= 0 (l' < 0 at the start of DPO)
   net = {(r["y_pos"], r["y_neg"]): r["network_rate"] for r in rows}
   assert all(net[a, b] + net[b, a] >= -1e-6 * (abs(net[a, b]) + abs(net[b, a])) for a, b in net)
+  # the answer words' mass after SFT (its own jitted pass) holds at least pi(y+) of the checked candidates (every
+  # one an answer word) at the start of their DPO runs (the DPO loop's log-softmax), and at most 1
+  start = {r["y_pos"]: r["preferred_prob_start"] for r in rows}
+  mass = summary["answer_mass_after_sft_checked"][0]
+  assert sum(start.values()) - 1e-5 <= mass <= 1.0 + 1e-6, (start, mass)
   with open(os.path.join(tmp_path, theory_check.PLOT_FILE), "rb") as f:
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 

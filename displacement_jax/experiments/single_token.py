@@ -144,6 +144,19 @@ def prompt_batch(example: Any, tokenizer: Any, config: ml_collections.ConfigDict
   return {k: v for k, v in base.items() if k.endswith("_BT")}
 
 
+def answer_mass(
+    model: Any, params: Any, examples: Sequence[Any], tokenizer: Any, config: ml_collections.ConfigDict
+) -> np.ndarray:
+  """[N]: the next-token probability the answer words (`answer_groups`, both groups) hold at the start of each
+  example's response under `params`: how much of the mass the SFT put on the answers (the paper's SFT brought
+  pi(y+) to 0.85-0.96 before DPO)."""
+  yes, no, _ = answer_groups(tokenizer)
+  ids, _, _ = single_token_words(tokenizer, list(yes) + list(no))
+  next_prob = jax.jit(lambda p, b: forward.next_token_outputs(model, p, b)["prob_BV"][0, jnp.asarray(ids)].sum())
+  batches = (prompt_batch(ex, tokenizer, config) for ex in examples)
+  return np.array([float(next_prob(params, {k: jnp.asarray(v) for k, v in b.items()})) for b in batches])
+
+
 def dpo_batch(base_batch: dict[str, np.ndarray], y_pos: int, y_neg: int) -> dict[str, np.ndarray]:
   """One collated single-token pair with its responses replaced by y+ (chosen) and y- (rejected)."""
   batch = {k: np.array(v) for k, v in base_batch.items()}

@@ -122,6 +122,12 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
   if bad:
     raise ValueError(f"config.check.prompts {bad} lie outside the {len(examples)} rows of {config.data.path}")
   loaded, _ = st.run_sft(config, examples, log=_log)
+  mass_N = st.answer_mass(loaded.model, loaded.params, examples, loaded.tokenizer, config)
+  _log(
+      f"[check] after SFT the answer words hold {mass_N.mean():.3f} of the next-token mass (mean over "
+      f"{len(mass_N)} prompts; {mass_N.min():.3f} to {mass_N.max():.3f}); on the checked prompts "
+      f"{[round(float(mass_N[i]), 3) for i in prompts]}"
+  )
   dpo = st.DPOOnOnePrompt(loaded.model, config)
   rows = []
   for idx in prompts:
@@ -133,6 +139,9 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
       "dpo_steps": int(config.dpo.num_steps),
       "dpo_lr": float(config.dpo.lr),
       "beta": float(config.dpo.beta),
+      "sft": {k: float(v) for k, v in config.sft.items()},
+      "answer_mass_after_sft_mean": float(mass_N.mean()),
+      "answer_mass_after_sft_checked": [float(mass_N[i]) for i in prompts],
       **agreement(rows),
   }
   summary["plot"] = plot(rows, summary, os.path.join(config.output_dir, PLOT_FILE))
