@@ -100,7 +100,7 @@ def score_ours(
     model, params, rows: Sequence[Row], batch_size: int, max_length: int, packing: bool = True
 ) -> tuple[np.ndarray, float, float]:
   """(CHES per row, first-call seconds incl. JIT compile, steady seconds) via displacement_jax.score."""
-  from displacement_jax import scoring  # pylint: disable=g-import-not-at-top
+  from displacement_jax.score import core as scoring  # pylint: disable=g-import-not-at-top
   from displacement_jax.data.tokenize import TokenizedPair  # pylint: disable=g-import-not-at-top
 
   pairs = [
@@ -172,7 +172,9 @@ def dpo_ours(
 ) -> tuple[float, float, np.ndarray]:
   """(first-step seconds incl. compile, steady seconds per step, log-probs after `steps` steps) on
   `train_layout(rows, pairs_per_row)`."""
-  from displacement_jax import forward, optim, step as step_lib  # pylint: disable=g-import-not-at-top
+  from displacement_jax import forward  # pylint: disable=g-import-not-at-top
+  from displacement_jax.train import optim  # pylint: disable=g-import-not-at-top
+  from displacement_jax.train import step as step_lib  # pylint: disable=g-import-not-at-top
 
   batch = train_layout(rows, pairs_per_row)
   ref = forward.pair_logps(model, params, batch, chunk_size=128)

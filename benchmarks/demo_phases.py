@@ -22,7 +22,10 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configs import demo as demo_config  # pylint: disable=g-import-not-at-top,wrong-import-position
-from displacement_jax import evaluation, scoring, sharding, training  # pylint: disable=g-import-not-at-top
+from displacement_jax import sharding  # pylint: disable=g-import-not-at-top
+from displacement_jax.train import monitor as evaluation  # pylint: disable=g-import-not-at-top
+from displacement_jax.score import core as scoring  # pylint: disable=g-import-not-at-top
+from displacement_jax.train import loop as training  # pylint: disable=g-import-not-at-top
 from displacement_jax.data import schema  # pylint: disable=g-import-not-at-top
 from displacement_jax.experiments import edit_pairs, short_runs  # pylint: disable=g-import-not-at-top
 

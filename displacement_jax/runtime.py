@@ -21,7 +21,7 @@ from displacement_jax.data import checks as data_checks
 from displacement_jax.data.layout import pad_id_of
 from displacement_jax.models import packaged
 from displacement_jax.models import tokenizer as tokenizer_lib
-from displacement_jax.testing import tiny
+from displacement_jax.models import tiny
 
 
 @dataclasses.dataclass

@@ -16,7 +16,7 @@ import pytest
 
 from displacement_jax import forward
 from displacement_jax.audit import replay as audit
-from displacement_jax import optim as optim_lib
+from displacement_jax.train import optim as optim_lib
 from displacement_jax.experiments import edit_pairs, short_runs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

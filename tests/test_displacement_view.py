@@ -8,7 +8,10 @@ import os
 import numpy as np
 
 from configs import dpo_tiny
-from displacement_jax import metrics, monitor, train_plot, training
+from displacement_jax.train import metrics
+from displacement_jax import displacement as monitor
+from displacement_jax.train import plot as train_plot
+from displacement_jax.train import loop as training
 
 
 def test_fallen_pairs_names_the_rows_most_fallen_first():

@@ -7,7 +7,7 @@ import sys
 
 import jax
 import numpy as np
-from displacement_jax import training
+from displacement_jax.train import loop as training
 from displacement_jax.experiments import edit_pairs, edit_search, short_runs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

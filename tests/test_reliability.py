@@ -23,10 +23,12 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from displacement_jax import checkpoint as checkpoint_lib
-from displacement_jax import metrics as metrics_lib
-from displacement_jax import runtime, score, training
-from displacement_jax import train as train_lib
+from displacement_jax.train import checkpoint as checkpoint_lib
+from displacement_jax.train import metrics as metrics_lib
+from displacement_jax import runtime
+from displacement_jax.score import main as score
+from displacement_jax.train import loop as training
+from displacement_jax.train import main as train_lib
 from displacement_jax.data import schema
 from displacement_jax.models import io as io_lib
 
@@ -615,7 +617,7 @@ SIGNAL_CONFIG = """
 import os, signal, sys
 sys.path[:0] = [{root!r}, {tests!r}]
 import test_train
-from displacement_jax import training
+from displacement_jax.train import loop as training
 
 _make_fns = training.make_fns
 

@@ -41,7 +41,7 @@ import ml_collections
 import numpy as np
 
 from displacement_jax import theory
-from displacement_jax import monitor as monitor_lib
+from displacement_jax import displacement as monitor_lib
 from displacement_jax.data import schema
 from displacement_jax.experiments import single_token as st
 

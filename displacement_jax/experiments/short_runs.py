@@ -19,10 +19,18 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from displacement_jax import config_checks, evaluation, forward, runtime, scoring, sharding, training
+from displacement_jax import forward, runtime, sharding
+
+from displacement_jax.config import checks as config_checks
+
+from displacement_jax.train import monitor as evaluation
+
+from displacement_jax.score import core as scoring
+
+from displacement_jax.train import loop as training
 from displacement_jax.audit import replay as audit
-from displacement_jax import optim as optim_lib
-from displacement_jax import step as step_lib
+from displacement_jax.train import optim as optim_lib
+from displacement_jax.train import step as step_lib
 from displacement_jax.data import batching, schema
 from displacement_jax.data.layout import round_up
 from displacement_jax.experiments import common

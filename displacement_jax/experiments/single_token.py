@@ -21,10 +21,10 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from displacement_jax import forward, losses, runtime, theory
-from displacement_jax import metrics as metrics_lib
-from displacement_jax import monitor as monitor_lib
-from displacement_jax import optim as optim_lib
-from displacement_jax import step as step_lib
+from displacement_jax.train import metrics as metrics_lib
+from displacement_jax import displacement as monitor_lib
+from displacement_jax.train import optim as optim_lib
+from displacement_jax.train import step as step_lib
 from displacement_jax.data import batching, tokenize
 from displacement_jax.data.layout import bucket_length, pad_id_of
 from displacement_jax.experiments import common, persona_data

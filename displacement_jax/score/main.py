@@ -4,7 +4,7 @@ r"""Scoring CLI: score a preference dataset by CHES and the baselines, then opti
     python -m displacement_jax.score --config=configs/score_tiny.py --config.filter.mode=lowest_fraction \
         --config.filter.fraction=0.05
 
-The measures and their exact positions are documented in displacement_jax.scoring.
+The measures and their exact positions are documented in displacement_jax.score.core.
 
 Outputs in `output_dir`: scores.jsonl (one object per row, dataset order, with its `index`), summary.json
 (count, mean, std and quantiles of each measure, truncation and suspicious-data counts), risky.jsonl (the
@@ -29,8 +29,16 @@ import jax
 import ml_collections
 import numpy as np
 
-from displacement_jax import cli, config_checks, filtering, rundir, runlock, runtime, scoring, sharding
-from displacement_jax import score_outputs as outputs
+from displacement_jax import rundir, runlock, runtime, sharding
+
+from displacement_jax.config import flags as cli
+
+from displacement_jax.config import checks as config_checks
+
+from displacement_jax.score import filtering
+
+from displacement_jax.score import core as scoring
+from displacement_jax.score import outputs
 from displacement_jax.data import checks as data_checks
 from displacement_jax.data import schema
 from displacement_jax.errors import UsageError

@@ -18,9 +18,11 @@ from typing import Any, Callable, Sequence
 import ml_collections
 import numpy as np
 
-from displacement_jax import filtering, rundir
+from displacement_jax import rundir
+
+from displacement_jax.score import filtering
 from displacement_jax.data import schema
-from displacement_jax.scoring import MEASURES
+from displacement_jax.score.core import MEASURES
 
 SCORES_FILE, SUMMARY_FILE, HIST_FILE, RISKY_FILE = "scores.jsonl", "summary.json", "ln_ches_hist.png", "risky.jsonl"
 FILTERED_FILE, FILTERED_INDICES_FILE = "filtered.jsonl", "filtered_indices.json"

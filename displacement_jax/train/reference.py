@@ -19,7 +19,9 @@ import jax
 import ml_collections
 import numpy as np
 
-from displacement_jax import evaluation, passes, rundir, runtime, sharding
+from displacement_jax import passes, rundir, runtime, sharding
+
+from displacement_jax.train import monitor as evaluation
 from displacement_jax.data import batching
 from displacement_jax.data.layout import fill_rows, plan_batches, round_up
 

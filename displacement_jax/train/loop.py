@@ -25,14 +25,18 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
-from displacement_jax import checkpoint as checkpoint_lib
-from displacement_jax import config_checks, evaluation, forward, train_plot
-from displacement_jax import metrics as metrics_lib
-from displacement_jax import monitor as monitor_lib
-from displacement_jax import optim as optim_lib
-from displacement_jax import reference as reference_lib
+from displacement_jax.train import checkpoint as checkpoint_lib
+from displacement_jax import forward
+from displacement_jax.config import checks as config_checks
+from displacement_jax.train import monitor as evaluation
+from displacement_jax.train import plot as train_plot
+from displacement_jax.train import metrics as metrics_lib
+from displacement_jax import displacement as monitor_lib
+from displacement_jax.train import optim as optim_lib
+from displacement_jax.train import reference as reference_lib
 from displacement_jax import interrupts as interrupts_lib
-from displacement_jax import rundir, runlock, runtime, sharding, step as step_lib
+from displacement_jax import rundir, runlock, runtime, sharding
+from displacement_jax.train import step as step_lib
 from displacement_jax.data import batching
 from displacement_jax.errors import Interrupted, UsageError
 from displacement_jax.models import io as io_lib
