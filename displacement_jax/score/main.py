@@ -29,7 +29,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from displacement_jax import rundir, runlock, runtime, sharding
+from displacement_jax import rundir, runtime, sharding
 
 from displacement_jax.config import flags as cli
 
@@ -63,7 +63,7 @@ def load_examples(config: ml_collections.ConfigDict) -> list[Any]:
 def run(config: ml_collections.ConfigDict, *, resume: bool = False) -> dict[str, Any]:
   """Load model + data, score every row, write the outputs; returns {'results', 'summary', 'filter'}.
 
-  output_dir is locked for the run (runlock: a second run exits 2). A fresh run moves an earlier run's outputs
+  output_dir is locked for the run (rundir.hold: a second run exits 2). A fresh run moves an earlier run's outputs
   to previous/; `resume=True` continues an interrupted run from its last finished batch (same config and
   data, else a UsageError), and says so when that run is already complete.
   """
@@ -72,7 +72,7 @@ def run(config: ml_collections.ConfigDict, *, resume: bool = False) -> dict[str,
   mesh = sharding.mesh_from_config(config.mesh, config.get("distributed"))
   primary = jax.process_index() == 0  # every host holds all results; one writes them
   os.makedirs(config.output_dir, exist_ok=True)
-  with runlock.hold(config.output_dir, "score", enabled=primary):
+  with rundir.hold(config.output_dir, "score", enabled=primary):
     examples = load_examples(config)  # bad rows fail here, before the model is built
     checks = data_checks.check_examples(examples)
     for warning in checks.warnings(str(config.data.path)):

@@ -35,7 +35,7 @@ from displacement_jax import displacement as monitor_lib
 from displacement_jax.train import optim as optim_lib
 from displacement_jax.train import reference as reference_lib
 from displacement_jax import interrupts as interrupts_lib
-from displacement_jax import rundir, runlock, runtime, sharding
+from displacement_jax import rundir, runtime, sharding
 from displacement_jax.train import step as step_lib
 from displacement_jax.data import batching
 from displacement_jax.errors import Interrupted, UsageError
@@ -87,7 +87,7 @@ def log(msg: str) -> None:
 def run(config: ml_collections.ConfigDict, *, resume: bool = False) -> RunResult:
   """Train with `config` (see configs/base.py); `resume=True` continues from the newest usable checkpoint.
 
-  Before any model is loaded: the config is checked, output_dir is locked (runlock: a second run exits 2), a
+  Before any model is loaded: the config is checked, output_dir is locked (rundir.hold: a second run exits 2), a
   fresh run refuses an earlier run's checkpoints unless config.overwrite, and --resume compares the config
   with the checkpoint's (`check_resume_config`). SIGTERM / SIGINT raise `errors.Interrupted`; during the steps
   the current step is finished and checkpointed first (interrupts.Interrupts).
@@ -97,7 +97,7 @@ def run(config: ml_collections.ConfigDict, *, resume: bool = False) -> RunResult
   check_batch_fits_mesh(config, mesh)
   os.makedirs(config.output_dir, exist_ok=True)
   with interrupts_lib.Interrupts() as interrupts:
-    with runlock.hold(config.output_dir, "train", enabled=jax.process_index() == 0, log=log):
+    with rundir.hold(config.output_dir, "train", enabled=jax.process_index() == 0, log=log):
       with open_checkpointer(config, resume) as ckpt:
         resumed_from = check_resume_config(ckpt, config) if resume else None
         try:
