@@ -11,6 +11,10 @@ cut by a kill or edited by hand is recomputed rather than trusted. A directory w
 step, an HF export) is complete only once `write_digests` has put its manifest (size and sha256 of every file)
 in it, last; `check_digests` re-hashes against that manifest.
 
+What a run was: run.json (`write_run` / `read_run`: 'running', 'complete' only once every output is written, or
+'failed'; the run's identity, compared by --resume) and the hashes its identity is made of (`hash_pairs` of
+tokenized pairs, `hash_examples` of rows as loaded, `hash_arrays`); `identity_changes` lists what differs.
+
 One run per output directory: `hold(output_dir, what)` locks output_dir/run.lock for the length of a run. The
 lock is an exclusive `flock` on the file, so the kernel releases it when its process dies, kill -9 included; the
 file's content (pid, host, start time, command) names the holder. A second run into the same directory raises
@@ -23,6 +27,7 @@ directory while a stage it runs holds the same one).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import fcntl
 import hashlib
@@ -256,6 +261,98 @@ def check_digests(directory: str, manifest: str) -> str | None:
     if actual_digests.get(rel, [None, None])[1] != sha:
       return f"{rel} does not match its checksum"
   return None
+
+
+# -------------------------------------------------------------------------- run.json and a run's identity
+
+RUN_FILE = "run.json"
+
+
+def read_run(output_dir: str) -> dict[str, Any] | None:
+  """run.json of `output_dir`, or None; CorruptFileError naming it when it does not parse."""
+  path = os.path.join(output_dir, RUN_FILE)
+  if not os.path.exists(path):
+    return None
+  record = read_json(path)
+  if not isinstance(record, dict):
+    raise CorruptFileError(path, f"not a run record (a JSON object), got {type(record).__name__}")
+  return record
+
+
+def write_run(output_dir: str, status: str, identity: dict[str, Any], **fields: Any) -> dict[str, Any]:
+  """run.json: `status` ('running' from the start, 'complete' only once every output is written), what was
+  scored (`identity`: config and data, compared by --resume), the process and times."""
+  record = read_run(output_dir) if status != "running" else None
+  record = dict(record or {"started": _now(), "pid": os.getpid(), "host": socket.gethostname()})
+  record.update(status=status, **identity, **fields)
+  if status == "complete":
+    record["finished"] = _now()
+  write_json(os.path.join(output_dir, RUN_FILE), record)
+  return record
+
+
+def _now() -> str:
+  return datetime.datetime.now().isoformat(timespec="seconds")
+
+
+def hash_arrays(arrays: Iterable[np.ndarray]) -> str:
+  """sha256 over the dtype, shape and bytes of each array, in order."""
+  digest = hashlib.sha256()
+  for arr in arrays:
+    arr = np.ascontiguousarray(arr)
+    digest.update(f"{arr.dtype.str}{arr.shape}".encode())
+    digest.update(arr.tobytes())
+  return digest.hexdigest()
+
+
+def hash_pairs(pairs: Iterable[Any]) -> str:
+  """sha256 over every field of every tokenized pair (dataclass / namedtuple / object attributes), in order.
+
+  Token ids cover the data rows, the tokenizer, the format and max_length: any change there changes the key.
+  """
+  digest = hashlib.sha256()
+  for pair in pairs:
+    fields = (
+        pair._asdict()
+        if hasattr(pair, "_asdict")
+        else (
+            {f.name: getattr(pair, f.name) for f in dataclasses.fields(pair)}
+            if dataclasses.is_dataclass(pair)
+            else vars(pair)
+        )
+    )
+    for name in sorted(fields):
+      value = fields[name]
+      digest.update(name.encode())
+      if isinstance(value, (np.ndarray, list, tuple)) and _is_numeric(value):
+        arr = np.ascontiguousarray(np.asarray(value))
+        digest.update(f"{arr.dtype.str}{arr.shape}".encode())
+        digest.update(arr.tobytes())
+      else:
+        digest.update(repr(value).encode())
+  return digest.hexdigest()
+
+
+def _is_numeric(value: Any) -> bool:
+  try:
+    return np.asarray(value).dtype.kind in "biuf"
+  except (ValueError, TypeError):
+    return False
+
+
+def hash_examples(examples: Iterable[Any]) -> str:
+  """sha256 over (index, prompt, chosen, rejected) of every preference example as loaded, in order."""
+  digest = hashlib.sha256()
+  for ex in examples:
+    digest.update(json.dumps([ex.index, ex.prompt, ex.chosen, ex.rejected], sort_keys=True).encode() + b"\n")
+  return digest.hexdigest()
+
+
+def identity_changes(old: Mapping[str, Any], new: Mapping[str, Any], keys: Iterable[str] | None = None) -> list[str]:
+  """'key old -> new' (reprs; '<unset>' where a side lacks the key) for every key of `keys` (default: both
+  sides' keys, sorted) whose value differs: what a --resume refuses or reports."""
+  keys = sorted(set(old) | set(new)) if keys is None else list(keys)
+  return [f"{k} {old.get(k, '<unset>')!r} -> {new.get(k, '<unset>')!r}" for k in keys if old.get(k) != new.get(k)]
 
 
 # ------------------------------------------------------------------------------------- one run per directory

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from displacement_jax.train import metrics as metrics_lib
-from displacement_jax import runtime
+from displacement_jax import rundir, runtime
 from displacement_jax.train import loop as training
 from displacement_jax.train import main as train_lib
 
@@ -448,7 +448,7 @@ def test_reference_cache_key_and_counter(tmp_path):
     return {"chosen_ref_logps": np.array([-1.5, -2.0], np.float32)}
 
   pair = lambda i, c: TokenizedPair(np.array([1, 5], np.int32), np.array(c, np.int32), np.array([7, 2], np.int32), i)
-  key = reference.cache_key(model={"tiny": "llama", "seed": 0}, data=reference.hash_pairs([pair(0, [4, 2])]))
+  key = reference.cache_key(model={"tiny": "llama", "seed": 0}, data=rundir.hash_pairs([pair(0, [4, 2])]))
   a, hit_a = reference.cached_reference(str(tmp_path), key, compute, log=lambda _: None)
   b, hit_b = reference.cached_reference(str(tmp_path), key, compute, log=lambda _: None)
   assert (hit_a, hit_b, len(calls)) == (False, True, 1)
@@ -456,9 +456,9 @@ def test_reference_cache_key_and_counter(tmp_path):
   # any change of a token id, of the model seed or of the row index gives a new key (recomputed)
   keys = {
       key,
-      reference.cache_key(model={"tiny": "llama", "seed": 0}, data=reference.hash_pairs([pair(0, [4, 3])])),
-      reference.cache_key(model={"tiny": "llama", "seed": 1}, data=reference.hash_pairs([pair(0, [4, 2])])),
-      reference.cache_key(model={"tiny": "llama", "seed": 0}, data=reference.hash_pairs([pair(1, [4, 2])])),
+      reference.cache_key(model={"tiny": "llama", "seed": 0}, data=rundir.hash_pairs([pair(0, [4, 3])])),
+      reference.cache_key(model={"tiny": "llama", "seed": 1}, data=rundir.hash_pairs([pair(0, [4, 2])])),
+      reference.cache_key(model={"tiny": "llama", "seed": 0}, data=rundir.hash_pairs([pair(1, [4, 2])])),
   }
   assert len(keys) == 4
   reference.cached_reference(str(tmp_path), sorted(keys - {key})[0], compute, log=lambda _: None)

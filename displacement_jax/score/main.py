@@ -19,7 +19,6 @@ scores.partial.jsonl (the rows of every finished batch).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import sys
@@ -85,11 +84,11 @@ def run(config: ml_collections.ConfigDict, *, resume: bool = False) -> dict[str,
       results, summary, record = score_and_write(config, mesh, examples, checks, done, filter_cfg, primary)
     except Exception as e:
       if primary:
-        outputs.write_run(config.output_dir, "failed", identity, error=str(e)[:1000])
+        rundir.write_run(config.output_dir, "failed", identity, error=str(e)[:1000])
       raise
     if not primary:
       return {"results": results, "summary": summary, "filter": None}
-    outputs.write_run(config.output_dir, "complete", identity)
+    rundir.write_run(config.output_dir, "complete", identity)
     os.remove(os.path.join(config.output_dir, outputs.PROGRESS_FILE))
   ln = summary["ln_ches"]
   print(
@@ -164,12 +163,9 @@ def run_identity(config: ml_collections.ConfigDict, examples: Sequence[Any]) -> 
   """What run.json records of a score run, and --resume compares: the config fields that decide the scores and
   the data (path, rows, sha256 of every row as loaded)."""
   fields = config_checks.flatten(json.loads(config.to_json_best_effort()))
-  digest = hashlib.sha256()
-  for ex in examples:
-    digest.update(json.dumps([ex.index, ex.prompt, ex.chosen, ex.rejected], sort_keys=True).encode() + b"\n")
   return {
       "config": {k: v for k, v in fields.items() if k.startswith(SCORE_FIELDS)},
-      "data": {"path": str(config.data.path), "num_rows": len(examples), "sha256": digest.hexdigest()},
+      "data": {"path": str(config.data.path), "num_rows": len(examples), "sha256": rundir.hash_examples(examples)},
   }
 
 
@@ -184,21 +180,20 @@ def start_or_resume(
       moved = outputs.move_aside(out)
       if moved:
         print(f"moved the outputs of an earlier run ({', '.join(moved)}) to {out}/{outputs.PREVIOUS_DIR}/", flush=True)
-      outputs.write_run(out, "running", identity)
+      rundir.write_run(out, "running", identity)
     return {}
   try:
-    record = outputs.read_run(out)
+    record = rundir.read_run(out)
   except rundir.CorruptFileError as e:
     raise UsageError(f"--resume: {e}; cannot tell which run it was: score afresh (without --resume)") from e
   if record is None:
-    raise UsageError(f"--resume: no score run to resume in {out} (no {outputs.RUN_FILE})")
+    raise UsageError(f"--resume: no score run to resume in {out} (no {rundir.RUN_FILE})")
   if record.get("status") == "complete":
-    print(f"the score run in {out} is already complete ({outputs.RUN_FILE}); nothing to do", flush=True)
+    print(f"the score run in {out} is already complete ({rundir.RUN_FILE}); nothing to do", flush=True)
     return None
   old = {**record.get("config", {}), **{f"data:{k}": v for k, v in record.get("data", {}).items()}}
   new = {**identity["config"], **{f"data:{k}": v for k, v in identity["data"].items()}}
-  keys = sorted(set(old) | set(new))
-  changed = [f"{k} {old.get(k, '<unset>')!r} -> {new.get(k, '<unset>')!r}" for k in keys if old.get(k) != new.get(k)]
+  changed = rundir.identity_changes(old, new)
   if changed and not config.get("resume_allow_changes"):
     raise UsageError(
         f"--resume: the config or data differ from the interrupted run in {out}: {'; '.join(changed)}. Score "
@@ -207,7 +202,7 @@ def start_or_resume(
   done = outputs.Progress.read(out, num_rows)
   print(f"resuming the score run in {out}: {len(done)} of {num_rows} rows already scored", flush=True)
   if primary:
-    outputs.write_run(out, "running", identity)
+    rundir.write_run(out, "running", identity)
   return done
 
 

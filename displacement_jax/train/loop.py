@@ -525,7 +525,7 @@ def data_identity(dataset: runtime.Dataset, config: ml_collections.ConfigDict) -
   return {
       "path": str(config.data.path),
       "num_pairs": len(dataset.pairs),
-      "sha256": reference_lib.hash_pairs(dataset.pairs),
+      "sha256": rundir.hash_pairs(dataset.pairs),
   }
 
 
@@ -565,7 +565,7 @@ def check_resume_data(
   stored = meta.get("run", {}).get("data")
   if stored is None or stored == identity:
     return
-  diff = ", ".join(f"{k} {stored.get(k)!r} -> {identity.get(k)!r}" for k in identity if stored.get(k) != identity[k])
+  diff = ", ".join(rundir.identity_changes(stored, identity, keys=identity))
   if not config.get("resume_allow_changes"):
     raise UsageError(
         f"--resume: the training data differs from checkpoint {step}'s ({diff}). Use another output_dir, or pass "
@@ -617,7 +617,7 @@ def host_params(params: Any) -> Any:
 
 def params_digest(params: Any) -> str:
   """sha256 of every leaf of a (host numpy) param tree: what an export's manifest records of its params."""
-  return reference_lib.hash_arrays(np.asarray(x) for x in jax.tree.leaves(params))
+  return rundir.hash_arrays(np.asarray(x) for x in jax.tree.leaves(params))
 
 
 def export_problem(hf_dir: str, params: Any) -> str | None:
