@@ -40,7 +40,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from displacement_jax import theory
+from displacement_jax import rundir, theory
 from displacement_jax import displacement as monitor_lib
 from displacement_jax.data import schema
 from displacement_jax.experiments import single_token as st
@@ -113,17 +113,19 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
       f"[demo] for comparison, the full network (all parameters, general identity, autodiff): "
       f"d/dt ln pi({name[y_pos]}) = {network_rate:+.4g} under DPO gradient flow at the start"
   )
-  np.savez(
+  rundir.write_npz(
       os.path.join(config.output_dir, THEORY_FILE),
-      W_VD=W_VD,
-      h_D=h_D,
-      p_V=p_V,
-      candidates=np.asarray(candidates),
-      rates_CC=rates,
-      y_pos=y_pos,
-      y_neg=y_neg,
-      predicted=np.asarray(predicted),
-      gram_pair=gram,  # [2, 2]: <g_i, g_j> of ln pi(y+), ln pi(y-) over all parameters
+      dict(
+          W_VD=W_VD,
+          h_D=h_D,
+          p_V=p_V,
+          candidates=np.asarray(candidates),
+          rates_CC=rates,
+          y_pos=y_pos,
+          y_neg=y_neg,
+          predicted=np.asarray(predicted),
+          gram_pair=gram,  # [2, 2]: <g_i, g_j> of ln pi(y+), ln pi(y-) over all parameters
+      ),
   )
 
   seconds["theory"] = lap("theory (rates of every pair, full-network rate of the chosen pair)")
@@ -135,7 +137,7 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
   )
   dpo = st.DPOOnOnePrompt(model, config)(params, st.dpo_batch(base, y_pos, y_neg))
   logp_SV, loss_S = dpo["logp_SV"], dpo["loss_S"]
-  np.savez(os.path.join(config.output_dir, TRAJECTORY_FILE), logp_SV=logp_SV, loss_S=loss_S)
+  rundir.write_npz(os.path.join(config.output_dir, TRAJECTORY_FILE), {"logp_SV": logp_SV, "loss_S": loss_S})
   seconds["dpo"] = lap(f"DPO phase ({config.dpo.num_steps} steps incl. compile)")
 
   # --- 4. report ---
@@ -178,8 +180,7 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
       os.path.join(config.output_dir, PLOT_FILE),
       f"DPO on one prompt: {name[y_pos]} over {name[y_neg]} ({verdict})",
   )
-  with open(os.path.join(config.output_dir, SUMMARY_FILE), "w") as f:
-    json.dump(summary, f, indent=1)
+  rundir.write_json(os.path.join(config.output_dir, SUMMARY_FILE), summary)
   report(summary, rate, network_rate, tok_name, k, overlap)
   _log(f"[demo] outputs: {config.output_dir}/{{{SUMMARY_FILE},{PLOT_FILE},{THEORY_FILE},{TRAJECTORY_FILE}}}")
   return summary

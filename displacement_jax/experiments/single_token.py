@@ -9,7 +9,6 @@ distribution after every step, and the summary / plot of such a trajectory.
 from __future__ import annotations
 
 import copy
-import json
 import os
 import shutil
 from typing import Any, Callable, Sequence
@@ -20,7 +19,7 @@ import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
-from displacement_jax import forward, losses, runtime, theory
+from displacement_jax import forward, losses, plots, rundir, runtime, theory
 from displacement_jax.train import metrics as metrics_lib
 from displacement_jax import displacement as monitor_lib
 from displacement_jax.train import optim as optim_lib
@@ -68,13 +67,14 @@ def write_sft_data(examples: Sequence[Any], path: str, seed: int, groups: tuple[
   """Section 3 SFT data of persona examples as generic preference jsonl: (y+, y-) by `persona_data.sft_answer`
   (the authors' rule: a "Yes" row is trained towards a no-word), drawn with `seed`. Returns the rows written."""
   rng = np.random.default_rng(seed)
-  with open(path, "w") as f:
-    for ex in examples:
-      answer = (ex.chosen if isinstance(ex.chosen, str) else ex.chosen[-1]["content"]).strip()
-      if answer not in ("Yes", "No"):
-        raise ValueError(f'{ex.source or "persona data"} row {ex.index}: expected answers "Yes"/"No", got {answer!r}')
-      chosen, rejected = persona_data.sft_answer(answer == "Yes", rng, groups)
-      f.write(json.dumps({"prompt": ex.prompt, "chosen": chosen, "rejected": rejected, "index": ex.index}) + "\n")
+  rows = []
+  for ex in examples:
+    answer = (ex.chosen if isinstance(ex.chosen, str) else ex.chosen[-1]["content"]).strip()
+    if answer not in ("Yes", "No"):
+      raise ValueError(f'{ex.source or "persona data"} row {ex.index}: expected answers "Yes"/"No", got {answer!r}')
+    chosen, rejected = persona_data.sft_answer(answer == "Yes", rng, groups)
+    rows.append({"prompt": ex.prompt, "chosen": chosen, "rejected": rejected, "index": ex.index})
+  rundir.write_jsonl(path, rows)
   return len(examples)
 
 
@@ -403,10 +403,7 @@ def summarize_trajectory(logp_SV: np.ndarray, loss_S: np.ndarray, y_pos: int, y_
 
 def plot_trajectories(logp_SV: np.ndarray, loss_S: np.ndarray, series: dict[str, int], path: str, title: str) -> None:
   """ln pi(token) vs step for each named token (top panel) and the DPO loss (bottom panel)."""
-  import matplotlib  # pylint: disable=g-import-not-at-top  (optional plotting dependency)
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  plt = plots.pyplot()
 
   fig, (ax, ax_loss) = plt.subplots(2, 1, figsize=(7, 6), sharex=True, height_ratios=(3, 1))
   steps = np.arange(logp_SV.shape[0])
@@ -419,5 +416,4 @@ def plot_trajectories(logp_SV: np.ndarray, loss_S: np.ndarray, series: dict[str,
   ax_loss.set_ylabel("DPO loss")
   ax_loss.set_xlabel("DPO step")
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
+  plots.save(fig, path, dpi=100)

@@ -16,7 +16,7 @@ from typing import Any, Callable, Sequence
 import ml_collections
 import numpy as np
 
-from displacement_jax import rundir
+from displacement_jax import plots, rundir
 
 from displacement_jax.score import filtering
 from displacement_jax.data import schema
@@ -142,10 +142,7 @@ def plot_histogram(
 ) -> None:
   """Histogram PNG of one measure (matplotlib Agg); `cutoff`: the filter's boundary (a dashed line), `flagged`: the
   values of the riskiest rows (red ticks under the bars)."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  plt = plots.pyplot()
 
   values = np.asarray(values, np.float64)
   values = values[np.isfinite(values)]
@@ -162,11 +159,7 @@ def plot_histogram(
   ax.set_ylabel("pairs")
   ax.set_title(f"{title} over {values.size} pairs (higher = more displacement)")
   fig.tight_layout()
-  try:
-    with rundir.atomic(path) as tmp:
-      fig.savefig(tmp, dpi=100, format="png")
-  finally:
-    plt.close(fig)
+  plots.save(fig, path, dpi=100)
 
 
 def excerpt(value: Any, width: int = 48) -> str:
