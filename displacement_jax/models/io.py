@@ -17,6 +17,7 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import jax
 import numpy as np
+from tqdm.auto import tqdm
 
 from displacement_jax.models import convert
 from displacement_jax.models.config import ModelConfig
@@ -265,8 +266,6 @@ def place_tensors(
 ) -> dict[str, Any]:
   """The stacked param tree from {per-layer path: HF-layout tensor} (memmaps or arrays), each param placed on
   its `sharding.param_shardings` sharding when `mesh` is given (models/convert.py describes the two layouts)."""
-  from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
-
   target = np_dtype(config.param_dtype)
   shardings = (
       convert.flatten_tree(sharding_lib.param_shardings(convert.expected_param_shapes(config), mesh))
@@ -338,8 +337,6 @@ def save_pretrained(
   `dtype` is the stored dtype (default: config.param_dtype). Tensors are fetched and written one at a time;
   on several processes all take part in gathers and process 0 writes. Returns `out_dir`.
   """
-  from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
-
   p = params["params"] if "params" in params and "embed_tokens" not in params else params
   flat = convert.flatten_tree(p)
   expected = convert.flatten_tree(convert.expected_param_shapes(config))

@@ -12,6 +12,7 @@ import os
 from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from displacement_jax import rundir
 
@@ -112,8 +113,6 @@ class MetricsWriter:
 
 def progress_bar(total: int, initial: int = 0, *, enabled: bool = True, desc: str = "train"):
   """A tqdm bar over optimizer steps (disabled: a no-op object with the same methods)."""
-  from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
-
   return tqdm(total=total, initial=initial, disable=not enabled, desc=desc, dynamic_ncols=True)
 
 
