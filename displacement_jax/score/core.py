@@ -32,7 +32,7 @@ import ml_collections
 import numpy as np
 
 from displacement_jax import ches as ches_lib
-from displacement_jax import forward, passes, sharding
+from displacement_jax import forward, runtime, sharding
 from displacement_jax.data import batching, tokenize
 from displacement_jax.data import packing as packing_lib
 from displacement_jax.data.layout import bucket_length, fill_rows, pad_id_of, plan_batches, round_up
@@ -297,7 +297,7 @@ def score_pairs(
   done = {int(p): r for p, r in (done or {}).items()}
   results: list[dict[str, Any] | None] = [done.get(i) for i in range(len(pairs))]
   plan = [(rows, pad_to) for rows, pad_to in plan if not all(int(r) in done for r in rows)]
-  for rows, batch, out in passes.batched_pass(fn, params, plan, build, put, desc="score", progress=progress):
+  for rows, batch, out in runtime.batched_pass(fn, params, plan, build, put, desc="score", progress=progress):
     for j, row in enumerate(rows):  # rows past len(rows) are padding and are dropped here
       ids_pos = measure_ids(pairs[row], "chosen", measures_include_eos)
       ids_neg = measure_ids(pairs[row], "rejected", measures_include_eos)

@@ -18,7 +18,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from displacement_jax import passes, rundir, runtime, sharding
+from displacement_jax import rundir, runtime, sharding
 
 from displacement_jax.train import monitor as evaluation
 from displacement_jax.data import batching
@@ -137,7 +137,7 @@ def compute_or_load(
       return batch, batch
 
     lengths = [batching.packed_length(p) for p in dataset.pairs]
-    for rows, _, out in passes.batched_pass(
+    for rows, _, out in runtime.batched_pass(
         fns.logps,
         loaded.params,
         plan_batches(lengths, bs, max(lengths)),
