@@ -3,7 +3,7 @@
 A search over settings (objective, optimizer, learning rate, epochs, data kind) or a demo that trains the same
 pairs several ways loads the model once and reuses it: `Session` holds the model, its initial params and the
 mesh; `Session.dataset` tokenizes rows exactly as `train.run` does (`runtime.load_data`), and `Session.train`
-runs `training.make_fns`'s train step on `training.make_iterator`'s batches (the batches and step of `train.run`,
+runs `train.fns.make_fns`'s train step on `training.make_iterator`'s batches (the batches and step of `train.run`,
 without checkpoints or the monitor), returning ln pi(y+) and ln pi(y-) of every pair before training and after
 each epoch.
 """
@@ -27,6 +27,7 @@ from displacement_jax.train import monitor as evaluation
 
 from displacement_jax.score import core as scoring
 
+from displacement_jax.train import fns as fns_lib
 from displacement_jax.train import loop as training
 from displacement_jax.audit import replay as audit
 from displacement_jax.train import optim as optim_lib
@@ -209,7 +210,7 @@ class Session:
     cfg = self.run_config({"data.path": dataset.path, **overrides})
     iterator = training.make_iterator(dataset, cfg, self.mesh)
     epochs = int(cfg.num_epochs)
-    fns = training.make_fns(self.loaded, cfg, self.mesh, epochs * iterator.steps_per_epoch)
+    fns = fns_lib.make_fns(self.loaded, cfg, self.mesh, epochs * iterator.steps_per_epoch)
     chosen0, rejected0 = start if start is not None else self.logps(self.params0, dataset)
     ref = {"chosen_ref_logps": chosen0, "rejected_ref_logps": rejected0}
     state = fns.init_state(jax.tree.map(jnp.copy, self.params0))  # init_state donates its argument
