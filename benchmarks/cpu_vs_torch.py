@@ -128,7 +128,7 @@ def score_torch(tmodel, rows: Sequence[Row]) -> tuple[np.ndarray, float]:
 
 
 def train_layout(rows: Sequence[Row], pairs_per_row: int) -> dict[str, np.ndarray]:
-  """The batch `train.run` steps on: packed rows of up to `pairs_per_row` pairs (data.pairs_per_row), lengths
+  """The batch `train.loop.run` steps on: packed rows of up to `pairs_per_row` pairs (data.pairs_per_row), lengths
   bucketed like the training iterator's; pairs_per_row=0: the two-side collated batch (no packing)."""
   from displacement_jax.data import batching, packing  # pylint: disable=g-import-not-at-top
 

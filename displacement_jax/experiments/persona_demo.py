@@ -7,7 +7,7 @@ Section 3 of Razin et al. (2025) on the shipped persona sample (`displacement_ja
 in single-token mode (the response is one vocabulary token):
 
 1. SFT phase: cross-entropy on every persona prompt (`single_token.SFTOnPrompts`: the batches and step of
-   `train.run`, one forward of each prompt batch), y+ drawn from the row's answer group
+   `train.loop.run`, one forward of each prompt batch), y+ drawn from the row's answer group
    (persona_data.YES_TOKENS / NO_TOKENS; a word that is not one token of the tokenizer is left out and said so).
 2. Pick one prompt (`dpo.prompt_index`). At the SFT model, compute the final hidden state h_x of the prompt
    and the unembeddings W, and for every ordered pair (y+, y-) of persona tokens the Theorem 1 rate
@@ -20,10 +20,10 @@ in single-token mode (the response is one vocabulary token):
    overlap, and whether displacement occurred (pi(y+) at the end below its start). A PNG plots the
    log-prob trajectories of y+, y- and the top gainers.
 
-Both training phases use the pieces of `train.run` (`step.make_train_step`, `optim.make_optimizer`, its batch
+Both training phases use the pieces of `train.loop.run` (`step.make_train_step`, `optim.make_optimizer`, its batch
 iterator) in their own short loops (experiments/single_token.py): single-token mode shares the prompt between y+
 and y-, so one forward per step gives both log-probs (and the recorded next-token distribution), where
-`train.run`'s two-row pair forward computes them twice. tests/test_demo.py checks the SFT loop against train.run.
+`train.loop.run`'s two-row pair forward computes them twice. tests/test_demo.py checks the SFT loop against train.loop.run.
 
 Outputs in `output_dir` (default runs/demo): summary.json, theory.npz (W_VD, h_D and p_V at the start of DPO,
 the candidate token ids, the rate of each pair and the full-network Gram matrix of the chosen pair), trajectory.npz (logp_SV: next-token log-probs at steps
@@ -64,7 +64,7 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
     _log(f"[demo] {phase}: {seconds:.1f} s")
     return seconds
 
-  # --- 1. SFT (train.run, cross-entropy, single-token) ---
+  # --- 1. SFT (train.loop.run, cross-entropy, single-token) ---
   examples = list(schema.load_preference_data(config.data.path, split=config.data.get("split") or None))
   loaded, sft_losses = st.run_sft(config, examples, log=_log)
   model, tokenizer, params = loaded.model, loaded.tokenizer, loaded.params

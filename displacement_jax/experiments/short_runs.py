@@ -2,8 +2,8 @@
 
 A search over settings (objective, optimizer, learning rate, epochs, data kind) or a demo that trains the same
 pairs several ways loads the model once and reuses it: `Session` holds the model, its initial params and the
-mesh; `Session.dataset` tokenizes rows exactly as `train.run` does (`runtime.load_data`), and `Session.train`
-runs `train.fns.make_fns`'s train step on `training.make_iterator`'s batches (the batches and step of `train.run`,
+mesh; `Session.dataset` tokenizes rows exactly as `train.loop.run` does (`runtime.load_data`), and `Session.train`
+runs `train.fns.make_fns`'s train step on `train.loop.make_iterator`'s batches (the batches and step of `train.loop.run`,
 without checkpoints or the monitor), returning ln pi(y+) and ln pi(y-) of every pair before training and after
 each epoch.
 """
@@ -93,7 +93,7 @@ class Session:
     self._first_order: Callable | None = None
 
   def dataset(self, rows: Sequence[Mapping[str, Any]], name: str) -> runtime.Dataset:
-    """Tokenize `rows` (generic preference rows) as train.run would, written to output_dir/data/<name>.jsonl."""
+    """Tokenize `rows` (generic preference rows) as train.loop.run would, written to output_dir/data/<name>.jsonl."""
     path = os.path.join(self.config.output_dir, "data", f"{name}.jsonl")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     schema.write_jsonl(path, list(rows))
@@ -190,7 +190,7 @@ class Session:
     )
 
   def run_config(self, overrides: Mapping[str, Any]) -> ml_collections.ConfigDict:
-    """The session's config with `overrides` (dotted paths, `common.derive`, or nested), checked as train.run
+    """The session's config with `overrides` (dotted paths, `common.derive`, or nested), checked as train.loop.run
     checks it."""
     cfg = common.derive(self.config, flatten(overrides))
     config_checks.check_train(cfg)
@@ -205,7 +205,7 @@ class Session:
       keep_params: bool = False,
   ) -> Measured:
     """Train from the initial params on `dataset` with the session's config + `overrides` for its num_epochs
-    (the train step and batches of train.run; reference log-probs = the initial model's), measuring every pair
+    (the train step and batches of train.loop.run; reference log-probs = the initial model's), measuring every pair
     after each epoch. `start`: the pairs' log-probs at the initial params when already measured."""
     cfg = self.run_config({"data.path": dataset.path, **overrides})
     iterator = training.make_iterator(dataset, cfg, self.mesh)

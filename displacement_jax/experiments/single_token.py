@@ -79,7 +79,7 @@ def write_sft_data(examples: Sequence[Any], path: str, seed: int, groups: tuple[
 
 
 def sft_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """The train.run config of the SFT phase (cross-entropy, single-token) derived from an experiment's config
+  """The train.loop.run config of the SFT phase (cross-entropy, single-token) derived from an experiment's config
   (its `sft` block: lr, batch_size, num_steps, num_epochs): data in output_dir/sft, no checkpoint kept."""
   out_dir = os.path.join(config.output_dir, "sft")
   return common.train_config(
@@ -105,7 +105,7 @@ def sft_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 def run_sft(
     config: ml_collections.ConfigDict, examples: Sequence[Any], *, log: Callable[[str], None] = print
 ) -> tuple[runtime.Loaded, list[float]]:
-  """The SFT phase (cross-entropy, single-token; `SFTOnPrompts`, the batches and step of `train.run`) on persona
+  """The SFT phase (cross-entropy, single-token; `SFTOnPrompts`, the batches and step of `train.loop.run`) on persona
   `examples`, its data in output_dir/sft (started afresh): (the model with its params after SFT, the SFT losses)."""
   sft_cfg = sft_config(config)
   if os.path.isdir(sft_cfg.output_dir):  # a pipeline's own scratch run
@@ -244,7 +244,7 @@ def single_token_labels(batch_np: dict[str, np.ndarray]) -> tuple[np.ndarray, np
 
 def single_token_loss_fn(model: Any, loss_cfg: ml_collections.ConfigDict) -> Callable:
   """loss_fn(params, batch) of `step.make_train_step` in single-token mode: the objective of `loss_cfg` on
-  ln pi(y+|x) and ln pi(y-|x) read from ONE forward of each prompt (the two-row pair forward of `train.run`
+  ln pi(y+|x) and ln pi(y-|x) read from ONE forward of each prompt (the two-row pair forward of `train.loop.run`
   computes the same values twice). Batch: the collated arrays plus y_pos_B, y_neg_B, ref_pos_B, ref_neg_B.
   Aux: the [V] log-probs of row 0 (stop-gradient), so recording a trajectory costs no extra forward."""
 
@@ -272,9 +272,9 @@ def _nonfinite_error(metrics: dict[str, Any], what: str, step: int, lr: float) -
 
 
 class SFTOnPrompts:
-  """Cross-entropy SFT in single-token mode: the batches of `train.run` (data.batching.BatchIterator with its seed,
+  """Cross-entropy SFT in single-token mode: the batches of `train.loop.run` (data.batching.BatchIterator with its seed,
   shuffle and drop_last) and its step (`step.make_train_step`), one forward of each prompt batch per step.
-  `config`: a `train.run` config (`sft_config`): optim, batch_size, num_steps or num_epochs, seed, data."""
+  `config`: a `train.loop.run` config (`sft_config`): optim, batch_size, num_steps or num_epochs, seed, data."""
 
   def __init__(self, model: Any, config: ml_collections.ConfigDict):
     self.config = config
@@ -325,7 +325,7 @@ class SFTOnPrompts:
 
 
 class DPOOnOnePrompt:
-  """DPO on one prompt from given params with `step.make_train_step` (the step `train.run` uses) on
+  """DPO on one prompt from given params with `step.make_train_step` (the step `train.loop.run` uses) on
   `single_token_loss_fn`, recording the whole next-token distribution at every step. Jitted once; call it for as
   many (y+, y-) pairs as needed."""
 
