@@ -32,10 +32,11 @@ the candidate token ids, the rate of each pair and the full-network Gram matrix 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
-from typing import Any
+from typing import Any, Callable
 
 import ml_collections
 import numpy as np
@@ -54,7 +55,7 @@ def _log(msg: str) -> None:
 
 
 def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  """The whole demo; returns the summary dict (also written to output_dir/summary.json)."""
+  """The whole demo in its four phases; returns the summary dict (also written to output_dir/summary.json)."""
   os.makedirs(config.output_dir, exist_ok=True)
   clock = [time.monotonic()]
 
@@ -67,10 +68,41 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
   # --- 1. SFT (train.loop.run, cross-entropy, single-token) ---
   examples = list(schema.load_preference_data(config.data.path, split=config.data.get("split") or None))
   loaded, sft_losses = st.run_sft(config, examples, log=_log)
-  model, tokenizer, params = loaded.model, loaded.tokenizer, loaded.params
   seconds = {"sft": lap("SFT phase (load, compile, train)")}
-
   # --- 2. the prompt, h_x and W at the SFT model, the theory's pick of (y+, y-) ---
+  pick = predict(config, examples, loaded)
+  seconds["theory"] = lap("theory (rates of every pair, full-network rate of the chosen pair)")
+  # --- 3. DPO on the one prompt ---
+  logp_SV, loss_S = train_dpo(config, loaded, pick)
+  seconds["dpo"] = lap(f"DPO phase ({config.dpo.num_steps} steps incl. compile)")
+  # --- 4. report ---
+  return write_outputs(config, pick, logp_SV, loss_S, sft_losses, seconds)
+
+
+@dataclasses.dataclass
+class Pick:
+  """Phase 2's result: the prompt, the theory's pair (y+, y-) with its rate, and the predicted gainers."""
+
+  index: int
+  prompt_text: str
+  base: dict[str, Any]  # the prompt's batch (st.prompt_batch)
+  candidates: list[int]
+  words: list[str]
+  name: dict[int, str]  # candidate id -> its word
+  loss_derivative: float
+  rate: float  # Theorem 1's d/dt ln pi(y+) of the chosen pair
+  network_rate: float  # the full network's rate of the chosen pair (autodiff)
+  y_pos: int
+  y_neg: int
+  k: int
+  predicted: list[int]  # Theorem 2's top-k gainers
+  tok_name: Callable[[int], str]
+
+
+def predict(config: ml_collections.ConfigDict, examples: list[Any], loaded: Any) -> Pick:
+  """Phase 2: at the SFT model, the Theorem 1 rate of every ordered candidate pair, the pair with the most
+  negative one, its predicted gainers and the full network's rate; printed, and saved to theory.npz."""
+  model, tokenizer, params = loaded.model, loaded.tokenizer, loaded.params
   idx = int(config.dpo.prompt_index)
   if not 0 <= idx < len(examples):
     raise ValueError(f"config.dpo.prompt_index={idx} is outside the {len(examples)} rows of {config.data.path}")
@@ -127,38 +159,51 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
           gram_pair=gram,  # [2, 2]: <g_i, g_j> of ln pi(y+), ln pi(y-) over all parameters
       ),
   )
+  return Pick(
+      idx, prompt_text, base, candidates, words, name, lp, rate, network_rate, y_pos, y_neg, k, predicted, tok_name
+  )
 
-  seconds["theory"] = lap("theory (rates of every pair, full-network rate of the chosen pair)")
 
-  # --- 3. DPO on the one prompt ---
+def train_dpo(config: ml_collections.ConfigDict, loaded: Any, pick: Pick) -> tuple[np.ndarray, np.ndarray]:
+  """Phase 3: DPO on the one prompt from the SFT model; (logp_SV, loss_S), also saved to trajectory.npz."""
   _log(
       f"[demo] DPO: {config.dpo.num_steps} steps, full batch (one prompt), RMSprop lr {config.dpo.lr:g}, "
       f"beta {config.dpo.beta:g}"
   )
-  dpo = st.DPOOnOnePrompt(model, config)(params, st.dpo_batch(base, y_pos, y_neg))
+  dpo = st.DPOOnOnePrompt(loaded.model, config)(loaded.params, st.dpo_batch(pick.base, pick.y_pos, pick.y_neg))
   logp_SV, loss_S = dpo["logp_SV"], dpo["loss_S"]
   rundir.write_npz(os.path.join(config.output_dir, TRAJECTORY_FILE), {"logp_SV": logp_SV, "loss_S": loss_S})
-  seconds["dpo"] = lap(f"DPO phase ({config.dpo.num_steps} steps incl. compile)")
+  return logp_SV, loss_S
 
-  # --- 4. report ---
+
+def write_outputs(
+    config: ml_collections.ConfigDict,
+    pick: Pick,
+    logp_SV: np.ndarray,
+    loss_S: np.ndarray,
+    sft_losses: list[float],
+    seconds: dict[str, float],
+) -> dict[str, Any]:
+  """Phase 4: the summary (measured against predicted), the trajectory plot, summary.json and the closing lines."""
+  name, tok_name, y_pos, y_neg, k = pick.name, pick.tok_name, pick.y_pos, pick.y_neg, pick.k
   summ = st.summarize_trajectory(logp_SV, loss_S, y_pos, y_neg, k)
-  overlap = monitor_lib.top_k_overlap(summ["measured_gainers"], predicted)
+  overlap = monitor_lib.top_k_overlap(summ["measured_gainers"], pick.predicted)
   summary = {
       "model": str(config.model.get("path") or config.model.get("tiny")),
-      "prompt_index": idx,
-      "prompt": prompt_text,
+      "prompt_index": pick.index,
+      "prompt": pick.prompt_text,
       "y_pos": y_pos,
       "y_neg": y_neg,
       "y_pos_token": name[y_pos],
       "y_neg_token": name[y_neg],
-      "candidates": candidates,
-      "candidate_tokens": words,
-      "predicted_rate": rate,
-      "predicted_displacement": bool(rate < 0),
-      "network_rate": network_rate,
-      "loss_derivative": lp,
-      "predicted_gainers": predicted,
-      "predicted_gainers_tokens": [tok_name(t) for t in predicted],
+      "candidates": pick.candidates,
+      "candidate_tokens": pick.words,
+      "predicted_rate": pick.rate,
+      "predicted_displacement": bool(pick.rate < 0),
+      "network_rate": pick.network_rate,
+      "loss_derivative": pick.loss_derivative,
+      "predicted_gainers": pick.predicted,
+      "predicted_gainers_tokens": [tok_name(t) for t in pick.predicted],
       "measured_gainers_tokens": [tok_name(t) for t in summ["measured_gainers"]],
       "gainer_overlap": overlap,
       "sft_loss_start": sft_losses[0] if sft_losses else None,
@@ -181,7 +226,7 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
       f"DPO on one prompt: {name[y_pos]} over {name[y_neg]} ({verdict})",
   )
   rundir.write_json(os.path.join(config.output_dir, SUMMARY_FILE), summary)
-  report(summary, rate, network_rate, tok_name, k, overlap)
+  report(summary, pick.rate, pick.network_rate, tok_name, k, overlap)
   _log(f"[demo] outputs: {config.output_dir}/{{{SUMMARY_FILE},{PLOT_FILE},{THEORY_FILE},{TRAJECTORY_FILE}}}")
   return summary
 
