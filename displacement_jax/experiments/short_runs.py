@@ -90,7 +90,7 @@ class Session:
     self.loaded = runtime.load_model(config, self.mesh)
     self.params0 = self.loaded.params
     self._logps: Callable | None = None
-    self._first_order: Callable | None = None
+    self._derivatives: dict[int, Callable] = {}
 
   def dataset(self, rows: Sequence[Mapping[str, Any]], name: str) -> runtime.Dataset:
     """Tokenize `rows` (generic preference rows) as train.loop.run would, written to output_dir/data/<name>.jsonl."""
@@ -115,8 +115,9 @@ class Session:
       rejected.append(np.asarray(out["rejected_logps_B"])[: len(part)])
     return np.concatenate(chosen), np.concatenate(rejected)
 
-  def ches(self, dataset: runtime.Dataset) -> dict[str, np.ndarray]:
-    """{'ches', 'ln_ches'} [N] of every pair at the initial model (scoring.score_examples on its rows)."""
+  def measures(self, dataset: runtime.Dataset) -> dict[str, np.ndarray]:
+    """`scoring.MEASURES` [N] of every pair at the initial model ('ches', 'ln_ches',
+    'minus_normalized_edit_distance', 'last_hidden_inner_product'; scoring.score_examples on its rows)."""
     examples = list(schema.load_preference_data(dataset.path))
     scores = scoring.score_examples(
         self.loaded.model,
@@ -127,7 +128,7 @@ class Session:
         batch_size=int(self.config.batch_size),
         progress=False,
     )
-    return {m: np.array([s[m] for s in scores]) for m in ("ches", "ln_ches")}
+    return {m: np.array([s[m] for s in scores]) for m in scoring.MEASURES}
 
   def _collate(self, pairs: Sequence[Any], pad_id: int, rows: int, *, packed: bool = False) -> dict[str, Any]:
     """`pairs` collated to `rows` rows (filler rows carry no loss mask), in the packed layout of training
@@ -143,28 +144,28 @@ class Session:
       batch = runtime.pack_for_logps(batch, pad_id, self.config, groups=sharding.data_parallel_size(self.mesh))
     return sharding.host_local_batch_to_global(batch, self.mesh)
 
-  def first_order(self, direction: Any, dataset: runtime.Dataset) -> np.ndarray:
-    """[2, N]: <grad ln pi(y+-), direction> at the initial params for every pair (`audit.make_first_order`)."""
-    if self._first_order is None:
-      self._first_order = audit.make_first_order(self.loaded.model)
+  def derivatives(self, direction: Any, dataset: runtime.Dataset, order: int = 1) -> np.ndarray:
+    """[order, 2, N]: the first (and second) derivative of ln pi(y+-) along `direction` at the initial params for
+    every pair (`audit.make_directional_derivatives`)."""
+    if order not in self._derivatives:
+      self._derivatives[order] = audit.make_directional_derivatives(self.loaded.model, order)
     out, pairs = [], dataset.pairs
     for start in range(0, len(pairs), audit.JVP_PAIRS):
       part = pairs[start : start + audit.JVP_PAIRS]
       batch = self._collate(part, dataset.pad_id, audit.JVP_PAIRS, packed=True)
-      tangent = self._first_order(self.params0, direction, batch)
-      out.append(np.asarray(jax.device_get(tangent))[:, : len(part)])
-    return np.concatenate(out, axis=1)
+      derivs = self._derivatives[order](self.params0, direction, batch)
+      out.append(np.asarray(jax.device_get(derivs))[:, :, : len(part)])
+    return np.concatenate(out, axis=2)
 
-  def audit(
+  def direction(
       self,
       dataset: runtime.Dataset,
       overrides: Mapping[str, Any],
       *,
       start: tuple[np.ndarray, np.ndarray] | None = None,
-  ) -> dict[str, np.ndarray]:
-    """The displacement audit of the run `train(dataset, overrides)` would make (`audit`'s replay route): the
-    run's batches replayed at the initial params, predictions [2, N] per pair (chosen, rejected) of the change
-    after all its epochs: {'first_order', 'along_direction', 'curvature'}. `start`: as in `train`."""
+  ) -> Any:
+    """D of the run `train(dataset, overrides)` would make: its batches replayed at the initial params through its
+    optimizer, the updates summed (`audit.replay_direction`). `start`: as in `train`."""
     cfg = self.run_config({"data.path": dataset.path, **overrides})
     iterator = training.make_iterator(dataset, cfg, self.mesh)
     total = int(cfg.num_epochs) * iterator.steps_per_epoch
@@ -180,13 +181,26 @@ class Session:
         batch = evaluation.add_reference(local, training.positions(local, dataset), ref)
         yield sharding.host_local_batch_to_global(batch, self.mesh)
 
-    direction = audit.replay_direction(replay, optimizer, self.params0, batches())
+    return audit.replay_direction(replay, optimizer, self.params0, batches())
+
+  def audit(
+      self,
+      dataset: runtime.Dataset,
+      overrides: Mapping[str, Any],
+      *,
+      start: tuple[np.ndarray, np.ndarray] | None = None,
+      order: int = 1,
+  ) -> dict[str, np.ndarray]:
+    """The displacement audit of the run `train(dataset, overrides)` would make (`audit`'s replay route):
+    predictions [2, N] per pair (chosen, rejected) of the change after all its epochs: {'first_order',
+    'along_direction', 'curvature'} and, with order 2, 'second_order'. `start`: as in `train`."""
+    chosen0, rejected0 = start if start is not None else self.logps(self.params0, dataset)
     return audit.predict(
         np.stack((chosen0, rejected0)),
         lambda p: np.stack(self.logps(p, dataset)),
-        lambda d: self.first_order(d, dataset),
+        lambda d: self.derivatives(d, dataset, order),
         self.params0,
-        direction,
+        self.direction(dataset, overrides, start=(chosen0, rejected0)),
     )
 
   def run_config(self, overrides: Mapping[str, Any]) -> ml_collections.ConfigDict:
