@@ -1,4 +1,4 @@
-"""The displacement audit's replay route (displacement_jax/audit.py) on the tiny random Llama.
+"""The displacement audit's replay route (displacement_jax/audit/replay.py) on the tiny random Llama.
 
 References outside the code under test: autodiff (jax.jacrev of the dense reference path), the optimizers' update
 rules written out by hand (torch's RMSprop defaults, Adam's bias-corrected moments), and a measured SGD step.
