@@ -2,7 +2,7 @@ r"""One attention layer on the DPO step's packed rows: block-causal ('blocked', 
 
   python -m benchmarks.attention --shape=smollm2-135m --pairs=8 --append=BENCHMARKS.md
 
-The packed layout `train.run` steps on (benchmarks.cpu_vs_torch.train_layout: the same random rows, up to
+The packed layout `train.loop.run` steps on (benchmarks.cpu_vs_torch.train_layout: the same random rows, up to
 `--pairs_per_row` pairs per row, segment + branch + causal mask), the shape's heads and head size, random q/k/v
 (float32): best-of-5 wall time of the jitted forward and of forward + backward (gradients of q, k and v) and the
 compile time of forward + backward for each `ModelConfig.attention_impl` ('blocked' at every `--blocks` query

@@ -62,7 +62,9 @@ def compile_seconds(jitted: Any, *args: Any) -> float:
 
 def train_step_parts(model: Any, params: Any, rows: list, lr: float = 1e-6):
   """(jitted packed DPO step, state, batch, tokens): the step `training.run` jits, on `rows`."""
-  from displacement_jax import forward, optim, step as step_lib  # pylint: disable=g-import-not-at-top
+  from displacement_jax import forward  # pylint: disable=g-import-not-at-top
+  from displacement_jax.train import optim  # pylint: disable=g-import-not-at-top
+  from displacement_jax.train import step as step_lib  # pylint: disable=g-import-not-at-top
 
   batch = cpu_vs_torch.train_layout(rows, pairs_per_row=2)
   ref = jax.jit(lambda p, b: forward.pair_logps(model, p, b, 128))(params, batch)
@@ -102,7 +104,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   p.add_argument("--steps", type=int, default=3)
   p.add_argument("--append", default=None)
   a = p.parse_args(argv)
-  from displacement_jax import forward, scoring  # pylint: disable=g-import-not-at-top
+  from displacement_jax import forward  # pylint: disable=g-import-not-at-top
+  from displacement_jax.score import core as scoring  # pylint: disable=g-import-not-at-top
   from displacement_jax.data import layout  # pylint: disable=g-import-not-at-top
   from displacement_jax.models.transformer import Transformer  # pylint: disable=g-import-not-at-top
 

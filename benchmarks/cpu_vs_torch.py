@@ -100,7 +100,7 @@ def score_ours(
     model, params, rows: Sequence[Row], batch_size: int, max_length: int, packing: bool = True
 ) -> tuple[np.ndarray, float, float]:
   """(CHES per row, first-call seconds incl. JIT compile, steady seconds) via displacement_jax.score."""
-  from displacement_jax import scoring  # pylint: disable=g-import-not-at-top
+  from displacement_jax.score import core as scoring  # pylint: disable=g-import-not-at-top
   from displacement_jax.data.tokenize import TokenizedPair  # pylint: disable=g-import-not-at-top
 
   pairs = [
@@ -128,7 +128,7 @@ def score_torch(tmodel, rows: Sequence[Row]) -> tuple[np.ndarray, float]:
 
 
 def train_layout(rows: Sequence[Row], pairs_per_row: int) -> dict[str, np.ndarray]:
-  """The batch `train.run` steps on: packed rows of up to `pairs_per_row` pairs (data.pairs_per_row), lengths
+  """The batch `train.loop.run` steps on: packed rows of up to `pairs_per_row` pairs (data.pairs_per_row), lengths
   bucketed like the training iterator's; pairs_per_row=0: the two-side collated batch (no packing)."""
   from displacement_jax.data import batching, packing  # pylint: disable=g-import-not-at-top
 
@@ -172,7 +172,9 @@ def dpo_ours(
 ) -> tuple[float, float, np.ndarray]:
   """(first-step seconds incl. compile, steady seconds per step, log-probs after `steps` steps) on
   `train_layout(rows, pairs_per_row)`."""
-  from displacement_jax import forward, optim, step as step_lib  # pylint: disable=g-import-not-at-top
+  from displacement_jax import forward  # pylint: disable=g-import-not-at-top
+  from displacement_jax.train import optim  # pylint: disable=g-import-not-at-top
+  from displacement_jax.train import step as step_lib  # pylint: disable=g-import-not-at-top
 
   batch = train_layout(rows, pairs_per_row)
   ref = forward.pair_logps(model, params, batch, chunk_size=128)

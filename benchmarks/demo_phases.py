@@ -22,7 +22,11 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configs import demo as demo_config  # pylint: disable=g-import-not-at-top,wrong-import-position
-from displacement_jax import evaluation, scoring, sharding, training  # pylint: disable=g-import-not-at-top
+from displacement_jax import sharding  # pylint: disable=g-import-not-at-top
+from displacement_jax.train import monitor as evaluation  # pylint: disable=g-import-not-at-top
+from displacement_jax.score import core as scoring  # pylint: disable=g-import-not-at-top
+from displacement_jax.train import fns as fns_lib  # pylint: disable=g-import-not-at-top
+from displacement_jax.train import loop as training  # pylint: disable=g-import-not-at-top
 from displacement_jax.data import schema  # pylint: disable=g-import-not-at-top
 from displacement_jax.experiments import edit_pairs, short_runs  # pylint: disable=g-import-not-at-top
 
@@ -63,7 +67,7 @@ def main() -> None:
   timed("audit JVP pass", lambda: session.first_order(zero, dataset))
   timed("whole audit (replay, JVP, forwards)", lambda: session.audit(dataset, {"optim.lr": 1e-6})["first_order"], 1)
   mesh, iterator = session.mesh, training.make_iterator(dataset, config, session.mesh)
-  fns = training.make_fns(session.loaded, config, mesh, 6)
+  fns = fns_lib.make_fns(session.loaded, config, mesh, 6)
   state = fns.init_state(jax.tree.map(jnp.copy, session.params0))
   local = next(iterator)
   ref = {"chosen_ref_logps": np.zeros(len(dataset.pairs)), "rejected_ref_logps": np.zeros(len(dataset.pairs))}

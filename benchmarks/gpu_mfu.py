@@ -123,7 +123,7 @@ def bench_dpo(
     packing: bool = False,
 ) -> dict[str, Any]:
   """Seconds per DPO train step (RMSprop, donated state) and its model FLOPs."""
-  from displacement_jax import step as step_lib  # pylint: disable=g-import-not-at-top
+  from displacement_jax.train import step as step_lib  # pylint: disable=g-import-not-at-top
   from displacement_jax.models.transformer import Transformer  # pylint: disable=g-import-not-at-top
 
   config = shapes.model_config(shape, dtype=dtype, remat=remat, attention_impl=attention)
@@ -189,7 +189,7 @@ def bench_score(
   @jax.jit
   def score(params, b):
     if packing:
-      from displacement_jax import scoring  # pylint: disable=g-import-not-at-top
+      from displacement_jax.score import core as scoring  # pylint: disable=g-import-not-at-top
 
       return scoring.score_packed_batch(model, params, b)["ln_ches"]
     hidden = {}

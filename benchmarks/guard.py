@@ -24,8 +24,8 @@ import numpy as np
 import optax
 
 from benchmarks import cpu_vs_torch, shapes, tables
-from displacement_jax import optim as optim_lib
-from displacement_jax import step as step_lib
+from displacement_jax.train import optim as optim_lib
+from displacement_jax.train import step as step_lib
 from displacement_jax.experiments import single_token
 
 

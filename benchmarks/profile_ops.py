@@ -73,7 +73,10 @@ def make_workload(
 ) -> tuple[Callable[[], Any], str]:
   """(run one call and block, compiled HLO text) of a DPO step or a scoring call on random-length pairs."""
   from benchmarks import cpu_vs_torch, gpu_mfu  # pylint: disable=g-import-not-at-top
-  from displacement_jax import forward, optim, scoring, step as step_lib  # pylint: disable=g-import-not-at-top
+  from displacement_jax import forward  # pylint: disable=g-import-not-at-top
+  from displacement_jax.train import optim  # pylint: disable=g-import-not-at-top
+  from displacement_jax.score import core as scoring  # pylint: disable=g-import-not-at-top
+  from displacement_jax.train import step as step_lib  # pylint: disable=g-import-not-at-top
   from displacement_jax.data import packing as packing_lib  # pylint: disable=g-import-not-at-top
   from displacement_jax.models.transformer import Transformer  # pylint: disable=g-import-not-at-top
 

@@ -27,7 +27,9 @@ import ml_collections
 import numpy as np
 
 from benchmarks import cpu_vs_torch, shapes, tables
-from displacement_jax import forward, logprobs, optim, step as step_lib
+from displacement_jax import forward, logprobs
+from displacement_jax.train import optim
+from displacement_jax.train import step as step_lib
 from displacement_jax.models import transformer
 
 

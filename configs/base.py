@@ -23,7 +23,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   """The default training config; every field is documented inline."""
   config = ml_collections.ConfigDict()
 
-  config.main = ""  # what train runs: '' = training.run; a pipeline (demo, persona, quantiles, sorry_bench)
+  config.main = ""  # what train runs: '' = train.loop.run; a pipeline (demo, persona, quantiles, sorry_bench)
   config.seed = 0  # data order, dropout-free training rng, special-token init
   config.output_dir = "runs/default"  # metrics.jsonl, TensorBoard events, checkpoints/, reference cache, hf/
   config.batch_size = 32  # global batch (all hosts, all micro-batches) in preference pairs
@@ -37,8 +37,8 @@ def get_base_config() -> ml_collections.ConfigDict:
 
   config.model = ml_collections.ConfigDict()
   config.model.path = ""  # HF dir, hub id, .gguf file or packaged name ('smollm2-135m-instruct'); models.load
-  config.model.tiny = ""  # or: a tiny random model of this family (testing.tiny preset, e.g. 'llama')
-  config.model.tiny_vocab_size = 0  # > 0: vocab size of the tiny model (0 = the testing.tiny default, 512)
+  config.model.tiny = ""  # or: a tiny random model of this family (models.tiny preset, e.g. 'llama')
+  config.model.tiny_vocab_size = 0  # > 0: vocab size of the tiny model (0 = the models.tiny default, 512)
   config.model.tokenizer = ""  # tokenizer dir/id; '' = the model dir (or the tiny tokenizer)
   config.model.seed = 0  # init seed of a tiny model (Transformer.init)
   config.model.dtype = "float32"  # compute dtype ('float32' | 'bfloat16')

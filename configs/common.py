@@ -65,7 +65,7 @@ def choose(family: str, key: str, value: Any, options: Mapping[str, Any] | tuple
 
 
 def tiny(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """The shared offline override: a random tiny Llama (testing.tiny), short sequences, a visible learning rate.
+  """The shared offline override: a random tiny Llama (models.tiny), short sequences, a visible learning rate.
 
   The rate is far above the paper's: a random tiny model has seconds, not hours. Each config then points the
   data at its fixture (`FIXTURES`) and shrinks what is its own (windows, seeds, prompts).

@@ -1,6 +1,6 @@
 """The README's first command: `python -m displacement_jax.train --config=configs/demo.py` (offline, CPU, < 3 min).
 
-Likelihood displacement on a real model, predicted before training, then prevented (displacement_jax/demo.py):
+Likelihood displacement on a real model, predicted before training, then prevented (displacement_jax/experiments/demo.py):
 40 minimal-edit factual pairs the project writes (`experiments.edit_pairs`, kind 'edit'), the packaged
 SmolLM2-135M-Instruct with its chat template, DPO beta 0.1 with RMSprop (the paper's optimizer, torch defaults)
 at lr 1e-6, batch 8, one epoch (5 steps). Where the effect lives was found by configs/edit_search.py

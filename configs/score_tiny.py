@@ -21,7 +21,7 @@ ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))
 
 
 def get_filter_config() -> ml_collections.ConfigDict:
-  """The `filter` block shared by score configs (displacement_jax.filtering)."""
+  """The `filter` block shared by score configs (displacement_jax.score.filtering)."""
   f = ml_collections.ConfigDict()
   f.mode = (
       "none"  # 'none' | 'lowest_k' | 'lowest_fraction' | 'drop_highest_k' | 'drop_highest_fraction' | 'quantile_window'

@@ -22,6 +22,7 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm.auto import tqdm
 
 from displacement_jax.errors import check_array, describe
 
@@ -192,7 +193,5 @@ def minus_normalized_edit_distance_batch(
     )
   pairs = zip(ids_a_list, ids_b_list)
   if progress:
-    from tqdm.auto import tqdm
-
     pairs = tqdm(pairs, total=len(ids_a_list), desc="edit distance")
   return np.asarray([minus_normalized_edit_distance(a, b) for a, b in pairs], dtype=np.float32)

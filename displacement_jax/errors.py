@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 
 class DataError(ValueError):
   """A bad input row: names the file (or dataset id), the 0-based row (and, for a jsonl file, its line) and the
@@ -45,8 +47,6 @@ def check_same_shape(**arrays: Any) -> None:
 
 def check_floating(name: str, x: Any) -> None:
   """Raise ValueError unless `x` has a floating dtype."""
-  import numpy as np
-
   dtype = getattr(x, "dtype", None)
   if dtype is None or not np.issubdtype(np.dtype(dtype), np.floating):
     # jax bfloat16 is not a numpy floating subtype; accept it by name.
@@ -56,8 +56,6 @@ def check_floating(name: str, x: Any) -> None:
 
 def check_integer(name: str, x: Any) -> None:
   """Raise ValueError unless `x` has an integer dtype."""
-  import numpy as np
-
   dtype = getattr(x, "dtype", None)
   if dtype is None or not np.issubdtype(np.dtype(dtype), np.integer):
     raise ValueError(f"{name} must be an integer array, got dtype {dtype}")
@@ -70,8 +68,6 @@ def describe(x: Any) -> str:
 
 def check_mask(name: str, x: Any) -> None:
   """Raise ValueError unless `x` is a boolean or integer (0/1) mask array."""
-  import numpy as np
-
   dtype = getattr(x, "dtype", None)
   ok = dtype is not None and (np.dtype(dtype) == np.bool_ or np.issubdtype(np.dtype(dtype), np.integer))
   if not ok:

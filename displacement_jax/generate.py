@@ -149,8 +149,31 @@ def generate(
   eos/pad default to the model config's ids.
   """
   config = model.config
+  eos, pad_token_id = _special_ids(config, eos_token_id if eos_token_id is not None else eos_id, pad_token_id, pad_id)
+  ids, mask, as_lists = _prompts(input_ids_BT, attention_mask_BT, pad_token_id, config.vocab_size)
+  max_new_tokens, sample, rng = _sampling(max_new_tokens, temperature, top_p, top_k, rng, seed)
+  params = params.get("params", params) if isinstance(params, dict) else params
+  fn = _compiled(config, max_new_tokens, sample, top_k, top_p < 1.0)
+  tokens, lengths = fn(
+      params,
+      jnp.asarray(ids, jnp.int32),
+      jnp.asarray(mask),
+      rng,
+      jnp.float32(temperature if sample else 1.0),
+      jnp.float32(top_p),
+      jnp.asarray(eos, jnp.int32),
+      jnp.int32(pad_token_id),
+  )
+  if as_lists:
+    tokens, lengths = np.asarray(tokens), np.asarray(lengths)
+    return [tokens[i, : lengths[i]] for i in range(tokens.shape[0])]
+  return GenerateOutput(tokens_BN=tokens, lengths_B=lengths)
+
+
+def _special_ids(config: ModelConfig, eos_token_id: Any, pad_token_id: Any, pad_id: Any) -> tuple[np.ndarray, int]:
+  """(EOS ids, pad id) of `generate`: the given ones or the model config's (pad falls back to the first EOS)."""
   if eos_token_id is None:
-    eos_token_id = eos_id if eos_id is not None else (config.eos_token_ids or None)
+    eos_token_id = config.eos_token_ids or None
   if pad_token_id is None:
     pad_token_id = pad_id if pad_id is not None else config.pad_token_id
   if eos_token_id is None:
@@ -163,8 +186,12 @@ def generate(
   for name, vals in (("eos_token_id", eos), ("pad_token_id", np.asarray([pad_token_id]))):
     if vals.min() < 0 or vals.max() >= config.vocab_size:
       raise ValueError(f"{name} {vals.tolist()} outside the vocabulary [0, {config.vocab_size})")
-  if rng is None and seed is not None:
-    rng = jax.random.PRNGKey(int(seed))
+  return eos, pad_token_id
+
+
+def _prompts(input_ids_BT: Any, attention_mask_BT: Any, pad_token_id: int, vocab_size: int) -> tuple[Any, Any, bool]:
+  """(ids [B, T], mask [B, T] bool, given as lists) of `generate`'s prompts, checked: left padding, ids in the
+  vocabulary; a list of token-id lists is left-padded here to a multiple of 16."""
   as_lists = _is_id_lists(input_ids_BT)
   if as_lists:
     if attention_mask_BT is not None:
@@ -182,11 +209,19 @@ def generate(
     rows = np.nonzero(~mask[:, -1])[0].tolist()
     raise ValueError(f"generate needs LEFT padding: rows {rows} of attention_mask_BT end with padding")
   real = ids[mask]
-  if real.min() < 0 or real.max() >= config.vocab_size:
-    raise ValueError(f"input_ids_BT values must lie in [0, {config.vocab_size}), got min {real.min()} max {real.max()}")
+  if real.min() < 0 or real.max() >= vocab_size:
+    raise ValueError(f"input_ids_BT values must lie in [0, {vocab_size}), got min {real.min()} max {real.max()}")
+  return ids, mask, as_lists
+
+
+def _sampling(
+    max_new_tokens: Any, temperature: float, top_p: float, top_k: Any, rng: Array | None, seed: int | None
+) -> tuple[int, bool, Array]:
+  """(max_new_tokens, sample, rng) of `generate`, checked; rng from `seed` when given, a fixed key when greedy."""
+  if rng is None and seed is not None:
+    rng = jax.random.PRNGKey(int(seed))
   if not isinstance(max_new_tokens, (int, np.integer)) or isinstance(max_new_tokens, bool) or max_new_tokens <= 0:
     raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
-  max_new_tokens = int(max_new_tokens)
   if temperature < 0:
     raise ValueError(f"temperature must be >= 0, got {temperature}")
   if not 0.0 < top_p <= 1.0:
@@ -198,19 +233,4 @@ def generate(
     raise ValueError("sampling (temperature > 0) needs an `rng` key (or a `seed`)")
   if rng is None:
     rng = jax.random.PRNGKey(0)
-  params = params.get("params", params) if isinstance(params, dict) else params
-  fn = _compiled(config, max_new_tokens, sample, top_k, top_p < 1.0)
-  tokens, lengths = fn(
-      params,
-      jnp.asarray(ids, jnp.int32),
-      jnp.asarray(mask),
-      rng,
-      jnp.float32(temperature if sample else 1.0),
-      jnp.float32(top_p),
-      jnp.asarray(eos, jnp.int32),
-      jnp.int32(pad_token_id),
-  )
-  if as_lists:
-    tokens, lengths = np.asarray(tokens), np.asarray(lengths)
-    return [tokens[i, : lengths[i]] for i in range(tokens.shape[0])]
-  return GenerateOutput(tokens_BN=tokens, lengths_B=lengths)
+  return int(max_new_tokens), sample, rng

@@ -1,4 +1,4 @@
-"""Figures: matplotlib on the Agg backend, imported only when a figure is drawn, and saved atomically.
+"""Figures: matplotlib on the Agg backend (selected when a figure is drawn), saved atomically.
 
 plt = plots.pyplot()
 fig, ax = plt.subplots()
@@ -10,16 +10,15 @@ from __future__ import annotations
 
 from typing import Any
 
+import matplotlib
+import matplotlib.pyplot as plt
+
 from displacement_jax import rundir
 
 
 def pyplot() -> Any:
-  """matplotlib.pyplot on the Agg backend (an optional heavy import, made when a figure is drawn)."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-
+  """matplotlib.pyplot, switched to the Agg backend (no display needed) before a figure is drawn."""
   matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-
   return plt
 
 

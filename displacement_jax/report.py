@@ -27,8 +27,10 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from displacement_jax import cli, plots, rundir
-from displacement_jax import metrics as metrics_lib
+from displacement_jax import plots, rundir
+
+from displacement_jax.config import flags as cli
+from displacement_jax.train import metrics as metrics_lib
 from displacement_jax.experiments import common, results as results_lib
 from displacement_jax.errors import DataError
 from displacement_jax.experiments.results import UNEMBEDDING_KEYS

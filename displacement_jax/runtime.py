@@ -1,19 +1,21 @@
 """What every entry point loads: the policy (model, params, tokenizer, special tokens) and the tokenized pairs.
 
 Train, score, the demo and the experiments all go through `load_model` and `load_data`, so a model or a data
-file is read, resized and checked the same way wherever it is used.
+file is read, resized and checked the same way wherever it is used; and through `batched_pass`, the batched
+jitted pass (plan -> batches -> device -> host, with a progress bar) of the reference pass, scoring and experiments.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from tqdm.auto import tqdm
 
 from displacement_jax import models
 from displacement_jax.data import batching, packing, schema, tokenize
@@ -21,7 +23,7 @@ from displacement_jax.data import checks as data_checks
 from displacement_jax.data.layout import pad_id_of
 from displacement_jax.models import packaged
 from displacement_jax.models import tokenizer as tokenizer_lib
-from displacement_jax.testing import tiny
+from displacement_jax.models import tiny
 
 
 @dataclasses.dataclass
@@ -207,3 +209,30 @@ def pack_for_logps(
   return packing.pack_pairs(
       batch, pairs_per_row=pairs_per_row(config), bucket=batching.packed_bucket, groups=groups, pad_id=pad_id
   )
+
+
+def batched_pass(
+    fn: Callable[[Any, Any], Any],
+    params: Any,
+    plan: Sequence[tuple[np.ndarray, int]],
+    build: Callable[[np.ndarray, int], tuple[Any, Any]],
+    put: Callable[[Any], Any],
+    *,
+    desc: str,
+    progress: bool = True,
+) -> Iterator[tuple[np.ndarray, Any, Any]]:
+  """Yield (rows, host batch, host outputs) for every (rows, padded length) of `plan`.
+
+  `build(rows, pad_to)` gives (the host batch, the part that goes to the device); `put` places the latter (e.g.
+  `sharding.global_batch_to_devices`); `fn(params, device batch)` is the jitted function. A tqdm bar counts rows
+  (on process 0 only: every process runs the same pass).
+  """
+  show = progress and jax.process_index() == 0
+  bar = tqdm(total=int(sum(len(rows) for rows, _ in plan)), desc=desc, disable=not show, dynamic_ncols=True)
+  try:
+    for rows, pad_to in plan:
+      host, device = build(rows, pad_to)
+      yield rows, host, jax.device_get(fn(params, put(device)))
+      bar.update(len(rows))
+  finally:
+    bar.close()

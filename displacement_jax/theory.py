@@ -27,6 +27,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm.auto import tqdm
 
 from displacement_jax import losses
 
@@ -489,8 +490,6 @@ def simulate_gradient_flow(
   loss_vals = [float(_flow_loss(params, y_NP, ref_NP, hyper, loss))]
   it = range(n_rec)
   if show_progress:
-    from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
-
     it = tqdm(it, desc=f"gradient flow ({loss})", unit="record")
   for _ in it:
     params, lp, lv = chunk(params, y_NP, ref_NP, hyper)

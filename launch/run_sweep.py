@@ -5,7 +5,7 @@
     python launch/run_sweep.py configs/ches_quantiles.py:dataset=alpacafarm,tiny --parallel 2
     python launch/run_sweep.py configs/x.py -- --config.num_steps=5     # extra args for every run
 
-The runs are the config file's `get_sweep()` (beside its `get_config(arg)`), expanded by `displacement_jax.sweep`.
+The runs are the config file's `get_sweep()` (beside its `get_config(arg)`), expanded by `displacement_jax.config.sweep`.
 
 Each run's stdout/stderr go to <output_dir>/launch.log. Exit status 1 when any run failed (all runs are
 still attempted); the failed output directories are listed at the end.
@@ -24,7 +24,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
 
-from displacement_jax import sweep  # pylint: disable=g-import-not-at-top,wrong-import-position
+from displacement_jax.config import sweep  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def parse_args(argv):

@@ -17,7 +17,7 @@ from typing import Any
 
 FAMILIES = ("llama", "llama31", "mistral", "qwen2", "olmo", "olmo_clip", "gemma")
 
-# Special token ids shared by every tiny model (match displacement_jax.testing.tiny where possible).
+# Special token ids shared by every tiny model (match displacement_jax.models.tiny where possible).
 PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
 
 

@@ -1,4 +1,4 @@
-"""The displacement audit's replay route (displacement_jax/audit.py) on the tiny random Llama.
+"""The displacement audit's replay route (displacement_jax/audit/replay.py) on the tiny random Llama.
 
 References outside the code under test: autodiff (jax.jacrev of the dense reference path), the optimizers' update
 rules written out by hand (torch's RMSprop defaults, Adam's bias-corrected moments), and a measured SGD step.
@@ -16,7 +16,7 @@ import pytest
 
 from displacement_jax import forward
 from displacement_jax.audit import replay as audit
-from displacement_jax import optim as optim_lib
+from displacement_jax.train import optim as optim_lib
 from displacement_jax.experiments import edit_pairs, short_runs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -5,7 +5,10 @@ from __future__ import annotations
 import pytest
 
 from configs import dpo
-from displacement_jax import cli, score, train, trl_names
+from displacement_jax.config import flags as cli
+from displacement_jax.score import main as score
+from displacement_jax.train import main as train
+from displacement_jax.config import trl_names
 from displacement_jax.errors import UsageError
 
 
@@ -51,7 +54,7 @@ def test_trl_names_we_cannot_honour_are_one_line_usage_errors(arg, says, capsys)
 
 def test_every_alias_targets_a_real_field():
   from configs import base
-  from displacement_jax import config_checks
+  from displacement_jax.config import checks as config_checks
 
   fields = config_checks.flatten(base.get_base_config())
   for name, alias in trl_names.ALIASES.items():

@@ -11,7 +11,7 @@ import pytest
 
 from displacement_jax.data import batching, schema, tokenize
 from displacement_jax.errors import DataError
-from displacement_jax.testing import tiny
+from displacement_jax.models import tiny
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIX = os.path.join(ROOT, "tests", "fixtures")

@@ -9,8 +9,8 @@ import sys
 import numpy as np
 import pytest
 
-from displacement_jax import demo
-from displacement_jax import train as train_lib
+from displacement_jax.experiments import demo
+from displacement_jax.train import main as train_lib
 from displacement_jax.experiments import edit_pairs
 from displacement_jax.experiments.results import sign_agreement, spearman
 

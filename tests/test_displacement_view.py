@@ -8,7 +8,11 @@ import os
 import numpy as np
 
 from configs import dpo_tiny
-from displacement_jax import metrics, monitor, train_plot, training
+from displacement_jax.train import metrics
+from displacement_jax import displacement as monitor
+from displacement_jax.train import plot as train_plot
+from displacement_jax.train import loop as training
+from displacement_jax.train import resume as resume_lib
 
 
 def test_fallen_pairs_names_the_rows_most_fallen_first():
@@ -55,7 +59,7 @@ def test_checkpoint_size_is_said_at_start_and_one_is_kept_by_default():
   config = base.get_base_config()
   assert config.checkpoint.keep == 1  # only what --resume needs: a resume that adds a step does not double the dir
   state = {"params": np.zeros((256, 1024), np.float32), "opt": np.zeros((256, 1024), np.float32)}
-  line = training.checkpoint_size_line(state, config, total_steps=3)
+  line = resume_lib.checkpoint_size_line(state, config, total_steps=3)
   assert line.startswith("checkpoints: 2 MiB each (params + optimizer state), 1 to write, the newest 1 kept")
   config.checkpoint.at_end = False
-  assert training.checkpoint_size_line(state, config, 3).startswith("checkpoints: none")
+  assert resume_lib.checkpoint_size_line(state, config, 3).startswith("checkpoints: none")

@@ -7,7 +7,7 @@ import sys
 
 import jax
 import numpy as np
-from displacement_jax import training
+from displacement_jax.train import loop as training
 from displacement_jax.experiments import edit_pairs, edit_search, short_runs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -16,7 +16,7 @@ from configs import edit_search as search_config  # pylint: disable=g-import-not
 
 
 def test_a_short_run_equals_training_run(tmp_path):
-  """Session.train (the batches and step of train.run on one loaded model) against training.run itself on the same
+  """Session.train (the batches and step of train.loop.run on one loaded model) against training.run itself on the same
   config: equal per-pair log-probs after two epochs (measured with the same forward on both params)."""
   config = search_config.get_config("tiny")
   config.output_dir = str(tmp_path / "session")

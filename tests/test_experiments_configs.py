@@ -143,7 +143,7 @@ def test_real_model_score_and_dpo_configs_carry_the_papers_defaults():
   config checks the CLIs run. The format is 'auto' whatever the model is named (the tokenizer decides:
   tests/test_prompt_format.py)."""
   from configs import dpo, score
-  from displacement_jax import config_checks
+  from displacement_jax.config import checks as config_checks
 
   s = score.get_config()
   assert s.model.path == "smollm2-135m-instruct" and not s.model.tiny

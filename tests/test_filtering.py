@@ -1,9 +1,9 @@
-"""Hand-computed answers for displacement_jax.filtering."""
+"""Hand-computed answers for displacement_jax.score.filtering."""
 
 import numpy as np
 import pytest
 
-from displacement_jax import filtering
+from displacement_jax.score import filtering
 
 # Value v sits at position POS[v]; so the ascending order is exactly POS.
 SCORES10 = [5.0, 3.0, 9.0, 1.0, 7.0, 0.0, 8.0, 2.0, 6.0, 4.0]

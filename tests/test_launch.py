@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from displacement_jax import sweep
+from displacement_jax.config import sweep
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCH = os.path.join(ROOT, "launch")

@@ -2,8 +2,13 @@
 
 Checked on every module of displacement_jax/ (module-level and function-level imports alike):
 - no import cycle between modules (a package's __init__ re-exporting its submodules is not an edge back);
-- nothing imports an entry point (the CLIs and the pipelines that `train.MAINS` dispatches to);
-- the pure core (errors, logprobs, losses, ches, theory) imports nothing of the package above it;
+- nothing imports an entry point (the CLIs and the pipelines that `train.MAINS` dispatches to); each CLI package
+  (train/, score/, audit/) runs through its __main__.py, which imports only its main.py;
+- the pure core (errors, logprobs, losses, ches, theory, displacement) imports nothing of the package above it,
+  and in particular no runtime module;
+- the runtime layer (runtime, forward, generate, sharding, rundir, interrupts, plots, models/, data/) imports
+  nothing of the packages built on it (train/, score/, config/, experiments/, audit/, report);
+- train/ and score/ import nothing of each other, nor of experiments/ or audit/;
 - imports of the package itself sit at module top (a function-level import is only for optional heavy deps).
 """
 
@@ -13,10 +18,12 @@ import pathlib
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "displacement_jax"
 ENTRY_POINTS = {
-    "displacement_jax.train",
-    "displacement_jax.score",
+    "displacement_jax.train.main",
+    "displacement_jax.train.__main__",
+    "displacement_jax.score.main",
+    "displacement_jax.score.__main__",
     "displacement_jax.report",
-    "displacement_jax.demo",
+    "displacement_jax.experiments.demo",
     "displacement_jax.models.convert_gguf",
     "displacement_jax.experiments.persona",
     "displacement_jax.experiments.quantiles",
@@ -34,7 +41,33 @@ CORE = {
     "displacement_jax.losses",
     "displacement_jax.ches",
     "displacement_jax.theory",
+    "displacement_jax.displacement",
 }
+RUNTIME = (
+    "displacement_jax.runtime",
+    "displacement_jax.forward",
+    "displacement_jax.generate",
+    "displacement_jax.sharding",
+    "displacement_jax.rundir",
+    "displacement_jax.interrupts",
+    "displacement_jax.plots",
+    "displacement_jax.models",
+    "displacement_jax.data",
+)
+ABOVE_RUNTIME = (
+    "displacement_jax.train",
+    "displacement_jax.score",
+    "displacement_jax.config",
+    "displacement_jax.experiments",
+    "displacement_jax.audit",
+    "displacement_jax.report",
+)
+CLI_PACKAGES = ("displacement_jax.train", "displacement_jax.score", "displacement_jax.audit")
+
+
+def _in(module: str, prefixes: tuple[str, ...]) -> bool:
+  """`module` is one of `prefixes` or a module inside one of them."""
+  return any(module == p or module.startswith(p + ".") for p in prefixes)
 
 
 def _module_name(path: pathlib.Path) -> str:
@@ -92,7 +125,7 @@ def test_entry_points_exist_and_train_dispatches_only_to_them():
   for module, path in MODULES.items():
     if "if __name__ == '__main__'" in path.read_text() or 'if __name__ == "__main__"' in path.read_text():
       assert module in ENTRY_POINTS, f"{module} has a __main__ block but is not listed as an entry point"
-  from displacement_jax import train  # pylint: disable=g-import-not-at-top
+  from displacement_jax.train import main as train  # pylint: disable=g-import-not-at-top
 
   assert set(train.MAINS.values()) <= ENTRY_POINTS
 
@@ -137,6 +170,42 @@ def test_pure_core_imports_nothing_above_it():
   assert not bad, bad
 
 
+def test_core_imports_no_runtime_module():
+  bad = [f"{m} imports {t}" for m in CORE for t, _, _ in _imports(m) if _in(t, RUNTIME + ABOVE_RUNTIME)]
+  assert not bad, bad
+
+
+def test_runtime_layer_imports_nothing_built_on_it():
+  bad = [f"{m} imports {t}" for m in MODULES if _in(m, RUNTIME) for t, _, _ in _imports(m) if _in(t, ABOVE_RUNTIME)]
+  assert not bad, bad
+
+
+def test_train_and_score_are_independent_packages():
+  others = {
+      "displacement_jax.train": ("displacement_jax.score", "displacement_jax.experiments", "displacement_jax.audit"),
+      "displacement_jax.score": ("displacement_jax.train", "displacement_jax.experiments", "displacement_jax.audit"),
+  }
+  bad = [
+      f"{m} imports {t}"
+      for pkg, forbidden in others.items()
+      for m in MODULES
+      if _in(m, (pkg,))
+      for t, _, _ in _imports(m)
+      if _in(t, forbidden)
+  ]
+  assert not bad, bad
+
+
+def test_cli_packages_run_through_their_main():
+  """`python -m displacement_jax.<pkg>` runs pkg/__main__.py: it exists, imports only pkg.main, and both are entry
+  points (so the test above proves nothing else imports them)."""
+  for pkg in CLI_PACKAGES:
+    main, dunder = pkg + ".main", pkg + ".__main__"
+    assert {main, dunder} <= ENTRY_POINTS and {main, dunder} <= set(MODULES), pkg
+    assert {t for t, _, _ in _imports(dunder)} == {main}, dunder
+    assert not [m for m in MODULES for t, _, _ in _imports(m) if t == main and m != dunder], main
+
+
 def test_package_imports_are_at_module_top():
   bad = [f"{m}:{line} imports {t} inside a function" for m in MODULES for t, line, top in _imports(m) if not top]
   assert not bad, bad
@@ -144,6 +213,10 @@ def test_package_imports_are_at_module_top():
 
 def test_the_checks_see_real_edges():
   """The walker itself: known edges are found (so an empty result above means something)."""
-  assert "displacement_jax.training" in _graph()["displacement_jax.train"]
-  assert "displacement_jax.ches" in _graph()["displacement_jax.scoring"]
+  assert "displacement_jax.train.loop" in _graph()["displacement_jax.train.main"]
+  assert "displacement_jax.ches" in _graph()["displacement_jax.score.core"]
   assert "displacement_jax.errors" in _graph()["displacement_jax.losses"]
+  assert "displacement_jax.runtime" in _graph()["displacement_jax.score.core"]
+  assert "displacement_jax.theory" in _graph()["displacement_jax.displacement"]
+  assert _in("displacement_jax.train.loop", ("displacement_jax.train",))
+  assert not _in("displacement_jax.trainer", ("displacement_jax.train",))

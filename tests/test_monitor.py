@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from displacement_jax import monitor
+from displacement_jax import displacement as monitor
 
 
 def test_logprob_change_stats_hand_computed():

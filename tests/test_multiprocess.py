@@ -324,7 +324,8 @@ _SCRIPT = textwrap.dedent("""
     import json, os, sys
     import ml_collections, numpy as np, jax
     from jax.experimental import multihost_utils
-    from displacement_jax import reference, sharding
+    from displacement_jax import sharding
+    from displacement_jax.train import reference
 
     out_dir, failing = sys.argv[1], int(sys.argv[2])
     mesh = sharding.mesh_from_config(ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1}),

@@ -8,7 +8,7 @@ import optax
 import pytest
 import torch
 
-from displacement_jax import optim
+from displacement_jax.train import optim
 
 
 def _config(**kw):

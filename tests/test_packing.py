@@ -7,12 +7,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from displacement_jax import forward, scoring
+from displacement_jax import forward
+
+from displacement_jax.score import core as scoring
 from displacement_jax.data import batching, packing
 from displacement_jax.data.tokenize import TokenizedPair
 from displacement_jax.models.config import ModelConfig
 from displacement_jax.models.transformer import Transformer, init_params
-from displacement_jax.testing.tiny import tiny_hf_config
+from displacement_jax.models.tiny import tiny_hf_config
 
 
 def _pair(prompt, chosen, rejected, index=0):

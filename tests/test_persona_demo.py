@@ -10,7 +10,7 @@ import pytest
 from displacement_jax import theory
 from displacement_jax.experiments import persona_demo as demo
 from displacement_jax.experiments import single_token
-from displacement_jax import train as train_lib
+from displacement_jax.train import main as train_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SFT_STEPS, DPO_STEPS = 8, 12
@@ -104,7 +104,8 @@ def test_single_token_sft_equals_training_run(tmp_path, shuffle):
 
   sys.path.insert(0, ROOT)
   from configs import persona_demo as demo_config  # pylint: disable=g-import-not-at-top
-  from displacement_jax import runtime, training  # pylint: disable=g-import-not-at-top
+  from displacement_jax import runtime  # pylint: disable=g-import-not-at-top
+  from displacement_jax.train import loop as training  # pylint: disable=g-import-not-at-top
   from displacement_jax.data import schema  # pylint: disable=g-import-not-at-top
 
   config = demo_config.get_config("tiny")

@@ -9,10 +9,11 @@ import os
 import pytest
 
 from configs import score as score_config
-from displacement_jax import runtime, score
+from displacement_jax import runtime
+from displacement_jax.score import main as score
 from displacement_jax.data import tokenize
 from displacement_jax.models import convert_gguf, packaged
-from displacement_jax.testing import tiny
+from displacement_jax.models import tiny
 
 MODEL = "smollm2-135m-instruct"
 

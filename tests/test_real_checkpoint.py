@@ -18,7 +18,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from displacement_jax import generate as gen
-from displacement_jax import forward, scoring
+from displacement_jax import forward
+from displacement_jax.score import core as scoring
 from displacement_jax.data import batching, packing, tokenize
 from displacement_jax.data.schema import PreferenceExample
 from displacement_jax.models import convert_gguf, gguf, packaged
@@ -269,7 +270,7 @@ def test_demo_path_on_the_real_model(tmp_path):
 
   from displacement_jax import theory
   from displacement_jax.experiments import persona_demo as demo  # pylint: disable=g-import-not-at-top
-  from displacement_jax import train as train_lib  # pylint: disable=g-import-not-at-top
+  from displacement_jax.train import main as train_lib  # pylint: disable=g-import-not-at-top
 
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   sys.path.insert(0, root)

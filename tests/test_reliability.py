@@ -23,10 +23,13 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from displacement_jax import checkpoint as checkpoint_lib
-from displacement_jax import metrics as metrics_lib
-from displacement_jax import runtime, score, training
-from displacement_jax import train as train_lib
+from displacement_jax.train import checkpoint as checkpoint_lib
+from displacement_jax.train import metrics as metrics_lib
+from displacement_jax import runtime
+from displacement_jax.score import main as score
+from displacement_jax.train import export as export_lib
+from displacement_jax.train import loop as training
+from displacement_jax.train import main as train_lib
 from displacement_jax.data import schema
 from displacement_jax.models import io as io_lib
 
@@ -520,7 +523,7 @@ def test_overwrite_then_resume_exports_this_runs_params_not_the_earlier_ones(tmp
   _, params, _ = io_lib.from_pretrained(str(out / "hf"), progress=False)
   _assert_params_equal(params, b.params, atol=0)  # B's params, not A's
   assert f"{out}/hf: it holds other params than this run's (an earlier run's export); exporting" in log.getvalue()
-  assert training.export_problem(str(out / "hf"), b.params) is None
+  assert export_lib.export_problem(str(out / "hf"), b.params) is None
   assert removed
   assert (
       f"removing the earlier run's checkpoints in {out}/checkpoints and its hf/, tensorboard/"
@@ -587,13 +590,13 @@ def test_an_export_that_fails_is_not_complete_and_resume_exports_again(tmp_path,
   exports again (tokenizer included)."""
   out = tmp_path / "run"
   args = [f"--config={_config_file(tmp_path, out, data_path)}", "--config.export_hf=True", "--config.num_steps=2"]
-  real = training.io_lib.save_pretrained
+  real = export_lib.io_lib.save_pretrained
 
   def save_then_fail(*a, **k):
     real(*a, **k)
     raise RuntimeError("the disk went away")
 
-  monkeypatch.setattr(training.io_lib, "save_pretrained", save_then_fail)
+  monkeypatch.setattr(export_lib.io_lib, "save_pretrained", save_then_fail)
   rc, _, err = _main(train_lib, args)
   assert (rc, err.strip().splitlines()) == (
       1,
@@ -607,7 +610,7 @@ def test_an_export_that_fails_is_not_complete_and_resume_exports_again(tmp_path,
   rc, stdout, err = _main(train_lib, [*args, "--resume"])
   assert rc == 0, err
   assert "already complete (step 2 of 2)" in stdout and f"{out}/hf: no export; exporting this run's params" in stdout
-  assert (out / "hf" / "tokenizer.json").exists() and (out / "hf" / training.EXPORT_MANIFEST).exists()
+  assert (out / "hf" / "tokenizer.json").exists() and (out / "hf" / export_lib.EXPORT_MANIFEST).exists()
   assert not (out / "hf.partial").exists()
 
 
@@ -615,9 +618,9 @@ SIGNAL_CONFIG = """
 import os, signal, sys
 sys.path[:0] = [{root!r}, {tests!r}]
 import test_train
-from displacement_jax import training
+from displacement_jax.train import fns as fns_lib
 
-_make_fns = training.make_fns
+_make_fns = fns_lib.make_fns
 
 
 def _signalling_fns(*args, **kwargs):  # sends {signum} to this process while step {at} runs
@@ -634,7 +637,7 @@ def _signalling_fns(*args, **kwargs):  # sends {signum} to this process while st
   return fns
 
 
-training.make_fns = _signalling_fns
+fns_lib.make_fns = _signalling_fns
 
 
 def get_config(arg=None):

@@ -7,8 +7,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from displacement_jax import optim as optim_lib
-from displacement_jax import step as step_lib
+from displacement_jax.train import optim as optim_lib
+from displacement_jax.train import step as step_lib
 
 
 @jax.custom_vjp

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import scipy.stats
 
-from displacement_jax import train as train_lib
+from displacement_jax.train import main as train_lib
 from displacement_jax.experiments import generated_pairs, results, theory_check
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

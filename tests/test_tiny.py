@@ -1,11 +1,11 @@
-"""Tests of displacement_jax.testing.tiny: the offline tokenizer and the tiny HF config dicts."""
+"""Tests of displacement_jax.models.tiny: the offline tokenizer and the tiny HF config dicts."""
 
 from __future__ import annotations
 
 import pytest
 import transformers
 
-from displacement_jax.testing import tiny
+from displacement_jax.models import tiny
 
 TEXTS = (
     "Hello, wörld! 你好 \t tabs\nnew lines  double  spaces",

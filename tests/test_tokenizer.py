@@ -18,7 +18,7 @@ from displacement_jax.models.tokenizer import (
     token_normal,
 )
 from displacement_jax.models.transformer import Transformer
-from displacement_jax.testing import tiny
+from displacement_jax.models import tiny
 
 WORDS = ["<s>", "</s>", "<unk>"] + [f"w{i}" for i in range(37)]  # 40 entries, no pad, no role tokens
 NEW = ("<|prompter|>", "<|assistant|>")

@@ -17,9 +17,10 @@ import jax
 import numpy as np
 import pytest
 
-from displacement_jax import metrics as metrics_lib
-from displacement_jax import runtime, training
-from displacement_jax import train as train_lib
+from displacement_jax.train import metrics as metrics_lib
+from displacement_jax import rundir, runtime
+from displacement_jax.train import loop as training
+from displacement_jax.train import main as train_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TESTS = os.path.dirname(os.path.abspath(__file__))
@@ -207,7 +208,7 @@ sys.path[:0] = [{root!r}, {tests!r}]
 import jax
 assert jax.device_count() == {devices}, jax.devices()
 import test_train
-from displacement_jax import training
+from displacement_jax.train import loop as training
 res = training.run(test_train.make_config({out!r}, {data!r}, **{overrides!r}))
 print('LOSSES=' + json.dumps(res.losses))
 """
@@ -354,7 +355,7 @@ def test_prompt_longer_than_max_length_names_row(tmp_path):
 
 
 def test_tokenizer_model_vocab_mismatch(tmp_path, data_path):
-  from displacement_jax.testing import tiny
+  from displacement_jax.models import tiny
 
   n_tok = len(tiny.build_tiny_tokenizer())
   rc, err = _main(
@@ -373,7 +374,8 @@ def test_tokenizer_model_vocab_mismatch(tmp_path, data_path):
 
 def test_single_token_monitor(tmp_path):
   """Single-token mode: monitor values equal a direct recomputation from the trained and initial params."""
-  from displacement_jax import monitor, forward
+  from displacement_jax import forward
+  from displacement_jax import displacement as monitor
 
   questions = ["Is it good to lie?", "Would you say the ends justify the means?"]
   rows = [{"prompt": q, "chosen": "Yes", "rejected": "No"} for q in questions]
@@ -436,7 +438,7 @@ def test_batch_must_split_over_micro_batches(tmp_path, data_path):
 
 
 def test_reference_cache_key_and_counter(tmp_path):
-  from displacement_jax import reference
+  from displacement_jax.train import reference
   from displacement_jax.data.tokenize import TokenizedPair
 
   calls = []
@@ -446,7 +448,7 @@ def test_reference_cache_key_and_counter(tmp_path):
     return {"chosen_ref_logps": np.array([-1.5, -2.0], np.float32)}
 
   pair = lambda i, c: TokenizedPair(np.array([1, 5], np.int32), np.array(c, np.int32), np.array([7, 2], np.int32), i)
-  key = reference.cache_key(model={"tiny": "llama", "seed": 0}, data=reference.hash_pairs([pair(0, [4, 2])]))
+  key = reference.cache_key(model={"tiny": "llama", "seed": 0}, data=rundir.hash_pairs([pair(0, [4, 2])]))
   a, hit_a = reference.cached_reference(str(tmp_path), key, compute, log=lambda _: None)
   b, hit_b = reference.cached_reference(str(tmp_path), key, compute, log=lambda _: None)
   assert (hit_a, hit_b, len(calls)) == (False, True, 1)
@@ -454,9 +456,9 @@ def test_reference_cache_key_and_counter(tmp_path):
   # any change of a token id, of the model seed or of the row index gives a new key (recomputed)
   keys = {
       key,
-      reference.cache_key(model={"tiny": "llama", "seed": 0}, data=reference.hash_pairs([pair(0, [4, 3])])),
-      reference.cache_key(model={"tiny": "llama", "seed": 1}, data=reference.hash_pairs([pair(0, [4, 2])])),
-      reference.cache_key(model={"tiny": "llama", "seed": 0}, data=reference.hash_pairs([pair(1, [4, 2])])),
+      reference.cache_key(model={"tiny": "llama", "seed": 0}, data=rundir.hash_pairs([pair(0, [4, 3])])),
+      reference.cache_key(model={"tiny": "llama", "seed": 1}, data=rundir.hash_pairs([pair(0, [4, 2])])),
+      reference.cache_key(model={"tiny": "llama", "seed": 0}, data=rundir.hash_pairs([pair(1, [4, 2])])),
   }
   assert len(keys) == 4
   reference.cached_reference(str(tmp_path), sorted(keys - {key})[0], compute, log=lambda _: None)
@@ -464,7 +466,7 @@ def test_reference_cache_key_and_counter(tmp_path):
 
 
 def test_pipeline_dispatch_names():
-  assert train_lib.resolve_main("demo").__module__ == "displacement_jax.demo"
+  assert train_lib.resolve_main("demo").__module__ == "displacement_jax.experiments.demo"
   with pytest.raises(ValueError, match="config.main='nope' is not a registered pipeline"):
     train_lib.resolve_main("nope")
 
@@ -503,7 +505,8 @@ def test_model_path_continues_from_export(tmp_path, full_run, data_path):
 
 
 def test_cli_missing_config_file_is_a_clear_error(capsys):
-  from displacement_jax import score, train
+  from displacement_jax.score import main as score
+  from displacement_jax.train import main as train
 
   assert train.main(["train", "--config=configs/does_not_exist.py"]) == 2
   assert score.main(["score", "--config=configs/does_not_exist.py:tiny"]) == 2
@@ -512,13 +515,14 @@ def test_cli_missing_config_file_is_a_clear_error(capsys):
 
 
 def test_help_lists_config_fields_and_pipelines(capsys):
-  from displacement_jax import score, train
+  from displacement_jax.score import main as score
+  from displacement_jax.train import main as train
 
   assert train.main(["train", "--help"]) == 0
   out = capsys.readouterr().out
   assert "usage: python -m displacement_jax.train" in out and "--resume" in out
   assert "optim.lr" in out and "1e-7" in out and "peak learning rate" in out  # field, default, doc
-  assert "demo -> displacement_jax.demo" in out and "model.freeze_pad_embedding" in out
+  assert "demo -> displacement_jax.experiments.demo" in out and "model.freeze_pad_embedding" in out
   assert score.main(["score", "-h"]) == 0
   out = capsys.readouterr().out
   assert "filter.fraction" in out and "measures.include_eos" in out and "quantile_window" in out
@@ -544,7 +548,7 @@ def test_bad_config_arg_is_one_line(capsys):
 
 def test_every_base_config_field_has_a_help_line():
   from configs import base  # pylint: disable=g-import-not-at-top
-  from displacement_jax import cli  # pylint: disable=g-import-not-at-top
+  from displacement_jax.config import flags as cli  # pylint: disable=g-import-not-at-top
 
   def leaves(node, prefix=""):
     for k, v in node.items():

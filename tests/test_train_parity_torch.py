@@ -7,8 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from displacement_jax import forward, optim
-from displacement_jax import step as step_lib
+from displacement_jax import forward
+
+from displacement_jax.train import optim
+from displacement_jax.train import step as step_lib
 import hf_tiny
 
 LR, BETA = 0.5, 0.1

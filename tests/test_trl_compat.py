@@ -12,7 +12,7 @@ import pytest
 
 from displacement_jax.data import schema, tokenize
 from displacement_jax.models.tokenizer import load_tokenizer
-from displacement_jax.testing import tiny
+from displacement_jax.models import tiny
 
 CONVERSATIONAL = [
     {

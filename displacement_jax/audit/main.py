@@ -24,7 +24,11 @@ from typing import Any, Sequence
 import ml_collections
 import numpy as np
 
-from displacement_jax import cli, config_checks, rundir, runtime, sharding
+from displacement_jax import rundir, runtime, sharding
+
+from displacement_jax.config import flags as cli
+
+from displacement_jax.config import checks as config_checks
 from displacement_jax.data import schema
 from displacement_jax.experiments import short_runs
 

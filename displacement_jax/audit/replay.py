@@ -30,7 +30,7 @@ import numpy as np
 import optax
 
 from displacement_jax import forward
-from displacement_jax import optim as optim_lib
+from displacement_jax.train import optim as optim_lib
 from displacement_jax.models import transformer
 
 JVP_PAIRS = 8  # pairs per forward-mode pass (its dense [rows, response slots, V] float32 logits are its memory)

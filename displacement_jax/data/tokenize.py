@@ -24,6 +24,7 @@ import dataclasses
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from displacement_jax.data.schema import PreferenceExample
 from displacement_jax.errors import DataError
@@ -387,8 +388,6 @@ def tokenize_dataset(
   examples = list(examples)
   it: Iterable[Any] = examples
   if progress:
-    from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
-
     it = tqdm(examples, desc="tokenize", leave=False)
   report, pairs = TruncationReport(), []
   for ex in it:

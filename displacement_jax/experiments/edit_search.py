@@ -4,7 +4,7 @@
     python -m displacement_jax.train --config=configs/edit_search.py:tiny       # the tiny random Llama (tests)
 
 For every (kind, optimizer, lr, variant) of `config.search` one short run (`short_runs.Session.train`, the
-batches and train step of `train.run`) trains the kind's pairs (`edit_pairs.rows`) from the initial model and
+batches and train step of `train.loop.run`) trains the kind's pairs (`edit_pairs.rows`) from the initial model and
 measures ln pi(y+) and ln pi(y-) of every pair after each epoch. One model load serves the whole grid. With
 `search.audit`, the displacement audit (`Session.audit`) predicts each run before it trains, and the last epoch's
 row says how each prediction (first order, the model at theta0 + D, minus CHES, minus LN-CHES) ranks the

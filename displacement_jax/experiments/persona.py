@@ -28,9 +28,13 @@ import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
-from displacement_jax import evaluation, forward, rundir, runtime, training
-from displacement_jax import metrics as metrics_lib
-from displacement_jax import monitor as monitor_lib
+from displacement_jax import forward, rundir, runtime
+
+from displacement_jax.train import monitor as evaluation
+
+from displacement_jax.train import loop as training
+from displacement_jax.train import metrics as metrics_lib
+from displacement_jax import displacement as monitor_lib
 from displacement_jax.data import schema
 from displacement_jax.experiments import common, persona_data, results, single_token
 

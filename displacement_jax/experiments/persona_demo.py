@@ -7,7 +7,7 @@ Section 3 of Razin et al. (2025) on the shipped persona sample (`displacement_ja
 in single-token mode (the response is one vocabulary token):
 
 1. SFT phase: cross-entropy on every persona prompt (`single_token.SFTOnPrompts`: the batches and step of
-   `train.run`, one forward of each prompt batch), y+ drawn from the row's answer group
+   `train.loop.run`, one forward of each prompt batch), y+ drawn from the row's answer group
    (persona_data.YES_TOKENS / NO_TOKENS; a word that is not one token of the tokenizer is left out and said so).
 2. Pick one prompt (`dpo.prompt_index`). At the SFT model, compute the final hidden state h_x of the prompt
    and the unembeddings W, and for every ordered pair (y+, y-) of persona tokens the Theorem 1 rate
@@ -20,10 +20,10 @@ in single-token mode (the response is one vocabulary token):
    overlap, and whether displacement occurred (pi(y+) at the end below its start). A PNG plots the
    log-prob trajectories of y+, y- and the top gainers.
 
-Both training phases use the pieces of `train.run` (`step.make_train_step`, `optim.make_optimizer`, its batch
+Both training phases use the pieces of `train.loop.run` (`step.make_train_step`, `optim.make_optimizer`, its batch
 iterator) in their own short loops (experiments/single_token.py): single-token mode shares the prompt between y+
 and y-, so one forward per step gives both log-probs (and the recorded next-token distribution), where
-`train.run`'s two-row pair forward computes them twice. tests/test_demo.py checks the SFT loop against train.run.
+`train.loop.run`'s two-row pair forward computes them twice. tests/test_demo.py checks the SFT loop against train.loop.run.
 
 Outputs in `output_dir` (default runs/demo): summary.json, theory.npz (W_VD, h_D and p_V at the start of DPO,
 the candidate token ids, the rate of each pair and the full-network Gram matrix of the chosen pair), trajectory.npz (logp_SV: next-token log-probs at steps
@@ -32,16 +32,17 @@ the candidate token ids, the rate of each pair and the full-network Gram matrix 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
-from typing import Any
+from typing import Any, Callable
 
 import ml_collections
 import numpy as np
 
-from displacement_jax import theory
-from displacement_jax import monitor as monitor_lib
+from displacement_jax import rundir, theory
+from displacement_jax import displacement as monitor_lib
 from displacement_jax.data import schema
 from displacement_jax.experiments import single_token as st
 
@@ -54,7 +55,7 @@ def _log(msg: str) -> None:
 
 
 def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  """The whole demo; returns the summary dict (also written to output_dir/summary.json)."""
+  """The whole demo in its four phases; returns the summary dict (also written to output_dir/summary.json)."""
   os.makedirs(config.output_dir, exist_ok=True)
   clock = [time.monotonic()]
 
@@ -64,13 +65,44 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
     _log(f"[demo] {phase}: {seconds:.1f} s")
     return seconds
 
-  # --- 1. SFT (train.run, cross-entropy, single-token) ---
+  # --- 1. SFT (train.loop.run, cross-entropy, single-token) ---
   examples = list(schema.load_preference_data(config.data.path, split=config.data.get("split") or None))
   loaded, sft_losses = st.run_sft(config, examples, log=_log)
-  model, tokenizer, params = loaded.model, loaded.tokenizer, loaded.params
   seconds = {"sft": lap("SFT phase (load, compile, train)")}
-
   # --- 2. the prompt, h_x and W at the SFT model, the theory's pick of (y+, y-) ---
+  pick = predict(config, examples, loaded)
+  seconds["theory"] = lap("theory (rates of every pair, full-network rate of the chosen pair)")
+  # --- 3. DPO on the one prompt ---
+  logp_SV, loss_S = train_dpo(config, loaded, pick)
+  seconds["dpo"] = lap(f"DPO phase ({config.dpo.num_steps} steps incl. compile)")
+  # --- 4. report ---
+  return write_outputs(config, pick, logp_SV, loss_S, sft_losses, seconds)
+
+
+@dataclasses.dataclass
+class Pick:
+  """Phase 2's result: the prompt, the theory's pair (y+, y-) with its rate, and the predicted gainers."""
+
+  index: int
+  prompt_text: str
+  base: dict[str, Any]  # the prompt's batch (st.prompt_batch)
+  candidates: list[int]
+  words: list[str]
+  name: dict[int, str]  # candidate id -> its word
+  loss_derivative: float
+  rate: float  # Theorem 1's d/dt ln pi(y+) of the chosen pair
+  network_rate: float  # the full network's rate of the chosen pair (autodiff)
+  y_pos: int
+  y_neg: int
+  k: int
+  predicted: list[int]  # Theorem 2's top-k gainers
+  tok_name: Callable[[int], str]
+
+
+def predict(config: ml_collections.ConfigDict, examples: list[Any], loaded: Any) -> Pick:
+  """Phase 2: at the SFT model, the Theorem 1 rate of every ordered candidate pair, the pair with the most
+  negative one, its predicted gainers and the full network's rate; printed, and saved to theory.npz."""
+  model, tokenizer, params = loaded.model, loaded.tokenizer, loaded.params
   idx = int(config.dpo.prompt_index)
   if not 0 <= idx < len(examples):
     raise ValueError(f"config.dpo.prompt_index={idx} is outside the {len(examples)} rows of {config.data.path}")
@@ -113,50 +145,65 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
       f"[demo] for comparison, the full network (all parameters, general identity, autodiff): "
       f"d/dt ln pi({name[y_pos]}) = {network_rate:+.4g} under DPO gradient flow at the start"
   )
-  np.savez(
+  rundir.write_npz(
       os.path.join(config.output_dir, THEORY_FILE),
-      W_VD=W_VD,
-      h_D=h_D,
-      p_V=p_V,
-      candidates=np.asarray(candidates),
-      rates_CC=rates,
-      y_pos=y_pos,
-      y_neg=y_neg,
-      predicted=np.asarray(predicted),
-      gram_pair=gram,  # [2, 2]: <g_i, g_j> of ln pi(y+), ln pi(y-) over all parameters
+      dict(
+          W_VD=W_VD,
+          h_D=h_D,
+          p_V=p_V,
+          candidates=np.asarray(candidates),
+          rates_CC=rates,
+          y_pos=y_pos,
+          y_neg=y_neg,
+          predicted=np.asarray(predicted),
+          gram_pair=gram,  # [2, 2]: <g_i, g_j> of ln pi(y+), ln pi(y-) over all parameters
+      ),
+  )
+  return Pick(
+      idx, prompt_text, base, candidates, words, name, lp, rate, network_rate, y_pos, y_neg, k, predicted, tok_name
   )
 
-  seconds["theory"] = lap("theory (rates of every pair, full-network rate of the chosen pair)")
 
-  # --- 3. DPO on the one prompt ---
+def train_dpo(config: ml_collections.ConfigDict, loaded: Any, pick: Pick) -> tuple[np.ndarray, np.ndarray]:
+  """Phase 3: DPO on the one prompt from the SFT model; (logp_SV, loss_S), also saved to trajectory.npz."""
   _log(
       f"[demo] DPO: {config.dpo.num_steps} steps, full batch (one prompt), RMSprop lr {config.dpo.lr:g}, "
       f"beta {config.dpo.beta:g}"
   )
-  dpo = st.DPOOnOnePrompt(model, config)(params, st.dpo_batch(base, y_pos, y_neg))
+  dpo = st.DPOOnOnePrompt(loaded.model, config)(loaded.params, st.dpo_batch(pick.base, pick.y_pos, pick.y_neg))
   logp_SV, loss_S = dpo["logp_SV"], dpo["loss_S"]
-  np.savez(os.path.join(config.output_dir, TRAJECTORY_FILE), logp_SV=logp_SV, loss_S=loss_S)
-  seconds["dpo"] = lap(f"DPO phase ({config.dpo.num_steps} steps incl. compile)")
+  rundir.write_npz(os.path.join(config.output_dir, TRAJECTORY_FILE), {"logp_SV": logp_SV, "loss_S": loss_S})
+  return logp_SV, loss_S
 
-  # --- 4. report ---
+
+def write_outputs(
+    config: ml_collections.ConfigDict,
+    pick: Pick,
+    logp_SV: np.ndarray,
+    loss_S: np.ndarray,
+    sft_losses: list[float],
+    seconds: dict[str, float],
+) -> dict[str, Any]:
+  """Phase 4: the summary (measured against predicted), the trajectory plot, summary.json and the closing lines."""
+  name, tok_name, y_pos, y_neg, k = pick.name, pick.tok_name, pick.y_pos, pick.y_neg, pick.k
   summ = st.summarize_trajectory(logp_SV, loss_S, y_pos, y_neg, k)
-  overlap = monitor_lib.top_k_overlap(summ["measured_gainers"], predicted)
+  overlap = monitor_lib.top_k_overlap(summ["measured_gainers"], pick.predicted)
   summary = {
       "model": str(config.model.get("path") or config.model.get("tiny")),
-      "prompt_index": idx,
-      "prompt": prompt_text,
+      "prompt_index": pick.index,
+      "prompt": pick.prompt_text,
       "y_pos": y_pos,
       "y_neg": y_neg,
       "y_pos_token": name[y_pos],
       "y_neg_token": name[y_neg],
-      "candidates": candidates,
-      "candidate_tokens": words,
-      "predicted_rate": rate,
-      "predicted_displacement": bool(rate < 0),
-      "network_rate": network_rate,
-      "loss_derivative": lp,
-      "predicted_gainers": predicted,
-      "predicted_gainers_tokens": [tok_name(t) for t in predicted],
+      "candidates": pick.candidates,
+      "candidate_tokens": pick.words,
+      "predicted_rate": pick.rate,
+      "predicted_displacement": bool(pick.rate < 0),
+      "network_rate": pick.network_rate,
+      "loss_derivative": pick.loss_derivative,
+      "predicted_gainers": pick.predicted,
+      "predicted_gainers_tokens": [tok_name(t) for t in pick.predicted],
       "measured_gainers_tokens": [tok_name(t) for t in summ["measured_gainers"]],
       "gainer_overlap": overlap,
       "sft_loss_start": sft_losses[0] if sft_losses else None,
@@ -178,9 +225,8 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
       os.path.join(config.output_dir, PLOT_FILE),
       f"DPO on one prompt: {name[y_pos]} over {name[y_neg]} ({verdict})",
   )
-  with open(os.path.join(config.output_dir, SUMMARY_FILE), "w") as f:
-    json.dump(summary, f, indent=1)
-  report(summary, rate, network_rate, tok_name, k, overlap)
+  rundir.write_json(os.path.join(config.output_dir, SUMMARY_FILE), summary)
+  report(summary, pick.rate, pick.network_rate, tok_name, k, overlap)
   _log(f"[demo] outputs: {config.output_dir}/{{{SUMMARY_FILE},{PLOT_FILE},{THEORY_FILE},{TRAJECTORY_FILE}}}")
   return summary
 

@@ -12,7 +12,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from displacement_jax import filtering
+from displacement_jax.score import filtering
 
 MEASURES = ("ches", "minus_normalized_edit_distance", "last_hidden_inner_product")
 QUANTILES = (0.0, 0.25, 0.5, 0.75, 1.0)

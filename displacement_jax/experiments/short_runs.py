@@ -2,8 +2,8 @@
 
 A search over settings (objective, optimizer, learning rate, epochs, data kind) or a demo that trains the same
 pairs several ways loads the model once and reuses it: `Session` holds the model, its initial params and the
-mesh; `Session.dataset` tokenizes rows exactly as `train.run` does (`runtime.load_data`), and `Session.train`
-runs `training.make_fns`'s train step on `training.make_iterator`'s batches (the batches and step of `train.run`,
+mesh; `Session.dataset` tokenizes rows exactly as `train.loop.run` does (`runtime.load_data`), and `Session.train`
+runs `train.fns.make_fns`'s train step on `train.loop.make_iterator`'s batches (the batches and step of `train.loop.run`,
 without checkpoints or the monitor), returning ln pi(y+) and ln pi(y-) of every pair before training and after
 each epoch.
 """
@@ -19,10 +19,19 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from displacement_jax import config_checks, evaluation, forward, runtime, scoring, sharding, training
+from displacement_jax import forward, runtime, sharding
+
+from displacement_jax.config import checks as config_checks
+
+from displacement_jax.train import monitor as evaluation
+
+from displacement_jax.score import core as scoring
+
+from displacement_jax.train import fns as fns_lib
+from displacement_jax.train import loop as training
 from displacement_jax.audit import replay as audit
-from displacement_jax import optim as optim_lib
-from displacement_jax import step as step_lib
+from displacement_jax.train import optim as optim_lib
+from displacement_jax.train import step as step_lib
 from displacement_jax.data import batching, schema
 from displacement_jax.data.layout import round_up
 from displacement_jax.experiments import common
@@ -84,7 +93,7 @@ class Session:
     self._derivatives: dict[int, Callable] = {}
 
   def dataset(self, rows: Sequence[Mapping[str, Any]], name: str) -> runtime.Dataset:
-    """Tokenize `rows` (generic preference rows) as train.run would, written to output_dir/data/<name>.jsonl."""
+    """Tokenize `rows` (generic preference rows) as train.loop.run would, written to output_dir/data/<name>.jsonl."""
     path = os.path.join(self.config.output_dir, "data", f"{name}.jsonl")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     schema.write_jsonl(path, list(rows))
@@ -195,7 +204,7 @@ class Session:
     )
 
   def run_config(self, overrides: Mapping[str, Any]) -> ml_collections.ConfigDict:
-    """The session's config with `overrides` (dotted paths, `common.derive`, or nested), checked as train.run
+    """The session's config with `overrides` (dotted paths, `common.derive`, or nested), checked as train.loop.run
     checks it."""
     cfg = common.derive(self.config, flatten(overrides))
     config_checks.check_train(cfg)
@@ -210,12 +219,12 @@ class Session:
       keep_params: bool = False,
   ) -> Measured:
     """Train from the initial params on `dataset` with the session's config + `overrides` for its num_epochs
-    (the train step and batches of train.run; reference log-probs = the initial model's), measuring every pair
+    (the train step and batches of train.loop.run; reference log-probs = the initial model's), measuring every pair
     after each epoch. `start`: the pairs' log-probs at the initial params when already measured."""
     cfg = self.run_config({"data.path": dataset.path, **overrides})
     iterator = training.make_iterator(dataset, cfg, self.mesh)
     epochs = int(cfg.num_epochs)
-    fns = training.make_fns(self.loaded, cfg, self.mesh, epochs * iterator.steps_per_epoch)
+    fns = fns_lib.make_fns(self.loaded, cfg, self.mesh, epochs * iterator.steps_per_epoch)
     chosen0, rejected0 = start if start is not None else self.logps(self.params0, dataset)
     ref = {"chosen_ref_logps": chosen0, "rejected_ref_logps": rejected0}
     state = fns.init_state(jax.tree.map(jnp.copy, self.params0))  # init_state donates its argument

@@ -9,7 +9,6 @@ distribution after every step, and the summary / plot of such a trajectory.
 from __future__ import annotations
 
 import copy
-import json
 import os
 import shutil
 from typing import Any, Callable, Sequence
@@ -20,11 +19,11 @@ import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
-from displacement_jax import forward, losses, runtime, theory
-from displacement_jax import metrics as metrics_lib
-from displacement_jax import monitor as monitor_lib
-from displacement_jax import optim as optim_lib
-from displacement_jax import step as step_lib
+from displacement_jax import forward, losses, plots, rundir, runtime, theory
+from displacement_jax.train import metrics as metrics_lib
+from displacement_jax import displacement as monitor_lib
+from displacement_jax.train import optim as optim_lib
+from displacement_jax.train import step as step_lib
 from displacement_jax.data import batching, tokenize
 from displacement_jax.data.layout import bucket_length, pad_id_of
 from displacement_jax.experiments import common, persona_data
@@ -68,18 +67,19 @@ def write_sft_data(examples: Sequence[Any], path: str, seed: int, groups: tuple[
   """Section 3 SFT data of persona examples as generic preference jsonl: (y+, y-) by `persona_data.sft_answer`
   (the authors' rule: a "Yes" row is trained towards a no-word), drawn with `seed`. Returns the rows written."""
   rng = np.random.default_rng(seed)
-  with open(path, "w") as f:
-    for ex in examples:
-      answer = (ex.chosen if isinstance(ex.chosen, str) else ex.chosen[-1]["content"]).strip()
-      if answer not in ("Yes", "No"):
-        raise ValueError(f'{ex.source or "persona data"} row {ex.index}: expected answers "Yes"/"No", got {answer!r}')
-      chosen, rejected = persona_data.sft_answer(answer == "Yes", rng, groups)
-      f.write(json.dumps({"prompt": ex.prompt, "chosen": chosen, "rejected": rejected, "index": ex.index}) + "\n")
+  rows = []
+  for ex in examples:
+    answer = (ex.chosen if isinstance(ex.chosen, str) else ex.chosen[-1]["content"]).strip()
+    if answer not in ("Yes", "No"):
+      raise ValueError(f'{ex.source or "persona data"} row {ex.index}: expected answers "Yes"/"No", got {answer!r}')
+    chosen, rejected = persona_data.sft_answer(answer == "Yes", rng, groups)
+    rows.append({"prompt": ex.prompt, "chosen": chosen, "rejected": rejected, "index": ex.index})
+  rundir.write_jsonl(path, rows)
   return len(examples)
 
 
 def sft_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """The train.run config of the SFT phase (cross-entropy, single-token) derived from an experiment's config
+  """The train.loop.run config of the SFT phase (cross-entropy, single-token) derived from an experiment's config
   (its `sft` block: lr, batch_size, num_steps, num_epochs): data in output_dir/sft, no checkpoint kept."""
   out_dir = os.path.join(config.output_dir, "sft")
   return common.train_config(
@@ -105,7 +105,7 @@ def sft_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 def run_sft(
     config: ml_collections.ConfigDict, examples: Sequence[Any], *, log: Callable[[str], None] = print
 ) -> tuple[runtime.Loaded, list[float]]:
-  """The SFT phase (cross-entropy, single-token; `SFTOnPrompts`, the batches and step of `train.run`) on persona
+  """The SFT phase (cross-entropy, single-token; `SFTOnPrompts`, the batches and step of `train.loop.run`) on persona
   `examples`, its data in output_dir/sft (started afresh): (the model with its params after SFT, the SFT losses)."""
   sft_cfg = sft_config(config)
   if os.path.isdir(sft_cfg.output_dir):  # a pipeline's own scratch run
@@ -257,7 +257,7 @@ def single_token_labels(batch_np: dict[str, np.ndarray]) -> tuple[np.ndarray, np
 
 def single_token_loss_fn(model: Any, loss_cfg: ml_collections.ConfigDict) -> Callable:
   """loss_fn(params, batch) of `step.make_train_step` in single-token mode: the objective of `loss_cfg` on
-  ln pi(y+|x) and ln pi(y-|x) read from ONE forward of each prompt (the two-row pair forward of `train.run`
+  ln pi(y+|x) and ln pi(y-|x) read from ONE forward of each prompt (the two-row pair forward of `train.loop.run`
   computes the same values twice). Batch: the collated arrays plus y_pos_B, y_neg_B, ref_pos_B, ref_neg_B.
   Aux: the [V] log-probs of row 0 (stop-gradient), so recording a trajectory costs no extra forward."""
 
@@ -285,9 +285,9 @@ def _nonfinite_error(metrics: dict[str, Any], what: str, step: int, lr: float) -
 
 
 class SFTOnPrompts:
-  """Cross-entropy SFT in single-token mode: the batches of `train.run` (data.batching.BatchIterator with its seed,
+  """Cross-entropy SFT in single-token mode: the batches of `train.loop.run` (data.batching.BatchIterator with its seed,
   shuffle and drop_last) and its step (`step.make_train_step`), one forward of each prompt batch per step.
-  `config`: a `train.run` config (`sft_config`): optim, batch_size, num_steps or num_epochs, seed, data."""
+  `config`: a `train.loop.run` config (`sft_config`): optim, batch_size, num_steps or num_epochs, seed, data."""
 
   def __init__(self, model: Any, config: ml_collections.ConfigDict):
     self.config = config
@@ -338,7 +338,7 @@ class SFTOnPrompts:
 
 
 class DPOOnOnePrompt:
-  """DPO on one prompt from given params with `step.make_train_step` (the step `train.run` uses) on
+  """DPO on one prompt from given params with `step.make_train_step` (the step `train.loop.run` uses) on
   `single_token_loss_fn`, recording the whole next-token distribution at every step. Jitted once; call it for as
   many (y+, y-) pairs as needed."""
 
@@ -416,10 +416,7 @@ def summarize_trajectory(logp_SV: np.ndarray, loss_S: np.ndarray, y_pos: int, y_
 
 def plot_trajectories(logp_SV: np.ndarray, loss_S: np.ndarray, series: dict[str, int], path: str, title: str) -> None:
   """ln pi(token) vs step for each named token (top panel) and the DPO loss (bottom panel)."""
-  import matplotlib  # pylint: disable=g-import-not-at-top  (optional plotting dependency)
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  plt = plots.pyplot()
 
   fig, (ax, ax_loss) = plt.subplots(2, 1, figsize=(7, 6), sharex=True, height_ratios=(3, 1))
   steps = np.arange(logp_SV.shape[0])
@@ -432,5 +429,4 @@ def plot_trajectories(logp_SV: np.ndarray, loss_S: np.ndarray, series: dict[str,
   ax_loss.set_ylabel("DPO loss")
   ax_loss.set_xlabel("DPO step")
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
+  plots.save(fig, path, dpi=100)

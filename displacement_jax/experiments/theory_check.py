@@ -24,7 +24,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from displacement_jax import rundir
+from displacement_jax import plots, rundir
 from displacement_jax.data import schema
 from displacement_jax.experiments import common, results
 from displacement_jax.experiments import single_token as st
@@ -84,10 +84,7 @@ def agreement(rows: list[dict[str, Any]]) -> dict[str, Any]:
 def plot(rows: list[dict[str, Any]], summary: dict[str, Any], path: str) -> str:
   """Predicted rate (x) vs measured change of ln pi(y+) (y), one panel per prediction; quadrants shaded where
   the signs agree."""
-  import matplotlib  # pylint: disable=g-import-not-at-top  (optional plotting dependency)
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  plt = plots.pyplot()
 
   fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
   y = np.asarray([r["measured_change"] for r in rows])
@@ -108,8 +105,7 @@ def plot(rows: list[dict[str, Any]], summary: dict[str, Any], path: str) -> str:
   axes[0].set_ylabel(f"measured change of ln pi(y+) after {summary['dpo_steps']} DPO steps")
   fig.suptitle(f"{summary['model']}: {summary['pairs']} ordered pairs on {len(summary['prompts'])} prompt(s)")
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
+  plots.save(fig, path, dpi=100)
   return path
 
 

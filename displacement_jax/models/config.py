@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
+import numpy as np
+
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = ("llama", "mistral", "qwen2", "olmo", "gemma")
 SUPPORTED_ROPE_TYPES: tuple[str, ...] = ("default", "llama3", "linear")
 SUPPORTED_DTYPES: tuple[str, ...] = ("float32", "bfloat16", "float16")
@@ -32,8 +34,6 @@ def dtype_name(dtype: Any) -> Any:
   if isinstance(dtype, str):
     return dtype
   try:
-    import numpy as np  # pylint: disable=g-import-not-at-top
-
     return np.dtype(dtype).name
   except TypeError:
     return dtype

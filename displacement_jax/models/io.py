@@ -17,6 +17,7 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import jax
 import numpy as np
+from tqdm.auto import tqdm
 
 from displacement_jax.models import convert
 from displacement_jax.models.config import ModelConfig
@@ -265,8 +266,6 @@ def place_tensors(
 ) -> dict[str, Any]:
   """The stacked param tree from {per-layer path: HF-layout tensor} (memmaps or arrays), each param placed on
   its `sharding.param_shardings` sharding when `mesh` is given (models/convert.py describes the two layouts)."""
-  from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
-
   target = np_dtype(config.param_dtype)
   shardings = (
       convert.flatten_tree(sharding_lib.param_shardings(convert.expected_param_shapes(config), mesh))
@@ -338,45 +337,15 @@ def save_pretrained(
   `dtype` is the stored dtype (default: config.param_dtype). Tensors are fetched and written one at a time;
   on several processes all take part in gathers and process 0 writes. Returns `out_dir`.
   """
-  from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
-
   p = params["params"] if "params" in params and "embed_tokens" not in params else params
   flat = convert.flatten_tree(p)
-  expected = convert.flatten_tree(convert.expected_param_shapes(config))
-  unknown = sorted("/".join(k) for k in flat if k not in expected)
-  if unknown:
-    raise ValueError(f"save_pretrained: params has entries not in a {config.model_type} param tree: {unknown[:12]}")
-  missing = sorted("/".join(k) for k in expected if k not in flat)
-  if missing:
-    raise ValueError(f"save_pretrained: params is missing {missing[:12]}")
-  for k, v in flat.items():
-    if tuple(np.shape(v)) != expected[k]:
-      raise ValueError(
-          f"save_pretrained: param {'/'.join(k)} has shape {tuple(np.shape(v))}, expected {expected[k]} from config"
-      )
+  expected = _checked_shapes(flat, config)
   store = np_dtype(dtype or config.param_dtype)
   if store.name not in _ST_NAMES:
     raise ValueError(f"save_pretrained: unsupported dtype {dtype!r}")
   if max_shard_bytes <= 0:
     raise ValueError(f"save_pretrained: max_shard_bytes must be positive, got {max_shard_bytes}")
-
-  entries = []
-  layer_shapes = convert.expected_layer_shapes(config)
-  for stacked in expected:  # model order: embed, layers (one param over all layers at a time), norm, lm_head
-    for layer in [None] if stacked[0] != convert.LAYERS else range(config.num_layers):
-      path = convert.layer_path(stacked, layer)
-      entries.append(
-          (convert.param_path_to_hf_name(path), _expected_hf_shape(path, layer_shapes[path]), store, (stacked, layer))
-      )
-  shards: list[list[Any]] = [[]]
-  size = 0
-  for e in entries:
-    nbytes = math.prod(e[1]) * store.itemsize
-    if shards[-1] and size + nbytes > max_shard_bytes:
-      shards.append([])
-      size = 0
-    shards[-1].append(e)
-    size += nbytes
+  entries, shards = _plan_shards(expected, config, store, max_shard_bytes)
 
   writer = jax.process_index() == 0
   if writer:
@@ -409,17 +378,73 @@ def save_pretrained(
         fetch(handle)
   bar.close()
   if writer:
-    if len(shards) > 1:
-      index = {
-          "metadata": {"total_size": sum(math.prod(e[1]) * store.itemsize for e in entries)},
-          "weight_map": {e[0]: n for n, shard in zip(names, shards) for e in shard},
-      }
-      rundir.write_json(os.path.join(out_dir, INDEX_FILE), index, indent=2)
-    hf = config.to_hf()
-    hf["torch_dtype"] = store.name
-    hf["dtype"] = store.name
-    rundir.write_json(os.path.join(out_dir, "config.json"), hf, indent=2)
+    _write_index_and_config(out_dir, config, store, entries, shards, names)
   return out_dir
+
+
+def _checked_shapes(flat: Mapping[Path, Any], config: ModelConfig) -> dict[Path, tuple[int, ...]]:
+  """{path: shape} of `config`'s param tree, in model order, once `flat` (the params, flattened) matches it:
+  no unknown or missing entry and every shape as expected (ValueError naming the first ones otherwise)."""
+  expected = convert.flatten_tree(convert.expected_param_shapes(config))
+  unknown = sorted("/".join(k) for k in flat if k not in expected)
+  if unknown:
+    raise ValueError(f"save_pretrained: params has entries not in a {config.model_type} param tree: {unknown[:12]}")
+  missing = sorted("/".join(k) for k in expected if k not in flat)
+  if missing:
+    raise ValueError(f"save_pretrained: params is missing {missing[:12]}")
+  for k, v in flat.items():
+    if tuple(np.shape(v)) != expected[k]:
+      raise ValueError(
+          f"save_pretrained: param {'/'.join(k)} has shape {tuple(np.shape(v))}, expected {expected[k]} from config"
+      )
+  return expected
+
+
+def _plan_shards(
+    expected: Mapping[Path, tuple[int, ...]], config: ModelConfig, store: np.dtype, max_shard_bytes: float
+) -> tuple[list[Any], list[list[Any]]]:
+  """(entries, shards): one (HF name, HF shape, dtype, (stacked path, layer)) entry per HF tensor in model order
+  (embed, layers: one param over all layers at a time, norm, lm_head), cut into shards of at most
+  `max_shard_bytes` (a tensor larger than that gets a shard of its own)."""
+  entries = []
+  layer_shapes = convert.expected_layer_shapes(config)
+  for stacked in expected:
+    for layer in [None] if stacked[0] != convert.LAYERS else range(config.num_layers):
+      path = convert.layer_path(stacked, layer)
+      entries.append(
+          (convert.param_path_to_hf_name(path), _expected_hf_shape(path, layer_shapes[path]), store, (stacked, layer))
+      )
+  shards: list[list[Any]] = [[]]
+  size = 0
+  for e in entries:
+    nbytes = math.prod(e[1]) * store.itemsize
+    if shards[-1] and size + nbytes > max_shard_bytes:
+      shards.append([])
+      size = 0
+    shards[-1].append(e)
+    size += nbytes
+  return entries, shards
+
+
+def _write_index_and_config(
+    out_dir: str,
+    config: ModelConfig,
+    store: np.dtype,
+    entries: Sequence[Any],
+    shards: Sequence[Sequence[Any]],
+    names: Sequence[str],
+) -> None:
+  """The shard index (when there are several shards) and config.json (with the stored dtype), atomically."""
+  if len(shards) > 1:
+    index = {
+        "metadata": {"total_size": sum(math.prod(e[1]) * store.itemsize for e in entries)},
+        "weight_map": {e[0]: n for n, shard in zip(names, shards) for e in shard},
+    }
+    rundir.write_json(os.path.join(out_dir, INDEX_FILE), index, indent=2)
+  hf = config.to_hf()
+  hf["torch_dtype"] = store.name
+  hf["dtype"] = store.name
+  rundir.write_json(os.path.join(out_dir, "config.json"), hf, indent=2)
 
 
 def iter_checkpoint_tensors(ckpt_dir: str) -> Iterator[tuple[str, np.ndarray]]:

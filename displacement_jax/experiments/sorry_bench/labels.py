@@ -14,7 +14,7 @@ from typing import Any, Callable, Mapping, Protocol, Sequence
 
 import numpy as np
 
-from displacement_jax import filtering
+from displacement_jax.score import filtering
 from displacement_jax.data import schema
 from displacement_jax.errors import DataError
 from displacement_jax.experiments.sorry_bench.constants import COMPLIED, REFUSED

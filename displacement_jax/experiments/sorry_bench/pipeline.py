@@ -22,7 +22,11 @@ from typing import Any, Sequence
 import ml_collections
 import numpy as np
 
-from displacement_jax import rundir, runtime, scoring, training
+from displacement_jax import rundir, runtime
+
+from displacement_jax.score import core as scoring
+
+from displacement_jax.train import loop as training
 from displacement_jax.data import schema
 from displacement_jax.experiments import common
 from displacement_jax.experiments.sorry_bench import generation, judge as judge_lib, labels, refusal

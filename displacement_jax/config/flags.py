@@ -12,10 +12,12 @@ from typing import Any, Callable, Sequence
 from absl import flags
 from ml_collections import config_flags
 
-from displacement_jax import config_checks, trl_names
+from displacement_jax.config import checks as config_checks
+
+from displacement_jax.config import trl_names
 from displacement_jax.errors import Interrupted, UsageError
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 _FIELD_RE = re.compile(r"^\s+(?:config|f)\.([\w.]+) = (.+?)\s+# (.*)$")
 
 

@@ -20,7 +20,7 @@ from typing import Any, Sequence
 
 import ml_collections
 
-from displacement_jax import cli
+from displacement_jax.config import flags as cli
 
 TRAIN_MODULE = "displacement_jax.train"
 

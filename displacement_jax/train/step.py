@@ -15,8 +15,8 @@ import optax
 
 from displacement_jax import forward
 from displacement_jax import losses
-from displacement_jax import monitor
-from displacement_jax import optim as optim_lib
+from displacement_jax import displacement as monitor
+from displacement_jax.train import optim as optim_lib
 
 
 @flax.struct.dataclass

@@ -11,7 +11,7 @@ y+ = "The capital of C is X." (what the model already answers), y- = the same se
    first-order change <grad ln pi(y+), D> and the model's change at theta0 + D. CHES and LN-CHES (the paper's
    Definition 2-3 proxies) are computed on the same pairs.
 2. SHOW: DPO (RMSprop, torch defaults, `demo.lr`, batch `batch_size`, `num_epochs`), the train step and batches
-   of `train.run` (`experiments.short_runs`). Per pair: the change of ln pi(y+), ln pi(y-) and the margin;
+   of `train.loop.run` (`experiments.short_runs`). Per pair: the change of ln pi(y+), ln pi(y-) and the margin;
    where the mass went (per-token probabilities of y+ before and after for one pair, and the tokens that gained).
 3. How each prediction ranked the measured changes (Spearman, sign agreement).
 4. PREVENT: the same run with each of `demo.remedies` (an SFT term, DPOP): ln pi(y+) held or not.

@@ -8,19 +8,16 @@ output_dir/displacement.png at every evaluation and at the end.
 
 from __future__ import annotations
 
-import os
 from typing import Any, Sequence
+
+from displacement_jax import plots
 
 PLOT_FILE = "displacement.png"
 
 
 def plot_displacement(rows: Sequence[dict[str, Any]], path: str) -> None:
   """Write the displacement plot of metrics rows `rows` to `path` (PNG, written to a temp file then renamed)."""
-  import matplotlib  # pylint: disable=g-import-not-at-top  (optional heavy dependency)
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-
+  plt = plots.pyplot()
   evals = [r for r in rows if "monitor/preferred_logprob_change" in r]
   steps = [r["step"] for r in evals]
   fig, (a, b, c) = plt.subplots(1, 3, figsize=(13, 3.6))
@@ -37,9 +34,4 @@ def plot_displacement(rows: Sequence[dict[str, Any]], path: str) -> None:
   c.set(xlabel="step", title="loss")
   c.legend()
   fig.tight_layout()
-  tmp = f"{path}.tmp.png"
-  try:
-    fig.savefig(tmp, dpi=90, format="png")
-    os.replace(tmp, path)
-  finally:
-    plt.close(fig)
+  plots.save(fig, path, dpi=90)

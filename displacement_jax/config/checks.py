@@ -8,7 +8,11 @@ from typing import Any, Mapping
 
 import ml_collections
 
-from displacement_jax import filtering, losses, optim
+from displacement_jax import losses
+
+from displacement_jax.score import filtering
+
+from displacement_jax.train import optim
 from displacement_jax.data import tokenize
 
 # --resume: fields whose change alters the optimisation (refused unless config.resume_allow_changes), by prefix;

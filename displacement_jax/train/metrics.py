@@ -7,13 +7,19 @@ written as the strings "nan" / "inf" / "-inf" so every line stays valid JSON.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
+import sys
 from typing import Any, Callable, Iterable, Mapping
 
+import jax
 import numpy as np
+from tqdm.auto import tqdm
 
 from displacement_jax import rundir
+
+TENSORBOARD_DIR = "tensorboard"  # TensorBoard events, under output_dir
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -77,7 +83,7 @@ class MetricsWriter:
     if tensorboard:
       import tensorboardX  # pylint: disable=g-import-not-at-top
 
-      self._tb = tensorboardX.SummaryWriter(os.path.join(output_dir, "tensorboard"))
+      self._tb = tensorboardX.SummaryWriter(os.path.join(output_dir, TENSORBOARD_DIR))
 
   def write(self, step: int, metrics: Mapping[str, Any]) -> dict[str, Any]:
     """Write one row {'step': step, **metrics}; return the JSON-ready row."""
@@ -112,8 +118,6 @@ class MetricsWriter:
 
 def progress_bar(total: int, initial: int = 0, *, enabled: bool = True, desc: str = "train"):
   """A tqdm bar over optimizer steps (disabled: a no-op object with the same methods)."""
-  from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
-
   return tqdm(total=total, initial=initial, disable=not enabled, desc=desc, dynamic_ncols=True)
 
 
@@ -124,3 +128,10 @@ def postfix(metrics: Mapping[str, Any], keys: Iterable[str]) -> dict[str, str]:
     if key in metrics:
       out[key.split("/")[-1]] = f"{float(metrics[key]):.4g}"
   return out
+
+
+def log(msg: str) -> None:
+  """Print a line on process 0 (above any tqdm bar) and log it."""
+  logging.info(msg)
+  if jax.process_index() == 0:
+    tqdm.write(msg, file=sys.stdout)

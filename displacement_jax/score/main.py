@@ -4,7 +4,7 @@ r"""Scoring CLI: score a preference dataset by CHES and the baselines, then opti
     python -m displacement_jax.score --config=configs/score_tiny.py --config.filter.mode=lowest_fraction \
         --config.filter.fraction=0.05
 
-The measures and their exact positions are documented in displacement_jax.scoring.
+The measures and their exact positions are documented in displacement_jax.score.core.
 
 Outputs in `output_dir`: scores.jsonl (one object per row, dataset order, with its `index`), summary.json
 (count, mean, std and quantiles of each measure, truncation and suspicious-data counts), risky.jsonl (the
@@ -19,7 +19,6 @@ scores.partial.jsonl (the rows of every finished batch).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import sys
@@ -29,8 +28,16 @@ import jax
 import ml_collections
 import numpy as np
 
-from displacement_jax import cli, config_checks, filtering, rundir, runlock, runtime, scoring, sharding
-from displacement_jax import score_outputs as outputs
+from displacement_jax import rundir, runtime, sharding
+
+from displacement_jax.config import flags as cli
+
+from displacement_jax.config import checks as config_checks
+
+from displacement_jax.score import filtering
+
+from displacement_jax.score import core as scoring
+from displacement_jax.score import outputs
 from displacement_jax.data import checks as data_checks
 from displacement_jax.data import schema
 from displacement_jax.errors import UsageError
@@ -55,7 +62,7 @@ def load_examples(config: ml_collections.ConfigDict) -> list[Any]:
 def run(config: ml_collections.ConfigDict, *, resume: bool = False) -> dict[str, Any]:
   """Load model + data, score every row, write the outputs; returns {'results', 'summary', 'filter'}.
 
-  output_dir is locked for the run (runlock: a second run exits 2). A fresh run moves an earlier run's outputs
+  output_dir is locked for the run (rundir.hold: a second run exits 2). A fresh run moves an earlier run's outputs
   to previous/; `resume=True` continues an interrupted run from its last finished batch (same config and
   data, else a UsageError), and says so when that run is already complete.
   """
@@ -64,7 +71,7 @@ def run(config: ml_collections.ConfigDict, *, resume: bool = False) -> dict[str,
   mesh = sharding.mesh_from_config(config.mesh, config.get("distributed"))
   primary = jax.process_index() == 0  # every host holds all results; one writes them
   os.makedirs(config.output_dir, exist_ok=True)
-  with runlock.hold(config.output_dir, "score", enabled=primary):
+  with rundir.hold(config.output_dir, "score", enabled=primary):
     examples = load_examples(config)  # bad rows fail here, before the model is built
     checks = data_checks.check_examples(examples)
     for warning in checks.warnings(str(config.data.path)):
@@ -77,11 +84,11 @@ def run(config: ml_collections.ConfigDict, *, resume: bool = False) -> dict[str,
       results, summary, record = score_and_write(config, mesh, examples, checks, done, filter_cfg, primary)
     except Exception as e:
       if primary:
-        outputs.write_run(config.output_dir, "failed", identity, error=str(e)[:1000])
+        rundir.write_run(config.output_dir, "failed", identity, error=str(e)[:1000])
       raise
     if not primary:
       return {"results": results, "summary": summary, "filter": None}
-    outputs.write_run(config.output_dir, "complete", identity)
+    rundir.write_run(config.output_dir, "complete", identity)
     os.remove(os.path.join(config.output_dir, outputs.PROGRESS_FILE))
   ln = summary["ln_ches"]
   print(
@@ -156,12 +163,9 @@ def run_identity(config: ml_collections.ConfigDict, examples: Sequence[Any]) -> 
   """What run.json records of a score run, and --resume compares: the config fields that decide the scores and
   the data (path, rows, sha256 of every row as loaded)."""
   fields = config_checks.flatten(json.loads(config.to_json_best_effort()))
-  digest = hashlib.sha256()
-  for ex in examples:
-    digest.update(json.dumps([ex.index, ex.prompt, ex.chosen, ex.rejected], sort_keys=True).encode() + b"\n")
   return {
       "config": {k: v for k, v in fields.items() if k.startswith(SCORE_FIELDS)},
-      "data": {"path": str(config.data.path), "num_rows": len(examples), "sha256": digest.hexdigest()},
+      "data": {"path": str(config.data.path), "num_rows": len(examples), "sha256": rundir.hash_examples(examples)},
   }
 
 
@@ -176,21 +180,20 @@ def start_or_resume(
       moved = outputs.move_aside(out)
       if moved:
         print(f"moved the outputs of an earlier run ({', '.join(moved)}) to {out}/{outputs.PREVIOUS_DIR}/", flush=True)
-      outputs.write_run(out, "running", identity)
+      rundir.write_run(out, "running", identity)
     return {}
   try:
-    record = outputs.read_run(out)
+    record = rundir.read_run(out)
   except rundir.CorruptFileError as e:
     raise UsageError(f"--resume: {e}; cannot tell which run it was: score afresh (without --resume)") from e
   if record is None:
-    raise UsageError(f"--resume: no score run to resume in {out} (no {outputs.RUN_FILE})")
+    raise UsageError(f"--resume: no score run to resume in {out} (no {rundir.RUN_FILE})")
   if record.get("status") == "complete":
-    print(f"the score run in {out} is already complete ({outputs.RUN_FILE}); nothing to do", flush=True)
+    print(f"the score run in {out} is already complete ({rundir.RUN_FILE}); nothing to do", flush=True)
     return None
   old = {**record.get("config", {}), **{f"data:{k}": v for k, v in record.get("data", {}).items()}}
   new = {**identity["config"], **{f"data:{k}": v for k, v in identity["data"].items()}}
-  keys = sorted(set(old) | set(new))
-  changed = [f"{k} {old.get(k, '<unset>')!r} -> {new.get(k, '<unset>')!r}" for k in keys if old.get(k) != new.get(k)]
+  changed = rundir.identity_changes(old, new)
   if changed and not config.get("resume_allow_changes"):
     raise UsageError(
         f"--resume: the config or data differ from the interrupted run in {out}: {'; '.join(changed)}. Score "
@@ -199,7 +202,7 @@ def start_or_resume(
   done = outputs.Progress.read(out, num_rows)
   print(f"resuming the score run in {out}: {len(done)} of {num_rows} rows already scored", flush=True)
   if primary:
-    outputs.write_run(out, "running", identity)
+    rundir.write_run(out, "running", identity)
   return done
 
 

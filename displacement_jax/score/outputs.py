@@ -1,30 +1,30 @@
 """Outputs of a scoring run: summary statistics, scores.jsonl, the LN-CHES histogram, the filtered subset, and
 what makes them safe to trust: every file is written to a temp file and renamed into place (`rundir.atomic`), the
 outputs of an earlier run are moved aside to previous/ when a run starts (`move_aside`), run.json says
-"complete" only once everything is written (`write_run`), and scores.partial.jsonl (`Progress`) holds the
+"complete" only once everything is written (`rundir.write_run`), and scores.partial.jsonl (`Progress`) holds the
 rows of every finished batch so that `--resume` continues an interrupted run.
 """
 
 from __future__ import annotations
 
-import datetime
 import json
 import math
 import os
 import shutil
-import socket
 from typing import Any, Callable, Sequence
 
 import ml_collections
 import numpy as np
 
-from displacement_jax import filtering, rundir
+from displacement_jax import plots, rundir
+
+from displacement_jax.score import filtering
 from displacement_jax.data import schema
-from displacement_jax.scoring import MEASURES
+from displacement_jax.score.core import MEASURES
 
 SCORES_FILE, SUMMARY_FILE, HIST_FILE, RISKY_FILE = "scores.jsonl", "summary.json", "ln_ches_hist.png", "risky.jsonl"
 FILTERED_FILE, FILTERED_INDICES_FILE = "filtered.jsonl", "filtered_indices.json"
-RUN_FILE, PROGRESS_FILE, PREVIOUS_DIR = "run.json", "scores.partial.jsonl", "previous"
+PROGRESS_FILE, PREVIOUS_DIR = "scores.partial.jsonl", "previous"
 OUTPUT_FILES = (
     SCORES_FILE,
     SUMMARY_FILE,
@@ -32,7 +32,7 @@ OUTPUT_FILES = (
     RISKY_FILE,
     FILTERED_FILE,
     FILTERED_INDICES_FILE,
-    RUN_FILE,
+    rundir.RUN_FILE,
     PROGRESS_FILE,
 )
 QUANTILES = (0.0, 0.05, 0.25, 0.5, 0.75, 0.95, 1.0)
@@ -80,33 +80,6 @@ def move_aside(output_dir: str) -> list[str]:
     for name in found:
       os.replace(os.path.join(output_dir, name), os.path.join(previous, name))
   return found
-
-
-def read_run(output_dir: str) -> dict[str, Any] | None:
-  """run.json of `output_dir`, or None; rundir.CorruptFileError naming it when it does not parse."""
-  path = os.path.join(output_dir, RUN_FILE)
-  if not os.path.exists(path):
-    return None
-  record = rundir.read_json(path)
-  if not isinstance(record, dict):
-    raise rundir.CorruptFileError(path, f"not a run record (a JSON object), got {type(record).__name__}")
-  return record
-
-
-def write_run(output_dir: str, status: str, identity: dict[str, Any], **fields: Any) -> dict[str, Any]:
-  """run.json: `status` ('running' from the start, 'complete' only once every output is written), what was
-  scored (`identity`: config and data, compared by --resume), the process and times."""
-  record = read_run(output_dir) if status != "running" else None
-  record = dict(record or {"started": _now(), "pid": os.getpid(), "host": socket.gethostname()})
-  record.update(status=status, **identity, **fields)
-  if status == "complete":
-    record["finished"] = _now()
-  rundir.write_json(os.path.join(output_dir, RUN_FILE), record)
-  return record
-
-
-def _now() -> str:
-  return datetime.datetime.now().isoformat(timespec="seconds")
 
 
 class Progress:
@@ -169,10 +142,7 @@ def plot_histogram(
 ) -> None:
   """Histogram PNG of one measure (matplotlib Agg); `cutoff`: the filter's boundary (a dashed line), `flagged`: the
   values of the riskiest rows (red ticks under the bars)."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  plt = plots.pyplot()
 
   values = np.asarray(values, np.float64)
   values = values[np.isfinite(values)]
@@ -189,11 +159,7 @@ def plot_histogram(
   ax.set_ylabel("pairs")
   ax.set_title(f"{title} over {values.size} pairs (higher = more displacement)")
   fig.tight_layout()
-  try:
-    with rundir.atomic(path) as tmp:
-      fig.savefig(tmp, dpi=100, format="png")
-  finally:
-    plt.close(fig)
+  plots.save(fig, path, dpi=100)
 
 
 def excerpt(value: Any, width: int = 48) -> str:

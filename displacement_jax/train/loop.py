@@ -5,50 +5,42 @@ counted and reported) -> jitted, mesh-sharded functions -> reference log-probs w
 on disk) -> train steps (gradient accumulation inside the step) with metrics.jsonl / TensorBoard / tqdm, the
 displacement monitor every `eval.every` steps and orbax checkpoints every `checkpoint.every` steps -> optional
 HF export. Experiments and the demo call `run`; it never calls them (the CLI is displacement_jax.train).
+
+This module holds the orchestration (`run`, `train`) and the step loop (`TrainLoop`); the jitted functions are
+built in train/fns.py, the start / resume checks live in train/resume.py and the HF export in train/export.py.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import logging
 import os
-import shutil
-import sys
-from typing import Any, Callable
+from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
-from jax.sharding import NamedSharding, PartitionSpec as P
-from tqdm.auto import tqdm
 
-from displacement_jax import checkpoint as checkpoint_lib
-from displacement_jax import config_checks, evaluation, forward, train_plot
-from displacement_jax import metrics as metrics_lib
-from displacement_jax import monitor as monitor_lib
-from displacement_jax import optim as optim_lib
-from displacement_jax import reference as reference_lib
+from displacement_jax import displacement as monitor_lib
 from displacement_jax import interrupts as interrupts_lib
-from displacement_jax import rundir, runlock, runtime, sharding, step as step_lib
+from displacement_jax import rundir, runtime, sharding
+from displacement_jax.config import checks as config_checks
 from displacement_jax.data import batching
-from displacement_jax.errors import Interrupted, UsageError
-from displacement_jax.models import io as io_lib
-from displacement_jax.models import loading as loading_lib
-
-HF_DIR = "hf"  # the HF export, under output_dir
-EXPORT_MANIFEST = "export.json"  # written last into the export: its files' checksums and the params' sha256
-TENSORBOARD_DIR = "tensorboard"
+from displacement_jax.errors import Interrupted
+from displacement_jax.train import checkpoint as checkpoint_lib
+from displacement_jax.train import export as export_lib
+from displacement_jax.train import fns as fns_lib
+from displacement_jax.train import metrics as metrics_lib
+from displacement_jax.train import monitor as evaluation
+from displacement_jax.train import optim as optim_lib
+from displacement_jax.train import plot as train_plot
+from displacement_jax.train import reference as reference_lib
+from displacement_jax.train import resume as resume_lib
+from displacement_jax.train import step as step_lib
+from displacement_jax.train.metrics import log
 
 
 class NonFiniteLossError(FloatingPointError):
   """The training loss became NaN/inf; a checkpoint of the last state was written before raising."""
-
-
-class ExportError(OSError):
-  """The HF export failed; the checkpoints are kept and `--resume` exports again."""
 
 
 @dataclasses.dataclass
@@ -70,20 +62,13 @@ class RunResult:
     return [row["loss"] for row in self.metrics if "loss" in row]
 
 
-def log(msg: str) -> None:
-  """Print a line on process 0 (above any tqdm bar) and log it."""
-  logging.info(msg)
-  if jax.process_index() == 0:
-    tqdm.write(msg, file=sys.stdout)
-
-
 # ---------------------------------------------------------------------------------------------- the run
 
 
 def run(config: ml_collections.ConfigDict, *, resume: bool = False) -> RunResult:
   """Train with `config` (see configs/base.py); `resume=True` continues from the newest usable checkpoint.
 
-  Before any model is loaded: the config is checked, output_dir is locked (runlock: a second run exits 2), a
+  Before any model is loaded: the config is checked, output_dir is locked (rundir.hold: a second run exits 2), a
   fresh run refuses an earlier run's checkpoints unless config.overwrite, and --resume compares the config
   with the checkpoint's (`check_resume_config`). SIGTERM / SIGINT raise `errors.Interrupted`; during the steps
   the current step is finished and checkpointed first (interrupts.Interrupts).
@@ -93,9 +78,9 @@ def run(config: ml_collections.ConfigDict, *, resume: bool = False) -> RunResult
   check_batch_fits_mesh(config, mesh)
   os.makedirs(config.output_dir, exist_ok=True)
   with interrupts_lib.Interrupts() as interrupts:
-    with runlock.hold(config.output_dir, "train", enabled=jax.process_index() == 0, log=log):
-      with open_checkpointer(config, resume) as ckpt:
-        resumed_from = check_resume_config(ckpt, config) if resume else None
+    with rundir.hold(config.output_dir, "train", enabled=jax.process_index() == 0, log=log):
+      with resume_lib.open_checkpointer(config, resume) as ckpt:
+        resumed_from = resume_lib.check_resume_config(ckpt, config) if resume else None
         try:
           return train(config, mesh, ckpt, resumed_from, interrupts)
         except OSError as e:
@@ -119,9 +104,9 @@ def train(
   log(f"data: {len(dataset.pairs)} pairs from {config.data.path}; truncation: {dataset.truncation}")
   for warning in dataset.checks.warnings(str(config.data.path)):
     log(warning)
-  identity = data_identity(dataset, config)
+  identity = resume_lib.data_identity(dataset, config)
   if resume:
-    check_resume_data(resumed_from, identity, config)
+    resume_lib.check_resume_data(resumed_from, identity, config)
   iterator = make_iterator(dataset, config, mesh)
   total_steps = num_train_steps(config, iterator.steps_per_epoch)
   shapes = iterator.packed_shapes(iterator.epoch)
@@ -130,22 +115,22 @@ def train(
         f"train step shapes (rows, slots, response slots), one compile each: {len(shapes)} in epoch "
         f"{iterator.epoch}: {shapes}"
     )
-  fns = make_fns(loaded, config, mesh, total_steps)
+  fns = fns_lib.make_fns(loaded, config, mesh, total_steps)
   loaded.params = jax.device_put(loaded.params, fns.param_sh)
   monitor_rows = np.arange(min(len(dataset.pairs), int(config.eval.get("max_samples", 256))))
   ref, from_cache = reference_lib.compute_or_load(loaded, dataset, monitor_rows, config, fns, mesh, log=log)
   state = fns.init_state(loaded.params)
-  log(checkpoint_size_line(state, config, total_steps))
+  log(resume_lib.checkpoint_size_line(state, config, total_steps))
   del loaded.params  # no reference params stay on device: the state holds the (only) copy
-  state, start_step, meta = restore_if_resuming(ckpt, state, iterator, resumed_from, config)
+  state, start_step, meta = resume_lib.restore_if_resuming(ckpt, state, iterator, resumed_from, config)
   if resume and start_step >= total_steps:
     log(f"the run in {config.output_dir} is already complete (step {start_step} of {total_steps}); nothing to do")
-    params, hf_dir = host_params(state.params), os.path.join(config.output_dir, HF_DIR)
+    params, hf_dir = export_lib.host_params(state.params), os.path.join(config.output_dir, export_lib.HF_DIR)
     if config.get("export_hf"):
-      stale = export_problem(hf_dir, params)
+      stale = export_lib.export_problem(hf_dir, params)
       if stale:  # killed before or during it, or the export of another run
         log(f"{hf_dir}: {stale}; exporting this run's params")
-        export_hf(params, loaded, hf_dir, progress=bool(config.progress))
+        export_lib.export_hf(params, loaded, hf_dir, progress=bool(config.progress))
     return RunResult(params, start_step, config.output_dir, [], {}, from_cache, dataset.truncation)
   writer = metrics_lib.MetricsWriter(
       config.output_dir, enabled=jax.process_index() == 0, truncate_after_step=start_step if resume else None, log=log
@@ -164,7 +149,7 @@ def train(
       },
   )
   monitor = evaluation.Monitor(fns, loaded, dataset, monitor_rows, ref, config, mesh)
-  run_info = {"config": config_json(config), "data": identity, "total_steps": total_steps}
+  run_info = {"config": resume_lib.config_json(config), "data": identity, "total_steps": total_steps}
   loop = TrainLoop(config, fns, iterator, dataset, ref, mesh, ckpt, writer, monitor, total_steps, meta, run_info)
   try:
     with interrupts.deferred():
@@ -172,10 +157,12 @@ def train(
     ckpt.wait()  # the last checkpoint is written and verified (a failed save raises here)
   finally:
     writer.close()
-  params = host_params(state.params)
+  params = export_lib.host_params(state.params)
   hf_dir = None
   if config.get("export_hf") and not stopped_early:  # every process takes part (gathers); process 0 writes
-    hf_dir = export_hf(params, loaded, os.path.join(config.output_dir, HF_DIR), progress=bool(config.progress))
+    hf_dir = export_lib.export_hf(
+        params, loaded, os.path.join(config.output_dir, export_lib.HF_DIR), progress=bool(config.progress)
+    )
   return RunResult(
       params=params,
       step=step,
@@ -409,255 +396,6 @@ def num_train_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> 
   return int(config.num_epochs) * int(steps_per_epoch)
 
 
-@dataclasses.dataclass
-class Fns:
-  """The jitted, mesh-sharded functions of one run and their shardings."""
-
-  logps: Callable
-  next_token: Callable | None
-  unembed: Callable
-  monitor: Callable
-  init_state: Callable
-  train_step: Callable
-  param_sh: Any
-  batch_sh: Any
-
-
-def make_fns(loaded: runtime.Loaded, config: ml_collections.ConfigDict, mesh: Any, total_steps: int) -> Fns:
-  """jit every function of the run with its shardings (params by `sharding.param_shardings`, batches over
-  ('data', 'fsdp'), outputs replicated); the train step donates its state."""
-  model, chunk = loaded.model, int(config.logprob_chunk_size)
-  param_sh = sharding.param_shardings(loaded.params, mesh)
-  replicated = NamedSharding(mesh, P())
-  batch_sh = sharding.batch_sharding(mesh)
-  jit = lambda f: jax.jit(f, in_shardings=(param_sh, batch_sh), out_shardings=replicated)
-  optimizer = optim_lib.make_optimizer(config.optim, total_steps)
-  loss_fn = step_lib.make_loss_fn(model, config.loss, chunk)
-  opt_sh = optax_state_shardings(optimizer, loaded.params, param_sh, replicated)
-  state_sh = step_lib.TrainState(params=param_sh, opt_state=opt_sh, step=replicated, rng=replicated)
-  init_state = jax.jit(
-      lambda p: step_lib.TrainState(
-          params=p,
-          opt_state=optimizer.init(p),
-          step=jnp.zeros((), jnp.int32),
-          rng=jax.random.key_data(jax.random.key(int(config.seed))),
-      ),
-      in_shardings=(param_sh,),
-      out_shardings=state_sh,
-      donate_argnums=0,
-  )
-  train_step = jax.jit(
-      step_lib.make_train_step(loss_fn, optimizer, int(config.optim.grad_accum), config.optim.get("guard", "state")),
-      in_shardings=(state_sh, batch_sh),
-      out_shardings=(state_sh, replicated),
-      donate_argnums=0,
-  )
-  return Fns(
-      logps=jit(lambda p, b: forward.pair_logps(model, p, b, chunk)),
-      next_token=jit(lambda p, b: forward.next_token_outputs(model, p, b)) if config.data.single_token else None,
-      unembed=jax.jit(lambda p: forward.unembed(model, p), in_shardings=(param_sh,), out_shardings=replicated),
-      monitor=jit(evaluation.make_monitor_fn(model, config.loss, chunk)),
-      init_state=init_state,
-      train_step=train_step,
-      param_sh=param_sh,
-      batch_sh=batch_sh,
-  )
-
-
-def open_checkpointer(config: ml_collections.ConfigDict, resume: bool) -> checkpoint_lib.Checkpointer:
-  """The run's Checkpointer. A fresh run (no --resume) into a directory holding an earlier run's checkpoints is
-  refused (UsageError) unless config.overwrite, which removes them first, with that run's HF export and
-  TensorBoard events (said in one line): never silently."""
-  ckpt_dir = os.path.join(config.output_dir, checkpoint_lib.CHECKPOINT_DIR)
-  earlier = sorted(int(d) for d in os.listdir(ckpt_dir) if d.isdigit()) if os.path.isdir(ckpt_dir) else []
-  if not resume and earlier:
-    if not config.get("overwrite"):
-      raise UsageError(
-          f"output_dir {config.output_dir} holds the checkpoints of an earlier run (steps "
-          f'{", ".join(map(str, earlier))}): pass --resume to continue it, or --config.overwrite=True to replace it'
-      )
-    if jax.process_index() == 0:
-      stale = [
-          d
-          for d in (HF_DIR, HF_DIR + ".partial", TENSORBOARD_DIR)
-          if os.path.exists(os.path.join(config.output_dir, d))
-      ]
-      also = f" and its {', '.join(d + '/' for d in stale)}" if stale else ""
-      log(f"fresh run with config.overwrite=True: removing the earlier run's checkpoints in {ckpt_dir}{also}")
-      shutil.rmtree(ckpt_dir)
-      for d in stale:
-        shutil.rmtree(os.path.join(config.output_dir, d))
-    if jax.process_count() > 1:
-      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top  (multi-host only)
-
-      multihost_utils.sync_global_devices("train: old checkpoints removed")
-  return checkpoint_lib.Checkpointer(
-      ckpt_dir, keep=int(config.checkpoint.keep), async_save=bool(config.checkpoint.get("async_save", True))
-  )
-
-
-def checkpoint_size_line(state: Any, config: ml_collections.ConfigDict, total_steps: int) -> str:
-  """One line at start: how big one checkpoint is (params + optimizer state), how many are written and kept."""
-  size = sum(int(getattr(x, "nbytes", 0)) for x in jax.tree.leaves(state))
-  every, keep = int(config.checkpoint.every), int(config.checkpoint.keep)
-  at_end = bool(config.checkpoint.get("at_end", True))
-  saves = (total_steps // every if every > 0 else 0) + int(at_end and (every <= 0 or total_steps % every != 0))
-  if saves == 0:
-    return f"checkpoints: none (checkpoint.every={every}, checkpoint.at_end=False); --resume will have nothing"
-  return (
-      f"checkpoints: {size / 2**20:,.0f} MiB each (params + optimizer state), {saves} to write, the newest "
-      f"{keep} kept (checkpoint.keep) in {os.path.join(config.output_dir, checkpoint_lib.CHECKPOINT_DIR)}; "
-      "--config.checkpoint.at_end=False for a run that needs no --resume"
-  )
-
-
-def config_json(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  """The config as plain JSON (what a checkpoint records of the run)."""
-  return json.loads(config.to_json_best_effort())
-
-
-def data_identity(dataset: runtime.Dataset, config: ml_collections.ConfigDict) -> dict[str, Any]:
-  """What a checkpoint records of the training data: its path, size and a sha256 of every tokenized pair."""
-  return {
-      "path": str(config.data.path),
-      "num_pairs": len(dataset.pairs),
-      "sha256": reference_lib.hash_pairs(dataset.pairs),
-  }
-
-
-def check_resume_config(ckpt: checkpoint_lib.Checkpointer, config: ml_collections.ConfigDict) -> tuple[int, dict]:
-  """(step, meta) of the newest verified checkpoint, checked before any model is loaded: the differences between
-  `config` and the config it was trained with are printed, and those that alter the optimisation are refused
-  (UsageError) unless config.resume_allow_changes. No verified checkpoint: NoUsableCheckpointError."""
-  step, meta = ckpt.newest_meta()
-  compare_config(step, meta, config)
-  return step, meta
-
-
-def compare_config(step: int, meta: dict[str, Any], config: ml_collections.ConfigDict) -> None:
-  """`check_resume_config` for the meta of checkpoint `step`."""
-  stored = meta.get("run", {}).get("config")
-  if stored is None:
-    log(f"--resume: checkpoint {step} records no config (written by an older version); not compared")
-    return
-  refused, allowed = config_checks.resume_changes(stored, config)
-  for line in allowed:
-    log(f"--resume: config differs from checkpoint {step}'s: {line}")
-  if refused and not config.get("resume_allow_changes"):
-    raise UsageError(
-        f"--resume: the config differs from the one checkpoint {step} was trained with in fields that change the "
-        f'optimisation: {"; ".join(refused)}. Use another output_dir, or pass --config.resume_allow_changes=True '
-        "to continue anyway"
-    )
-  for line in refused:
-    log(f"--resume: config differs from checkpoint {step}'s (allowed by config.resume_allow_changes): {line}")
-
-
-def check_resume_data(
-    resumed_from: tuple[int, dict[str, Any]], identity: dict[str, Any], config: ml_collections.ConfigDict
-) -> None:
-  """Refuse (UsageError) training data other than the checkpoint's, unless config.resume_allow_changes."""
-  step, meta = resumed_from
-  stored = meta.get("run", {}).get("data")
-  if stored is None or stored == identity:
-    return
-  diff = ", ".join(f"{k} {stored.get(k)!r} -> {identity.get(k)!r}" for k in identity if stored.get(k) != identity[k])
-  if not config.get("resume_allow_changes"):
-    raise UsageError(
-        f"--resume: the training data differs from checkpoint {step}'s ({diff}). Use another output_dir, or pass "
-        "--config.resume_allow_changes=True to continue anyway"
-    )
-  log(f"--resume: the training data differs from checkpoint {step}'s (allowed by config.resume_allow_changes): {diff}")
-
-
-def restore_if_resuming(
-    ckpt: checkpoint_lib.Checkpointer,
-    state: step_lib.TrainState,
-    iterator: Any,
-    resumed_from: tuple[int, dict[str, Any]] | None,
-    config: ml_collections.ConfigDict,
-) -> tuple[step_lib.TrainState, int, dict[str, Any]]:
-  """(state, start step, checkpoint meta): from the newest usable checkpoint when resuming (a corrupt one is
-  reported and the next older one used), else (state, 0, {})."""
-  if resumed_from is None:
-    return state, 0, {}
-  state, meta, start_step = ckpt.restore_latest(state, log=log)
-  if start_step != resumed_from[0]:  # fell back past the checkpoint whose config was compared
-    compare_config(start_step, meta, config)
-  iterator.restore(meta["data"])
-  log(f"resumed from step {start_step} ({ckpt.directory})")
-  return state, start_step, meta
-
-
 def positions(batch: dict[str, np.ndarray], dataset: runtime.Dataset) -> np.ndarray:
   """Positions in dataset.pairs of the rows of a collated batch (from its index_B)."""
   return np.asarray([dataset.position_of[int(i)] for i in batch["index_B"]], np.int64)
-
-
-def optax_state_shardings(optimizer: Any, params: Any, param_sh: Any, replicated: NamedSharding) -> Any:
-  """Shardings of the optimizer state: param-shaped leaves follow their param, the rest is replicated."""
-  abstract = jax.eval_shape(optimizer.init, params)
-  return optax.tree_map_params(
-      optimizer, lambda _, sh: sh, abstract, param_sh, transform_non_params=lambda _: replicated
-  )
-
-
-def host_params(params: Any) -> Any:
-  """Numpy copy of (possibly sharded, multi-host) params on every host."""
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top  (multi-host only)
-
-    return multihost_utils.process_allgather(params, tiled=True)
-  return jax.device_get(params)
-
-
-def params_digest(params: Any) -> str:
-  """sha256 of every leaf of a (host numpy) param tree: what an export's manifest records of its params."""
-  return reference_lib.hash_arrays(np.asarray(x) for x in jax.tree.leaves(params))
-
-
-def export_problem(hf_dir: str, params: Any) -> str | None:
-  """None when `hf_dir` is a complete export of `params` (its manifest, written last, verifies and names these
-  params), else what is wrong with it."""
-  if not os.path.isdir(hf_dir):
-    return "no export"
-  record = rundir.read_manifest(hf_dir, EXPORT_MANIFEST)
-  if record is None:
-    return f"no readable {EXPORT_MANIFEST}: the export never completed"
-  if record.get("params_sha256") != params_digest(params):
-    return "it holds other params than this run's (an earlier run's export)"
-  return rundir.check_digests(hf_dir, EXPORT_MANIFEST)
-
-
-def export_hf(params: Any, loaded: runtime.Loaded, out_dir: str, *, progress: bool = True) -> str:
-  """Save the trained params, the tokenizer and the source's generation config in HF format
-  (models.io.save_pretrained): what the source checkpoint had, nothing of how this machine loaded it.
-
-  Written into `out_dir`.partial, completed by its manifest (EXPORT_MANIFEST: checksums and the params' sha256,
-  written last), then renamed to `out_dir`: an `out_dir` is always a complete export. A failure raises
-  ExportError in one line (the checkpoints are kept; --resume exports again).
-  """
-  partial, writer = out_dir + ".partial", jax.process_index() == 0
-  try:
-    if writer:
-      shutil.rmtree(partial, ignore_errors=True)
-    io_lib.save_pretrained(params, loaded.model_config, partial, progress=progress)
-    if writer:
-      if hasattr(loaded.tokenizer, "save_pretrained"):
-        loaded.tokenizer.save_pretrained(partial)
-      source = loaded.identity.get("path")
-      generation = loading_lib.generation_config(source, loaded.model_config) if source else None
-      if generation is not None:
-        rundir.write_json(os.path.join(partial, "generation_config.json"), generation, indent=2)
-      rundir.write_digests(partial, EXPORT_MANIFEST, params_sha256=params_digest(params))
-      rundir.replace_dir(partial, out_dir)
-  except Interrupted:
-    raise
-  except Exception as e:  # pylint: disable=broad-except  (any failure: one line, the run's checkpoints are kept)
-    lines = [line for line in str(e).splitlines() if line.strip()]
-    reason = f"{type(e).__name__}: {lines[0] if lines else ''}".rstrip(": ")
-    raise ExportError(
-        f"the HF export to {out_dir} failed ({reason}); the checkpoints are kept: --resume exports again"
-    ) from e
-  log(f"exported HF model to {out_dir}")
-  return out_dir

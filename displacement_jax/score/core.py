@@ -32,7 +32,7 @@ import ml_collections
 import numpy as np
 
 from displacement_jax import ches as ches_lib
-from displacement_jax import forward, passes, sharding
+from displacement_jax import forward, runtime, sharding
 from displacement_jax.data import batching, tokenize
 from displacement_jax.data import packing as packing_lib
 from displacement_jax.data.layout import bucket_length, fill_rows, pad_id_of, plan_batches, round_up
@@ -255,25 +255,56 @@ def score_pairs(
   """
   if not pairs:
     raise ValueError("score_pairs: no pairs to score")
-  if mesh is not None:
-    dp = sharding.data_parallel_size(mesh)
-    param_sh = sharding.param_shardings(params, mesh)
-    params = jax.device_put(params, param_sh)
-    fn = jax.jit(
-        make_score_fn(model),
-        in_shardings=(param_sh, sharding.batch_sharding(mesh)),
-        out_shardings=sharding.replicated(mesh),
-    )
-    put = lambda b: sharding.global_batch_to_devices(b, mesh)
-  else:
-    dp, fn = 1, functools.partial(_score_batch_jit, model)
-    put = lambda b: {k: jnp.asarray(v) for k, v in b.items()}
+  fn, params, put, dp = placed_score_fn(model, params, mesh)
   rows_per_batch = round_up(batch_size, dp)  # fixed batch dim: one compile per bucket length
 
   # Sort and bucket by the row length the model runs: the packed row p + c + r, or the longer side.
   length_of = batching.packed_length if packing else batching.pair_length
   cap = 2 * int(max_length) if packing else int(max_length)
   plan = plan_batches([length_of(p) for p in pairs], rows_per_batch, cap, bucketed=bucketed)
+  build = batch_builder(
+      pairs, rows_per_batch, cap, int(max_length), pad_id, padding_side, bucketed, packing, measures_include_eos
+  )
+
+  done = {int(p): r for p, r in (done or {}).items()}
+  results: list[dict[str, Any] | None] = [done.get(i) for i in range(len(pairs))]
+  plan = [(rows, pad_to) for rows, pad_to in plan if not all(int(r) in done for r in rows)]
+  for rows, batch, out in runtime.batched_pass(fn, params, plan, build, put, desc="score", progress=progress):
+    for j, row in enumerate(rows):  # rows past len(rows) are padding and are dropped here
+      results[row] = result_row(pairs[row], int(row), batch, out, j, measures_include_eos)
+    if on_batch is not None:
+      on_batch([(int(row), results[row]) for row in rows])
+  return results  # type: ignore[return-value]
+
+
+def placed_score_fn(model: Any, params: Any, mesh: Any) -> tuple[Callable, Any, Callable, int]:
+  """(fn, params, put, data-parallel size): the scoring function jitted with the mesh's shardings and the params
+  placed on it (a plain jit without a mesh), and how a host batch goes to the device(s)."""
+  if mesh is None:
+    return functools.partial(_score_batch_jit, model), params, lambda b: {k: jnp.asarray(v) for k, v in b.items()}, 1
+  param_sh = sharding.param_shardings(params, mesh)
+  fn = jax.jit(
+      make_score_fn(model),
+      in_shardings=(param_sh, sharding.batch_sharding(mesh)),
+      out_shardings=sharding.replicated(mesh),
+  )
+  put = lambda b: sharding.global_batch_to_devices(b, mesh)
+  return fn, jax.device_put(params, param_sh), put, sharding.data_parallel_size(mesh)
+
+
+def batch_builder(
+    pairs: Sequence[Any],
+    rows_per_batch: int,
+    cap: int,
+    max_length: int,
+    pad_id: int,
+    padding_side: str,
+    bucketed: bool,
+    packing: bool,
+    measures_include_eos: bool,
+) -> Callable[[np.ndarray, int], tuple[dict[str, np.ndarray], dict[str, np.ndarray]]]:
+  """`build(rows, pad_to) -> (host batch, device batch)` of `score_pairs`: the rows filled to `rows_per_batch`,
+  collated, then packed (one shared-prompt row per pair) or trimmed to their bucket."""
 
   def build(rows: np.ndarray, pad_to: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     batch_pairs = [pairs[i] for i in fill_rows(rows, rows_per_batch)]
@@ -288,32 +319,31 @@ def score_pairs(
     else:
       batch = batching.collate(batch_pairs, pad_id=pad_id, padding_side=padding_side, pad_to=pad_to)
       if bucketed:
-        batch = trim_sides(batch, int(max_length), padding_side)
+        batch = trim_sides(batch, max_length, padding_side)
       device = {k: v for k, v in batch.items() if k.endswith("_BT")}
     for key in DROP_EOS.values():
       device[key] = batch[key] & (not measures_include_eos)
     return batch, device
 
-  done = {int(p): r for p, r in (done or {}).items()}
-  results: list[dict[str, Any] | None] = [done.get(i) for i in range(len(pairs))]
-  plan = [(rows, pad_to) for rows, pad_to in plan if not all(int(r) in done for r in rows)]
-  for rows, batch, out in passes.batched_pass(fn, params, plan, build, put, desc="score", progress=progress):
-    for j, row in enumerate(rows):  # rows past len(rows) are padding and are dropped here
-      ids_pos = measure_ids(pairs[row], "chosen", measures_include_eos)
-      ids_neg = measure_ids(pairs[row], "rejected", measures_include_eos)
-      results[row] = {
-          "index": int(getattr(pairs[row], "index", row)),
-          "ches": float(out["ches"][j]),
-          "ln_ches": float(out["ln_ches"][j]),
-          "minus_normalized_edit_distance": float(ches_lib.minus_normalized_edit_distance(ids_pos, ids_neg)),
-          "last_hidden_inner_product": float(out["last_hidden_inner_product"][j]),
-          "chosen_len": int(out["chosen_len"][j]),
-          "rejected_len": int(out["rejected_len"][j]),
-          "chosen_total_len": int(np.asarray(batch["chosen_attention_mask_BT"][j]).sum()),
-          "rejected_total_len": int(np.asarray(batch["rejected_attention_mask_BT"][j]).sum()),
-          "chosen_truncated": bool(getattr(pairs[row], "chosen_cut", False)),
-          "rejected_truncated": bool(getattr(pairs[row], "rejected_cut", False)),
-      }
-    if on_batch is not None:
-      on_batch([(int(row), results[row]) for row in rows])
-  return results  # type: ignore[return-value]
+  return build
+
+
+def result_row(
+    pair: Any, row: int, batch: Mapping[str, Any], out: Mapping[str, Any], j: int, measures_include_eos: bool
+) -> dict[str, Any]:
+  """The result of `pair` (position `row`) from row `j` of a scored batch and its outputs."""
+  ids_pos = measure_ids(pair, "chosen", measures_include_eos)
+  ids_neg = measure_ids(pair, "rejected", measures_include_eos)
+  return {
+      "index": int(getattr(pair, "index", row)),
+      "ches": float(out["ches"][j]),
+      "ln_ches": float(out["ln_ches"][j]),
+      "minus_normalized_edit_distance": float(ches_lib.minus_normalized_edit_distance(ids_pos, ids_neg)),
+      "last_hidden_inner_product": float(out["last_hidden_inner_product"][j]),
+      "chosen_len": int(out["chosen_len"][j]),
+      "rejected_len": int(out["rejected_len"][j]),
+      "chosen_total_len": int(np.asarray(batch["chosen_attention_mask_BT"][j]).sum()),
+      "rejected_total_len": int(np.asarray(batch["rejected_attention_mask_BT"][j]).sum()),
+      "chosen_truncated": bool(getattr(pair, "chosen_cut", False)),
+      "rejected_truncated": bool(getattr(pair, "rejected_cut", False)),
+  }

@@ -2,7 +2,7 @@ r"""Training CLI: `python -m displacement_jax.train --config=configs/<name>.py[:
 
 Any config field can be overridden (`--config.optim.lr=1e-7`); `--resume` continues from the latest checkpoint
 in `output_dir`. `config.main` names what runs the config: '' is preference training
-(`displacement_jax.training.run`); a registered name (`MAINS`: demo, persona_demo, persona, quantiles, sorry_bench, theory_check, generate_pairs, edit_search) or a module
+(`displacement_jax.train.loop.run`); a registered name (`MAINS`: demo, persona_demo, persona, quantiles, sorry_bench, theory_check, generate_pairs, edit_search) or a module
 under `displacement_jax.` with a `run(config)` function runs that pipeline instead (e.g. configs/demo.py sets
 main='demo'). Nothing else is imported: a dotted path outside the package is a usage error.
 """
@@ -15,10 +15,14 @@ from typing import Any, Callable, Sequence
 
 import ml_collections
 
-from displacement_jax import cli, sharding, training
+from displacement_jax import sharding
+
+from displacement_jax.config import flags as cli
+
+from displacement_jax.train import loop as training
 
 MAINS = {
-    "demo": "displacement_jax.demo",
+    "demo": "displacement_jax.experiments.demo",
     "persona_demo": "displacement_jax.experiments.persona_demo",
     "persona": "displacement_jax.experiments.persona",
     "quantiles": "displacement_jax.experiments.quantiles",
@@ -60,7 +64,7 @@ def main(argv: Sequence[str] | None = None) -> int:
       help_skip=("filter.", "measures."),  # score's fields
       help_extra="pipelines (config.main): "
       + ", ".join(f"{k} -> {v}" for k, v in sorted(MAINS.items()))
-      + "; '' = one training run (displacement_jax.training.run)\n\nTRL's DPOConfig names are accepted too "
+      + "; '' = one training run (displacement_jax.train.loop.run)\n\nTRL's DPOConfig names are accepted too "
       "(--beta=0.1 is --config.loss.beta=0.1, printed once; the table: docs/sections/trl.md)",
   )
   if flag_values is None:

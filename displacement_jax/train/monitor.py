@@ -1,6 +1,6 @@
 """The displacement monitor run during training: the fixed monitor subset through one jitted forward pass.
 
-`Monitor(...)(params, step)` returns the `monitor/*` metrics of `displacement_jax.monitor` (log-prob changes
+`Monitor(...)(params, step)` returns the `monitor/*` metrics of `displacement_jax.displacement` (log-prob changes
 against the monitor's own baseline, Definition-1 share, single-token gainers beside Theorem 2, unembedding
 metrics). One evaluation costs one forward pass over the monitor rows: `make_monitor_fn` gives the log-probs and
 the loss from the same forward, on shared-prompt packed rows of one fixed shape (compiled once per run). Its
@@ -17,9 +17,9 @@ import ml_collections
 import numpy as np
 
 from displacement_jax import forward
-from displacement_jax import monitor as monitor_lib
+from displacement_jax import displacement as monitor_lib
 from displacement_jax import runtime, sharding
-from displacement_jax import step as step_lib
+from displacement_jax.train import step as step_lib
 from displacement_jax.data.layout import fill_rows, round_up
 
 

@@ -8,67 +8,23 @@ recomputing them. Training never holds reference params on device: only these pe
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
 import os
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Mapping
 
 import jax
 import ml_collections
 import numpy as np
 
-from displacement_jax import evaluation, passes, rundir, runtime, sharding
+from displacement_jax import rundir, runtime, sharding
+
+from displacement_jax.train import monitor as evaluation
 from displacement_jax.data import batching
 from displacement_jax.data.layout import fill_rows, plan_batches, round_up
 
 CACHE_PREFIX = "reference_"
-
-
-def hash_arrays(arrays: Iterable[np.ndarray]) -> str:
-  """sha256 over the dtype, shape and bytes of each array, in order."""
-  digest = hashlib.sha256()
-  for arr in arrays:
-    arr = np.ascontiguousarray(arr)
-    digest.update(f"{arr.dtype.str}{arr.shape}".encode())
-    digest.update(arr.tobytes())
-  return digest.hexdigest()
-
-
-def hash_pairs(pairs: Iterable[Any]) -> str:
-  """sha256 over every field of every tokenized pair (dataclass / namedtuple / object attributes), in order.
-
-  Token ids cover the data rows, the tokenizer, the format and max_length: any change there changes the key.
-  """
-  digest = hashlib.sha256()
-  for pair in pairs:
-    fields = (
-        pair._asdict()
-        if hasattr(pair, "_asdict")
-        else (
-            {f.name: getattr(pair, f.name) for f in dataclasses.fields(pair)}
-            if dataclasses.is_dataclass(pair)
-            else vars(pair)
-        )
-    )
-    for name in sorted(fields):
-      value = fields[name]
-      digest.update(name.encode())
-      if isinstance(value, (np.ndarray, list, tuple)) and _is_numeric(value):
-        arr = np.ascontiguousarray(np.asarray(value))
-        digest.update(f"{arr.dtype.str}{arr.shape}".encode())
-        digest.update(arr.tobytes())
-      else:
-        digest.update(repr(value).encode())
-  return digest.hexdigest()
-
-
-def _is_numeric(value: Any) -> bool:
-  try:
-    return np.asarray(value).dtype.kind in "biuf"
-  except (ValueError, TypeError):
-    return False
 
 
 def cache_key(**parts: Any) -> str:
@@ -150,13 +106,13 @@ def compute_or_load(
   """
   key = cache_key(
       model=loaded.identity,
-      data=hash_pairs(dataset.pairs),
+      data=rundir.hash_pairs(dataset.pairs),
       data_path=config.data.path,
       n=len(dataset.pairs),
       max_length=int(config.data.max_length),
       format=config.data.format,
       single_token=bool(config.data.single_token),
-      monitor_rows=hash_arrays([monitor_rows]),
+      monitor_rows=rundir.hash_arrays([monitor_rows]),
       chunk=int(config.logprob_chunk_size),
       monitor_baseline=2,
   )
@@ -181,7 +137,7 @@ def compute_or_load(
       return batch, batch
 
     lengths = [batching.packed_length(p) for p in dataset.pairs]
-    for rows, _, out in passes.batched_pass(
+    for rows, _, out in runtime.batched_pass(
         fns.logps,
         loaded.params,
         plan_batches(lengths, bs, max(lengths)),
