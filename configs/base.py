@@ -108,6 +108,16 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.eval.warning_drop_nats = 1.0  # displacement WARNING: mean y+ change this many nats below its peak so far
   config.eval.show_fell = 5  # the monitor line and metrics name the rows of the k pairs whose y+ fell most
 
+  config.audit = ml_collections.ConfigDict()  # python -m displacement_jax.audit (docs/theory.md)
+  config.audit.top_k = 10  # print the k pairs predicted to fall most
+  config.audit.decompose = True  # who pushes whom: per-pair contributions to each pair's first order (decompose.py)
+  config.audit.subspace = "all"  # the parameters of the decomposition's inner products: all | head_and_last_layers
+  config.audit.last_layers = 2  # head_and_last_layers: the LM head, the final norm and this many last layers
+  config.audit.sketch = "count_sketch"  # unbiased projection of per-pair gradients: none | rademacher | count_sketch
+  config.audit.sketch_dim = 4096  # k, the projected dimension (error ~ 1/sqrt(k))
+  config.audit.sketch_seed = 0
+  config.audit.top_contributors = 5  # per pair, the pairs pushing its ln pi(y+) down most
+
   config.reference = ml_collections.ConfigDict()
   config.reference.cache = True  # cache reference log-probs on disk (npz) and reuse on a key match
   config.reference.cache_dir = ""  # '' = output_dir/reference_cache
