@@ -10,9 +10,10 @@ with a_j = grad ln pi(y+_j), b_j = grad ln pi(y-_j) at theta0, l_j the pair's lo
 the start's), B the batch size, gamma_s the clip factor min(1, clip / |g_s|) (1 without clipping), lr_t the
 schedule's rate, and per optimizer (q and kappa from `preconditioner` / `step_weights`):
 
-  sgd       q = 1                               kappa = mu^{t-s}                    (mu: momentum, 0 by default)
-  rmsprop   q_s = 1 / (sqrt(v_s) + eps)         kappa = mu^{t-s}, tau = s           (torch: v_s = a v_{s-1} + (1-a) g_s^2)
-  adamw     q_t = 1 / (sqrt(v_t / (1 - b2^t)) + eps), kappa = (1 - b1) b1^{t-s} / (1 - b1^t), tau = t
+  sgd       q = 1                                     lr_t kappa = lr_t mu^{t-s}     (mu: momentum, 0 by default)
+  rmsprop   q_s = 1 / (sqrt(v_s) + eps)               lr_t kappa = lr_s mu^{t-s}     (optax applies the rate before
+            (torch: v_s = a v_{s-1} + (1 - a) g_s^2)                                 its momentum trace), tau = s
+  adamw     q_t = 1 / (sqrt(v_t / (1 - b2^t)) + eps)  lr_t kappa = lr_t (1 - b1) b1^{t-s} / (1 - b1^t), tau = t
 
 So D = -sum_j W_j * g_j exactly (AdamW's weight decay -lr wd theta0 excepted: no pair owns it), with
 W_j = sum_{s: j in batch s} (gamma_s / B) M_s and M_s = sum_{t >= s} lr_t kappa(t, s) q_tau. The contribution of
@@ -131,9 +132,10 @@ def step_weights(optim_config: Any, lrs: Sequence[float], qs: list[Any]) -> list
   name, T = optim_config.name, len(lrs)
   if name in ("sgd", "rmsprop"):
     mu = float(optim_config.get("momentum", 0.0) or 0.0)
-    totals = [sum(lrs[t] * mu ** (t - s) for t in range(s, T)) for s in range(T)]
-    if name == "sgd":
-      return [np.float32(x) for x in totals]
+    if name == "sgd":  # optax.sgd: trace, then the rate of step t
+      return [np.float32(sum(lrs[t] * mu ** (t - s) for t in range(s, T))) for s in range(T)]
+    # optax.rmsprop: the rate of step s, then trace
+    totals = [lrs[s] * sum(mu ** (t - s) for t in range(s, T)) for s in range(T)]
     for s in range(T):
       for key in qs[s]:
         qs[s][key] = qs[s][key] * np.float32(totals[s])
