@@ -110,6 +110,7 @@ def get_base_config() -> ml_collections.ConfigDict:
 
   config.audit = ml_collections.ConfigDict()  # python -m displacement_jax.audit (docs/theory.md)
   config.audit.top_k = 10  # print the k pairs predicted to fall most
+  config.audit.order = 2  # 1: first order and the model at theta0 + D; 2: also the second-order term along D
   config.audit.decompose = True  # who pushes whom: per-pair contributions to each pair's first order (decompose.py)
   config.audit.subspace = "all"  # the parameters of the decomposition's inner products: all | head_and_last_layers
   config.audit.last_layers = 2  # head_and_last_layers: the LM head, the final norm and this many last layers

@@ -4,6 +4,7 @@
     python -m displacement_jax.train --config=configs/edit_search.py:grid=kinds      # paraphrase, off-policy pairs
     python -m displacement_jax.train --config=configs/edit_search.py:grid=remedies   # DPO vs DPO+SFT vs DPOP
     python -m displacement_jax.train --config=configs/edit_search.py:grid=audit      # the audit's accuracy vs lr
+    python -m displacement_jax.train --config=configs/edit_search.py:grid=proof      # the audit on 256 pairs
     python -m displacement_jax.train --config=configs/edit_search.py:tiny            # tiny random Llama (tests)
 
 `grid=main`: minimal-edit pairs x RMSprop (the paper's, torch defaults) and AdamW (what TRL users run) x lr 1e-7,
@@ -12,6 +13,9 @@
 `grid=remedies`: minimal-edit pairs, RMSprop lr 1e-6, DPO against DPO + SFT term (0.1) and DPOP (lambda 50).
 `grid=audit`: minimal-edit pairs (40, the demo's), one epoch, RMSprop and AdamW at lr 1e-8, 1e-7, 1e-6, 5e-6, each run
 predicted first by the displacement audit: each order's Spearman and sign agreement against lr.
+`grid=proof`: the audit on 256 minimal-edit pairs of three topics (80 capitals, 88 chemical symbols, 88 sums), one
+epoch, RMSprop and AdamW at lr 1e-8 .. 5e-6, to second order, next to CHES, LN-CHES, edit distance and the
+last-hidden inner product (issue 29's proof; one replay per optimizer serves every lr).
 The model is an arg (`model=/path/to/hf_dir`); the chat template formats every pair.
 """
 
@@ -28,7 +32,7 @@ VARIANTS = {"dpo": {}, "dpo+sft": {"loss": {"sft_coeff": 0.1}}, "dpop": {"loss":
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   arg = common.parse_arg(arg, model=DEFAULT_MODEL, grid="main", tiny=False)
-  common.choose("edit_search", "grid", arg.grid, ("main", "kinds", "remedies", "audit"))
+  common.choose("edit_search", "grid", arg.grid, ("main", "kinds", "remedies", "audit", "proof"))
   config = base.get_base_config()
   config.main = "edit_search"
   config.output_dir = f"runs/edit_search_{arg.grid}" + ("_tiny" if arg.tiny else "")
@@ -43,8 +47,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.loss.beta = 0.1
 
   config.search = ml_collections.ConfigDict()
-  config.search.num_pairs = 48  # the first countries of edit_pairs.CAPITALS (0 = all 80)
+  config.search.topics = ("capital",)  # edit_pairs.TOPICS: capital (80 facts), symbol (88), sum (88)
+  config.search.num_pairs = 48  # the first facts of each topic (0 = all)
   config.search.audit = False  # predict each run with the displacement audit first (Spearman, sign columns)
+  config.search.audit_order = 1  # 2: also the second-order term along D (a JVP of the JVP per pair)
   if arg.grid in ("main", "kinds"):
     config.search.kinds = ("edit",) if arg.grid == "main" else ("paraphrase", "offpolicy")
     config.search.optimizers = ("rmsprop", "adamw") if arg.grid == "main" else ("rmsprop",)
@@ -63,6 +69,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.search.audit = True
     config.search.num_pairs = 40
     config.num_epochs = 1
+    if arg.grid == "proof":
+      config.search.topics = ("capital", "symbol", "sum")
+      config.search.num_pairs = 0
+      config.search.audit_order = 2
   if arg.tiny:
     config.model.path = ""
     config.model.tiny = "llama"

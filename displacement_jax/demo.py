@@ -114,7 +114,7 @@ def predict(
 ) -> dict[str, Any]:
   """The audit's per-pair predictions for the DPO run and CHES / LN-CHES of every pair, all before training."""
   audit = session.audit(dataset, dpo, start=start)
-  scores = session.ches(dataset)
+  scores = session.measures(dataset)
   ches, ln_ches = scores["ches"], scores["ln_ches"]
   first, along = audit["first_order"][0], audit["along_direction"][0]
   _log(f"[demo] PREDICTION for DPO ({describe(config, dpo)}), per pair, before any update:")

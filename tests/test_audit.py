@@ -33,7 +33,7 @@ def session(tmp_path_factory):
 
 
 def test_first_order_equals_autodiff_inner_product(session):
-  """<grad ln pi(y+-)_i, D> by forward mode (audit.make_first_order) equals the inner product of the per-pair
+  """<grad ln pi(y+-)_i, D> by forward mode (audit.make_directional_derivatives) equals the inner product of the per-pair
   gradients (jax.jacrev of the same dense path) with D, for a random direction D."""
   s, dataset = session
   params = s.params0
@@ -41,7 +41,7 @@ def test_first_order_equals_autodiff_inner_product(session):
   keys = jax.random.split(jax.random.key(1), len(leaves))
   direction = jax.tree.unflatten(treedef, [1e-3 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)])
   batch = s._collate(dataset.pairs[:4], dataset.pad_id, 4, packed=True)
-  first = np.asarray(audit.make_first_order(s.loaded.model)(params, direction, batch))
+  first = np.asarray(audit.make_directional_derivatives(s.loaded.model, order=1)(params, direction, batch))[0]
   ref = audit.reference_model(s.loaded.model)
   jac = jax.jacrev(lambda p: audit.dense_pair_logps(ref, p, batch))(params)  # leaves [2, P, ...]
   inner = sum(
@@ -55,6 +55,39 @@ def test_first_order_equals_autodiff_inner_product(session):
       np.stack([fast["chosen_logps_B"], fast["rejected_logps_B"]]),
       rtol=1e-5,
   )
+
+
+def test_second_derivative_equals_forward_over_reverse_and_finite_differences(session):
+  """D^T H D of each pair's log-prob by forward-over-forward mode equals d^2/dt^2 f(theta0 + t D) at t = 0 by
+  forward-over-reverse mode (jax.jacfwd of jax.jacrev through the same dense path) and by a central second
+  difference in float64 (h = 0.1; truncation ~h^2, float32 rounding ~1e-4); the first derivative is unchanged by
+  asking for the second."""
+  s, dataset = session
+  params = s.params0
+  leaves, treedef = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.key(2), len(leaves))
+  direction = jax.tree.unflatten(treedef, [1e-2 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)])
+  batch = s._collate(dataset.pairs[:4], dataset.pad_id, 4, packed=True)
+  d1, d2 = np.asarray(audit.make_directional_derivatives(s.loaded.model, order=2)(params, direction, batch))
+  ref = audit.reference_model(s.loaded.model)
+  along = lambda t: audit.dense_pair_logps(ref, audit.shifted(params, direction, t), batch)  # [2, B]
+  np.testing.assert_allclose(d2, np.asarray(jax.jacfwd(jax.jacrev(along))(0.0)), rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(d1, np.asarray(jax.jacrev(along)(0.0)), rtol=1e-4, atol=1e-6)
+  f = lambda t: np.asarray(jax.jit(along)(t), np.float64)
+  h = 0.1
+  np.testing.assert_allclose(d2, (f(h) - 2 * f(0.0) + f(-h)) / h**2, rtol=3e-2, atol=2e-2)
+  assert np.abs(d2).max() > 1e-4  # the check is not vacuous
+
+
+@pytest.mark.parametrize("name", ["rmsprop", "adamw"])
+def test_replay_direction_is_linear_in_the_learning_rate(session, name):
+  """D(3 lr) = 3 D(lr): what lets one replay serve every lr of a search (edit_search.Auditor, audit.orders)."""
+  s, dataset = session
+  d_a = s.direction(dataset, {"optim.name": name, "optim.lr": 1e-4})
+  d_b = s.direction(dataset, {"optim.name": name, "optim.lr": 3e-4})
+  for a, b in zip(jax.tree.leaves(d_a), jax.tree.leaves(d_b)):
+    np.testing.assert_allclose(np.asarray(b), 3 * np.asarray(a), rtol=1e-5, atol=1e-12)
+  assert max(float(jnp.abs(a).max()) for a in jax.tree.leaves(d_a)) > 0
 
 
 @pytest.mark.parametrize("name", ["rmsprop", "adamw"])
@@ -108,7 +141,7 @@ def test_sgd_first_order_predicts_the_measured_step(session):
   of every pair's ln pi(y+) and ln pi(y-) to first order in lr."""
   s, dataset = session
   overrides = {"optim.name": "sgd", "optim.lr": 1e-3}
-  pred = s.audit(dataset, overrides)
+  pred = s.audit(dataset, overrides, order=2)
   measured = s.train(dataset, overrides)
   changes = np.stack([measured.chosen_change(), measured.rejected_change()])
   scale = np.abs(changes).max()
@@ -116,6 +149,10 @@ def test_sgd_first_order_predicts_the_measured_step(session):
   np.testing.assert_allclose(pred["first_order"], changes, atol=0.02 * scale)
   np.testing.assert_allclose(pred["along_direction"], changes, atol=0.02 * scale)
   np.testing.assert_allclose(pred["curvature"], pred["along_direction"] - pred["first_order"], atol=1e-9)
+  # Taylor: the second order is closer to the model at theta0 + D than the first order is
+  err1 = np.abs(pred["first_order"] - pred["along_direction"]).max()
+  err2 = np.abs(pred["second_order"] - pred["along_direction"]).max()
+  assert err2 < 0.5 * err1, (err1, err2)
 
 
 def test_cli_writes_one_row_per_pair_and_flags_what_theta0_plus_d_says(tmp_path, capsys):
@@ -130,6 +167,7 @@ def test_cli_writes_one_row_per_pair_and_flags_what_theta0_plus_d_says(tmp_path,
   summary = json.load(open(tmp_path / audit_main.SUMMARY_FILE))
   assert [r["row"] for r in rows] == list(range(len(rows))) == list(range(summary["num_pairs"]))
   assert all(r["flag"] == (r["chosen_along_direction"] < 0) for r in rows)
+  assert all(np.isfinite(r["chosen_second_order"]) for r in rows)  # audit.order defaults to 2
   np.testing.assert_allclose(
       [r["chosen_curvature"] for r in rows],
       [r["chosen_along_direction"] - r["chosen_first_order"] for r in rows],

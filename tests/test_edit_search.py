@@ -66,3 +66,46 @@ def test_flatten_nested_overrides():
       "dpo+sft.loss.sft_coeff": 0.1,
       "dpop.loss.objective": "dpop",
   }
+
+
+def test_the_topics_facts_are_distinct_and_right():
+  """Every topic's answers are distinct (an edit never equals y+), the sums add up, and topic_rows re-indexes."""
+  for name, topic in edit_pairs.TOPICS.items():
+    values = [v for _, v in topic.facts]
+    assert len(set(values)) == len(values), name
+  assert len(edit_pairs.ELEMENTS) == len(edit_pairs.SUMS) == 88 and edit_pairs.ELEMENTS[78] == ("gold", "Au")
+  for subject, value in edit_pairs.SUMS:
+    a, b = subject.split(" plus ")
+    assert int(a) + int(b) == int(value) and int(a) > 0 and int(b) > 0
+  rows = edit_pairs.topic_rows("edit", ("capital", "symbol", "sum"))
+  assert len(rows) == 256 and [r["index"] for r in rows] == list(range(256))
+  assert rows[:80] == edit_pairs.rows("edit")  # the capital rows are the demo's, unchanged
+  for r in rows:  # the same sentence with another fact's answer
+    topic = edit_pairs.TOPICS[r["meta"].get("topic", "capital")]
+    subject = r["meta"].get("subject", r["meta"].get("country"))
+    others = {topic.answer.format(subject=subject, value=v) for _, v in topic.facts} - {r["chosen"]}
+    assert r["rejected"] in others
+
+
+def test_proof_grid_shares_one_replay_across_learning_rates(tmp_path):
+  """grid=proof (tiny): every predictor's column, the scatter plot, and the second lr's predictions (D of the first
+  lr scaled, `edit_search.Auditor`) equal a fresh audit at that lr."""
+  config = search_config.get_config("tiny,grid=proof")
+  config.output_dir = str(tmp_path)
+  config.search.num_pairs = 4  # per topic: 12 pairs
+  config.search.optimizers = ("rmsprop",)
+  config.search.lrs = tuple(config.search.lrs[1:3])
+  config.num_epochs = 1  # the audit predicts one epoch here (tiny sets 2)
+  rows = edit_search.run(config)
+  assert len(rows) == 2
+  for name in edit_search.PREDICTORS:
+    assert np.isfinite(rows[-1][f"spearman_{name}"]), name
+  assert all(0 <= rows[-1][f"sign_{o}"] <= 1 for o in edit_search.AUDIT_ORDERS)
+  assert (tmp_path / edit_search.SCATTER_PLOT).stat().st_size > 0
+  lr = float(config.search.lrs[1])
+  f = np.load(tmp_path / "pairs" / f'{edit_search.run_name("edit", "rmsprop", lr, "dpo")}.npz')
+  session = short_runs.Session(config)
+  dataset = edit_search.datasets_of(session, config)["edit"]
+  fresh = session.audit(dataset, {"optim.name": "rmsprop", "optim.lr": lr}, order=2)
+  for order in edit_search.AUDIT_ORDERS:
+    np.testing.assert_allclose(f[f"predicted_{order}_2N"], fresh[order], rtol=1e-3, atol=1e-5, err_msg=order)

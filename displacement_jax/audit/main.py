@@ -6,7 +6,8 @@ r"""Audit CLI: before training, predict per pair how the configured run moves ln
 It takes the config `train` takes (model, data, objective, beta, optimizer, lr, batch size, epochs, seed) and runs
 the replay route of the displacement audit (displacement_jax/audit/replay.py): the run's batches replayed at the
 initial parameters through its optimizer, the updates summed into D; per pair the first-order change
-<grad ln pi, D> and the change of the model at theta0 + D. A pair is flagged when the model at theta0 + D puts
+<grad ln pi, D>, the second-order change (+ D^T H D / 2; `audit.order` 1 skips it) and the change of the model
+at theta0 + D. A pair is flagged when the model at theta0 + D puts
 its ln pi(y+) below the start (the order that followed the measured falls on the real model: docs/results.md).
 
 With `audit.decompose` (the default) it also splits each pair's first order into its own term and the other
@@ -58,7 +59,7 @@ def pair_rows(
   rows = []
   for i, pair in enumerate(dataset.pairs):
     row = {"row": i, "index": int(pair.index)}
-    for order in ("first_order", "along_direction", "curvature"):
+    for order in (o for o in ("first_order", "second_order", "along_direction", "curvature") if o in pred):
       row[f"chosen_{order}"] = float(pred[order][0, i])
       row[f"rejected_{order}"] = float(pred[order][1, i])
     row["flag"] = bool(pred["along_direction"][0, i] < 0)
@@ -130,6 +131,11 @@ def summarize(rows: list[dict[str, Any]], config: ml_collections.ConfigDict) -> 
       "num_epochs": int(config.num_epochs),
       "objective": str(config.loss.objective),
       "chosen_first_order_mean": float(first.mean()),
+      **(
+          {"chosen_second_order_mean": float(np.mean([r["chosen_second_order"] for r in rows]))}
+          if rows and "chosen_second_order" in rows[0]
+          else {}
+      ),
       "chosen_along_direction_mean": float(along.mean()),
       "share_flagged": float(np.mean(along < 0)),
       "share_first_order_falls": float(np.mean(first < 0)),
@@ -149,13 +155,14 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
       f"{config.loss.beta:g}, {config.optim.name} lr {float(config.optim.lr):g}, batch {config.batch_size}, "
       f"{config.num_epochs} epoch(s)"
   )
+  order = int(config.get("audit", {}).get("order", 2))
   if bool(config.get("audit", {}).get("decompose", False)):
-    pred, info = session.audit_decomposed(dataset, {})
+    pred, info = session.audit_decomposed(dataset, {}, order=order)
     rows = pair_rows(pred, dataset, decomposition_parts(info))
     summary = summarize(rows, config)
     summary["decomposition"] = decomposition_summary(rows, info, config)
   else:
-    rows = pair_rows(session.audit(dataset, {}), dataset)
+    rows = pair_rows(session.audit(dataset, {}, order=order), dataset)
     summary = summarize(rows, config)
   rundir.write_jsonl(os.path.join(config.output_dir, ROWS_FILE), rows)
   rundir.write_json(os.path.join(config.output_dir, SUMMARY_FILE), summary)

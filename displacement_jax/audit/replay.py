@@ -8,6 +8,8 @@ updates are summed, never applied, into one direction D = sum_t delta theta_t. T
   first order    <grad ln pi(y+_i), D>: a forward-mode derivative (jax.jvp) along D, on the model with its
                  reference attention and a dense log-softmax at the response slots of the packed layout (the
                  fast kernels define custom VJPs, which have no JVP rule), a few pairs at a time;
+  second order   first order + 1/2 D^T H D, with D^T H D = d^2/dt^2 f(theta0 + t D) at t = 0: forward-over-
+                 forward mode (a JVP of the JVP) on the same path, the Hessian-vector product along D;
   along D        f(theta0 + D) - f(theta0): the model evaluated at the summed update (all orders along D);
   curvature      along D minus first order (second and higher orders along D).
 
@@ -82,28 +84,56 @@ def reference_model(model: Any) -> Any:
   return transformer.Transformer(model.config.replace(attention_impl="reference"))
 
 
-def make_first_order(model: Any) -> Callable[[Any, Any, dict[str, jax.Array]], jax.Array]:
-  """first_order(params0, direction, batch) -> [2, B]: <grad ln pi(y+-), direction> of each pair (jax.jvp)."""
+def make_directional_derivatives(model: Any, order: int = 2) -> Callable[[Any, Any, dict[str, jax.Array]], jax.Array]:
+  """derivatives(params0, direction, batch) -> [order, 2, B]: the first (and, with order 2, second) derivative of
+  t -> ln pi(y+-)(theta0 + t direction) at t = 0 of each pair ([order, chosen/rejected, pair]); the first is
+  <grad ln pi, direction> (jax.jvp), the second direction^T H direction (jax.jvp of that jax.jvp)."""
+  if order not in (1, 2):
+    raise ValueError(f"audit: order must be 1 or 2, got {order}")
   ref = reference_model(model)
 
-  def first_order(params0: Any, direction: Any, batch: dict[str, jax.Array]) -> jax.Array:
+  def derivatives(params0: Any, direction: Any, batch: dict[str, jax.Array]) -> jax.Array:
     tangent = jax.tree.map(lambda p, d: d.astype(p.dtype), params0, direction)
-    return jax.jvp(lambda p: dense_pair_logps(ref, p, batch), (params0,), (tangent,))[1]
 
-  return jax.jit(first_order)
+    def first(p: Any) -> jax.Array:
+      return jax.jvp(lambda q: dense_pair_logps(ref, q, batch), (p,), (tangent,))[1]
+
+    if order == 1:
+      return first(params0)[None]
+    return jnp.stack(jax.jvp(first, (params0,), (tangent,)))
+
+  return jax.jit(derivatives)
 
 
 def predict(
     at0: np.ndarray,
     logps_fn: Callable[[Any], np.ndarray],
-    first_order_fn: Callable[[Any], np.ndarray],
+    derivatives_fn: Callable[[Any], np.ndarray],
     params0: Any,
     direction: Any,
 ) -> dict[str, np.ndarray]:
-  """Per-pair predictions of the change of the log-probs along `direction`: {'first_order', 'along_direction',
-  'curvature'}, each [2, N] (chosen, rejected). `at0` [2, N]: the log-probs at params0; `logps_fn(params)` -> [2, N]
-  runs the forwards over the pairs, `first_order_fn(direction)` -> [2, N] the JVPs at params0 (module docstring)."""
-  at0 = np.asarray(at0, np.float64)
-  along = np.asarray(logps_fn(shifted(params0, direction, 1.0)), np.float64) - at0
-  first = np.asarray(first_order_fn(direction), np.float64)
-  return {"first_order": first, "along_direction": along, "curvature": along - first}
+  """Per-pair predictions of the change of the log-probs along `direction`: {'first_order', 'second_order',
+  'along_direction', 'curvature'}, each [2, N] (chosen, rejected). `at0` [2, N]: the log-probs at params0;
+  `logps_fn(params)` -> [2, N] runs the forwards over the pairs, `derivatives_fn(direction)` -> [order, 2, N] the
+  directional derivatives at params0 (`make_directional_derivatives`; module docstring). Without the second
+  derivative (order 1) there is no 'second_order'."""
+  along = along_direction(at0, logps_fn, params0, direction)
+  derivs = np.asarray(derivatives_fn(direction), np.float64)
+  return orders(derivs[0], derivs[1] if len(derivs) > 1 else None, along)
+
+
+def along_direction(at0: np.ndarray, logps_fn: Callable[[Any], np.ndarray], params0: Any, direction: Any) -> np.ndarray:
+  """[2, N]: f(theta0 + direction) - f(theta0) for every pair (one forward pass over the pairs)."""
+  return np.asarray(logps_fn(shifted(params0, direction, 1.0)), np.float64) - np.asarray(at0, np.float64)
+
+
+def orders(d1: np.ndarray, d2: np.ndarray | None, along: np.ndarray, scale: float = 1.0) -> dict[str, np.ndarray]:
+  """The predictions for the direction `scale` * D from D's directional derivatives d1, d2 [2, N] (first order
+  scale d1; second order scale d1 + scale^2 d2 / 2, when d2 is given) and the model's change along scale * D,
+  `along` [2, N]. The replay's D is linear in the learning rate (every update is taken at theta0 and each
+  optimizer's update is lr times a function of the gradients), so one D serves every lr with scale = lr / lr_D."""
+  first = scale * np.asarray(d1, np.float64)
+  out = {"first_order": first, "along_direction": along, "curvature": along - first}
+  if d2 is not None:
+    out["second_order"] = first + 0.5 * scale**2 * np.asarray(d2, np.float64)
+  return out

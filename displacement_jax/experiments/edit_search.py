@@ -29,10 +29,12 @@ import ml_collections
 import numpy as np
 
 from displacement_jax import plots, rundir
+from displacement_jax.audit import replay
 from displacement_jax.experiments import edit_pairs, short_runs
 from displacement_jax.experiments.results import sign_agreement, spearman
 
 RESULTS_JSONL, RESULTS_MD, AUDIT_PLOT = "results.jsonl", "results.md", "audit_vs_lr.png"
+SCATTER_PLOT = "audit_scatter.png"
 COLUMNS = ("kind", "optimizer", "lr", "variant", "epoch", "chosen_change_mean", "share_chosen_fell")
 
 
@@ -50,23 +52,45 @@ def run_name(kind: str, optimizer: str, lr: float, variant: str) -> str:
   return f"{kind}_{optimizer}_lr{lr:g}_{variant}".replace("+", "_")
 
 
-PREDICTORS = ("first_order", "along_direction", "minus_ches", "minus_ln_ches")
+# Each predictor of the measured change of ln pi(y+) (higher = predicted to gain more): the audit's orders, then
+# the measures at the initial model with the sign that makes them predict a gain (CHES and LN-CHES are higher
+# for MORE displacement, edit distance enters negated already, the last-hidden inner product higher = more).
+AUDIT_ORDERS = ("first_order", "second_order", "along_direction")
+MEASURES = ("minus_ches", "minus_ln_ches", "minus_normalized_edit_distance", "minus_last_hidden_inner_product")
+PREDICTORS = AUDIT_ORDERS + MEASURES
+LABELS = {
+    "first_order": "first order",
+    "second_order": "second order",
+    "along_direction": "at theta0 + D",
+    "minus_ches": "-CHES",
+    "minus_ln_ches": "-LN-CHES",
+    "minus_normalized_edit_distance": "-edit distance",
+    "minus_last_hidden_inner_product": "-last-hidden <h+, h->",
+}
+
+
+def measure_predictors(measures: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """The measures at the initial model (`Session.measures`) signed as predictors of a gain (PREDICTORS)."""
+  return {
+      "minus_ches": -measures["ches"],
+      "minus_ln_ches": -measures["ln_ches"],
+      "minus_normalized_edit_distance": measures["minus_normalized_edit_distance"],
+      "minus_last_hidden_inner_product": -measures["last_hidden_inner_product"],
+  }
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
-  """results.md: one line per run and epoch (with the audit's columns when the rows have them)."""
-  audited = any("spearman_along_direction" in r for r in rows)
-  extra = (
-      " Spearman: first order | at theta0 + D | -CHES | -LN-CHES | sign right: first order | at theta0 + D |"
-      if audited
-      else ""
-  )
+  """results.md: one line per run and epoch (with the audit's columns when the rows have them: each predictor's
+  Spearman with the measured change of ln pi(y+), and the share of pairs whose sign each audit order gets right)."""
+  audited = [p for p in PREDICTORS if any(f"spearman_{p}" in r for r in rows)]
+  signed = [p for p in AUDIT_ORDERS if any(f"sign_{p}" in r for r in rows)]
+  extra = "".join(f" Spearman: {LABELS[p]} |" for p in audited) + "".join(f" sign: {LABELS[p]} |" for p in signed)
   head = (
       "| kind | optimizer | lr | variant | epoch | mean d ln pi(y+) | share of pairs whose ln pi(y+) fell | "
       "largest fall of ln pi(y+) | mean d ln pi(y-) | mean d margin |"
       + extra
       + "\n|"
-      + "---|" * (10 + 6 * audited)
+      + "---|" * (10 + len(audited) + len(signed))
       + "\n"
   )
 
@@ -76,10 +100,8 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         f'{r["chosen_change_mean"]:+.3f} | {r["share_chosen_fell"]:.2f} | {r["chosen_change_min"]:+.3f} | '
         f'{r["rejected_change_mean"]:+.3f} | {r["margin_change_mean"]:+.3f} |'
     )
-    if audited:
-      cells = [r.get(f"spearman_{p}") for p in PREDICTORS] + [r.get(f"sign_{p}") for p in PREDICTORS[:2]]
-      out += "".join(" - |" if c is None else f" {c:+.2f} |" for c in cells)
-    return out
+    cells = [r.get(f"spearman_{p}") for p in audited] + [r.get(f"sign_{p}") for p in signed]
+    return out + "".join(" - |" if c is None else f" {c:+.2f} |" for c in cells)
 
   return head + "\n".join(line(r) for r in rows) + "\n"
 
@@ -102,10 +124,47 @@ def finished(path: str, audit: bool, epochs: int) -> tuple[short_runs.Measured, 
 
 
 def prediction_columns(predicted: dict[str, np.ndarray], measured_N: np.ndarray) -> dict[str, float]:
-  """Spearman of each predictor with the measured change of ln pi(y+), and the audit's sign agreement."""
+  """Spearman of each predictor with the measured change of ln pi(y+), and each audit order's sign agreement."""
   out = {f"spearman_{name}": spearman(values, measured_N) for name, values in predicted.items()}
-  out.update({f"sign_{name}": sign_agreement(predicted[name], measured_N) for name in PREDICTORS[:2]})
+  out.update({f"sign_{n}": sign_agreement(predicted[n], measured_N) for n in AUDIT_ORDERS if n in predicted})
   return out
+
+
+class Auditor:
+  """The audit of every run of the grid, one replay per (kind, optimizer, variant): the replay's D is linear in
+  the learning rate (`audit.orders`), so the runs that differ only in lr share D and its directional derivatives
+  (scaled by lr / lr_D), and each lr costs one forward pass at theta0 + (lr / lr_D) D."""
+
+  def __init__(self, session: short_runs.Session, order: int):
+    self.session, self.order = session, order
+    self.key: tuple[str, str, str] | None = None
+    self.lr_D, self.direction, self.derivs = 0.0, None, None
+
+  def __call__(
+      self, key: tuple[str, str, str], dataset: Any, overrides: dict[str, Any], start: tuple[np.ndarray, np.ndarray]
+  ) -> dict[str, np.ndarray]:
+    """Predictions [2, N] of the run (key = (kind, optimizer, variant), overrides with its 'optim.lr')."""
+    lr = float(overrides["optim.lr"])
+    if key != self.key:  # one D held at a time: the grid runs the lrs of a (kind, optimizer) in a row
+      self.direction = None
+      self.direction = self.session.direction(dataset, overrides, start=start)
+      self.derivs = self.session.derivatives(self.direction, dataset, self.order)
+      self.key, self.lr_D = key, lr
+    scale = lr / self.lr_D
+    at_D = self.session.logps(replay.shifted(self.session.params0, self.direction, scale), dataset)
+    along = np.stack(at_D).astype(np.float64) - np.stack(start).astype(np.float64)
+    return replay.orders(self.derivs[0], self.derivs[1] if self.order == 2 else None, along, scale)
+
+
+def datasets_of(session: short_runs.Session, config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The grid's pairs of every kind (`edit_pairs.topic_rows` over search.topics), tokenized by the session."""
+  topics = tuple(config.search.get("topics", ("capital",)))
+  return {
+      kind: session.dataset(
+          edit_pairs.topic_rows(kind, topics, seed=int(config.seed), limit=int(config.search.num_pairs)), kind
+      )
+      for kind in config.search.kinds
+  }
 
 
 def run(config: ml_collections.ConfigDict) -> list[dict[str, Any]]:
@@ -113,19 +172,18 @@ def run(config: ml_collections.ConfigDict) -> list[dict[str, Any]]:
   os.makedirs(os.path.join(config.output_dir, "pairs"), exist_ok=True)
   session = short_runs.Session(config)
   audit = bool(config.search.get("audit", False))
-  datasets, starts, ches = {}, {}, {}
-  for kind in config.search.kinds:
-    datasets[kind] = session.dataset(
-        edit_pairs.rows(kind, seed=int(config.seed), limit=int(config.search.num_pairs)), kind
-    )
-    starts[kind] = session.logps(session.params0, datasets[kind])
+  auditor = Auditor(session, int(config.search.get("audit_order", 1)))
+  datasets, starts, measures = datasets_of(session, config), {}, {}
+  for kind, dataset in datasets.items():
+    starts[kind] = session.logps(session.params0, dataset)
     if audit:
-      ches[kind] = session.ches(datasets[kind])
+      measures[kind] = measure_predictors(session.measures(dataset))
     _log(
-        f"[search] {kind}: {len(datasets[kind].pairs)} pairs, at the start mean ln pi(y+) "
+        f"[search] {kind}: {len(dataset.pairs)} pairs, at the start mean ln pi(y+) "
         f"{starts[kind][0].mean():.3f}, ln pi(y-) {starts[kind][1].mean():.3f}"
     )
   settings, rows, t0 = grid(config), [], time.monotonic()
+  scatter = []
   for n, (kind, optimizer, lr, variant) in enumerate(settings, 1):
     overrides = {"optim.name": optimizer, "optim.lr": lr, **short_runs.flatten(config.search.variants[variant])}
     name = run_name(kind, optimizer, lr, variant)
@@ -135,7 +193,7 @@ def run(config: ml_collections.ConfigDict) -> list[dict[str, Any]]:
       measured, predicted = done
       _log(f"[search] {name}: finished earlier, read from {path}")
     else:
-      predicted = session.audit(datasets[kind], overrides, start=starts[kind]) if audit else None
+      predicted = auditor((kind, optimizer, variant), datasets[kind], overrides, starts[kind]) if audit else None
       measured = session.train(datasets[kind], overrides, start=starts[kind])
       rundir.write_npz(
           path,
@@ -151,13 +209,9 @@ def run(config: ml_collections.ConfigDict) -> list[dict[str, Any]]:
       row = {"kind": kind, "optimizer": optimizer, "lr": lr, "variant": variant, "epoch": epoch}
       row.update(short_runs.summary(measured.chosen_change(epoch), measured.rejected_change(epoch)))
       if audit and epoch == measured.chosen_EN.shape[0]:  # the audit predicts the whole run
-        values = {
-            "first_order": predicted["first_order"][0],
-            "along_direction": predicted["along_direction"][0],
-            "minus_ches": -ches[kind]["ches"],
-            "minus_ln_ches": -ches[kind]["ln_ches"],
-        }
+        values = {o: predicted[o][0] for o in AUDIT_ORDERS if o in predicted} | measures[kind]
         row.update(prediction_columns(values, measured.chosen_change(epoch)))
+        scatter.append((row, values, measured.chosen_change(epoch)))
       rows.append(row)
     elapsed = time.monotonic() - t0
     last = rows[-1]
@@ -170,26 +224,55 @@ def run(config: ml_collections.ConfigDict) -> list[dict[str, Any]]:
   rundir.write_bytes(os.path.join(config.output_dir, RESULTS_MD), markdown(rows).encode())
   if audit:
     plot_audit(os.path.join(config.output_dir, AUDIT_PLOT), rows)
+    plot_scatter(os.path.join(config.output_dir, SCATTER_PLOT), scatter)
   _log(f"[search] outputs: {config.output_dir}/{{{RESULTS_JSONL},{RESULTS_MD},pairs/}}")
   return rows
 
 
 def plot_audit(path: str, rows: list[dict[str, Any]]) -> None:
-  """Each predictor's Spearman (left) and the audit's sign agreement (right) against lr, per (kind, optimizer)."""
+  """Each predictor's Spearman (left) and each audit order's sign agreement (right) against lr, per (kind,
+  optimizer)."""
   plt = plots.pyplot()
   audited = [r for r in rows if "spearman_along_direction" in r]
-  fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(11, 4.2))
+  fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(12, 4.6))
+  styles = dict(zip(PREDICTORS, ("x--", "d--", "o-", "s:", "^:", "v:", "<:")))
   for kind, optimizer in sorted({(r["kind"], r["optimizer"]) for r in audited}):
     runs = sorted((r for r in audited if (r["kind"], r["optimizer"]) == (kind, optimizer)), key=lambda r: r["lr"])
     lrs = [r["lr"] for r in runs]
-    for name, style in zip(PREDICTORS, ("x--", "o-", "s:", "^:")):
-      ax0.plot(lrs, [r[f"spearman_{name}"] for r in runs], style, label=f"{kind} {optimizer}: {name}")
-    for name, style in zip(PREDICTORS[:2], ("x--", "o-")):
-      ax1.plot(lrs, [r[f"sign_{name}"] for r in runs], style, label=f"{kind} {optimizer}: {name}")
+    for name in PREDICTORS:
+      if f"spearman_{name}" in runs[0]:
+        ax0.plot(lrs, [r[f"spearman_{name}"] for r in runs], styles[name], label=f"{kind} {optimizer}: {LABELS[name]}")
+    for name in AUDIT_ORDERS:
+      if f"sign_{name}" in runs[0]:
+        ax1.plot(lrs, [r[f"sign_{name}"] for r in runs], styles[name], label=f"{kind} {optimizer}: {LABELS[name]}")
   for ax, label in ((ax0, "Spearman with the measured d ln pi(y+)"), (ax1, "share of pairs with the right sign")):
     ax.set(xscale="log", xlabel="learning rate", ylabel=label)
     ax.axhline(0, color="k", lw=0.6)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=6)
   fig.suptitle("The displacement audit against the learning rate (one epoch of DPO)")
+  fig.tight_layout()
+  plots.save(fig, path)
+
+
+def plot_scatter(path: str, runs: list[tuple[dict[str, Any], dict[str, np.ndarray], np.ndarray]]) -> None:
+  """Per audited run: each audit order's predicted change of ln pi(y+) against the measured one, per pair."""
+  plt = plots.pyplot()
+  cols = min(4, len(runs))
+  nrows = -(-len(runs) // cols)
+  fig, axes = plt.subplots(nrows, cols, figsize=(3.6 * cols, 3.4 * nrows), squeeze=False)
+  for ax, (row, values, measured_N) in zip(axes.flat, runs):
+    lo, hi = float(np.min(measured_N)), float(np.max(measured_N))
+    for name, marker in zip(AUDIT_ORDERS, ("x", "d", "o")):
+      if name in values:
+        ax.scatter(values[name], measured_N, s=8, marker=marker, alpha=0.6, label=LABELS[name])
+        lo, hi = min(lo, float(np.min(values[name]))), max(hi, float(np.max(values[name])))
+    ax.plot([lo, hi], [lo, hi], "k-", lw=0.6)
+    ax.axhline(0, color="grey", lw=0.5)
+    ax.axvline(0, color="grey", lw=0.5)
+    ax.set_title(f'{row["kind"]} {row["optimizer"]} lr {row["lr"]:g}', fontsize=8)
+    ax.set(xlabel="predicted d ln pi(y+)", ylabel="measured d ln pi(y+)")
+    ax.legend(fontsize=6)
+  for ax in list(axes.flat)[len(runs) :]:
+    ax.axis("off")
   fig.tight_layout()
   plots.save(fig, path)

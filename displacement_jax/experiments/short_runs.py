@@ -83,7 +83,7 @@ class Session:
     self.loaded = runtime.load_model(config, self.mesh)
     self.params0 = self.loaded.params
     self._logps: Callable | None = None
-    self._first_order: Callable | None = None
+    self._derivatives: dict[int, Callable] = {}
 
   def dataset(self, rows: Sequence[Mapping[str, Any]], name: str) -> runtime.Dataset:
     """Tokenize `rows` (generic preference rows) as train.run would, written to output_dir/data/<name>.jsonl."""
@@ -108,8 +108,9 @@ class Session:
       rejected.append(np.asarray(out["rejected_logps_B"])[: len(part)])
     return np.concatenate(chosen), np.concatenate(rejected)
 
-  def ches(self, dataset: runtime.Dataset) -> dict[str, np.ndarray]:
-    """{'ches', 'ln_ches'} [N] of every pair at the initial model (scoring.score_examples on its rows)."""
+  def measures(self, dataset: runtime.Dataset) -> dict[str, np.ndarray]:
+    """`scoring.MEASURES` [N] of every pair at the initial model ('ches', 'ln_ches',
+    'minus_normalized_edit_distance', 'last_hidden_inner_product'; scoring.score_examples on its rows)."""
     examples = list(schema.load_preference_data(dataset.path))
     scores = scoring.score_examples(
         self.loaded.model,
@@ -120,7 +121,7 @@ class Session:
         batch_size=int(self.config.batch_size),
         progress=False,
     )
-    return {m: np.array([s[m] for s in scores]) for m in ("ches", "ln_ches")}
+    return {m: np.array([s[m] for s in scores]) for m in scoring.MEASURES}
 
   def _collate(self, pairs: Sequence[Any], pad_id: int, rows: int, *, packed: bool = False) -> dict[str, Any]:
     """`pairs` collated to `rows` rows (filler rows carry no loss mask), in the packed layout of training
@@ -136,17 +137,35 @@ class Session:
       batch = runtime.pack_for_logps(batch, pad_id, self.config, groups=sharding.data_parallel_size(self.mesh))
     return sharding.host_local_batch_to_global(batch, self.mesh)
 
-  def first_order(self, direction: Any, dataset: runtime.Dataset) -> np.ndarray:
-    """[2, N]: <grad ln pi(y+-), direction> at the initial params for every pair (`audit.make_first_order`)."""
-    if self._first_order is None:
-      self._first_order = audit.make_first_order(self.loaded.model)
+  def derivatives(self, direction: Any, dataset: runtime.Dataset, order: int = 1) -> np.ndarray:
+    """[order, 2, N]: the first (and second) derivative of ln pi(y+-) along `direction` at the initial params for
+    every pair (`audit.make_directional_derivatives`)."""
+    if order not in self._derivatives:
+      self._derivatives[order] = audit.make_directional_derivatives(self.loaded.model, order)
     out, pairs = [], dataset.pairs
     for start in range(0, len(pairs), audit.JVP_PAIRS):
       part = pairs[start : start + audit.JVP_PAIRS]
       batch = self._collate(part, dataset.pad_id, audit.JVP_PAIRS, packed=True)
-      tangent = self._first_order(self.params0, direction, batch)
-      out.append(np.asarray(jax.device_get(tangent))[:, : len(part)])
-    return np.concatenate(out, axis=1)
+      derivs = self._derivatives[order](self.params0, direction, batch)
+      out.append(np.asarray(jax.device_get(derivs))[:, :, : len(part)])
+    return np.concatenate(out, axis=2)
+
+  def direction(
+      self,
+      dataset: runtime.Dataset,
+      overrides: Mapping[str, Any],
+      *,
+      start: tuple[np.ndarray, np.ndarray] | None = None,
+  ) -> Any:
+    """D of the run `train(dataset, overrides)` would make: its batches replayed at the initial params through its
+    optimizer, the updates summed (`audit.replay_direction`). `start`: as in `train`."""
+    cfg = self.run_config({"data.path": dataset.path, **overrides})
+    chosen0, rejected0 = start if start is not None else self.logps(self.params0, dataset)
+    total, batches = self._replay_batches(dataset, cfg, (chosen0, rejected0))
+    optimizer = optim_lib.make_optimizer(cfg.optim, total)
+    loss_fn = step_lib.make_loss_fn(self.loaded.model, cfg.loss, int(cfg.logprob_chunk_size))
+    replay = jax.jit(audit.make_replay_step(loss_fn, optimizer, int(cfg.optim.grad_accum)))
+    return audit.replay_direction(replay, optimizer, self.params0, (b for _, b in batches))
 
   def audit(
       self,
@@ -154,23 +173,18 @@ class Session:
       overrides: Mapping[str, Any],
       *,
       start: tuple[np.ndarray, np.ndarray] | None = None,
+      order: int = 1,
   ) -> dict[str, np.ndarray]:
-    """The displacement audit of the run `train(dataset, overrides)` would make (`audit`'s replay route): the
-    run's batches replayed at the initial params, predictions [2, N] per pair (chosen, rejected) of the change
-    after all its epochs: {'first_order', 'along_direction', 'curvature'}. `start`: as in `train`."""
-    cfg = self.run_config({"data.path": dataset.path, **overrides})
+    """The displacement audit of the run `train(dataset, overrides)` would make (`audit`'s replay route):
+    predictions [2, N] per pair (chosen, rejected) of the change after all its epochs: {'first_order',
+    'along_direction', 'curvature'} and, with order 2, 'second_order'. `start`: as in `train`."""
     chosen0, rejected0 = start if start is not None else self.logps(self.params0, dataset)
-    total, batches = self._replay_batches(dataset, cfg, (chosen0, rejected0))
-    optimizer = optim_lib.make_optimizer(cfg.optim, total)
-    loss_fn = step_lib.make_loss_fn(self.loaded.model, cfg.loss, int(cfg.logprob_chunk_size))
-    replay = jax.jit(audit.make_replay_step(loss_fn, optimizer, int(cfg.optim.grad_accum)))
-    direction = audit.replay_direction(replay, optimizer, self.params0, (b for _, b in batches))
     return audit.predict(
         np.stack((chosen0, rejected0)),
         lambda p: np.stack(self.logps(p, dataset)),
-        lambda d: self.first_order(d, dataset),
+        lambda d: self.derivatives(d, dataset, order),
         self.params0,
-        direction,
+        self.direction(dataset, overrides, start=(chosen0, rejected0)),
     )
 
   def _replay_batches(
@@ -196,6 +210,7 @@ class Session:
       overrides: Mapping[str, Any],
       *,
       start: tuple[np.ndarray, np.ndarray] | None = None,
+      order: int = 1,
   ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """`audit` plus its decomposition (audit/decompose.py; settings from the config's `audit` section):
     (predictions as `audit` returns them, {'chosen' / 'rejected': [N, N] contributions C_ij of pair j to pair i's
@@ -228,7 +243,7 @@ class Session:
     pred = audit.predict(
         np.stack((chosen0, rejected0)),
         lambda p: np.stack(self.logps(p, dataset)),
-        lambda d: self.first_order(d, dataset),
+        lambda d: self.derivatives(d, dataset, order),
         self.params0,
         direction,
     )
