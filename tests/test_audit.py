@@ -176,9 +176,37 @@ def test_cli_writes_one_row_per_pair_and_flags_what_theta0_plus_d_says(tmp_path,
   np.testing.assert_allclose(summary["share_flagged"], np.mean([r["flag"] for r in rows]))
   out = capsys.readouterr().out
   assert "[audit] the 10 pairs predicted to fall most" in out and out.count("[audit]   row ") == 10
+  # the decomposition without projection: own + others rebuild the first order; top contributors push down; the
+  # audit filter drops the pairs the others push down most, as filtered.jsonl ready for train
+  flags = ["--config.num_steps=0", "--config.audit.sketch=none", "--config.audit.order=1"]
+  flags += ["--config.audit.filter.mode=drop_highest_k", "--config.audit.filter.k=2"]
+  rc = audit_main.main(["audit", f"--config={config_path}", f"--config.output_dir={tmp_path}", *flags])
+  assert rc == 0
+  rows = [json.loads(line) for line in open(tmp_path / audit_main.ROWS_FILE)]
+  first = np.array([r["chosen_first_order"] for r in rows])
+  own, others = np.array([r["chosen_own"] for r in rows]), np.array([r["chosen_others"] for r in rows])
+  np.testing.assert_allclose(own + others, first, atol=1e-4 * np.abs(first).max())
+  for r in rows:
+    values = [c["contribution"] for c in r["top_contributors"]]
+    assert (
+        values == sorted(values)
+        and all(v < 0 for v in values)
+        and r["row"] not in [c["row"] for c in r["top_contributors"]]
+    )
+    assert (r["displaced_by"] == "none") == (r["chosen_own"] + r["chosen_others"] >= 0)
+    assert r["audit_others_fall"] == -r["chosen_others"] and r["audit_fall"] == -r["chosen_along_direction"]
+  record = json.load(open(tmp_path / "filtered_indices.json"))
+  riskiest = sorted(rows, key=lambda r: -r["audit_others_fall"])[:2]
+  assert record["measure"] == "audit_others_fall" and sorted(record["dropped"]) == sorted(r["index"] for r in riskiest)
+  assert sum(1 for _ in open(tmp_path / "filtered.jsonl")) == len(rows) - 2 == record["num_selected"]
+  capsys.readouterr()
   rc = audit_main.main(["audit", f"--config={config_path}", f"--config.output_dir={tmp_path}", "--config.num_steps=3"])
   err = capsys.readouterr().err.strip().splitlines()
   assert rc in (1, 2) and len(err) == 1 and "num_steps" in err[0]
+  bad = ["--config.num_steps=0", "--config.audit.filter.mode=drop_highest_k", "--config.audit.filter.measure=ches"]
+  rc = audit_main.main(["audit", f"--config={config_path}", f"--config.output_dir={tmp_path}", *bad])
+  err = capsys.readouterr().err.strip().splitlines()
+  assert rc in (1, 2) and len(err) == 1 and "audit.filter.measure" in err[0]
 
 
 # --- the decomposition (audit/decompose.py) and its projections (audit/sketch.py) ---------------------------------

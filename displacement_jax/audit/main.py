@@ -18,7 +18,12 @@ Outputs in `output_dir`: audit.jsonl (one row per pair, dataset order: its 0-bas
 changes of ln pi(y+) and ln pi(y-) by order, `flag`; with the decomposition `chosen_own`, `chosen_others`,
 `rejected_own`, `rejected_others`, `top_contributors` (the rows pushing its ln pi(y+) down most, with their
 contributions) and `displaced_by` ('others', 'own' or 'none': the first-order flag)) and audit_summary.json; the
-`audit.top_k` pairs predicted to fall most are printed with excerpts.
+`audit.top_k` pairs predicted to fall most are printed with excerpts. Every row also carries the audit's risk
+scores (`filtering.audit_scores`: `audit_fall`, and with the decomposition `audit_own_fall`, `audit_others_fall`).
+
+With `audit.filter.mode` (e.g. drop_highest_fraction on `audit.filter.measure` = audit_others_fall: drop the pairs
+the others push down most) it also writes filtered.jsonl (the kept rows, ready for `train`) and
+filtered_indices.json, as `score`'s CHES filters do.
 """
 
 from __future__ import annotations
@@ -30,7 +35,8 @@ from typing import Any, Sequence
 import ml_collections
 import numpy as np
 
-from displacement_jax import cli, config_checks, rundir, runtime, sharding
+from displacement_jax import cli, config_checks, filtering, rundir, runtime, sharding
+from displacement_jax import score_outputs
 from displacement_jax.audit import decompose
 from displacement_jax.data import schema
 from displacement_jax.experiments import short_runs
@@ -142,11 +148,54 @@ def summarize(rows: list[dict[str, Any]], config: ml_collections.ConfigDict) -> 
   }
 
 
+def filter_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict | None:
+  """config.audit.filter when its mode is not 'none' (checked: a mode of filtering.MODES, an audit measure that
+  this run computes), else None."""
+  f = config.get("audit", {}).get("filter")
+  if f is None or f.get("mode", "none") == "none":
+    return None
+  if f.mode not in filtering.MODES:
+    raise ValueError(f"config.audit.filter.mode must be one of {filtering.MODES}, got {f.mode!r}")
+  measures = filtering.AUDIT_MEASURES if config.audit.get("decompose", False) else ("audit_fall",)
+  if f.get("measure") not in measures:
+    raise ValueError(
+        f"config.audit.filter.measure must be one of {measures}"
+        f"{'' if config.audit.get('decompose', False) else ' (own / others need audit.decompose=True)'}, got "
+        f"{f.get('measure')!r}"
+    )
+  return f
+
+
+def add_scores(rows: list[dict[str, Any]]) -> None:
+  """Adds the audit's risk scores (`filtering.audit_scores`) to every row."""
+  decomposed = bool(rows) and "chosen_own" in rows[0]
+  scores = filtering.audit_scores(
+      [r["chosen_along_direction"] for r in rows],
+      [r["chosen_own"] for r in rows] if decomposed else None,
+      [r["chosen_others"] for r in rows] if decomposed else None,
+  )
+  for i, r in enumerate(rows):
+    r.update({m: float(v[i]) for m, v in scores.items()})
+
+
+def write_filter(
+    rows: list[dict[str, Any]], examples: dict[int, Any], f: ml_collections.ConfigDict, output_dir: str
+) -> dict[str, Any]:
+  """filtered.jsonl + filtered_indices.json of the audited rows selected by `f` (`score_outputs.write_filtered`)."""
+  selected = score_outputs.select_rows(rows, f, filtering.AUDIT_MEASURES, "config.audit.filter")
+  missing = [r["index"] for r in rows if r["index"] not in examples]
+  if missing:
+    raise ValueError(f"audit.filter: rows with index {missing[:5]} of the dataset are not in the data file")
+  cutoff = score_outputs.cutoff_of(rows, selected, f.measure)
+  return score_outputs.write_filtered([examples[r["index"]] for r in rows], rows, selected, f, output_dir, cutoff)
+
+
 def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """Audit the run `config` would make; returns the summary (written with the per-pair rows to output_dir)."""
   config_checks.check_train(config)
   if int(config.num_steps) > 0:
     raise ValueError("config.num_steps > 0: the audit replays whole epochs; set num_epochs instead (num_steps=0)")
+  filter_cfg = filter_config(config)
   os.makedirs(config.output_dir, exist_ok=True)
   session = short_runs.Session(config)
   dataset = runtime.load_data(config, session.loaded.tokenizer, session.loaded.model_config.vocab_size)
@@ -164,6 +213,7 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
   else:
     rows = pair_rows(session.audit(dataset, {}, order=order), dataset)
     summary = summarize(rows, config)
+  add_scores(rows)
   rundir.write_jsonl(os.path.join(config.output_dir, ROWS_FILE), rows)
   rundir.write_json(os.path.join(config.output_dir, SUMMARY_FILE), summary)
   n = len(rows)
@@ -199,7 +249,17 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
         f"[audit]   row {r['row']} (index {r['index']}): {r['chosen_along_direction']:+.4f}, "
         f"{r['chosen_first_order']:+.4f};{pushed}{text}"
     )
-  _log(f"[audit] outputs: {config.output_dir}/{{{ROWS_FILE},{SUMMARY_FILE}}}")
+  outputs = [ROWS_FILE, SUMMARY_FILE]
+  if filter_cfg is not None:
+    record = write_filter(rows, examples, filter_cfg, config.output_dir)
+    summary["filter"] = {k: record[k] for k in ("mode", "measure", "k", "fraction", "num_selected", "dropped")}
+    rundir.write_json(os.path.join(config.output_dir, SUMMARY_FILE), summary)
+    outputs += [score_outputs.FILTERED_FILE, score_outputs.FILTERED_INDICES_FILE]
+    _log(
+        f"[audit] filter {filter_cfg.mode} on {filter_cfg.measure}: kept {record['num_selected']}/{n}, dropped "
+        f"indices {record['dropped'][:TOP_K]}{' ...' if len(record['dropped']) > TOP_K else ''}"
+    )
+  _log(f"[audit] outputs: {config.output_dir}/{{{','.join(outputs)}}}")
   return summary
 
 
