@@ -107,6 +107,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.eval.warning_share = 0.25  # displacement WARNING: this share of monitored pairs has y+ below its reference
   config.eval.warning_drop_nats = 1.0  # displacement WARNING: mean y+ change this many nats below its peak so far
   config.eval.show_fell = 5  # the monitor line and metrics name the rows of the k pairs whose y+ fell most
+  config.eval.audit = False  # audit the run first (one replay at the initial params); log predicted vs measured
 
   config.audit = ml_collections.ConfigDict()  # python -m displacement_jax.audit (docs/theory.md)
   config.audit.top_k = 10  # print the k pairs predicted to fall most

@@ -334,3 +334,30 @@ def test_projected_inner_products_converge_as_one_over_sqrt_k(session):
     assert -0.62 < slope < -0.38, (kind, slope, rms[kind])
     assert all(0.5 < r < 2.0 for r in ratio[kind]), (kind, ratio[kind])
     assert all(b < 5.0 for b in bias[kind]), (kind, bias[kind])  # unbiased: |t| of the mean error over seeds
+
+
+def test_training_monitor_logs_the_audit_beside_the_measured_change(tmp_path):
+  """eval.audit in train.run (configs/dpo_tiny.py, SGD at a small lr, one epoch of 3 steps): the monitor's last
+  row gives per pair the audit's prediction (first order, the model at theta0 + D) beside the measured change of
+  ln pi(y+), equal to first order in lr; its Spearman and sign agreement are those of the pairs it lists."""
+  from configs import dpo_tiny  # pylint: disable=g-import-not-at-top
+  from displacement_jax import training  # pylint: disable=g-import-not-at-top
+  from displacement_jax.experiments import results  # pylint: disable=g-import-not-at-top
+
+  config = dpo_tiny.get_config()
+  config.output_dir = str(tmp_path)
+  config.optim.name, config.optim.lr, config.num_steps, config.num_epochs = "sgd", 1e-3, 0, 1
+  config.eval.every, config.eval.audit, config.checkpoint.at_end, config.reference.cache = 0, True, False, False
+  result = training.run(config)
+  pairs = np.array(result.monitor["monitor/audit_pairs"])  # [row, first order, along, measured]
+  assert len(pairs) == min(config.eval.max_samples, 24)
+  first, along, measured = pairs[:, 1], pairs[:, 2], pairs[:, 3]
+  scale = np.abs(measured).max()
+  assert scale > 1e-4, scale  # the run moved the log-probs
+  np.testing.assert_allclose(along, measured, atol=0.02 * scale)
+  np.testing.assert_allclose(first, measured, atol=0.05 * scale)
+  m = result.monitor
+  assert m["monitor/audit_first_order_spearman"] == results.spearman(first, measured)
+  assert m["monitor/audit_along_direction_sign_agreement"] == results.sign_agreement(along, measured)
+  logged = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+  assert [r["monitor/audit_pairs"] for r in logged if "monitor/audit_pairs" in r][-1] == pairs.tolist()
