@@ -255,18 +255,23 @@ def plot_audit(path: str, rows: list[dict[str, Any]]) -> None:
 
 
 def plot_scatter(path: str, runs: list[tuple[dict[str, Any], dict[str, np.ndarray], np.ndarray]]) -> None:
-  """Per audited run: each audit order's predicted change of ln pi(y+) against the measured one, per pair."""
+  """Per audited run: each audit order's predicted change of ln pi(y+) against the measured one, per pair. Both
+  axes span the measured range (padded by half of it); predictions beyond it are counted in the legend."""
   plt = plots.pyplot()
   cols = min(4, len(runs))
   nrows = -(-len(runs) // cols)
   fig, axes = plt.subplots(nrows, cols, figsize=(3.6 * cols, 3.4 * nrows), squeeze=False)
   for ax, (row, values, measured_N) in zip(axes.flat, runs):
     lo, hi = float(np.min(measured_N)), float(np.max(measured_N))
+    pad = 0.5 * max(hi - lo, 1e-6)
+    lo, hi = lo - pad, hi + pad
     for name, marker in zip(AUDIT_ORDERS, ("x", "d", "o")):
       if name in values:
-        ax.scatter(values[name], measured_N, s=8, marker=marker, alpha=0.6, label=LABELS[name])
-        lo, hi = min(lo, float(np.min(values[name]))), max(hi, float(np.max(values[name])))
+        off = int(np.sum((values[name] < lo) | (values[name] > hi)))
+        label = LABELS[name] + (f" ({off} off scale)" if off else "")
+        ax.scatter(values[name], measured_N, s=8, marker=marker, alpha=0.6, label=label)
     ax.plot([lo, hi], [lo, hi], "k-", lw=0.6)
+    ax.set(xlim=(lo, hi), ylim=(lo, hi))
     ax.axhline(0, color="grey", lw=0.5)
     ax.axvline(0, color="grey", lw=0.5)
     ax.set_title(f'{row["kind"]} {row["optimizer"]} lr {row["lr"]:g}', fontsize=8)
