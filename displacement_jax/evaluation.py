@@ -91,8 +91,8 @@ def audit_predictions(
   optimizer = optim_lib.make_optimizer(config.optim, total_steps)
   loss_fn = step_lib.make_loss_fn(loaded.model, config.loss, int(config.logprob_chunk_size))
   replay = jax.jit(audit.make_replay_step(loss_fn, optimizer, int(config.optim.grad_accum)))
-  direction = audit.replay_direction(replay, optimizer, loaded.params, batches)
   params0 = loaded.params
+  direction = audit.replay_direction(replay, optimizer, params0, batches)
   shifted = jax.device_put(audit.shifted(params0, direction, 1.0), fns.param_sh)
   derivatives = audit.make_directional_derivatives(loaded.model, 1)
   dp, first, along = sharding.data_parallel_size(mesh), [], []
@@ -100,7 +100,7 @@ def audit_predictions(
     part = np.asarray(rows[start : start + audit.JVP_PAIRS])
     batch = packed_monitor_batch(monitor_batch(dataset, part, config, dp, ref), dataset, config, dp)
     batch = sharding.global_batch_to_devices(batch, mesh)
-    first.append(np.asarray(jax.device_get(derivatives(loaded.params, direction, batch)))[0, 0, : len(part)])
+    first.append(np.asarray(jax.device_get(derivatives(params0, direction, batch)))[0, 0, : len(part)])
     at_d, at_0 = (
         np.asarray(jax.device_get(fns.monitor(p, batch))["chosen_logps_B"], np.float64) for p in (shifted, params0)
     )

@@ -169,7 +169,8 @@ def test_cli_writes_one_row_per_pair_and_flags_what_theta0_plus_d_says(tmp_path,
   from displacement_jax.audit import main as audit_main  # pylint: disable=g-import-not-at-top  (an entry point)
 
   config_path = os.path.join(ROOT, "configs", "dpo_tiny.py")
-  rc = audit_main.main(["audit", f"--config={config_path}", f"--config.output_dir={tmp_path}", "--config.num_steps=0"])
+  flags = ["--config.num_steps=0", "--config.audit.decompose=False"]  # the decomposition: the second run
+  rc = audit_main.main(["audit", f"--config={config_path}", f"--config.output_dir={tmp_path}", *flags])
   assert rc == 0
   rows = [json.loads(line) for line in open(tmp_path / audit_main.ROWS_FILE)]
   summary = json.load(open(tmp_path / audit_main.SUMMARY_FILE))
