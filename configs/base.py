@@ -107,6 +107,23 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.eval.warning_share = 0.25  # displacement WARNING: this share of monitored pairs has y+ below its reference
   config.eval.warning_drop_nats = 1.0  # displacement WARNING: mean y+ change this many nats below its peak so far
   config.eval.show_fell = 5  # the monitor line and metrics name the rows of the k pairs whose y+ fell most
+  config.eval.audit = False  # audit the run first (one replay at the initial params); log predicted vs measured
+
+  config.audit = ml_collections.ConfigDict()  # python -m displacement_jax.audit (docs/theory.md)
+  config.audit.top_k = 10  # print the k pairs predicted to fall most
+  config.audit.order = 2  # 1: first order and the model at theta0 + D; 2: also the second-order term along D
+  config.audit.decompose = True  # who pushes whom: per-pair contributions to each pair's first order (decompose.py)
+  config.audit.subspace = "all"  # the parameters of the decomposition's inner products: all | head_and_last_layers
+  config.audit.last_layers = 2  # head_and_last_layers: the LM head, the final norm and this many last layers
+  config.audit.sketch = "count_sketch"  # unbiased projection of per-pair gradients: none | rademacher | count_sketch
+  config.audit.sketch_dim = 4096  # k, the projected dimension (error ~ 1/sqrt(k))
+  config.audit.sketch_seed = 0
+  config.audit.top_contributors = 5  # per pair, the pairs pushing its ln pi(y+) down most
+  config.audit.filter = ml_collections.ConfigDict()  # filtered.jsonl of the audited data (displacement_jax.filtering)
+  config.audit.filter.mode = "none"  # 'none' | 'drop_highest_k' | 'drop_highest_fraction' (or any filtering.MODES)
+  config.audit.filter.measure = "audit_others_fall"  # 'audit_fall' | 'audit_own_fall' | 'audit_others_fall'
+  config.audit.filter.k = 0  # drop_highest_k: drop the k pairs predicted to fall most
+  config.audit.filter.fraction = 0.0  # drop_highest_fraction: drop round(fraction * N) of them
 
   config.reference = ml_collections.ConfigDict()
   config.reference.cache = True  # cache reference log-probs on disk (npz) and reuse on a key match

@@ -8,6 +8,8 @@ Pure functions over numpy arrays (the train loop computes the log-probs):
 - `unembedding_metrics(W_VD, y_pos, y_neg)`: ||W+||, ||W-||, <W+, W->, and the decomposition of W+ - W-
   into its projection on W+ and the orthogonal part (Section 3 / Appendix of the paper).
 - `displacement_warning`: the line printed when the preferred log-prob falls while the loss falls.
+- `audit_agreement`: with `eval.audit`, the displacement audit's prediction per monitored pair against the
+  measured change (Spearman, sign agreement, the pairs).
 Every key returned is prefixed with 'monitor/' so it can go straight into metrics.jsonl.
 """
 
@@ -282,4 +284,49 @@ def share_and_peak_warnings(
         f"WARNING likelihood displacement at step {step}: the mean preferred log-prob change fell from its peak "
         f"{peak:+.4g} to {preferred_change:+.4g} (more than eval.warning_drop_nats={drop_nats:g})"
     )
+  return out
+
+
+def ranks(x: Sequence[float]) -> np.ndarray:
+  """Ranks 0..n-1 of `x`, ties given their mean rank."""
+  x = np.asarray(x, np.float64)
+  order = np.argsort(x, kind="stable")
+  r = np.empty(len(x), np.float64)
+  r[order] = np.arange(len(x))
+  for value in np.unique(x):
+    tied = x == value
+    r[tied] = r[tied].mean()
+  return r
+
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> float:
+  """Spearman rank correlation (Pearson correlation of the tie-averaged ranks); NaN when a side is constant."""
+  rx, ry = ranks(x), ranks(y)
+  if len(rx) < 2 or rx.std() == 0 or ry.std() == 0:
+    return float("nan")
+  return float(np.corrcoef(rx, ry)[0, 1])
+
+
+def sign_agreement(predicted: Sequence[float], measured: Sequence[float]) -> float:
+  """Share of entries where the measured value has the predicted sign (0 counts as positive)."""
+  p, m = np.asarray(predicted) >= 0, np.asarray(measured) >= 0
+  return float(np.mean(p == m)) if len(p) else float("nan")
+
+
+def audit_agreement(
+    predicted: dict[str, np.ndarray], preferred_change_B: np.ndarray, rows_B: Sequence[int]
+) -> dict[str, Any]:
+  """The displacement audit's predictions of the change of ln pi(y+) over the whole run per monitored pair
+  (`predicted`: {'first_order', 'along_direction'} [B], `evaluation.audit_predictions`) against the change
+  measured so far: Spearman and sign agreement of each order, and per pair [row, first order, along, measured]
+  (at the last step both describe the same run)."""
+  measured = np.asarray(preferred_change_B, np.float64)
+  out: dict[str, Any] = {}
+  for order in ("first_order", "along_direction"):
+    out[f"{PREFIX}audit_{order}_spearman"] = spearman(predicted[order], measured)
+    out[f"{PREFIX}audit_{order}_sign_agreement"] = sign_agreement(predicted[order], measured)
+  out[PREFIX + "audit_pairs"] = [
+      [int(r), float(f), float(a), float(x)]
+      for r, f, a, x in zip(rows_B, predicted["first_order"], predicted["along_direction"], measured)
+  ]
   return out

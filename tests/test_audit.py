@@ -169,7 +169,8 @@ def test_cli_writes_one_row_per_pair_and_flags_what_theta0_plus_d_says(tmp_path,
   from displacement_jax.audit import main as audit_main  # pylint: disable=g-import-not-at-top  (an entry point)
 
   config_path = os.path.join(ROOT, "configs", "dpo_tiny.py")
-  rc = audit_main.main(["audit", f"--config={config_path}", f"--config.output_dir={tmp_path}", "--config.num_steps=0"])
+  flags = ["--config.num_steps=0", "--config.audit.decompose=False"]  # the decomposition: the second run
+  rc = audit_main.main(["audit", f"--config={config_path}", f"--config.output_dir={tmp_path}", *flags])
   assert rc == 0
   rows = [json.loads(line) for line in open(tmp_path / audit_main.ROWS_FILE)]
   summary = json.load(open(tmp_path / audit_main.SUMMARY_FILE))
@@ -184,6 +185,188 @@ def test_cli_writes_one_row_per_pair_and_flags_what_theta0_plus_d_says(tmp_path,
   np.testing.assert_allclose(summary["share_flagged"], np.mean([r["flag"] for r in rows]))
   out = capsys.readouterr().out
   assert "[audit] the 10 pairs predicted to fall most" in out and out.count("[audit]   row ") == 10
+  # the decomposition without projection: own + others rebuild the first order; top contributors push down; the
+  # audit filter drops the pairs the others push down most, as filtered.jsonl ready for train
+  flags = ["--config.num_steps=0", "--config.audit.sketch=none", "--config.audit.order=1"]
+  flags += ["--config.audit.filter.mode=drop_highest_k", "--config.audit.filter.k=2"]
+  rc = audit_main.main(["audit", f"--config={config_path}", f"--config.output_dir={tmp_path}", *flags])
+  assert rc == 0
+  rows = [json.loads(line) for line in open(tmp_path / audit_main.ROWS_FILE)]
+  first = np.array([r["chosen_first_order"] for r in rows])
+  own, others = np.array([r["chosen_own"] for r in rows]), np.array([r["chosen_others"] for r in rows])
+  np.testing.assert_allclose(own + others, first, atol=1e-4 * np.abs(first).max())
+  for r in rows:
+    values = [c["contribution"] for c in r["top_contributors"]]
+    assert (
+        values == sorted(values)
+        and all(v < 0 for v in values)
+        and r["row"] not in [c["row"] for c in r["top_contributors"]]
+    )
+    assert (r["displaced_by"] == "none") == (r["chosen_own"] + r["chosen_others"] >= 0)
+    assert r["audit_others_fall"] == -r["chosen_others"] and r["audit_fall"] == -r["chosen_along_direction"]
+  record = json.load(open(tmp_path / "filtered_indices.json"))
+  riskiest = sorted(rows, key=lambda r: -r["audit_others_fall"])[:2]
+  assert record["measure"] == "audit_others_fall" and sorted(record["dropped"]) == sorted(r["index"] for r in riskiest)
+  assert sum(1 for _ in open(tmp_path / "filtered.jsonl")) == len(rows) - 2 == record["num_selected"]
+  capsys.readouterr()
   rc = audit_main.main(["audit", f"--config={config_path}", f"--config.output_dir={tmp_path}", "--config.num_steps=3"])
   err = capsys.readouterr().err.strip().splitlines()
   assert rc in (1, 2) and len(err) == 1 and "num_steps" in err[0]
+  bad = ["--config.num_steps=0", "--config.audit.filter.mode=drop_highest_k", "--config.audit.filter.measure=ches"]
+  rc = audit_main.main(["audit", f"--config={config_path}", f"--config.output_dir={tmp_path}", *bad])
+  err = capsys.readouterr().err.strip().splitlines()
+  assert rc in (1, 2) and len(err) == 1 and "audit.filter.measure" in err[0]
+
+
+# --- the decomposition (audit/decompose.py) and its projections (audit/sketch.py) ---------------------------------
+
+
+@pytest.mark.parametrize(
+    "optim",
+    [
+        {"name": "sgd", "momentum": 0.9, "clip": 1.0},
+        {"name": "rmsprop"},
+        {"name": "rmsprop", "momentum": 0.5, "clip": 1.0, "schedule": "linear", "warmup_steps": 1},
+        {"name": "adamw"},
+        {"name": "adamw", "b1": 0.8, "clip": 1.0, "schedule": "cosine"},
+    ],
+    ids=["sgd-momentum-clip", "rmsprop", "rmsprop-momentum-clip-linear", "adamw", "adamw-clip-cosine"],
+)
+def test_decomposition_weights_rebuild_the_replayed_direction(optim):
+  """Pairs with known gradients G_j (loss = mean_j <G_j, params>), 3 batches over 4 pairs: the per-pair weights
+  W_j (the preconditioners read from optax's state, clip factors, schedule, momentum written out in
+  decompose.step_weights) rebuild the replay's D = -sum_j W_j * G_j; RMSprop's and Adam's preconditioners equal
+  1 / (sqrt(v_t) + eps) with v_t written out from the gradients (torch's and Adam's rules)."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+
+  from displacement_jax.audit import decompose  # pylint: disable=g-import-not-at-top
+
+  cfg = ml_collections.ConfigDict({"lr": 1e-2, "grad_accum": 1, **optim})
+  rng = np.random.default_rng(0)
+  G = {"w": rng.normal(size=(4, 5)).astype(np.float32), "u": rng.normal(size=(4, 2, 3)).astype(np.float32)}
+  params0 = {"w": jnp.zeros(5), "u": jnp.zeros((2, 3))}
+  batches = [[0, 1], [2, 3], [1, 2]]  # positions; pair 1 and 2 appear twice (two "epochs")
+  loss_fn = lambda p, b: (jnp.mean(jnp.einsum("bi,i->b", b["w"], p["w"]) + jnp.einsum("bij,ij->b", b["u"], p["u"])), {})
+  optimizer = optim_lib.make_optimizer(cfg, len(batches))
+  settings = decompose.settings(ml_collections.ConfigDict({"audit": {"sketch": "none"}}))
+  record = decompose.make_recording_step(loss_fn, optimizer, cfg, settings)
+  opt_state, direction = optimizer.init(params0), jax.tree.map(jnp.zeros_like, params0)
+  gammas, qs, v = [], [], {k: 0.0 for k in G}
+  for t, where in enumerate(batches, start=1):
+    batch = {k: jnp.asarray(x[where]) for k, x in G.items()}
+    opt_state, direction, gamma, q = record(params0, opt_state, direction, batch, jnp.int32(t))
+    gammas.append(float(gamma))
+    qs.append(None if q is None else {k: np.asarray(x) for k, x in q.items()})
+    if cfg.name != "sgd":  # v_t from the (clipped) batch gradient, written out
+      g = {k: float(gamma) * np.mean(x[where], axis=0).astype(np.float64) for k, x in G.items()}
+      a = 0.99 if cfg.name == "rmsprop" else 0.999
+      v = {k: a * v[k] + (1 - a) * g[k] ** 2 for k in G}
+      corr = 1.0 if cfg.name == "rmsprop" else 1 - 0.999**t
+      for k in G:
+        np.testing.assert_allclose(q[k], 1 / (np.sqrt(v[k] / corr) + 1e-8), rtol=1e-4)
+  schedule = optim_lib.make_schedule(cfg.get("schedule", "constant"), cfg.lr, len(batches), cfg.get("warmup_steps", 0))
+  weights = decompose.step_weights(cfg, [float(schedule(t)) for t in range(len(batches))], qs)
+  rebuilt = {k: np.zeros(x.shape[1:]) for k, x in G.items()}
+  for j in range(4):
+    steps = [s for s, where in enumerate(batches) if j in where]
+    W = decompose.pair_weight(steps, gammas, weights, 2)
+    for k in G:
+      rebuilt[k] -= (W[k] if isinstance(W, dict) else W) * G[k][j]
+  for k in G:
+    np.testing.assert_allclose(rebuilt[k], np.asarray(direction[k]), rtol=2e-5, atol=1e-7)
+
+
+def test_decomposition_sums_to_the_replays_first_order(session):
+  """AdamW (momentum across steps, bias correction), two epochs of 2 batches on the tiny model, no projection:
+  per pair, own + others = sum_j C_ij equals the replay's first order <grad ln pi, D> (y+ and y-); the split and
+  top contributors are read off the matrix."""
+  from displacement_jax.audit import decompose  # pylint: disable=g-import-not-at-top
+
+  s, dataset = session
+  overrides = {"optim.name": "adamw", "optim.lr": 1e-3, "batch_size": 4, "num_epochs": 2, "audit.sketch": "none"}
+  pred, info = s.audit_decomposed(dataset, overrides)
+  for side, c in enumerate((info["chosen"], info["rejected"])):
+    scale = np.abs(pred["first_order"][side]).max()
+    np.testing.assert_allclose(c.sum(axis=1), pred["first_order"][side], atol=1e-4 * scale)
+  parts = decompose.split(info["chosen"], 3)
+  np.testing.assert_allclose(parts["own"] + parts["others"], info["chosen"].sum(axis=1), rtol=1e-12)
+  for i, (rows, values) in enumerate(zip(parts["top_rows"], parts["top_values"])):
+    negatives = sorted(v for j, v in enumerate(info["chosen"][i]) if j != i and v < 0)[:3]
+    np.testing.assert_allclose(values[: len(negatives)], negatives)
+    assert all(info["chosen"][i, j] == v for j, v in zip(rows, values) if j >= 0) and i not in rows
+  flags = decompose.displaced_by(parts["own"], parts["others"])
+  assert all((f == "none") == (o + x >= 0) for f, o, x in zip(flags, parts["own"], parts["others"]))
+
+
+def test_projected_inner_products_converge_as_one_over_sqrt_k(session):
+  """Per-pair gradients of ln pi(y+-) of the tiny model (jax.jacrev, on the LM head and final norm): for both
+  projections the inner products are unbiased and their error falls as 1/sqrt(k): the mean squared error matches
+  the variance written out, (|a|^2 |b|^2 + <a, b>^2 - 2 sum a_c^2 b_c^2) / k, and its log-log slope against k is
+  -1/2."""
+  from displacement_jax.audit import sketch  # pylint: disable=g-import-not-at-top
+
+  s, dataset = session
+  batch = s._collate(dataset.pairs[:4], dataset.pad_id, 4, packed=True)
+  ref = audit.reference_model(s.loaded.model)
+
+  @jax.jit
+  def gradients(params):  # 8 vectors (y+ and y- of 4 pairs) on the subspace, stacked: leaves [8, ...]
+    jac = jax.jacrev(lambda p: audit.dense_pair_logps(ref, p, batch))(params)  # leaves [2, 4, ...]
+    trees = [jax.tree.map(lambda x, a=a, b=b: x[a, b], jac) for a in range(2) for b in range(4)]
+    leaves = [sketch.select(t, "head_and_last_layers", 0) for t in trees]  # LM head, norm
+    return jax.tree.map(lambda *x: jnp.stack(x), *leaves), jnp.stack([sketch.project(x, "none", 0) for x in leaves])
+
+  stacked, exact_V = gradients(s.params0)
+  exact_V = np.asarray(exact_V, np.float64)  # [8, d]
+  exact = exact_V @ exact_V.T
+  sq = exact_V**2
+  var_k1 = np.outer(sq.sum(1), sq.sum(1)) + exact**2 - 2 * sq @ sq.T  # k x the variance
+  norms = np.sqrt(np.outer(sq.sum(1), sq.sum(1)))
+  ks, seeds, iu = (16, 64, 256), 8, np.triu_indices(8)
+  rms, ratio, bias = {}, {}, {}
+  for k in ks:  # both projections, all seeds and vectors in one jitted call: [seeds, 8, k] each
+
+    @jax.jit
+    def project(stacked, seed_S, k=k):
+      one = lambda kind: jax.vmap(jax.vmap(lambda t, seed: sketch.project(t, kind, k, seed), (0, None)), (None, 0))
+      return {kind: one(kind)(stacked, seed_S) for kind in ("count_sketch", "rademacher")}
+
+    for kind, P in project(stacked, jnp.arange(seeds)).items():
+      P = np.asarray(P, np.float64)
+      errs = np.stack([((p @ p.T - exact) / norms)[iu] for p in P])  # [seeds, pairs of vectors]
+      rms.setdefault(kind, []).append(np.sqrt(np.mean(errs**2)))
+      ratio.setdefault(kind, []).append(np.mean(errs**2) / np.mean((var_k1 / norms**2)[iu] / k))
+      per_seed = errs.mean(axis=1)  # one S per seed: its errors on the pairs of vectors are not independent
+      bias.setdefault(kind, []).append(abs(per_seed.mean()) / (per_seed.std(ddof=1) / np.sqrt(seeds)))  # t-statistic
+  for kind in rms:
+    slope = np.polyfit(np.log(ks), np.log(rms[kind]), 1)[0]
+    assert -0.62 < slope < -0.38, (kind, slope, rms[kind])
+    assert all(0.5 < r < 2.0 for r in ratio[kind]), (kind, ratio[kind])
+    assert all(b < 5.0 for b in bias[kind]), (kind, bias[kind])  # unbiased: |t| of the mean error over seeds
+
+
+def test_training_monitor_logs_the_audit_beside_the_measured_change(tmp_path):
+  """eval.audit in train.run (configs/dpo_tiny.py, SGD at a small lr, one epoch of 3 steps): the monitor's last
+  row gives per pair the audit's prediction (first order, the model at theta0 + D) beside the measured change of
+  ln pi(y+), equal to first order in lr; its Spearman and sign agreement are those of the pairs it lists."""
+  from configs import dpo_tiny  # pylint: disable=g-import-not-at-top
+  from displacement_jax.train import loop as training  # pylint: disable=g-import-not-at-top
+  from displacement_jax.experiments import results  # pylint: disable=g-import-not-at-top
+
+  config = dpo_tiny.get_config()
+  config.output_dir = str(tmp_path)
+  config.optim.name, config.optim.lr, config.num_steps, config.num_epochs = "sgd", 1e-3, 0, 1
+  config.eval.every, config.eval.audit, config.checkpoint.at_end, config.reference.cache = 0, True, False, False
+  result = training.run(config)
+  pairs = np.array(result.monitor["monitor/audit_pairs"])  # [row, first order, along, measured]
+  assert len(pairs) == min(config.eval.max_samples, 24)
+  first, along, measured = pairs[:, 1], pairs[:, 2], pairs[:, 3]
+  scale = np.abs(measured).max()
+  assert scale > 1e-4, scale  # the run moved the log-probs
+  np.testing.assert_allclose(along, measured, atol=0.02 * scale)
+  np.testing.assert_allclose(first, measured, atol=0.05 * scale)
+  m = result.monitor
+  assert m["monitor/audit_first_order_spearman"] == results.spearman(first, measured)
+  assert m["monitor/audit_along_direction_sign_agreement"] == results.sign_agreement(along, measured)
+  logged = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+  assert [r["monitor/audit_pairs"] for r in logged if "monitor/audit_pairs" in r][-1] == pairs.tolist()

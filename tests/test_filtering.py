@@ -93,3 +93,16 @@ def test_select_dispatch():
 def test_bad_input(call, match):
   with pytest.raises(ValueError, match=match):
     call()
+
+
+def test_audit_scores_drop_the_pairs_predicted_to_fall_most():
+  """Predicted changes of ln pi(y+) (nats) -> risk = minus the change; drop_highest_k drops the k biggest falls."""
+  along, own, others = [0.2, -1.0, -0.1, 0.0], [0.3, 0.1, -0.5, 0.0], [-0.1, -1.1, 0.4, 0.0]
+  scores = filtering.audit_scores(along, own, others)
+  np.testing.assert_array_equal(scores["audit_fall"], [-0.2, 1.0, 0.1, -0.0])
+  np.testing.assert_array_equal(filtering.drop_highest_k(scores["audit_fall"], 1), [0, 3, 2])  # row 1 falls most
+  np.testing.assert_array_equal(filtering.drop_highest_k(scores["audit_own_fall"], 1), [0, 1, 3])  # own: row 2
+  np.testing.assert_array_equal(filtering.drop_highest_k(scores["audit_others_fall"], 2), [2, 3])  # others: 1, 0
+  assert set(filtering.audit_scores(along)) == {"audit_fall"}
+  with pytest.raises(ValueError, match="NaN"):
+    filtering.audit_scores([0.0, float("nan")])

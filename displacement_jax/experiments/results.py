@@ -13,6 +13,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from displacement_jax.experiments import persona_data, quantiles_plan
+from displacement_jax.displacement import ranks, sign_agreement, spearman  # pylint: disable=unused-import
 
 UNEMBEDDING_KEYS = ("w_pos_norm", "w_neg_norm", "w_pos_dot_w_neg", "w_diff_proj_on_pos", "w_diff_orth_norm")
 
@@ -136,27 +137,4 @@ def measure_order_agreement(rows: Sequence[Mapping[str, Any]], measure: str) -> 
 # ---------------------------------------------------------------------------------------------- agreement
 
 
-def ranks(x: Sequence[float]) -> np.ndarray:
-  """Ranks 0..n-1 of `x`, ties given their mean rank."""
-  x = np.asarray(x, np.float64)
-  order = np.argsort(x, kind="stable")
-  r = np.empty(len(x), np.float64)
-  r[order] = np.arange(len(x))
-  for value in np.unique(x):
-    tied = x == value
-    r[tied] = r[tied].mean()
-  return r
-
-
-def spearman(x: Sequence[float], y: Sequence[float]) -> float:
-  """Spearman rank correlation (Pearson correlation of the tie-averaged ranks); NaN when a side is constant."""
-  rx, ry = ranks(x), ranks(y)
-  if len(rx) < 2 or rx.std() == 0 or ry.std() == 0:
-    return float("nan")
-  return float(np.corrcoef(rx, ry)[0, 1])
-
-
-def sign_agreement(predicted: Sequence[float], measured: Sequence[float]) -> float:
-  """Share of entries where the measured value has the predicted sign (0 counts as positive)."""
-  p, m = np.asarray(predicted) >= 0, np.asarray(measured) >= 0
-  return float(np.mean(p == m)) if len(p) else float("nan")
+# ranks, spearman, sign_agreement: displacement_jax.displacement (the training monitor uses them too), re-exported here.

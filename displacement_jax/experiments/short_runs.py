@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Callable, Mapping, Sequence
+import time
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -20,15 +21,12 @@ import ml_collections
 import numpy as np
 
 from displacement_jax import forward, runtime, sharding
-
+from displacement_jax.audit import decompose, sketch
 from displacement_jax.config import checks as config_checks
-
-from displacement_jax.train import monitor as evaluation
-
 from displacement_jax.score import core as scoring
-
 from displacement_jax.train import fns as fns_lib
 from displacement_jax.train import loop as training
+from displacement_jax.train import monitor as evaluation
 from displacement_jax.audit import replay as audit
 from displacement_jax.train import optim as optim_lib
 from displacement_jax.train import step as step_lib
@@ -167,21 +165,12 @@ class Session:
     """D of the run `train(dataset, overrides)` would make: its batches replayed at the initial params through its
     optimizer, the updates summed (`audit.replay_direction`). `start`: as in `train`."""
     cfg = self.run_config({"data.path": dataset.path, **overrides})
-    iterator = training.make_iterator(dataset, cfg, self.mesh)
-    total = int(cfg.num_epochs) * iterator.steps_per_epoch
+    chosen0, rejected0 = start if start is not None else self.logps(self.params0, dataset)
+    total, batches = self._replay_batches(dataset, cfg, (chosen0, rejected0))
     optimizer = optim_lib.make_optimizer(cfg.optim, total)
     loss_fn = step_lib.make_loss_fn(self.loaded.model, cfg.loss, int(cfg.logprob_chunk_size))
     replay = jax.jit(audit.make_replay_step(loss_fn, optimizer, int(cfg.optim.grad_accum)))
-    chosen0, rejected0 = start if start is not None else self.logps(self.params0, dataset)
-    ref = {"chosen_ref_logps": chosen0, "rejected_ref_logps": rejected0}
-
-    def batches():
-      for _ in range(total):
-        local = next(iterator)
-        batch = evaluation.add_reference(local, training.positions(local, dataset), ref)
-        yield sharding.host_local_batch_to_global(batch, self.mesh)
-
-    return audit.replay_direction(replay, optimizer, self.params0, batches())
+    return audit.replay_direction(replay, optimizer, self.params0, (b for _, b in batches))
 
   def audit(
       self,
@@ -202,6 +191,95 @@ class Session:
         self.params0,
         self.direction(dataset, overrides, start=(chosen0, rejected0)),
     )
+
+  def _replay_batches(
+      self, dataset: runtime.Dataset, cfg: ml_collections.ConfigDict, start: tuple[np.ndarray, np.ndarray]
+  ) -> tuple[int, Iterator[tuple[np.ndarray, dict[str, Any]]]]:
+    """(number of steps, the run's batches as (positions in dataset.pairs, global batch with the start's log-probs
+    as reference)), in the order and seed of training."""
+    iterator = training.make_iterator(dataset, cfg, self.mesh)
+    total = int(cfg.num_epochs) * iterator.steps_per_epoch
+    ref = {"chosen_ref_logps": start[0], "rejected_ref_logps": start[1]}
+
+    def batches():
+      for _ in range(total):
+        local = next(iterator)
+        where = training.positions(local, dataset)
+        yield where, sharding.host_local_batch_to_global(evaluation.add_reference(local, where, ref), self.mesh)
+
+    return total, batches()
+
+  def audit_decomposed(
+      self,
+      dataset: runtime.Dataset,
+      overrides: Mapping[str, Any],
+      *,
+      start: tuple[np.ndarray, np.ndarray] | None = None,
+      order: int = 1,
+  ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """`audit` plus its decomposition (audit/decompose.py; settings from the config's `audit` section):
+    (predictions as `audit` returns them, {'chosen' / 'rejected': [N, N] contributions C_ij of pair j to pair i's
+    first order, 'dloss': [2, N], 'subspace_size', 'replay_s', 'pairs_s', 'steps'}). One replay (one backward per
+    batch, recording each step's clip factor and preconditioner on the subspace) gives D; then per pair one
+    forward and two backwards at the initial params, projected."""
+    cfg = self.run_config({"data.path": dataset.path, **overrides})
+    s = decompose.settings(cfg)
+    chosen0, rejected0 = start if start is not None else self.logps(self.params0, dataset)
+    total, batches = self._replay_batches(dataset, cfg, (chosen0, rejected0))
+    optimizer = optim_lib.make_optimizer(cfg.optim, total)
+    schedule = optim_lib.make_schedule(
+        cfg.optim.get("schedule", "constant"), float(cfg.optim.lr), total, int(cfg.optim.get("warmup_steps", 0))
+    )
+    loss_fn = step_lib.make_loss_fn(self.loaded.model, cfg.loss, int(cfg.logprob_chunk_size))
+    record = decompose.make_recording_step(loss_fn, optimizer, cfg.optim, s)
+    tic = time.perf_counter()
+    opt_state = optimizer.init(self.params0)
+    direction = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), self.params0)
+    steps_of: list[list[int]] = [[] for _ in dataset.pairs]
+    gammas, qs = [], []
+    for t, (where, batch) in enumerate(batches):
+      opt_state, direction, gamma, q = record(self.params0, opt_state, direction, batch, jnp.int32(t + 1))
+      gammas.append(float(gamma))
+      qs.append(None if q is None else {k: np.asarray(v) for k, v in jax.device_get(q).items()})
+      for pos in where:
+        steps_of[int(pos)].append(t)
+    jax.block_until_ready(direction)
+    replay_s = time.perf_counter() - tic
+    pred = audit.predict(
+        np.stack((chosen0, rejected0)),
+        lambda p: np.stack(self.logps(p, dataset)),
+        lambda d: self.derivatives(d, dataset, order),
+        self.params0,
+        direction,
+    )
+    del direction, opt_state
+    tic = time.perf_counter()
+    weights = decompose.step_weights(cfg.optim, [float(schedule(t)) for t in range(total)], qs)
+    sketches_fn = decompose.make_pair_sketches(self.loaded.model, int(cfg.logprob_chunk_size), s)
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for pos, steps in enumerate(steps_of):
+      groups.setdefault(tuple(steps), []).append(pos)
+    rows = [None] * len(dataset.pairs)
+    dp = sharding.data_parallel_size(self.mesh)
+    for steps, members in groups.items():  # one W per set of steps (one epoch: per batch)
+      weight = jax.tree.map(jnp.asarray, decompose.pair_weight(steps, gammas, weights, int(cfg.batch_size)))
+      for pos in members:
+        batch = self._collate([dataset.pairs[pos]], dataset.pad_id, dp, packed=True)
+        rows[pos] = np.asarray(jax.device_get(sketches_fn(self.params0, batch, weight)))
+    dloss = decompose.loss_derivatives(cfg.loss, chosen0, rejected0)
+    chosen, rejected = decompose.contributions(np.stack(rows), dloss)
+    pairs_s = time.perf_counter() - tic
+    info = {
+        "chosen": chosen,
+        "rejected": rejected,
+        "dloss": dloss,
+        "subspace_size": sketch.size(sketch.select(self.params0, s.subspace, s.last_layers)),
+        "settings": s,
+        "replay_s": replay_s,
+        "pairs_s": pairs_s,
+        "steps": total,
+    }
+    return pred, info
 
   def run_config(self, overrides: Mapping[str, Any]) -> ml_collections.ConfigDict:
     """The session's config with `overrides` (dotted paths, `common.derive`, or nested), checked as train.loop.run

@@ -9,6 +9,11 @@ Quantile windows follow the paper's Section 5 protocol: sort by the measure asce
 `window`-sample window centred at `round(q * (N - 1))`, shifted (not truncated) so that it stays inside
 `[0, N)`. `round` is round-half-up (`floor(x + 0.5)`), so q = 0.5 with N = 10 centres at 5, not 4.
 For an even window the centre is the element just after the middle: indices `[c - w//2, c - w//2 + w)`.
+
+The audit's measures (`audit_scores`, used by `python -m displacement_jax.audit` with `audit.filter`) score a pair
+by how far the displacement audit predicts its ln pi(y+) to fall (higher = riskier, as CHES), so the
+`drop_highest_*` modes drop the pairs predicted to fall most: by its own update, by the other pairs' updates, or
+in all (the model at theta0 + D).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from typing import Sequence
 import numpy as np
 
 MODES = ("none", "lowest_k", "lowest_fraction", "drop_highest_k", "drop_highest_fraction", "quantile_window")
+AUDIT_MEASURES = ("audit_fall", "audit_own_fall", "audit_others_fall")
 
 
 def _as_scores(scores: Sequence[float] | np.ndarray) -> np.ndarray:
@@ -109,6 +115,21 @@ def quantile_window(scores: Sequence[float] | np.ndarray, q: float, window: int 
   order = sort_order(scores)
   start, stop = window_bounds(order.size, q, window)
   return order[start:stop]
+
+
+def audit_scores(
+    along_N: Sequence[float] | np.ndarray,
+    own_N: Sequence[float] | np.ndarray | None = None,
+    others_N: Sequence[float] | np.ndarray | None = None,
+) -> dict[str, np.ndarray]:
+  """The audit's risk scores per pair from its predicted changes of ln pi(y+) (nats; higher = predicted to fall
+  more): 'audit_fall' = -(change at theta0 + D), and with the decomposition 'audit_own_fall' = -(own term),
+  'audit_others_fall' = -(the other pairs' term)."""
+  out = {"audit_fall": -_as_scores(along_N)}
+  if own_N is not None and others_N is not None:
+    out["audit_own_fall"] = -_as_scores(own_N)
+    out["audit_others_fall"] = -_as_scores(others_N)
+  return out
 
 
 def select(

@@ -235,11 +235,17 @@ def cutoff_of(results: Sequence[dict[str, Any]], selected: np.ndarray, measure: 
   return float((top_kept + above.min()) / 2) if above.size and np.isfinite(top_kept) else None
 
 
-def select_rows(results: Sequence[dict[str, Any]], filter_cfg: ml_collections.ConfigDict) -> np.ndarray:
-  """Positions (into `results`) picked by filter.mode on filter.measure, ascending by score."""
+def select_rows(
+    results: Sequence[dict[str, Any]],
+    filter_cfg: ml_collections.ConfigDict,
+    measures: Sequence[str] = MEASURES,
+    name: str = "config.filter",
+) -> np.ndarray:
+  """Positions (into `results`) picked by filter.mode on filter.measure (one of `measures`), ascending by score;
+  `name` is the config block named in errors."""
   measure = filter_cfg.get("measure", "ln_ches")
-  if measure not in MEASURES:
-    raise ValueError(f"config.filter.measure must be one of {MEASURES}, got {measure!r}")
+  if measure not in measures:
+    raise ValueError(f"{name}.measure must be one of {tuple(measures)}, got {measure!r}")
   scores = np.asarray([r[measure] for r in results], np.float64)
   k, fraction, q = filter_cfg.get("k"), filter_cfg.get("fraction"), filter_cfg.get("q")
   return filtering.select(

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import time
 from typing import Any
 
 import jax
@@ -89,6 +90,35 @@ def run(config: ml_collections.ConfigDict, *, resume: bool = False) -> RunResult
           raise
 
 
+def audit_monitor(
+    fns: fns_lib.Fns,
+    loaded: runtime.Loaded,
+    dataset: runtime.Dataset,
+    rows: np.ndarray,
+    ref: dict[str, np.ndarray],
+    config: ml_collections.ConfigDict,
+    mesh: Any,
+    total_steps: int,
+) -> dict[str, np.ndarray]:
+  """eval.audit: the audit's predictions for the monitored rows (`evaluation.audit_predictions`), its batches
+  those of the run (a second iterator of the same seed), logged with their cost."""
+  iterator = make_iterator(dataset, config, mesh)
+
+  def batches():
+    for _ in range(total_steps):
+      local = next(iterator)
+      yield sharding.host_local_batch_to_global(evaluation.add_reference(local, positions(local, dataset), ref), mesh)
+
+  tic = time.perf_counter()
+  predicted = evaluation.audit_predictions(fns, loaded, dataset, rows, ref, config, mesh, total_steps, batches())
+  log(
+      f"eval.audit: predicted d ln pi(y+) of the {len(rows)} monitored pairs over the run ({total_steps} steps "
+      f"replayed at the initial params, {time.perf_counter() - tic:.1f} s): first order mean "
+      f"{predicted['first_order'].mean():+.4f}, the model at theta0 + D mean {predicted['along_direction'].mean():+.4f}"
+  )
+  return predicted
+
+
 def train(
     config: ml_collections.ConfigDict,
     mesh: Any,
@@ -119,6 +149,9 @@ def train(
   loaded.params = jax.device_put(loaded.params, fns.param_sh)
   monitor_rows = np.arange(min(len(dataset.pairs), int(config.eval.get("max_samples", 256))))
   ref, from_cache = reference_lib.compute_or_load(loaded, dataset, monitor_rows, config, fns, mesh, log=log)
+  predicted = None
+  if config.eval.get("audit", False):  # before init_state donates the initial params
+    predicted = audit_monitor(fns, loaded, dataset, monitor_rows, ref, config, mesh, total_steps)
   state = fns.init_state(loaded.params)
   log(resume_lib.checkpoint_size_line(state, config, total_steps))
   del loaded.params  # no reference params stay on device: the state holds the (only) copy
@@ -148,7 +181,7 @@ def train(
           **{f"data/{k}": v for k, v in dataset.checks.record().items()},
       },
   )
-  monitor = evaluation.Monitor(fns, loaded, dataset, monitor_rows, ref, config, mesh)
+  monitor = evaluation.Monitor(fns, loaded, dataset, monitor_rows, ref, config, mesh, predicted)
   run_info = {"config": resume_lib.config_json(config), "data": identity, "total_steps": total_steps}
   loop = TrainLoop(config, fns, iterator, dataset, ref, mesh, ckpt, writer, monitor, total_steps, meta, run_info)
   try:

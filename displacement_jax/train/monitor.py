@@ -6,11 +6,15 @@ metrics). One evaluation costs one forward pass over the monitor rows: `make_mon
 the loss from the same forward, on shared-prompt packed rows of one fixed shape (compiled once per run). Its
 baseline log-probs come from the reference pass (`reference.compute_or_load`), which runs the very same jitted
 function on the very same batch before training, so step 0 shows exactly zero change.
+
+With `eval.audit` the run is first audited for the monitored pairs (`audit_predictions`: the displacement audit's
+replay route, docs/theory.md), and every evaluation logs its prediction beside the measured change per pair
+(`monitor.audit_agreement`).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterable
 
 import jax
 import ml_collections
@@ -19,6 +23,8 @@ import numpy as np
 from displacement_jax import forward
 from displacement_jax import displacement as monitor_lib
 from displacement_jax import runtime, sharding
+from displacement_jax.audit import replay as audit
+from displacement_jax.train import optim as optim_lib
 from displacement_jax.train import step as step_lib
 from displacement_jax.data.layout import fill_rows, round_up
 
@@ -67,6 +73,41 @@ def token_names(tokenizer: Any, vocab_size: int) -> list[str]:
   return names + [f"<unused_{i}>" for i in range(len(names), vocab_size)]
 
 
+def audit_predictions(
+    fns: Any,
+    loaded: runtime.Loaded,
+    dataset: runtime.Dataset,
+    rows: np.ndarray,
+    ref: dict[str, np.ndarray],
+    config: ml_collections.ConfigDict,
+    mesh: Any,
+    total_steps: int,
+    batches: Iterable[Any],
+) -> dict[str, np.ndarray]:
+  """The displacement audit of this run for the monitored `rows`: the run's `batches` (all `total_steps`, with
+  reference log-probs) replayed at the initial params `loaded.params` through its optimizer and summed into D
+  (`audit.replay_direction`); per pair the predicted change of ln pi(y+) over the run, {'first_order':
+  <grad ln pi(y+), D>, 'along_direction': the model at theta0 + D} [len(rows)], in chunks of audit.JVP_PAIRS."""
+  optimizer = optim_lib.make_optimizer(config.optim, total_steps)
+  loss_fn = step_lib.make_loss_fn(loaded.model, config.loss, int(config.logprob_chunk_size))
+  replay = jax.jit(audit.make_replay_step(loss_fn, optimizer, int(config.optim.grad_accum)))
+  params0 = loaded.params
+  direction = audit.replay_direction(replay, optimizer, params0, batches)
+  shifted = jax.device_put(audit.shifted(params0, direction, 1.0), fns.param_sh)
+  derivatives = audit.make_directional_derivatives(loaded.model, 1)
+  dp, first, along = sharding.data_parallel_size(mesh), [], []
+  for start in range(0, len(rows), audit.JVP_PAIRS):
+    part = np.asarray(rows[start : start + audit.JVP_PAIRS])
+    batch = packed_monitor_batch(monitor_batch(dataset, part, config, dp, ref), dataset, config, dp)
+    batch = sharding.global_batch_to_devices(batch, mesh)
+    first.append(np.asarray(jax.device_get(derivatives(params0, direction, batch)))[0, 0, : len(part)])
+    at_d, at_0 = (
+        np.asarray(jax.device_get(fns.monitor(p, batch))["chosen_logps_B"], np.float64) for p in (shifted, params0)
+    )
+    along.append((at_d - at_0)[: len(part)])  # both on this batch's layout: no rounding between layouts
+  return {"first_order": np.concatenate(first).astype(np.float64), "along_direction": np.concatenate(along)}
+
+
 class Monitor:
   """Displacement monitor on the fixed subset `rows` of the training pairs (see the module docstring)."""
 
@@ -79,8 +120,10 @@ class Monitor:
       ref: dict[str, np.ndarray],
       config: ml_collections.ConfigDict,
       mesh: Any,
+      predicted: dict[str, np.ndarray] | None = None,
   ):
-    self.fns, self.rows, self.ref, self.n = fns, rows, ref, len(rows)
+    """`predicted`: the audit's predictions for `rows` (`audit_predictions`), logged beside the measured change."""
+    self.fns, self.rows, self.ref, self.n, self.predicted = fns, rows, ref, len(rows), predicted
     self.top_k, self.show_fell = int(config.eval.top_k), int(config.eval.get("show_fell", 5))
     self.row_index = [int(dataset.pairs[i].index) for i in rows]  # the monitored pairs' 0-based rows in the data
     dp = sharding.data_parallel_size(mesh)
@@ -112,6 +155,9 @@ class Monitor:
             self.show_fell,
         )
     )
+    if self.predicted is not None:
+      change = logps["chosen_logps_B"][:n] - self.ref["monitor_chosen_ref_logps"]
+      out.update(monitor_lib.audit_agreement(self.predicted, change, self.row_index))
     if self.fns.next_token is not None:
       out.update(self._single_token(params, step))
     return out

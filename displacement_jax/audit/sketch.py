@@ -1,0 +1,101 @@
+"""Parameter subspaces and unbiased random projections of parameter-shaped vectors, blockwise per leaf.
+
+The audit's decomposition (audit/decompose.py) takes inner products of per-pair gradients restricted to a
+SUBSPACE of the parameters and compressed to k numbers by a random projection S with E[<S a, S b>] = <a, b>:
+
+  subspace  'all'                    every parameter
+            'head_and_last_layers'   the LM head (the tied embedding when there is no separate head), the final
+                                     norm and the last `last_layers` layers of the stacked decoder ('layers', the
+                                     layer axis first)
+  sketch    'none'                   no projection: the flattened vector itself (exact; small models only)
+            'rademacher'             S = [R_1 ... R_L], R_l [k, d_l] i.i.d. +-1/sqrt(k): E[S^T S] = I
+            'count_sketch'           coordinate c of leaf l goes to bucket h_l(c) in [0, k) with sign s_l(c) = +-1
+                                     (S has one +-1 per column): E[S^T S] = I, cost O(d) per vector
+
+Both projections are applied leaf by leaf and block by block, their randomness regenerated from (seed, leaf, block)
+on every call, so no [d, k] matrix is ever held: Rademacher's memory is one [block, k] tile (about
+`TILE_ELEMENTS` numbers), count-sketch's one leaf's buckets. For unit vectors a, b both have
+Var <S a, S b> = (|a|^2 |b|^2 + <a, b>^2 - 2 sum_c a_c^2 b_c^2) / k, so the error falls as 1 / sqrt(k)
+(tests/test_audit.py measures it).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+SUBSPACES = ("all", "head_and_last_layers")
+SKETCHES = ("none", "rademacher", "count_sketch")
+TILE_ELEMENTS = 1 << 22  # Rademacher: the largest [block, k] tile of signs generated at once (16 MiB of float32)
+
+
+def leaf_name(path: tuple[Any, ...]) -> str:
+  return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+
+
+def select(tree: Any, subspace: str, last_layers: int = 1) -> dict[str, jax.Array]:
+  """{leaf name: float32 leaf restricted to `subspace`} of a params-shaped tree (module docstring), in a fixed
+  order; works on params, gradients and preconditioners alike, under jit."""
+  if subspace not in SUBSPACES:
+    raise ValueError(f"audit.subspace must be one of {SUBSPACES}, got {subspace!r}")
+  flat = [(leaf_name(path), x) for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]]
+  if subspace == "all":
+    return {name: x.astype(jnp.float32) for name, x in flat}
+  if last_layers < 0:
+    raise ValueError(f"audit.last_layers must be >= 0, got {last_layers}")
+  tops = {name.split("/")[0] for name, _ in flat}
+  head = "lm_head" if "lm_head" in tops else "embed_tokens"  # tied embeddings: the embedding is the head
+  out = {}
+  for name, x in flat:
+    top = name.split("/")[0]
+    if top == "layers" and last_layers > 0:
+      out[name] = x[x.shape[0] - min(last_layers, x.shape[0]) :].astype(jnp.float32)
+    elif top in (head, "norm"):
+      out[name] = x.astype(jnp.float32)
+  if not out:
+    raise ValueError(f"audit.subspace {subspace!r} selects no parameter of a tree with {sorted(tops)}")
+  return out
+
+
+def size(leaves: dict[str, Any]) -> int:
+  """Number of coordinates of a selected subspace."""
+  return sum(int(math.prod(x.shape)) for x in leaves.values())
+
+
+def _count_sketch_leaf(x_D: jax.Array, key: jax.Array, k: int) -> jax.Array:
+  bucket_D = jax.random.randint(jax.random.fold_in(key, 0), x_D.shape, 0, k)
+  sign_D = jax.random.rademacher(jax.random.fold_in(key, 1), x_D.shape, jnp.float32)
+  return jax.ops.segment_sum(sign_D * x_D, bucket_D, num_segments=k)
+
+
+def _rademacher_leaf(x_D: jax.Array, key: jax.Array, k: int) -> jax.Array:
+  d = x_D.shape[0]
+  block = max(1, min(d, TILE_ELEMENTS // k))
+  blocks = -(-d // block)
+  x_NC = jnp.pad(x_D, (0, blocks * block - d)).reshape(blocks, block)
+
+  def body(acc_K, i):
+    tile_CK = jax.random.rademacher(jax.random.fold_in(key, i), (block, k), jnp.float32)
+    return acc_K + x_NC[i] @ tile_CK, None
+
+  acc_K, _ = jax.lax.scan(body, jnp.zeros((k,), jnp.float32), jnp.arange(blocks))
+  return acc_K / math.sqrt(k)
+
+
+def project(leaves: dict[str, jax.Array], sketch: str, k: int, seed: int = 0) -> jax.Array:
+  """S v for one vector given as selected leaves (`select`): [k] float32 (sketch 'none': [d], the leaves
+  flattened). The same (sketch, k, seed) and leaf shapes give the same S on every call: inner products of two
+  projected vectors estimate theirs without bias."""
+  if sketch not in SKETCHES:
+    raise ValueError(f"audit.sketch must be one of {SKETCHES}, got {sketch!r}")
+  flat = [leaves[name].reshape(-1).astype(jnp.float32) for name in sorted(leaves)]
+  if sketch == "none":
+    return jnp.concatenate(flat)
+  if k < 1:
+    raise ValueError(f"audit.sketch_dim must be >= 1, got {k}")
+  root = jax.random.key(seed)
+  leaf_fn = _count_sketch_leaf if sketch == "count_sketch" else _rademacher_leaf
+  return sum(leaf_fn(x_D, jax.random.fold_in(root, i), k) for i, x_D in enumerate(flat))
