@@ -4,13 +4,15 @@
     python -m displacement_jax.train --config=configs/sorry.py:model=gemma2b_it,variant=filtered
     python -m displacement_jax.train --config=configs/sorry.py:model=smollm2        # in miniature, offline, CPU
     python -m displacement_jax.train --config=configs/sorry.py:tiny                     # offline, seconds
+    python -m displacement_jax.train --config=configs/sorry.py:model=smollm2,tiny   # the miniature's tiny twin
     python -m displacement_jax.report sorry runs/sorry_llama3_8b_instruct
 
 Arg (configs.common.parse_arg): model = gemma2b_it (default; google/gemma-2b-it) | llama3_8b_instruct
 (meta-llama/Meta-Llama-3-8B-Instruct) | smollm2 (the packaged SmolLM2-135M-Instruct: Section 6 in miniature, see
 below); variant = the method dpo (default) | dpo_sft | gold | filtered, or all
 (every method in one process, sharing the generated and judged pairs; the default with tiny); tiny = a random
-tiny policy and judge on the shipped SORRY-Bench fixtures.
+tiny policy and judge on the shipped SORRY-Bench fixtures (with model=smollm2: a random tiny policy on the mild
+requests, judged by the phrase rule).
 
 model=smollm2 (default variant: dpo, dpo_sft and filtered in one process): the project's own 56 mild requests
 (`displacement_jax/assets/mild_requests.jsonl`, SORRY-Bench's question layout), two responses each at T=0.7 (at
@@ -91,16 +93,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.batch_size = 8
     config.num_epochs = 2
     config.progress = False
-  if arg.tiny:
+  if arg.tiny and model != "smollm2":  # model=smollm2,tiny keeps its prompts and the phrase judge
     config.sorry.prompts_path = os.path.join(common.FIXTURES, "sorry-bench-202406")
     config.sorry.human_judgments_path = os.path.join(common.FIXTURES, "sorry-bench-human-judgment-202406")
     config.sorry.judge_path = ""
     config.sorry.judge_tiny = "llama"
-    config.sorry.tie_breaker = "random"
-    config.sorry.max_new_tokens = 6
     config.sorry.judge_max_new_tokens = 2
     config.sorry.judge_max_length = 256
     config.sorry.judge_mode = "logits"  # a random tiny judge rarely writes a parsable score
+  if arg.tiny:
+    config.sorry.tie_breaker = "random"
+    config.sorry.max_new_tokens = 6
     config.sorry.gen_batch_size = 8
     config.sorry.filter_k = 2
     config.sorry.gold_lr = 1e-3
