@@ -129,7 +129,9 @@ def _canned_sample_fn(tokenizer):
 def miniature(tmp_path_factory):
   config = sorry.get_config("model=smollm2,tiny")
   config.output_dir = str(tmp_path_factory.mktemp("sorry_smollm2"))
+  assert tuple(config.sorry.variants) == ("dpo", "dpo_sft", "filtered")  # the miniature's methods
   config.sorry.num_prompts = 8
+  config.sorry.variants = ("dpo", "filtered")  # dpo_sft differs only in loss.sft_coeff (tested above): saves a compile
   tokenizer = runtime.load_tokenizer(config)
   return config, pipeline.run(config, sample_fn=_canned_sample_fn(tokenizer))
 
@@ -143,8 +145,8 @@ def test_miniature_phrase_judge_and_pair_kinds(miniature):
     assert [judge.parse_score(o) for o in j["judge_outputs"]] == j["scores"]
   assert result["pair_counts"]["tie_refused"] == 2 and result["pair_counts"]["tie_complied"] == 2
   assert result["pair_counts"]["decided"] == 4 and result["judge"] == ""
-  assert list(result["variants"]) == ["dpo", "dpo_sft", "filtered"]
-  assert result["variants"]["filtered"]["n_pairs"] == 2
+  assert list(result["variants"]) == ["dpo", "filtered"]
+  assert result["variants"]["filtered"]["n_pairs"] == 2 and result["seed"] == config.seed
   train = _jsonl(os.path.join(config.output_dir, "train.jsonl"))
   kinds = [labels.pair_kind(p) for p in train]
   for v in result["variants"].values():
