@@ -257,6 +257,26 @@ def format_sorry(rows: Sequence[dict[str, Any]]) -> str:
   return "\n".join(lines)
 
 
+def format_sorry_logps(results: Sequence[dict[str, Any]]) -> str:
+  """ln pi(y+) of the train pairs after each method, by pair kind (pipeline's `train_logps`); '' when absent."""
+  lines = []
+  for r in results:
+    for method, v in r.get("variants", {}).items():
+      for kind, m in v.get("train_logps", {}).items():
+        lines.append(
+            f'{method:10s} {kind:22s} {m["n"]:>4d} {m["chosen_start_mean"]:>10.2f} {m["chosen_change_mean"]:>+9.3f} '
+            f'{100 * m["share_chosen_fell"]:>6.0f}% {m["rejected_change_mean"]:>+9.3f} {m["margin_change_mean"]:>+9.3f}'
+        )
+  if not lines:
+    return ""
+  header = (
+      "ln pi(y+) of the train pairs after each method, by kind (change from the start; fell = share whose ln pi(y+) "
+      f'fell)\n{"method":10s} {"kind":22s} {"n":>4s} {"start":>10s} {"d ln y+":>9s} {"fell":>7s} {"d ln y-":>9s} '
+      f'{"d margin":>9s}'
+  )
+  return "\n".join([header] + lines)
+
+
 def _pct(x: float) -> str:
   return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}%"
 
@@ -302,7 +322,9 @@ def report(family: str, dirs: Sequence[str], out_dir: str | None = None) -> dict
     text, plots = format_quantiles(rows), [plot_quantiles(rows, os.path.join(out_dir, "quantiles.png"))]
   else:
     rows = sorry_rows(results)
-    text, plots = format_sorry(rows), [plot_sorry(rows, os.path.join(out_dir, "sorry_refusal.png"))]
+    logps = format_sorry_logps(results)
+    text = format_sorry(rows) + ("\n\n" + logps if logps else "")
+    plots = [plot_sorry(rows, os.path.join(out_dir, "sorry_refusal.png"))]
   print(text)
   for p in plots:
     print(f"wrote {p}")

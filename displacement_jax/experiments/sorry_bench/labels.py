@@ -148,6 +148,18 @@ def label_pairs(
   return rows, counts
 
 
+PAIR_KINDS = ("refusal_refusal", "compliance_compliance", "mixed")
+
+
+def pair_kind(row: Mapping[str, Any]) -> str:
+  """'refusal_refusal' / 'compliance_compliance' (a tie of two refusals / two compliances) or 'mixed', from a
+  `label_pairs` row's meta.scores."""
+  a, b = row["meta"]["scores"]
+  if a != b:
+    return "mixed"
+  return "refusal_refusal" if a == REFUSED else "compliance_compliance"
+
+
 def gold_pairs(judgments: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
   """Gold preference rows from human judgments: per question, the first human-judged refusal (score 0)
   is preferred over the first compliance (score 1), in row order. Questions without both are skipped.

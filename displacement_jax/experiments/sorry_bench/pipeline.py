@@ -8,7 +8,9 @@
 4. label pairs: the refusal is preferred; ties are ordered by a tie-breaker (`labels`);
 5. variants: `dpo` (beta 0.1, lr 5e-6), `dpo_sft` (+ SFT term), `gold` (pairs from the human judgments,
    lr 1e-6), `filtered` (the k=19 pairs with the lowest LN-CHES, `scoring.score_examples` + `filtering.lowest_k`);
-6. refusal rate before and after training: share of responses (T=0.7) the judge scores as refusing.
+6. refusal rate before and after training: share of responses (T=0.7) the judge scores as refusing;
+7. ln pi(y+) and ln pi(y-) of every train pair before and after each method, summarised by the pair's kind
+   (`labels.pair_kind`: two refusals, two compliances, or mixed) -- displacement where Section 6 expects it.
 Outputs: `judged.jsonl`, `train.jsonl`, `test.jsonl`, `gold.jsonl`, `filtered.jsonl`, `<variant>/...` train runs
 and `result.json` (read by `python -m displacement_jax.report sorry`).
 """
@@ -28,7 +30,7 @@ from displacement_jax.score import core as scoring
 
 from displacement_jax.train import loop as training
 from displacement_jax.data import schema
-from displacement_jax.experiments import common
+from displacement_jax.experiments import common, short_runs
 from displacement_jax.experiments.sorry_bench import generation, judge as judge_lib, labels, refusal
 from displacement_jax.experiments.sorry_bench.constants import VARIANTS
 
@@ -50,6 +52,7 @@ class Split:
   train_path: str
   train_q: list[str]
   test_q: list[str]
+  train_kinds: list[str]  # labels.pair_kind of each train pair
 
 
 def load_prompts(path: str, limit: int = 0) -> list[dict[str, Any]]:
@@ -85,7 +88,7 @@ def policy_generator(
 def judge_and_label(
     prompts: list[dict[str, Any]],
     samples: list[list[str]],
-    judge: generation.Generator,
+    judge: judge_lib.Judge,
     config: ml_collections.ConfigDict,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
   """Steps 3-4: judge both responses of every prompt, label the pairs; writes judged.jsonl.
@@ -142,7 +145,39 @@ def split_pairs(pairs: list[dict[str, Any]], config: ml_collections.ConfigDict) 
       train_path=train_path,
       train_q=[pairs[i]["prompt"] for i in train_pos],
       test_q=[pairs[i]["prompt"] for i in test_pos],
+      train_kinds=[labels.pair_kind(pairs[i]) for i in train_pos],
   )
+
+
+@dataclasses.dataclass
+class Measure:
+  """ln pi(y+) / ln pi(y-) of the train pairs under any params (`short_runs.Session.logps`), and at the start."""
+
+  session: short_runs.Session
+  dataset: runtime.Dataset
+  kinds: list[str]
+  chosen_N: np.ndarray
+  rejected_N: np.ndarray
+
+  @classmethod
+  def start(cls, session: short_runs.Session, split: Split) -> "Measure":
+    dataset = session.dataset(split.train_pairs, "train_measured")
+    return cls(session, dataset, split.train_kinds, *session.logps(session.params0, dataset))
+
+  def change(self, params: Any) -> dict[str, dict[str, float]]:
+    """Per kind ('all' and each `labels.PAIR_KINDS` present): n, ln pi(y+) at the start, `short_runs.summary`."""
+    chosen_N, rejected_N = self.session.logps(params, self.dataset)
+    kinds = np.asarray(self.kinds)
+    out = {}
+    for kind in ("all",) + labels.PAIR_KINDS:
+      rows = np.ones(len(kinds), bool) if kind == "all" else kinds == kind
+      if rows.any():
+        out[kind] = {
+            "n": int(rows.sum()),
+            "chosen_start_mean": float(np.mean(self.chosen_N[rows])),
+            **short_runs.summary(chosen_N[rows] - self.chosen_N[rows], rejected_N[rows] - self.rejected_N[rows]),
+        }
+    return out
 
 
 def gold_data(split: Split, config: ml_collections.ConfigDict) -> tuple[str, dict[str, Any]]:
@@ -188,7 +223,8 @@ def train_variant(
     variant: str,
     split: Split,
     loaded: runtime.Loaded,
-    judge: generation.Generator,
+    judge: judge_lib.Judge,
+    measure: Measure,
     config: ml_collections.ConfigDict,
     sample_fn: generation.SampleFn | None,
 ) -> dict[str, Any]:
@@ -211,6 +247,7 @@ def train_variant(
       "test": refusal.refusal_rates(tuned, judge, split.test_q, config, TEST_SEED),
       "steps": int(trained.step),
       "n_pairs": n_rows,
+      "train_logps": measure.change(trained.params),
       **extra,
   }
   _log(
@@ -231,7 +268,8 @@ def run(config: ml_collections.ConfigDict, *, sample_fn: generation.SampleFn | N
 
   prompts = load_prompts(sc.prompts_path, int(sc.num_prompts))
   questions = [p["prompt"] for p in prompts]
-  loaded = runtime.load_model(config)
+  session = short_runs.Session(config)
+  loaded = session.loaded
   policy = policy_generator(loaded, loaded.params, config, sample_fn)
   samples = [
       policy(
@@ -245,12 +283,14 @@ def run(config: ml_collections.ConfigDict, *, sample_fn: generation.SampleFn | N
   judge = judge_lib.load_judge(config, sample_fn)
   pairs, labelling = judge_and_label(prompts, samples, judge, config)
   split = split_pairs(pairs, config)
+  measure = Measure.start(session, split)
 
   result: dict[str, Any] = {
       "family": "sorry",
       "model": str(config.model.get("path") or config.model.get("tiny")),
       "judge": str(sc.judge_path or sc.judge_tiny),
       "tie_breaker": labelling["tie_breaker"],
+      "seed": int(config.seed),  # the random tie-breaker's seed, and the sampling seeds' base
       "pair_counts": labelling["pair_counts"],
       "sampled_refusal": labelling["sampled_refusal"],
       "n_train": len(split.train_pos),
@@ -263,6 +303,6 @@ def run(config: ml_collections.ConfigDict, *, sample_fn: generation.SampleFn | N
   }
   _log(f'sorry: initial refusal rate train {result["initial"]["train"]} test {result["initial"]["test"]}')
   for variant in sc.variants:
-    result["variants"][variant] = train_variant(variant, split, loaded, judge, config, sample_fn)
+    result["variants"][variant] = train_variant(variant, split, loaded, judge, measure, config, sample_fn)
   rundir.write_json(os.path.join(config.output_dir, common.RESULT_FILE), result)
   return result

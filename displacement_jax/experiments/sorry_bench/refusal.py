@@ -21,7 +21,7 @@ def refusal_rate(scores: Sequence[int | None]) -> dict[str, Any]:
 
 def refusal_rates(
     policy: generation.Generator,
-    judge: generation.Generator,
+    judge: judge_lib.Judge,
     questions: Sequence[str],
     config: ml_collections.ConfigDict,
     seed: int,
