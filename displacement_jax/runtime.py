@@ -34,6 +34,7 @@ class Loaded:
   tokenizer: Any
   identity: dict[str, Any]
   setup_line: str = ""  # the prompt format and any vocabulary change, printed once at start (`setup_line`)
+  lora: Any = None  # LoRA training (lora_train.Adapters): the base params the adapters apply to, and their settings
 
 
 def load_tokenizer(config: ml_collections.ConfigDict) -> Any:

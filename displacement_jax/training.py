@@ -32,6 +32,7 @@ from displacement_jax import monitor as monitor_lib
 from displacement_jax import optim as optim_lib
 from displacement_jax import reference as reference_lib
 from displacement_jax import interrupts as interrupts_lib
+from displacement_jax import lora_train
 from displacement_jax import rundir, runlock, runtime, sharding, step as step_lib
 from displacement_jax.data import batching
 from displacement_jax.errors import Interrupted, UsageError
@@ -425,7 +426,9 @@ class Fns:
 
 def make_fns(loaded: runtime.Loaded, config: ml_collections.ConfigDict, mesh: Any, total_steps: int) -> Fns:
   """jit every function of the run with its shardings (params by `sharding.param_shardings`, batches over
-  ('data', 'fsdp'), outputs replicated); the train step donates its state."""
+  ('data', 'fsdp'), outputs replicated); the train step donates its state. LoRA: lora_train.make_fns."""
+  if lora_train.enabled(config):
+    return Fns(**lora_train.make_fns(loaded, config, mesh, total_steps))
   model, chunk = loaded.model, int(config.logprob_chunk_size)
   param_sh = sharding.param_shardings(loaded.params, mesh)
   replicated = NamedSharding(mesh, P())
@@ -641,7 +644,10 @@ def export_hf(params: Any, loaded: runtime.Loaded, out_dir: str, *, progress: bo
   try:
     if writer:
       shutil.rmtree(partial, ignore_errors=True)
-    io_lib.save_pretrained(params, loaded.model_config, partial, progress=progress)
+    if loaded.lora is not None:  # a PEFT adapter directory (+ merged/ with model.lora.merge)
+      lora_train.save(params, loaded, partial, progress=progress)
+    else:
+      io_lib.save_pretrained(params, loaded.model_config, partial, progress=progress)
     if writer:
       if hasattr(loaded.tokenizer, "save_pretrained"):
         loaded.tokenizer.save_pretrained(partial)
