@@ -63,23 +63,26 @@ def check(config: ml_collections.ConfigDict) -> None:
 
 
 def attach(loaded: runtime.Loaded, config: ml_collections.ConfigDict) -> Adapters:
-  """Make `loaded` a LoRA run: its model applies adapters (alpha, rsLoRA of the config or of model.lora.path) and
-  `loaded.lora` holds the base params and the initial fp32 adapters (PEFT's init, or the directory's)."""
+  """Make `loaded` a LoRA run: `loaded.params` the base params alone, its model one that applies adapters (alpha,
+  rsLoRA of the config, or of model.lora.path which runtime.load_model applied), and `loaded.lora` the base
+  params and the initial fp32 adapters (PEFT's init, or the directory's)."""
   check(config)
   lc = config.model.lora
-  if lc.get("path"):
-    initial, model_config = peft_io.load_adapter(lc.path, loaded.model_config)
-    initial = jax.tree.map(jnp.asarray, initial)
+  base, initial = lora.split(loaded.params)
+  model_config = loaded.model_config
+  if initial:  # runtime.load_model applied model.lora.path
+    initial = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), initial)
     rank = int(peft_io.read_adapter_config(lc.path)["r"])
     targets = tuple(path[-1] for path in lora.adapter_nodes(initial))
   else:
     model_config = lora.with_lora(loaded.model_config, float(lc.alpha), 0.0, bool(lc.get("rslora", False)))
     rank, targets = int(lc.rank), lora.target_modules(lc.get("target_modules", "all-linear"))
-    initial = lora.init_adapters(loaded.params, rank, targets, jax.random.key(int(config.seed)))
+    initial = lora.init_adapters(base, rank, targets, jax.random.key(int(config.seed)))
   if model_config.lora_dropout:  # the directory's dropout: training runs without it
     model_config = model_config.replace(lora_dropout=0.0)
   loaded.model_config, loaded.model = model_config, Transformer(model_config)
-  loaded.lora = Adapters(loaded.params, initial, rank, targets, bool(lc.get("merge", False)))
+  loaded.params = base
+  loaded.lora = Adapters(base, initial, rank, targets, bool(lc.get("merge", False)))
   return loaded.lora
 
 

@@ -12,7 +12,7 @@ import peft
 import torch
 
 from displacement_jax import lora_train, runtime, scoring, training
-from displacement_jax.models import lora
+from displacement_jax.models import lora, peft_io
 from displacement_jax.models.transformer import Transformer
 import hf_tiny
 import test_train
@@ -43,7 +43,8 @@ def test_lora_dpo_step_matches_peft_torch(tmp_path):
   config.optim = ml_collections.ConfigDict(dict(name="sgd", lr=LR, grad_accum=1))
   config.loss.update(objective="dpo", beta=BETA)
   config.logprob_chunk_size = 4
-  loaded = runtime.Loaded(model, params, model.config, None, {})
+  adapters, lora_config = peft_io.load_adapter(config.model.lora.path, model.config)  # as runtime.load_model does
+  loaded = runtime.Loaded(Transformer(lora_config), lora.combine(params, adapters), lora_config, None, {})
   mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), ("data", "fsdp", "tensor"))
   fns = training.Fns(**lora_train.make_fns(loaded, config, mesh, 1))
   ref = fns.logps(loaded.params, batch)  # the base tree: adapters off
@@ -72,7 +73,7 @@ def test_lora_dpo_step_matches_peft_torch(tmp_path):
 def test_lora_run_resumes_exactly_and_ches_equals_merged(tmp_path):
   data = test_train._write_jsonl(tmp_path / "prefs.jsonl", test_train._rows())
   over = {"model.lora.rank": 4, "model.lora.target_modules": "q_proj,v_proj,down_proj", "num_steps": 4}
-  full = training.run(test_train.make_config(tmp_path / "full", data, **over))
+  full = training.run(test_train.make_config(tmp_path / "full", data, **over, export_hf=True))
   assert "embed_tokens" not in full.params  # the result holds the adapters only
   stopped = test_train.make_config(tmp_path / "resumed", data, **over, **{"debug.stop_after_steps": 2})
   training.run(stopped)
@@ -85,15 +86,17 @@ def test_lora_run_resumes_exactly_and_ches_equals_merged(tmp_path):
   moved = max(float(np.abs(np.asarray(n["lora_B"])).max()) for n in lora.adapter_nodes(full.params).values())
   assert moved > 0
 
-  # CHES of the LoRA model = CHES of the merged model (PEFT's merge_and_unload semantics, models.lora.merge)
-  config = test_train.make_config(tmp_path / "full", data, **over)
+  # The exported adapter directory, imported for scoring (model.lora.path): CHES of the LoRA model = CHES of the
+  # merged model (PEFT's merge_and_unload semantics, models.lora.merge)
+  config = test_train.make_config(tmp_path / "score", data, **{"model.lora.path": str(full.hf_dir)})
   loaded = runtime.load_model(config)
+  base, adapters = lora.split(jax.device_get(loaded.params))
+  for a, b in zip(jax.tree.leaves(adapters), jax.tree.leaves(full.params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   dataset = runtime.load_data(config, loaded.tokenizer, loaded.model_config.vocab_size)
-  lora_config = lora.with_lora(loaded.model_config, float(config.model.lora.alpha))
   kw = dict(batch_size=8, max_length=32, progress=False, pad_id=dataset.pad_id)
-  base = jax.device_get(loaded.params)
-  ours = scoring.score_pairs(Transformer(lora_config), lora.combine(base, full.params), dataset.pairs, **kw)
-  merged = scoring.score_pairs(loaded.model, lora.merge(base, full.params, lora_config), dataset.pairs, **kw)
+  ours = scoring.score_pairs(loaded.model, loaded.params, dataset.pairs, **kw)
+  merged = scoring.score_pairs(loaded.model, lora.merge(base, adapters, loaded.model_config), dataset.pairs, **kw)
   plain = scoring.score_pairs(loaded.model, base, dataset.pairs, **kw)
   for key in ("ches", "ln_ches"):
     a, b, c = (np.array([row[key] for row in rows]) for rows in (ours, merged, plain))
