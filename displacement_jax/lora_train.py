@@ -51,11 +51,8 @@ def check(config: ml_collections.ConfigDict) -> None:
     raise UsageError(f"config.model.lora.rank must be an integer >= 0, got {rank!r}")
   if not float(lc.get("alpha", 16.0)) > 0:
     raise UsageError(f"config.model.lora.alpha must be > 0, got {lc.get('alpha')!r}")
-  if float(lc.get("dropout", 0.0)) != 0.0:
-    raise UsageError(
-        f"config.model.lora.dropout={lc.dropout}: LoRA dropout is applied by the model (models/lora.py) but not yet "
-        "threaded through the train step; use 0"
-    )
+  if not 0.0 <= float(lc.get("dropout", 0.0)) < 1.0:
+    raise UsageError(f"config.model.lora.dropout must lie in [0, 1), got {lc.get('dropout')!r}")
   try:
     lora.target_modules(lc.get("target_modules", "all-linear"))
   except ValueError as e:
@@ -78,8 +75,7 @@ def attach(loaded: runtime.Loaded, config: ml_collections.ConfigDict) -> Adapter
     model_config = lora.with_lora(loaded.model_config, float(lc.alpha), 0.0, bool(lc.get("rslora", False)))
     rank, targets = int(lc.rank), lora.target_modules(lc.get("target_modules", "all-linear"))
     initial = lora.init_adapters(base, rank, targets, jax.random.key(int(config.seed)))
-  if model_config.lora_dropout:  # the directory's dropout: training runs without it
-    model_config = model_config.replace(lora_dropout=0.0)
+  model_config = model_config.replace(lora_dropout=float(lc.get("dropout", 0.0)))  # the config's, as TRL takes it
   loaded.model_config, loaded.model = model_config, Transformer(model_config)
   loaded.params = base
   loaded.lora = Adapters(base, initial, rank, targets, bool(lc.get("merge", False)))
@@ -106,7 +102,14 @@ def make_fns(
   state_sh = jax.tree.map(lambda _: replicated, jax.eval_shape(lambda a: _state(a, optimizer, config), ad.initial))
 
   def train_step(state, batch, base):
-    with_base = lambda adapters, b: loss_fn(lora.combine(base, adapters), b)
+    def with_base(adapters, b):
+      if not model.config.lora_dropout:
+        return loss_fn(lora.combine(base, adapters), b)
+      # dropout on the adapter inputs (train mode only): a key per step (the state's rng) and micro-batch
+      key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), b["index_B"][0])
+      dropout_loss = step_lib.make_loss_fn(lora.WithDropout(model, key), config.loss, chunk)
+      return dropout_loss(lora.combine(base, adapters), b)
+
     step_fn = step_lib.make_train_step(
         with_base, optimizer, int(config.optim.grad_accum), config.optim.get("guard", "state")
     )

@@ -14,6 +14,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from displacement_jax.models import io as io_lib, lora, peft_io
+from displacement_jax.models.config import ModelConfig
 from displacement_jax.models.transformer import Transformer
 from tests import hf_tiny
 
@@ -125,3 +126,30 @@ def test_bad_adapter_directory_names_the_field(tmp_path):
     peft_io.load_adapter(out, config)
   with pytest.raises(ValueError, match="target_modules.*'lm_head'"):
     lora.target_modules("q_proj,lm_head")
+
+
+def test_dropout_law_equals_torch_dropout():
+  """The adapter input's dropout in train mode (a 'dropout' rng given) has torch.nn.Dropout's law: a share p of
+  zeros and the survivors scaled by 1 / (1 - p); with no rng (eval mode) it is off."""
+  p, d = 0.25, 64
+  config = lora.with_lora(
+      ModelConfig(
+          model_type="llama",
+          vocab_size=8,
+          hidden_size=d,
+          intermediate_size=8,
+          num_layers=1,
+          num_heads=1,
+          num_kv_heads=1,
+          head_dim=d,
+      ),
+      alpha=d,
+      dropout=p,
+  )
+  x, eye = jnp.ones((512, d)), jnp.eye(d)  # A = B = I, scaling alpha / r = 1: the term is dropout(x)
+  ours = np.asarray(lora.adapter_term(x, eye, eye, config, jax.random.key(0)))
+  theirs = torch.nn.Dropout(p).train()(torch.ones(512, d)).numpy()
+  for out in (ours, theirs):
+    assert abs((out == 0).mean() - p) < 0.01
+    np.testing.assert_allclose(out[out != 0], 1 / (1 - p), rtol=1e-6)
+  np.testing.assert_array_equal(np.asarray(lora.adapter_term(x, eye, eye, config, None)), np.ones((512, d)))

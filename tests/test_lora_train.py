@@ -1,6 +1,6 @@
-"""LoRA training: one DPO step equals PEFT + torch on the same batch (loss, adapter gradients); a stopped run resumed
-from its checkpoint (adapters + optimizer state only) ends where the uninterrupted one does; CHES of the LoRA
-model equals CHES of its merged model."""
+"""LoRA training: one DPO step equals PEFT + torch on the same batch (loss, adapter gradients); a stopped run (with
+adapter dropout) resumed from its checkpoint (adapters + optimizer state only) ends where the uninterrupted one
+does; the exported adapter imported for scoring gives the CHES of its merged model."""
 
 import os
 
@@ -73,6 +73,7 @@ def test_lora_dpo_step_matches_peft_torch(tmp_path):
 def test_lora_run_resumes_exactly_and_ches_equals_merged(tmp_path):
   data = test_train._write_jsonl(tmp_path / "prefs.jsonl", test_train._rows())
   over = {"model.lora.rank": 4, "model.lora.target_modules": "q_proj,v_proj,down_proj", "num_steps": 4}
+  over["model.lora.dropout"] = 0.1  # drawn from the state's rng: the resumed run must draw the same masks
   full = training.run(test_train.make_config(tmp_path / "full", data, **over, export_hf=True))
   assert "embed_tokens" not in full.params  # the result holds the adapters only
   stopped = test_train.make_config(tmp_path / "resumed", data, **over, **{"debug.stop_after_steps": 2})

@@ -80,6 +80,16 @@ def adapter_term(x: Array, a_IR: Array, b_RO: Array, config: ModelConfig, rng: A
   return (x @ a_IR) @ b_RO * jnp.asarray(scaling(config.lora_alpha, a_IR.shape[-1], config.lora_rslora), x.dtype)
 
 
+class WithDropout:
+  """`model` whose `apply` passes a 'dropout' rng, so its adapters drop their inputs (PEFT's train mode)."""
+
+  def __init__(self, model: Any, key: Array):
+    self.model, self.key, self.config = model, key, model.config
+
+  def apply(self, variables: Any, *args: Any, **kwargs: Any) -> Any:
+    return self.model.apply(variables, *args, rngs={"dropout": self.key}, **kwargs)
+
+
 def adapter_paths(targets: Sequence[str]) -> list[tuple[str, ...]]:
   """Paths in the stacked param tree of the adapted modules (`('layers', 'self_attn', 'q_proj')`, ...)."""
   return [("layers", MODULE_OF[t], t) for t in target_modules(targets)]
