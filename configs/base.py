@@ -48,7 +48,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.model.lora = ml_collections.ConfigDict()  # LoRA (PEFT's): only adapters are trained (docs: train.md)
   config.model.lora.rank = 0  # r; 0 = full fine-tuning (TRL/PEFT lora_r, LlamaFactory lora_rank)
   config.model.lora.alpha = 16.0  # scaling alpha / r (PEFT lora_alpha)
-  config.model.lora.dropout = 0.0  # dropout on the adapter input (PEFT lora_dropout); training supports only 0
+  config.model.lora.dropout = 0.0  # dropout on the adapter input in training (PEFT lora_dropout)
   config.model.lora.target_modules = "all-linear"  # PEFT names, comma-separated, or 'all-linear' (LlamaFactory 'all')
   config.model.lora.rslora = False  # scaling alpha / sqrt(r) (PEFT use_rslora)
   config.model.lora.path = ""  # a PEFT adapter directory to start from (its r/alpha/targets replace the fields above)

@@ -9,6 +9,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 import peft
+import pytest
 import torch
 
 from displacement_jax import lora_train, runtime, scoring, training
@@ -19,11 +20,18 @@ import test_train
 from test_train_parity_torch import BETA, LR, _batch, _ours_from_torch, _torch_logps
 
 
-def test_lora_dpo_step_matches_peft_torch(tmp_path):
+@pytest.mark.parametrize("base_dtype", ["float32", "bfloat16"])
+def test_lora_dpo_step_matches_peft_torch(tmp_path, base_dtype):
   """A PEFT adapter (random A and B) imported with model.lora.path; the reference is the base model (adapters
-  off) on both sides; our jitted LoRA train step (SGD) against torch autograd through PEFT."""
+  off) on both sides; our jitted LoRA train step (SGD) against torch autograd through PEFT. bfloat16: our base
+  params stored in bf16 (torch's fp32 base rounded to the same values), adapters and optimizer state fp32."""
   tmodel = hf_tiny.build_tiny_hf_torch_model("llama", vocab_size=64, num_hidden_layers=2)
+  if base_dtype == "bfloat16":
+    with torch.no_grad():
+      for p in tmodel.parameters():
+        p.copy_(p.to(torch.bfloat16).to(torch.float32))
   model, params = _ours_from_torch(tmodel)
+  params = jax.tree.map(lambda x: x.astype(base_dtype), params)
   pm = peft.get_peft_model(
       tmodel, peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
   )
@@ -68,6 +76,8 @@ def test_lora_dpo_step_matches_peft_torch(tmp_path):
   )
   assert worst < 1e-4
   assert set(jax.tree.leaves(jax.tree.map(lambda x: str(x.dtype), state.opt_state))) <= {"float32", "int32"}
+  assert {str(x.dtype) for x in jax.tree.leaves(state.params)} == {"float32"}
+  assert {str(x.dtype) for x in jax.tree.leaves(loaded.params)} == {base_dtype}  # the base as stored, untouched
 
 
 def test_lora_run_resumes_exactly_and_ches_equals_merged(tmp_path):
