@@ -1,6 +1,6 @@
 """LoRA training: one DPO step equals PEFT + torch on the same batch (loss, adapter gradients); a stopped run (with
 adapter dropout) resumed from its checkpoint (adapters + optimizer state only) ends where the uninterrupted one
-does; the exported adapter imported for scoring gives the CHES of its merged model."""
+does; its live monitor and the exported adapter imported for scoring agree with its merged model."""
 
 import os
 
@@ -12,7 +12,7 @@ import peft
 import pytest
 import torch
 
-from displacement_jax import lora_train, runtime, scoring, training
+from displacement_jax import forward, lora_train, runtime, scoring, training
 from displacement_jax.models import lora, peft_io
 from displacement_jax.models.transformer import Transformer
 import hf_tiny
@@ -105,6 +105,15 @@ def test_lora_run_resumes_exactly_and_ches_equals_merged(tmp_path):
   for a, b in zip(jax.tree.leaves(adapters), jax.tree.leaves(full.params)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   dataset = runtime.load_data(config, loaded.tokenizer, loaded.model_config.vocab_size)
+  # the live monitor's last row (eval mode: no dropout) is the merged model's log-prob change from the base model
+  monitored = dataset.pairs[: int(config.eval.max_samples)]  # evaluation.Monitor's rows
+  batch = {k: jax.numpy.asarray(v) for k, v in runtime.collate(monitored, dataset.pad_id, config).items()}
+  logps = jax.jit(lambda p: forward.pair_logps(loaded.model, p, batch, 4))
+  now, ref = logps(lora.merge(base, adapters, loaded.model_config)), logps(base)
+  change = {s: float(np.mean(now[f"{s}_logps_B"] - ref[f"{s}_logps_B"])) for s in ("chosen", "rejected")}
+  assert full.monitor["monitor/preferred_logprob_change"] == pytest.approx(change["chosen"], rel=1e-4, abs=1e-5)
+  assert full.monitor["monitor/dispreferred_logprob_change"] == pytest.approx(change["rejected"], rel=1e-4, abs=1e-5)
+  assert abs(change["chosen"]) > 1e-3
   kw = dict(batch_size=8, max_length=32, progress=False, pad_id=dataset.pad_id)
   ours = scoring.score_pairs(loaded.model, loaded.params, dataset.pairs, **kw)
   merged = scoring.score_pairs(loaded.model, lora.merge(base, adapters, loaded.model_config), dataset.pairs, **kw)
