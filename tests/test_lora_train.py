@@ -13,6 +13,8 @@ import pytest
 import torch
 
 from displacement_jax import forward, lora_train, runtime, scoring, training
+from displacement_jax.errors import UsageError
+from displacement_jax.experiments import single_token
 from displacement_jax.models import lora, peft_io
 from displacement_jax.models.transformer import Transformer
 import hf_tiny
@@ -122,3 +124,16 @@ def test_lora_run_resumes_exactly_and_ches_equals_merged(tmp_path):
     a, b, c = (np.array([row[key] for row in rows]) for rows in (ours, merged, plain))
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * np.abs(b).max())
     assert np.abs(a - c).max() > 10 * np.abs(a - b).max()  # the adapter changed the scores
+
+
+def test_single_token_paths_without_adapters_refuse_lora():
+  """The single-token SFT phase and the single-prompt DPO outside persona.fast train the full model: with
+  config.model.lora set they stop with a usage error naming it, never fine-tune everything silently."""
+  config = test_train.make_config("unused", "unused.jsonl", **{"model.lora.rank": 4})
+  with pytest.raises(UsageError, match="config.model.lora"):
+    single_token.SFTOnPrompts(None, config)
+  with config.unlocked():
+    config.dpo = ml_collections.ConfigDict(dict(num_steps=1, objective="dpo", beta=0.1, lr=1e-3))
+  dpo = single_token.DPOOnOnePrompt(None, config)  # refuses before any model is traced
+  with pytest.raises(UsageError, match="config.model.lora"):
+    dpo({}, {})

@@ -27,6 +27,7 @@ from displacement_jax import optim as optim_lib
 from displacement_jax import step as step_lib
 from displacement_jax.data import batching, tokenize
 from displacement_jax.data.layout import bucket_length, pad_id_of
+from displacement_jax.errors import UsageError
 from displacement_jax.experiments import common, persona_data
 from displacement_jax.models import lora
 
@@ -278,6 +279,11 @@ class SFTOnPrompts:
   `config`: a `train.run` config (`sft_config`): optim, batch_size, num_steps or num_epochs, seed, data."""
 
   def __init__(self, model: Any, config: ml_collections.ConfigDict):
+    if lora_train.enabled(config):  # not silently full fine-tuning
+      raise UsageError(
+          "config.model.lora: the single-token SFT phase (SFTOnPrompts) trains the full model; set model.lora.rank=0 "
+          "and model.lora.path='' for it (LoRA runs through training.run)"
+      )
     self.config = config
     self.model = model
     self.loss_cfg = ml_collections.ConfigDict({"objective": "cross_entropy", "beta": 0.0})
@@ -360,7 +366,10 @@ class DPOOnOnePrompt:
     `batch_np`: `dpo_batch` (a single-token pair; y+ and y- are read from its chosen / rejected labels). LoRA:
     `params` the base tree, `adapters` the initial adapters."""
     if self.lora == (adapters is None):
-      raise ValueError("DPOOnOnePrompt: adapters are given exactly when config.model.lora asks for LoRA")
+      raise UsageError(
+          f"config.model.lora: this single-prompt DPO {'needs' if self.lora else 'got'} adapters (only "
+          "persona.fast=True gives them; persona.fast=False runs LoRA through training.run)"
+      )
     steps = self.steps if steps is None else int(steps)
     batch = {k: jnp.asarray(v) for k, v in batch_np.items()}
     batch["y_pos_B"], batch["y_neg_B"] = (jnp.asarray(y) for y in single_token_labels(batch_np))
