@@ -34,8 +34,9 @@ setup(
         "tensorboardX>=2.6",
     ],
     extras_require={
-        # torch + accelerate: the HF PyTorch references (accelerate for transformers' own GGUF loading).
-        "test": ["pytest>=8", "hypothesis>=6.100", "torch==2.13.0", "accelerate>=1.0"],
+        # torch + accelerate: the HF PyTorch references (accelerate for transformers' own GGUF loading); peft: the
+        # LoRA reference (tests/test_lora*.py)
+        "test": ["pytest>=8", "hypothesis>=6.100", "torch==2.13.0", "accelerate>=1.0", "peft>=0.17"],
         # the viewer of output_dir/tensorboard/ (training writes the events with tensorboardX, which has none)
         "tensorboard": ["tensorboard"],
     },

@@ -45,6 +45,14 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.model.param_dtype = "float32"  # parameter dtype (the paper trains fp32 weights)
   config.model.remat = False  # rematerialise each decoder layer (saves activation memory)
   config.model.freeze_pad_embedding = False  # True: no input-embedding gradient for the pad token (HF padding_idx, TRL)
+  config.model.lora = ml_collections.ConfigDict()  # LoRA (PEFT's): only adapters are trained (docs: train.md)
+  config.model.lora.rank = 0  # r; 0 = full fine-tuning (TRL/PEFT lora_r, LlamaFactory lora_rank)
+  config.model.lora.alpha = 16.0  # scaling alpha / r (PEFT lora_alpha)
+  config.model.lora.dropout = 0.0  # dropout on the adapter input in training (PEFT lora_dropout)
+  config.model.lora.target_modules = "all-linear"  # PEFT names, comma-separated, or 'all-linear' (LlamaFactory 'all')
+  config.model.lora.rslora = False  # scaling alpha / sqrt(r) (PEFT use_rslora)
+  config.model.lora.path = ""  # a PEFT adapter directory to start from (its r/alpha/targets replace the fields above)
+  config.model.lora.merge = False  # export_hf: also write the merged model (merge_and_unload) to output_dir/hf/merged
 
   config.data = ml_collections.ConfigDict()
   config.data.path = ""  # preference jsonl file or a supported HF dataset id

@@ -21,7 +21,7 @@ from displacement_jax import models
 from displacement_jax.data import batching, packing, schema, tokenize
 from displacement_jax.data import checks as data_checks
 from displacement_jax.data.layout import pad_id_of
-from displacement_jax.models import packaged
+from displacement_jax.models import lora, packaged, peft_io
 from displacement_jax.models import tokenizer as tokenizer_lib
 from displacement_jax.models import tiny
 
@@ -36,6 +36,7 @@ class Loaded:
   tokenizer: Any
   identity: dict[str, Any]
   setup_line: str = ""  # the prompt format and any vocabulary change, printed once at start (`setup_line`)
+  lora: Any = None  # LoRA training (train.lora.Adapters): the base params the adapters apply to, and their settings
 
 
 def load_tokenizer(config: ml_collections.ConfigDict) -> Any:
@@ -94,6 +95,12 @@ def load_model(config: ml_collections.ConfigDict, mesh: Any = None) -> Loaded:
     model_config = model_config.replace(freeze_pad_embedding=True)
     model = models.Transformer(model_config)
     identity["freeze_pad_embedding"] = True
+  adapter_dir = mc.lora.get("path") if mc.get("lora") else ""
+  if adapter_dir:  # a PEFT LoRA directory: the model applies it (train.lora.attach splits it off for training)
+    adapters, model_config = peft_io.load_adapter(adapter_dir, model_config)
+    params = lora.combine(params, jax.tree.map(jnp.asarray, adapters))
+    model = models.Transformer(model_config)
+    identity["lora_adapter"] = os.path.abspath(adapter_dir)
   tokenize.check_vocab(
       tokenizer,
       model_config.vocab_size,

@@ -78,6 +78,36 @@ def test_fast_seeds_equal_training_run_per_seed(run_dir, tmp_path):
       )
 
 
+def test_lora_fast_seeds_equal_training_run_per_seed(run_dir, tmp_path):
+  """LoRA (model.lora.rank 4, q_proj,v_proj) in the single-token experiment: the fast route (DPOOnOnePrompt on the
+  adapters, one compiled step) equals one train.loop.run per seed (train.lora, its live monitor every step); step 0
+  is the SFT model (a fresh adapter is the base model), the end differs from full fine-tuning's."""
+  from displacement_jax.experiments import common
+
+  config, out = run_dir
+  fields = {"model.path": out["sft"]["hf_dir"], "model.tiny": "", "model.tokenizer": out["sft"]["hf_dir"]}
+  fields.update({"persona.phase": "dpo", "model.lora.rank": 4, "model.lora.target_modules": "q_proj,v_proj"})
+  fields["persona.seeds"] = tuple(config.persona.seeds)[:1]  # one seed: the step is the same for every seed
+  fast = persona.run_dpo(common.derive(config, {**fields, "output_dir": str(tmp_path / "fast")}))
+  slow = persona.run_dpo(common.derive(config, {**fields, "persona.fast": False, "output_dir": str(tmp_path / "slow")}))
+  for fast_r, slow_r, full_r in zip(fast, slow, out["dpo"]):
+    for key, value in fast_r.items():
+      if isinstance(value, float):
+        assert value == pytest.approx(slow_r[key], rel=1e-4, abs=1e-6), key
+      else:
+        assert value == slow_r[key], key
+    assert fast_r["start"] == pytest.approx(full_r["start"], rel=1e-6)
+    assert abs(fast_r["end"] - full_r["end"]) > 1e-4
+    rows = {
+        name: [m for m in metrics.read_metrics(str(tmp_path / name / f'seed_{fast_r["seed"]}')) if "monitor/loss" in m]
+        for name in ("fast", "slow")
+    }
+    for key in ("monitor/preferred_prob", "monitor/preferred_logprob_change", "monitor/loss"):
+      np.testing.assert_allclose(
+          [m[key] for m in rows["fast"]], [m[key] for m in rows["slow"]], rtol=1e-4, atol=1e-6, err_msg=key
+      )
+
+
 def test_dpo_starts_from_the_sft_export(run_dir):
   """pi(No | prompt) at DPO step 0 equals the exported SFT model's next-token probability, computed here."""
   from displacement_jax import models

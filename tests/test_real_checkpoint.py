@@ -13,6 +13,7 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+import peft
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -22,7 +23,7 @@ from displacement_jax import forward
 from displacement_jax.score import core as scoring
 from displacement_jax.data import batching, packing, tokenize
 from displacement_jax.data.schema import PreferenceExample
-from displacement_jax.models import convert_gguf, gguf, packaged
+from displacement_jax.models import convert_gguf, gguf, lora, packaged, peft_io
 from displacement_jax.models.tokenizer import load_tokenizer
 from tests.test_score import _edit_distance  # the textbook Levenshtein DP
 
@@ -100,6 +101,29 @@ def test_logits_equal_transformers_gguf(real, side):
   err = np.abs(ours[mask] - ref[mask]).max() / scale
   print(f"{side}-padded chat prompts: max |logit diff| / max |logit| = {err:.2e} (max |logit| {scale:.1f})")
   assert err <= 1e-5
+
+
+def test_lora_logits_equal_peft(real, tmp_path):
+  """A random rank-8 adapter on every linear (B != 0), written by us, read by PEFT onto transformers' GGUF model:
+  ours against PEFT's, relative to the largest logit."""
+  config = lora.with_lora(real["config"], alpha=16)
+  adapters = lora.init_adapters(real["params"], 8, "all-linear", jax.random.key(0))
+  adapters = jax.tree.map(lambda x: x + 0.02 * jax.random.normal(jax.random.key(1), x.shape), adapters)
+  peft_io.save_adapter(adapters, config, str(tmp_path))
+  pm = peft.PeftModel.from_pretrained(real["hf"], str(tmp_path)).eval()
+  ids, mask = _padded(real["prompts"][:2], real["tok"].pad_token_id, "left")
+  try:
+    ref, _ = _hf_forward(pm, ids, mask)
+    with pm.disable_adapter():
+      base, _ = _hf_forward(pm, ids, mask)
+  finally:
+    pm.unload()  # the fixture's HF model without the adapter layers again
+  apply = lambda p, i, m: real["model"].__class__(config).apply({"params": p}, i, m).logits_BTV
+  ours = np.asarray(jax.jit(apply)(lora.combine(real["params"], adapters), ids, mask))
+  scale = np.abs(ref[mask]).max()
+  err, effect = np.abs(ours[mask] - ref[mask]).max() / scale, np.abs(ref[mask] - base[mask]).max() / scale
+  print(f"rank-8 all-linear adapter: max |ours - PEFT| / max |logit| {err:.1e}, adapter effect {effect:.2f}")
+  assert effect > 0.01 and err <= 1e-5
 
 
 def test_bf16_argmax_agreement_reported(real):

@@ -28,15 +28,16 @@ import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
+from displacement_jax import displacement as monitor_lib
 from displacement_jax import forward, rundir, runtime
-
-from displacement_jax.train import monitor as evaluation
-
+from displacement_jax.train import lora as lora_train
 from displacement_jax.train import loop as training
 from displacement_jax.train import metrics as metrics_lib
-from displacement_jax import displacement as monitor_lib
+from displacement_jax.train import monitor as evaluation
 from displacement_jax.data import schema
+from displacement_jax.errors import UsageError
 from displacement_jax.experiments import common, persona_data, results, single_token
+from displacement_jax.models import lora
 
 
 def run_sft(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -113,6 +114,12 @@ class FastSeeds:
   def __init__(self, config: ml_collections.ConfigDict):
     self.config = config
     self.loaded = runtime.load_model(config)
+    self.lora = lora_train.attach(self.loaded, config) if lora_train.enabled(config) else None
+    if self.lora is not None and (config.model.lora.get("path") or float(config.model.lora.get("dropout", 0.0))):
+      raise UsageError(
+          "persona.fast=True trains fresh LoRA adapters without dropout; for config.model.lora.path or .dropout "
+          "set persona.fast=False (one training.run per seed)"
+      )
     dpo_cfg = common.derive(config, {})
     with dpo_cfg.unlocked():
       dpo_cfg.dpo = ml_collections.ConfigDict(
@@ -147,7 +154,10 @@ class FastSeeds:
         int(batch[f"{s}_labels_BT"][batch[f"{s}_loss_mask_BT"].astype(bool)][0]) for s in ("chosen", "rejected")
     )
     params = self.loaded.params
-    traj = self.dpo(params, batch)
+    adapters = None
+    if self.lora is not None:  # as training.run with this seed draws them (lora_train.attach)
+      adapters = lora.init_adapters(params, self.lora.rank, self.lora.targets, jax.random.key(seed))
+    traj = self.dpo(params, batch, adapters=adapters)
     logp_SV, loss_S = traj["logp_SV"], traj["loss_S"]
     steps = logp_SV.shape[0] - 1
     ref_prob_V = np.exp(logp_SV[0].astype(np.float64))

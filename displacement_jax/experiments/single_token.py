@@ -19,14 +19,17 @@ import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
-from displacement_jax import forward, losses, plots, rundir, runtime, theory
-from displacement_jax.train import metrics as metrics_lib
 from displacement_jax import displacement as monitor_lib
+from displacement_jax import forward, losses, plots, rundir, runtime, theory
+from displacement_jax.train import lora as lora_train
+from displacement_jax.train import metrics as metrics_lib
 from displacement_jax.train import optim as optim_lib
 from displacement_jax.train import step as step_lib
 from displacement_jax.data import batching, tokenize
 from displacement_jax.data.layout import bucket_length, pad_id_of
+from displacement_jax.errors import UsageError
 from displacement_jax.experiments import common, persona_data
+from displacement_jax.models import lora
 
 
 def single_token_words(tokenizer: Any, words: Sequence[str]) -> tuple[list[int], list[str], list[str]]:
@@ -290,6 +293,11 @@ class SFTOnPrompts:
   `config`: a `train.loop.run` config (`sft_config`): optim, batch_size, num_steps or num_epochs, seed, data."""
 
   def __init__(self, model: Any, config: ml_collections.ConfigDict):
+    if lora_train.enabled(config):  # not silently full fine-tuning
+      raise UsageError(
+          "config.model.lora: the single-token SFT phase (SFTOnPrompts) trains the full model; set model.lora.rank=0 "
+          "and model.lora.path='' for it (LoRA runs through training.run)"
+      )
     self.config = config
     self.model = model
     self.loss_cfg = ml_collections.ConfigDict({"objective": "cross_entropy", "beta": 0.0})
@@ -340,12 +348,16 @@ class SFTOnPrompts:
 class DPOOnOnePrompt:
   """DPO on one prompt from given params with `step.make_train_step` (the step `train.loop.run` uses) on
   `single_token_loss_fn`, recording the whole next-token distribution at every step. Jitted once; call it for as
-  many (y+, y-) pairs as needed."""
+  many (y+, y-) pairs as needed.
+
+  LoRA (config.model.lora; `model` applies adapters, see `lora_train.attach`): the params given are the base tree,
+  only the adapters given to each call train (their optimizer state alone), and the reference is the base model."""
 
   def __init__(self, model: Any, config: ml_collections.ConfigDict):
     self.steps = int(config.dpo.num_steps)
     self.seed = int(config.seed)
     self.progress = bool(config.get("progress", True))
+    self.lora = config.get("model") is not None and lora_train.enabled(config)
     loss_cfg = ml_collections.ConfigDict({"objective": config.dpo.objective, "beta": float(config.dpo.beta)})
     optim_cfg = copy.deepcopy(config.optim)
     with optim_cfg.unlocked():
@@ -353,37 +365,49 @@ class DPOOnOnePrompt:
     self.optimizer = optim_lib.make_optimizer(optim_cfg, self.steps)
     self.lr = float(config.dpo.lr)
     loss_fn = single_token_loss_fn(model, loss_cfg)
-    self.train_step = jax.jit(step_lib.make_train_step(loss_fn, self.optimizer, 1, "gradients"), donate_argnums=0)
-    self.next_logp = jax.jit(lambda p, b: forward.next_token_outputs(model, p, b)["logp_BV"][0])
-    self.loss = jax.jit(lambda p, b: loss_fn(p, b)[0])
+    full = lora.combine if self.lora else (lambda base, params: params)  # the tree the model takes
+    step = lambda base: step_lib.make_train_step(lambda p, b: loss_fn(full(base, p), b), self.optimizer, 1, "gradients")
+    self.train_step = jax.jit(lambda state, batch, base: step(base)(state, batch), donate_argnums=0)
+    self.next_logp = jax.jit(lambda p, b, base: forward.next_token_outputs(model, full(base, p), b)["logp_BV"][0])
+    self.loss = jax.jit(lambda p, b, base: loss_fn(full(base, p), b)[0])
 
-  def __call__(self, params: Any, batch_np: dict[str, np.ndarray], steps: int | None = None) -> dict[str, Any]:
-    """{'logp_SV': [S+1, V] next-token log-probs at steps 0..S, 'loss_S': [S+1], 'params': final params}.
+  def __call__(
+      self, params: Any, batch_np: dict[str, np.ndarray], steps: int | None = None, adapters: Any = None
+  ) -> dict[str, Any]:
+    """{'logp_SV': [S+1, V] next-token log-probs at steps 0..S, 'loss_S': [S+1], 'params': final params (LoRA:
+    the base combined with the trained adapters)}.
 
-    `batch_np`: `dpo_batch` (a single-token pair; y+ and y- are read from its chosen / rejected labels)."""
+    `batch_np`: `dpo_batch` (a single-token pair; y+ and y- are read from its chosen / rejected labels). LoRA:
+    `params` the base tree, `adapters` the initial adapters."""
+    if self.lora == (adapters is None):
+      raise UsageError(
+          f"config.model.lora: this single-prompt DPO {'needs' if self.lora else 'got'} adapters (only "
+          "persona.fast=True gives them; persona.fast=False runs LoRA through training.run)"
+      )
     steps = self.steps if steps is None else int(steps)
     batch = {k: jnp.asarray(v) for k, v in batch_np.items()}
     batch["y_pos_B"], batch["y_neg_B"] = (jnp.asarray(y) for y in single_token_labels(batch_np))
-    ref_V = self.next_logp(params, batch)  # the reference is the start: policy = reference at step 0
+    base, trained = (params, adapters) if self.lora else (None, params)
+    ref_V = self.next_logp({} if self.lora else params, batch, base)  # the base model: the start unless LoRA
     batch["ref_pos_B"], batch["ref_neg_B"] = ref_V[batch["y_pos_B"]], ref_V[batch["y_neg_B"]]
     state = step_lib.TrainState(
-        params=jax.tree.map(jnp.copy, params),  # the caller's params stay valid (the steps donate the state)
-        opt_state=self.optimizer.init(params),
+        params=jax.tree.map(jnp.copy, trained),  # the caller's params stay valid (the steps donate the state)
+        opt_state=self.optimizer.init(trained),
         step=jnp.zeros((), jnp.int32),
         rng=jax.random.key_data(jax.random.key(self.seed)),
     )
     logps, loss = [], []
     for _ in tqdm(range(steps), desc="dpo", dynamic_ncols=True, disable=not self.progress, leave=False):
-      state, metrics = self.train_step(state, batch)  # metrics: loss and log-probs BEFORE this step's update
+      state, metrics = self.train_step(state, batch, base)  # metrics: loss and log-probs BEFORE this step's update
       _nonfinite_error(metrics, "DPO", len(loss) + 1, self.lr)
       logps.append(np.asarray(metrics["logp_V"]))
       loss.append(float(metrics["loss"]))
-    logps.append(np.asarray(self.next_logp(state.params, batch)))
-    loss.append(float(self.loss(state.params, batch)))
+    logps.append(np.asarray(self.next_logp(state.params, batch, base)))
+    loss.append(float(self.loss(state.params, batch, base)))
     return {
         "logp_SV": np.stack(logps).astype(np.float32),
         "loss_S": np.asarray(loss, np.float32),
-        "params": state.params,
+        "params": lora.combine(base, state.params) if self.lora else state.params,
     }
 
 

@@ -87,6 +87,10 @@ class ModelConfig:
   remat: bool = False
   freeze_pad_embedding: bool = False  # as HF's nn.Embedding(padding_idx=pad_token_id): no lookup gradient for that row
   attention_impl: str | None = None  # None: 'blocked' (no KV cache) / JAX's pick; 'blocked' 'xla' 'cudnn' 'reference'
+  # LoRA (models/lora.py): applied wherever the params hold adapters (lora_A, lora_B beside a kernel).
+  lora_alpha: float = 0.0  # scaling = lora_alpha / r (PEFT's), or / sqrt(r) with lora_rslora
+  lora_dropout: float = 0.0  # dropout on the adapter input, active only when a 'dropout' rng is given
+  lora_rslora: bool = False
   extra: tuple[tuple[str, Any], ...] = ()  # unrecognised HF keys kept for to_hf round trips
 
   def __post_init__(self):

@@ -19,6 +19,7 @@ from displacement_jax.errors import Interrupted
 from displacement_jax.models import io as io_lib
 from displacement_jax.models import loading as loading_lib
 from displacement_jax.train.metrics import log
+from displacement_jax.train import lora as lora_train
 
 HF_DIR = "hf"  # the HF export, under output_dir
 EXPORT_MANIFEST = "export.json"  # written last into the export: its files' checksums and the params' sha256
@@ -67,7 +68,10 @@ def export_hf(params: Any, loaded: runtime.Loaded, out_dir: str, *, progress: bo
   try:
     if writer:
       shutil.rmtree(partial, ignore_errors=True)
-    io_lib.save_pretrained(params, loaded.model_config, partial, progress=progress)
+    if loaded.lora is not None:  # a PEFT adapter directory (+ merged/ with model.lora.merge)
+      lora_train.save(params, loaded, partial, progress=progress)
+    else:
+      io_lib.save_pretrained(params, loaded.model_config, partial, progress=progress)
     if writer:
       if hasattr(loaded.tokenizer, "save_pretrained"):
         loaded.tokenizer.save_pretrained(partial)

@@ -13,6 +13,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from displacement_jax import forward, runtime, sharding
 from displacement_jax.train import monitor as evaluation
+from displacement_jax.train import lora as lora_train
 from displacement_jax.train import optim as optim_lib
 from displacement_jax.train import step as step_lib
 
@@ -33,7 +34,9 @@ class Fns:
 
 def make_fns(loaded: runtime.Loaded, config: ml_collections.ConfigDict, mesh: Any, total_steps: int) -> Fns:
   """jit every function of the run with its shardings (params by `sharding.param_shardings`, batches over
-  ('data', 'fsdp'), outputs replicated); the train step donates its state."""
+  ('data', 'fsdp'), outputs replicated); the train step donates its state. LoRA: lora_train.make_fns."""
+  if lora_train.enabled(config):
+    return Fns(**lora_train.make_fns(loaded, config, mesh, total_steps))
   model, chunk = loaded.model, int(config.logprob_chunk_size)
   param_sh = sharding.param_shardings(loaded.params, mesh)
   replicated = NamedSharding(mesh, P())
