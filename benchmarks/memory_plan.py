@@ -14,7 +14,7 @@ batch, as in training). Scoring: one packed row per pair, as `scoring.score_pair
 Full fine-tuning only: LoRA rows (issue 33 item 1) wait for LoRA in the library (branch wip/lora, not merged);
 `Case.method` is where they go.
 
-  python -m benchmarks.memory_plan                          # the default grid
+  python -m benchmarks.memory_plan                          # the default grid (8 compiles)
   python -m benchmarks.memory_plan --full                   # every combination of issue 33 (hours on 2 cores)
   python -m benchmarks.memory_plan --shapes=llama3-8b --dtypes=bfloat16 --remat=1 --batches=8
   python -m benchmarks.memory_plan --fit --shapes=llama3-8b,olmo-1b --dtypes=bfloat16 --remat=1   # largest batch
@@ -255,6 +255,7 @@ class Progress:
 
   def __call__(self, result: dict[str, Any]) -> None:
     self.k += 1
+    self.n = max(self.n, self.k)  # --fit's count is a guess: its search may take more compiles
     self.results.append(result)
     elapsed = time.perf_counter() - self.start
     eta = elapsed / self.k * (self.n - self.k)
