@@ -40,12 +40,14 @@ def device_peak_tflops(device: Any) -> float | None:
   return None
 
 
-def synthetic_batch(batch: int, seq: int, vocab: int, seed: int = 0) -> dict[str, np.ndarray]:
-  """A collated preference batch (DESIGN.md batch contract): prompt = first half (the same on both sides),
-  response = second half."""
+def synthetic_batch(
+    batch: int, seq: int, vocab: int, seed: int = 0, prompt: int | None = None
+) -> dict[str, np.ndarray]:
+  """A collated preference batch (DESIGN.md batch contract): prompt = the first `prompt` tokens (default half;
+  the same on both sides), response = the rest of the `seq` tokens of each side."""
   rng = np.random.default_rng(seed)
   out: dict[str, np.ndarray] = {}
-  prompt = seq // 2
+  prompt = seq // 2 if prompt is None else int(prompt)
   prompt_ids = rng.integers(3, vocab, size=(batch, prompt), dtype=np.int32)
   for side in ("chosen", "rejected"):
     ids = rng.integers(3, vocab, size=(batch, seq), dtype=np.int32)

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from benchmarks import cpu_vs_torch, flops, gpu_mfu, shapes
+from benchmarks import cpu_vs_torch, flops, gpu_mfu, memory_plan, shapes
 
 
 def test_flops_per_token_by_hand():
@@ -193,3 +193,29 @@ def test_our_step_flops_counts_the_layout_as_it_runs():
       **shapes.flops_shape("tiny"),
   )
   assert cpu_vs_torch.our_step_flops("tiny", batch, chunk_size=128) == want
+
+
+def test_memory_plan_counts_the_train_state_and_scoring_params():
+  """The compile-time plan of the real train step and scoring pass at the tiny shape (seq 32): its arguments hold
+  exactly the params (as many as HF's model of the same config has) and one RMSprop accumulator per param plus the
+  batch, and the donated state aliases its update."""
+  hf = pytest.importorskip("transformers").LlamaForCausalLM(shapes.hf_config("tiny"))
+  n_params = hf.num_parameters()
+  fixed = dict(seq=32, prompt=16)
+  cases = memory_plan.grid(["train", "score"], ["tiny"], ["full"], ["float32"], [False, True], [2], ["1"], **fixed)
+  assert [(c.task, c.remat) for c in cases] == [("train", False), ("train", True), ("score", False)]
+  train, remat, score = (memory_plan.plan_one(c) for c in cases)
+  for r in (train, remat, score):
+    assert min(r["arguments"], r["outputs"], r["temporaries"]) > 0
+    assert r["total"] == r["arguments"] + r["outputs"] - r["aliased"] + r["temporaries"]
+  batch = lambda case: sum(
+      x.nbytes for x in memory_plan.host_batch(case, shapes.SHAPES["tiny"]["vocab_size"], 1).values()
+  )
+  # equal up to a few scalars: step, rng, the schedule's count; jit drops batch fields a function never reads
+  near = lambda got, want: abs(got - want) <= 32
+  assert near(train["arguments"], 2 * 4 * n_params + batch(cases[0]))
+  assert near(train["aliased"], 2 * 4 * n_params)  # the donated state is updated in place
+  assert remat["arguments"] == train["arguments"]
+  # scoring reads the last hidden states only: jit prunes the (untied) lm_head and the batch fields it never reads
+  lm_head = shapes.SHAPES["tiny"]["vocab_size"] * shapes.SHAPES["tiny"]["hidden_size"]
+  assert 4 * (n_params - lm_head) < score["arguments"] <= 4 * (n_params - lm_head) + batch(cases[2])

@@ -117,6 +117,18 @@ def make_score_fn(model: Any) -> Callable[[Any, dict[str, jax.Array]], dict[str,
   return functools.partial(score_batch, model)
 
 
+def sharded_score_fn(
+    model: Any, param_sh: Any, mesh: Any
+) -> Callable[[Any, dict[str, jax.Array]], dict[str, jax.Array]]:
+  """`make_score_fn(model)` jitted on `mesh`: params by `param_sh`, batch rows over ('data', 'fsdp'), outputs
+  replicated (what `score_pairs` runs, and what benchmarks/memory_plan.py compiles)."""
+  return jax.jit(
+      make_score_fn(model),
+      in_shardings=(param_sh, sharding.batch_sharding(mesh)),
+      out_shardings=sharding.replicated(mesh),
+  )
+
+
 # The model (a hashable flax module) is a static argument, so repeated scoring calls with the same model reuse
 # the compiled executables (one per bucket length) instead of recompiling.
 _score_batch_jit = jax.jit(score_batch, static_argnums=0)
@@ -283,11 +295,7 @@ def placed_score_fn(model: Any, params: Any, mesh: Any) -> tuple[Callable, Any, 
   if mesh is None:
     return functools.partial(_score_batch_jit, model), params, lambda b: {k: jnp.asarray(v) for k, v in b.items()}, 1
   param_sh = sharding.param_shardings(params, mesh)
-  fn = jax.jit(
-      make_score_fn(model),
-      in_shardings=(param_sh, sharding.batch_sharding(mesh)),
-      out_shardings=sharding.replicated(mesh),
-  )
+  fn = sharded_score_fn(model, param_sh, mesh)
   put = lambda b: sharding.global_batch_to_devices(b, mesh)
   return fn, jax.device_put(params, param_sh), put, sharding.data_parallel_size(mesh)
 
