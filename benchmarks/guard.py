@@ -24,6 +24,7 @@ import numpy as np
 import optax
 
 from benchmarks import cpu_vs_torch, shapes, tables
+from displacement_jax import gradients
 from displacement_jax.train import optim as optim_lib
 from displacement_jax.train import step as step_lib
 from displacement_jax.experiments import single_token
@@ -33,7 +34,7 @@ def unguarded_step(loss_fn, optimizer):
   """make_train_step without any check: the floor a guard is measured against."""
 
   def train_step(state, batch):
-    loss, aux, grads = optim_lib.accumulate_gradients(loss_fn, state.params, batch, 1)
+    loss, aux, grads = gradients.accumulate_gradients(loss_fn, state.params, batch, 1)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     return state.replace(params=params, opt_state=opt_state, step=state.step + 1), {"loss": loss, **aux}

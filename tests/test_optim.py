@@ -8,6 +8,7 @@ import optax
 import pytest
 import torch
 
+from displacement_jax import gradients
 from displacement_jax.train import optim
 
 
@@ -84,17 +85,17 @@ def test_accumulation_averages_micro_batches():
     return jnp.mean(err**2), {"mean_err": jnp.mean(err)}
 
   (full_loss, full_aux), full_grad = jax.value_and_grad(loss_fn, has_aux=True)(params, {"x": x, "y": y})
-  loss, aux, grads = jax.jit(lambda p, b: optim.accumulate_gradients(loss_fn, p, b, 4))(params, {"x": x, "y": y})
+  loss, aux, grads = jax.jit(lambda p, b: gradients.accumulate_gradients(loss_fn, p, b, 4))(params, {"x": x, "y": y})
   np.testing.assert_allclose(loss, full_loss, rtol=1e-6)
   np.testing.assert_allclose(aux["mean_err"], full_aux["mean_err"], rtol=1e-5, atol=1e-7)
   np.testing.assert_allclose(grads["w"], full_grad["w"], rtol=1e-5, atol=1e-7)
 
 
 def test_split_micro_batches_is_strided_and_checked():
-  out = optim.split_micro_batches({"a": np.arange(6)}, 2)
+  out = gradients.split_micro_batches({"a": np.arange(6)}, 2)
   np.testing.assert_array_equal(out["a"], [[0, 2, 4], [1, 3, 5]])
   with pytest.raises(ValueError, match="field 'a'.*grad_accum=4"):
-    optim.split_micro_batches({"a": np.arange(6)}, 4)
+    gradients.split_micro_batches({"a": np.arange(6)}, 4)
 
 
 def test_schedules_and_clipping():

@@ -162,7 +162,7 @@ def test_first_fit_decreasing_and_row_plan():
   assert packing.first_fit_decreasing([5, 3, 4, 2], 2, 7) == [[0, 3], [1, 2]]
   assert packing.first_fit_decreasing([5, 5, 5], 2, 7) is None
   # 2 device blocks x 2 micro-batches of 2 pairs, up to 2 pairs per row: each group in one row, strided like
-  # optim.split_micro_batches (micro-batch m = rows m, m + 2, ...) within each device block.
+  # gradients.split_micro_batches (micro-batch m = rows m, m + 2, ...) within each device block.
   rows, t, r = packing.plan_pair_rows(
       [10, 20, 30, 40, 50, 60, 70, 80], [5] * 8, pairs_per_row=2, bucket=lambda k: k, groups=2, micro_batches=2
   )

@@ -37,7 +37,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from displacement_jax import forward
+from displacement_jax import forward, gradients
 from displacement_jax.train import optim as optim_lib
 from displacement_jax.train import step as step_lib
 from displacement_jax.audit import sketch
@@ -116,7 +116,7 @@ def make_recording_step(
   grad_accum = int(optim_config.get("grad_accum", 1))
 
   def step(params0, opt_state, direction, batch, t):
-    _, _, grads = optim_lib.accumulate_gradients(loss_fn, params0, batch, grad_accum)
+    _, _, grads = gradients.accumulate_gradients(loss_fn, params0, batch, grad_accum)
     updates, opt_state = optimizer.update(grads, opt_state, params0)
     direction = jax.tree.map(lambda d, u: d + u.astype(d.dtype), direction, updates)
     q = preconditioner(optim_config, opt_state, t)

@@ -29,8 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from displacement_jax import forward
-from displacement_jax.train import optim as optim_lib
+from displacement_jax import forward, gradients
 from displacement_jax.models import transformer
 
 JVP_PAIRS = 8  # pairs per forward-mode pass (its dense [rows, response slots, V] float32 logits are its memory)
@@ -41,7 +40,7 @@ def make_replay_step(loss_fn: Callable, optimizer: optax.GradientTransformation,
   would make from this batch's gradient AT params0, added to `direction` (params0 itself never changes)."""
 
   def replay_step(params0: Any, opt_state: Any, direction: Any, batch: dict[str, jax.Array]) -> tuple[Any, Any]:
-    _, _, grads = optim_lib.accumulate_gradients(loss_fn, params0, batch, grad_accum)
+    _, _, grads = gradients.accumulate_gradients(loss_fn, params0, batch, grad_accum)
     updates, opt_state = optimizer.update(grads, opt_state, params0)
     return opt_state, jax.tree.map(lambda d, u: d + u.astype(d.dtype), direction, updates)
 

@@ -240,7 +240,7 @@ def pack_pairs(
 
   The rows are planned so that training's data-parallel sharding and gradient accumulation stay local: the P
   pairs are cut into `groups` contiguous blocks (one per data-parallel device of this host), block d's pairs
-  with position i % micro_batches == m form one group (optim.split_micro_batches' strided micro-batch m), and
+  with position i % micro_batches == m form one group (gradients.split_micro_batches' strided micro-batch m), and
   each group is packed (first-fit decreasing, `plan_pair_rows`) into its own rows_per_group(...) rows, laid out
   in the same block / stride pattern. T and R are the smallest `bucket` values at which every group fits. A
   pair's response_pair_BR is its position in its micro-batch's [P / micro_batches] arrays once this host's

@@ -16,6 +16,7 @@ import optax
 from displacement_jax import forward
 from displacement_jax import losses
 from displacement_jax import displacement as monitor
+from displacement_jax import gradients
 from displacement_jax.train import optim as optim_lib
 
 
@@ -99,7 +100,7 @@ def make_train_step(
     raise ValueError(f"guard must be one of {optim_lib.GUARDS}, got {guard!r}")
 
   def train_step(state: TrainState, batch: dict[str, jax.Array]):
-    loss, aux, grads = optim_lib.accumulate_gradients(loss_fn, state.params, batch, grad_accum)
+    loss, aux, grads = gradients.accumulate_gradients(loss_fn, state.params, batch, grad_accum)
     grad_norm = optax.tree.norm(grads)
     checks = [jnp.isfinite(loss), jnp.isfinite(grad_norm)]
 
