@@ -28,7 +28,6 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from displacement_jax import plots, rundir
-
 from displacement_jax.config import flags as cli
 from displacement_jax.train import metrics as metrics_lib
 from displacement_jax.experiments import common, results as results_lib

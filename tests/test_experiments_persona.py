@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 
 from displacement_jax import report
-
 from displacement_jax.train import metrics
 from displacement_jax.data import schema, tokenize
 from displacement_jax.experiments import persona, persona_data

@@ -8,9 +8,7 @@ import numpy as np
 import pytest
 
 from displacement_jax import report
-
 from displacement_jax.score import filtering
-
 from displacement_jax.train import metrics
 from displacement_jax.data import schema
 from displacement_jax.experiments import quantiles

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 
 from displacement_jax import forward
-
 from displacement_jax.score import core as scoring
 from displacement_jax.data import batching, packing
 from displacement_jax.data.tokenize import TokenizedPair

@@ -16,13 +16,9 @@ import numpy as np
 import pytest
 
 from displacement_jax import ches, runtime
-
 from displacement_jax.score import filtering
-
 from displacement_jax.score import main as score
-
 from displacement_jax.score import outputs as score_outputs
-
 from displacement_jax.score import core as scoring
 from displacement_jax.data import layout
 

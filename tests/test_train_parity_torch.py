@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from displacement_jax import forward
-
 from displacement_jax.train import optim
 from displacement_jax.train import step as step_lib
 import hf_tiny

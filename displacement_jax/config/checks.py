@@ -9,9 +9,7 @@ from typing import Any, Mapping
 import ml_collections
 
 from displacement_jax import losses
-
 from displacement_jax.score import filtering
-
 from displacement_jax.train import optim
 from displacement_jax.data import tokenize
 

@@ -13,7 +13,6 @@ from absl import flags
 from ml_collections import config_flags
 
 from displacement_jax.config import checks as config_checks
-
 from displacement_jax.config import trl_names
 from displacement_jax.errors import Interrupted, UsageError
 

@@ -24,9 +24,7 @@ import ml_collections
 import numpy as np
 
 from displacement_jax import rundir, runtime
-
 from displacement_jax.score import core as scoring
-
 from displacement_jax.train import loop as training
 from displacement_jax.data import schema
 from displacement_jax.experiments import common, quantiles_plan, results

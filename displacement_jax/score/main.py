@@ -29,13 +29,9 @@ import ml_collections
 import numpy as np
 
 from displacement_jax import rundir, runtime, sharding
-
 from displacement_jax.config import flags as cli
-
 from displacement_jax.config import checks as config_checks
-
 from displacement_jax.score import filtering
-
 from displacement_jax.score import core as scoring
 from displacement_jax.score import outputs
 from displacement_jax.data import checks as data_checks

@@ -17,7 +17,6 @@ import ml_collections
 import numpy as np
 
 from displacement_jax import plots, rundir
-
 from displacement_jax.score import filtering
 from displacement_jax.data import schema
 from displacement_jax.score.core import MEASURES

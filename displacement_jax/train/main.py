@@ -16,9 +16,7 @@ from typing import Any, Callable, Sequence
 import ml_collections
 
 from displacement_jax import sharding
-
 from displacement_jax.config import flags as cli
-
 from displacement_jax.train import loop as training
 
 MAINS = {

@@ -19,7 +19,6 @@ import ml_collections
 import numpy as np
 
 from displacement_jax import rundir, runtime, sharding
-
 from displacement_jax.train import monitor as evaluation
 from displacement_jax.data import batching
 from displacement_jax.data.layout import fill_rows, plan_batches, round_up
