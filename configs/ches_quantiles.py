@@ -52,7 +52,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.quantiles.scores_dir = ""  # '' = parent of output_dir (shared by a sweep)
   config.model.path = experiments_common.MODEL_IDS[model]
   config.data.path, config.data.split = hub_id, split
-  instruct = packaged.is_gguf(config.model.path)  # as configs/score.py: a GGUF instruct model keeps its template
+  instruct = packaged.is_instruct_gguf(config.model.path)  # a GGUF instruct model keeps its template
   config.data.format = "chat_template" if instruct else "prompter_assistant"
   config.data.add_special_tokens = not instruct
   config.data.max_length = 512

@@ -8,6 +8,7 @@ at lr 1e-6, batch 8, one epoch (5 steps). Where the effect lives was found by co
 
     python -m displacement_jax.train --config=configs/demo.py                       # SmolLM2-135M-Instruct
     python -m displacement_jax.train --config=configs/demo.py:model=/path/to/hf_dir
+    python -m displacement_jax.train --config=configs/demo.py:model=gemma3-270m     # Gemma-3 270M base (packaged)
     python -m displacement_jax.train --config=configs/demo.py:tiny                  # a tiny random Llama (tests)
 """
 
@@ -29,7 +30,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.seed = 0
   config.progress = False
   config.model.path = arg.model
-  config.data.format = "chat_template"
+  # the default model's chat template; another model's format follows its tokenizer (a base model such as
+  # model=gemma3-270m: the paper's <|prompter|>...<|assistant|>, its markers added as tokens)
+  config.data.format = "chat_template" if arg.model == DEFAULT_MODEL else "auto"
   config.data.max_length = 64
   config.logprob_chunk_size = 64
   config.batch_size = 8

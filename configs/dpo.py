@@ -1,6 +1,7 @@
 """DPO on a real model with the paper's hyperparameters (beta 0.1, RMSprop with torch defaults, lr 1e-7).
 
     python -m displacement_jax.train --config=configs/dpo.py                            # packaged SmolLM2-135M
+    python -m displacement_jax.train --config=configs/dpo.py:gemma3-270m                # packaged Gemma-3 270M base
     python -m displacement_jax.train --config=configs/dpo.py:/path/to/hf_dir \
         --config.data.path=my_pairs.jsonl --config.export_hf=True
 

@@ -7,7 +7,8 @@
     python -m displacement_jax.report persona runs/persona_olmo1b
 
 Arg (configs.common.parse_arg): model = olmo1b (default) | gemma2b | llama3_8b | smollm2 (the packaged
-SmolLM2-135M-Instruct on the shipped 60 persona rows, phase 'all' by default, offline); phase = sft | dpo (default: from
+SmolLM2-135M-Instruct on the shipped 60 persona rows, phase 'all' by default, offline) | gemma3_270m (the packaged
+Gemma-3 270M base model, the same way; its prompts are question + newline: no chat template); phase = sft | dpo (default: from
 the SFT export `runs/persona_<model>/sft/hf`, override model.path) | base_dpo (from the base model) | all (SFT then
 DPO in one process; the default with tiny); objective = dpo (default) | ipo; pair = index into the model's token
 pairs (persona_data.TOKEN_PAIRS; OLMo-1B / Gemma-2B: 0 = Yes/No, 1 = No/Never; Llama-3-8B: 0 = Yes/No,
@@ -24,6 +25,7 @@ import ml_collections
 from configs import base, common
 from displacement_jax.experiments import common as experiments_common
 from displacement_jax.experiments import persona_data
+from displacement_jax.models import packaged
 
 PERSONA_DATA = "ends-justify-means.jsonl"  # Anthropic/model-written-evals persona/ends-justify-means.jsonl
 SHIPPED_PERSONA = os.path.join(common.ROOT, "displacement_jax", "assets", "persona_demo.jsonl")  # 60 of its rows
@@ -42,7 +44,8 @@ def run_name(phase: str, objective: str, pair: int, tiny: bool) -> str:
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   arg = common.parse_arg(arg, model="olmo1b", phase="", objective="dpo", pair=0, tiny=False)
   model = common.choose("persona", "model", arg.model, experiments_common.MODEL_IDS)
-  packaged_model = model == "smollm2"  # offline: SFT then DPO in one process, on the shipped 60 rows
+  # a packaged model runs offline: SFT then DPO in one process, on the shipped 60 rows
+  packaged_model = packaged.is_packaged_name(experiments_common.MODEL_IDS[model])
   default_phase = "all" if arg.tiny or packaged_model else "dpo"
   phase = common.choose("persona", "phase", arg.phase or default_phase, persona_data.PHASES)
   objective = common.choose("persona", "objective", arg.objective, OBJECTIVES)

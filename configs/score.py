@@ -1,6 +1,7 @@
 """Score a preference dataset by CHES / LN-CHES with a real model: the paper's Section 5 protocol.
 
     python -m displacement_jax.score --config=configs/score.py                          # packaged SmolLM2-135M
+    python -m displacement_jax.score --config=configs/score.py:gemma3-270m              # packaged Gemma-3 270M base
     python -m displacement_jax.score --config=configs/score.py:/path/to/hf_dir \
         --config.data.path=HuggingFaceH4/ultrafeedback_binarized --config.data.split=train_prefs
 

@@ -7,7 +7,9 @@ are actually exercised), and `save_pretrained`s it (safetensors) into `out_dir`.
 Families: llama (Llama-3 style: GQA, rope theta 5e5, untied), llama31 (Llama-3.1 "llama3" RoPE scaling
 with a small original_max_position_embeddings so scaling matters), mistral (v0.2: no sliding window),
 qwen2 (qkv bias), olmo (OLMo-1: non-parametric LayerNorm, tied), olmo_clip (OLMo-1 with clip_qkv),
-gemma (Gemma-1: (1+w) RMSNorm, sqrt(d) embedding scale, GeGLU tanh, head_dim != d/h, MQA, tied).
+gemma (Gemma-1: (1+w) RMSNorm, sqrt(d) embedding scale, GeGLU tanh, head_dim != d/h, MQA, tied),
+gemma3 (Gemma-3: gemma's plus q/k norms, sandwich norms, a sliding-window layer (window 4) with its own RoPE
+base then a full-attention one, query_pre_attn_scalar != head_dim).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-FAMILIES = ("llama", "llama31", "mistral", "qwen2", "olmo", "olmo_clip", "gemma")
+FAMILIES = ("llama", "llama31", "mistral", "qwen2", "olmo", "olmo_clip", "gemma", "gemma3")
 
 # Special token ids shared by every tiny model (match displacement_jax.models.tiny where possible).
 PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
@@ -77,6 +79,23 @@ def tiny_hf_config_kwargs(family: str, *, vocab_size: int = 300, **over: Any) ->
         rms_norm_eps=1e-6,
         tie_word_embeddings=True,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+    )
+  elif family == "gemma3":
+    cls = "Gemma3TextConfig"
+    kw = dict(
+        common,
+        num_key_value_heads=1,
+        head_dim=32,
+        hidden_activation="gelu_pytorch_tanh",
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=True,
+        query_pre_attn_scalar=24,
+        sliding_window=4,
+        layer_types=["sliding_attention", "full_attention"],
+        rope_parameters={
+            "full_attention": {"rope_type": "default", "rope_theta": 1e6},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+        },
     )
   else:
     raise ValueError(f"unknown tiny family {family!r}; expected one of {FAMILIES}")

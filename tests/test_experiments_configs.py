@@ -8,7 +8,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from configs import ches_quantiles, common, persona, sorry  # noqa: E402
+from configs import ches_quantiles, common, demo, dpo, persona, persona_demo, score, sorry  # noqa: E402
 
 
 def test_parse_arg_fields_flags_and_errors():
@@ -159,3 +159,28 @@ def test_real_model_score_and_dpo_configs_carry_the_papers_defaults():
   assert (d.loss.objective, d.loss.beta, d.optim.name, d.optim.lr, d.batch_size) == ("dpo", 0.1, "rmsprop", 1e-7, 32)
   assert "filter" not in d and d.data.limit == 0
   config_checks.check_train(d)
+
+
+def test_packaged_gemma3_by_name_in_every_real_model_config():
+  """model 'gemma3-270m' (persona: gemma3_270m): a packaged BASE model, so formats that follow the tokenizer
+  (no chat template: the persona question + newline, elsewhere <|prompter|>...<|assistant|> with its tokens added)."""
+  from displacement_jax.config import checks as config_checks  # pylint: disable=g-import-not-at-top
+
+  p = persona.get_config("model=gemma3_270m")
+  assert (p.model.path, p.persona.phase) == ("gemma3-270m", "all")
+  assert (p.persona.preferred, p.persona.dispreferred) == ("Yes", "No")
+  assert os.path.exists(p.persona.data_path) and p.output_dir == "runs/persona_gemma3_270m/all_dpo-0"
+  assert (p.data.format, p.checkpoint.at_end, p.persona.sft_batch_size) == ("persona", False, 12)
+  assert persona.get_config("model=gemma3_270m,pair=1").persona.dispreferred == "Never"
+  q = ches_quantiles.get_config("model=gemma3_270m")
+  assert (q.model.path, q.data.format, q.data.add_special_tokens) == ("gemma3-270m", "prompter_assistant", True)
+  assert ches_quantiles.get_config("model=smollm2").data.format == "chat_template"  # an instruct model: its template
+  d = demo.get_config("model=gemma3-270m")
+  assert (d.model.path, d.data.format) == ("gemma3-270m", "auto")
+  assert demo.get_config().data.format == "chat_template"
+  pd = persona_demo.get_config("model=gemma3-270m")
+  assert (pd.model.path, pd.data.format, pd.data.single_token) == ("gemma3-270m", "persona", True)
+  for c in (score.get_config("gemma3-270m"), dpo.get_config("gemma3-270m")):
+    assert (c.model.path, c.data.format) == ("gemma3-270m", "auto")
+  config_checks.check_score(score.get_config("gemma3-270m"))
+  config_checks.check_train(dpo.get_config("gemma3-270m"))

@@ -15,11 +15,11 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from displacement_jax import sharding
-from displacement_jax.models import convert, convert_gguf, gguf, packaged
+from displacement_jax.models import convert, convert_gguf, gguf, packaged, quants
 from displacement_jax.models import io as io_lib
 from tests import gguf_tiny
 
-TYPES = ("Q8_0", "Q4_0", "Q4_1", "F16", "BF16", "F32")
+TYPES = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "F16", "BF16", "F32")
 
 
 def _hf_gguf(path):
@@ -110,15 +110,15 @@ def test_loads_onto_a_mesh(tiny_file):
 
 def test_unsupported_type_names_tensor_and_type(tmp_path):
   path = str(tmp_path / "q5.gguf")
-  gguf_tiny.write_tiny_llama_gguf(path, ("Q5_0",))
-  with pytest.raises(ValueError, match=r"tensor 'token_embd.weight' has GGUF type Q5_0, which is not supported"):
+  gguf_tiny.write_tiny_llama_gguf(path, ("Q5_1",))
+  with pytest.raises(ValueError, match=r"tensor 'token_embd.weight' has GGUF type Q5_1, which is not supported"):
     gguf.from_gguf(path)
 
 
 def test_unsupported_architecture_and_bad_files(tmp_path):
   path = str(tmp_path / "gpt2.gguf")
   gguf_tiny.write_tiny_llama_gguf(path, ("F32",), architecture="gpt2")
-  with pytest.raises(ValueError, match=r"unsupported GGUF architecture 'gpt2'; supported: llama"):
+  with pytest.raises(ValueError, match=r"unsupported GGUF architecture .gpt2.; supported: llama, gemma3"):
     gguf.from_gguf(path)
   junk = tmp_path / "junk.gguf"
   junk.write_bytes(b"not a gguf file at all")
@@ -129,7 +129,9 @@ def test_unsupported_architecture_and_bad_files(tmp_path):
 
 
 def test_packaged_names(monkeypatch):
-  with pytest.raises(ValueError, match=r"unknown packaged model 'nope'; packaged models: smollm2-135m-instruct"):
+  with pytest.raises(
+      ValueError, match=r"unknown packaged model .nope.; packaged models: gemma3-270m, smollm2-135m-instruct"
+  ):
     packaged.packaged_path("nope")
   monkeypatch.setitem(
       packaged.PACKAGED,
@@ -170,3 +172,42 @@ def test_convert_cli_writes_a_dir_transformers_opens(tiny_file, tmp_path, capsys
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and err[0].startswith("error: ") and "cut.gguf" in err[0]
   assert not os.path.exists(tmp_path / "cut_out") and not os.path.exists(tmp_path / "cut_out.partial")
+
+
+def _packaged_gemma_or_skip() -> str:
+  try:
+    return packaged.packaged_path("gemma3-270m")
+  except ValueError as e:
+    pytest.skip(str(e))
+
+
+@pytest.mark.parametrize("kind", ["Q4_K", "Q6_K", "Q5_0"])
+def test_quants_equal_gguf_package_on_the_packaged_gemma(kind):
+  """Every tensor of type `kind` in the packaged Gemma-3 270M (Q4_K_M) file: models.quants == gguf.quants, exactly."""
+  import gguf as gguf_package  # pylint: disable=g-import-not-at-top
+
+  tensors = [t for t in gguf.open_reader(_packaged_gemma_or_skip()).tensors if t.tensor_type.name == kind]
+  assert tensors
+  for t in tensors:
+    ours = quants.dequantize(np.asarray(t.data), kind, int(np.prod(t.shape)))
+    theirs = gguf_package.quants.dequantize(np.asarray(t.data), t.tensor_type).reshape(-1)
+    np.testing.assert_array_equal(ours, theirs, err_msg=t.name)
+
+
+@pytest.mark.parametrize("kind", list(quants.BLOCKS))
+def test_quants_equal_gguf_package_on_random_blocks(kind):
+  """Random bytes (every bit pattern of the quants and scales; finite float16 super-scales) in each type."""
+  import gguf as gguf_package  # pylint: disable=g-import-not-at-top
+
+  per_block, nbytes = quants.BLOCKS[kind]
+  rng = np.random.default_rng(0)
+  raw = rng.integers(0, 256, (64, nbytes), dtype=np.uint8)
+  halves = rng.normal(0, 0.05, (64, 2)).astype(np.float16).view(np.uint8)  # the float16 d (and dmin)
+  offsets = {"Q6_K": [208], "Q5_0": [0]}.get(kind, [0, 2])
+  for k, offset in enumerate(offsets):
+    raw[:, offset : offset + 2] = halves[:, 2 * k : 2 * k + 2]
+  ours = quants.dequantize(raw, kind, 64 * per_block)
+  theirs = gguf_package.quants.dequantize(raw, gguf_package.GGMLQuantizationType[kind]).reshape(-1)
+  np.testing.assert_array_equal(ours, theirs)
+  with pytest.raises(ValueError, match=rf"{kind}: 5 values is not a whole number"):
+    quants.dequantize(raw, kind, 5)

@@ -125,7 +125,7 @@ def test_bf16_within_bound(family_case):
   assert diff <= BF16_LOGIT_TOL, (c["family"], diff)
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma"])
+@pytest.mark.parametrize("family", ["llama", "gemma", "gemma3"])
 def test_kv_cache_prefill_and_decode_match_full_forward(family):
   c = _case(family)
   ids, mask = c["ids"], c["mask"]
@@ -232,6 +232,15 @@ def test_mistral_sliding_window_matches_hf():
   assert np.abs(full - hf_logits)[mask].max() > 1e-2  # the window really changes the result
 
 
+def test_gemma3_local_layers_and_their_rope_base_matter():
+  """The gemma3 tiny case matches HF (above) only with its window and its local RoPE base: each changes the logits."""
+  c = _case("gemma3")
+  assert c["config"].local_layers == (True, False) and c["config"].rope_local_theta == 1e4
+  for changed in (c["config"].replace(sliding_window=64), c["config"].replace(rope_local_theta=1e6)):
+    ours = np.asarray(Transformer(changed).apply({"params": c["params"]}, c["ids"], c["mask"]).logits_BTV)
+    assert np.abs(ours - c["hf_logits"])[c["mask"]].max() > 1e-2
+
+
 def test_olmo_clip_really_clips():
   c = _case("olmo_clip")
   assert c["config"].clip_qkv == 0.3
@@ -252,6 +261,27 @@ def test_from_pretrained_on_hf_save_pretrained_dir(tmp_path):
   model, params, config = io.from_pretrained(str(tmp_path), progress=False)
   assert config.replace(extra=()) == c["config"].replace(extra=())
   logits = np.asarray(model.apply({"params": params}, c["ids"], c["mask"]).logits_BTV)
+  assert np.abs(logits - c["hf_logits"])[c["mask"]].max() <= TOL
+
+
+def test_gemma3_import_and_export_through_hf_dirs(tmp_path):
+  """gemma3_text: a dir written by HF save_pretrained loads here with HF's logits; ours written by
+  io.save_pretrained opens in transformers as Gemma3ForCausalLM with the same config and logits."""
+  from displacement_jax.models import io  # pylint: disable=g-import-not-at-top
+  from transformers import AutoModelForCausalLM  # pylint: disable=g-import-not-at-top
+
+  c = _case("gemma3")
+  c["model"].save_pretrained(str(tmp_path / "hf"), safe_serialization=True)
+  model, params, config = io.from_pretrained(str(tmp_path / "hf"), progress=False)
+  assert config.replace(extra=()) == c["config"].replace(extra=())
+  logits = np.asarray(model.apply({"params": params}, c["ids"], c["mask"]).logits_BTV)
+  assert np.abs(logits - c["hf_logits"])[c["mask"]].max() <= TOL
+  io.save_pretrained(params, config, str(tmp_path / "ours"), progress=False)
+  hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "ours"), dtype=torch.float32).eval()
+  assert type(hf).__name__ == "Gemma3ForCausalLM"
+  for key in ("layer_types", "sliding_window", "query_pre_attn_scalar", "rope_parameters", "hidden_activation"):
+    assert getattr(hf.config, key) == getattr(c["model"].config, key), key
+  logits, _ = _hf_run(hf, c["ids"], c["mask"])
   assert np.abs(logits - c["hf_logits"])[c["mask"]].max() <= TOL
 
 

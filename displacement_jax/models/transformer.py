@@ -1,4 +1,4 @@
-"""Flax linen decoder-only transformer: Llama-3(.1) / Mistral / Qwen2 / OLMo-1 / Gemma-1, with a KV cache.
+"""Flax linen decoder-only transformer: Llama-3(.1) / Mistral / Qwen2 / OLMo-1 / Gemma-1 / Gemma-3, with a KV cache.
 
 The param tree mirrors HF names with the decoder layers stacked on a leading axis under `layers/` (one scanned
 layer body; models/convert.py maps HF's per-layer names at the io boundary, see DESIGN.md). Norm statistics, RoPE tables, softmax and logits are float32;
@@ -62,6 +62,11 @@ def rope_inv_freq(config: ModelConfig) -> np.ndarray:
     medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
     inv_freq = np.where(medium, smoothed, scaled)
   return np.asarray(inv_freq, np.float32)
+
+
+def local_rope_config(config: ModelConfig) -> ModelConfig:
+  """The RoPE settings of a Gemma-3 sliding-window layer: base `rope_local_theta`, no scaling."""
+  return config.replace(rope_theta=config.rope_local_theta, rope_scaling=None, layer_types=())
 
 
 def rope_cos_sin(positions_BT: Array, config: ModelConfig) -> tuple[Array, Array]:
@@ -301,8 +306,11 @@ class Attention(nn.Module):
     v = _dense(c, c.num_kv_heads * c.head_dim, c.qkv_bias, "v_proj")(x_BTD)
     if c.clip_qkv is not None:
       q, k, v = (jnp.clip(a, -c.clip_qkv, c.clip_qkv) for a in (q, k, v))
-    q_BTNH = apply_rope(q.reshape(b, t, c.num_heads, c.head_dim), cos_BTH, sin_BTH)
-    k_BTKH = apply_rope(k.reshape(b, t, c.num_kv_heads, c.head_dim), cos_BTH, sin_BTH)
+    q_BTNH, k_BTKH = q.reshape(b, t, c.num_heads, c.head_dim), k.reshape(b, t, c.num_kv_heads, c.head_dim)
+    if c.qk_norm:  # Gemma-3: RMSNorm (1 + w) over each head's features, before RoPE
+      q_BTNH, k_BTKH = _norm(c, "q_norm")(q_BTNH), _norm(c, "k_norm")(k_BTKH)
+    q_BTNH = apply_rope(q_BTNH, cos_BTH, sin_BTH)
+    k_BTKH = apply_rope(k_BTKH, cos_BTH, sin_BTH)
     v_BTKH = v.reshape(b, t, c.num_kv_heads, c.head_dim)
     new_cache = None
     if kv_cache is not None:
@@ -315,7 +323,8 @@ class Attention(nn.Module):
     impl = c.attention_impl
     if impl is None:  # default: causal blocks without a KV cache (every such mask is causal), JAX's choice with one
       impl = "blocked" if kv_cache is None else None
-    out_BTNH = attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS, c.head_dim**-0.5, impl)
+    scale = (c.query_pre_attn_scalar or c.head_dim) ** -0.5
+    out_BTNH = attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS, scale, impl)
     out = _dense(c, c.hidden_size, c.o_bias, "o_proj")(out_BTNH.reshape(b, t, c.num_heads * c.head_dim))
     return out, new_cache
 
@@ -341,10 +350,13 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-  """Pre-norm block: x + attn(norm(x)), then + mlp(norm(.)).
+  """Pre-norm block: x + attn(norm(x)), then + mlp(norm(.)); with `sandwich_norm` (Gemma-3)
+  x + norm(attn(norm(x))), then + norm(mlp(norm(.))).
 
   Called through `nn.scan` over the layers (params stacked on a leading layer axis): returns the new residual
   stream (the scan carry) and (this layer's new KV cache, its output when `collect_hidden`) as the scan output.
+  With `layer_types`, the RoPE tables and the mask come as (full-attention, sliding-window) pairs and `local`
+  (this layer's entry of `config.local_layers`, scanned) picks one.
   """
 
   config: ModelConfig
@@ -359,13 +371,20 @@ class DecoderLayer(nn.Module):
       mask_BTS: Array,
       kv_cache: dict[str, Array] | None,
       index: Array | None,
+      local: Array | None = None,
   ):
     c = self.config
+    if local is not None:
+      cos_BTH, sin_BTH, mask_BTS = (jnp.where(local, pair[1], pair[0]) for pair in (cos_BTH, sin_BTH, mask_BTS))
     h = _norm(c, "input_layernorm")(x_BTD)
     attn, new_cache = Attention(c, name="self_attn")(h, cos_BTH, sin_BTH, mask_BTS, kv_cache, index)
-    x_BTD = x_BTD + attn
-    h = _norm(c, "post_attention_layernorm")(x_BTD)
-    x_BTD = x_BTD + MLP(c, name="mlp")(h)
+    if c.sandwich_norm:
+      x_BTD = x_BTD + _norm(c, "post_attention_layernorm")(attn)
+      mlp = MLP(c, name="mlp")(_norm(c, "pre_feedforward_layernorm")(x_BTD))
+      x_BTD = x_BTD + _norm(c, "post_feedforward_layernorm")(mlp)
+    else:
+      x_BTD = x_BTD + attn
+      x_BTD = x_BTD + MLP(c, name="mlp")(_norm(c, "post_attention_layernorm")(x_BTD))
     return x_BTD, (new_cache, x_BTD if self.collect_hidden else None)
 
 
@@ -508,8 +527,9 @@ class Transformer(nn.Module):
     x_BTD = embed(input_ids_BT).astype(dtype)
     if c.freeze_pad_embedding and c.pad_token_id is not None:  # HF's padding_idx: no lookup gradient for the pad row
       x_BTD = jnp.where((input_ids_BT == c.pad_token_id)[..., None], jax.lax.stop_gradient(x_BTD), x_BTD)
-    if c.embed_scale:  # Gemma: sqrt(d) rounded to the compute dtype, as HF does
-      x_BTD = x_BTD * jnp.asarray(c.hidden_size**0.5, dtype)
+    if c.embed_scale:  # Gemma: sqrt(d) rounded to the compute dtype; Gemma-3: to the embedding's dtype (as HF)
+      scale_dtype = _dtype(c.param_dtype) if c.model_type == "gemma3_text" else dtype
+      x_BTD = x_BTD * jnp.asarray(c.hidden_size**0.5, scale_dtype).astype(dtype)
 
     if cache is None:
       index = None
@@ -523,12 +543,22 @@ class Transformer(nn.Module):
       offset_B = cache["length_B"]
     if positions_BT is None:
       positions_BT = positions_from_mask(mask_BT, offset_B)
+    segment = None if segment_BT is None else jnp.asarray(segment_BT)
+
+    def mask_for(window: int | None) -> Array:
+      if branch_BT is None:
+        return attention_mask_BTS(key_valid_BS, query_slot_T, window)
+      return branch_attention_mask_BTS(mask_BT, jnp.asarray(branch_BT), positions_BT, window, segment)
+
     cos_BTH, sin_BTH = rope_cos_sin(positions_BT, c)
-    if branch_BT is None:
-      mask_BTS = attention_mask_BTS(key_valid_BS, query_slot_T, c.sliding_window)
+    local_L = None
+    if c.layer_types:  # Gemma-3: (full-attention, sliding-window) pairs, picked per layer by local_L
+      local_cos_BTH, local_sin_BTH = rope_cos_sin(positions_BT, local_rope_config(c))
+      cos_BTH, sin_BTH = (cos_BTH, local_cos_BTH), (sin_BTH, local_sin_BTH)
+      mask_BTS = (mask_for(None), mask_for(c.sliding_window))
+      local_L = jnp.asarray(c.local_layers)
     else:
-      segment = None if segment_BT is None else jnp.asarray(segment_BT)
-      mask_BTS = branch_attention_mask_BTS(mask_BT, jnp.asarray(branch_BT), positions_BT, c.sliding_window, segment)
+      mask_BTS = mask_for(c.sliding_window)
 
     # One compiled layer body scanned over the stacked layer params (compile time independent of depth);
     # remat per layer keeps only each layer's input for the backward pass.
@@ -538,13 +568,13 @@ class Transformer(nn.Module):
         layer_cls,
         variable_axes={"params": 0},
         split_rngs={"params": True, "dropout": True},
-        in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast),
+        in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast, 0),
         length=c.num_layers,
     )(c, collect_hidden=return_all_hidden, name="layers")
 
     embedded_BTD = x_BTD
     x_BTD, (new_kv, per_layer_LBTD) = layers(
-        x_BTD, cos_BTH, sin_BTH, mask_BTS, cache["layers"] if cache is not None else None, index
+        x_BTD, cos_BTH, sin_BTH, mask_BTS, cache["layers"] if cache is not None else None, index, local_L
     )
 
     hidden_BTD = _norm(c, "norm")(x_BTD)
