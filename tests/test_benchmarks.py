@@ -1,5 +1,6 @@
 """The benchmark scripts run (tiny shapes, CPU) and measure the same computation as their PyTorch baselines."""
 
+import jax
 import numpy as np
 import pytest
 
@@ -239,3 +240,6 @@ def test_memory_plan_lora_counts_base_adapters_and_their_optimizer_state():
   assert near(r["arguments"], 2 * n_base + 2 * 4 * n_adapters + batch)
   assert near(r["aliased"], 2 * 4 * n_adapters)
   assert r["total"] == r["arguments"] + r["outputs"] - r["aliased"] + r["temporaries"]
+  prepared = memory_plan.prepare(case)  # the measuring run's real arguments have the planned shapes and dtypes
+  spec = lambda tree: jax.tree.map(lambda x: (tuple(x.shape), str(x.dtype)), tree)
+  assert spec(prepared.make_args()) == spec(prepared.args)
