@@ -11,8 +11,10 @@ The batch: `--batch` pairs, each a `--prompt`-token prompt (default 256) with tw
 pairs per row, rows planned per data-parallel device: data/packing.py), reference log-probs precomputed (in the
 batch, as in training). Scoring: one packed row per pair, as `scoring.score_pairs` runs it.
 
-Full fine-tuning only: LoRA rows (issue 33 item 1) wait for LoRA in the library (branch wip/lora, not merged);
-`Case.method` is where they go.
+Methods: `full` (every param trained, optimizer state per param) and `lora` (train/lora.py's own pieces:
+`attach` with the case's base params as ShapeDtypeStructs gives abstract adapters of rank 8 at PEFT's
+all-linear modules, alpha 16; `jit_train_step` is the run's LoRA step; the state (adapters and their optimizer
+state, fp32) is donated, the base params in the case's dtype are an argument never updated).
 
   python -m benchmarks.memory_plan                          # the default grid (8 compiles)
   python -m benchmarks.memory_plan --full                   # every combination of issue 33 (hours on 2 cores)
@@ -44,25 +46,27 @@ from benchmarks import gpu_mfu, shapes, tables
 from configs import base
 from displacement_jax import runtime, sharding
 from displacement_jax.data import batching, layout, packing
-from displacement_jax.models import transformer
+from displacement_jax.models import lora, transformer
 from displacement_jax.score import core as scoring
 from displacement_jax.train import fns as fns_lib
+from displacement_jax.train import lora as lora_train
 
 GIB = 2**30
 MESHES = {"1": dict(data=1, fsdp=1), "fsdp8": dict(data=1, fsdp=8), "data8": dict(data=8, fsdp=1)}
 TASKS = ("train", "score")
-METHODS = ("full",)  # LoRA: pending (branch wip/lora)
+METHODS = ("full", "lora")
+LORA_RANK = 8  # the authors' lora_rank; alpha, dropout and target_modules: configs/base.py's (16, 0, all-linear)
 DEFAULT_BUDGET_GB = 80.0
 
 
 @dataclasses.dataclass(frozen=True)
 class Case:
-  """One compile: task, model shape, method (full fine-tuning), param dtype, remat, batch (pairs) and mesh."""
+  """One compile: task, model shape, method (full fine-tuning or LoRA), param dtype, remat, batch and mesh."""
 
   task: str
   shape: str
   method: str
-  dtype: str  # params, optimizer state and compute
+  dtype: str  # params, optimizer state and compute (LoRA: base params and compute; adapters fp32)
   remat: bool
   batch: int
   mesh: str
@@ -85,7 +89,8 @@ class Case:
 
 
 def train_config(case: Case) -> Any:
-  """configs/base.py with the case's dtype, remat, batch, optimizer, guard and mesh (everything else default)."""
+  """configs/base.py with the case's dtype, remat, batch, optimizer, guard, mesh and LoRA rank (everything else
+  default)."""
 
   config = base.get_base_config()
   config.model.dtype = config.model.param_dtype = case.dtype
@@ -95,6 +100,7 @@ def train_config(case: Case) -> Any:
   config.optim.name = case.optim
   config.optim.guard = case.guard
   config.mesh.update(MESHES[case.mesh])
+  config.model.lora.rank = LORA_RANK if case.method == "lora" else 0
   return config
 
 
@@ -167,9 +173,19 @@ def prepare(case: Case) -> Prepared:
   if case.task == "score":
     fn = scoring.sharded_score_fn(model, param_sh, mesh)
     return Prepared(fn, (params, batch), lambda: (init_params(jax.random.key(0)), put_batch()))
-  if case.method != "full":
-    raise ValueError(f"{case.label()}: method {case.method!r} is not planned yet (known: {', '.join(METHODS)})")
+  if case.method not in METHODS:
+    raise ValueError(f"{case.label()}: unknown method {case.method!r} (known: {', '.join(METHODS)})")
   loaded = runtime.Loaded(model=model, params=params, model_config=model_config, tokenizer=None, identity={})
+  if case.method == "lora":
+    ad = lora_train.attach(loaded, config)  # abstract base: abstract adapters
+    step, init_state = lora_train.jit_train_step(loaded.model, config, mesh, 1, param_sh, ad.initial)
+
+    def make_args() -> tuple[Any, ...]:
+      base_params = init_params(jax.random.key(0))
+      adapters = lora.init_adapters(base_params, ad.rank, ad.targets, jax.random.key(int(config.seed)))
+      return init_state(adapters), put_batch(), base_params
+
+    return Prepared(step, (jax.eval_shape(init_state, ad.initial), batch, params), make_args)
   fns = fns_lib.make_fns(loaded, config, mesh, total_steps=1)
   state = jax.eval_shape(fns.init_state, params)
   return Prepared(fns.train_step, (state, batch), lambda: (fns.init_state(init_params(jax.random.key(0))), put_batch()))
@@ -380,7 +396,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
   p.add_argument("--full", action="store_true", help="issue 33's whole grid (both tasks, all shapes, ... batch 1..32)")
   p.add_argument("--tasks", type=csv, default=["train", "score"])
   p.add_argument("--shapes", type=csv, default=["llama3-8b", "olmo-1b"])
-  p.add_argument("--methods", type=csv, default=["full"], help="full (LoRA: pending, branch wip/lora)")
+  p.add_argument("--methods", type=csv, default=["full"], help=f"full, lora (rank {LORA_RANK}, all-linear)")
   p.add_argument("--dtypes", type=csv, default=["bfloat16", "float32"])
   p.add_argument("--remat", type=csv, default=["1"], help="comma list of 0/1")
   p.add_argument("--batches", type=csv, default=["8"], help="pairs per step (comma list)")
@@ -442,7 +458,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
       f"### Compile-time memory plan ({datetime.date.today().isoformat()}, XLA:CPU, jax {jax.__version__})",
       "",
       f"`{command.strip()}`; seq {a.seq} ({a.prompt}-token prompts), optimizer {a.optim}, guard {a.guard}; "
-      "GiB per device.",
+      "GiB per device."
+      + (
+          f" LoRA: rank {LORA_RANK}, alpha 16, all-linear; adapters and their optimizer state fp32."
+          if "lora" in a.methods
+          else ""
+      ),
       "",
   ]
   tables.emit(header + lines, a.append)

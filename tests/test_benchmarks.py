@@ -1,5 +1,6 @@
 """The benchmark scripts run (tiny shapes, CPU) and measure the same computation as their PyTorch baselines."""
 
+import jax
 import numpy as np
 import pytest
 
@@ -219,3 +220,26 @@ def test_memory_plan_counts_the_train_state_and_scoring_params():
   # scoring reads the last hidden states only: jit prunes the (untied) lm_head and the batch fields it never reads
   lm_head = shapes.SHAPES["tiny"]["vocab_size"] * shapes.SHAPES["tiny"]["hidden_size"]
   assert 4 * (n_params - lm_head) < score["arguments"] <= 4 * (n_params - lm_head) + batch(cases[2])
+
+
+def test_memory_plan_lora_counts_base_adapters_and_their_optimizer_state():
+  """The LoRA plan (rank 8, all-linear, bf16 base) at the tiny shape: its arguments hold the bf16 base params (HF's
+  count), the fp32 adapters (PEFT's trainable count for the same r and targets) and one fp32 RMSprop accumulator
+  per adapter param, plus the batch; only the donated state (adapters + accumulators) aliases its update."""
+  transformers = pytest.importorskip("transformers")
+  peft = pytest.importorskip("peft")
+  hf = transformers.LlamaForCausalLM(shapes.hf_config("tiny"))
+  n_base = hf.num_parameters()
+  lora_config = peft.LoraConfig(r=memory_plan.LORA_RANK, lora_alpha=16, target_modules="all-linear")
+  n_adapters, _ = peft.get_peft_model(hf, lora_config).get_nb_trainable_parameters()
+  case = memory_plan.Case("train", "tiny", "lora", "bfloat16", True, 2, "1", seq=32, prompt=16)
+  r = memory_plan.plan_one(case)
+  batch = sum(x.nbytes for x in memory_plan.host_batch(case, shapes.SHAPES["tiny"]["vocab_size"], 1).values())
+  near = lambda got, want: abs(got - want) <= 32  # step, rng, the schedule's count
+  assert n_adapters > 0
+  assert near(r["arguments"], 2 * n_base + 2 * 4 * n_adapters + batch)
+  assert near(r["aliased"], 2 * 4 * n_adapters)
+  assert r["total"] == r["arguments"] + r["outputs"] - r["aliased"] + r["temporaries"]
+  prepared = memory_plan.prepare(case)  # the measuring run's real arguments have the planned shapes and dtypes
+  spec = lambda tree: jax.tree.map(lambda x: (tuple(x.shape), str(x.dtype)), tree)
+  assert spec(prepared.make_args()) == spec(prepared.args)

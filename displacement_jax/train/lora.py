@@ -75,7 +75,9 @@ def attach(loaded: runtime.Loaded, config: ml_collections.ConfigDict) -> Adapter
   else:
     model_config = lora.with_lora(loaded.model_config, float(lc.alpha), 0.0, bool(lc.get("rslora", False)))
     rank, targets = int(lc.rank), lora.target_modules(lc.get("target_modules", "all-linear"))
-    initial = lora.init_adapters(base, rank, targets, jax.random.key(int(config.seed)))
+    init = lambda: lora.init_adapters(base, rank, targets, jax.random.key(int(config.seed)))
+    abstract = any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(base))
+    initial = jax.eval_shape(init) if abstract else init()  # a memory plan's abstract base: abstract adapters
   model_config = model_config.replace(lora_dropout=float(lc.get("dropout", 0.0)))  # the config's, as TRL takes it
   loaded.model_config, loaded.model = model_config, Transformer(model_config)
   loaded.params = base
@@ -98,31 +100,7 @@ def make_fns(
   loaded.params = ad.base = jax.device_put(loaded.params, base_sh)
   replicated = NamedSharding(mesh, P())
   batch_sh = sharding.batch_sharding(mesh)
-  optimizer = optim_lib.make_optimizer(config.optim, total_steps)
-  loss_fn = step_lib.make_loss_fn(model, config.loss, chunk)
-  state_sh = jax.tree.map(lambda _: replicated, jax.eval_shape(lambda a: _state(a, optimizer, config), ad.initial))
-
-  def train_step(state, batch, base):
-    def with_base(adapters, b):
-      if not model.config.lora_dropout:
-        return loss_fn(lora.combine(base, adapters), b)
-      # dropout on the adapter inputs (train mode only): a key per step (the state's rng) and micro-batch
-      key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), b["index_B"][0])
-      dropout_loss = step_lib.make_loss_fn(lora.WithDropout(model, key), config.loss, chunk)
-      return dropout_loss(lora.combine(base, adapters), b)
-
-    step_fn = step_lib.make_train_step(
-        with_base, optimizer, int(config.optim.grad_accum), config.optim.get("guard", "state")
-    )
-    return step_fn(state, batch)
-
-  step_jit = jax.jit(
-      train_step,
-      in_shardings=(state_sh, batch_sh, base_sh),
-      out_shardings=(state_sh, replicated),
-      donate_argnums=0,
-  )
-  init_jit = jax.jit(lambda a: _state(a, optimizer, config), out_shardings=state_sh)
+  step_jit, init_jit = jit_train_step(model, config, mesh, total_steps, base_sh, ad.initial)
 
   def dual(fn: Callable) -> Callable:
     """fn(params, batch) jitted for the base tree and for the adapter tree (combined with the base)."""
@@ -145,6 +123,42 @@ def make_fns(
       param_sh=base_sh,
       batch_sh=batch_sh,
   )
+
+
+def jit_train_step(
+    model: Transformer, config: ml_collections.ConfigDict, mesh: Any, total_steps: int, base_sh: Any, adapters: Any
+) -> tuple[Callable, Callable]:
+  """(train_step(state, batch, base), init_state(adapters)) of a LoRA run, jitted: the state (adapters and their
+  optimizer state) replicated and donated, the base params sharded by `base_sh` and never updated. `adapters`
+  (arrays or ShapeDtypeStructs) give only the state's shapes."""
+  chunk = int(config.logprob_chunk_size)
+  replicated = NamedSharding(mesh, P())
+  optimizer = optim_lib.make_optimizer(config.optim, total_steps)
+  loss_fn = step_lib.make_loss_fn(model, config.loss, chunk)
+  state_sh = jax.tree.map(lambda _: replicated, jax.eval_shape(lambda a: _state(a, optimizer, config), adapters))
+
+  def train_step(state, batch, base):
+    def with_base(adapters, b):
+      if not model.config.lora_dropout:
+        return loss_fn(lora.combine(base, adapters), b)
+      # dropout on the adapter inputs (train mode only): a key per step (the state's rng) and micro-batch
+      key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), b["index_B"][0])
+      dropout_loss = step_lib.make_loss_fn(lora.WithDropout(model, key), config.loss, chunk)
+      return dropout_loss(lora.combine(base, adapters), b)
+
+    step_fn = step_lib.make_train_step(
+        with_base, optimizer, int(config.optim.grad_accum), config.optim.get("guard", "state")
+    )
+    return step_fn(state, batch)
+
+  step_jit = jax.jit(
+      train_step,
+      in_shardings=(state_sh, sharding.batch_sharding(mesh), base_sh),
+      out_shardings=(state_sh, replicated),
+      donate_argnums=0,
+  )
+  init_jit = jax.jit(lambda a: _state(a, optimizer, config), out_shardings=state_sh)
+  return step_jit, init_jit
 
 
 def _state(adapters: Any, optimizer: Any, config: ml_collections.ConfigDict) -> step_lib.TrainState:
