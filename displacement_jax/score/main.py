@@ -261,7 +261,7 @@ def main(argv: Sequence[str] | None = None) -> int:
       "Scoring preference pairs by CHES, LN-CHES, edit distance and last-hidden inner product",
       bools=[("resume", "continue an interrupted run in output_dir from its last finished batch")],
       prog="displacement_jax.score",
-      help_skip=SKIPPED_FIELDS,
+      help_skip=(*SKIPPED_FIELDS, "audit."),  # the audit CLI's fields too
       help_extra="measures: " + ", ".join(scoring.MEASURES) + "; filter modes: " + ", ".join(filtering.MODES),
   )
   if flag_values is None:

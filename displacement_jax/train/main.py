@@ -59,7 +59,11 @@ def main(argv: Sequence[str] | None = None) -> int:
       "Preference training (DPO, IPO, cross-entropy, SLiC, DPOP, GPO, + SFT term)",
       bools=[("resume", "continue from the latest checkpoint in output_dir")],
       prog="displacement_jax.train",
-      help_skip=("filter.", "measures."),  # score's fields
+      help_skip=(
+          "filter.",
+          "measures.",
+          "audit.",
+      ),  # score's fields; the audit CLI's (python -m displacement_jax.audit)
       help_extra="pipelines (config.main): "
       + ", ".join(f"{k} -> {v}" for k, v in sorted(MAINS.items()))
       + "; '' = one training run (displacement_jax.train.loop.run)\n\nTRL's DPOConfig names are accepted too "
