@@ -125,9 +125,11 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.audit.last_layers = 2  # head_and_last_layers: the LM head, the final norm and this many last layers
   config.audit.sketch = "count_sketch"  # unbiased projection of per-pair gradients: none | rademacher | count_sketch
   config.audit.sketch_dim = 4096  # k, the projected dimension (error ~ 1/sqrt(k))
-  config.audit.sketch_seed = 0
+  config.audit.sketch_seed = 0  # seed of the projection (signs and buckets)
   config.audit.top_contributors = 5  # per pair, the pairs pushing its ln pi(y+) down most
-  config.audit.filter = ml_collections.ConfigDict()  # filtered.jsonl of the audited data (displacement_jax.filtering)
+  config.audit.filter = (
+      ml_collections.ConfigDict()
+  )  # filtered.jsonl of the audited data (displacement_jax.score.filtering)
   config.audit.filter.mode = "none"  # 'none' | 'drop_highest_k' | 'drop_highest_fraction' (or any filtering.MODES)
   config.audit.filter.measure = "audit_others_fall"  # 'audit_fall' | 'audit_own_fall' | 'audit_others_fall'
   config.audit.filter.k = 0  # drop_highest_k: drop the k pairs predicted to fall most

@@ -74,7 +74,7 @@ def test_demo_imports_no_torch(tmp_path):
   script = (
       "import sys\n"
       "sys.modules['torch'] = None  # any `import torch` now raises ImportError\n"
-      "from displacement_jax import train\n"
+      "from displacement_jax.train import main as train\n"
       f"rc = train.main(['train', '--config={os.path.join(ROOT, 'configs', 'demo.py')}:tiny', "
       f"'--config.output_dir={tmp_path}', '--config.demo.num_pairs=8'])\n"
       "loaded = [m for m, v in sys.modules.items() if m.split('.')[0] == 'torch' and v is not None]\n"
