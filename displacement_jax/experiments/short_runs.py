@@ -163,14 +163,11 @@ class Session:
       start: tuple[np.ndarray, np.ndarray] | None = None,
   ) -> Any:
     """D of the run `train(dataset, overrides)` would make: its batches replayed at the initial params through its
-    optimizer, the updates summed (`audit.replay_direction`). `start`: as in `train`."""
+    optimizer, the updates summed (`evaluation.replayed_direction`). `start`: as in `train`."""
     cfg = self.run_config({"data.path": dataset.path, **overrides})
     chosen0, rejected0 = start if start is not None else self.logps(self.params0, dataset)
     total, batches = self._replay_batches(dataset, cfg, (chosen0, rejected0))
-    optimizer = optim_lib.make_optimizer(cfg.optim, total)
-    loss_fn = step_lib.make_loss_fn(self.loaded.model, cfg.loss, int(cfg.logprob_chunk_size))
-    replay = jax.jit(audit.make_replay_step(loss_fn, optimizer, int(cfg.optim.grad_accum)))
-    return audit.replay_direction(replay, optimizer, self.params0, (b for _, b in batches))
+    return evaluation.replayed_direction(self.loaded.model, cfg, self.params0, (b for _, b in batches), total)
 
   def audit(
       self,
@@ -200,14 +197,7 @@ class Session:
     iterator = training.make_iterator(dataset, cfg, self.mesh)
     total = int(cfg.num_epochs) * iterator.steps_per_epoch
     ref = {"chosen_ref_logps": start[0], "rejected_ref_logps": start[1]}
-
-    def batches():
-      for _ in range(total):
-        local = next(iterator)
-        where = training.positions(local, dataset)
-        yield where, sharding.host_local_batch_to_global(evaluation.add_reference(local, where, ref), self.mesh)
-
-    return total, batches()
+    return total, training.reference_batches(iterator, dataset, self.mesh, ref, total)
 
   def audit_decomposed(
       self,

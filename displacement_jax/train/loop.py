@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from typing import Any
+from typing import Any, Iterator
 
 import jax
 import ml_collections
@@ -102,15 +102,11 @@ def audit_monitor(
 ) -> dict[str, np.ndarray]:
   """eval.audit: the audit's predictions for the monitored rows (`evaluation.audit_predictions`), its batches
   those of the run (a second iterator of the same seed), logged with their cost."""
-  iterator = make_iterator(dataset, config, mesh)
-
-  def batches():
-    for _ in range(total_steps):
-      local = next(iterator)
-      yield sharding.host_local_batch_to_global(evaluation.add_reference(local, positions(local, dataset), ref), mesh)
-
+  batches = reference_batches(make_iterator(dataset, config, mesh), dataset, mesh, ref, total_steps)
   tic = time.perf_counter()
-  predicted = evaluation.audit_predictions(fns, loaded, dataset, rows, ref, config, mesh, total_steps, batches())
+  predicted = evaluation.audit_predictions(
+      fns, loaded, dataset, rows, ref, config, mesh, total_steps, (batch for _, batch in batches)
+  )
   log(
       f"eval.audit: predicted d ln pi(y+) of the {len(rows)} monitored pairs over the run ({total_steps} steps "
       f"replayed at the initial params, {time.perf_counter() - tic:.1f} s): first order mean "
@@ -427,6 +423,17 @@ def num_train_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> 
   if config.num_steps > 0:
     return int(config.num_steps)
   return int(config.num_epochs) * int(steps_per_epoch)
+
+
+def reference_batches(
+    iterator: batching.BatchIterator, dataset: runtime.Dataset, mesh: Any, ref: dict[str, np.ndarray], steps: int
+) -> Iterator[tuple[np.ndarray, dict[str, Any]]]:
+  """The next `steps` batches of `iterator` as training feeds them: (positions in dataset.pairs, the global batch
+  with the reference log-probs `ref` of its rows)."""
+  for _ in range(steps):
+    local = next(iterator)
+    where = positions(local, dataset)
+    yield where, sharding.host_local_batch_to_global(evaluation.add_reference(local, where, ref), mesh)
 
 
 def positions(batch: dict[str, np.ndarray], dataset: runtime.Dataset) -> np.ndarray:

@@ -73,6 +73,17 @@ def token_names(tokenizer: Any, vocab_size: int) -> list[str]:
   return names + [f"<unused_{i}>" for i in range(len(names), vocab_size)]
 
 
+def replayed_direction(
+    model: Any, config: ml_collections.ConfigDict, params0: Any, batches: Iterable[Any], total_steps: int
+) -> Any:
+  """D of the run `config` describes: its `batches` (all `total_steps`, with reference log-probs) replayed at
+  `params0` through its optimizer and loss (`audit.make_replay_step`), the updates summed (`audit.replay_direction`)."""
+  optimizer = optim_lib.make_optimizer(config.optim, total_steps)
+  loss_fn = step_lib.make_loss_fn(model, config.loss, int(config.logprob_chunk_size))
+  replay = jax.jit(audit.make_replay_step(loss_fn, optimizer, int(config.optim.grad_accum)))
+  return audit.replay_direction(replay, optimizer, params0, batches)
+
+
 def audit_predictions(
     fns: Any,
     loaded: runtime.Loaded,
@@ -86,13 +97,10 @@ def audit_predictions(
 ) -> dict[str, np.ndarray]:
   """The displacement audit of this run for the monitored `rows`: the run's `batches` (all `total_steps`, with
   reference log-probs) replayed at the initial params `loaded.params` through its optimizer and summed into D
-  (`audit.replay_direction`); per pair the predicted change of ln pi(y+) over the run, {'first_order':
+  (`replayed_direction`); per pair the predicted change of ln pi(y+) over the run, {'first_order':
   <grad ln pi(y+), D>, 'along_direction': the model at theta0 + D} [len(rows)], in chunks of audit.JVP_PAIRS."""
-  optimizer = optim_lib.make_optimizer(config.optim, total_steps)
-  loss_fn = step_lib.make_loss_fn(loaded.model, config.loss, int(config.logprob_chunk_size))
-  replay = jax.jit(audit.make_replay_step(loss_fn, optimizer, int(config.optim.grad_accum)))
   params0 = loaded.params
-  direction = audit.replay_direction(replay, optimizer, params0, batches)
+  direction = replayed_direction(loaded.model, config, params0, batches, total_steps)
   shifted = jax.device_put(audit.shifted(params0, direction, 1.0), fns.param_sh)
   derivatives = audit.make_directional_derivatives(loaded.model, 1)
   dp, first, along = sharding.data_parallel_size(mesh), [], []
