@@ -8,7 +8,9 @@
 The arg names the model (HF dir, hub id, .gguf file or packaged name; default 'smollm2-135m-instruct'). Like
 configs/score.py, the prompt format follows the tokenizer (data.format='auto'): its chat template when it has one,
 else the paper's `<|prompter|>...<|assistant|>` format with the markers added as tokens (printed at start). Batch 32, one epoch, max 512 tokens; the
-displacement monitor runs every 10 steps. Without a data.path override the shipped 24-row jsonl is used.
+displacement monitor runs every 10 steps. Without a data.path override the shipped 256 minimal-edit pairs are used
+(`displacement_jax/assets/edit_pairs.jsonl`: capitals, chemical symbols and sums, y- = y+ with the answer swapped;
+the pairs of configs/edit_search.py:grid=proof): 8 steps.
 
     python -m displacement_jax.train --config=configs/dpo.py:trl                        # TRL DPOConfig's defaults
     python -m displacement_jax.train --config=configs/dpo.py:/path/to/hf_dir,trl
@@ -21,9 +23,14 @@ weights) and gradient_checkpointing=True defaults are not taken (--bf16, --gradi
 
 from __future__ import annotations
 
+import os
+
 import ml_collections
 
 from configs import score
+from configs import score_tiny
+
+EDIT_PAIRS = os.path.join(score_tiny.ASSETS, "edit_pairs.jsonl")  # experiments.edit_pairs.topic_rows, 3 topics
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -33,6 +40,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config = score.get_config(model)
   del config["filter"]
   config.output_dir = "runs/dpo"
+  config.data.path = EDIT_PAIRS
   config.data.limit = 0
   config.loss.objective = "dpo"
   config.loss.beta = 0.1

@@ -8,7 +8,7 @@ import sys
 import jax
 import numpy as np
 from displacement_jax.train import loop as training
-from displacement_jax.experiments import edit_pairs, edit_search, short_runs
+from displacement_jax.experiments import edit_pairs, edit_search, gainers, short_runs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -109,3 +109,61 @@ def test_proof_grid_shares_one_replay_across_learning_rates(tmp_path):
   fresh = session.audit(dataset, {"optim.name": "rmsprop", "optim.lr": lr}, order=2)
   for order in edit_search.AUDIT_ORDERS:
     np.testing.assert_allclose(f[f"predicted_{order}_2N"], fresh[order], rtol=1e-3, atol=1e-5, err_msg=order)
+
+
+def test_onpolicy_labels_put_the_stated_answer_first():
+  """label_onpolicy: y+ is the sample that states the fact's answer when exactly one does (swapped if it was the
+  second), else the first sample; the group says which case; answers match as whole words / numbers only."""
+  facts = edit_pairs.topic_rows("edit", ("capital", "sum"), limit=2)
+  assert edit_search.fact_value(facts[0]) == "Paris" and edit_search.fact_value(facts[2]) == "10"
+  sampled = [
+      {"index": 0, "prompt": "q0", "chosen": "It is Lyon.", "rejected": "Paris, of course."},
+      {"index": 0, "prompt": "q0", "chosen": "Paris.", "rejected": "The capital is Paris."},
+      {"index": 2, "prompt": "q2", "chosen": "It is 110.", "rejected": "It is 101."},
+      {"index": 2, "prompt": "q2", "chosen": "3 plus 7 is 10.", "rejected": "It is 11."},
+  ]
+  rows = edit_search.label_onpolicy(facts, sampled)
+  assert [(r["chosen"], r["rejected"], r["meta"]["group"]) for r in rows] == [
+      ("Paris, of course.", "It is Lyon.", "right_over_wrong"),
+      ("Paris.", "The capital is Paris.", "both_right"),
+      ("It is 110.", "It is 101.", "both_wrong"),
+      ("3 plus 7 is 10.", "It is 11.", "right_over_wrong"),
+  ]
+  assert [r["index"] for r in rows] == [0, 1, 2, 3]
+  assert not edit_search.answer_stated("Scandium", "Sc") and edit_search.answer_stated("It is Sc.", "Sc")
+
+
+def test_top_gainers_equal_a_direct_softmax_and_the_onpolicy_grid_runs(tmp_path):
+  """The on-policy grid on the tiny Llama: two sampled responses per question, labelled and split into groups
+  whose sub-rows partition the run's pairs; each run's top gainers equal a direct float32 softmax of the unpadded
+  sequence before and after training (gainers.token_shift right-pads to a bucket); a second call resumes from
+  the stored samples and per-pair files."""
+  config = search_config.get_config("tiny,grid=onpolicy")
+  config.output_dir = str(tmp_path)
+  config.search.num_pairs = 4  # 12 questions
+  config.search.optimizers, config.search.lrs, config.num_epochs = ("rmsprop",), (1e-2,), 1
+  rows = edit_search.run(config)
+  samples = [json.loads(line) for line in open(tmp_path / "data" / "onpolicy_samples.jsonl")]
+  assert 0 < len(samples) <= 12 and all(r["chosen"] != r["rejected"] for r in samples)
+  main, subs = rows[0], rows[1:]
+  assert main["kind"] == "onpolicy" and all(r["kind"].startswith("onpolicy:") for r in subs)
+  assert sum(r["n"] for r in subs) == len(samples)
+  assert "top_gainers" in main and (main["top_gainers"] == "-") == (main["share_chosen_fell"] == 0)
+  assert "top gainers" in (tmp_path / edit_search.RESULTS_MD).read_text()
+  assert edit_search.run(config) == rows  # resumed: samples and the run read back
+
+  session = short_runs.Session(config)
+  dataset = session.dataset(samples, "check")
+  measured = session.train(dataset, {"optim.name": "rmsprop", "optim.lr": 1e-2}, keep_params=True)
+  pair = dataset.pairs[int(np.argmin(measured.chosen_change()))]
+  probs_fn = gainers.make_probs_fn(session.loaded.model)
+  shift = gainers.token_shift(probs_fn, session.params0, measured.params, pair.prompt_ids, pair.chosen_ids)
+  ids = np.asarray(list(pair.prompt_ids) + list(pair.chosen_ids), np.int32)[None]
+  for params, got in ((session.params0, shift.before_KV), (measured.params, shift.after_KV)):
+    logits = session.loaded.model.apply({"params": params}, ids, np.ones(ids.shape, bool), return_logits=True)
+    want = jax.nn.softmax(np.asarray(logits.logits_BTV, np.float32), axis=-1)[0, len(pair.prompt_ids) - 1 : -1]
+    np.testing.assert_allclose(got, want, atol=1e-6)
+  k = shift.worst_position()
+  gain = shift.after_KV[k] - shift.before_KV[k]
+  gain[pair.chosen_ids[k]] = -np.inf
+  assert shift.top_gainers(1)[0][0] == int(np.argmax(gain))

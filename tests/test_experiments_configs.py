@@ -161,6 +161,23 @@ def test_real_model_score_and_dpo_configs_carry_the_papers_defaults():
   config_checks.check_train(d)
 
 
+def test_dpo_config_default_data_is_the_shipped_edit_pairs_and_fills_its_batches():
+  """configs/dpo.py without a data.path override reads the shipped minimal-edit pairs: the rows
+  experiments.edit_pairs writes (three topics, so the jsonl cannot drift from the code), at least one full batch of
+  the paper's 32 (the loop drops a partial batch and refuses data smaller than one batch)."""
+  import json  # pylint: disable=g-import-not-at-top
+
+  from configs import dpo  # pylint: disable=g-import-not-at-top
+  from displacement_jax.experiments import edit_pairs  # pylint: disable=g-import-not-at-top
+
+  d = dpo.get_config()
+  with open(d.data.path) as f:
+    shipped = [json.loads(line) for line in f]
+  expected = edit_pairs.topic_rows("edit", tuple(edit_pairs.TOPICS))
+  assert shipped == [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in expected]
+  assert len(shipped) == 256 and len(shipped) % d.batch_size == 0
+
+
 def test_packaged_gemma3_by_name_in_every_real_model_config():
   """model 'gemma3-270m' (persona: gemma3_270m): a packaged BASE model, so formats that follow the tokenizer
   (no chat template: the persona question + newline, elsewhere <|prompter|>...<|assistant|> with its tokens added)."""

@@ -10,6 +10,7 @@ import scipy.stats
 
 from displacement_jax.train import main as train_lib
 from displacement_jax.experiments import generated_pairs, results, theory_check
+from displacement_jax.experiments.sorry_bench import generation
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -88,7 +89,7 @@ def test_sample_pairs_redraws_equal_and_empty():
       return ["b", "same", "c", "x"]
     return ["x" if p == "p3" else "redrawn" for p in prompts]  # p3 comes out equal again at every redraw
 
-  pairs, left_out = generated_pairs.sample_pairs(
+  pairs, left_out = generation.sample_pairs(
       generator, ["p0", "p1", "p2", "p3"], temperature=1.0, max_new_tokens=4, seed=0, max_tries=3
   )
   assert calls[2][0] == ["p1", "p2", "p3"]  # equal (p1, p3) and empty (p2) are drawn again

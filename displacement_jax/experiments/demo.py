@@ -25,14 +25,13 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any, Callable
+from typing import Any
 
-import jax
 import ml_collections
 import numpy as np
 
 from displacement_jax import plots, rundir
-from displacement_jax.experiments import edit_pairs, short_runs
+from displacement_jax.experiments import edit_pairs, gainers, short_runs
 from displacement_jax.experiments.results import sign_agreement, spearman
 
 SUMMARY_FILE, PAIRS_FILE, PLOT_FILE = "summary.json", "pairs.npz", "displacement.png"
@@ -171,28 +170,20 @@ def show(measured: short_runs.Measured, ranks: dict[str, dict[str, float]]) -> N
 
 def where_mass_went(session: short_runs.Session, dataset: Any, params: Any, index: int) -> dict[str, Any]:
   """Per-token probabilities of one pair's y+ before and after DPO, and the tokens that gained the most at the
-  position where y+ lost the most (the response positions of the chosen side)."""
+  position where y+ lost the most (`gainers.token_shift`)."""
   pair = dataset.pairs[index]
-  ids = np.asarray(list(pair.prompt_ids) + list(pair.chosen_ids), np.int32)[None]
-  n_prompt = len(pair.prompt_ids)
-  model, tok = session.loaded.model, session.loaded.tokenizer
-  probs_fn = jax.jit(lambda p, x: jax.nn.softmax(forward_logits(model, p, x), axis=-1))
-  before = np.asarray(probs_fn(session.params0, ids))[0, n_prompt - 1 : -1]  # [K, V]: predicting each y+ token
-  after = np.asarray(probs_fn(params, ids))[0, n_prompt - 1 : -1]
-  y = np.asarray(pair.chosen_ids)
-  k = np.arange(len(y))
-  p_before, p_after = before[k, y], after[k, y]
-  worst = int(np.argmin(p_after - p_before))
-  gain = after[worst] - before[worst]
-  gain[y[worst]] = -np.inf
-  top = [int(t) for t in np.argsort(-gain)[:3]]
-  names = [tok.decode([int(t)]) for t in y]
+  tok = session.loaded.tokenizer
+  probs_fn = gainers.make_probs_fn(session.loaded.model)
+  shift = gainers.token_shift(probs_fn, session.params0, params, pair.prompt_ids, pair.chosen_ids, dataset.pad_id)
+  p_before, p_after, worst = shift.p_before_K, shift.p_after_K, shift.worst_position()
+  top = shift.top_gainers(3)
+  names = [tok.decode([int(t)]) for t in shift.tokens_K]
   _log(f"[demo] where the mass went, pair {index}: p(each token of y+) before -> after DPO")
   _log("[demo]   " + " ".join(f"{n!r}:{a:.2f}->{b:.2f}" for n, a, b in zip(names, p_before, p_after)))
-  top_names = [tok.decode([t]) for t in top]
+  top_names = [tok.decode([t]) for t, _ in top]
   _log(
       f"[demo]   largest fall at {names[worst]!r} ({p_before[worst]:.3f} -> {p_after[worst]:.3f}); gained there: "
-      + ", ".join(f"{n!r} +{gain[t]:.3f}" for n, t in zip(top_names, top))
+      + ", ".join(f"{n!r} +{g:.3f}" for n, (_, g) in zip(top_names, top))
   )
   return {
       "pair": index,
@@ -201,13 +192,8 @@ def where_mass_went(session: short_runs.Session, dataset: Any, params: Any, inde
       "p_after": p_after.tolist(),
       "worst_position": worst,
       "gainers": top_names,
-      "gains": [float(gain[t]) for t in top],
+      "gains": [g for _, g in top],
   }
-
-
-def forward_logits(model: Any, params: Any, ids_BT: Any) -> Any:
-  """Float32 logits [B, T, V] of unpadded ids (one short sequence: its dense logits are small)."""
-  return model.apply({"params": params}, ids_BT, np.ones(ids_BT.shape, bool), return_logits=True).logits_BTV
 
 
 def write_outputs(config, rows, start, prediction, ranks, measured, remedies, mass, seconds) -> dict[str, Any]:

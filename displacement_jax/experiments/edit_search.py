@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 import time
 from typing import Any
 
@@ -30,12 +31,15 @@ import numpy as np
 
 from displacement_jax import plots, rundir
 from displacement_jax.audit import replay
-from displacement_jax.experiments import edit_pairs, short_runs
+from displacement_jax.experiments import edit_pairs, gainers, short_runs
 from displacement_jax.experiments.results import sign_agreement, spearman
+from displacement_jax.experiments.sorry_bench import generation
 
 RESULTS_JSONL, RESULTS_MD, AUDIT_PLOT = "results.jsonl", "results.md", "audit_vs_lr.png"
 SCATTER_PLOT = "audit_scatter.png"
 COLUMNS = ("kind", "optimizer", "lr", "variant", "epoch", "chosen_change_mean", "share_chosen_fell")
+ONPOLICY = "onpolicy"  # the kind sampled from the model itself, beside edit_pairs.KINDS
+GROUPS = ("right_over_wrong", "both_right", "both_wrong")  # the on-policy pairs by what their responses state
 
 
 def _log(msg: str) -> None:
@@ -85,12 +89,14 @@ def markdown(rows: list[dict[str, Any]]) -> str:
   audited = [p for p in PREDICTORS if any(f"spearman_{p}" in r for r in rows)]
   signed = [p for p in AUDIT_ORDERS if any(f"sign_{p}" in r for r in rows)]
   extra = "".join(f" Spearman: {LABELS[p]} |" for p in audited) + "".join(f" sign: {LABELS[p]} |" for p in signed)
+  shown = any("top_gainers" in r for r in rows)
+  extra += " top gainers (y+ token that fell most -> the token that gained most there, pairs) |" if shown else ""
   head = (
       "| kind | optimizer | lr | variant | epoch | mean d ln pi(y+) | share of pairs whose ln pi(y+) fell | "
       "largest fall of ln pi(y+) | mean d ln pi(y-) | mean d margin |"
       + extra
       + "\n|"
-      + "---|" * (10 + len(audited) + len(signed))
+      + "---|" * (10 + len(audited) + len(signed) + shown)
       + "\n"
   )
 
@@ -101,14 +107,18 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         f'{r["rejected_change_mean"]:+.3f} | {r["margin_change_mean"]:+.3f} |'
     )
     cells = [r.get(f"spearman_{p}") for p in audited] + [r.get(f"sign_{p}") for p in signed]
-    return out + "".join(" - |" if c is None else f" {c:+.2f} |" for c in cells)
+    out += "".join(" - |" if c is None else f" {c:+.2f} |" for c in cells)
+    return out + (f" {r.get('top_gainers', '-')} |" if shown else "")
 
   return head + "\n".join(line(r) for r in rows) + "\n"
 
 
-def finished(path: str, audit: bool, epochs: int) -> tuple[short_runs.Measured, dict[str, np.ndarray] | None] | None:
-  """(measured, audit predictions) of a run an earlier call finished (its npz, written atomically, readable and with
-  `epochs` epochs and, when `audit`, the predictions), else None: the search resumes where it stopped."""
+def finished(
+    path: str, audit: bool, epochs: int, top: bool = False
+) -> tuple[short_runs.Measured, dict[str, np.ndarray] | None, str | None] | None:
+  """(measured, audit predictions, top gainers) of a run an earlier call finished (its npz, written atomically,
+  readable and with `epochs` epochs and, when `audit` / `top`, the predictions / the top gainers), else None: the
+  search resumes where it stopped."""
   if not os.path.exists(path):
     return None
   try:
@@ -117,10 +127,10 @@ def finished(path: str, audit: bool, epochs: int) -> tuple[short_runs.Measured, 
     _log(f"[search] {e}; running it again")
     return None
   predicted = {k[len("predicted_") : -len("_2N")]: v for k, v in f.items() if k.startswith("predicted_")}
-  if f["chosen_EN"].shape[0] != epochs or (audit and not predicted):
+  if f["chosen_EN"].shape[0] != epochs or (audit and not predicted) or (top and "top_gainers" not in f):
     return None
   measured = short_runs.Measured(f["chosen_N"], f["rejected_N"], f["chosen_EN"], f["rejected_EN"])
-  return measured, predicted or None
+  return measured, predicted or None, str(f["top_gainers"]) if "top_gainers" in f else None
 
 
 def prediction_columns(predicted: dict[str, np.ndarray], measured_N: np.ndarray) -> dict[str, float]:
@@ -156,15 +166,98 @@ class Auditor:
     return replay.orders(self.derivs[0], self.derivs[1] if self.order == 2 else None, along, scale)
 
 
+def answer_stated(response: str, value: str) -> bool:
+  """Whether `response` states `value` as a whole word or number ('Paris', 'Sc', '42': not '142', not 'Scandium')."""
+  return re.search(rf"(?<![A-Za-z0-9]){re.escape(value)}(?![A-Za-z0-9])", response) is not None
+
+
+def fact_value(row: dict[str, Any]) -> str:
+  """The answer of an `edit_pairs` row (its meta: 'capital' for the capital topic, else 'value')."""
+  return row["meta"].get("value", row["meta"].get("capital"))
+
+
+def label_onpolicy(facts: list[dict[str, Any]], sampled: list[dict[str, Any]]) -> list[dict[str, Any]]:
+  """Preference rows of sampled response pairs (`generation.sample_pairs` rows, `index` into `facts`, the
+  `edit_pairs` rows whose questions were asked): y+ = the response that states the fact's answer when exactly one
+  does (group 'right_over_wrong'), else the first sample (groups 'both_right', 'both_wrong': two responses of the
+  same kind, the labels carry no meaning)."""
+  out = []
+  for pair in sampled:
+    fact = facts[pair["index"]]
+    value = fact_value(fact)
+    a, b = pair["chosen"], pair["rejected"]
+    a_right, b_right = answer_stated(a, value), answer_stated(b, value)
+    if b_right and not a_right:
+      a, b, a_right, b_right = b, a, True, False
+    group = "right_over_wrong" if a_right != b_right else ("both_right" if a_right else "both_wrong")
+    meta = {"kind": ONPOLICY, "group": group, "fact": int(pair["index"]), "value": value}
+    out.append({"prompt": pair["prompt"], "chosen": a, "rejected": b, "index": len(out), "meta": meta})
+  return out
+
+
+def onpolicy_rows(session: short_runs.Session, config: ml_collections.ConfigDict) -> list[dict[str, Any]]:
+  """The on-policy pairs: two responses per question of the search's facts, sampled from the session's model at
+  search.temperature (up to search.max_new_tokens; a pair whose responses are equal or empty is redrawn, then left
+  out), labelled by `label_onpolicy`. Kept in output_dir/data/onpolicy_samples.jsonl: a resumed search reuses it."""
+  path = os.path.join(config.output_dir, "data", "onpolicy_samples.jsonl")
+  if os.path.exists(path):
+    rows = rundir.read_jsonl(path)
+    _log(f"[search] {ONPOLICY}: {len(rows)} sampled pairs read from {path}")
+    return rows
+  s = config.search
+  facts = edit_pairs.topic_rows("edit", tuple(s.topics), seed=int(config.seed), limit=int(s.num_pairs))
+  generator = generation.make_generator(
+      session.loaded.model,
+      session.params0,
+      session.loaded.tokenizer,
+      data_format=config.data.format,
+      batch_size=int(s.get("sample_batch_size", 32)),
+      max_length=int(config.data.max_length),
+  )
+  t0 = time.monotonic()
+  sampled, left_out = generation.sample_pairs(
+      generator,
+      [r["prompt"] for r in facts],
+      temperature=float(s.temperature),
+      max_new_tokens=int(s.max_new_tokens),
+      seed=int(config.seed),
+      max_tries=3,
+  )
+  rows = label_onpolicy(facts, sampled)
+  counts = {g: sum(r["meta"]["group"] == g for r in rows) for g in GROUPS}
+  _log(
+      f"[search] {ONPOLICY}: 2 responses sampled for each of {len(facts)} questions (T={float(s.temperature):g}, up "
+      f"to {int(s.max_new_tokens)} tokens) in {time.monotonic() - t0:.0f} s; {len(rows)} pairs ({left_out} left out: "
+      f"equal or empty), " + ", ".join(f"{g} {n}" for g, n in counts.items())
+  )
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  rundir.write_jsonl(path, rows)
+  return rows
+
+
 def datasets_of(session: short_runs.Session, config: ml_collections.ConfigDict) -> dict[str, Any]:
-  """The grid's pairs of every kind (`edit_pairs.topic_rows` over search.topics), tokenized by the session."""
+  """The grid's pairs of every kind (`edit_pairs.topic_rows` over search.topics; `onpolicy_rows` for 'onpolicy'),
+  tokenized by the session."""
+  return {kind: session.dataset(kind_rows(session, config, kind), kind) for kind in config.search.kinds}
+
+
+def kind_rows(session: short_runs.Session, config: ml_collections.ConfigDict, kind: str) -> list[dict[str, Any]]:
+  """The preference rows of one kind of the grid."""
+  if kind == ONPOLICY:
+    return onpolicy_rows(session, config)
   topics = tuple(config.search.get("topics", ("capital",)))
-  return {
-      kind: session.dataset(
-          edit_pairs.topic_rows(kind, topics, seed=int(config.seed), limit=int(config.search.num_pairs)), kind
-      )
-      for kind in config.search.kinds
-  }
+  return edit_pairs.topic_rows(kind, topics, seed=int(config.seed), limit=int(config.search.num_pairs))
+
+
+def group_rows(row: dict[str, Any], groups_N: np.ndarray, chosen_N: np.ndarray, rejected_N: np.ndarray) -> list[dict]:
+  """Sub-rows of a run's row, one per on-policy group present ('kind' 'onpolicy:<group>', `n` pairs)."""
+  out = []
+  for g in GROUPS:
+    m = groups_N == g
+    if m.any():
+      base = {"kind": f"{row['kind']}:{g}", **{k: row[k] for k in ("optimizer", "lr", "variant", "epoch")}}
+      out.append(base | {"n": int(m.sum())} | short_runs.summary(chosen_N[m], rejected_N[m]))
+  return out
 
 
 def run(config: ml_collections.ConfigDict) -> list[dict[str, Any]]:
@@ -173,7 +266,12 @@ def run(config: ml_collections.ConfigDict) -> list[dict[str, Any]]:
   session = short_runs.Session(config)
   audit = bool(config.search.get("audit", False))
   auditor = Auditor(session, int(config.search.get("audit_order", 1)))
-  datasets, starts, measures = datasets_of(session, config), {}, {}
+  rows_of = {kind: kind_rows(session, config, kind) for kind in config.search.kinds}
+  datasets = {kind: session.dataset(r, kind) for kind, r in rows_of.items()}
+  groups = {kind: np.array([r.get("meta", {}).get("group", "") for r in rows_of[kind]]) for kind in rows_of}
+  top_wanted = bool(config.search.get("gainers", True))
+  probs_fn = gainers.make_probs_fn(session.loaded.model) if top_wanted else None
+  starts, measures = {}, {}
   for kind, dataset in datasets.items():
     starts[kind] = session.logps(session.params0, dataset)
     if audit:
@@ -188,13 +286,20 @@ def run(config: ml_collections.ConfigDict) -> list[dict[str, Any]]:
     overrides = {"optim.name": optimizer, "optim.lr": lr, **short_runs.flatten(config.search.variants[variant])}
     name = run_name(kind, optimizer, lr, variant)
     path = os.path.join(config.output_dir, "pairs", f"{name}.npz")
-    done = finished(path, audit, int(config.num_epochs))
+    done = finished(path, audit, int(config.num_epochs), top_wanted)
     if done is not None:  # an earlier call of the same grid finished this run: its verified per-pair file
-      measured, predicted = done
+      measured, predicted, top = done
       _log(f"[search] {name}: finished earlier, read from {path}")
     else:
       predicted = auditor((kind, optimizer, variant), datasets[kind], overrides, starts[kind]) if audit else None
-      measured = session.train(datasets[kind], overrides, start=starts[kind])
+      measured = session.train(datasets[kind], overrides, start=starts[kind], keep_params=top_wanted)
+      top = None
+      if top_wanted:  # where the mass went: at each fallen pair's worst y+ token, the token that gained most
+        d = datasets[kind]
+        counts = gainers.gainer_counts(
+            probs_fn, session.params0, measured.params, d.pairs, measured.chosen_change() < 0, d.pad_id
+        )
+        top, measured.params = gainers.describe_counts(counts, session.loaded.tokenizer.decode), None
       rundir.write_npz(
           path,
           {
@@ -203,6 +308,7 @@ def run(config: ml_collections.ConfigDict) -> list[dict[str, Any]]:
               "chosen_EN": measured.chosen_EN,
               "rejected_EN": measured.rejected_EN,
               **({f"predicted_{k}_2N": v for k, v in predicted.items()} if audit else {}),
+              **({"top_gainers": np.array(top)} if top is not None else {}),
           },
       )
     for epoch in range(1, measured.chosen_EN.shape[0] + 1):
@@ -212,9 +318,13 @@ def run(config: ml_collections.ConfigDict) -> list[dict[str, Any]]:
         values = {o: predicted[o][0] for o in AUDIT_ORDERS if o in predicted} | measures[kind]
         row.update(prediction_columns(values, measured.chosen_change(epoch)))
         scatter.append((row, values, measured.chosen_change(epoch)))
+      if top is not None and epoch == measured.chosen_EN.shape[0]:
+        row["top_gainers"] = top
       rows.append(row)
+      if groups[kind].any():  # the on-policy pairs by group
+        rows.extend(group_rows(row, groups[kind], measured.chosen_change(epoch), measured.rejected_change(epoch)))
     elapsed = time.monotonic() - t0
-    last = rows[-1]
+    last = row
     _log(
         f"[search] {n}/{len(settings)} {name}: after {last['epoch']} epoch(s) d ln pi(y+) "
         f"{last['chosen_change_mean']:+.3f}, fell for {last['share_chosen_fell']:.0%} of pairs "

@@ -5,7 +5,7 @@ r"""Model-generated preference pairs for the Figure-2-style run on a model witho
 
 `PROMPTS` are written here: every task template applied to every topic (16 x 32 = 512 varied requests). Each
 prompt gets `pairs.samples` responses sampled from the model at `pairs.temperature` with its chat template
-(`experiments.sorry_bench.generation.make_generator`, the KV-cache sampler); consecutive samples form the pairs
+(`experiments.sorry_bench.generation.make_generator`, the KV-cache sampler; `generation.sample_pairs`); consecutive samples form the pairs
 (chosen = the first, rejected = the second: the labels carry no meaning, CHES predicts the change of the preferred
 log-prob whichever response is preferred). A pair whose two responses are equal or empty is drawn again with the
 next seed, up to `pairs.max_tries` times, then left out and counted. Writes output_dir/pairs.jsonl (generic
@@ -22,7 +22,6 @@ import numpy as np
 
 from displacement_jax import rundir, runtime
 from displacement_jax.data import schema
-from displacement_jax.experiments import common
 from displacement_jax.experiments.sorry_bench import generation
 
 PAIRS_FILE, SUMMARY_FILE = "pairs.jsonl", "summary.json"
@@ -86,33 +85,6 @@ def _log(msg: str) -> None:
   print(msg, flush=True)
 
 
-def sample_pairs(
-    generator: Any, prompts: list[str], *, temperature: float, max_new_tokens: int, seed: int, max_tries: int
-) -> tuple[list[dict[str, Any]], int]:
-  """(pairs with distinct non-empty responses, number of prompts left out): two samples per prompt, redrawn with
-  new seeds where they came out equal or empty."""
-  chosen = generator(prompts, temperature=temperature, max_new_tokens=max_new_tokens, seed=seed)
-  rejected = generator(prompts, temperature=temperature, max_new_tokens=max_new_tokens, seed=seed + 1_000_003)
-  for attempt in range(1, max_tries):
-    bad = [
-        i for i, (a, b) in enumerate(zip(chosen, rejected)) if a.strip() == b.strip() or not a.strip() or not b.strip()
-    ]
-    if not bad:
-      break
-    redo = generator(
-        [prompts[i] for i in bad], temperature=temperature, max_new_tokens=max_new_tokens, seed=seed + 7919 * attempt
-    )
-    for i, text in zip(bad, redo):
-      (rejected if chosen[i].strip() else chosen)[i] = text
-  pairs, left_out = [], 0
-  for i, (prompt, a, b) in enumerate(zip(prompts, chosen, rejected)):
-    if a.strip() == b.strip() or not a.strip() or not b.strip():
-      left_out += 1
-      continue
-    pairs.append({"index": i, "prompt": prompt, "chosen": a, "rejected": b})
-  return pairs, left_out
-
-
 def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """Sample the pairs and write output_dir/pairs.jsonl; returns the summary (also output_dir/summary.json)."""
   pc = config.pairs
@@ -132,7 +104,7 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
       f"[pairs] sampling 2 responses for each of {len(prompts)} prompts (T={pc.temperature:g}, up to "
       f"{pc.max_new_tokens} new tokens) from {config.model.get('path') or config.model.get('tiny')}"
   )
-  pairs, left_out = sample_pairs(
+  pairs, left_out = generation.sample_pairs(
       generator,
       prompts,
       temperature=float(pc.temperature),

@@ -122,3 +122,30 @@ def make_generator(
     return out
 
   return generator
+
+
+def sample_pairs(
+    generator: Any, prompts: list[str], *, temperature: float, max_new_tokens: int, seed: int, max_tries: int
+) -> tuple[list[dict[str, Any]], int]:
+  """(pairs with distinct non-empty responses, number of prompts left out): two samples per prompt, redrawn with
+  new seeds where they came out equal or empty."""
+  chosen = generator(prompts, temperature=temperature, max_new_tokens=max_new_tokens, seed=seed)
+  rejected = generator(prompts, temperature=temperature, max_new_tokens=max_new_tokens, seed=seed + 1_000_003)
+  for attempt in range(1, max_tries):
+    bad = [
+        i for i, (a, b) in enumerate(zip(chosen, rejected)) if a.strip() == b.strip() or not a.strip() or not b.strip()
+    ]
+    if not bad:
+      break
+    redo = generator(
+        [prompts[i] for i in bad], temperature=temperature, max_new_tokens=max_new_tokens, seed=seed + 7919 * attempt
+    )
+    for i, text in zip(bad, redo):
+      (rejected if chosen[i].strip() else chosen)[i] = text
+  pairs, left_out = [], 0
+  for i, (prompt, a, b) in enumerate(zip(prompts, chosen, rejected)):
+    if a.strip() == b.strip() or not a.strip() or not b.strip():
+      left_out += 1
+      continue
+    pairs.append({"index": i, "prompt": prompt, "chosen": a, "rejected": b})
+  return pairs, left_out
