@@ -60,14 +60,34 @@ def select(tree: Any, subspace: str, last_layers: int = 1) -> dict[str, jax.Arra
   return out
 
 
+def restrict(tree: Any, subspace: str, last_layers: int = 1) -> Any:
+  """`tree` (params-shaped) with zeros outside `subspace` (`select`'s coordinates kept): a direction restricted to
+  the subspace, so that <grad, restrict(D)> is the inner product `select` and `project` estimate."""
+  if subspace == "all":
+    return tree
+  kept = select(tree, subspace, last_layers)
+
+  def one(path, x):
+    name = leaf_name(path)
+    if name not in kept:
+      return jnp.zeros_like(x)
+    if name.split("/")[0] == "layers":
+      keep = x.shape[0] - min(last_layers, x.shape[0])
+      return x.at[:keep].set(0)
+    return x
+
+  return jax.tree_util.tree_map_with_path(one, tree)
+
+
 def size(leaves: dict[str, Any]) -> int:
   """Number of coordinates of a selected subspace."""
   return sum(int(math.prod(x.shape)) for x in leaves.values())
 
 
 def _count_sketch_leaf(x_D: jax.Array, key: jax.Array, k: int) -> jax.Array:
-  bucket_D = jax.random.randint(jax.random.fold_in(key, 0), x_D.shape, 0, k)
-  sign_D = jax.random.rademacher(jax.random.fold_in(key, 1), x_D.shape, jnp.float32)
+  bits_D = jax.random.bits(key, x_D.shape, jnp.uint32)  # one draw per coordinate: its sign bit and its bucket
+  sign_D = 1.0 - 2.0 * (bits_D & 1).astype(jnp.float32)
+  bucket_D = ((bits_D >> 1) % jnp.uint32(k)).astype(jnp.int32)
   return jax.ops.segment_sum(sign_D * x_D, bucket_D, num_segments=k)
 
 
@@ -99,3 +119,9 @@ def project(leaves: dict[str, jax.Array], sketch: str, k: int, seed: int = 0) ->
   root = jax.random.key(seed)
   leaf_fn = _count_sketch_leaf if sketch == "count_sketch" else _rademacher_leaf
   return sum(leaf_fn(x_D, jax.random.fold_in(root, i), k) for i, x_D in enumerate(flat))
+
+
+def project_rows(leaves: dict[str, jax.Array], sketch: str, k: int, seed: int = 0) -> jax.Array:
+  """`project` of n vectors stacked on the leaves' leading axis: [n, k] (jax.vmap; the projection's randomness
+  does not depend on the vectors, so it is drawn once for all n)."""
+  return jax.vmap(lambda one: project(one, sketch, k, seed))(leaves)
