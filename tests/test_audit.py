@@ -280,31 +280,52 @@ def test_decomposition_weights_rebuild_the_replayed_direction(optim):
 def test_chunked_per_pair_gradients_equal_autodiff_per_pair(session):
   """The decomposition's batched per-pair gradients (decompose.make_chunk_sketches: jax.vmap over rows of one pair
   each, 3 pairs and a filler row, no projection) equal each pair's gradient of ln pi(y+) and ln pi(y-) taken on its
-  own (rows of jax.jacrev on the training layout's batch of the same pairs, dense reference path), and their
-  products with a random weight W; the filler row gives zeros."""
+  own (rows of jax.jacrev on the training layout's batch of the same pairs, dense reference path), and the
+  weighted loss gradient W * (dl/ds_w a + dl/ds_l b) too; the filler row gives zeros. With count-sketch, the draw
+  passed in (sketch.count_sketch_bits) gives the projection of the exact vectors that `project` draws itself."""
   from displacement_jax.audit import decompose, sketch  # pylint: disable=g-import-not-at-top
   import ml_collections  # pylint: disable=g-import-not-at-top
 
   s, dataset = session
   pairs = dataset.pairs[:3]
-  settings = decompose.settings(ml_collections.ConfigDict({"audit": {"sketch": "none"}}))
   shape = packing.packed_lengths(s._host_collate(pairs, dataset.pad_id, 3))
   rows = s._collate_rows(pairs, dataset.pad_id, 4, shape)
   leaves = sketch.select(s.params0, "all")
   keys = jax.random.split(jax.random.key(2), len(leaves))
   weight = {k: jax.random.uniform(key, x.shape, minval=0.5, maxval=2.0) for key, (k, x) in zip(keys, leaves.items())}
-  got = np.asarray(decompose.make_chunk_sketches(s.loaded.model, 16, settings)(s.params0, rows, weight))
+  dloss = jnp.asarray([[-0.3, 0.2], [-0.5, 0.4], [-0.1, 0.7], [0.0, 0.0]])
+  settings = {
+      kind: decompose.settings(ml_collections.ConfigDict({"audit": {"sketch": kind, "sketch_dim": 64}}))
+      for kind in ("none", "count_sketch")
+  }
+  got = np.asarray(
+      decompose.make_chunk_sketches(s.loaded.model, 16, settings["none"])(s.params0, rows, dloss, weight, None)
+  )
   ref = audit.reference_model(s.loaded.model)
   batch = s._collate(pairs, dataset.pad_id, 3, packed=True)
   jac = jax.jacrev(lambda p: audit.dense_pair_logps(ref, p, batch))(s.params0)  # leaves [2, P, ...]
   w = np.asarray(sketch.project(weight, "none", 0))
   for i in range(3):
+    grads = [
+        np.asarray(sketch.project(sketch.select(jax.tree.map(lambda x: x[side, i], jac), "all"), "none", 0))
+        for side in range(2)
+    ]
+    scale = max(np.abs(g).max() for g in grads)
     for side in range(2):
-      grad = np.asarray(sketch.project(sketch.select(jax.tree.map(lambda x: x[side, i], jac), "all"), "none", 0))
-      scale = np.abs(grad).max()
-      np.testing.assert_allclose(got[i, side], grad, atol=2e-5 * scale)
-      np.testing.assert_allclose(got[i, 2 + side], w * grad, atol=4e-5 * scale)
-  assert got.shape == (4, 4, sketch.size(leaves)) and not np.any(got[3])
+      np.testing.assert_allclose(got[i, side], grads[side], atol=2e-5 * scale)
+    np.testing.assert_allclose(got[i, 2], w * (dloss[i, 0] * grads[0] + dloss[i, 1] * grads[1]), atol=4e-5 * scale)
+  assert got.shape == (4, 3, sketch.size(leaves)) and not np.any(got[3])
+  bits = sketch.count_sketch_bits(leaves, 0)
+  sketched = decompose.make_chunk_sketches(s.loaded.model, 16, settings["count_sketch"])(
+      s.params0, rows, dloss, weight, bits
+  )
+  for i in range(3):
+    exact = jax.tree.map(lambda x: x[i], sketch.select(jax.tree.map(lambda x: x[0], jac), "all"))
+    np.testing.assert_allclose(
+        np.asarray(sketched[i, 0]),
+        np.asarray(sketch.project(exact, "count_sketch", 64)),
+        atol=2e-5 * float(np.abs(got[i, 0]).sum()),
+    )
 
 
 def test_restricted_direction_gives_the_subspace_inner_product(session):

@@ -27,10 +27,10 @@ negative C_ij (j != i). Inner products are taken on a parameter subspace through
 
 Cost: the per-pair gradients are taken step by step, `audit.pair_chunk` pairs of the step's batch at a time in one
 vectorised call (`make_chunk_sketches`: jax.vmap of the per-pair vjp over rows of one pair each, the projection
-inside the call), and S(W_j * g_j) = sum over the steps s holding j of (gamma_s / B) S(M_s * g_j) is accumulated
+inside the call, count-sketch's hash drawn once per run), and S(W_j * g_j) = sum over the steps s holding j of (gamma_s / B) S(M_s * g_j) is accumulated
 (experiments/short_runs.Session._pair_sketches; `pair_weight` writes W_j out): as many per-pair backwards as the
 run has pair gradients (one epoch: one per pair), batched as training batches them. Only one chunk's per-pair
-gradients exist at a time (P x 4 x |subspace| float32, and through the scanned decoder the whole tree's gradient
+gradients exist at a time (P x 3 x |subspace| float32, and through the scanned decoder the whole tree's gradient
 per pair and side).
 """
 
@@ -172,15 +172,17 @@ def pair_weight(steps: Sequence[int], gammas: Sequence[float], weights: list[Any
 
 
 def make_chunk_sketches(model: Any, chunk_size: int, s: Settings) -> Callable:
-  """sketches(params0, rows, weight) -> [P, 4, k]: per row of `rows`, which holds one pair (`packing.pack_batch`'s
-  layout, or the two-side collated one), S a, S b, S (W * a), S (W * b) with a = grad ln pi(y+), b = grad ln pi(y-)
-  at params0 restricted to the subspace, W a subspace dict or a scalar (shared by the rows). Vectorised over the
-  rows (jax.vmap of the per-pair vjp): one forward and one backward per side for the whole chunk, the projection
-  taken inside the call, so the per-pair gradients exist only for this chunk (about P x 4 x |subspace| float32,
-  plus the whole tree's gradient per pair and side for the scanned layers) and never for the dataset. Filler rows
-  (no loss position) give zeros. Each leaf's projection is generated once per call and shared by the rows."""
+  """sketches(params0, rows, dloss_P2, weight, bits) -> [P, 3, k]: per row of `rows`, which holds one pair
+  (`packing.pack_batch`'s layout, or the two-side collated one), S a, S b and S (W * g) with a = grad ln pi(y+),
+  b = grad ln pi(y-) at params0 restricted to the subspace, g = dl/ds_w a + dl/ds_l b (`dloss_P2`, the pair's
+  `loss_derivatives`), W a subspace dict or a scalar (shared by the rows), `bits` count-sketch's draw
+  (`sketch.count_sketch_bits` of the subspace; None for the other projections). Vectorised over the rows (jax.vmap
+  of the per-pair vjp): one forward and one backward per side for the whole chunk, the projection inside the
+  call, so the per-pair gradients exist only for this chunk (about P x 3 x |subspace| float32, plus the whole
+  tree's gradient per pair and side for the scanned layers) and never for the dataset. Filler rows (no loss
+  position) give zeros."""
 
-  def one(params0, row, weight):
+  def one(params0, row, dloss_2, weight, bits):
     batch = {key: x[None] for key, x in row.items()}
     if packing.is_packed(batch):  # the row's pair is pair 0 of its one-row batch
       batch["response_pair_BR"] = jnp.where(batch["response_pair_BR"] >= 0, 0, -1)
@@ -190,15 +192,12 @@ def make_chunk_sketches(model: Any, chunk_size: int, s: Settings) -> Callable:
       return jnp.stack([out["chosen_logps_B"][0], out["rejected_logps_B"][0]])
 
     _, vjp = jax.vjp(logps, params0)
-    grads = [
-        sketch.select(vjp(jnp.zeros((2,), jnp.float32).at[side].set(1.0))[0], s.subspace, s.last_layers)
-        for side in range(2)
-    ]
+    a, b = (sketch.select(vjp(jnp.eye(2, dtype=jnp.float32)[side])[0], s.subspace, s.last_layers) for side in range(2))
     scale = lambda k: weight[k] if isinstance(weight, dict) else weight
-    stacked = {k: jnp.stack([g[k] for g in grads] + [scale(k) * g[k] for g in grads]) for k in grads[0]}
-    return sketch.project_rows(stacked, s.sketch, s.sketch_dim, s.sketch_seed)
+    stacked = {k: jnp.stack([a[k], b[k], scale(k) * (dloss_2[0] * a[k] + dloss_2[1] * b[k])]) for k in a}
+    return sketch.project_rows(stacked, s.sketch, s.sketch_dim, s.sketch_seed, bits)
 
-  return jax.jit(jax.vmap(one, in_axes=(None, 0, None)))
+  return jax.jit(jax.vmap(one, in_axes=(None, 0, 0, None, None)))
 
 
 def loss_derivatives(loss_config: Any, chosen0_N: np.ndarray, rejected0_N: np.ndarray) -> np.ndarray:
@@ -213,12 +212,11 @@ def loss_derivatives(loss_config: Any, chosen0_N: np.ndarray, rejected0_N: np.nd
   return np.stack([np.asarray(dw), np.asarray(dl)])
 
 
-def contributions(sketches_N4K: np.ndarray, dloss_2N: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def contributions(sketches_N3K: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   """(C+ [N, N], C- [N, N]): C_ij the first-order change of ln pi(y+_i) (ln pi(y-_i)) caused by pair j's updates,
-  <S a_i, U_j> with U_j = -(dl_j/ds_w S(W_j * a_j) + dl_j/ds_l S(W_j * b_j)); float64."""
-  x = np.asarray(sketches_N4K, np.float64)
-  update_NK = -(dloss_2N[0][:, None] * x[:, 2] + dloss_2N[1][:, None] * x[:, 3])
-  return x[:, 0] @ update_NK.T, x[:, 1] @ update_NK.T
+  <S a_i, U_j> with U_j = -S(W_j * g_j) (`make_chunk_sketches`' rows S a, S b, S(W * g)); float64."""
+  x = np.asarray(sketches_N3K, np.float64)
+  return -x[:, 0] @ x[:, 2].T, -x[:, 1] @ x[:, 2].T
 
 
 def split(c_NN: np.ndarray, top: int) -> dict[str, np.ndarray]:

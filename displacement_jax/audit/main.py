@@ -52,6 +52,10 @@ def _log(msg: str) -> None:
   print(msg, flush=True)
 
 
+def _fmt(x: float | None) -> str:
+  return "n/a" if x is None else f"{x:.3f}"
+
+
 def excerpt(text: Any, n: int = 60) -> str:
   """A one-line excerpt of a prompt or response (chat messages: the last one's content)."""
   s = text if isinstance(text, str) else (text[-1]["content"] if text else "")
@@ -245,7 +249,10 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
         f"parameters): own term mean {d['chosen_own_mean']:+.4f}, others' {d['chosen_others_mean']:+.4f}; first "
         f"order falls because of the others for {round(d['share_displaced_by_others'] * n)}/{n}, its own update for "
         f"{round(d['share_displaced_by_own'] * n)}/{n}; {d['decomposition_seconds']:.1f} s "
-        f"({d['decomposition_cost_vs_one_epoch']:.2f} x one epoch's replay)"
+        f"against the replay's {d['replay_seconds']:.1f} s ({d['decomposition_cost_vs_one_epoch']:.2f} x one epoch's "
+        f"replay, compiles included); own + others vs the exact first order on the subspace: correlation "
+        f"{_fmt(d['own_plus_others_vs_subspace_first_order_corr'])}, relative error "
+        f"{d['own_plus_others_vs_subspace_first_order_rel_error']:.3f}"
     )
   examples = {
       int(e.index): e

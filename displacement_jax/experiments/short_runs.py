@@ -243,14 +243,16 @@ class Session:
     tic = time.perf_counter()
     weights = decompose.step_weights(cfg.optim, [float(schedule(t)) for t in range(total)], qs)
     dloss = decompose.loss_derivatives(cfg.loss, chosen0, rejected0)
-    rows = self._pair_sketches(dataset, s, members, [g / int(cfg.batch_size) for g in gammas], weights)
-    chosen, rejected = decompose.contributions(rows, dloss)
+    rows = self._pair_sketches(dataset, s, dloss, members, [g / int(cfg.batch_size) for g in gammas], weights)
+    chosen, rejected = decompose.contributions(rows)
     pairs_s = time.perf_counter() - tic
     info = {
         "chosen": chosen,
         "rejected": rejected,
         "dloss": dloss,
-        "subspace_size": sketch.size(sketch.select(self.params0, s.subspace, s.last_layers)),
+        "subspace_size": sketch.size(
+            jax.eval_shape(lambda p: sketch.select(p, s.subspace, s.last_layers), self.params0)
+        ),
         "settings": s,
         "replay_s": replay_s,
         "pairs_s": pairs_s,
@@ -263,12 +265,13 @@ class Session:
       self,
       dataset: runtime.Dataset,
       s: decompose.Settings,
+      dloss_2N: np.ndarray,
       members: Sequence[np.ndarray],
       coefs: Sequence[float],
       weights: Sequence[Any],
   ) -> np.ndarray:
-    """[N, 4, k]: per pair S a, S b and S (W_j * a), S (W_j * b) (decompose.make_chunk_sketches) with
-    W_j = sum over the steps s holding pair j of coefs[s] M_s (`weights[s]`), accumulated step by step: step s's
+    """[N, 3, k]: per pair S a, S b and S (W_j * g_j) (decompose.make_chunk_sketches; g_j from the loss derivatives
+    `dloss_2N`) with W_j = sum over the steps s holding pair j of coefs[s] M_s (`weights[s]`), accumulated step by step: step s's
     pairs (`members[s]`, positions in dataset.pairs) go through in chunks of s.pair_chunk rows, one pair per row,
     every chunk padded to the same rows and lengths (one compile). Pairs in no step are projected with W = 0."""
     pairs = dataset.pairs
@@ -282,17 +285,23 @@ class Session:
     visits = list(zip(members, coefs, weights))
     if not seen.all() and weights:  # pairs the run never trains on: pushed, pushing nobody
       visits.append((np.flatnonzero(~seen), 0.0, weights[0]))
+    subspace = jax.eval_shape(lambda p: sketch.select(p, s.subspace, s.last_layers), self.params0)
+    bits = sketch.count_sketch_bits(subspace, s.sketch_seed) if s.sketch == "count_sketch" else None
+    dloss_N2 = np.zeros((len(pairs) + rows, 2), np.float32)  # filler rows: zeros
+    dloss_N2[: len(pairs)] = np.asarray(dloss_2N, np.float32).T
     out = None
     for where, coef, weight in visits:
       weight = jax.tree.map(jnp.asarray, weight)
       for start in range(0, len(where), rows):
         part = where[start : start + rows]
         batch = self._collate_rows([pairs[i] for i in part], dataset.pad_id, rows, shape)
-        got = np.asarray(jax.device_get(fn(self.params0, batch, weight)), np.float64)[: len(part)]
+        padded = np.concatenate([part, np.full(rows - len(part), len(pairs))])
+        got = fn(self.params0, batch, jnp.asarray(dloss_N2[padded]), weight, bits)
+        got = np.asarray(jax.device_get(got), np.float64)[: len(part)]
         if out is None:
           out = np.zeros((len(pairs),) + got.shape[1:])
         out[part, :2] = got[:, :2]
-        np.add.at(out, (part, slice(2, 4)), coef * got[:, 2:])
+        np.add.at(out, (part, 2), coef * got[:, 2])
     return out
 
   def _host_collate(self, pairs: Sequence[Any], pad_id: int, rows: int) -> dict[str, np.ndarray]:
