@@ -6,8 +6,10 @@
 The demo's 40 minimal-edit pairs (displacement_jax/assets/edit_pairs_40.jsonl: `edit_pairs.rows("edit", limit=40)`,
 checked by tests/test_audit.py), DPO beta 0.1, RMSprop (torch defaults) lr 1e-6, batch 8, one epoch. The
 decomposition projects per-pair gradients by a count-sketch of k = 4096 on the LM head (the tied embedding), the
-final norm and the last 2 decoder layers (35.4M of SmolLM2's 134.5M parameters): on all parameters the per-step
-preconditioners and the per-pair gradients of a chunk take more than the ~6 GiB this machine allows.
+final norm and the last 2 decoder layers: 35,392,320 of SmolLM2's 134,515,008 parameters. Not on all of them here:
+that would hold the 5 steps' preconditioners (5 x 0.54 GB float32) on the host and per pair of a chunk its two
+gradients and three weighted / stacked copies (5 x 0.54 GB), while this run already peaks near the ~6 GiB this
+machine allows (docs/results.md section 0). Chunks of 2 pairs.
 """
 
 from __future__ import annotations

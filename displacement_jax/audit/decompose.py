@@ -27,11 +27,11 @@ negative C_ij (j != i). Inner products are taken on a parameter subspace through
 
 Cost: the per-pair gradients are taken step by step, `audit.pair_chunk` pairs of the step's batch at a time in one
 vectorised call (`make_chunk_sketches`: jax.vmap of the per-pair vjp over rows of one pair each, the projection
-inside the call, count-sketch's hash drawn once per run), and S(W_j * g_j) = sum over the steps s holding j of (gamma_s / B) S(M_s * g_j) is accumulated
-(experiments/short_runs.Session._pair_sketches; `pair_weight` writes W_j out): as many per-pair backwards as the
-run has pair gradients (one epoch: one per pair), batched as training batches them. Only one chunk's per-pair
-gradients exist at a time (P x 3 x |subspace| float32, and through the scanned decoder the whole tree's gradient
-per pair and side).
+inside the call, count-sketch's hash drawn once per run), and S(W_j * g_j) = sum over the steps s holding j of
+(gamma_s / B) S(M_s * g_j) is accumulated (experiments/short_runs.Session._pair_sketches; `pair_weight` writes
+W_j out): as many per-pair backwards as the run has pair gradients (one epoch: one per pair, for y+ and for
+y-), batched as training batches them. Only one chunk's per-pair gradients exist at a time (P x 3 x |subspace|
+float32, and through the scanned decoder the whole tree's gradient per pair and side).
 """
 
 from __future__ import annotations

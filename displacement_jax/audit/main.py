@@ -110,8 +110,8 @@ def decomposition_summary(
   """The decomposition's settings, cost (against one epoch of training: the replay, one backward per batch, is
   that epoch's gradient work; both include their compile), how well own + others reproduces the replay's first
   order (exact only with sketch 'none' on subspace 'all') and the first order along D restricted to the subspace
-  (what it estimates: the projection's error alone), the flags' shares and the pairs most often among the top contributors.
-  """
+  (what it estimates: the projection's error alone), the flags' shares and the pairs most often among the top
+  contributors."""
   s = info["settings"]
   total = np.array([r["chosen_own"] + r["chosen_others"] for r in rows])
   first = np.array([r["chosen_first_order"] for r in rows])

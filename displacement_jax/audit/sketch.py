@@ -14,8 +14,10 @@ SUBSPACE of the parameters and compressed to k numbers by a random projection S 
 
 Both projections are applied leaf by leaf and block by block, their randomness regenerated from (seed, leaf, block)
 on every call, so no [d, k] matrix is ever held: Rademacher's memory is one [block, k] tile (about
-`TILE_ELEMENTS` numbers), count-sketch's one leaf's buckets. For unit vectors a, b both have
-Var <S a, S b> = (|a|^2 |b|^2 + <a, b>^2 - 2 sum_c a_c^2 b_c^2) / k, so the error falls as 1 / sqrt(k)
+`TILE_ELEMENTS` numbers), count-sketch's one uint32 draw per coordinate (`count_sketch_bits`: bit 0 the sign, the
+rest modulo k the bucket; uniform when k is a power of 2, slightly uneven otherwise, unbiased either way since
+that rests on the signs), which a caller projecting many vectors computes once and passes in. For unit vectors
+a, b both have Var <S a, S b> = (|a|^2 |b|^2 + <a, b>^2 - 2 sum_c a_c^2 b_c^2) / k, so the error falls as 1 / sqrt(k)
 (tests/test_audit.py measures it).
 """
 

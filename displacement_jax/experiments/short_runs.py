@@ -204,10 +204,10 @@ class Session:
     """`audit` plus its decomposition (audit/decompose.py; settings from the config's `audit` section):
     (predictions as `audit` returns them, {'chosen' / 'rejected': [N, N] contributions C_ij of pair j to pair i's
     first order, 'dloss': [2, N], 'subspace_size', 'replay_s', 'pairs_s', 'steps', 'subspace_first_order': [2, N]
-    the exact (unprojected) first order along D restricted to the subspace, what own + others estimates}). One replay (one backward per
-    batch, recording each step's clip factor and preconditioner on the subspace) gives D; then the per-pair
-    gradients at the initial params, projected, of each step's pairs in chunks of `audit.pair_chunk`
-    (`_pair_sketches`): as many pair gradients as the run's epochs take."""
+    the exact (unprojected) first order along D restricted to the subspace, what own + others estimates}). One
+    replay (one backward per batch, recording each step's clip factor and preconditioner on the subspace) gives D;
+    then the per-pair gradients at the initial params, projected, of each step's pairs in chunks of
+    `audit.pair_chunk` (`_pair_sketches`): as many pair gradients as the run's epochs take."""
     cfg = self.run_config({"data.path": dataset.path, **overrides})
     s = decompose.settings(cfg)
     chosen0, rejected0 = start if start is not None else self.logps(self.params0, dataset)
@@ -270,10 +270,11 @@ class Session:
       coefs: Sequence[float],
       weights: Sequence[Any],
   ) -> np.ndarray:
-    """[N, 3, k]: per pair S a, S b and S (W_j * g_j) (decompose.make_chunk_sketches; g_j from the loss derivatives
-    `dloss_2N`) with W_j = sum over the steps s holding pair j of coefs[s] M_s (`weights[s]`), accumulated step by step: step s's
-    pairs (`members[s]`, positions in dataset.pairs) go through in chunks of s.pair_chunk rows, one pair per row,
-    every chunk padded to the same rows and lengths (one compile). Pairs in no step are projected with W = 0."""
+    """[N, 3, k]: per pair S a, S b and S (W_j * g_j) (decompose.make_chunk_sketches; g_j from the loss
+    derivatives `dloss_2N`) with W_j = sum over the steps s holding pair j of coefs[s] M_s (`weights[s]`),
+    accumulated step by step: step s's pairs (`members[s]`, positions in dataset.pairs) go through in chunks of
+    s.pair_chunk rows, one pair per row, every chunk padded to the same rows and lengths (one compile). Pairs in
+    no step are projected with W = 0."""
     pairs = dataset.pairs
     fn = decompose.make_chunk_sketches(self.loaded.model, int(self.config.logprob_chunk_size), s)
     rows = round_up(s.pair_chunk, sharding.data_parallel_size(self.mesh))
