@@ -127,6 +127,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.audit.sketch_dim = 4096  # k, the projected dimension (error ~ 1/sqrt(k))
   config.audit.sketch_seed = 0  # seed of the projection (signs and buckets)
   config.audit.top_contributors = 5  # per pair, the pairs pushing its ln pi(y+) down most
+  config.audit.pair_chunk = 8  # per-pair gradients taken this many pairs at a time (memory: ~ 3 x chunk x subspace)
   config.audit.filter = (
       ml_collections.ConfigDict()
   )  # filtered.jsonl of the audited data (displacement_jax.score.filtering)

@@ -15,6 +15,7 @@ import optax
 import pytest
 
 from displacement_jax import forward
+from displacement_jax.data import packing
 from displacement_jax.audit import replay as audit
 from displacement_jax.train import optim as optim_lib
 from displacement_jax.experiments import edit_pairs, short_runs
@@ -274,6 +275,76 @@ def test_decomposition_weights_rebuild_the_replayed_direction(optim):
       rebuilt[k] -= (W[k] if isinstance(W, dict) else W) * G[k][j]
   for k in G:
     np.testing.assert_allclose(rebuilt[k], np.asarray(direction[k]), rtol=2e-5, atol=1e-7)
+
+
+def test_chunked_per_pair_gradients_equal_autodiff_per_pair(session):
+  """The decomposition's batched per-pair gradients (decompose.make_chunk_sketches: jax.vmap over rows of one pair
+  each, 3 pairs and a filler row, no projection) equal each pair's gradient of ln pi(y+) and ln pi(y-) taken on its
+  own (rows of jax.jacrev on the training layout's batch of the same pairs, dense reference path), and the
+  weighted loss gradient W * (dl/ds_w a + dl/ds_l b) too; the filler row gives zeros."""
+  from displacement_jax.audit import decompose, sketch  # pylint: disable=g-import-not-at-top
+  import ml_collections  # pylint: disable=g-import-not-at-top
+
+  s, dataset = session
+  pairs = dataset.pairs[:3]
+  shape = packing.packed_lengths(s._host_collate(pairs, dataset.pad_id, 3))
+  rows = s._collate_rows(pairs, dataset.pad_id, 4, shape)
+  leaves = sketch.select(s.params0, "all")
+  keys = jax.random.split(jax.random.key(2), len(leaves))
+  weight = {k: jax.random.uniform(key, x.shape, minval=0.5, maxval=2.0) for key, (k, x) in zip(keys, leaves.items())}
+  dloss = jnp.asarray([[-0.3, 0.2], [-0.5, 0.4], [-0.1, 0.7], [0.0, 0.0]])
+  settings = decompose.settings(ml_collections.ConfigDict({"audit": {"sketch": "none"}}))
+  got = np.asarray(decompose.make_chunk_sketches(s.loaded.model, 16, settings)(s.params0, rows, dloss, weight, None))
+  ref = audit.reference_model(s.loaded.model)
+  batch = s._collate(pairs, dataset.pad_id, 3, packed=True)
+  jac = jax.jacrev(lambda p: audit.dense_pair_logps(ref, p, batch))(s.params0)  # leaves [2, P, ...]
+  w = np.asarray(sketch.project(weight, "none", 0))
+  for i in range(3):
+    grads = [
+        np.asarray(sketch.project(sketch.select(jax.tree.map(lambda x: x[side, i], jac), "all"), "none", 0))
+        for side in range(2)
+    ]
+    scale = max(np.abs(g).max() for g in grads)
+    for side in range(2):
+      np.testing.assert_allclose(got[i, side], grads[side], atol=2e-5 * scale)
+    np.testing.assert_allclose(got[i, 2], w * (dloss[i, 0] * grads[0] + dloss[i, 1] * grads[1]), atol=4e-5 * scale)
+  assert got.shape == (4, 3, sketch.size(leaves)) and not np.any(got[3])
+
+
+def test_restricted_direction_gives_the_subspace_inner_product(session):
+  """sketch.restrict zeroes a tree outside the subspace: <g, restrict(D)> over the whole tree equals the inner
+  product of the selected coordinates (the exact value that the projected own + others estimate); count-sketch's
+  draw computed once (sketch.count_sketch_bits) and passed in gives what `project` draws itself."""
+  from displacement_jax.audit import sketch  # pylint: disable=g-import-not-at-top
+
+  s, _ = session
+  leaves, treedef = jax.tree.flatten(s.params0)
+  keys = jax.random.split(jax.random.key(3), 2 * len(leaves))
+  g, d = (
+      jax.tree.unflatten(treedef, [jax.random.normal(k, x.shape) for k, x in zip(keys[i::2], leaves)]) for i in (0, 1)
+  )
+  whole = sum(
+      float(jnp.vdot(a, b))
+      for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(sketch.restrict(d, "head_and_last_layers", 1)))
+  )
+  sel_g, sel_d = (sketch.project(sketch.select(t, "head_and_last_layers", 1), "none", 0) for t in (g, d))
+  np.testing.assert_allclose(whole, float(jnp.vdot(sel_g, sel_d)), rtol=1e-5)
+  assert sketch.restrict(d, "all") is d
+  leaves = sketch.select(g, "all")
+  bits = sketch.count_sketch_bits(leaves, 5)  # the draw computed once, passed in
+  project = jax.jit(lambda x, b: sketch.project(x, "count_sketch", 100, 5, b))
+  np.testing.assert_array_equal(np.asarray(project(leaves, bits)), np.asarray(project(leaves, None)))
+
+
+def test_audit_demo_pairs_are_the_demos():
+  """configs/audit_demo.py's data file holds the demo's 40 minimal-edit pairs (edit_pairs.rows('edit', limit=40))."""
+  from configs import audit_demo  # pylint: disable=g-import-not-at-top
+
+  with open(audit_demo.PAIRS) as f:
+    stored = [json.loads(line) for line in f]
+  assert stored == edit_pairs.rows("edit", limit=40)
+  config = audit_demo.get_config()
+  assert (config.data.path, config.optim.lr, config.audit.sketch_dim) == (audit_demo.PAIRS, 1e-6, 4096)
 
 
 def test_decomposition_sums_to_the_replays_first_order(session):

@@ -24,6 +24,14 @@ inherits the replay's gradients at theta0. Own term C_ii, others sum_{j != i} C_
 negative C_ij (j != i). Inner products are taken on a parameter subspace through an unbiased projection
 (audit/sketch.py): memory O(N k) for the per-pair vectors, plus the per-step preconditioners on the subspace
 (T x |subspace| float32 on the host; none for SGD).
+
+Cost: the per-pair gradients are taken step by step, `audit.pair_chunk` pairs of the step's batch at a time in one
+vectorised call (`make_chunk_sketches`: jax.vmap of the per-pair vjp over rows of one pair each, the projection
+inside the call, count-sketch's hash drawn once per run), and S(W_j * g_j) = sum over the steps s holding j of
+(gamma_s / B) S(M_s * g_j) is accumulated (experiments/short_runs.Session._pair_sketches; `pair_weight` writes
+W_j out): as many per-pair backwards as the run has pair gradients (one epoch: one per pair, for y+ and for
+y-), batched as training batches them. Only one chunk's per-pair gradients exist at a time (P x 3 x |subspace|
+float32, and through the scanned decoder the whole tree's gradient per pair and side).
 """
 
 from __future__ import annotations
@@ -38,7 +46,7 @@ import numpy as np
 import optax
 
 from displacement_jax import forward, gradients
-from displacement_jax.train import optim as optim_lib
+from displacement_jax.data import packing
 from displacement_jax.train import step as step_lib
 from displacement_jax.audit import sketch
 
@@ -50,6 +58,7 @@ DEFAULTS = {  # config.audit (configs/base.py)
     "sketch_dim": 4096,
     "sketch_seed": 0,
     "top_contributors": 5,
+    "pair_chunk": 8,
 }
 
 
@@ -61,6 +70,7 @@ class Settings:
   sketch_dim: int
   sketch_seed: int
   top_contributors: int
+  pair_chunk: int
 
 
 def settings(config: ml_collections.ConfigDict) -> Settings:
@@ -73,6 +83,7 @@ def settings(config: ml_collections.ConfigDict) -> Settings:
       int(audit["sketch_dim"]),
       int(audit["sketch_seed"]),
       int(audit["top_contributors"]),
+      int(audit["pair_chunk"]),
   )
   if s.subspace not in sketch.SUBSPACES:
     raise ValueError(f"config.audit.subspace must be one of {sketch.SUBSPACES}, got {s.subspace!r}")
@@ -80,6 +91,8 @@ def settings(config: ml_collections.ConfigDict) -> Settings:
     raise ValueError(f"config.audit.sketch must be one of {sketch.SKETCHES}, got {s.sketch!r}")
   if s.sketch != "none" and s.sketch_dim < 1:
     raise ValueError(f"config.audit.sketch_dim must be >= 1, got {s.sketch_dim}")
+  if s.pair_chunk < 1:
+    raise ValueError(f"config.audit.pair_chunk must be >= 1, got {s.pair_chunk}")
   if s.last_layers < 0 or s.top_contributors < 0:
     raise ValueError("config.audit.last_layers and config.audit.top_contributors must be >= 0")
   return s
@@ -158,27 +171,33 @@ def pair_weight(steps: Sequence[int], gammas: Sequence[float], weights: list[Any
   return {key: sum(np.float32(c) * m[key] for c, m in terms) for key in terms[0][1]}
 
 
-def make_pair_sketches(model: Any, chunk_size: int, s: Settings) -> Callable:
-  """sketches(params0, batch, weight) -> [4, k]: S a, S b, S (W * a), S (W * b) of the first pair of a packed
-  `batch` (a = grad ln pi(y+), b = grad ln pi(y-) at params0, restricted to the subspace; W a subspace dict or a
-  scalar). One forward and two backwards per pair."""
+def make_chunk_sketches(model: Any, chunk_size: int, s: Settings) -> Callable:
+  """sketches(params0, rows, dloss_P2, weight, bits) -> [P, 3, k]: per row of `rows`, which holds one pair
+  (`packing.pack_batch`'s layout, or the two-side collated one), S a, S b and S (W * g) with a = grad ln pi(y+),
+  b = grad ln pi(y-) at params0 restricted to the subspace, g = dl/ds_w a + dl/ds_l b (`dloss_P2`, the pair's
+  `loss_derivatives`), W a subspace dict or a scalar (shared by the rows), `bits` count-sketch's draw
+  (`sketch.count_sketch_bits` of the subspace; None for the other projections). Vectorised over the rows (jax.vmap
+  of the per-pair vjp): one forward and one backward per side for the whole chunk, the projection inside the
+  call, so the per-pair gradients exist only for this chunk (about P x 3 x |subspace| float32, plus the whole
+  tree's gradient per pair and side for the scanned layers) and never for the dataset. Filler rows (no loss
+  position) give zeros."""
 
-  def sketches(params0, batch, weight):
+  def one(params0, row, dloss_2, weight, bits):
+    batch = {key: x[None] for key, x in row.items()}
+    if packing.is_packed(batch):  # the row's pair is pair 0 of its one-row batch
+      batch["response_pair_BR"] = jnp.where(batch["response_pair_BR"] >= 0, 0, -1)
+
     def logps(p):
       out = forward.pair_logps(model, p, batch, chunk_size)
       return jnp.stack([out["chosen_logps_B"][0], out["rejected_logps_B"][0]])
 
     _, vjp = jax.vjp(logps, params0)
-    rows = []
-    for side in range(2):
-      (grad,) = vjp(jnp.zeros((2,), jnp.float32).at[side].set(1.0))
-      leaves = sketch.select(grad, s.subspace, s.last_layers)
-      weighted = {k: (weight[k] if isinstance(weight, dict) else weight) * x for k, x in leaves.items()}
-      rows += [sketch.project(leaves, s.sketch, s.sketch_dim, s.sketch_seed)]
-      rows += [sketch.project(weighted, s.sketch, s.sketch_dim, s.sketch_seed)]
-    return jnp.stack([rows[0], rows[2], rows[1], rows[3]])
+    a, b = (sketch.select(vjp(jnp.eye(2, dtype=jnp.float32)[side])[0], s.subspace, s.last_layers) for side in range(2))
+    scale = lambda k: weight[k] if isinstance(weight, dict) else weight
+    stacked = {k: jnp.stack([a[k], b[k], scale(k) * (dloss_2[0] * a[k] + dloss_2[1] * b[k])]) for k in a}
+    return sketch.project_rows(stacked, s.sketch, s.sketch_dim, s.sketch_seed, bits)
 
-  return jax.jit(sketches)
+  return jax.jit(jax.vmap(one, in_axes=(None, 0, 0, None, None)))
 
 
 def loss_derivatives(loss_config: Any, chosen0_N: np.ndarray, rejected0_N: np.ndarray) -> np.ndarray:
@@ -193,12 +212,11 @@ def loss_derivatives(loss_config: Any, chosen0_N: np.ndarray, rejected0_N: np.nd
   return np.stack([np.asarray(dw), np.asarray(dl)])
 
 
-def contributions(sketches_N4K: np.ndarray, dloss_2N: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def contributions(sketches_N3K: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   """(C+ [N, N], C- [N, N]): C_ij the first-order change of ln pi(y+_i) (ln pi(y-_i)) caused by pair j's updates,
-  <S a_i, U_j> with U_j = -(dl_j/ds_w S(W_j * a_j) + dl_j/ds_l S(W_j * b_j)); float64."""
-  x = np.asarray(sketches_N4K, np.float64)
-  update_NK = -(dloss_2N[0][:, None] * x[:, 2] + dloss_2N[1][:, None] * x[:, 3])
-  return x[:, 0] @ update_NK.T, x[:, 1] @ update_NK.T
+  <S a_i, U_j> with U_j = -S(W_j * g_j) (`make_chunk_sketches`' rows S a, S b, S(W * g)); float64."""
+  x = np.asarray(sketches_N3K, np.float64)
+  return -x[:, 0] @ x[:, 2].T, -x[:, 1] @ x[:, 2].T
 
 
 def split(c_NN: np.ndarray, top: int) -> dict[str, np.ndarray]:

@@ -52,6 +52,10 @@ def _log(msg: str) -> None:
   print(msg, flush=True)
 
 
+def _fmt(x: float | None) -> str:
+  return "n/a" if x is None else f"{x:.3f}"
+
+
 def excerpt(text: Any, n: int = 60) -> str:
   """A one-line excerpt of a prompt or response (chat messages: the last one's content)."""
   s = text if isinstance(text, str) else (text[-1]["content"] if text else "")
@@ -94,12 +98,20 @@ def decomposition_parts(info: dict[str, Any]) -> dict[str, Any]:
   return parts
 
 
+def agreement(estimate_N: np.ndarray, exact_N: np.ndarray) -> dict[str, float | None]:
+  """{'corr', 'rel_error'}: Pearson correlation and |estimate - exact|_2 / |exact|_2 over the pairs."""
+  corr = float(np.corrcoef(estimate_N, exact_N)[0, 1]) if len(exact_N) > 1 else None
+  return {"corr": corr, "rel_error": float(np.linalg.norm(estimate_N - exact_N) / np.linalg.norm(exact_N))}
+
+
 def decomposition_summary(
     rows: list[dict[str, Any]], info: dict[str, Any], config: ml_collections.ConfigDict
 ) -> dict[str, Any]:
   """The decomposition's settings, cost (against one epoch of training: the replay, one backward per batch, is
-  that epoch's gradient work), how well own + others reproduces the replay's first order (exact only with
-  sketch 'none' on subspace 'all'), the flags' shares and the pairs most often among the top contributors."""
+  that epoch's gradient work; both include their compile), how well own + others reproduces the replay's first
+  order (exact only with sketch 'none' on subspace 'all') and the first order along D restricted to the subspace
+  (what it estimates: the projection's error alone), the flags' shares and the pairs most often among the top
+  contributors."""
   s = info["settings"]
   total = np.array([r["chosen_own"] + r["chosen_others"] for r in rows])
   first = np.array([r["chosen_first_order"] for r in rows])
@@ -119,8 +131,13 @@ def decomposition_summary(
       "replay_seconds": float(info["replay_s"]),
       "decomposition_seconds": float(info["pairs_s"]),
       "decomposition_cost_vs_one_epoch": float(info["pairs_s"] / epoch_s) if epoch_s > 0 else None,
-      "own_plus_others_vs_first_order_corr": float(np.corrcoef(total, first)[0, 1]) if len(rows) > 1 else None,
+      "own_plus_others_vs_first_order_corr": agreement(total, first)["corr"],
       "own_plus_others_vs_first_order_max_abs_diff": float(np.max(np.abs(total - first))),
+      "own_plus_others_vs_first_order_rel_error": agreement(total, first)["rel_error"],
+      **{
+          f"own_plus_others_vs_subspace_first_order_{name}": value
+          for name, value in agreement(total, np.asarray(info["subspace_first_order"][0])).items()
+      },
       "share_displaced_by_others": float(np.mean([f == "others" for f in flags])),
       "share_displaced_by_own": float(np.mean([f == "own" for f in flags])),
       "chosen_own_mean": float(np.mean([r["chosen_own"] for r in rows])),
@@ -232,7 +249,10 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
         f"parameters): own term mean {d['chosen_own_mean']:+.4f}, others' {d['chosen_others_mean']:+.4f}; first "
         f"order falls because of the others for {round(d['share_displaced_by_others'] * n)}/{n}, its own update for "
         f"{round(d['share_displaced_by_own'] * n)}/{n}; {d['decomposition_seconds']:.1f} s "
-        f"({d['decomposition_cost_vs_one_epoch']:.2f} x one epoch's replay)"
+        f"against the replay's {d['replay_seconds']:.1f} s ({d['decomposition_cost_vs_one_epoch']:.2f} x one epoch's "
+        f"replay, compiles included); own + others vs the exact first order on the subspace: correlation "
+        f"{_fmt(d['own_plus_others_vs_subspace_first_order_corr'])}, relative error "
+        f"{d['own_plus_others_vs_subspace_first_order_rel_error']:.3f}"
     )
   examples = {
       int(e.index): e

@@ -14,8 +14,10 @@ SUBSPACE of the parameters and compressed to k numbers by a random projection S 
 
 Both projections are applied leaf by leaf and block by block, their randomness regenerated from (seed, leaf, block)
 on every call, so no [d, k] matrix is ever held: Rademacher's memory is one [block, k] tile (about
-`TILE_ELEMENTS` numbers), count-sketch's one leaf's buckets. For unit vectors a, b both have
-Var <S a, S b> = (|a|^2 |b|^2 + <a, b>^2 - 2 sum_c a_c^2 b_c^2) / k, so the error falls as 1 / sqrt(k)
+`TILE_ELEMENTS` numbers), count-sketch's one uint32 draw per coordinate (`count_sketch_bits`: bit 0 the sign, the
+rest modulo k the bucket; uniform when k is a power of 2, slightly uneven otherwise, unbiased either way since
+that rests on the signs), which a caller projecting many vectors computes once and passes in. For unit vectors
+a, b both have Var <S a, S b> = (|a|^2 |b|^2 + <a, b>^2 - 2 sum_c a_c^2 b_c^2) / k, so the error falls as 1 / sqrt(k)
 (tests/test_audit.py measures it).
 """
 
@@ -60,14 +62,43 @@ def select(tree: Any, subspace: str, last_layers: int = 1) -> dict[str, jax.Arra
   return out
 
 
+def restrict(tree: Any, subspace: str, last_layers: int = 1) -> Any:
+  """`tree` (params-shaped) with zeros outside `subspace` (`select`'s coordinates kept): a direction restricted to
+  the subspace, so that <grad, restrict(D)> is the inner product `select` and `project` estimate."""
+  if subspace == "all":
+    return tree
+  kept = select(tree, subspace, last_layers)
+
+  def one(path, x):
+    name = leaf_name(path)
+    if name not in kept:
+      return jnp.zeros_like(x)
+    if name.split("/")[0] == "layers":
+      keep = x.shape[0] - min(last_layers, x.shape[0])
+      return x.at[:keep].set(0)
+    return x
+
+  return jax.tree_util.tree_map_with_path(one, tree)
+
+
 def size(leaves: dict[str, Any]) -> int:
   """Number of coordinates of a selected subspace."""
   return sum(int(math.prod(x.shape)) for x in leaves.values())
 
 
-def _count_sketch_leaf(x_D: jax.Array, key: jax.Array, k: int) -> jax.Array:
-  bucket_D = jax.random.randint(jax.random.fold_in(key, 0), x_D.shape, 0, k)
-  sign_D = jax.random.rademacher(jax.random.fold_in(key, 1), x_D.shape, jnp.float32)
+def count_sketch_bits(leaves: dict[str, Any], seed: int = 0) -> dict[str, jax.Array]:
+  """{leaf name: uint32 [d_l]}: count-sketch's random draw per coordinate (bit 0 its sign, the rest its bucket),
+  the draw `project` makes; computed once and passed to `project` (`bits`) it is not regenerated per call."""
+  root = jax.random.key(seed)
+  return {
+      name: jax.random.bits(jax.random.fold_in(root, i), (int(math.prod(leaves[name].shape)),), jnp.uint32)
+      for i, name in enumerate(sorted(leaves))
+  }
+
+
+def _count_sketch_leaf(x_D: jax.Array, bits_D: jax.Array, k: int) -> jax.Array:
+  sign_D = 1.0 - 2.0 * (bits_D & 1).astype(jnp.float32)
+  bucket_D = ((bits_D >> 1) % jnp.uint32(k)).astype(jnp.int32)
   return jax.ops.segment_sum(sign_D * x_D, bucket_D, num_segments=k)
 
 
@@ -85,10 +116,13 @@ def _rademacher_leaf(x_D: jax.Array, key: jax.Array, k: int) -> jax.Array:
   return acc_K / math.sqrt(k)
 
 
-def project(leaves: dict[str, jax.Array], sketch: str, k: int, seed: int = 0) -> jax.Array:
+def project(
+    leaves: dict[str, jax.Array], sketch: str, k: int, seed: int = 0, bits: dict[str, jax.Array] | None = None
+) -> jax.Array:
   """S v for one vector given as selected leaves (`select`): [k] float32 (sketch 'none': [d], the leaves
   flattened). The same (sketch, k, seed) and leaf shapes give the same S on every call: inner products of two
-  projected vectors estimate theirs without bias."""
+  projected vectors estimate theirs without bias. `bits`: count-sketch's draw (`count_sketch_bits` of the same
+  leaves and seed), else drawn here."""
   if sketch not in SKETCHES:
     raise ValueError(f"audit.sketch must be one of {SKETCHES}, got {sketch!r}")
   flat = [leaves[name].reshape(-1).astype(jnp.float32) for name in sorted(leaves)]
@@ -96,6 +130,16 @@ def project(leaves: dict[str, jax.Array], sketch: str, k: int, seed: int = 0) ->
     return jnp.concatenate(flat)
   if k < 1:
     raise ValueError(f"audit.sketch_dim must be >= 1, got {k}")
+  if sketch == "count_sketch":
+    bits = count_sketch_bits(leaves, seed) if bits is None else bits
+    return sum(_count_sketch_leaf(x_D, bits[name], k) for name, x_D in zip(sorted(leaves), flat))
   root = jax.random.key(seed)
-  leaf_fn = _count_sketch_leaf if sketch == "count_sketch" else _rademacher_leaf
-  return sum(leaf_fn(x_D, jax.random.fold_in(root, i), k) for i, x_D in enumerate(flat))
+  return sum(_rademacher_leaf(x_D, jax.random.fold_in(root, i), k) for i, x_D in enumerate(flat))
+
+
+def project_rows(
+    leaves: dict[str, jax.Array], sketch: str, k: int, seed: int = 0, bits: dict[str, jax.Array] | None = None
+) -> jax.Array:
+  """`project` of n vectors stacked on the leaves' leading axis: [n, k] (jax.vmap; the projection's randomness
+  does not depend on the vectors, so it is drawn once for all n)."""
+  return jax.vmap(lambda one: project(one, sketch, k, seed, bits))(leaves)

@@ -30,7 +30,7 @@ from displacement_jax.train import monitor as evaluation
 from displacement_jax.audit import replay as audit
 from displacement_jax.train import optim as optim_lib
 from displacement_jax.train import step as step_lib
-from displacement_jax.data import batching, schema
+from displacement_jax.data import batching, packing, schema
 from displacement_jax.data.layout import round_up
 from displacement_jax.experiments import common
 
@@ -131,13 +131,7 @@ class Session:
   def _collate(self, pairs: Sequence[Any], pad_id: int, rows: int, *, packed: bool = False) -> dict[str, Any]:
     """`pairs` collated to `rows` rows (filler rows carry no loss mask), in the packed layout of training
     (`runtime.pack_for_logps`, lengths bucketed) when `packed`, placed on the mesh."""
-    batch = batching.collate(
-        list(pairs),
-        pad_id=pad_id,
-        padding_side=self.config.data.get("padding_side", "right"),
-        pad_to=int(self.config.data.max_length),
-        pad_rows_to=rows,
-    )
+    batch = self._host_collate(pairs, pad_id, rows)
     if packed:
       batch = runtime.pack_for_logps(batch, pad_id, self.config, groups=sharding.data_parallel_size(self.mesh))
     return sharding.host_local_batch_to_global(batch, self.mesh)
@@ -209,9 +203,11 @@ class Session:
   ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """`audit` plus its decomposition (audit/decompose.py; settings from the config's `audit` section):
     (predictions as `audit` returns them, {'chosen' / 'rejected': [N, N] contributions C_ij of pair j to pair i's
-    first order, 'dloss': [2, N], 'subspace_size', 'replay_s', 'pairs_s', 'steps'}). One replay (one backward per
-    batch, recording each step's clip factor and preconditioner on the subspace) gives D; then per pair one
-    forward and two backwards at the initial params, projected."""
+    first order, 'dloss': [2, N], 'subspace_size', 'replay_s', 'pairs_s', 'steps', 'subspace_first_order': [2, N]
+    the exact (unprojected) first order along D restricted to the subspace, what own + others estimates}). One
+    replay (one backward per batch, recording each step's clip factor and preconditioner on the subspace) gives D;
+    then the per-pair gradients at the initial params, projected, of each step's pairs in chunks of
+    `audit.pair_chunk` (`_pair_sketches`): as many pair gradients as the run's epochs take."""
     cfg = self.run_config({"data.path": dataset.path, **overrides})
     s = decompose.settings(cfg)
     chosen0, rejected0 = start if start is not None else self.logps(self.params0, dataset)
@@ -225,14 +221,12 @@ class Session:
     tic = time.perf_counter()
     opt_state = optimizer.init(self.params0)
     direction = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), self.params0)
-    steps_of: list[list[int]] = [[] for _ in dataset.pairs]
-    gammas, qs = [], []
+    gammas, qs, members = [], [], []
     for t, (where, batch) in enumerate(batches):
       opt_state, direction, gamma, q = record(self.params0, opt_state, direction, batch, jnp.int32(t + 1))
       gammas.append(float(gamma))
       qs.append(None if q is None else {k: np.asarray(v) for k, v in jax.device_get(q).items()})
-      for pos in where:
-        steps_of[int(pos)].append(t)
+      members.append(np.asarray(where, int))
     jax.block_until_ready(direction)
     replay_s = time.perf_counter() - tic
     pred = audit.predict(
@@ -242,34 +236,95 @@ class Session:
         self.params0,
         direction,
     )
+    exact = pred["first_order"]  # what own + others estimates: the first order along D restricted to the subspace
+    if s.subspace != "all":
+      exact = self.derivatives(sketch.restrict(direction, s.subspace, s.last_layers), dataset, 1)[0]
     del direction, opt_state
     tic = time.perf_counter()
     weights = decompose.step_weights(cfg.optim, [float(schedule(t)) for t in range(total)], qs)
-    sketches_fn = decompose.make_pair_sketches(self.loaded.model, int(cfg.logprob_chunk_size), s)
-    groups: dict[tuple[int, ...], list[int]] = {}
-    for pos, steps in enumerate(steps_of):
-      groups.setdefault(tuple(steps), []).append(pos)
-    rows = [None] * len(dataset.pairs)
-    dp = sharding.data_parallel_size(self.mesh)
-    for steps, members in groups.items():  # one W per set of steps (one epoch: per batch)
-      weight = jax.tree.map(jnp.asarray, decompose.pair_weight(steps, gammas, weights, int(cfg.batch_size)))
-      for pos in members:
-        batch = self._collate([dataset.pairs[pos]], dataset.pad_id, dp, packed=True)
-        rows[pos] = np.asarray(jax.device_get(sketches_fn(self.params0, batch, weight)))
     dloss = decompose.loss_derivatives(cfg.loss, chosen0, rejected0)
-    chosen, rejected = decompose.contributions(np.stack(rows), dloss)
+    rows = self._pair_sketches(dataset, s, dloss, members, [g / int(cfg.batch_size) for g in gammas], weights)
+    chosen, rejected = decompose.contributions(rows)
     pairs_s = time.perf_counter() - tic
     info = {
         "chosen": chosen,
         "rejected": rejected,
         "dloss": dloss,
-        "subspace_size": sketch.size(sketch.select(self.params0, s.subspace, s.last_layers)),
+        "subspace_size": sketch.size(
+            jax.eval_shape(lambda p: sketch.select(p, s.subspace, s.last_layers), self.params0)
+        ),
         "settings": s,
         "replay_s": replay_s,
         "pairs_s": pairs_s,
         "steps": total,
+        "subspace_first_order": np.asarray(exact, np.float64),
     }
     return pred, info
+
+  def _pair_sketches(
+      self,
+      dataset: runtime.Dataset,
+      s: decompose.Settings,
+      dloss_2N: np.ndarray,
+      members: Sequence[np.ndarray],
+      coefs: Sequence[float],
+      weights: Sequence[Any],
+  ) -> np.ndarray:
+    """[N, 3, k]: per pair S a, S b and S (W_j * g_j) (decompose.make_chunk_sketches; g_j from the loss
+    derivatives `dloss_2N`) with W_j = sum over the steps s holding pair j of coefs[s] M_s (`weights[s]`),
+    accumulated step by step: step s's pairs (`members[s]`, positions in dataset.pairs) go through in chunks of
+    s.pair_chunk rows, one pair per row, every chunk padded to the same rows and lengths (one compile). Pairs in
+    no step are projected with W = 0."""
+    pairs = dataset.pairs
+    fn = decompose.make_chunk_sketches(self.loaded.model, int(self.config.logprob_chunk_size), s)
+    rows = round_up(s.pair_chunk, sharding.data_parallel_size(self.mesh))
+    packed = runtime.packing_enabled(self.config)
+    shape = packing.packed_lengths(self._host_collate(pairs, dataset.pad_id, len(pairs))) if packed else None
+    seen = np.zeros(len(pairs), bool)
+    for step in range(len(members)):
+      seen[members[step]] = True
+    visits = list(zip(members, coefs, weights))
+    if not seen.all() and weights:  # pairs the run never trains on: pushed, pushing nobody
+      visits.append((np.flatnonzero(~seen), 0.0, weights[0]))
+    subspace = jax.eval_shape(lambda p: sketch.select(p, s.subspace, s.last_layers), self.params0)
+    bits = sketch.count_sketch_bits(subspace, s.sketch_seed) if s.sketch == "count_sketch" else None
+    dloss_N2 = np.zeros((len(pairs) + rows, 2), np.float32)  # filler rows: zeros
+    dloss_N2[: len(pairs)] = np.asarray(dloss_2N, np.float32).T
+    out = None
+    for where, coef, weight in visits:
+      weight = jax.tree.map(jnp.asarray, weight)
+      for start in range(0, len(where), rows):
+        part = where[start : start + rows]
+        batch = self._collate_rows([pairs[i] for i in part], dataset.pad_id, rows, shape)
+        padded = np.concatenate([part, np.full(rows - len(part), len(pairs))])
+        got = fn(self.params0, batch, jnp.asarray(dloss_N2[padded]), weight, bits)
+        got = np.asarray(jax.device_get(got), np.float64)[: len(part)]
+        if out is None:
+          out = np.zeros((len(pairs),) + got.shape[1:])
+        out[part, :2] = got[:, :2]
+        np.add.at(out, (part, 2), coef * got[:, 2])
+    return out
+
+  def _host_collate(self, pairs: Sequence[Any], pad_id: int, rows: int) -> dict[str, np.ndarray]:
+    """`pairs` collated (batching.collate) to `rows` rows, filler rows carrying no loss mask, on the host."""
+    return batching.collate(
+        list(pairs),
+        pad_id=pad_id,
+        padding_side=self.config.data.get("padding_side", "right"),
+        pad_to=int(self.config.data.max_length),
+        pad_rows_to=rows,
+    )
+
+  def _collate_rows(
+      self, pairs: Sequence[Any], pad_id: int, rows: int, shape: tuple[int, int] | None
+  ) -> dict[str, Any]:
+    """`pairs` collated to `rows` rows, one pair per row (packing.pack_batch to the lengths `shape` when packing
+    is on, bucketed like training's rows), placed on the mesh."""
+    batch = self._host_collate(pairs, pad_id, rows)
+    if shape is not None:
+      t, r = (batching.packed_bucket(n) for n in shape)
+      batch = packing.pack_batch(batch, pad_to=t, response_pad_to=r, pad_id=pad_id)
+    return sharding.host_local_batch_to_global(batch, self.mesh)
 
   def run_config(self, overrides: Mapping[str, Any]) -> ml_collections.ConfigDict:
     """The session's config with `overrides` (dotted paths, `common.derive`, or nested), checked as train.loop.run
