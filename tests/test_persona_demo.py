@@ -94,12 +94,14 @@ def test_pick_pair_and_summary_units():
   assert s["preferred_prob_argmin_step"] == 1
 
 
-@pytest.mark.parametrize("shuffle", [True, False])
-def test_single_token_sft_equals_training_run(tmp_path, shuffle):
+@pytest.mark.parametrize("shuffle,lora_rank", [(True, 0), (False, 0), (True, 4)])
+def test_single_token_sft_equals_training_run(tmp_path, shuffle, lora_rank):
   """SFTOnPrompts (one forward of each prompt batch per step) against `training.run` on the same SFT config (two
   forwards per pair, the monitor off): the same batches in the same order, equal losses and final params. SGD:
   the update is linear in the gradient (RMSprop's first step, lr * g / |g| * 10, turns the float noise of
-  near-zero gradient entries into lr-sized differences)."""
+  near-zero gradient entries into lr-sized differences). LoRA (rank 4, all-linear): only the adapters train, as
+  training.run's LoRA run trains them (itself checked against PEFT + torch); the SFT writes them as a PEFT
+  directory and returns the merged model (base + scaling A B at the adapted kernels, every other param as loaded)."""
   import sys
 
   sys.path.insert(0, ROOT)
@@ -107,6 +109,7 @@ def test_single_token_sft_equals_training_run(tmp_path, shuffle):
   from displacement_jax import runtime  # pylint: disable=g-import-not-at-top
   from displacement_jax.train import loop as training  # pylint: disable=g-import-not-at-top
   from displacement_jax.data import schema  # pylint: disable=g-import-not-at-top
+  from displacement_jax.models import lora, peft_io  # pylint: disable=g-import-not-at-top
 
   config = demo_config.get_config("tiny")
   config.output_dir = str(tmp_path)
@@ -115,6 +118,7 @@ def test_single_token_sft_equals_training_run(tmp_path, shuffle):
   config.sft.batch_size = 4
   config.data.shuffle = shuffle
   config.optim.name, config.sft.lr = "sgd", 0.5
+  config.model.lora.rank = lora_rank
   examples = list(schema.load_preference_data(config.data.path))
   loaded, losses = single_token.run_sft(config, examples, log=lambda _: None)
   reference = training.run(single_token.sft_config(config))
@@ -125,13 +129,65 @@ def test_single_token_sft_equals_training_run(tmp_path, shuffle):
   assert len(losses) == 6
   initial = runtime.load_model(single_token.sft_config(config)).params
   assert max(np.abs(a - b).max() for a, b in zip(jax_leaves(loaded.params), jax_leaves(initial))) > 1e-2  # it moved
-  for a, b in zip(jax_leaves(loaded.params), jax_leaves(reference.params), strict=True):
+  expected = reference.params
+  if lora_rank:
+    adapters, _ = peft_io.load_adapter(os.path.join(tmp_path, "sft", "adapter"), loaded.model_config)
+    for a, b in zip(jax_leaves(adapters), jax_leaves(reference.params), strict=True):
+      np.testing.assert_allclose(a, b, rtol=1e-4, atol=5e-5)  # the trained adapters (the float noise as below)
+    expected = lora.merge(initial, reference.params, loaded.model_config)
+    adapted = {"/".join(p) + "/kernel" for p in lora.adapter_nodes(adapters)}
+    for path, a, b in zip(leaf_paths(loaded.params), jax_leaves(loaded.params), jax_leaves(initial), strict=True):
+      if path not in adapted:  # embeddings, norms, LM head: exactly as loaded
+        np.testing.assert_array_equal(a, b, err_msg=path)
+  for a, b in zip(jax_leaves(loaded.params), jax_leaves(expected), strict=True):
     # float32 sums in another order, 6 steps of lr 0.5: CI saw one entry of 8192 at 1.5e-5 absolute (the params
     # move by > 1e-2, so 5e-5 still tells a wrong batch or a wrong update apart).
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=5e-5)
+
+
+def leaf_paths(tree):
+  import jax  # pylint: disable=g-import-not-at-top
+
+  return ["/".join(str(k.key) for k in path) for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
 
 def jax_leaves(tree):
   import jax  # pylint: disable=g-import-not-at-top
 
   return [np.asarray(x) for x in jax.tree.leaves(tree)]
+
+
+def test_lora_demo_trains_adapters_on_the_merged_sft_model(tmp_path):
+  """The demo with config.model.lora (rank 4, all-linear): the SFT trains adapters (written as a PEFT directory) and
+  merges them; the theory phase and the DPO trajectory see that merged model (PEFT's merge_and_unload of the saved
+  directory on the loaded base); the DPO phase's fresh adapters start at it (step 0 is the merged SFT model's
+  distribution) and only they train (the end differs from the start)."""
+  import sys
+
+  import jax  # pylint: disable=g-import-not-at-top
+
+  sys.path.insert(0, ROOT)
+  from configs import persona_demo as demo_config  # pylint: disable=g-import-not-at-top
+  from displacement_jax import forward, runtime  # pylint: disable=g-import-not-at-top
+  from displacement_jax.data import schema  # pylint: disable=g-import-not-at-top
+  from displacement_jax.models import lora, peft_io  # pylint: disable=g-import-not-at-top
+
+  flags = [f"--config.output_dir={tmp_path}", "--config.sft.num_steps=3", "--config.dpo.num_steps=4"]
+  flags += ["--config.model.lora.rank=4", "--config.progress=False"]
+  assert train_lib.main(["train", f'--config={os.path.join(ROOT, "configs", "persona_demo.py")}:tiny', *flags]) == 0
+  config = demo_config.get_config("tiny")
+  config.output_dir = str(tmp_path)
+  loaded = runtime.load_model(single_token.sft_config(config))  # the base, as the demo loaded it
+  adapters, lora_config = peft_io.load_adapter(os.path.join(tmp_path, "sft", "adapter"), loaded.model_config)
+  assert lora.count(adapters) > 0 and max(np.abs(a).max() for a in jax_leaves(adapters)) > 0
+  merged = lora.merge(jax.device_get(loaded.params), adapters, lora_config)
+  example = list(schema.load_preference_data(config.data.path))[int(config.dpo.prompt_index)]
+  batch = {k: jax.numpy.asarray(v) for k, v in single_token.prompt_batch(example, loaded.tokenizer, config).items()}
+  expected = forward.next_token_outputs(loaded.model, merged, batch)
+  th, traj = np.load(os.path.join(tmp_path, demo.THEORY_FILE)), np.load(os.path.join(tmp_path, demo.TRAJECTORY_FILE))
+  np.testing.assert_allclose(th["p_V"], np.asarray(expected["prob_BV"][0]), rtol=1e-5, atol=1e-8)
+  np.testing.assert_allclose(traj["logp_SV"][0], np.asarray(expected["logp_BV"][0]), rtol=1e-5, atol=1e-6)
+  base_V = np.asarray(forward.next_token_outputs(loaded.model, loaded.params, batch)["logp_BV"][0])
+  assert np.abs(traj["logp_SV"][0] - base_V).max() > 1e-3  # the SFT adapters moved the model
+  assert np.abs(traj["logp_SV"][-1] - traj["logp_SV"][0]).max() > 1e-5  # the DPO adapters moved it again
+  np.testing.assert_allclose(traj["loss_S"][0], np.log(2.0), rtol=1e-5)  # the reference is the DPO start
