@@ -8,8 +8,9 @@ and one step, before any array of the measured step exists), creates the argumen
 state, the batch) and releases what their initialisers freed, resets the kernel's peak-RSS mark
 (`/proc/self/clear_refs` 5), runs the compiled step once and reads the peak (`VmHWM`). Measured = peak - baseline:
 the arguments the step holds and every byte its buffers touched, which is what the plan's total counts
-(arguments + outputs - aliased + temporaries), plus whatever else the process grew by meanwhile (allocator slack,
-XLA's thread-pool scratch). The peak while the arguments are created is reported beside it (`init peak`): it is
+(arguments + outputs - aliased + temporaries) plus the arguments jit dropped as never read (`unused`: scoring's
+untied LM head, which the process holds all the same), plus whatever else the process grew by meanwhile (allocator
+slack, XLA's thread-pool scratch). The peak while the arguments are created is reported beside it (`init peak`): it is
 not the step's (drawing random params materialises the random bits and float copies of the largest leaf, the
 embedding, which a small plan's temporaries need not exceed), and an earlier version that opened the peak window
 before creating the arguments measured it instead for SmolLM2 scoring at batch 4 (1.38). Linux only.
@@ -69,7 +70,7 @@ def measure(case: memory_plan.Case) -> dict[str, Any]:
   start = time.perf_counter()
   compiled = prepared.lower().compile()
   compile_s = time.perf_counter() - start
-  plan = memory_plan.memory(compiled)
+  plan = memory_plan.memory(compiled, prepared.args)
   compile_peak = rss_kib("VmHWM") * 1024
   warm = jax.block_until_ready(compiled(*prepared.make_args()))  # compiles the init functions, starts the runtime
   del warm
@@ -118,20 +119,22 @@ def run_in_subprocess(case: memory_plan.Case, timeout: int) -> dict[str, Any]:
 
 def table(results: list[dict[str, Any]]) -> list[str]:
   lines = [
-      "| case | plan: arguments | measured: arguments | plan: total (x devices) | measured: peak - baseline | measured / plan | "
-      "init peak (not the step's) | step | compile |",
-      "|---|---|---|---|---|---|---|---|---|",
+      "| case | plan: arguments | measured: arguments | plan: total (x devices) | plan: + unused arguments | "
+      "measured: peak - baseline | measured / plan | init peak (not the step's) | step | compile |",
+      "|---|---|---|---|---|---|---|---|---|---|",
   ]
   for r in results:
     mib = lambda b: f"{b / 2**20:,.0f} MiB"
     label = memory_plan.Case(**memory_plan.result_fields(r)).label()
     n = memory_plan.MESHES[r["mesh"]]["data"] * memory_plan.MESHES[r["mesh"]]["fsdp"]  # devices in this process
-    ratio = r["measured_peak"] / (n * r["plan_total"])
+    held = n * r["plan_total"] + r.get("plan_unused", 0)  # the run holds the arguments jit dropped too
+    ratio = r["measured_peak"] / held
     cells = [
         label,
         mib(n * r["plan_arguments"]),
         mib(r["measured_arguments"]),
         mib(n * r["plan_total"]),
+        mib(held),
         mib(r["measured_peak"]),
         f"**{ratio:.2f}**",
         mib(r["measured_args_peak"]),
