@@ -15,8 +15,8 @@ not the step's (drawing random params materialises the random bits and float cop
 embedding, which a small plan's temporaries need not exceed), and an earlier version that opened the peak window
 before creating the arguments measured it instead for SmolLM2 scoring at batch 4 (1.38). Linux only.
 
-  python -m benchmarks.memory_check --shape=cpu --batch=4
-  python -m benchmarks.memory_check --shape=smollm2-135m --batch=2 --tasks=train,score
+  python -m benchmarks.memory_check --shape=cpu --batch=4 --methods=full,lora
+  python -m benchmarks.memory_check --shape=smollm2-135m --batch=4 --tasks=train --methods=full,lora --remat=1
 """
 
 from __future__ import annotations
@@ -178,8 +178,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
       "",
       f"### Memory plan vs measured peak RSS ({datetime.date.today().isoformat()}, CPU, jax {jax.__version__})",
       "",
-      f"`{command.strip()}`; measured = the step process's peak RSS minus its RSS after the compile (module "
-      "docstring of benchmarks/memory_check.py); per device = per process here.",
+      f"`{command.strip()}`; measured = the process's peak RSS while the step runs minus its RSS before the step's "
+      "arguments existed; plan = total + the arguments jit dropped as unused (module docstring of "
+      "benchmarks/memory_check.py); per device = per process here.",
       "",
   ]
   tables.emit(header + table(results), a.append)
