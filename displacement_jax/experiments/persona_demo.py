@@ -23,7 +23,10 @@ in single-token mode (the response is one vocabulary token):
 Both training phases use the pieces of `train.loop.run` (`step.make_train_step`, `optim.make_optimizer`, its batch
 iterator) in their own short loops (experiments/single_token.py): single-token mode shares the prompt between y+
 and y-, so one forward per step gives both log-probs (and the recorded next-token distribution), where
-`train.loop.run`'s two-row pair forward computes them twice. tests/test_demo.py checks the SFT loop against train.loop.run.
+`train.loop.run`'s two-row pair forward computes them twice. tests/test_persona_demo.py checks the SFT loop against
+train.loop.run. With config.model.lora both phases train adapters: the SFT's are merged into the base
+(`single_token.run_sft`), the DPO starts fresh ones on that merged SFT model (its reference), and the network rate
+is over the adapters.
 
 Outputs in `output_dir` (default runs/demo): summary.json, theory.npz (W_VD, h_D and p_V at the start of DPO,
 the candidate token ids, the rate of each pair and the full-network Gram matrix of the chosen pair), trajectory.npz (logp_SV: next-token log-probs at steps
