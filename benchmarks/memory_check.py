@@ -4,14 +4,19 @@ For each case a fresh subprocess (one device, or 8 forced host devices) builds t
 benchmarks/memory_plan.py does and compiles it (the plan: `memory_analysis()` total), and runs it once on fresh
 arguments (which compiles the param and state initialisers and starts XLA's runtime). Then, with that memory
 released (gc, malloc_trim), it reads its resident set size (baseline: after imports, jax start-up, the compiles
-and one step, before any array of the measured step exists), resets the kernel's peak-RSS mark (`/proc/self/clear_refs` 5),
-creates the arguments (random params, optimizer state, the batch), runs the compiled step once and reads the peak
-(`VmHWM`). Measured = peak - baseline: every byte the case's arrays and the step's buffers touched, which is what
-the plan's total counts (arguments + outputs - aliased + temporaries), plus whatever else the process grew by
-meanwhile (allocator slack, XLA's thread-pool scratch). Linux only.
+and one step, before any array of the measured step exists), creates the arguments (random params, optimizer
+state, the batch) and releases what their initialisers freed, resets the kernel's peak-RSS mark
+(`/proc/self/clear_refs` 5), runs the compiled step once and reads the peak (`VmHWM`). Measured = peak - baseline:
+the arguments the step holds and every byte its buffers touched, which is what the plan's total counts
+(arguments + outputs - aliased + temporaries) plus the arguments jit dropped as never read (`unused`: scoring's
+untied LM head, which the process holds all the same), plus whatever else the process grew by meanwhile (allocator
+slack, XLA's thread-pool scratch). The peak while the arguments are created is reported beside it (`init peak`): it is
+not the step's (drawing random params materialises the random bits and float copies of the largest leaf, the
+embedding, which a small plan's temporaries need not exceed), and an earlier version that opened the peak window
+before creating the arguments measured it instead for SmolLM2 scoring at batch 4 (1.38). Linux only.
 
-  python -m benchmarks.memory_check --shape=cpu --batch=4
-  python -m benchmarks.memory_check --shape=smollm2-135m --batch=2 --tasks=train,score
+  python -m benchmarks.memory_check --shape=cpu --batch=4 --methods=full,lora
+  python -m benchmarks.memory_check --shape=smollm2-135m --batch=4 --tasks=train --methods=full,lora --remat=1
 """
 
 from __future__ import annotations
@@ -65,7 +70,7 @@ def measure(case: memory_plan.Case) -> dict[str, Any]:
   start = time.perf_counter()
   compiled = prepared.lower().compile()
   compile_s = time.perf_counter() - start
-  plan = memory_plan.memory(compiled)
+  plan = memory_plan.memory(compiled, prepared.args)
   compile_peak = rss_kib("VmHWM") * 1024
   warm = jax.block_until_ready(compiled(*prepared.make_args()))  # compiles the init functions, starts the runtime
   del warm
@@ -73,8 +78,10 @@ def measure(case: memory_plan.Case) -> dict[str, Any]:
   baseline = rss_kib("VmRSS") * 1024
   reset_peak_rss()
   args = jax.block_until_ready(prepared.make_args())
+  args_peak = rss_kib("VmHWM") * 1024  # the initialisers' temporaries too (random params: bits, then floats)
   release_freed_memory()
   with_args = rss_kib("VmRSS") * 1024
+  reset_peak_rss()  # the step's window opens with its arguments in place
   start = time.perf_counter()
   out = jax.block_until_ready(compiled(*args))
   step_s = time.perf_counter() - start
@@ -86,6 +93,7 @@ def measure(case: memory_plan.Case) -> dict[str, Any]:
       baseline_rss=baseline,
       compile_peak_rss=compile_peak,
       measured_arguments=with_args - baseline,
+      measured_args_peak=args_peak - baseline,
       measured_peak=peak - baseline,
       compile_s=compile_s,
       step_s=step_s,
@@ -111,22 +119,25 @@ def run_in_subprocess(case: memory_plan.Case, timeout: int) -> dict[str, Any]:
 
 def table(results: list[dict[str, Any]]) -> list[str]:
   lines = [
-      "| case | plan: arguments | measured: arguments | plan: total (x devices) | measured: peak - baseline | measured / plan | "
-      "step | compile |",
-      "|---|---|---|---|---|---|---|---|",
+      "| case | plan: arguments | measured: arguments | plan: total (x devices) | plan: + unused arguments | "
+      "measured: peak - baseline | measured / plan | init peak (not the step's) | step | compile |",
+      "|---|---|---|---|---|---|---|---|---|---|",
   ]
   for r in results:
     mib = lambda b: f"{b / 2**20:,.0f} MiB"
     label = memory_plan.Case(**memory_plan.result_fields(r)).label()
     n = memory_plan.MESHES[r["mesh"]]["data"] * memory_plan.MESHES[r["mesh"]]["fsdp"]  # devices in this process
-    ratio = r["measured_peak"] / (n * r["plan_total"])
+    held = n * r["plan_total"] + r.get("plan_unused", 0)  # the run holds the arguments jit dropped too
+    ratio = r["measured_peak"] / held
     cells = [
         label,
         mib(n * r["plan_arguments"]),
         mib(r["measured_arguments"]),
         mib(n * r["plan_total"]),
+        mib(held),
         mib(r["measured_peak"]),
         f"**{ratio:.2f}**",
+        mib(r["measured_args_peak"]),
         f"{r['step_s']:.1f} s",
         f"{r['compile_s']:.1f} s",
     ]
@@ -167,8 +178,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
       "",
       f"### Memory plan vs measured peak RSS ({datetime.date.today().isoformat()}, CPU, jax {jax.__version__})",
       "",
-      f"`{command.strip()}`; measured = the step process's peak RSS minus its RSS after the compile (module "
-      "docstring of benchmarks/memory_check.py); per device = per process here.",
+      f"`{command.strip()}`; measured = the process's peak RSS while the step runs minus its RSS before the step's "
+      "arguments existed; plan = total + the arguments jit dropped as unused (module docstring of "
+      "benchmarks/memory_check.py); per device = per process here.",
       "",
   ]
   tables.emit(header + table(results), a.append)

@@ -191,8 +191,10 @@ def prepare(case: Case) -> Prepared:
   return Prepared(fns.train_step, (state, batch), lambda: (fns.init_state(init_params(jax.random.key(0))), put_batch()))
 
 
-def memory(compiled: Any) -> dict[str, int]:
-  """Per-device bytes of a compiled function: arguments, outputs, aliased (donated), temporaries, total."""
+def memory(compiled: Any, args: Any = None) -> dict[str, int]:
+  """Per-device bytes of a compiled function: arguments, outputs, aliased (donated), temporaries, total; with the
+  abstract `args` of a one-device program also `unused`: the bytes of the arguments jit dropped because the program
+  never reads them (scoring: an untied LM head), which a run holds all the same."""
   m = compiled.memory_analysis()
   out = dict(
       arguments=int(m.argument_size_in_bytes),
@@ -201,14 +203,18 @@ def memory(compiled: Any) -> dict[str, int]:
       temporaries=int(m.temp_size_in_bytes),
   )
   out["total"] = out["arguments"] + out["outputs"] - out["aliased"] + out["temporaries"]
+  if args is not None and jax.device_count() == 1:
+    held = sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(args))
+    out["unused"] = max(0, held - out["arguments"])
   return out
 
 
 def plan_one(case: Case) -> dict[str, Any]:
   """Compile `case` and return its memory (bytes per device), compile seconds and the case's fields."""
   start = time.perf_counter()
-  compiled = prepare(case).lower().compile()
-  result = dict(dataclasses.asdict(case), **memory(compiled))
+  prepared = prepare(case)
+  compiled = prepared.lower().compile()
+  result = dict(dataclasses.asdict(case), **memory(compiled, prepared.args if case.devices == 1 else None))
   result["compile_s"] = time.perf_counter() - start
   return result
 

@@ -220,6 +220,7 @@ def test_memory_plan_counts_the_train_state_and_scoring_params():
   # scoring reads the last hidden states only: jit prunes the (untied) lm_head and the batch fields it never reads
   lm_head = shapes.SHAPES["tiny"]["vocab_size"] * shapes.SHAPES["tiny"]["hidden_size"]
   assert 4 * (n_params - lm_head) < score["arguments"] <= 4 * (n_params - lm_head) + batch(cases[2])
+  assert score["unused"] >= 4 * lm_head and near(train["unused"], 0)  # what a run holds beside the program's
 
 
 def test_memory_plan_lora_counts_base_adapters_and_their_optimizer_state():

@@ -130,14 +130,18 @@ def test_lora_run_resumes_exactly_and_ches_equals_merged(tmp_path):
     assert np.abs(a - c).max() > 10 * np.abs(a - b).max()  # the adapter changed the scores
 
 
-def test_single_token_paths_without_adapters_refuse_lora():
-  """The single-token SFT phase and the single-prompt DPO outside persona.fast train the full model: with
-  config.model.lora set they stop with a usage error naming it, never fine-tune everything silently."""
+def test_single_token_paths_need_adapters_with_lora():
+  """The single-token SFT and the single-prompt DPO train adapters under config.model.lora: called without them
+  (or with adapters and no LoRA config) they stop with a usage error naming it, never fine-tune everything
+  silently."""
   config = test_train.make_config("unused", "unused.jsonl", **{"model.lora.rank": 4})
   with pytest.raises(UsageError, match="config.model.lora"):
-    single_token.SFTOnPrompts(None, config)
+    single_token.SFTOnPrompts(None, config)({}, None)  # refuses before any model is traced
   with config.unlocked():
     config.dpo = ml_collections.ConfigDict(dict(num_steps=1, objective="dpo", beta=0.1, lr=1e-3))
-  dpo = single_token.DPOOnOnePrompt(None, config)  # refuses before any model is traced
   with pytest.raises(UsageError, match="config.model.lora"):
-    dpo({}, {})
+    single_token.DPOOnOnePrompt(None, config)({}, {})
+  with config.unlocked():
+    config.model.lora.rank = 0
+  with pytest.raises(UsageError, match="config.model.lora"):
+    single_token.DPOOnOnePrompt(None, config)({}, {}, adapters={})

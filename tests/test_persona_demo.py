@@ -99,7 +99,8 @@ def test_single_token_sft_equals_training_run(tmp_path, shuffle):
   """SFTOnPrompts (one forward of each prompt batch per step) against `training.run` on the same SFT config (two
   forwards per pair, the monitor off): the same batches in the same order, equal losses and final params. SGD:
   the update is linear in the gradient (RMSprop's first step, lr * g / |g| * 10, turns the float noise of
-  near-zero gradient entries into lr-sized differences)."""
+  near-zero gradient entries into lr-sized differences). LoRA: test_lora_demo_trains_adapters_on_the_merged_sft_model.
+  """
   import sys
 
   sys.path.insert(0, ROOT)
@@ -131,7 +132,66 @@ def test_single_token_sft_equals_training_run(tmp_path, shuffle):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=5e-5)
 
 
+def leaf_paths(tree):
+  import jax  # pylint: disable=g-import-not-at-top
+
+  return ["/".join(str(k.key) for k in path) for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
 def jax_leaves(tree):
   import jax  # pylint: disable=g-import-not-at-top
 
   return [np.asarray(x) for x in jax.tree.leaves(tree)]
+
+
+def test_lora_demo_trains_adapters_on_the_merged_sft_model(tmp_path):
+  """The demo with config.model.lora (rank 4, all-linear; SGD as in the test above): the SFT trains adapters as
+  `training.run`'s LoRA run trains them (itself checked against PEFT + torch: equal losses and adapters), writes
+  them as a PEFT directory and merges them (every param but the adapted kernels as loaded); the theory phase and the
+  DPO trajectory see that merged model (PEFT's merge_and_unload of the saved directory on the loaded base); the DPO
+  phase's fresh adapters start at it (step 0 is the merged SFT model's distribution) and move it."""
+  import sys
+
+  import jax  # pylint: disable=g-import-not-at-top
+
+  sys.path.insert(0, ROOT)
+  from configs import persona_demo as demo_config  # pylint: disable=g-import-not-at-top
+  from displacement_jax import forward, runtime  # pylint: disable=g-import-not-at-top
+  from displacement_jax.data import schema  # pylint: disable=g-import-not-at-top
+  from displacement_jax.models import lora, peft_io  # pylint: disable=g-import-not-at-top
+  from displacement_jax.train import loop as training  # pylint: disable=g-import-not-at-top
+
+  config = demo_config.get_config("tiny")
+  over = {"output_dir": str(tmp_path), "sft.num_steps": 4, "sft.batch_size": 4, "dpo.num_steps": 4}
+  over.update({"optim.name": "sgd", "sft.lr": 0.5, "dpo.lr": 0.5, "model.lora.rank": 4, "progress": False})
+  config_py = os.path.join(ROOT, "configs", "persona_demo.py")
+  assert train_lib.main(["train", f"--config={config_py}:tiny", *(f"--config.{k}={v}" for k, v in over.items())]) == 0
+  for key, value in over.items():
+    *parents, leaf = key.split(".")
+    node = config
+    for part in parents:
+      node = node[part]
+    node[leaf] = value
+  sft_losses = [json.loads(line)["loss"] for line in open(os.path.join(tmp_path, "sft", "metrics.jsonl"))]
+  loaded = runtime.load_model(single_token.sft_config(config))  # the base, as the demo loaded it
+  adapters, lora_config = peft_io.load_adapter(os.path.join(tmp_path, "sft", "adapter"), loaded.model_config)
+  reference = training.run(single_token.sft_config(config))  # LoRA SFT as training.run runs it (after the demo)
+  np.testing.assert_allclose(sft_losses, reference.losses, rtol=1e-4)
+  for a, b in zip(jax_leaves(adapters), jax_leaves(reference.params), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=5e-5)  # float32 sums in another order (the test above)
+  assert max(np.abs(a).max() for a in jax_leaves(adapters)) > 0
+  merged = lora.merge(jax.device_get(loaded.params), adapters, lora_config)
+  adapted = {"/".join(p) + "/kernel" for p in lora.adapter_nodes(adapters)}
+  for path, a, b in zip(leaf_paths(merged), jax_leaves(merged), jax_leaves(loaded.params), strict=True):
+    if path not in adapted:  # embeddings, norms, LM head: as loaded
+      np.testing.assert_array_equal(a, b, err_msg=path)
+  example = list(schema.load_preference_data(config.data.path))[int(config.dpo.prompt_index)]
+  batch = {k: jax.numpy.asarray(v) for k, v in single_token.prompt_batch(example, loaded.tokenizer, config).items()}
+  expected = forward.next_token_outputs(loaded.model, merged, batch)
+  th, traj = np.load(os.path.join(tmp_path, demo.THEORY_FILE)), np.load(os.path.join(tmp_path, demo.TRAJECTORY_FILE))
+  np.testing.assert_allclose(th["p_V"], np.asarray(expected["prob_BV"][0]), rtol=1e-5, atol=1e-8)
+  np.testing.assert_allclose(traj["logp_SV"][0], np.asarray(expected["logp_BV"][0]), rtol=1e-5, atol=1e-6)
+  base_V = np.asarray(forward.next_token_outputs(loaded.model, loaded.params, batch)["logp_BV"][0])
+  assert np.abs(traj["logp_SV"][0] - base_V).max() > 1e-3  # the SFT adapters moved the model
+  assert np.abs(traj["logp_SV"][-1] - traj["logp_SV"][0]).max() > 1e-5  # the DPO adapters moved it again
+  np.testing.assert_allclose(traj["loss_S"][0], np.log(2.0), rtol=1e-5)  # the reference is the DPO start

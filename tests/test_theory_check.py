@@ -122,3 +122,19 @@ def test_quantiles_on_generated_pairs_tiny(pairs_dir, tmp_path):
       "chat_template",
       False,
   )
+
+
+def test_theory_check_lora_rates_predict_one_sgd_step(tmp_path):
+  """LoRA (rank 4, q_proj,v_proj): every pair's DPO trains fresh adapters on the merged SFT model, and the network
+  rate is over those adapters: one small SGD step changes ln pi(y+) by lr x the rate (first order), pair by pair,
+  for the 12 pairs (B starts at zero, so the adapters' Gram is B's: A's gradient vanishes)."""
+  lr = 0.05
+  flags = ["--config.model.lora.rank=4", "--config.model.lora.target_modules=q_proj,v_proj"]
+  flags += ["--config.optim.name=sgd", f"--config.dpo.lr={lr}", "--config.dpo.num_steps=1", "--config.sft.num_steps=2"]
+  assert _main("theory_check.py:tiny", f"--config.output_dir={tmp_path}", *flags) == 0
+  rows = _read_jsonl(os.path.join(tmp_path, theory_check.PAIRS_FILE))
+  assert len(rows) == 12 and os.path.isdir(os.path.join(tmp_path, "sft", "adapter"))
+  predicted = lr * np.array([r["network_rate"] for r in rows])
+  measured = np.array([r["measured_change_step1"] for r in rows])
+  assert np.abs(measured).min() > 1e-5
+  np.testing.assert_allclose(measured, predicted, rtol=0.05)

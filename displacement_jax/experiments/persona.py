@@ -37,7 +37,6 @@ from displacement_jax.train import monitor as evaluation
 from displacement_jax.data import schema
 from displacement_jax.errors import UsageError
 from displacement_jax.experiments import common, persona_data, results, single_token
-from displacement_jax.models import lora
 
 
 def run_sft(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -154,10 +153,7 @@ class FastSeeds:
         int(batch[f"{s}_labels_BT"][batch[f"{s}_loss_mask_BT"].astype(bool)][0]) for s in ("chosen", "rejected")
     )
     params = self.loaded.params
-    adapters = None
-    if self.lora is not None:  # as training.run with this seed draws them (lora_train.attach)
-      adapters = lora.init_adapters(params, self.lora.rank, self.lora.targets, jax.random.key(seed))
-    traj = self.dpo(params, batch, adapters=adapters)
+    traj = self.dpo(params, batch, adapters=single_token.start_adapters(self.loaded, seed))
     logp_SV, loss_S = traj["logp_SV"], traj["loss_S"]
     steps = logp_SV.shape[0] - 1
     ref_prob_V = np.exp(logp_SV[0].astype(np.float64))

@@ -23,7 +23,10 @@ in single-token mode (the response is one vocabulary token):
 Both training phases use the pieces of `train.loop.run` (`step.make_train_step`, `optim.make_optimizer`, its batch
 iterator) in their own short loops (experiments/single_token.py): single-token mode shares the prompt between y+
 and y-, so one forward per step gives both log-probs (and the recorded next-token distribution), where
-`train.loop.run`'s two-row pair forward computes them twice. tests/test_demo.py checks the SFT loop against train.loop.run.
+`train.loop.run`'s two-row pair forward computes them twice. tests/test_persona_demo.py checks the SFT loop against
+train.loop.run. With config.model.lora both phases train adapters: the SFT's are merged into the base
+(`single_token.run_sft`), the DPO starts fresh ones on that merged SFT model (its reference), and the network rate
+is over the adapters.
 
 Outputs in `output_dir` (default runs/demo): summary.json, theory.npz (W_VD, h_D and p_V at the start of DPO,
 the candidate token ids, the rate of each pair and the full-network Gram matrix of the chosen pair), trajectory.npz (logp_SV: next-token log-probs at steps
@@ -139,10 +142,11 @@ def predict(config: ml_collections.ConfigDict, examples: list[Any], loaded: Any)
       )
   )
   _log(f"[demo] predicted top-{k} gainers (Theorem 2): {[tok_name(t) for t in predicted]}")
-  gram = st.network_gram(model, params, base, [y_pos, y_neg])  # the chosen pair only: 2 gradients, not C
+  adapters = st.start_adapters(loaded, int(config.seed))  # LoRA: the DPO phase's fresh adapters (None: full)
+  gram = st.network_gram(model, params, base, [y_pos, y_neg], adapters)  # the chosen pair only: 2 gradients, not C
   network_rate = float(st.network_rates(gram, lp)[0, 1])
   _log(
-      f"[demo] for comparison, the full network (all parameters, general identity, autodiff): "
+      f"[demo] for comparison, the network ({_trained(loaded)}; general identity, autodiff): "
       f"d/dt ln pi({name[y_pos]}) = {network_rate:+.4g} under DPO gradient flow at the start"
   )
   rundir.write_npz(
@@ -156,7 +160,7 @@ def predict(config: ml_collections.ConfigDict, examples: list[Any], loaded: Any)
           y_pos=y_pos,
           y_neg=y_neg,
           predicted=np.asarray(predicted),
-          gram_pair=gram,  # [2, 2]: <g_i, g_j> of ln pi(y+), ln pi(y-) over all parameters
+          gram_pair=gram,  # [2, 2]: <g_i, g_j> of ln pi(y+), ln pi(y-) over the trained parameters
       ),
   )
   return Pick(
@@ -164,13 +168,23 @@ def predict(config: ml_collections.ConfigDict, examples: list[Any], loaded: Any)
   )
 
 
+def _trained(loaded: Any) -> str:
+  """What the DPO phase trains: all parameters, or the LoRA adapters (config.model.lora)."""
+  if loaded.lora is None:
+    return "all parameters"
+  return f"the LoRA adapters r{loaded.lora.rank} at {','.join(loaded.lora.targets)}, the parameters DPO trains"
+
+
 def train_dpo(config: ml_collections.ConfigDict, loaded: Any, pick: Pick) -> tuple[np.ndarray, np.ndarray]:
-  """Phase 3: DPO on the one prompt from the SFT model; (logp_SV, loss_S), also saved to trajectory.npz."""
+  """Phase 3: DPO on the one prompt from the SFT model (LoRA: fresh adapters on it, the SFT model the reference);
+  (logp_SV, loss_S), also saved to trajectory.npz."""
   _log(
       f"[demo] DPO: {config.dpo.num_steps} steps, full batch (one prompt), RMSprop lr {config.dpo.lr:g}, "
-      f"beta {config.dpo.beta:g}"
+      f"beta {config.dpo.beta:g}, training {_trained(loaded)}"
   )
-  dpo = st.DPOOnOnePrompt(loaded.model, config)(loaded.params, st.dpo_batch(pick.base, pick.y_pos, pick.y_neg))
+  batch = st.dpo_batch(pick.base, pick.y_pos, pick.y_neg)
+  adapters = st.start_adapters(loaded, int(config.seed))
+  dpo = st.DPOOnOnePrompt(loaded.model, config)(loaded.params, batch, adapters=adapters)
   logp_SV, loss_S = dpo["logp_SV"], dpo["loss_S"]
   rundir.write_npz(os.path.join(config.output_dir, TRAJECTORY_FILE), {"logp_SV": logp_SV, "loss_S": loss_S})
   return logp_SV, loss_S

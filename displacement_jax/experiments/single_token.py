@@ -29,7 +29,7 @@ from displacement_jax.data import batching, tokenize
 from displacement_jax.data.layout import bucket_length, pad_id_of
 from displacement_jax.errors import UsageError
 from displacement_jax.experiments import common, persona_data
-from displacement_jax.models import lora
+from displacement_jax.models import lora, peft_io
 
 
 def single_token_words(tokenizer: Any, words: Sequence[str]) -> tuple[list[int], list[str], list[str]]:
@@ -109,7 +109,12 @@ def run_sft(
     config: ml_collections.ConfigDict, examples: Sequence[Any], *, log: Callable[[str], None] = print
 ) -> tuple[runtime.Loaded, list[float]]:
   """The SFT phase (cross-entropy, single-token; `SFTOnPrompts`, the batches and step of `train.loop.run`) on persona
-  `examples`, its data in output_dir/sft (started afresh): (the model with its params after SFT, the SFT losses)."""
+  `examples`, its data in output_dir/sft (started afresh): (the model with its params after SFT, the SFT losses).
+
+  LoRA (config.model.lora): the SFT trains adapters only (`train.lora.attach`'s, fresh or model.lora.path's),
+  writes them as a PEFT adapter directory (output_dir/sft/adapter) and merges them into the base params
+  (`models.lora.merge`, PEFT's merge_and_unload): the returned params are that merged SFT model, the base (and
+  reference) of the DPO phase, whose own fresh adapters (`start_adapters`) then start at it exactly."""
   sft_cfg = sft_config(config)
   if os.path.isdir(sft_cfg.output_dir):  # a pipeline's own scratch run
     shutil.rmtree(sft_cfg.output_dir)
@@ -123,8 +128,21 @@ def run_sft(
       f"RMSprop lr {sft_cfg.optim.lr:g}, batch {sft_cfg.batch_size}"
   )
   loaded = runtime.load_model(sft_cfg)  # the model and tokenizer (~6 s for SmolLM2)
+  ad = lora_train.attach(loaded, sft_cfg) if lora_train.enabled(sft_cfg) else None
   dataset = runtime.load_data(sft_cfg, loaded.tokenizer, loaded.model_config.vocab_size)
-  loaded.params, losses = SFTOnPrompts(loaded.model, sft_cfg)(loaded.params, dataset)
+  sft = SFTOnPrompts(loaded.model, sft_cfg)
+  if ad is None:
+    loaded.params, losses = sft(loaded.params, dataset)
+  else:
+    adapters, losses = sft(loaded.params, dataset, adapters=ad.initial)
+    adapters = jax.device_get(adapters)
+    adapter_dir = os.path.join(sft_cfg.output_dir, "adapter")
+    peft_io.save_adapter(
+        adapters, loaded.model_config, adapter_dir, base_model_name_or_path=loaded.identity.get("path")
+    )
+    merged = lora.merge(jax.device_get(loaded.params), adapters, loaded.model_config)
+    loaded.params = ad.base = jax.tree.map(jnp.asarray, merged)
+    log(f"[sft] LoRA r{ad.rank} ({','.join(ad.targets)}): adapters in {adapter_dir}, merged into the base")
   with metrics_lib.MetricsWriter(sft_cfg.output_dir, tensorboard=False) as writer:  # output_dir/sft/metrics.jsonl
     for step, loss in enumerate(losses, start=1):
       writer.write(step, {"loss": loss})
@@ -208,25 +226,31 @@ def pair_rates(W_VD: np.ndarray, h_D: np.ndarray, candidates: Sequence[int], los
   return rates
 
 
-def network_gram(model: Any, params: Any, batch: dict[str, np.ndarray], candidates: Sequence[int]) -> np.ndarray:
-  """[C, C] Gram matrix <grad ln pi(c_i|x), grad ln pi(c_j|x)> over ALL network parameters (autodiff).
+def network_gram(
+    model: Any, params: Any, batch: dict[str, np.ndarray], candidates: Sequence[int], adapters: Any = None
+) -> np.ndarray:
+  """[C, C] Gram matrix <grad ln pi(c_i|x), grad ln pi(c_j|x)> over ALL network parameters (autodiff), or with
+  `adapters` (LoRA) over the adapters alone, the parameters a LoRA run trains, at `params` + `adapters`.
 
-  With it the general identity gives the exact gradient-flow rate of the full network at the start of DPO:
+  With it the general identity gives the exact gradient-flow rate of the trained parameters at the start of DPO:
   d/dt ln pi(y+) = -l' (G[+,+] - G[+,-]) (`network_rates`).
   """
   b = {k: jnp.asarray(v) for k, v in batch.items()}
   ids_C = jnp.asarray(list(candidates), jnp.int32)
+  full = (lambda q, base: q) if adapters is None else (lambda q, base: lora.combine(base, q))
 
   @jax.jit
-  def gram(p):
-    jac = jax.jacrev(lambda q: forward.next_token_outputs(model, q, b)["logp_BV"][0, ids_C])(p)  # leaves [C, ...]
+  def gram(p, base):
+    logp_C = lambda q: forward.next_token_outputs(model, full(q, base), b)["logp_BV"][0, ids_C]
+    jac = jax.jacrev(logp_C)(p)  # leaves [C, ...]
     parts = [
         jnp.einsum("cp,dp->cd", g.reshape(len(candidates), -1), g.reshape(len(candidates), -1), precision="highest")
         for g in jax.tree.leaves(jax.tree.map(lambda g: g.astype(jnp.float32), jac))
     ]
     return sum(parts)
 
-  return np.asarray(gram(params), np.float64)
+  trained, base = (params, None) if adapters is None else (adapters, params)
+  return np.asarray(gram(trained, base), np.float64)
 
 
 def network_rates(gram_CC: np.ndarray, loss_derivative: float) -> np.ndarray:
@@ -287,24 +311,52 @@ def _nonfinite_error(metrics: dict[str, Any], what: str, step: int, lr: float) -
 # guard would cost about a quarter of each, and nothing is checkpointed (a non-finite step raises).
 
 
+def jit_step(model: Any, loss_cfg: ml_collections.ConfigDict, optimizer: Any, with_lora: bool) -> Callable:
+  """train_step(state, batch, base) of `single_token_loss_fn`, jitted with the state donated: on every param
+  (`base` unused: pass None), or with LoRA on the adapters (state.params) combined with the base params `base`
+  (`train.lora.adapter_train_step`, its adapter dropout included)."""
+  make_loss = lambda m: single_token_loss_fn(m, loss_cfg)
+  if with_lora:
+    step = lora_train.adapter_train_step(model, make_loss, optimizer, 1, "gradients")
+  else:
+    full_step = step_lib.make_train_step(make_loss(model), optimizer, 1, "gradients")
+    step = lambda state, batch, base: full_step(state, batch)
+  return jax.jit(step, donate_argnums=0)
+
+
+def check_adapters(with_lora: bool, adapters: Any, what: str) -> None:
+  """UsageError unless adapters are given exactly when the config asks for LoRA."""
+  if with_lora == (adapters is None):
+    raise UsageError(
+        f"config.model.lora: {what} {'needs' if with_lora else 'got'} adapters (LoRA: the base params and "
+        "train.lora.attach's adapters; full fine-tuning: the params alone)"
+    )
+
+
+def start_adapters(loaded: runtime.Loaded, seed: int) -> Any:
+  """The fresh adapters a single-prompt DPO run starts from on `loaded.params` (its base: the SFT model), drawn
+  with `seed` as `train.loop.run` draws them; None without LoRA."""
+  return None if loaded.lora is None else loaded.lora.fresh(loaded.params, seed)
+
+
 class SFTOnPrompts:
   """Cross-entropy SFT in single-token mode: the batches of `train.loop.run` (data.batching.BatchIterator with its seed,
   shuffle and drop_last) and its step (`step.make_train_step`), one forward of each prompt batch per step.
-  `config`: a `train.loop.run` config (`sft_config`): optim, batch_size, num_steps or num_epochs, seed, data."""
+  `config`: a `train.loop.run` config (`sft_config`): optim, batch_size, num_steps or num_epochs, seed, data.
+
+  LoRA (config.model.lora; `model` applies adapters, see `train.lora.attach`): the params given are the base tree,
+  only the adapters given train (their optimizer state alone), as `train.loop.run` trains them."""
 
   def __init__(self, model: Any, config: ml_collections.ConfigDict):
-    if lora_train.enabled(config):  # not silently full fine-tuning
-      raise UsageError(
-          "config.model.lora: the single-token SFT phase (SFTOnPrompts) trains the full model; set model.lora.rank=0 "
-          "and model.lora.path='' for it (LoRA runs through training.run)"
-      )
     self.config = config
     self.model = model
+    self.lora = lora_train.enabled(config)
     self.loss_cfg = ml_collections.ConfigDict({"objective": "cross_entropy", "beta": 0.0})
     self.progress = bool(config.get("progress", True))
 
-  def __call__(self, params: Any, dataset: runtime.Dataset) -> tuple[Any, list[float]]:
-    """(params after SFT, the loss of every step)."""
+  def __call__(self, params: Any, dataset: runtime.Dataset, adapters: Any = None) -> tuple[Any, list[float]]:
+    """(params after SFT, the loss of every step); LoRA: (adapters after SFT, the losses), `params` the base."""
+    check_adapters(self.lora, adapters, "the single-token SFT (SFTOnPrompts)")
     c = self.config
     bs, n = int(c.batch_size), len(dataset.pairs)
     if n < bs:
@@ -322,24 +374,18 @@ class SFTOnPrompts:
         padding_side=c.data.get("padding_side", "right"),
     )
     optimizer = optim_lib.make_optimizer(c.optim, steps)
-    train_step = jax.jit(
-        step_lib.make_train_step(single_token_loss_fn(self.model, self.loss_cfg), optimizer, 1, "gradients"),
-        donate_argnums=0,
-    )
-    state = step_lib.TrainState(
-        params=jax.tree.map(jnp.copy, params),
-        opt_state=optimizer.init(params),
-        step=jnp.zeros((), jnp.int32),
-        rng=jax.random.key_data(jax.random.key(int(c.seed))),
-    )
+    train_step = jit_step(self.model, self.loss_cfg, optimizer, self.lora)
+    base, trained = (params, adapters) if self.lora else (None, params)
+    # a copy: the caller's params stay valid (the steps donate the state)
+    state = step_lib.init_state(jax.tree.map(jnp.copy, trained), optimizer, int(c.seed))
     losses = []
     for step in tqdm(range(1, steps + 1), desc="sft", dynamic_ncols=True, disable=not self.progress, leave=False):
-      batch_np = {k: v for k, v in next(iterator).items() if k.endswith("_BT")}
+      batch_np = {k: v for k, v in next(iterator).items() if k.endswith("_BT") or k == "index_B"}
       y_pos_B, y_neg_B = single_token_labels(batch_np)
       zeros_B = np.zeros(len(y_pos_B), np.float32)  # cross-entropy has no reference
       batch = {k: jnp.asarray(v) for k, v in batch_np.items()}
       batch.update(y_pos_B=y_pos_B, y_neg_B=y_neg_B, ref_pos_B=zeros_B, ref_neg_B=zeros_B)
-      state, metrics = train_step(state, batch)
+      state, metrics = train_step(state, batch, base)
       _nonfinite_error(metrics, "SFT", step, float(c.optim.lr))
       losses.append(float(metrics["loss"]))
     return state.params, losses
@@ -366,8 +412,7 @@ class DPOOnOnePrompt:
     self.lr = float(config.dpo.lr)
     loss_fn = single_token_loss_fn(model, loss_cfg)
     full = lora.combine if self.lora else (lambda base, params: params)  # the tree the model takes
-    step = lambda base: step_lib.make_train_step(lambda p, b: loss_fn(full(base, p), b), self.optimizer, 1, "gradients")
-    self.train_step = jax.jit(lambda state, batch, base: step(base)(state, batch), donate_argnums=0)
+    self.train_step = jit_step(model, loss_cfg, self.optimizer, self.lora)
     self.next_logp = jax.jit(lambda p, b, base: forward.next_token_outputs(model, full(base, p), b)["logp_BV"][0])
     self.loss = jax.jit(lambda p, b, base: loss_fn(full(base, p), b)[0])
 
@@ -379,23 +424,16 @@ class DPOOnOnePrompt:
 
     `batch_np`: `dpo_batch` (a single-token pair; y+ and y- are read from its chosen / rejected labels). LoRA:
     `params` the base tree, `adapters` the initial adapters."""
-    if self.lora == (adapters is None):
-      raise UsageError(
-          f"config.model.lora: this single-prompt DPO {'needs' if self.lora else 'got'} adapters (only "
-          "persona.fast=True gives them; persona.fast=False runs LoRA through training.run)"
-      )
+    check_adapters(self.lora, adapters, "the single-prompt DPO (DPOOnOnePrompt)")
     steps = self.steps if steps is None else int(steps)
     batch = {k: jnp.asarray(v) for k, v in batch_np.items()}
+    batch.setdefault("index_B", jnp.arange(len(batch["chosen_input_ids_BT"]), dtype=jnp.int32))  # dropout keys
     batch["y_pos_B"], batch["y_neg_B"] = (jnp.asarray(y) for y in single_token_labels(batch_np))
     base, trained = (params, adapters) if self.lora else (None, params)
     ref_V = self.next_logp({} if self.lora else params, batch, base)  # the base model: the start unless LoRA
     batch["ref_pos_B"], batch["ref_neg_B"] = ref_V[batch["y_pos_B"]], ref_V[batch["y_neg_B"]]
-    state = step_lib.TrainState(
-        params=jax.tree.map(jnp.copy, trained),  # the caller's params stay valid (the steps donate the state)
-        opt_state=self.optimizer.init(trained),
-        step=jnp.zeros((), jnp.int32),
-        rng=jax.random.key_data(jax.random.key(self.seed)),
-    )
+    # a copy: the caller's params stay valid (the steps donate the state)
+    state = step_lib.init_state(jax.tree.map(jnp.copy, trained), self.optimizer, self.seed)
     logps, loss = [], []
     for _ in tqdm(range(steps), desc="dpo", dynamic_ncols=True, disable=not self.progress, leave=False):
       state, metrics = self.train_step(state, batch, base)  # metrics: loss and log-probs BEFORE this step's update

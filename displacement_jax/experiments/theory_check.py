@@ -44,13 +44,14 @@ def check_prompt(loaded: Any, config: ml_collections.ConfigDict, example: Any, i
   candidates, words, _ = st.single_token_words(tokenizer, list(config.dpo.candidate_tokens))
   lp = st.initial_loss_derivative(config.dpo.objective, float(config.dpo.beta))
   theorem1 = st.pair_rates(start["W_VD"], start["h_D"], candidates, lp)
-  network = st.network_rates(st.network_gram(model, params, base, candidates), lp)
+  adapters = st.start_adapters(loaded, int(config.seed))  # LoRA: every pair's DPO starts from these (None: full)
+  network = st.network_rates(st.network_gram(model, params, base, candidates, adapters), lp)
   rows = []
   for i, y_pos in enumerate(candidates):
     for j, y_neg in enumerate(candidates):
       if i == j:
         continue
-      logp_SV = dpo(params, st.dpo_batch(base, y_pos, y_neg))["logp_SV"]
+      logp_SV = dpo(params, st.dpo_batch(base, y_pos, y_neg), adapters=adapters)["logp_SV"]
       rows.append(
           {
               "prompt_index": idx,

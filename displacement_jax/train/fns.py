@@ -6,7 +6,6 @@ import dataclasses
 from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
@@ -47,12 +46,7 @@ def make_fns(loaded: runtime.Loaded, config: ml_collections.ConfigDict, mesh: An
   opt_sh = optax_state_shardings(optimizer, loaded.params, param_sh, replicated)
   state_sh = step_lib.TrainState(params=param_sh, opt_state=opt_sh, step=replicated, rng=replicated)
   init_state = jax.jit(
-      lambda p: step_lib.TrainState(
-          params=p,
-          opt_state=optimizer.init(p),
-          step=jnp.zeros((), jnp.int32),
-          rng=jax.random.key_data(jax.random.key(int(config.seed))),
-      ),
+      lambda p: step_lib.init_state(p, optimizer, config.seed),
       in_shardings=(param_sh,),
       out_shardings=state_sh,
       donate_argnums=0,

@@ -37,6 +37,14 @@ class Adapters:
   targets: tuple[str, ...]
   merge: bool
 
+  def fresh(self, base: Any, seed: int) -> Any:
+    """New adapters of this rank and these modules for the base params `base` (arrays or ShapeDtypeStructs): PEFT's
+    init, A drawn with `seed`, B zeros, so base + them is the base model exactly; a run with config.seed = `seed`
+    starts from these."""
+    init = lambda: lora.init_adapters(base, self.rank, self.targets, jax.random.key(int(seed)))
+    abstract = any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(base))
+    return jax.eval_shape(init) if abstract else init()  # a memory plan's abstract base: abstract adapters
+
 
 def enabled(config: ml_collections.ConfigDict) -> bool:
   """config.model.lora asks for LoRA (rank > 0, or an adapter directory to start from)."""
@@ -75,13 +83,12 @@ def attach(loaded: runtime.Loaded, config: ml_collections.ConfigDict) -> Adapter
   else:
     model_config = lora.with_lora(loaded.model_config, float(lc.alpha), 0.0, bool(lc.get("rslora", False)))
     rank, targets = int(lc.rank), lora.target_modules(lc.get("target_modules", "all-linear"))
-    init = lambda: lora.init_adapters(base, rank, targets, jax.random.key(int(config.seed)))
-    abstract = any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(base))
-    initial = jax.eval_shape(init) if abstract else init()  # a memory plan's abstract base: abstract adapters
   model_config = model_config.replace(lora_dropout=float(lc.get("dropout", 0.0)))  # the config's, as TRL takes it
   loaded.model_config, loaded.model = model_config, Transformer(model_config)
   loaded.params = base
   loaded.lora = Adapters(base, initial, rank, targets, bool(lc.get("merge", False)))
+  if not initial:
+    loaded.lora.initial = loaded.lora.fresh(base, int(config.seed))
   return loaded.lora
 
 
@@ -134,40 +141,43 @@ def jit_train_step(
   chunk = int(config.logprob_chunk_size)
   replicated = NamedSharding(mesh, P())
   optimizer = optim_lib.make_optimizer(config.optim, total_steps)
-  loss_fn = step_lib.make_loss_fn(model, config.loss, chunk)
-  state_sh = jax.tree.map(lambda _: replicated, jax.eval_shape(lambda a: _state(a, optimizer, config), adapters))
-
-  def train_step(state, batch, base):
-    def with_base(adapters, b):
-      if not model.config.lora_dropout:
-        return loss_fn(lora.combine(base, adapters), b)
-      # dropout on the adapter inputs (train mode only): a key per step (the state's rng) and micro-batch
-      key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), b["index_B"][0])
-      dropout_loss = step_lib.make_loss_fn(lora.WithDropout(model, key), config.loss, chunk)
-      return dropout_loss(lora.combine(base, adapters), b)
-
-    step_fn = step_lib.make_train_step(
-        with_base, optimizer, int(config.optim.grad_accum), config.optim.get("guard", "state")
-    )
-    return step_fn(state, batch)
-
+  state_sh = jax.tree.map(
+      lambda _: replicated, jax.eval_shape(lambda a: step_lib.init_state(a, optimizer, config.seed), adapters)
+  )
+  train_step = adapter_train_step(
+      model,
+      lambda m: step_lib.make_loss_fn(m, config.loss, chunk),
+      optimizer,
+      int(config.optim.grad_accum),
+      config.optim.get("guard", "state"),
+  )
   step_jit = jax.jit(
       train_step,
       in_shardings=(state_sh, sharding.batch_sharding(mesh), base_sh),
       out_shardings=(state_sh, replicated),
       donate_argnums=0,
   )
-  init_jit = jax.jit(lambda a: _state(a, optimizer, config), out_shardings=state_sh)
+  init_jit = jax.jit(lambda a: step_lib.init_state(a, optimizer, config.seed), out_shardings=state_sh)
   return step_jit, init_jit
 
 
-def _state(adapters: Any, optimizer: Any, config: ml_collections.ConfigDict) -> step_lib.TrainState:
-  return step_lib.TrainState(
-      params=adapters,
-      opt_state=optimizer.init(adapters),
-      step=jnp.zeros((), jnp.int32),
-      rng=jax.random.key_data(jax.random.key(int(config.seed))),
-  )
+def adapter_train_step(
+    model: Transformer, make_loss: Callable[[Any], Callable], optimizer: Any, grad_accum: int, guard: str
+) -> Callable:
+  """train_step(state, batch, base) of `step.make_train_step` on the adapters (state.params) with the loss
+  `make_loss(model)` of the base params combined with them. With the model's lora_dropout the adapters drop their
+  inputs (train mode), a key per step (the state's rng) and micro-batch (its first row's index_B)."""
+
+  def train_step(state: step_lib.TrainState, batch: dict[str, Any], base: Any):
+    def loss_fn(adapters, b):
+      if not model.config.lora_dropout:
+        return make_loss(model)(lora.combine(base, adapters), b)
+      key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), b["index_B"][0])
+      return make_loss(lora.WithDropout(model, key))(lora.combine(base, adapters), b)
+
+    return step_lib.make_train_step(loss_fn, optimizer, grad_accum, guard)(state, batch)
+
+  return train_step
 
 
 def save(params: Any, loaded: runtime.Loaded, out_dir: str, *, progress: bool = True) -> None:

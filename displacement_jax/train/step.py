@@ -27,7 +27,17 @@ class TrainState:
   params: Any
   opt_state: Any
   step: jax.Array  # int32 scalar: optimizer steps taken
-  rng: jax.Array  # uint32[2] raw key data (no dropout today; kept so resumed runs stay reproducible)
+  rng: jax.Array  # uint32[2] raw key data (LoRA dropout's keys; kept so resumed runs stay reproducible)
+
+
+def init_state(params: Any, optimizer: optax.GradientTransformation, seed: int) -> TrainState:
+  """The train state of `params` (every param, or LoRA's adapters) at step 0: fresh optimizer state, the seed's rng."""
+  return TrainState(
+      params=params,
+      opt_state=optimizer.init(params),
+      step=jnp.zeros((), jnp.int32),
+      rng=jax.random.key_data(jax.random.key(int(seed))),
+  )
 
 
 def make_loss_fn(
