@@ -2,6 +2,10 @@
 
 Only process 0 writes. Values are converted to plain Python floats/ints/lists; non-finite floats are
 written as the strings "nan" / "inf" / "-inf" so every line stays valid JSON.
+
+Both files are written and flushed in the caller's thread, row by row: a failed write (a full disk) raises at
+once, naming the file. (tensorboardX's SummaryWriter writes from a thread of its own; when that thread died of a
+full disk, the next rows waited forever on its full queue, and so did the training run.)
 """
 
 from __future__ import annotations
@@ -11,10 +15,14 @@ import logging
 import math
 import os
 import sys
+import time
 from typing import Any, Callable, Iterable, Mapping
 
 import jax
 import numpy as np
+from tensorboardX import event_file_writer
+from tensorboardX import summary as tb_summary
+from tensorboardX.proto import event_pb2
 from tqdm.auto import tqdm
 
 from displacement_jax import rundir
@@ -67,6 +75,8 @@ class MetricsWriter:
     self.enabled = enabled
     self.path = os.path.join(output_dir, METRICS_FILE)
     self._tb = None
+    self.tensorboard_dir = os.path.join(output_dir, TENSORBOARD_DIR)
+    self._failed = False
     if not enabled:
       return
     os.makedirs(output_dir, exist_ok=True)
@@ -81,9 +91,11 @@ class MetricsWriter:
       os.remove(self.path)
     self._file = open(self.path, "a")
     if tensorboard:
-      import tensorboardX  # pylint: disable=g-import-not-at-top
-
-      self._tb = tensorboardX.SummaryWriter(os.path.join(output_dir, TENSORBOARD_DIR))
+      os.makedirs(self.tensorboard_dir, exist_ok=True)
+      try:
+        self._tb = event_file_writer.EventsWriter(os.path.join(self.tensorboard_dir, "events"))  # synchronous
+      except OSError as e:
+        raise OSError(e.errno, e.strerror, self.tensorboard_dir) from e
 
   def write(self, step: int, metrics: Mapping[str, Any]) -> dict[str, Any]:
     """Write one row {'step': step, **metrics}; return the JSON-ready row."""
@@ -94,20 +106,32 @@ class MetricsWriter:
       self._file.write(json.dumps(row) + "\n")
       self._file.flush()
     except OSError as e:  # e.g. a full disk: name the file
+      self._failed = True
       raise OSError(e.errno, e.strerror, self.path) from e
     if self._tb is not None:
-      for key, value in row.items():
-        if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
-          self._tb.add_scalar(key, value, int(step))
+      scalars = [
+          (k, v) for k, v in row.items() if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)
+      ]
+      try:
+        for key, value in scalars:
+          summary = tb_summary.scalar(key, value)
+          self._tb.write_event(event_pb2.Event(wall_time=time.time(), step=int(step), summary=summary))
+        self._tb.flush()
+      except OSError as e:
+        self._failed = True
+        raise OSError(e.errno, e.strerror, self.tensorboard_dir) from e
     return row
 
   def close(self) -> None:
     if not self.enabled:
       return
-    self._file.close()
-    if self._tb is not None:
-      self._tb.flush()
-      self._tb.close()
+    for sink, name in ((self._file, self.path), (self._tb, self.tensorboard_dir)):
+      try:
+        if sink is not None:
+          sink.close()  # every row is flushed already, unless a write failed
+      except OSError as e:
+        if not self._failed:  # else the rows' error, raised by `write`, is the one to report
+          raise OSError(e.errno, e.strerror, name) from e
 
   def __enter__(self) -> "MetricsWriter":
     return self
