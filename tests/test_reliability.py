@@ -264,7 +264,7 @@ writer.close()
 
 def test_full_tensorboard_disk_raises_in_the_writing_thread(tmp_path):
   """Only tensorboard/ is full (a tmpfs mounted there): the row that cannot be written raises OSError naming
-  the directory. (tensorboardX's SummaryWriter wrote from its own thread; that thread died of ENOSPC and the
+  the events file. (tensorboardX's SummaryWriter wrote from its own thread; that thread died of ENOSPC and the
   next rows waited forever on its full queue: the run hung instead of stopping. This test then timed out.)"""
   out = tmp_path / "run"
   (out / "tensorboard").mkdir(parents=True)
@@ -278,7 +278,8 @@ def test_full_tensorboard_disk_raises_in_the_writing_thread(tmp_path):
   proc = subprocess.run(["unshare", "-m", "sh", "-c", script], capture_output=True, text=True, env=_env(), timeout=60)
   assert proc.returncode == 0, proc.stderr[-3000:]
   match = re.fullmatch(
-      rf"row (\d+): \[Errno 28\] No space left on device: '{re.escape(str(out))}/tensorboard'\n", proc.stdout
+      rf"row (\d+): \[Errno 28\] No space left on device: '{re.escape(str(out))}/tensorboard/events\.out\.tfevents\.\S+'\n",
+      proc.stdout,
   )
   assert match, proc.stdout + proc.stderr[-3000:]
   assert [r["step"] for r in metrics_lib.read_metrics(str(out))] == list(range(int(match[1]) + 1))

@@ -3,9 +3,8 @@
 Only process 0 writes. Values are converted to plain Python floats/ints/lists; non-finite floats are
 written as the strings "nan" / "inf" / "-inf" so every line stays valid JSON.
 
-Both files are written and flushed in the caller's thread, row by row: a failed write (a full disk) raises at
-once, naming the file. (tensorboardX's SummaryWriter writes from a thread of its own; when that thread died of a
-full disk, the next rows waited forever on its full queue, and so did the training run.)
+Both files are written and flushed in the caller's thread, row by row (train.tb_events): a failed write (a full
+disk) raises at once, naming the file.
 """
 
 from __future__ import annotations
@@ -15,17 +14,14 @@ import logging
 import math
 import os
 import sys
-import time
 from typing import Any, Callable, Iterable, Mapping
 
 import jax
 import numpy as np
-from tensorboardX import event_file_writer
-from tensorboardX import summary as tb_summary
-from tensorboardX.proto import event_pb2
 from tqdm.auto import tqdm
 
 from displacement_jax import rundir
+from displacement_jax.train import tb_events
 
 TENSORBOARD_DIR = "tensorboard"  # TensorBoard events, under output_dir
 
@@ -91,9 +87,8 @@ class MetricsWriter:
       os.remove(self.path)
     self._file = open(self.path, "a")
     if tensorboard:
-      os.makedirs(self.tensorboard_dir, exist_ok=True)
       try:
-        self._tb = event_file_writer.EventsWriter(os.path.join(self.tensorboard_dir, "events"))  # synchronous
+        self._tb = tb_events.ScalarEvents(self.tensorboard_dir)
       except OSError as e:
         raise OSError(e.errno, e.strerror, self.tensorboard_dir) from e
 
@@ -113,19 +108,16 @@ class MetricsWriter:
           (k, v) for k, v in row.items() if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)
       ]
       try:
-        for key, value in scalars:
-          summary = tb_summary.scalar(key, value)
-          self._tb.write_event(event_pb2.Event(wall_time=time.time(), step=int(step), summary=summary))
-        self._tb.flush()
+        self._tb.write(int(step), scalars)
       except OSError as e:
         self._failed = True
-        raise OSError(e.errno, e.strerror, self.tensorboard_dir) from e
+        raise OSError(e.errno, e.strerror, self._tb.path) from e
     return row
 
   def close(self) -> None:
     if not self.enabled:
       return
-    for sink, name in ((self._file, self.path), (self._tb, self.tensorboard_dir)):
+    for sink, name in ((self._file, self.path), (self._tb, self._tb and self._tb.path)):
       try:
         if sink is not None:
           sink.close()  # every row is flushed already, unless a write failed
