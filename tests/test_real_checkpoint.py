@@ -138,24 +138,19 @@ def test_bf16_argmax_agreement_reported(real):
   assert agree >= 0.8
 
 
-@pytest.fixture(scope="module")
-def greedy(real):
-  """48 greedy tokens for the first 4 prompts, ours and HF's (left padding, EOS stop)."""
+def greedy_ours_and_hf(real, prompts, new_tokens):
+  """`new_tokens` greedy tokens for `prompts`, ours and HF's (left padding, EOS stop): two lists of id arrays."""
   eos, pad = real["tok"].eos_token_id, real["tok"].pad_token_id
   ours = gen.generate(
-      real["model"],
-      real["params"],
-      [list(p) for p in real["prompts"][:4]],
-      max_new_tokens=NEW_TOKENS,
-      eos_token_id=eos,
+      real["model"], real["params"], [list(p) for p in prompts], max_new_tokens=new_tokens, eos_token_id=eos,
       pad_token_id=pad,
-  )
-  ids, mask = _padded(real["prompts"][:4], pad, "left")
+  )  # fmt: skip
+  ids, mask = _padded(prompts, pad, "left")
   with torch.no_grad():
     out = real["hf"].generate(
         input_ids=torch.from_numpy(ids).long(),
         attention_mask=torch.from_numpy(mask.astype(np.int64)),
-        max_new_tokens=NEW_TOKENS,
+        max_new_tokens=new_tokens,
         do_sample=False,
         eos_token_id=eos,
         pad_token_id=pad,
@@ -165,6 +160,12 @@ def greedy(real):
     stop = np.nonzero(row == eos)[0]
     theirs.append(row[: stop[0] + 1] if stop.size else row)
   return [np.asarray(o) for o in ours], theirs
+
+
+@pytest.fixture(scope="module")
+def greedy(real):
+  """48 greedy tokens for the first 4 prompts, ours and HF's."""
+  return greedy_ours_and_hf(real, real["prompts"][:4], NEW_TOKENS)
 
 
 def test_greedy_generation_token_identical(greedy, real):

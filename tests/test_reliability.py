@@ -240,6 +240,51 @@ def test_full_disk_during_a_checkpoint_stops_at_once_in_one_line(tmp_path, data_
   assert "monitor step 6" not in proc.stdout  # stopped at once, not at the end
 
 
+_TB_FULL = """
+import os, sys
+from displacement_jax.train import metrics
+out = sys.argv[1]
+writer = metrics.MetricsWriter(out)
+try:  # fill the tensorboard/ disk
+  with open(os.path.join(out, "tensorboard", "filler"), "wb") as f:
+    while True:
+      f.write(b"x" * 4096)
+      f.flush()
+except OSError:
+  pass
+for step in range(100000):
+  try:
+    writer.write(step, {f"m{i}": float(i) for i in range(20)})
+  except OSError as e:
+    print(f"row {step}: {e}")
+    break
+writer.close()
+"""
+
+
+def test_full_tensorboard_disk_raises_in_the_writing_thread(tmp_path):
+  """Only tensorboard/ is full (a tmpfs mounted there): the row that cannot be written raises OSError naming
+  the events file. (tensorboardX's SummaryWriter wrote from its own thread; that thread died of ENOSPC and the
+  next rows waited forever on its full queue: the run hung instead of stopping. This test then timed out.)"""
+  out = tmp_path / "run"
+  (out / "tensorboard").mkdir(parents=True)
+  if shutil.which("unshare") is None:
+    pytest.skip("no unshare(1) to mount a private tmpfs")
+  ok, why = _can_mount_tmpfs(out / "tensorboard")
+  if not ok:
+    print(f"skipped: mounting a tmpfs is not permitted here ({why})")
+    pytest.skip(f"mounting a tmpfs is not permitted here: {why}")
+  script = f"mount -t tmpfs -o size=64k tmpfs {out}/tensorboard && exec {sys.executable} -c '{_TB_FULL}' {out}"
+  proc = subprocess.run(["unshare", "-m", "sh", "-c", script], capture_output=True, text=True, env=_env(), timeout=60)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  match = re.fullmatch(
+      rf"row (\d+): \[Errno 28\] No space left on device: '{re.escape(str(out))}/tensorboard/events\.out\.tfevents\.\S+'\n",
+      proc.stdout,
+  )
+  assert match, proc.stdout + proc.stderr[-3000:]
+  assert [r["step"] for r in metrics_lib.read_metrics(str(out))] == list(range(int(match[1]) + 1))
+
+
 # ------------------------------------------------------------------------------------------ one run per directory
 
 

@@ -10,6 +10,7 @@ import io
 import json
 import math
 import os
+import struct
 import subprocess
 import sys
 
@@ -127,6 +128,25 @@ def resumed(tmp_path_factory, data_path):
   return first, second, log.getvalue()
 
 
+def _tensorboard_scalars(path):
+  """(step, tag, value) of every scalar in a TensorBoard events file, each record's CRCs checked (TFRecord
+  framing and the Event proto, as tensorboardX defines them)."""
+  from tensorboardX.proto import event_pb2
+  from tensorboardX.record_writer import masked_crc32c
+
+  data, out, at = open(path, "rb").read(), [], 0
+  while at < len(data):
+    header = data[at : at + 8]
+    (n,) = struct.unpack("Q", header)
+    assert struct.unpack("I", data[at + 8 : at + 12])[0] == masked_crc32c(header)
+    record = data[at + 12 : at + 12 + n]
+    assert struct.unpack("I", data[at + 12 + n : at + 16 + n])[0] == masked_crc32c(record)
+    event = event_pb2.Event.FromString(record)
+    out += [(event.step, v.tag, v.simple_value) for v in event.summary.value]
+    at += 16 + n
+  return out
+
+
 def test_metrics_written_and_loss_decreases(full_run):
   rows = metrics_lib.read_metrics(full_run.output_dir)
   steps = [r for r in rows if "loss" in r and r["step"] > 0]
@@ -156,7 +176,10 @@ def test_metrics_written_and_loss_decreases(full_run):
   # The monitor's Definition-1 share recomputed from its own mean change is consistent with the result.
   assert 0.0 <= evals[-1]["monitor/share_preferred_fell"] <= 1.0
   assert full_run.step == STEPS and full_run.losses[0] == pytest.approx(math.log(2), abs=1e-6)
-  assert glob.glob(os.path.join(full_run.output_dir, "tensorboard", "events.out.tfevents.*"))
+  (events,) = glob.glob(os.path.join(full_run.output_dir, "tensorboard", "events.out.tfevents.*"))
+  scalars = lambda row: {k: v for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+  want = [(r["step"], k, pytest.approx(v)) for r in rows for k, v in scalars(r).items() if k != "step"]
+  assert _tensorboard_scalars(events) == want
   ckpt_steps = sorted(int(d) for d in os.listdir(os.path.join(full_run.output_dir, "checkpoints")) if d.isdigit())
   assert ckpt_steps == [4, 6]  # every 2 steps, keep 2
 

@@ -2,6 +2,9 @@
 
 Only process 0 writes. Values are converted to plain Python floats/ints/lists; non-finite floats are
 written as the strings "nan" / "inf" / "-inf" so every line stays valid JSON.
+
+Both files are written and flushed in the caller's thread, row by row (train.tb_events): a failed write (a full
+disk) raises at once, naming the file.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from displacement_jax import rundir
+from displacement_jax.train import tb_events
 
 TENSORBOARD_DIR = "tensorboard"  # TensorBoard events, under output_dir
 
@@ -67,6 +71,8 @@ class MetricsWriter:
     self.enabled = enabled
     self.path = os.path.join(output_dir, METRICS_FILE)
     self._tb = None
+    self.tensorboard_dir = os.path.join(output_dir, TENSORBOARD_DIR)
+    self._failed = False
     if not enabled:
       return
     os.makedirs(output_dir, exist_ok=True)
@@ -81,9 +87,10 @@ class MetricsWriter:
       os.remove(self.path)
     self._file = open(self.path, "a")
     if tensorboard:
-      import tensorboardX  # pylint: disable=g-import-not-at-top
-
-      self._tb = tensorboardX.SummaryWriter(os.path.join(output_dir, TENSORBOARD_DIR))
+      try:
+        self._tb = tb_events.ScalarEvents(self.tensorboard_dir)
+      except OSError as e:
+        raise OSError(e.errno, e.strerror, self.tensorboard_dir) from e
 
   def write(self, step: int, metrics: Mapping[str, Any]) -> dict[str, Any]:
     """Write one row {'step': step, **metrics}; return the JSON-ready row."""
@@ -94,20 +101,29 @@ class MetricsWriter:
       self._file.write(json.dumps(row) + "\n")
       self._file.flush()
     except OSError as e:  # e.g. a full disk: name the file
+      self._failed = True
       raise OSError(e.errno, e.strerror, self.path) from e
     if self._tb is not None:
-      for key, value in row.items():
-        if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
-          self._tb.add_scalar(key, value, int(step))
+      scalars = [
+          (k, v) for k, v in row.items() if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)
+      ]
+      try:
+        self._tb.write(int(step), scalars)
+      except OSError as e:
+        self._failed = True
+        raise OSError(e.errno, e.strerror, self._tb.path) from e
     return row
 
   def close(self) -> None:
     if not self.enabled:
       return
-    self._file.close()
-    if self._tb is not None:
-      self._tb.flush()
-      self._tb.close()
+    for sink, name in ((self._file, self.path), (self._tb, self._tb and self._tb.path)):
+      try:
+        if sink is not None:
+          sink.close()  # every row is flushed already, unless a write failed
+      except OSError as e:
+        if not self._failed:  # else the rows' error, raised by `write`, is the one to report
+          raise OSError(e.errno, e.strerror, name) from e
 
   def __enter__(self) -> "MetricsWriter":
     return self
