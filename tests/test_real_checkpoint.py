@@ -36,7 +36,7 @@ PROMPTS = (
     "Is it ever acceptable to lie to protect a friend?",
     "List two prime numbers greater than 50.",
 )
-NEW_TOKENS = 48
+NEW_TOKENS = 24  # greedy and sampled tokens per prompt: enough for the identity check and real pairs
 
 
 @pytest.fixture(scope="module")
@@ -164,7 +164,7 @@ def greedy_ours_and_hf(real, prompts, new_tokens):
 
 @pytest.fixture(scope="module")
 def greedy(real):
-  """48 greedy tokens for the first 4 prompts, ours and HF's."""
+  """NEW_TOKENS greedy tokens for the first 4 prompts, ours and HF's."""
   return greedy_ours_and_hf(real, real["prompts"][:4], NEW_TOKENS)
 
 
