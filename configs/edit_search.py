@@ -22,7 +22,8 @@ each topic; y+ is the response that states the answer when exactly one does, els
 pairs into right_over_wrong, both_right, both_wrong: two responses of the same kind); RMSprop and AdamW at lr 1e-6 and
 5e-6, three epochs, max_length 128.
 Every run's row names the top gainers: at the y+ token that fell most, the token that gained most (search.gainers).
-The model is an arg (`model=/path/to/hf_dir`); the chat template formats every pair.
+The model is an arg (`model=/path/to/hf_dir`, `model=gemma3-270m`); the chat template formats every pair (a model without
+one: the paper's <|prompter|>...<|assistant|> format, data.format 'auto').
 """
 
 from __future__ import annotations
@@ -43,7 +44,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.main = "edit_search"
   config.output_dir = f"runs/edit_search_{arg.grid}" + ("_tiny" if arg.tiny else "")
   config.model.path = arg.model
-  config.data.format = "chat_template"
+  # the default model's chat template; another model's format follows its tokenizer (a base model such as
+  # model=gemma3-270m: the paper's <|prompter|>...<|assistant|>, its markers added as tokens), as configs/demo.py
+  config.data.format = "chat_template" if arg.model == DEFAULT_MODEL else "auto"
   config.data.max_length = 64
   config.logprob_chunk_size = 64
   config.batch_size = 8

