@@ -146,7 +146,7 @@ def predict(config: ml_collections.ConfigDict, examples: list[Any], loaded: Any)
   gram = st.network_gram(model, params, base, [y_pos, y_neg], adapters)  # the chosen pair only: 2 gradients, not C
   network_rate = float(st.network_rates(gram, lp)[0, 1])
   _log(
-      f"[demo] for comparison, the network ({_trained(loaded)}; general identity, autodiff): "
+      f"[demo] for comparison, {_network(loaded)} general identity, autodiff): "
       f"d/dt ln pi({name[y_pos]}) = {network_rate:+.4g} under DPO gradient flow at the start"
   )
   rundir.write_npz(
@@ -168,6 +168,13 @@ def predict(config: ml_collections.ConfigDict, examples: list[Any], loaded: Any)
   )
 
 
+def _network(loaded: Any) -> str:
+  """The network rate's subject: 'the full network (all parameters,' or the LoRA adapters it is taken over."""
+  if loaded.lora is None:
+    return "the full network (all parameters,"
+  return f"the network ({_trained(loaded)};"
+
+
 def _trained(loaded: Any) -> str:
   """What the DPO phase trains: all parameters, or the LoRA adapters (config.model.lora)."""
   if loaded.lora is None:
@@ -180,7 +187,7 @@ def train_dpo(config: ml_collections.ConfigDict, loaded: Any, pick: Pick) -> tup
   (logp_SV, loss_S), also saved to trajectory.npz."""
   _log(
       f"[demo] DPO: {config.dpo.num_steps} steps, full batch (one prompt), RMSprop lr {config.dpo.lr:g}, "
-      f"beta {config.dpo.beta:g}, training {_trained(loaded)}"
+      f"beta {config.dpo.beta:g}" + ("" if loaded.lora is None else f", training {_trained(loaded)}")
   )
   batch = st.dpo_batch(pick.base, pick.y_pos, pick.y_neg)
   adapters = st.start_adapters(loaded, int(config.seed))
