@@ -146,7 +146,7 @@ def predict(config: ml_collections.ConfigDict, examples: list[Any], loaded: Any)
   gram = st.network_gram(model, params, base, [y_pos, y_neg], adapters)  # the chosen pair only: 2 gradients, not C
   network_rate = float(st.network_rates(gram, lp)[0, 1])
   _log(
-      f"[demo] for comparison, {_network(loaded)} general identity, autodiff): "
+      f"[demo] for comparison, {_network(loaded)}: "
       f"d/dt ln pi({name[y_pos]}) = {network_rate:+.4g} under DPO gradient flow at the start"
   )
   rundir.write_npz(
@@ -169,10 +169,10 @@ def predict(config: ml_collections.ConfigDict, examples: list[Any], loaded: Any)
 
 
 def _network(loaded: Any) -> str:
-  """The network rate's subject: 'the full network (all parameters,' or the LoRA adapters it is taken over."""
+  """The network rate's subject: the full network, or the LoRA adapters it is taken over."""
   if loaded.lora is None:
-    return "the full network (all parameters,"
-  return f"the network ({_trained(loaded)};"
+    return "the full network (all parameters, general identity, autodiff)"
+  return f"the network ({_trained(loaded)}; general identity, autodiff)"
 
 
 def _trained(loaded: Any) -> str:
