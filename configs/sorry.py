@@ -3,6 +3,7 @@
     python -m displacement_jax.train --config=configs/sorry.py:model=llama3_8b_instruct,variant=all
     python -m displacement_jax.train --config=configs/sorry.py:model=gemma2b_it,variant=filtered
     python -m displacement_jax.train --config=configs/sorry.py:model=smollm2        # in miniature, offline, CPU
+    python -m displacement_jax.train --config=configs/sorry.py:model=smollm2,refusing   # from a refusing model
     python -m displacement_jax.train --config=configs/sorry.py:tiny                     # offline, seconds
     python -m displacement_jax.train --config=configs/sorry.py:model=smollm2,tiny   # the miniature's tiny twin
     python -m displacement_jax.report sorry runs/sorry_llama3_8b_instruct
@@ -21,6 +22,12 @@ phrase rule as judge (`judge.REFUSAL_PHRASES`; no judge model), ties broken by s
 download), RMSprop lr 1e-6 (where DPO displaces this model, docs/results.md), batch 8, 2 epochs; `filtered`
 keeps the lowest 5% by LN-CHES (2 of ~48 train pairs). No `gold`: there are no human-judged pairs of these
 prompts beyond the hand-checked sample of the phrase rule.
+
+refusing (model=smollm2): the packaged model complies with almost every request, so no pair holds two refusals
+(the case Section 6 is about). `refusing` first makes a refusing model: 3 epochs of cross-entropy (RMSprop lr 1e-5,
+batch 8) on the 56 requests, each answered by one of the project's 10 refusal texts
+(`sorry_bench/refusal_sft.py`), exported to <output_dir>/refusal_sft/hf; the pipeline then runs from that model
+(its policy and its reference). Output in runs/sorry_smollm2_refusing.
 """
 
 from __future__ import annotations
@@ -38,7 +45,7 @@ MILD_REQUEST_LABELS = os.path.join(common.ROOT, "displacement_jax", "assets", "m
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  arg = common.parse_arg(arg, model="gemma2b_it", variant="", tiny=False)
+  arg = common.parse_arg(arg, model="gemma2b_it", variant="", tiny=False, refusing=False)
   model = common.choose("sorry", "model", arg.model, constants.MODEL_IDS)
   variant = common.choose(
       "sorry",
@@ -48,7 +55,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   )
   config = base.get_base_config()
   config.main = "sorry_bench"
-  config.output_dir = f"runs/sorry_{model}" + ("_tiny" if arg.tiny else "")
+  config.output_dir = f"runs/sorry_{model}" + ("_refusing" if arg.refusing else "") + ("_tiny" if arg.tiny else "")
   config.model.path = constants.MODEL_IDS[model]
   config.data.path = ""  # set by the pipeline (its generated preference pairs)
   config.data.format = "chat_template"
@@ -75,6 +82,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.sorry.sft_coeff = 1.0  # dpo_sft: loss += sft_coeff * (-mean preferred log-prob)
   config.sorry.gold_lr = 1e-6
   config.sorry.filter_k = 19  # filtered: the k pairs with the lowest LN-CHES
+  config.sorry.refusal_sft = ml_collections.ConfigDict()  # a refusing start first (sorry_bench/refusal_sft.py)
+  config.sorry.refusal_sft.epochs = 0  # 0: none (the instruct model as it is); `refusing` in the arg sets 3
+  config.sorry.refusal_sft.lr = 1e-5
+  config.sorry.refusal_sft.batch_size = 8
+  if arg.refusing:
+    config.sorry.refusal_sft.epochs = 3
   if model == "smollm2":
     if variant == "all":
       config.sorry.variants = ("dpo", "dpo_sft", "filtered")
@@ -102,6 +115,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.sorry.judge_max_length = 256
     config.sorry.judge_mode = "logits"  # a random tiny judge rarely writes a parsable score
   if arg.tiny:
+    config.sorry.refusal_sft.lr = 1e-3
+    config.sorry.refusal_sft.epochs = min(int(config.sorry.refusal_sft.epochs), 1)
     config.sorry.tie_breaker = "random"
     config.sorry.max_new_tokens = 6
     config.sorry.gen_batch_size = 8

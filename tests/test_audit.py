@@ -217,6 +217,11 @@ def test_cli_writes_one_row_per_pair_and_flags_what_theta0_plus_d_says(tmp_path,
   rc = audit_main.main(["audit", f"--config={config_path}", f"--config.output_dir={tmp_path}", *bad])
   err = capsys.readouterr().err.strip().splitlines()
   assert rc in (1, 2) and len(err) == 1 and "audit.filter.measure" in err[0]
+  rc = audit_main.main(
+      ["audit", f"--config={config_path}", f"--config.output_dir={tmp_path}", *flags[:1], "--config.model.lora.rank=4"]
+  )
+  err = capsys.readouterr().err.strip().splitlines()  # a LoRA run is refused, never audited as a full-parameter one
+  assert rc == 2 and len(err) == 1 and "LoRA" in err[0]
 
 
 # --- the decomposition (audit/decompose.py) and its projections (audit/sketch.py) ---------------------------------
@@ -309,6 +314,44 @@ def test_chunked_per_pair_gradients_equal_autodiff_per_pair(session):
       np.testing.assert_allclose(got[i, side], grads[side], atol=2e-5 * scale)
     np.testing.assert_allclose(got[i, 2], w * (dloss[i, 0] * grads[0] + dloss[i, 1] * grads[1]), atol=4e-5 * scale)
   assert got.shape == (4, 3, sketch.size(leaves)) and not np.any(got[3])
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_truncated_backward_gives_the_whole_gradient_on_the_subspace(session, tied):
+  """With subspace 'head_and_last_layers' the per-pair gradients come from a model cut below the last layer
+  (audit/truncated.py: the bottom layers' weights get no gradient, the top is fed their residual stream): they equal
+  `sketch.select` of the whole model's gradient (jax.jacrev of the uncut dense reference path), with the head tied
+  to the embedding (its gradient has the lookup's part too) and untied (a separate LM head)."""
+  from displacement_jax.audit import decompose, sketch, truncated  # pylint: disable=g-import-not-at-top
+  from displacement_jax.models import transformer  # pylint: disable=g-import-not-at-top
+  import ml_collections  # pylint: disable=g-import-not-at-top
+
+  s, dataset = session
+  model, params = s.loaded.model, s.params0
+  if model.config.tie_word_embeddings != tied:  # the same network with the head (un)tied
+    model = transformer.Transformer(model.config.replace(tie_word_embeddings=tied))
+    params = {k: v for k, v in params.items() if k != "lm_head"}
+    if not tied:
+      head = jax.random.normal(jax.random.key(4), params["embed_tokens"]["embedding"].T.shape) * 0.05
+      params["lm_head"] = {"kernel": head}
+  assert model.config.tie_word_embeddings == tied and truncated.applies(model.config, "head_and_last_layers", 1)
+  pairs = dataset.pairs[:2]
+  shape = packing.packed_lengths(s._host_collate(pairs, dataset.pad_id, 2))
+  rows = s._collate_rows(pairs, dataset.pad_id, 2, shape)
+  dloss = jnp.asarray([[-0.3, 0.2], [-0.5, 0.4]])
+  settings = decompose.settings(
+      ml_collections.ConfigDict({"audit": {"sketch": "none", "subspace": "head_and_last_layers", "last_layers": 1}})
+  )
+  got = np.asarray(decompose.make_chunk_sketches(model, 16, settings)(params, rows, dloss, 1.0, None))
+  batch = s._collate(pairs, dataset.pad_id, 2, packed=True)
+  jac = jax.jacrev(lambda p: audit.dense_pair_logps(audit.reference_model(model), p, batch))(params)
+  for i in range(2):
+    for side in range(2):
+      want = sketch.project(
+          sketch.select(jax.tree.map(lambda x: x[side, i], jac), "head_and_last_layers", 1), "none", 0
+      )
+      want = np.asarray(want)
+      np.testing.assert_allclose(got[i, side], want, atol=2e-5 * np.abs(want).max())
 
 
 def test_restricted_direction_gives_the_subspace_inner_product(session):

@@ -9,7 +9,7 @@ import pytest
 
 from displacement_jax import report, runtime
 from displacement_jax.data import schema
-from displacement_jax.experiments.sorry_bench import generation, judge, labels, pipeline, refusal
+from displacement_jax.experiments.sorry_bench import generation, judge, labels, pipeline, refusal, refusal_sft
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -127,9 +127,10 @@ def _canned_sample_fn(tokenizer):
 
 @pytest.fixture(scope="module")
 def miniature(tmp_path_factory):
-  config = sorry.get_config("model=smollm2,tiny")
+  config = sorry.get_config("model=smollm2,tiny,refusing")  # a refusal SFT first, then the pipeline from its export
   config.output_dir = str(tmp_path_factory.mktemp("sorry_smollm2"))
   assert tuple(config.sorry.variants) == ("dpo", "dpo_sft", "filtered")  # the miniature's methods
+  assert int(config.sorry.refusal_sft.epochs) == 1 and sorry.get_config("model=smollm2").sorry.refusal_sft.epochs == 0
   config.sorry.num_prompts = 8
   config.sorry.variants = ("dpo", "filtered")  # dpo_sft differs only in loss.sft_coeff (tested above): saves a compile
   tokenizer = runtime.load_tokenizer(config)
@@ -160,6 +161,24 @@ def test_miniature_phrase_judge_and_pair_kinds(miniature):
   starts = {v["train_logps"]["all"]["chosen_start_mean"] for v in result["variants"].values()}
   assert len(starts) == 1
   assert result["variants"]["dpo"]["train_logps"]["all"]["margin_change_mean"] != 0.0
+
+
+def test_miniature_starts_from_the_refusal_sft_export(miniature):
+  """`refusing`: cross-entropy on (request, refusal) rows, exported in HF format, and every later stage (sampling,
+  reference, the methods' training) starts from that export; the result says so."""
+  config, result = miniature
+  sft_dir = os.path.join(config.output_dir, "refusal_sft")
+  rows = _jsonl(os.path.join(sft_dir, "data.jsonl"))
+  assert len(rows) == 8 and all(r["chosen"] in refusal_sft.REFUSALS and r["rejected"] != r["chosen"] for r in rows)
+  assert os.path.isfile(os.path.join(sft_dir, "hf", "config.json"))
+  assert result["refusal_sft"]["epochs"] == 1 and result["model"] == "llama"
+  assert result["refusal_sft"]["hf_dir"] == os.path.join(sft_dir, "hf")  # the model every later stage loaded
+
+
+def test_refusal_texts_are_refusals_by_the_phrase_rule():
+  assert all(judge.phrase_score(t)[0] == 0 for t in refusal_sft.REFUSALS) and len(set(refusal_sft.REFUSALS)) == 10
+  rows = refusal_sft.sft_rows(["a", "b", "c"], seed=3)
+  assert rows == refusal_sft.sft_rows(["a", "b", "c"], seed=3) and [r["prompt"] for r in rows] == ["a", "b", "c"]
 
 
 def test_phrase_rule_against_hand_labels():

@@ -31,7 +31,8 @@ inside the call, count-sketch's hash drawn once per run), and S(W_j * g_j) = sum
 (gamma_s / B) S(M_s * g_j) is accumulated (experiments/short_runs.Session._pair_sketches; `pair_weight` writes
 W_j out): as many per-pair backwards as the run has pair gradients (one epoch: one per pair, for y+ and for
 y-), batched as training batches them. Only one chunk's per-pair gradients exist at a time (P x 3 x |subspace|
-float32, and through the scanned decoder the whole tree's gradient per pair and side).
+float32). On 'head_and_last_layers' the backward stops below the subspace (audit/truncated.py: the layers under it
+run forward with fixed weights, so their weight gradients are never formed); on 'all' it is the whole model's.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ import optax
 from displacement_jax import forward, gradients
 from displacement_jax.data import packing
 from displacement_jax.train import step as step_lib
-from displacement_jax.audit import sketch
+from displacement_jax.audit import sketch, truncated
 
 DEFAULTS = {  # config.audit (configs/base.py)
     "decompose": True,
@@ -178,21 +179,26 @@ def make_chunk_sketches(model: Any, chunk_size: int, s: Settings) -> Callable:
   `loss_derivatives`), W a subspace dict or a scalar (shared by the rows), `bits` count-sketch's draw
   (`sketch.count_sketch_bits` of the subspace; None for the other projections). Vectorised over the rows (jax.vmap
   of the per-pair vjp): one forward and one backward per side for the whole chunk, the projection inside the
-  call, so the per-pair gradients exist only for this chunk (about P x 3 x |subspace| float32, plus the whole
-  tree's gradient per pair and side for the scanned layers) and never for the dataset. Filler rows (no loss
-  position) give zeros."""
+  call, so the per-pair gradients exist only for this chunk (about P x 3 x |subspace| float32) and never for the
+  dataset; on 'head_and_last_layers' through `truncated.stacked` (no weight gradient below the subspace). Filler
+  rows (no loss position) give zeros."""
 
   def one(params0, row, dloss_2, weight, bits):
     batch = {key: x[None] for key, x in row.items()}
     if packing.is_packed(batch):  # the row's pair is pair 0 of its one-row batch
       batch["response_pair_BR"] = jnp.where(batch["response_pair_BR"] >= 0, 0, -1)
 
+    net, wrt = model, params0
+    if truncated.applies(model.config, s.subspace, s.last_layers):  # the backward stops below the subspace
+      net, wrt = truncated.stacked(model, params0, s.last_layers)
+
     def logps(p):
-      out = forward.pair_logps(model, p, batch, chunk_size)
+      out = forward.pair_logps(net, p, batch, chunk_size)
       return jnp.stack([out["chosen_logps_B"][0], out["rejected_logps_B"][0]])
 
-    _, vjp = jax.vjp(logps, params0)
-    a, b = (sketch.select(vjp(jnp.eye(2, dtype=jnp.float32)[side])[0], s.subspace, s.last_layers) for side in range(2))
+    _, vjp = jax.vjp(logps, wrt)
+    both = jax.vmap(lambda ct: vjp(ct)[0])(jnp.eye(2, dtype=jnp.float32))  # the two sides' backwards, batched
+    a, b = (sketch.select(jax.tree.map(lambda x: x[side], both), s.subspace, s.last_layers) for side in range(2))
     scale = lambda k: weight[k] if isinstance(weight, dict) else weight
     stacked = {k: jnp.stack([a[k], b[k], scale(k) * (dloss_2[0] * a[k] + dloss_2[1] * b[k])]) for k in a}
     return sketch.project_rows(stacked, s.sketch, s.sketch_dim, s.sketch_seed, bits)

@@ -42,7 +42,9 @@ from displacement_jax.config import flags as cli
 from displacement_jax.score import filtering
 from displacement_jax.score import outputs as score_outputs
 from displacement_jax.data import schema
+from displacement_jax.errors import UsageError
 from displacement_jax.experiments import short_runs
+from displacement_jax.train import lora as lora_train
 
 ROWS_FILE, SUMMARY_FILE = "audit.jsonl", "audit_summary.json"
 TOP_K = 10
@@ -215,6 +217,11 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
   config_checks.check_train(config)
   if int(config.num_steps) > 0:
     raise ValueError("config.num_steps > 0: the audit replays whole epochs; set num_epochs instead (num_steps=0)")
+  if lora_train.enabled(config):  # it would replay a full-parameter run: another run than the one configured
+    raise UsageError(
+        "the audit replays full-parameter runs only; config.model.lora asks for LoRA "
+        "(set --config.model.lora.rank=0 and --config.model.lora.path='' to audit the full-parameter run)"
+    )
   filter_cfg = filter_config(config)
   os.makedirs(config.output_dir, exist_ok=True)
   session = short_runs.Session(config)

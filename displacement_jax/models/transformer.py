@@ -34,6 +34,7 @@ class TransformerOutput(NamedTuple):
   hidden_BTD: Array | None = None  # after the final norm (the LM-head input)
   all_hidden: tuple[Array, ...] | None = None  # num_layers + 1 arrays, HF convention
   cache: Cache | None = None
+  residual_BTD: Array | None = None  # the residual stream after the last layer, before the final norm
 
 
 def _dtype(name: str) -> jnp.dtype:
@@ -500,7 +501,12 @@ class Transformer(nn.Module):
       return_logits: bool = True,
       return_hidden: bool = False,
       return_all_hidden: bool = False,
+      residual_BTD: Array | None = None,
+      return_residual: bool = False,
   ) -> TransformerOutput:
+    """`residual_BTD`: the residual stream entering the first layer, used instead of the (scaled) embedding of
+    `input_ids_BT` (which still give the shapes; audit/truncated.py feeds a model of the last layers this way).
+    `return_residual`: also return the stream after the last layer, before the final norm."""
     c = self.config
     _check_inputs(input_ids_BT, attention_mask_BT, positions_BT, cache, c)
     if branch_BT is not None and (cache is not None or positions_BT is None):
@@ -524,12 +530,17 @@ class Transformer(nn.Module):
         embedding_init=nn.initializers.normal(0.02),
         name="embed_tokens",
     )
-    x_BTD = embed(input_ids_BT).astype(dtype)
-    if c.freeze_pad_embedding and c.pad_token_id is not None:  # HF's padding_idx: no lookup gradient for the pad row
-      x_BTD = jnp.where((input_ids_BT == c.pad_token_id)[..., None], jax.lax.stop_gradient(x_BTD), x_BTD)
-    if c.embed_scale:  # Gemma: sqrt(d) rounded to the compute dtype; Gemma-3: to the embedding's dtype (as HF)
-      scale_dtype = _dtype(c.param_dtype) if c.model_type == "gemma3_text" else dtype
-      x_BTD = x_BTD * jnp.asarray(c.hidden_size**0.5, scale_dtype).astype(dtype)
+    if residual_BTD is not None:
+      if tuple(residual_BTD.shape) != (*np.shape(input_ids_BT), c.hidden_size):
+        raise ValueError(f"residual_BTD shape {tuple(residual_BTD.shape)} must be input_ids_BT's + ({c.hidden_size},)")
+      x_BTD = residual_BTD.astype(dtype)
+    else:
+      x_BTD = embed(input_ids_BT).astype(dtype)
+      if c.freeze_pad_embedding and c.pad_token_id is not None:  # HF's padding_idx: no lookup gradient for pad
+        x_BTD = jnp.where((input_ids_BT == c.pad_token_id)[..., None], jax.lax.stop_gradient(x_BTD), x_BTD)
+      if c.embed_scale:  # Gemma: sqrt(d) rounded to the compute dtype; Gemma-3: to the embedding's dtype (as HF)
+        scale_dtype = _dtype(c.param_dtype) if c.model_type == "gemma3_text" else dtype
+        x_BTD = x_BTD * jnp.asarray(c.hidden_size**0.5, scale_dtype).astype(dtype)
 
     if cache is None:
       index = None
@@ -601,6 +612,7 @@ class Transformer(nn.Module):
         hidden_BTD=hidden_BTD if return_hidden else None,
         all_hidden=all_hidden,
         cache=new_cache,
+        residual_BTD=x_BTD if return_residual else None,
     )
 
 

@@ -1,6 +1,8 @@
 """Section 6 pipeline: sample, judge, label, train every method, re-judge (`run(config)`, an entry point).
 
 `config.main = 'sorry_bench'` (configs/sorry.py); nothing imports this module.
+0. with `sorry.refusal_sft.epochs` > 0: a refusing starting model first (`refusal_sft.run`: cross-entropy on the
+   requests with the project's refusal texts, exported in HF format); every later step starts from it;
 1. prompts: SORRY-Bench base prompts (450), split 85/15 train/test (seeded, `labels.train_test_split`);
 2. sample two responses per prompt from the instruct model (T=1, 512 new tokens, chat template);
 3. judge every response with the SORRY-Bench judge (greedy; score 1 = complied, 0 = refused); an
@@ -29,7 +31,7 @@ from displacement_jax.score import core as scoring
 from displacement_jax.train import loop as training
 from displacement_jax.data import schema
 from displacement_jax.experiments import common, short_runs
-from displacement_jax.experiments.sorry_bench import generation, judge as judge_lib, labels, refusal
+from displacement_jax.experiments.sorry_bench import generation, judge as judge_lib, labels, refusal, refusal_sft
 from displacement_jax.experiments.sorry_bench.constants import VARIANTS
 
 TRAIN_SEED, TEST_SEED = 1000, 2000  # generation seeds of the refusal-rate responses on train / test prompts
@@ -266,6 +268,9 @@ def run(config: ml_collections.ConfigDict, *, sample_fn: generation.SampleFn | N
 
   prompts = load_prompts(sc.prompts_path, int(sc.num_prompts))
   questions = [p["prompt"] for p in prompts]
+  start_model = str(config.model.get("path") or config.model.get("tiny"))
+  if int(sc.refusal_sft.epochs) > 0:  # a refusing starting model first (refusal_sft.py); all else starts from it
+    config = common.derive(config, {"model.path": refusal_sft.run(questions, config, _log), "model.tiny": ""})
   session = short_runs.Session(config)
   loaded = session.loaded
   policy = policy_generator(loaded, loaded.params, config, sample_fn)
@@ -285,7 +290,8 @@ def run(config: ml_collections.ConfigDict, *, sample_fn: generation.SampleFn | N
 
   result: dict[str, Any] = {
       "family": "sorry",
-      "model": str(config.model.get("path") or config.model.get("tiny")),
+      "model": start_model,
+      "refusal_sft": {**dict(sc.refusal_sft), "hf_dir": config.model.path} if int(sc.refusal_sft.epochs) > 0 else None,
       "judge": str(sc.judge_path or sc.judge_tiny),
       "tie_breaker": labelling["tie_breaker"],
       "seed": int(config.seed),  # the random tie-breaker's seed, and the sampling seeds' base

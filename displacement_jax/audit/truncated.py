@@ -1,0 +1,104 @@
+"""Per-pair gradients on the subspace 'head_and_last_layers' with a backward that stops below the subspace.
+
+The decomposition (audit/decompose.py) needs each pair's gradient only on the LM head, the final norm and the
+last k decoder layers (sketch.py). Differentiating the whole model and selecting afterwards builds every layer's
+weight gradient through the scanned decoder. Here the stacked decoder is cut at L - k:
+
+  bottom  the embedding and the first L - k layers (a Transformer of L - k layers): forward, its layer weights
+          held fixed, so no weight gradient of theirs is ever formed;
+  top     the last k layers, the final norm and the head (a Transformer of k layers fed the bottom's residual
+          stream, `residual_BTD`), differentiated.
+
+The gradient is the full one restricted to the subspace, exactly (`sketch.select` of the whole gradient; the
+tests check it against autodiff of the whole model). Untied head: the backward runs through the top only. Tied
+embeddings (SmolLM2): the head IS the embedding, whose gradient also has the input lookup's part, so the
+cotangent still flows down through the bottom's activations to the lookup, but without the bottom's weight
+gradients (about a third of a full backward's work saved on the bottom; `docs/audit.md`, BENCHMARKS.md).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+
+from displacement_jax.models import transformer
+
+
+def applies(config: Any, subspace: str, last_layers: int) -> bool:
+  """Whether the cut applies: the subspace is 'head_and_last_layers' and 0 < last_layers < num_layers."""
+  return subspace == "head_and_last_layers" and 0 < int(last_layers) < int(config.num_layers)
+
+
+def _layers_config(config: Any, start: int, stop: int) -> Any:
+  """The model config of layers start..stop-1 of `config` (Gemma-3's per-layer kinds sliced alike)."""
+  types = tuple(config.layer_types)[start:stop] if config.layer_types else ()
+  return config.replace(num_layers=stop - start, layer_types=types)
+
+
+def _head_key(config: Any) -> str:
+  return "embed_tokens" if config.tie_word_embeddings else "lm_head"
+
+
+def free_params(params: Any, config: Any, last_layers: int) -> dict[str, Any]:
+  """The differentiated part: {'layers': the last k layers, 'norm', the head ('lm_head', or 'embed_tokens' when
+  tied)}; the leaves `sketch.select(params, 'head_and_last_layers', k)` names, with the same names."""
+  cut = int(config.num_layers) - int(last_layers)
+  head = _head_key(config)
+  return {
+      "layers": jax.tree.map(lambda x: x[cut:], params["layers"]),
+      "norm": params["norm"],
+      head: params[head],
+  }
+
+
+@dataclasses.dataclass(frozen=True)
+class StackedModel:
+  """`bottom` then `top` behind the interface forward.* uses (`config`, `apply`): `apply({'params': free})` runs the
+  bottom on `fixed` (its layers, and the embedding unless it is the tied head, which comes from `free`) and the top
+  on `free` from the bottom's residual stream."""
+
+  bottom: transformer.Transformer
+  top: transformer.Transformer
+  fixed: dict[str, Any]
+
+  @property
+  def config(self) -> Any:
+    return self.top.config
+
+  def apply(self, variables: dict[str, Any], input_ids_BT: Any, attention_mask_BT: Any, **kwargs: Any) -> Any:
+    free = variables["params"]
+    stop = jax.lax.stop_gradient
+    bottom_params = {
+        "embed_tokens": free["embed_tokens"] if "embed_tokens" in free else self.fixed["embed_tokens"],
+        "layers": self.fixed["layers"],
+        "norm": stop(free["norm"]),  # built, unused: its output is not read
+    }
+    if "lm_head" in free:
+      bottom_params["lm_head"] = stop(free["lm_head"])
+    shared = {k: v for k, v in kwargs.items() if k in ("positions_BT", "branch_BT", "segment_BT")}
+    residual_BTD = self.bottom.apply(
+        {"params": bottom_params},
+        input_ids_BT,
+        attention_mask_BT,
+        return_logits=False,
+        return_residual=True,
+        **shared,
+    ).residual_BTD
+    return self.top.apply({"params": free}, input_ids_BT, attention_mask_BT, residual_BTD=residual_BTD, **kwargs)
+
+
+def stacked(model: Any, params: Any, last_layers: int, attention_impl: str | None = "keep") -> tuple[StackedModel, Any]:
+  """(the StackedModel of `model` cut above its last `last_layers` layers, holding `params`' fixed part; the free
+  part `free_params`). `attention_impl` other than 'keep' replaces the attention kernel of both halves."""
+  config = model.config
+  if attention_impl != "keep":
+    config = config.replace(attention_impl=attention_impl)
+  cut = int(config.num_layers) - int(last_layers)
+  fixed = {"layers": jax.tree.map(lambda x: x[:cut], params["layers"])}
+  if not config.tie_word_embeddings:
+    fixed["embed_tokens"] = params["embed_tokens"]
+  bottom = transformer.Transformer(_layers_config(config, 0, cut))
+  top = transformer.Transformer(_layers_config(config, cut, int(config.num_layers)))
+  return StackedModel(bottom, top, fixed), free_params(params, config, last_layers)
