@@ -16,7 +16,9 @@ import pytest
 
 from displacement_jax import forward
 from displacement_jax.data import packing
+from displacement_jax.models import lora
 from displacement_jax.audit import replay as audit
+from displacement_jax.audit import sketch
 from displacement_jax.train import optim as optim_lib
 from displacement_jax.experiments import edit_pairs, short_runs
 
@@ -217,11 +219,10 @@ def test_cli_writes_one_row_per_pair_and_flags_what_theta0_plus_d_says(tmp_path,
   rc = audit_main.main(["audit", f"--config={config_path}", f"--config.output_dir={tmp_path}", *bad])
   err = capsys.readouterr().err.strip().splitlines()
   assert rc in (1, 2) and len(err) == 1 and "audit.filter.measure" in err[0]
-  rc = audit_main.main(
-      ["audit", f"--config={config_path}", f"--config.output_dir={tmp_path}", *flags[:1], "--config.model.lora.rank=4"]
-  )
-  err = capsys.readouterr().err.strip().splitlines()  # a LoRA run is refused, never audited as a full-parameter one
-  assert rc == 2 and len(err) == 1 and "LoRA" in err[0]
+  lora_dropout = ["--config.model.lora.rank=4", "--config.model.lora.dropout=0.1"]  # the replay has no dropout
+  rc = audit_main.main(["audit", f"--config={config_path}", f"--config.output_dir={tmp_path}", *flags[:1], *lora_dropout])
+  err = capsys.readouterr().err.strip().splitlines()
+  assert rc == 2 and len(err) == 1 and "lora.dropout" in err[0]
 
 
 # --- the decomposition (audit/decompose.py) and its projections (audit/sketch.py) ---------------------------------
@@ -484,3 +485,84 @@ def test_training_monitor_logs_the_audit_beside_the_measured_change(tmp_path):
   assert m["monitor/audit_along_direction_sign_agreement"] == results.sign_agreement(along, measured)
   logged = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
   assert [r["monitor/audit_pairs"] for r in logged if "monitor/audit_pairs" in r][-1] == pairs.tolist()
+
+
+# --- LoRA runs: the audit differentiates w.r.t. the adapters alone, on the fixed base ------------------------------
+
+
+@pytest.fixture(scope="module")
+def lora_session(tmp_path_factory):
+  config = demo_config.get_config("tiny")
+  config.output_dir = str(tmp_path_factory.mktemp("audit_lora"))
+  config.model.lora.rank = 4
+  s = short_runs.Session(config)
+  return s, s.dataset(edit_pairs.rows("edit", limit=8), "edit")
+
+
+def _random_like(tree, key, scale):
+  leaves, treedef = jax.tree.flatten(tree)
+  keys = jax.random.split(key, len(leaves))
+  return jax.tree.unflatten(treedef, [scale * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)])
+
+
+def test_lora_first_order_equals_autodiff_inner_product_on_the_adapters(lora_session):
+  """LoRA: <d ln pi(y+-)_i / d adapters, D> by forward mode (the audit's derivatives with the base given) equals the
+  inner product of jax.jacrev of the fast path (base combined with the adapters, differentiated w.r.t. the
+  adapters alone) with D; adapters with B != 0, so both factors have gradients."""
+  s, dataset = lora_session
+  assert s.base is not None and jax.tree.structure(s.params0) == jax.tree.structure(lora.split(s.params0)[1])
+  adapters = jax.tree.map(lambda x, r: x + r, s.params0, _random_like(s.params0, jax.random.key(2), 0.05))
+  direction = _random_like(s.params0, jax.random.key(3), 1e-3)
+  batch = s._collate(dataset.pairs[:4], dataset.pad_id, 4, packed=True)
+  derivs = audit.make_directional_derivatives(s.loaded.model, order=1)
+  first = np.asarray(derivs(adapters, direction, batch, s.base))[0]
+
+  def logps(a):
+    out = forward.pair_logps(s.loaded.model, lora.combine(s.base, a), batch, 64)
+    return jnp.stack([out["chosen_logps_B"], out["rejected_logps_B"]])
+
+  jac = jax.jacrev(logps)(adapters)  # leaves [2, P, ...], the adapters' only
+  inner = sum(jnp.tensordot(j, d, axes=d.ndim) for j, d in zip(jax.tree.leaves(jac), jax.tree.leaves(direction)))
+  np.testing.assert_allclose(first, np.asarray(inner), rtol=1e-4, atol=1e-6)
+
+
+def test_lora_sgd_first_order_predicts_the_measured_lora_step(lora_session):
+  """LoRA, SGD, one epoch (one step) at a small lr: D lives on the adapters, the audit's first order equals the
+  measured change of a real LoRA run (Session.train: train.lora's step on the adapters) to first order in lr, and
+  the model at theta0 + D is the trained one."""
+  s, dataset = lora_session
+  overrides = {"optim.name": "sgd", "optim.lr": 0.02}  # 8 pairs, batch 8: one step
+  start = s.logps(s.params0, dataset)
+  direction = s.direction(dataset, overrides, start=start)  # Session.audit's D
+  assert jax.tree.structure(direction) == jax.tree.structure(s.params0)  # the adapters, nothing of the base
+  at0, logps = np.stack(start), lambda p: np.stack(s.logps(p, dataset))
+  pred = audit.predict(at0, logps, lambda d: s.derivatives(d, dataset, 1), s.params0, direction)  # Session.audit
+  measured = s.train(dataset, overrides, start=start)
+  changes = np.stack([measured.chosen_change(), measured.rejected_change()])
+  scale = np.abs(changes).max()
+  assert scale > 1e-3, scale  # the step moved the log-probs
+  np.testing.assert_allclose(pred["first_order"], changes, atol=0.02 * scale)
+  np.testing.assert_allclose(pred["along_direction"], changes, atol=1e-4 * scale)  # one step: theta0 + D is it
+
+
+def test_cli_audits_a_lora_run_on_its_adapters(tmp_path, lora_session):
+  """`python -m displacement_jax.audit` on configs/dpo_tiny.py with LoRA r4: a row per pair; the decomposition
+  without projection lives on the adapters (its subspace is their count) and own + others rebuild the first
+  order; 'head_and_last_layers' is the adapters of the last layers."""
+  from displacement_jax.audit import main as audit_main  # pylint: disable=g-import-not-at-top  (an entry point)
+
+  config_path = os.path.join(ROOT, "configs", "dpo_tiny.py")
+  flags = ["--config.model.lora.rank=4", "--config.num_steps=0", "--config.audit.sketch=none", "--config.audit.order=1"]
+  assert audit_main.main(["audit", f"--config={config_path}", f"--config.output_dir={tmp_path}", *flags]) == 0
+  rows = [json.loads(line) for line in open(tmp_path / audit_main.ROWS_FILE)]
+  summary = json.load(open(tmp_path / audit_main.SUMMARY_FILE))
+  assert summary["lora_rank"] == 4 and [r["row"] for r in rows] == list(range(summary["num_pairs"]))
+  first = np.array([r["chosen_first_order"] for r in rows])
+  own, others = np.array([r["chosen_own"] for r in rows]), np.array([r["chosen_others"] for r in rows])
+  assert np.abs(first).max() > 0
+  np.testing.assert_allclose(own + others, first, atol=1e-4 * np.abs(first).max())
+  base = lora_session[0].base  # the same tiny Llama: 4 (in + out) per layer and adapted kernel
+  kernels = [base["layers"][lora.MODULE_OF[t]][t]["kernel"].shape for t in lora.MODULE_OF]
+  assert summary["decomposition"]["subspace_size"] == sum(4 * n * (i + o) for n, i, o in kernels)
+  last = sketch.select(lora_session[0].params0, "head_and_last_layers", 1)
+  assert all(name.startswith("layers/") and x.shape[0] == 1 for name, x in last.items())

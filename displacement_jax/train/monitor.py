@@ -74,14 +74,20 @@ def token_names(tokenizer: Any, vocab_size: int) -> list[str]:
 
 
 def replayed_direction(
-    model: Any, config: ml_collections.ConfigDict, params0: Any, batches: Iterable[Any], total_steps: int
+    model: Any,
+    config: ml_collections.ConfigDict,
+    params0: Any,
+    batches: Iterable[Any],
+    total_steps: int,
+    base: Any = None,
 ) -> Any:
   """D of the run `config` describes: its `batches` (all `total_steps`, with reference log-probs) replayed at
-  `params0` through its optimizer and loss (`audit.make_replay_step`), the updates summed (`audit.replay_direction`)."""
+  `params0` through its optimizer and loss (`audit.make_replay_step`), the updates summed (`audit.replay_direction`).
+  With `base` (LoRA) params0 and D are the adapters, the base fixed."""
   optimizer = optim_lib.make_optimizer(config.optim, total_steps)
   loss_fn = step_lib.make_loss_fn(model, config.loss, int(config.logprob_chunk_size))
   replay = jax.jit(audit.make_replay_step(loss_fn, optimizer, int(config.optim.grad_accum)))
-  return audit.replay_direction(replay, optimizer, params0, batches)
+  return audit.replay_direction(replay, optimizer, params0, batches, base)
 
 
 def audit_predictions(
