@@ -104,17 +104,20 @@ def audit_predictions(
   """The displacement audit of this run for the monitored `rows`: the run's `batches` (all `total_steps`, with
   reference log-probs) replayed at the initial params `loaded.params` through its optimizer and summed into D
   (`replayed_direction`); per pair the predicted change of ln pi(y+) over the run, {'first_order':
-  <grad ln pi(y+), D>, 'along_direction': the model at theta0 + D} [len(rows)], in chunks of audit.JVP_PAIRS."""
-  params0 = loaded.params
-  direction = replayed_direction(loaded.model, config, params0, batches, total_steps)
-  shifted = jax.device_put(audit.shifted(params0, direction, 1.0), fns.param_sh)
+  <grad ln pi(y+), D>, 'along_direction': the model at theta0 + D} [len(rows)], in chunks of audit.JVP_PAIRS.
+  LoRA (`loaded.lora`): theta0 and D are the initial adapters and their summed updates, on the fixed base."""
+  base, params0 = (None, loaded.params) if loaded.lora is None else (loaded.lora.base, loaded.lora.initial)
+  direction = replayed_direction(loaded.model, config, params0, batches, total_steps, base)
+  shifted = audit.shifted(params0, direction, 1.0)
+  if base is None:  # LoRA: fns.monitor places the (replicated) adapters itself
+    shifted = jax.device_put(shifted, fns.param_sh)
   derivatives = audit.make_directional_derivatives(loaded.model, 1)
   dp, first, along = sharding.data_parallel_size(mesh), [], []
   for start in range(0, len(rows), audit.JVP_PAIRS):
     part = np.asarray(rows[start : start + audit.JVP_PAIRS])
     batch = packed_monitor_batch(monitor_batch(dataset, part, config, dp, ref), dataset, config, dp)
     batch = sharding.global_batch_to_devices(batch, mesh)
-    first.append(np.asarray(jax.device_get(derivatives(params0, direction, batch)))[0, 0, : len(part)])
+    first.append(np.asarray(jax.device_get(derivatives(params0, direction, batch, base)))[0, 0, : len(part)])
     at_d, at_0 = (
         np.asarray(jax.device_get(fns.monitor(p, batch))["chosen_logps_B"], np.float64) for p in (shifted, params0)
     )
