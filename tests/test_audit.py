@@ -220,7 +220,9 @@ def test_cli_writes_one_row_per_pair_and_flags_what_theta0_plus_d_says(tmp_path,
   err = capsys.readouterr().err.strip().splitlines()
   assert rc in (1, 2) and len(err) == 1 and "audit.filter.measure" in err[0]
   lora_dropout = ["--config.model.lora.rank=4", "--config.model.lora.dropout=0.1"]  # the replay has no dropout
-  rc = audit_main.main(["audit", f"--config={config_path}", f"--config.output_dir={tmp_path}", *flags[:1], *lora_dropout])
+  rc = audit_main.main(
+      ["audit", f"--config={config_path}", f"--config.output_dir={tmp_path}", *flags[:1], *lora_dropout]
+  )
   err = capsys.readouterr().err.strip().splitlines()
   assert rc == 2 and len(err) == 1 and "lora.dropout" in err[0]
 

@@ -33,6 +33,11 @@ W_j out): as many per-pair backwards as the run has pair gradients (one epoch: o
 y-), batched as training batches them. Only one chunk's per-pair gradients exist at a time (P x 3 x |subspace|
 float32). On 'head_and_last_layers' the backward stops below the subspace (audit/truncated.py: the layers under it
 run forward with fixed weights, so their weight gradients are never formed); on 'all' it is the whole model's.
+
+LoRA runs (`base` given: theta the adapters on the fixed base params, `lora.full_params`): a_j, b_j, g_j, D, W_j
+and the preconditioners are all adapter-shaped (the trained parameters); 'all' is every LoRA factor,
+'head_and_last_layers' the adapters of the last layers (`sketch.select` on the adapter tree: no adapter on the
+head or the norm), both through the whole model's backward.
 """
 
 from __future__ import annotations
@@ -208,7 +213,9 @@ def make_chunk_sketches(model: Any, chunk_size: int, s: Settings) -> Callable:
     return sketch.project_rows(stacked, s.sketch, s.sketch_dim, s.sketch_seed, bits)
 
   batched = jax.vmap(one, in_axes=(None, 0, 0, None, None, None))
-  return jax.jit(lambda params0, rows, dloss, weight, bits, base=None: batched(params0, rows, dloss, weight, bits, base))
+  return jax.jit(
+      lambda params0, rows, dloss, weight, bits, base=None: batched(params0, rows, dloss, weight, bits, base)
+  )
 
 
 def loss_derivatives(loss_config: Any, chosen0_N: np.ndarray, rejected0_N: np.ndarray) -> np.ndarray:

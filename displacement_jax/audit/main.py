@@ -10,6 +10,12 @@ initial parameters through its optimizer, the updates summed into D; per pair th
 at theta0 + D. A pair is flagged when the model at theta0 + D puts
 its ln pi(y+) below the start (the order that followed the measured falls on the real model: docs/results.md).
 
+LoRA (config.model.lora.rank > 0): the audited run trains only the adapters (fp32) on the fixed base params, so
+D, the derivatives, theta0 + D and the decomposition's per-pair gradients are all w.r.t. the adapters (the base a
+constant: `models.lora.full_params`); `audit.subspace` 'all' is every LoRA factor, 'head_and_last_layers' the
+adapters of the last `audit.last_layers` layers. Adapter dropout and model.lora.path are refused (exit 2:
+`short_runs.check_auditable`).
+
 With `audit.decompose` (the default) it also splits each pair's first order into its own term and the other
 pairs' (displacement_jax/audit/decompose.py, on `audit.subspace` through the projection `audit.sketch` of dimension
 `audit.sketch_dim`): who pushes whom.
@@ -226,7 +232,11 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
       f"[audit] {len(dataset.pairs)} pairs of {config.data.path}; the run: {config.loss.objective} beta "
       f"{config.loss.beta:g}, {config.optim.name} lr {float(config.optim.lr):g}, batch {config.batch_size}, "
       f"{config.num_epochs} epoch(s); trained: "
-      + (f"the LoRA adapters (r{session.lora.rank}, {lora.count(session.params0)} parameters)" if session.lora else "all")
+      + (
+          f"the LoRA adapters (r{session.lora.rank}, {lora.count(session.params0)} parameters)"
+          if session.lora
+          else "all"
+      )
   )
   order = int(config.get("audit", {}).get("order", 2))
   if bool(config.get("audit", {}).get("decompose", False)):

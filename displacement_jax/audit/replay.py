@@ -16,8 +16,11 @@ updates are summed, never applied, into one direction D = sum_t delta theta_t. T
 f = ln pi(y+_i) (and ln pi(y-_i)). Cost: one backward per batch (as one epoch of training) and one JVP and two
 forwards over the pairs. What is approximated: every update is taken at theta0 (the gradients do not move with the
 parameters), so the prediction is exact to first order in the learning rate and misses how the gradients
-change along the run; docs/results.md measures where that holds. The forward-mode derivative is a finite
-JVP runs on the model's reference path because the fast kernels define custom VJPs (no JVP rule).
+change along the run; docs/results.md measures where that holds. The forward-mode derivative runs on the
+model's reference path because the fast kernels define custom VJPs (no JVP rule).
+
+LoRA: every kernel takes the fixed base params as `base` (None otherwise) and theta0, D are the adapters
+(`lora.full_params(base, adapters)` is what the model sees), as the LoRA train step differentiates them.
 """
 
 from __future__ import annotations

@@ -411,7 +411,9 @@ class DPOOnOnePrompt:
     self.lr = float(config.dpo.lr)
     loss_fn = single_token_loss_fn(model, loss_cfg)
     self.train_step = jit_step(model, loss_cfg, self.optimizer, self.lora)
-    self.next_logp = jax.jit(lambda p, b, base: forward.next_token_outputs(model, lora.full_params(base, p), b)["logp_BV"][0])
+    self.next_logp = jax.jit(
+        lambda p, b, base: forward.next_token_outputs(model, lora.full_params(base, p), b)["logp_BV"][0]
+    )
     self.loss = jax.jit(lambda p, b, base: loss_fn(lora.full_params(base, p), b)[0])
 
   def __call__(
