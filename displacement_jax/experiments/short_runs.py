@@ -365,9 +365,13 @@ class Session:
 
   def run_config(self, overrides: Mapping[str, Any]) -> ml_collections.ConfigDict:
     """The session's config with `overrides` (dotted paths, `common.derive`, or nested), checked as train.loop.run
-    checks it."""
+    checks it. model.lora is the session's (its model and adapters are set at the start): UsageError if a run
+    changes it."""
     cfg = common.derive(self.config, flatten(overrides))
     config_checks.check_train(cfg)
+    if cfg.model.get("lora") is not None and cfg.model.lora.to_dict() != self.config.model.lora.to_dict():
+      changed = sorted(k for k in flatten(overrides) if k.startswith("model.lora"))
+      raise UsageError(f"a short run cannot change the session's model.lora ({', '.join(changed)})")
     return cfg
 
   def audit_config(self, overrides: Mapping[str, Any]) -> ml_collections.ConfigDict:
