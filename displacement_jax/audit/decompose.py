@@ -218,15 +218,24 @@ def make_chunk_sketches(model: Any, chunk_size: int, s: Settings) -> Callable:
   )
 
 
-def loss_derivatives(loss_config: Any, chosen0_N: np.ndarray, rejected0_N: np.ndarray) -> np.ndarray:
-  """[2, N]: dl_j/ds_w and dl_j/ds_l of every pair's own loss at theta0 (reference log-probs = the start's)."""
+def loss_derivatives(
+    loss_config: Any,
+    chosen0_N: np.ndarray,
+    rejected0_N: np.ndarray,
+    chosen_ref_N: np.ndarray | None = None,
+    rejected_ref_N: np.ndarray | None = None,
+) -> np.ndarray:
+  """[2, N]: dl_j/ds_w and dl_j/ds_l of every pair's own loss at theta0 (reference log-probs: the start's unless
+  given, as for LoRA from model.lora.path, whose reference is the base model)."""
 
   def one(pc, pr, rc, rr):
     return step_lib.preference_loss(loss_config, pc[None], pr[None], rc[None], rr[None])[0]
 
   c = jnp.asarray(chosen0_N, jnp.float32)
   r = jnp.asarray(rejected0_N, jnp.float32)
-  dw, dl = jax.vmap(jax.grad(one, argnums=(0, 1)))(c, r, c, r)
+  rc = c if chosen_ref_N is None else jnp.asarray(chosen_ref_N, jnp.float32)
+  rr = r if rejected_ref_N is None else jnp.asarray(rejected_ref_N, jnp.float32)
+  dw, dl = jax.vmap(jax.grad(one, argnums=(0, 1)))(c, r, rc, rr)
   return np.stack([np.asarray(dw), np.asarray(dl)])
 
 

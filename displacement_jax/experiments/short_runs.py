@@ -88,19 +88,11 @@ def flatten(overrides: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def check_auditable(config: ml_collections.ConfigDict) -> None:
   """UsageError where the audit's replay would differ from the run `config` describes: LoRA with adapter dropout
-  (the replay takes its gradients without dropout) or from model.lora.path's adapters (train.loop.run's reference
-  is then the base model, not the start the replay and the decomposition take as reference)."""
-  if not lora_train.enabled(config):
-    return
-  lc = config.model.lora
-  if float(lc.get("dropout", 0.0) or 0.0) > 0:
+  (the replay takes its gradients without dropout)."""
+  if lora_train.enabled(config) and float(config.model.lora.get("dropout", 0.0) or 0.0) > 0:
     raise UsageError(
-        f"the audit replays LoRA runs without adapter dropout; set --config.model.lora.dropout=0 (got {lc.dropout})"
-    )
-  if lc.get("path"):
-    raise UsageError(
-        "the audit replays LoRA runs from fresh adapters (config.model.lora.rank > 0) only; "
-        f"config.model.lora.path={lc.path!r} is not audited"
+        "the audit replays LoRA runs without adapter dropout; set --config.model.lora.dropout=0 "
+        f"(got {config.model.lora.dropout})"
     )
 
 
@@ -117,6 +109,7 @@ class Session:
     self.params0 = self.loaded.params if self.lora is None else self.lora.initial
     self._logps: Callable | None = None
     self._derivatives: dict[int, Callable] = {}
+    self._reference: tuple[runtime.Dataset, tuple[np.ndarray, np.ndarray]] | None = None
 
   def dataset(self, rows: Sequence[Mapping[str, Any]], name: str) -> runtime.Dataset:
     """Tokenize `rows` (generic preference rows) as train.loop.run would, written to output_dir/data/<name>.jsonl."""
@@ -146,6 +139,16 @@ class Session:
       chosen.append(np.asarray(out["chosen_logps_B"])[: len(part)])
       rejected.append(np.asarray(out["rejected_logps_B"])[: len(part)])
     return np.concatenate(chosen), np.concatenate(rejected)
+
+  def reference(self, dataset: runtime.Dataset, start: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """The reference log-probs of a run, as train.loop.run takes them: the initial model's (`start`), except for
+    LoRA adapters loaded from model.lora.path, where the reference is the base model alone (the base tree,
+    `train.lora`); fresh adapters (B = 0) leave the base model unchanged, so there both are `start`."""
+    if self.lora is None or not self.config.model.lora.get("path"):
+      return start
+    if self._reference is None or self._reference[0] is not dataset:
+      self._reference = (dataset, self.logps({}, dataset))  # no adapters: the base model
+    return self._reference[1]
 
   def measures(self, dataset: runtime.Dataset) -> dict[str, np.ndarray]:
     """`scoring.MEASURES` [N] of every pair at the initial model ('ches', 'ln_ches',
@@ -223,11 +226,12 @@ class Session:
   def _replay_batches(
       self, dataset: runtime.Dataset, cfg: ml_collections.ConfigDict, start: tuple[np.ndarray, np.ndarray]
   ) -> tuple[int, Iterator[tuple[np.ndarray, dict[str, Any]]]]:
-    """(number of steps, the run's batches as (positions in dataset.pairs, global batch with the start's log-probs
-    as reference)), in the order and seed of training."""
+    """(number of steps, the run's batches as (positions in dataset.pairs, global batch with the run's reference
+    log-probs, `reference`)), in the order and seed of training."""
     iterator = training.make_iterator(dataset, cfg, self.mesh)
     total = int(cfg.num_epochs) * iterator.steps_per_epoch
-    ref = {"chosen_ref_logps": start[0], "rejected_ref_logps": start[1]}
+    chosen_ref, rejected_ref = self.reference(dataset, start)
+    ref = {"chosen_ref_logps": chosen_ref, "rejected_ref_logps": rejected_ref}
     return total, training.reference_batches(iterator, dataset, self.mesh, ref, total)
 
   def audit_decomposed(
@@ -279,7 +283,7 @@ class Session:
     del direction, opt_state
     tic = time.perf_counter()
     weights = decompose.step_weights(cfg.optim, [float(schedule(t)) for t in range(total)], qs)
-    dloss = decompose.loss_derivatives(cfg.loss, chosen0, rejected0)
+    dloss = decompose.loss_derivatives(cfg.loss, chosen0, rejected0, *self.reference(dataset, (chosen0, rejected0)))
     rows = self._pair_sketches(dataset, s, dloss, members, [g / int(cfg.batch_size) for g in gammas], weights)
     chosen, rejected = decompose.contributions(rows)
     pairs_s = time.perf_counter() - tic
@@ -397,7 +401,8 @@ class Session:
     epochs = int(cfg.num_epochs)
     fns = fns_lib.make_fns(self.loaded, cfg, self.mesh, epochs * iterator.steps_per_epoch)
     chosen0, rejected0 = start if start is not None else self.logps(self.params0, dataset)
-    ref = {"chosen_ref_logps": chosen0, "rejected_ref_logps": rejected0}
+    chosen_ref, rejected_ref = self.reference(dataset, (chosen0, rejected0))
+    ref = {"chosen_ref_logps": chosen_ref, "rejected_ref_logps": rejected_ref}
     state = fns.init_state(jax.tree.map(jnp.copy, self.params0))  # init_state donates its argument
     chosen_E, rejected_E = [], []
     for _ in range(epochs):
