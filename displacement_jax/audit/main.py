@@ -10,11 +10,11 @@ initial parameters through its optimizer, the updates summed into D; per pair th
 at theta0 + D. A pair is flagged when the model at theta0 + D puts
 its ln pi(y+) below the start (the order that followed the measured falls on the real model: docs/results.md).
 
-LoRA (config.model.lora.rank > 0): the audited run trains only the adapters (fp32) on the fixed base params, so
-D, the derivatives, theta0 + D and the decomposition's per-pair gradients are all w.r.t. the adapters (the base a
-constant: `models.lora.full_params`); `audit.subspace` 'all' is every LoRA factor, 'head_and_last_layers' the
-adapters of the last `audit.last_layers` layers. Adapter dropout and model.lora.path are refused (exit 2:
-`short_runs.check_auditable`).
+LoRA (config.model.lora.rank > 0 or .path): the audited run trains only the adapters (fp32) on the fixed base
+params, so D, the derivatives, theta0 + D and the decomposition's per-pair gradients are all w.r.t. the adapters
+(the base a constant: `models.lora.full_params`), the reference is training's (the base model); `audit.subspace`
+'all' is every LoRA factor, 'head_and_last_layers' the adapters of the last `audit.last_layers` layers. Adapter
+dropout is refused (exit 2: `short_runs.check_auditable`).
 
 With `audit.decompose` (the default) it also splits each pair's first order into its own term and the other
 pairs' (displacement_jax/audit/decompose.py, on `audit.subspace` through the projection `audit.sketch` of dimension
@@ -223,7 +223,7 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
   config_checks.check_train(config)
   if int(config.num_steps) > 0:
     raise ValueError("config.num_steps > 0: the audit replays whole epochs; set num_epochs instead (num_steps=0)")
-  short_runs.check_auditable(config)  # LoRA: fresh adapters without dropout
+  short_runs.check_auditable(config)  # LoRA: no adapter dropout
   filter_cfg = filter_config(config)
   os.makedirs(config.output_dir, exist_ok=True)
   session = short_runs.Session(config)

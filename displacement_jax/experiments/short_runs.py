@@ -9,8 +9,8 @@ each epoch.
 
 LoRA (config.model.lora, `train.lora.attach`): the session's params are the adapters (fp32, drawn once with the
 session's config.seed, or model.lora.path's), on the fixed base params `Session.base`; every run trains them alone,
-as `train.loop.run` does, and the audit (`direction`, `derivatives`, `audit`, `audit_decomposed`) differentiates
-w.r.t. them alone (`models.lora.full_params`).
+as `train.loop.run` does (its reference the base model: `reference`), and the audit (`direction`, `derivatives`,
+`audit`, `audit_decomposed`) differentiates w.r.t. them alone (`models.lora.full_params`).
 """
 
 from __future__ import annotations
