@@ -6,6 +6,7 @@ prompts) from the start model or a method's final checkpoint, and writes each wi
 
     python examples/sorry_recheck.py runs/sorry_smollm2 initial   # the model before training
     python examples/sorry_recheck.py runs/sorry_smollm2 dpo       # <run>/dpo/checkpoints, newest step
+    python examples/sorry_recheck.py runs/sorry_smollm2_refusing dpo   # a `refusing` run starts from its SFT export
 
 Writes <run>/recheck_<which>.jsonl and prints how many responses the rule flags. The flagged counts reproduce the
 run's result.json when the code and seeds are unchanged (checked on 2026-12-07: initial 3/48, 0/8; dpo 6/48, 1/8).
@@ -41,6 +42,9 @@ def checkpoint_params(directory: str, like: dict) -> dict:
 def main(run_dir: str, which: str) -> None:
   config = sorry.get_config("model=smollm2")
   config.output_dir = os.path.join(run_dir, "recheck")
+  refusing = os.path.join(run_dir, "refusal_sft", "hf")
+  if os.path.isdir(refusing):  # a `refusing` run: its start is the refusal SFT's export
+    config.model.path = refusing
   session = short_runs.Session(config)
   loaded = session.loaded
   params = loaded.params if which == "initial" else checkpoint_params(f"{run_dir}/{which}/checkpoints", loaded.params)

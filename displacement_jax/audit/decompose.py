@@ -180,7 +180,7 @@ def pair_weight(steps: Sequence[int], gammas: Sequence[float], weights: list[Any
   return {key: sum(np.float32(c) * m[key] for c, m in terms) for key in terms[0][1]}
 
 
-def make_chunk_sketches(model: Any, chunk_size: int, s: Settings) -> Callable:
+def make_chunk_sketches(model: Any, chunk_size: int, s: Settings, truncate: bool = True) -> Callable:
   """sketches(params0, rows, dloss_P2, weight, bits, base=None) -> [P, 3, k]: per row of `rows`, which holds one pair
   (`packing.pack_batch`'s layout, or the two-side collated one), S a, S b and S (W * g) with a = grad ln pi(y+),
   b = grad ln pi(y-) at params0 restricted to the subspace, g = dl/ds_w a + dl/ds_l b (`dloss_P2`, the pair's
@@ -188,9 +188,10 @@ def make_chunk_sketches(model: Any, chunk_size: int, s: Settings) -> Callable:
   (`sketch.count_sketch_bits` of the subspace; None for the other projections). Vectorised over the rows (jax.vmap
   of the per-pair vjp): one forward and one backward per side for the whole chunk, the projection inside the
   call, so the per-pair gradients exist only for this chunk (about P x 3 x |subspace| float32) and never for the
-  dataset; on 'head_and_last_layers' through `truncated.stacked` (no weight gradient below the subspace). With
-  `base` (LoRA; None otherwise) params0 are the adapters, differentiated on the fixed base (`lora.full_params`),
-  through the whole model's backward. Filler rows (no loss position) give zeros."""
+  dataset; on 'head_and_last_layers' through `truncated.stacked` (no weight gradient below the subspace; `truncate`
+  False: the whole model's backward, the same values; benchmarks/decompose_chunk.py compares). With `base` (LoRA;
+  None otherwise) params0 are the adapters, differentiated on the fixed base (`lora.full_params`), through the
+  whole model's backward. Filler rows (no loss position) give zeros."""
 
   def one(params0, row, dloss_2, weight, bits, base):
     batch = {key: x[None] for key, x in row.items()}
@@ -198,7 +199,7 @@ def make_chunk_sketches(model: Any, chunk_size: int, s: Settings) -> Callable:
       batch["response_pair_BR"] = jnp.where(batch["response_pair_BR"] >= 0, 0, -1)
 
     net, wrt = model, params0
-    if base is None and truncated.applies(model.config, s.subspace, s.last_layers):  # the backward stops below it
+    if truncate and base is None and truncated.applies(model.config, s.subspace, s.last_layers):  # stops below it
       net, wrt = truncated.stacked(model, params0, s.last_layers)
 
     def logps(p):

@@ -13,7 +13,7 @@ The gradient is the full one restricted to the subspace, exactly (`sketch.select
 tests check it against autodiff of the whole model). Untied head: the backward runs through the top only. Tied
 embeddings (SmolLM2): the head IS the embedding, whose gradient also has the input lookup's part, so the
 cotangent still flows down through the bottom's activations to the lookup, but without the bottom's weight
-gradients (about a third of a full backward's work saved on the bottom; `docs/audit.md`, BENCHMARKS.md).
+gradients (BENCHMARKS.md measures both).
 """
 
 from __future__ import annotations
@@ -89,12 +89,10 @@ class StackedModel:
     return self.top.apply({"params": free}, input_ids_BT, attention_mask_BT, residual_BTD=residual_BTD, **kwargs)
 
 
-def stacked(model: Any, params: Any, last_layers: int, attention_impl: str | None = "keep") -> tuple[StackedModel, Any]:
+def stacked(model: Any, params: Any, last_layers: int) -> tuple[StackedModel, Any]:
   """(the StackedModel of `model` cut above its last `last_layers` layers, holding `params`' fixed part; the free
-  part `free_params`). `attention_impl` other than 'keep' replaces the attention kernel of both halves."""
+  part `free_params`)."""
   config = model.config
-  if attention_impl != "keep":
-    config = config.replace(attention_impl=attention_impl)
   cut = int(config.num_layers) - int(last_layers)
   fixed = {"layers": jax.tree.map(lambda x: x[:cut], params["layers"])}
   if not config.tie_word_embeddings:
