@@ -16,7 +16,9 @@ import pytest
 
 from displacement_jax import forward
 from displacement_jax.data import packing
+from displacement_jax.models import lora
 from displacement_jax.audit import replay as audit
+from displacement_jax.audit import sketch
 from displacement_jax.train import optim as optim_lib
 from displacement_jax.experiments import edit_pairs, short_runs
 
@@ -217,11 +219,12 @@ def test_cli_writes_one_row_per_pair_and_flags_what_theta0_plus_d_says(tmp_path,
   rc = audit_main.main(["audit", f"--config={config_path}", f"--config.output_dir={tmp_path}", *bad])
   err = capsys.readouterr().err.strip().splitlines()
   assert rc in (1, 2) and len(err) == 1 and "audit.filter.measure" in err[0]
+  lora_dropout = ["--config.model.lora.rank=4", "--config.model.lora.dropout=0.1"]  # the replay has no dropout
   rc = audit_main.main(
-      ["audit", f"--config={config_path}", f"--config.output_dir={tmp_path}", *flags[:1], "--config.model.lora.rank=4"]
+      ["audit", f"--config={config_path}", f"--config.output_dir={tmp_path}", *flags[:1], *lora_dropout]
   )
-  err = capsys.readouterr().err.strip().splitlines()  # a LoRA run is refused, never audited as a full-parameter one
-  assert rc == 2 and len(err) == 1 and "LoRA" in err[0]
+  err = capsys.readouterr().err.strip().splitlines()
+  assert rc == 2 and len(err) == 1 and "lora.dropout" in err[0]
 
 
 # --- the decomposition (audit/decompose.py) and its projections (audit/sketch.py) ---------------------------------
@@ -484,3 +487,112 @@ def test_training_monitor_logs_the_audit_beside_the_measured_change(tmp_path):
   assert m["monitor/audit_along_direction_sign_agreement"] == results.sign_agreement(along, measured)
   logged = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
   assert [r["monitor/audit_pairs"] for r in logged if "monitor/audit_pairs" in r][-1] == pairs.tolist()
+
+
+# --- LoRA runs: the audit differentiates w.r.t. the adapters alone, on the fixed base ------------------------------
+
+
+@pytest.fixture(scope="module")
+def lora_session(tmp_path_factory):
+  """A Session on the tiny Llama with LoRA r4 adapters from a PEFT directory (model.lora.path), B != 0: the start is
+  not the base model, which stays training's reference, and both factors have gradients."""
+  from displacement_jax import runtime  # pylint: disable=g-import-not-at-top
+  from displacement_jax.models import peft_io  # pylint: disable=g-import-not-at-top
+
+  config = demo_config.get_config("tiny")
+  config.output_dir = str(tmp_path_factory.mktemp("audit_lora"))
+  loaded = runtime.load_model(config)
+  adapters = lora.init_adapters(loaded.params, 4, "all-linear", jax.random.key(5))
+  adapters = jax.tree.map(lambda x, r: x + r, adapters, _random_like(adapters, jax.random.key(6), 0.05))
+  config.model.lora.path = peft_io.save_adapter(
+      adapters, lora.with_lora(loaded.model_config, 16.0), os.path.join(config.output_dir, "adapter")
+  )
+  s = short_runs.Session(config)
+  return s, s.dataset(edit_pairs.rows("edit", limit=8), "edit")
+
+
+def _random_like(tree, key, scale):
+  leaves, treedef = jax.tree.flatten(tree)
+  keys = jax.random.split(key, len(leaves))
+  return jax.tree.unflatten(treedef, [scale * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)])
+
+
+def test_lora_first_order_equals_autodiff_inner_product_on_the_adapters(lora_session):
+  """LoRA: <d ln pi(y+-)_i / d adapters, D> by forward mode (the audit's derivatives with the base given) equals the
+  inner product of jax.jacrev of the fast path (base combined with the adapters, differentiated w.r.t. the
+  adapters alone) with D."""
+  s, dataset = lora_session
+  assert s.base is not None and jax.tree.structure(s.params0) == jax.tree.structure(lora.split(s.params0)[1])
+  direction = _random_like(s.params0, jax.random.key(3), 1e-3)
+  batch = s._collate(dataset.pairs[:4], dataset.pad_id, 4, packed=True)
+  derivs = audit.make_directional_derivatives(s.loaded.model, order=1)
+  first = np.asarray(derivs(s.params0, direction, batch, s.base))[0]
+
+  def logps(a):
+    out = forward.pair_logps(s.loaded.model, lora.combine(s.base, a), batch, 64)
+    return jnp.stack([out["chosen_logps_B"], out["rejected_logps_B"]])
+
+  jac = jax.jacrev(logps)(s.params0)  # leaves [2, P, ...], the adapters' only
+  inner = sum(jnp.tensordot(j, d, axes=d.ndim) for j, d in zip(jax.tree.leaves(jac), jax.tree.leaves(direction)))
+  np.testing.assert_allclose(first, np.asarray(inner), rtol=1e-4, atol=1e-6)
+
+
+def test_lora_sgd_audit_predicts_the_measured_lora_step(lora_session, tmp_path):
+  """LoRA from model.lora.path, SGD, one epoch (one step) at a small lr, audited with the decomposition (no
+  projection): it lives on the adapters, its first order equals the measured change of train.loop.run (train.lora's
+  step on the adapters, the base model its reference) to first order in lr, the model at theta0 + D is the trained
+  one (so the replay took the run's reference), own + others rebuild the first order; Session.train trains the
+  same adapters."""
+  from displacement_jax.train import loop as training  # pylint: disable=g-import-not-at-top
+
+  s, dataset = lora_session
+  overrides = {"optim.name": "sgd", "optim.lr": 1e-3, "audit.sketch": "none"}  # 8 pairs, batch 8: one step
+  start = s.logps(s.params0, dataset)
+  base_model = s.logps({}, dataset)  # no adapters: the run's reference
+  assert np.abs(np.stack(start) - np.stack(base_model)).max() > 0.5  # the adapters moved the start away from it
+  pred, info = s.audit_decomposed(dataset, overrides, start=start)
+  assert info["subspace_size"] == lora.count(s.params0)  # the adapters, nothing of the base
+  run_cfg = s.run_config(
+      {
+          **overrides,
+          "data.path": dataset.path,
+          "main": "",
+          "output_dir": str(tmp_path / "train"),
+          "eval.every": 0,
+          "checkpoint.at_end": False,
+          "reference.cache": False,
+      }
+  )
+  trained = training.run(run_cfg).params  # the adapters
+  changes = np.stack(s.logps(jax.device_put(trained), dataset)) - np.stack(start)
+  scale = np.abs(changes).max()
+  assert scale > 1e-3, scale  # the step moved the log-probs
+  np.testing.assert_allclose(pred["first_order"], changes, atol=0.02 * scale)
+  np.testing.assert_allclose(pred["along_direction"], changes, atol=1e-4 * scale)  # one step: theta0 + D is it
+  for side, c in enumerate((info["chosen"], info["rejected"])):
+    np.testing.assert_allclose(c.sum(axis=1), pred["first_order"][side], atol=1e-4 * scale)
+  measured = s.train(dataset, overrides, start=start)
+  np.testing.assert_allclose(np.stack([measured.chosen_change(), measured.rejected_change()]), changes, atol=1e-5)
+
+
+def test_cli_audits_a_lora_run_on_its_adapters(tmp_path, lora_session, capsys):
+  """`python -m displacement_jax.audit` on configs/dpo_tiny.py with fresh LoRA r4 adapters: a row per pair, the
+  flag is the sign at theta0 + D, and what it differentiates is the adapters (r (in + out) per adapted kernel and
+  layer); 'head_and_last_layers' is the adapters of the last layers. (The decomposition on adapters: above.)"""
+  from displacement_jax.audit import main as audit_main  # pylint: disable=g-import-not-at-top  (an entry point)
+
+  config_path = os.path.join(ROOT, "configs", "dpo_tiny.py")
+  flags = ["--config.model.lora.rank=4", "--config.num_steps=0", "--config.audit.decompose=False"]
+  assert audit_main.main(["audit", f"--config={config_path}", f"--config.output_dir={tmp_path}", *flags]) == 0
+  rows = [json.loads(line) for line in open(tmp_path / audit_main.ROWS_FILE)]
+  summary = json.load(open(tmp_path / audit_main.SUMMARY_FILE))
+  assert summary["lora_rank"] == 4 and [r["row"] for r in rows] == list(range(summary["num_pairs"]))
+  assert all(r["flag"] == (r["chosen_along_direction"] < 0) for r in rows)
+  assert all(np.isfinite(r["chosen_second_order"]) and r["chosen_first_order"] != 0 for r in rows)
+  base = lora_session[0].base  # the same tiny Llama
+  size = sum(
+      4 * n * (i + o) for n, i, o in (base["layers"][lora.MODULE_OF[t]][t]["kernel"].shape for t in lora.MODULE_OF)
+  )
+  assert f"trained: the LoRA adapters (r4, {size} parameters)" in capsys.readouterr().out
+  last = sketch.select(lora_session[0].params0, "head_and_last_layers", 1)
+  assert all(name.startswith("layers/") and x.shape[0] == 1 for name, x in last.items())

@@ -33,6 +33,11 @@ W_j out): as many per-pair backwards as the run has pair gradients (one epoch: o
 y-), batched as training batches them. Only one chunk's per-pair gradients exist at a time (P x 3 x |subspace|
 float32). On 'head_and_last_layers' the backward stops below the subspace (audit/truncated.py: the layers under it
 run forward with fixed weights, so their weight gradients are never formed); on 'all' it is the whole model's.
+
+LoRA runs (`base` given: theta the adapters on the fixed base params, `lora.full_params`): a_j, b_j, g_j, D, W_j
+and the preconditioners are all adapter-shaped (the trained parameters); 'all' is every LoRA factor,
+'head_and_last_layers' the adapters of the last layers (`sketch.select` on the adapter tree: no adapter on the
+head or the norm), both through the whole model's backward.
 """
 
 from __future__ import annotations
@@ -48,6 +53,7 @@ import optax
 
 from displacement_jax import forward, gradients
 from displacement_jax.data import packing
+from displacement_jax.models import lora
 from displacement_jax.train import step as step_lib
 from displacement_jax.audit import sketch, truncated
 
@@ -125,12 +131,14 @@ def clip_factor(optim_config: Any, grads: Any) -> jax.Array:
 def make_recording_step(
     loss_fn: Callable, optimizer: optax.GradientTransformation, optim_config: Any, s: Settings
 ) -> Callable:
-  """step(params0, opt_state, direction, batch, t) -> (opt_state, direction, gamma_t, q_t on the subspace or None):
-  the replay step of audit/replay.py (`make_replay_step`) that also returns what the decomposition reads."""
+  """step(params0, opt_state, direction, batch, t, base=None) -> (opt_state, direction, gamma_t, q_t on the subspace
+  or None): the replay step of audit/replay.py (`make_replay_step`, `base` as there) that also returns what the
+  decomposition reads."""
   grad_accum = int(optim_config.get("grad_accum", 1))
 
-  def step(params0, opt_state, direction, batch, t):
-    _, _, grads = gradients.accumulate_gradients(loss_fn, params0, batch, grad_accum)
+  def step(params0, opt_state, direction, batch, t, base=None):
+    loss = lambda p, b: loss_fn(lora.full_params(base, p), b)
+    _, _, grads = gradients.accumulate_gradients(loss, params0, batch, grad_accum)
     updates, opt_state = optimizer.update(grads, opt_state, params0)
     direction = jax.tree.map(lambda d, u: d + u.astype(d.dtype), direction, updates)
     q = preconditioner(optim_config, opt_state, t)
@@ -173,7 +181,7 @@ def pair_weight(steps: Sequence[int], gammas: Sequence[float], weights: list[Any
 
 
 def make_chunk_sketches(model: Any, chunk_size: int, s: Settings, truncate: bool = True) -> Callable:
-  """sketches(params0, rows, dloss_P2, weight, bits) -> [P, 3, k]: per row of `rows`, which holds one pair
+  """sketches(params0, rows, dloss_P2, weight, bits, base=None) -> [P, 3, k]: per row of `rows`, which holds one pair
   (`packing.pack_batch`'s layout, or the two-side collated one), S a, S b and S (W * g) with a = grad ln pi(y+),
   b = grad ln pi(y-) at params0 restricted to the subspace, g = dl/ds_w a + dl/ds_l b (`dloss_P2`, the pair's
   `loss_derivatives`), W a subspace dict or a scalar (shared by the rows), `bits` count-sketch's draw
@@ -181,20 +189,21 @@ def make_chunk_sketches(model: Any, chunk_size: int, s: Settings, truncate: bool
   of the per-pair vjp): one forward and one backward per side for the whole chunk, the projection inside the
   call, so the per-pair gradients exist only for this chunk (about P x 3 x |subspace| float32) and never for the
   dataset; on 'head_and_last_layers' through `truncated.stacked` (no weight gradient below the subspace; `truncate`
-  False: the whole model's backward, the same values; benchmarks/decompose_chunk.py compares). Filler rows (no loss
-  position) give zeros."""
+  False: the whole model's backward, the same values; benchmarks/decompose_chunk.py compares). With `base` (LoRA;
+  None otherwise) params0 are the adapters, differentiated on the fixed base (`lora.full_params`), through the
+  whole model's backward. Filler rows (no loss position) give zeros."""
 
-  def one(params0, row, dloss_2, weight, bits):
+  def one(params0, row, dloss_2, weight, bits, base):
     batch = {key: x[None] for key, x in row.items()}
     if packing.is_packed(batch):  # the row's pair is pair 0 of its one-row batch
       batch["response_pair_BR"] = jnp.where(batch["response_pair_BR"] >= 0, 0, -1)
 
     net, wrt = model, params0
-    if truncate and truncated.applies(model.config, s.subspace, s.last_layers):  # the backward stops below it
+    if truncate and base is None and truncated.applies(model.config, s.subspace, s.last_layers):  # stops below it
       net, wrt = truncated.stacked(model, params0, s.last_layers)
 
     def logps(p):
-      out = forward.pair_logps(net, p, batch, chunk_size)
+      out = forward.pair_logps(net, lora.full_params(base, p), batch, chunk_size)
       return jnp.stack([out["chosen_logps_B"][0], out["rejected_logps_B"][0]])
 
     _, vjp = jax.vjp(logps, wrt)
@@ -204,18 +213,30 @@ def make_chunk_sketches(model: Any, chunk_size: int, s: Settings, truncate: bool
     stacked = {k: jnp.stack([a[k], b[k], scale(k) * (dloss_2[0] * a[k] + dloss_2[1] * b[k])]) for k in a}
     return sketch.project_rows(stacked, s.sketch, s.sketch_dim, s.sketch_seed, bits)
 
-  return jax.jit(jax.vmap(one, in_axes=(None, 0, 0, None, None)))
+  batched = jax.vmap(one, in_axes=(None, 0, 0, None, None, None))
+  return jax.jit(
+      lambda params0, rows, dloss, weight, bits, base=None: batched(params0, rows, dloss, weight, bits, base)
+  )
 
 
-def loss_derivatives(loss_config: Any, chosen0_N: np.ndarray, rejected0_N: np.ndarray) -> np.ndarray:
-  """[2, N]: dl_j/ds_w and dl_j/ds_l of every pair's own loss at theta0 (reference log-probs = the start's)."""
+def loss_derivatives(
+    loss_config: Any,
+    chosen0_N: np.ndarray,
+    rejected0_N: np.ndarray,
+    chosen_ref_N: np.ndarray | None = None,
+    rejected_ref_N: np.ndarray | None = None,
+) -> np.ndarray:
+  """[2, N]: dl_j/ds_w and dl_j/ds_l of every pair's own loss at theta0 (reference log-probs: the start's unless
+  given, as for LoRA from model.lora.path, whose reference is the base model)."""
 
   def one(pc, pr, rc, rr):
     return step_lib.preference_loss(loss_config, pc[None], pr[None], rc[None], rr[None])[0]
 
   c = jnp.asarray(chosen0_N, jnp.float32)
   r = jnp.asarray(rejected0_N, jnp.float32)
-  dw, dl = jax.vmap(jax.grad(one, argnums=(0, 1)))(c, r, c, r)
+  rc = c if chosen_ref_N is None else jnp.asarray(chosen_ref_N, jnp.float32)
+  rr = r if rejected_ref_N is None else jnp.asarray(rejected_ref_N, jnp.float32)
+  dw, dl = jax.vmap(jax.grad(one, argnums=(0, 1)))(c, r, rc, rr)
   return np.stack([np.asarray(dw), np.asarray(dl)])
 
 

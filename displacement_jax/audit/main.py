@@ -10,6 +10,12 @@ initial parameters through its optimizer, the updates summed into D; per pair th
 at theta0 + D. A pair is flagged when the model at theta0 + D puts
 its ln pi(y+) below the start (the order that followed the measured falls on the real model: docs/results.md).
 
+LoRA (config.model.lora.rank > 0 or .path): the audited run trains only the adapters (fp32) on the fixed base
+params, so D, the derivatives, theta0 + D and the decomposition's per-pair gradients are all w.r.t. the adapters
+(the base a constant: `models.lora.full_params`), the reference is training's (the base model); `audit.subspace`
+'all' is every LoRA factor, 'head_and_last_layers' the adapters of the last `audit.last_layers` layers. Adapter
+dropout is refused (exit 2: `short_runs.check_auditable`).
+
 With `audit.decompose` (the default) it also splits each pair's first order into its own term and the other
 pairs' (displacement_jax/audit/decompose.py, on `audit.subspace` through the projection `audit.sketch` of dimension
 `audit.sketch_dim`): who pushes whom.
@@ -42,9 +48,8 @@ from displacement_jax.config import flags as cli
 from displacement_jax.score import filtering
 from displacement_jax.score import outputs as score_outputs
 from displacement_jax.data import schema
-from displacement_jax.errors import UsageError
+from displacement_jax.models import lora
 from displacement_jax.experiments import short_runs
-from displacement_jax.train import lora as lora_train
 
 ROWS_FILE, SUMMARY_FILE = "audit.jsonl", "audit_summary.json"
 TOP_K = 10
@@ -158,6 +163,7 @@ def summarize(rows: list[dict[str, Any]], config: ml_collections.ConfigDict) -> 
       "batch_size": int(config.batch_size),
       "num_epochs": int(config.num_epochs),
       "objective": str(config.loss.objective),
+      "lora_rank": int(config.model.lora.get("rank", 0) or 0) if config.model.get("lora") else 0,
       "chosen_first_order_mean": float(first.mean()),
       **(
           {"chosen_second_order_mean": float(np.mean([r["chosen_second_order"] for r in rows]))}
@@ -217,11 +223,7 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
   config_checks.check_train(config)
   if int(config.num_steps) > 0:
     raise ValueError("config.num_steps > 0: the audit replays whole epochs; set num_epochs instead (num_steps=0)")
-  if lora_train.enabled(config):  # it would replay a full-parameter run: another run than the one configured
-    raise UsageError(
-        "the audit replays full-parameter runs only; config.model.lora asks for LoRA "
-        "(set --config.model.lora.rank=0 and --config.model.lora.path='' to audit the full-parameter run)"
-    )
+  short_runs.check_auditable(config)  # LoRA: no adapter dropout
   filter_cfg = filter_config(config)
   os.makedirs(config.output_dir, exist_ok=True)
   session = short_runs.Session(config)
@@ -229,7 +231,12 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
   _log(
       f"[audit] {len(dataset.pairs)} pairs of {config.data.path}; the run: {config.loss.objective} beta "
       f"{config.loss.beta:g}, {config.optim.name} lr {float(config.optim.lr):g}, batch {config.batch_size}, "
-      f"{config.num_epochs} epoch(s)"
+      f"{config.num_epochs} epoch(s); trained: "
+      + (
+          f"the LoRA adapters (r{session.lora.rank}, {lora.count(session.params0)} parameters)"
+          if session.lora
+          else "all"
+      )
   )
   order = int(config.get("audit", {}).get("order", 2))
   if bool(config.get("audit", {}).get("decompose", False)):

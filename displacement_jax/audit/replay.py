@@ -16,8 +16,11 @@ updates are summed, never applied, into one direction D = sum_t delta theta_t. T
 f = ln pi(y+_i) (and ln pi(y-_i)). Cost: one backward per batch (as one epoch of training) and one JVP and two
 forwards over the pairs. What is approximated: every update is taken at theta0 (the gradients do not move with the
 parameters), so the prediction is exact to first order in the learning rate and misses how the gradients
-change along the run; docs/results.md measures where that holds. The forward-mode derivative is a finite
-JVP runs on the model's reference path because the fast kernels define custom VJPs (no JVP rule).
+change along the run; docs/results.md measures where that holds. The forward-mode derivative runs on the
+model's reference path because the fast kernels define custom VJPs (no JVP rule).
+
+LoRA: every kernel takes the fixed base params as `base` (None otherwise) and theta0, D are the adapters
+(`lora.full_params(base, adapters)` is what the model sees), as the LoRA train step differentiates them.
 """
 
 from __future__ import annotations
@@ -30,17 +33,21 @@ import numpy as np
 import optax
 
 from displacement_jax import forward, gradients
-from displacement_jax.models import transformer
+from displacement_jax.models import lora, transformer
 
 JVP_PAIRS = 8  # pairs per forward-mode pass (its dense [rows, response slots, V] float32 logits are its memory)
 
 
 def make_replay_step(loss_fn: Callable, optimizer: optax.GradientTransformation, grad_accum: int = 1) -> Callable:
-  """replay_step(params0, opt_state, direction, batch) -> (opt_state, direction): the update the optimizer
-  would make from this batch's gradient AT params0, added to `direction` (params0 itself never changes)."""
+  """replay_step(params0, opt_state, direction, batch, base=None) -> (opt_state, direction): the update the optimizer
+  would make from this batch's gradient AT params0, added to `direction` (params0 itself never changes). With
+  `base` (LoRA) params0 are the adapters and `loss_fn` sees the base combined with them (`lora.full_params`)."""
 
-  def replay_step(params0: Any, opt_state: Any, direction: Any, batch: dict[str, jax.Array]) -> tuple[Any, Any]:
-    _, _, grads = gradients.accumulate_gradients(loss_fn, params0, batch, grad_accum)
+  def replay_step(
+      params0: Any, opt_state: Any, direction: Any, batch: dict[str, jax.Array], base: Any = None
+  ) -> tuple[Any, Any]:
+    loss = lambda p, b: loss_fn(lora.full_params(base, p), b)
+    _, _, grads = gradients.accumulate_gradients(loss, params0, batch, grad_accum)
     updates, opt_state = optimizer.update(grads, opt_state, params0)
     return opt_state, jax.tree.map(lambda d, u: d + u.astype(d.dtype), direction, updates)
 
@@ -48,13 +55,18 @@ def make_replay_step(loss_fn: Callable, optimizer: optax.GradientTransformation,
 
 
 def replay_direction(
-    replay_step: Callable, optimizer: optax.GradientTransformation, params0: Any, batches: Iterable[Any]
+    replay_step: Callable,
+    optimizer: optax.GradientTransformation,
+    params0: Any,
+    batches: Iterable[Any],
+    base: Any = None,
 ) -> Any:
-  """D = the sum of the optimizer's updates over `batches`, every gradient taken at params0 (float32)."""
+  """D = the sum of the optimizer's updates over `batches`, every gradient taken at params0 (float32; with `base`,
+  LoRA: over the adapters params0)."""
   opt_state = optimizer.init(params0)
   direction = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params0)
   for batch in batches:
-    opt_state, direction = replay_step(params0, opt_state, direction, batch)
+    opt_state, direction = replay_step(params0, opt_state, direction, batch, base)
   return direction
 
 
@@ -83,19 +95,20 @@ def reference_model(model: Any) -> Any:
   return transformer.Transformer(model.config.replace(attention_impl="reference"))
 
 
-def make_directional_derivatives(model: Any, order: int = 2) -> Callable[[Any, Any, dict[str, jax.Array]], jax.Array]:
-  """derivatives(params0, direction, batch) -> [order, 2, B]: the first (and, with order 2, second) derivative of
-  t -> ln pi(y+-)(theta0 + t direction) at t = 0 of each pair ([order, chosen/rejected, pair]); the first is
-  <grad ln pi, direction> (jax.jvp), the second direction^T H direction (jax.jvp of that jax.jvp)."""
+def make_directional_derivatives(model: Any, order: int = 2) -> Callable[..., jax.Array]:
+  """derivatives(params0, direction, batch, base=None) -> [order, 2, B]: the first (and, with order 2, second)
+  derivative of t -> ln pi(y+-)(theta0 + t direction) at t = 0 of each pair ([order, chosen/rejected, pair]); the
+  first is <grad ln pi, direction> (jax.jvp), the second direction^T H direction (jax.jvp of that jax.jvp). With
+  `base` (LoRA) theta are the adapters params0 on the fixed base (`lora.full_params`)."""
   if order not in (1, 2):
     raise ValueError(f"audit: order must be 1 or 2, got {order}")
   ref = reference_model(model)
 
-  def derivatives(params0: Any, direction: Any, batch: dict[str, jax.Array]) -> jax.Array:
+  def derivatives(params0: Any, direction: Any, batch: dict[str, jax.Array], base: Any = None) -> jax.Array:
     tangent = jax.tree.map(lambda p, d: d.astype(p.dtype), params0, direction)
 
     def first(p: Any) -> jax.Array:
-      return jax.jvp(lambda q: dense_pair_logps(ref, q, batch), (p,), (tangent,))[1]
+      return jax.jvp(lambda q: dense_pair_logps(ref, lora.full_params(base, q), batch), (p,), (tangent,))[1]
 
     if order == 1:
       return first(params0)[None]

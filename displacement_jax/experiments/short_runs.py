@@ -6,6 +6,11 @@ mesh; `Session.dataset` tokenizes rows exactly as `train.loop.run` does (`runtim
 runs `train.fns.make_fns`'s train step on `train.loop.make_iterator`'s batches (the batches and step of `train.loop.run`,
 without checkpoints or the monitor), returning ln pi(y+) and ln pi(y-) of every pair before training and after
 each epoch.
+
+LoRA (config.model.lora, `train.lora.attach`): the session's params are the adapters (fp32, drawn once with the
+session's config.seed, or model.lora.path's), on the fixed base params `Session.base`; every run trains them alone,
+as `train.loop.run` does (its reference the base model: `reference`), and the audit (`direction`, `derivatives`,
+`audit`, `audit_decomposed`) differentiates w.r.t. them alone (`models.lora.full_params`).
 """
 
 from __future__ import annotations
@@ -23,8 +28,11 @@ import numpy as np
 from displacement_jax import forward, runtime, sharding
 from displacement_jax.audit import decompose, sketch
 from displacement_jax.config import checks as config_checks
+from displacement_jax.errors import UsageError
+from displacement_jax.models import lora
 from displacement_jax.score import core as scoring
 from displacement_jax.train import fns as fns_lib
+from displacement_jax.train import lora as lora_train
 from displacement_jax.train import loop as training
 from displacement_jax.train import monitor as evaluation
 from displacement_jax.audit import replay as audit
@@ -45,7 +53,7 @@ class Measured:
   rejected_N: np.ndarray
   chosen_EN: np.ndarray
   rejected_EN: np.ndarray
-  params: Any = None  # the trained params (kept only when asked)
+  params: Any = None  # the trained params (LoRA: the adapters; kept only when asked)
 
   def chosen_change(self, epoch: int = -1) -> np.ndarray:
     """Change of ln pi(y+) per pair after `epoch` (1-based; -1 = the last)."""
@@ -78,17 +86,30 @@ def flatten(overrides: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
   return out
 
 
+def check_auditable(config: ml_collections.ConfigDict) -> None:
+  """UsageError where the audit's replay would differ from the run `config` describes: LoRA with adapter dropout
+  (the replay takes its gradients without dropout)."""
+  if lora_train.enabled(config) and float(config.model.lora.get("dropout", 0.0) or 0.0) > 0:
+    raise UsageError(
+        "the audit replays LoRA runs without adapter dropout; set --config.model.lora.dropout=0 "
+        f"(got {config.model.lora.dropout})"
+    )
+
+
 class Session:
   """One loaded model (`runtime.load_model(config)`) for many short runs; `config` gives the model, data format,
-  max_length and the defaults every run's config starts from."""
+  max_length and the defaults every run's config starts from. `params0`: the trained params at the start (LoRA:
+  the initial adapters, `base` the fixed base params; otherwise every param, `base` None)."""
 
   def __init__(self, config: ml_collections.ConfigDict):
     self.config = config
     self.mesh = sharding.mesh_from_config(config.mesh, config.get("distributed"))
     self.loaded = runtime.load_model(config, self.mesh)
-    self.params0 = self.loaded.params
+    self.lora = lora_train.attach(self.loaded, config) if lora_train.enabled(config) else None
+    self.params0 = self.loaded.params if self.lora is None else self.lora.initial
     self._logps: Callable | None = None
     self._derivatives: dict[int, Callable] = {}
+    self._reference: tuple[runtime.Dataset, tuple[np.ndarray, np.ndarray]] | None = None
 
   def dataset(self, rows: Sequence[Mapping[str, Any]], name: str) -> runtime.Dataset:
     """Tokenize `rows` (generic preference rows) as train.loop.run would, written to output_dir/data/<name>.jsonl."""
@@ -98,20 +119,36 @@ class Session:
     cfg = common.derive(self.config, {"data.path": path, "data.schema": "generic", "data.limit": 0})
     return runtime.load_data(cfg, self.loaded.tokenizer, self.loaded.model_config.vocab_size)
 
+  @property
+  def base(self) -> Any:
+    """The fixed base params the adapters apply to (LoRA), else None (`models.lora.full_params`)."""
+    return None if self.lora is None else self.lora.base
+
   def logps(self, params: Any, dataset: runtime.Dataset) -> tuple[np.ndarray, np.ndarray]:
-    """(ln pi(y+) [N], ln pi(y-) [N]) of every pair of `dataset` under `params`."""
+    """(ln pi(y+) [N], ln pi(y-) [N]) of every pair of `dataset` under the trained params `params` (LoRA: adapters
+    on `base`)."""
     if self._logps is None:  # one jitted pass for every params (the same model and chunk size)
       model, chunk = self.loaded.model, int(self.config.logprob_chunk_size)
-      self._logps = jax.jit(lambda p, b: forward.pair_logps(model, p, b, chunk))
+      self._logps = jax.jit(lambda base, p, b: forward.pair_logps(model, lora.full_params(base, p), b, chunk))
     pairs = dataset.pairs
     rows = min(EVAL_BATCH, round_up(len(pairs), sharding.data_parallel_size(self.mesh)))
     chosen, rejected = [], []
     for start in range(0, len(pairs), rows):
       part = pairs[start : start + rows]
-      out = jax.device_get(self._logps(params, self._collate(part, dataset.pad_id, rows, packed=True)))
+      out = jax.device_get(self._logps(self.base, params, self._collate(part, dataset.pad_id, rows, packed=True)))
       chosen.append(np.asarray(out["chosen_logps_B"])[: len(part)])
       rejected.append(np.asarray(out["rejected_logps_B"])[: len(part)])
     return np.concatenate(chosen), np.concatenate(rejected)
+
+  def reference(self, dataset: runtime.Dataset, start: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """The reference log-probs of a run, as train.loop.run takes them: the initial model's (`start`), except for
+    LoRA adapters loaded from model.lora.path, where the reference is the base model alone (the base tree,
+    `train.lora`); fresh adapters (B = 0) leave the base model unchanged, so there both are `start`."""
+    if self.lora is None or not self.config.model.lora.get("path"):
+      return start
+    if self._reference is None or self._reference[0] is not dataset:
+      self._reference = (dataset, self.logps({}, dataset))  # no adapters: the base model
+    return self._reference[1]
 
   def measures(self, dataset: runtime.Dataset) -> dict[str, np.ndarray]:
     """`scoring.MEASURES` [N] of every pair at the initial model ('ches', 'ln_ches',
@@ -119,7 +156,7 @@ class Session:
     examples = list(schema.load_preference_data(dataset.path))
     scores = scoring.score_examples(
         self.loaded.model,
-        self.params0,
+        lora.full_params(self.base, self.params0),
         self.config,
         self.loaded.tokenizer,
         examples,
@@ -137,15 +174,15 @@ class Session:
     return sharding.host_local_batch_to_global(batch, self.mesh)
 
   def derivatives(self, direction: Any, dataset: runtime.Dataset, order: int = 1) -> np.ndarray:
-    """[order, 2, N]: the first (and second) derivative of ln pi(y+-) along `direction` at the initial params for
-    every pair (`audit.make_directional_derivatives`)."""
+    """[order, 2, N]: the first (and second) derivative of ln pi(y+-) along `direction` (params0-shaped: LoRA, the
+    adapters) at the initial params for every pair (`audit.make_directional_derivatives`)."""
     if order not in self._derivatives:
       self._derivatives[order] = audit.make_directional_derivatives(self.loaded.model, order)
     out, pairs = [], dataset.pairs
     for start in range(0, len(pairs), audit.JVP_PAIRS):
       part = pairs[start : start + audit.JVP_PAIRS]
       batch = self._collate(part, dataset.pad_id, audit.JVP_PAIRS, packed=True)
-      derivs = self._derivatives[order](self.params0, direction, batch)
+      derivs = self._derivatives[order](self.params0, direction, batch, self.base)
       out.append(np.asarray(jax.device_get(derivs))[:, :, : len(part)])
     return np.concatenate(out, axis=2)
 
@@ -157,11 +194,14 @@ class Session:
       start: tuple[np.ndarray, np.ndarray] | None = None,
   ) -> Any:
     """D of the run `train(dataset, overrides)` would make: its batches replayed at the initial params through its
-    optimizer, the updates summed (`evaluation.replayed_direction`). `start`: as in `train`."""
-    cfg = self.run_config({"data.path": dataset.path, **overrides})
+    optimizer, the updates summed (`evaluation.replayed_direction`; LoRA: over the adapters). `start`: as in
+    `train`."""
+    cfg = self.audit_config({"data.path": dataset.path, **overrides})
     chosen0, rejected0 = start if start is not None else self.logps(self.params0, dataset)
     total, batches = self._replay_batches(dataset, cfg, (chosen0, rejected0))
-    return evaluation.replayed_direction(self.loaded.model, cfg, self.params0, (b for _, b in batches), total)
+    return evaluation.replayed_direction(
+        self.loaded.model, cfg, self.params0, (b for _, b in batches), total, self.base
+    )
 
   def audit(
       self,
@@ -186,11 +226,12 @@ class Session:
   def _replay_batches(
       self, dataset: runtime.Dataset, cfg: ml_collections.ConfigDict, start: tuple[np.ndarray, np.ndarray]
   ) -> tuple[int, Iterator[tuple[np.ndarray, dict[str, Any]]]]:
-    """(number of steps, the run's batches as (positions in dataset.pairs, global batch with the start's log-probs
-    as reference)), in the order and seed of training."""
+    """(number of steps, the run's batches as (positions in dataset.pairs, global batch with the run's reference
+    log-probs, `reference`)), in the order and seed of training."""
     iterator = training.make_iterator(dataset, cfg, self.mesh)
     total = int(cfg.num_epochs) * iterator.steps_per_epoch
-    ref = {"chosen_ref_logps": start[0], "rejected_ref_logps": start[1]}
+    chosen_ref, rejected_ref = self.reference(dataset, start)
+    ref = {"chosen_ref_logps": chosen_ref, "rejected_ref_logps": rejected_ref}
     return total, training.reference_batches(iterator, dataset, self.mesh, ref, total)
 
   def audit_decomposed(
@@ -208,7 +249,7 @@ class Session:
     replay (one backward per batch, recording each step's clip factor and preconditioner on the subspace) gives D;
     then the per-pair gradients at the initial params, projected, of each step's pairs in chunks of
     `audit.pair_chunk` (`_pair_sketches`): as many pair gradients as the run's epochs take."""
-    cfg = self.run_config({"data.path": dataset.path, **overrides})
+    cfg = self.audit_config({"data.path": dataset.path, **overrides})
     s = decompose.settings(cfg)
     chosen0, rejected0 = start if start is not None else self.logps(self.params0, dataset)
     total, batches = self._replay_batches(dataset, cfg, (chosen0, rejected0))
@@ -223,7 +264,7 @@ class Session:
     direction = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), self.params0)
     gammas, qs, members = [], [], []
     for t, (where, batch) in enumerate(batches):
-      opt_state, direction, gamma, q = record(self.params0, opt_state, direction, batch, jnp.int32(t + 1))
+      opt_state, direction, gamma, q = record(self.params0, opt_state, direction, batch, jnp.int32(t + 1), self.base)
       gammas.append(float(gamma))
       qs.append(None if q is None else {k: np.asarray(v) for k, v in jax.device_get(q).items()})
       members.append(np.asarray(where, int))
@@ -242,7 +283,7 @@ class Session:
     del direction, opt_state
     tic = time.perf_counter()
     weights = decompose.step_weights(cfg.optim, [float(schedule(t)) for t in range(total)], qs)
-    dloss = decompose.loss_derivatives(cfg.loss, chosen0, rejected0)
+    dloss = decompose.loss_derivatives(cfg.loss, chosen0, rejected0, *self.reference(dataset, (chosen0, rejected0)))
     rows = self._pair_sketches(dataset, s, dloss, members, [g / int(cfg.batch_size) for g in gammas], weights)
     chosen, rejected = decompose.contributions(rows)
     pairs_s = time.perf_counter() - tic
@@ -297,7 +338,7 @@ class Session:
         part = where[start : start + rows]
         batch = self._collate_rows([pairs[i] for i in part], dataset.pad_id, rows, shape)
         padded = np.concatenate([part, np.full(rows - len(part), len(pairs))])
-        got = fn(self.params0, batch, jnp.asarray(dloss_N2[padded]), weight, bits)
+        got = fn(self.params0, batch, jnp.asarray(dloss_N2[padded]), weight, bits, self.base)
         got = np.asarray(jax.device_get(got), np.float64)[: len(part)]
         if out is None:
           out = np.zeros((len(pairs),) + got.shape[1:])
@@ -328,9 +369,19 @@ class Session:
 
   def run_config(self, overrides: Mapping[str, Any]) -> ml_collections.ConfigDict:
     """The session's config with `overrides` (dotted paths, `common.derive`, or nested), checked as train.loop.run
-    checks it."""
+    checks it. model.lora is the session's (its model and adapters are set at the start): UsageError if a run
+    changes it."""
     cfg = common.derive(self.config, flatten(overrides))
     config_checks.check_train(cfg)
+    if cfg.model.get("lora") is not None and cfg.model.lora.to_dict() != self.config.model.lora.to_dict():
+      changed = sorted(k for k in flatten(overrides) if k.startswith("model.lora"))
+      raise UsageError(f"a short run cannot change the session's model.lora ({', '.join(changed)})")
+    return cfg
+
+  def audit_config(self, overrides: Mapping[str, Any]) -> ml_collections.ConfigDict:
+    """`run_config`, checked by `check_auditable`."""
+    cfg = self.run_config(overrides)
+    check_auditable(cfg)
     return cfg
 
   def train(
@@ -342,14 +393,16 @@ class Session:
       keep_params: bool = False,
   ) -> Measured:
     """Train from the initial params on `dataset` with the session's config + `overrides` for its num_epochs
-    (the train step and batches of train.loop.run; reference log-probs = the initial model's), measuring every pair
-    after each epoch. `start`: the pairs' log-probs at the initial params when already measured."""
+    (the train step and batches of train.loop.run; reference log-probs = the initial model's; LoRA: the adapters
+    alone), measuring every pair after each epoch. `start`: the pairs' log-probs at the initial params when already
+    measured."""
     cfg = self.run_config({"data.path": dataset.path, **overrides})
     iterator = training.make_iterator(dataset, cfg, self.mesh)
     epochs = int(cfg.num_epochs)
     fns = fns_lib.make_fns(self.loaded, cfg, self.mesh, epochs * iterator.steps_per_epoch)
     chosen0, rejected0 = start if start is not None else self.logps(self.params0, dataset)
-    ref = {"chosen_ref_logps": chosen0, "rejected_ref_logps": rejected0}
+    chosen_ref, rejected_ref = self.reference(dataset, (chosen0, rejected0))
+    ref = {"chosen_ref_logps": chosen_ref, "rejected_ref_logps": rejected_ref}
     state = fns.init_state(jax.tree.map(jnp.copy, self.params0))  # init_state donates its argument
     chosen_E, rejected_E = [], []
     for _ in range(epochs):

@@ -237,11 +237,10 @@ def network_gram(
   """
   b = {k: jnp.asarray(v) for k, v in batch.items()}
   ids_C = jnp.asarray(list(candidates), jnp.int32)
-  full = (lambda q, base: q) if adapters is None else (lambda q, base: lora.combine(base, q))
 
   @jax.jit
   def gram(p, base):
-    logp_C = lambda q: forward.next_token_outputs(model, full(q, base), b)["logp_BV"][0, ids_C]
+    logp_C = lambda q: forward.next_token_outputs(model, lora.full_params(base, q), b)["logp_BV"][0, ids_C]
     jac = jax.jacrev(logp_C)(p)  # leaves [C, ...]
     parts = [
         jnp.einsum("cp,dp->cd", g.reshape(len(candidates), -1), g.reshape(len(candidates), -1), precision="highest")
@@ -411,10 +410,11 @@ class DPOOnOnePrompt:
     self.optimizer = optim_lib.make_optimizer(optim_cfg, self.steps)
     self.lr = float(config.dpo.lr)
     loss_fn = single_token_loss_fn(model, loss_cfg)
-    full = lora.combine if self.lora else (lambda base, params: params)  # the tree the model takes
     self.train_step = jit_step(model, loss_cfg, self.optimizer, self.lora)
-    self.next_logp = jax.jit(lambda p, b, base: forward.next_token_outputs(model, full(base, p), b)["logp_BV"][0])
-    self.loss = jax.jit(lambda p, b, base: loss_fn(full(base, p), b)[0])
+    self.next_logp = jax.jit(
+        lambda p, b, base: forward.next_token_outputs(model, lora.full_params(base, p), b)["logp_BV"][0]
+    )
+    self.loss = jax.jit(lambda p, b, base: loss_fn(lora.full_params(base, p), b)[0])
 
   def __call__(
       self, params: Any, batch_np: dict[str, np.ndarray], steps: int | None = None, adapters: Any = None

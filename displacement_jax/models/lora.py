@@ -125,6 +125,13 @@ def combine(base: Mapping[str, Any], adapters: Mapping[str, Any]) -> dict[str, A
   return out
 
 
+def full_params(base: Mapping[str, Any] | None, params: Mapping[str, Any]) -> Mapping[str, Any]:
+  """The param tree the model takes from the TRAINED params: `params` itself without a base (full fine-tuning),
+  `combine(base, params)` with one (LoRA: `params` the adapters). Differentiating through it w.r.t. `params`
+  differentiates w.r.t. the adapters alone, the base a constant."""
+  return params if base is None else combine(base, params)
+
+
 def split(params: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
   """(base, adapters) of a combined tree (the inverse of `combine`)."""
   base: dict[str, Any] = {}

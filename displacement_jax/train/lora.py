@@ -71,7 +71,10 @@ def check(config: ml_collections.ConfigDict) -> None:
 def attach(loaded: runtime.Loaded, config: ml_collections.ConfigDict) -> Adapters:
   """Make `loaded` a LoRA run: `loaded.params` the base params alone, its model one that applies adapters (alpha,
   rsLoRA of the config, or of model.lora.path which runtime.load_model applied), and `loaded.lora` the base
-  params and the initial fp32 adapters (PEFT's init, or the directory's)."""
+  params and the initial fp32 adapters (PEFT's init, or the directory's). A `loaded` attached already (one model
+  for many runs: experiments.short_runs.Session) is returned as it is."""
+  if loaded.lora is not None:
+    return loaded.lora
   check(config)
   lc = config.model.lora
   base, initial = lora.split(loaded.params)

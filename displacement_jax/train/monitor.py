@@ -74,14 +74,20 @@ def token_names(tokenizer: Any, vocab_size: int) -> list[str]:
 
 
 def replayed_direction(
-    model: Any, config: ml_collections.ConfigDict, params0: Any, batches: Iterable[Any], total_steps: int
+    model: Any,
+    config: ml_collections.ConfigDict,
+    params0: Any,
+    batches: Iterable[Any],
+    total_steps: int,
+    base: Any = None,
 ) -> Any:
   """D of the run `config` describes: its `batches` (all `total_steps`, with reference log-probs) replayed at
-  `params0` through its optimizer and loss (`audit.make_replay_step`), the updates summed (`audit.replay_direction`)."""
+  `params0` through its optimizer and loss (`audit.make_replay_step`), the updates summed (`audit.replay_direction`).
+  With `base` (LoRA) params0 and D are the adapters, the base fixed."""
   optimizer = optim_lib.make_optimizer(config.optim, total_steps)
   loss_fn = step_lib.make_loss_fn(model, config.loss, int(config.logprob_chunk_size))
   replay = jax.jit(audit.make_replay_step(loss_fn, optimizer, int(config.optim.grad_accum)))
-  return audit.replay_direction(replay, optimizer, params0, batches)
+  return audit.replay_direction(replay, optimizer, params0, batches, base)
 
 
 def audit_predictions(
@@ -98,17 +104,20 @@ def audit_predictions(
   """The displacement audit of this run for the monitored `rows`: the run's `batches` (all `total_steps`, with
   reference log-probs) replayed at the initial params `loaded.params` through its optimizer and summed into D
   (`replayed_direction`); per pair the predicted change of ln pi(y+) over the run, {'first_order':
-  <grad ln pi(y+), D>, 'along_direction': the model at theta0 + D} [len(rows)], in chunks of audit.JVP_PAIRS."""
-  params0 = loaded.params
-  direction = replayed_direction(loaded.model, config, params0, batches, total_steps)
-  shifted = jax.device_put(audit.shifted(params0, direction, 1.0), fns.param_sh)
+  <grad ln pi(y+), D>, 'along_direction': the model at theta0 + D} [len(rows)], in chunks of audit.JVP_PAIRS.
+  LoRA (`loaded.lora`): theta0 and D are the initial adapters and their summed updates, on the fixed base."""
+  base, params0 = (None, loaded.params) if loaded.lora is None else (loaded.lora.base, loaded.lora.initial)
+  direction = replayed_direction(loaded.model, config, params0, batches, total_steps, base)
+  shifted = audit.shifted(params0, direction, 1.0)
+  if base is None:  # LoRA: fns.monitor places the (replicated) adapters itself
+    shifted = jax.device_put(shifted, fns.param_sh)
   derivatives = audit.make_directional_derivatives(loaded.model, 1)
   dp, first, along = sharding.data_parallel_size(mesh), [], []
   for start in range(0, len(rows), audit.JVP_PAIRS):
     part = np.asarray(rows[start : start + audit.JVP_PAIRS])
     batch = packed_monitor_batch(monitor_batch(dataset, part, config, dp, ref), dataset, config, dp)
     batch = sharding.global_batch_to_devices(batch, mesh)
-    first.append(np.asarray(jax.device_get(derivatives(params0, direction, batch)))[0, 0, : len(part)])
+    first.append(np.asarray(jax.device_get(derivatives(params0, direction, batch, base)))[0, 0, : len(part)])
     at_d, at_0 = (
         np.asarray(jax.device_get(fns.monitor(p, batch))["chosen_logps_B"], np.float64) for p in (shifted, params0)
     )
