@@ -33,6 +33,7 @@ def main() -> None:
   parser.add_argument("--config_arg", default="", help="configs/audit_demo.py's arg (e.g. 'tiny')")
   parser.add_argument("--modes", default="truncated,whole", help="truncated | whole, comma-separated")
   parser.add_argument("--chunks", default="2", help="pairs per vectorised call, comma-separated")
+  parser.add_argument("--sketch_dim", type=int, default=0, help="audit.sketch_dim (0: the config's)")
   args = parser.parse_args()
   config = audit_demo.get_config(args.config_arg or None)
   config.output_dir = tempfile.mkdtemp(prefix="decompose_chunk_")
@@ -41,6 +42,8 @@ def main() -> None:
   pairs = dataset.pairs
   shape = packing.packed_lengths(session._host_collate(pairs, dataset.pad_id, len(pairs)))  # pylint: disable=protected-access
   audit = dict(config.audit)
+  if args.sketch_dim:
+    audit["sketch_dim"] = args.sketch_dim
   subspace = jax.eval_shape(lambda p: sketch.select(p, audit["subspace"], audit["last_layers"]), session.params0)
   bits = sketch.count_sketch_bits(subspace, int(audit["sketch_seed"]))
   for mode in args.modes.split(","):
@@ -48,12 +51,14 @@ def main() -> None:
       s = decompose.settings(ml_collections.ConfigDict({"audit": {**audit, "pair_chunk": chunk}}))
       fn = decompose.make_chunk_sketches(session.loaded.model, int(config.logprob_chunk_size), s, mode == "truncated")
       dloss = jnp.zeros((chunk, 2))
+      leaves = jax.eval_shape(lambda p: sketch.select(p, audit["subspace"], audit["last_layers"]), session.params0)
+      weight = {name: jnp.full(x.shape, 1e-3, jnp.float32) for name, x in leaves.items()}  # a preconditioner's shape
       times = []
       for k in range(4):
         part = [pairs[(k * chunk + i) % len(pairs)] for i in range(chunk)]
         rows = session._collate_rows(part, dataset.pad_id, chunk, shape)  # pylint: disable=protected-access
         tic = time.perf_counter()
-        jax.block_until_ready(fn(session.params0, rows, dloss, 1.0, bits))
+        jax.block_until_ready(fn(session.params0, rows, dloss, weight, bits))
         times.append(time.perf_counter() - tic)
       per_chunk = float(np.median(times[1:]))
       print(

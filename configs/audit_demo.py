@@ -5,11 +5,14 @@
 
 The demo's 40 minimal-edit pairs (displacement_jax/assets/edit_pairs_40.jsonl: `edit_pairs.rows("edit", limit=40)`,
 checked by tests/test_audit.py), DPO beta 0.1, RMSprop (torch defaults) lr 1e-6, batch 8, one epoch. The
-decomposition projects per-pair gradients by a count-sketch of k = 4096 on the LM head (the tied embedding), the
+decomposition projects per-pair gradients by a count-sketch of k = 16384 on the LM head (the tied embedding), the
 final norm and the last 2 decoder layers: 35,392,320 of SmolLM2's 134,515,008 parameters. Not on all of them here:
 that would hold the 5 steps' preconditioners (5 x 0.54 GB float32) on the host and per pair of a chunk its two
 gradients and three weighted / stacked copies (5 x 0.54 GB), while this run already peaks near the ~6 GiB this
-machine allows (docs/results.md section 0). Chunks of 2 pairs.
+machine allows (docs/results.md section 0). k = 16384, not 4096: the head's count-sketch hashes rows and columns
+(audit/sketch.py), noisier per k on these gradients (own + others against the exact subspace first order:
+correlation 0.54-0.73 at 4096, 0.75-0.86 at 8192, 0.88-0.95 at 16384, two seeds each; BENCHMARKS.md). One pair
+per vectorised call (faster than 2 on this 2-core machine).
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.audit.subspace = "head_and_last_layers"
   config.audit.last_layers = 2
   config.audit.sketch = "count_sketch"
-  config.audit.sketch_dim = 4096
-  config.audit.pair_chunk = 2
+  config.audit.sketch_dim = 16384
+  config.audit.pair_chunk = 1
   del config.demo
   return config

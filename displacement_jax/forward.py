@@ -79,15 +79,26 @@ def response_hidden(hidden_BTD: jax.Array, batch: dict[str, jax.Array]) -> jax.A
   return jnp.take_along_axis(hidden_BTD, batch["response_slot_BR"][..., None], axis=1)
 
 
+def packed_response_logps(
+    model: Any, params: Any, batch: dict[str, jax.Array], chunk_size: int
+) -> tuple[jax.Array, jax.Array]:
+  """(log-probs [B, R] float32 of a packed batch's response labels, 0 on empty slots; the LM-head inputs [B, R, D]
+  at those slots): one forward, the LM head on the response slots only."""
+  hidden_BRD = response_hidden(packed_forward_hidden(model, params, batch), batch)
+  logps_BR = logprobs_lib.chunked_token_logprobs(
+      hidden_BRD,
+      unembed(model, params),
+      batch["response_label_BR"],
+      chunk_size=chunk_size,
+      mask_BT=batch["response_side_BR"] > 0,
+  )
+  return logps_BR, hidden_BRD
+
+
 def packed_pair_logps(model: Any, params: Any, batch: dict[str, jax.Array], chunk_size: int) -> dict[str, jax.Array]:
   """`pair_logps` of a packed batch: one forward, LM head on response slots only."""
-  hidden_BRD = response_hidden(packed_forward_hidden(model, params, batch), batch)
-  side_BR = batch["response_side_BR"]
-  unembed_DV = unembed(model, params)
-  logps_BR = logprobs_lib.chunked_token_logprobs(
-      hidden_BRD, unembed_DV, batch["response_label_BR"], chunk_size=chunk_size, mask_BT=side_BR > 0
-  )
-  mean_BR = mean_logit(hidden_BRD, unembed_DV)
+  logps_BR, hidden_BRD = packed_response_logps(model, params, batch, chunk_size)
+  mean_BR = mean_logit(hidden_BRD, unembed(model, params))
   out = {}
   for k, side in enumerate(SIDES, start=1):
     out[f"{side}_logps_B"] = per_pair_sum(logps_BR, batch, k)

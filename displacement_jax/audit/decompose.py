@@ -32,7 +32,9 @@ inside the call, count-sketch's hash drawn once per run), and S(W_j * g_j) = sum
 W_j out): as many per-pair backwards as the run has pair gradients (one epoch: one per pair, for y+ and for
 y-), batched as training batches them. Only one chunk's per-pair gradients exist at a time (P x 3 x |subspace|
 float32). On 'head_and_last_layers' the backward stops below the subspace (audit/truncated.py: the layers under it
-run forward with fixed weights, so their weight gradients are never formed); on 'all' it is the whole model's.
+run forward with fixed weights, so their weight gradients are never formed) and, with count-sketch on packed rows,
+the head's per-side gradients are sketched from their factors (audit/factored.py); on 'all' it is the whole
+model's.
 
 LoRA runs (`base` given: theta the adapters on the fixed base params, `lora.full_params`): a_j, b_j, g_j, D, W_j
 and the preconditioners are all adapter-shaped (the trained parameters); 'all' is every LoRA factor,
@@ -55,7 +57,7 @@ from displacement_jax import forward, gradients
 from displacement_jax.data import packing
 from displacement_jax.models import lora
 from displacement_jax.train import step as step_lib
-from displacement_jax.audit import sketch, truncated
+from displacement_jax.audit import factored, sketch, truncated
 
 DEFAULTS = {  # config.audit (configs/base.py)
     "decompose": True,
@@ -188,10 +190,14 @@ def make_chunk_sketches(model: Any, chunk_size: int, s: Settings, truncate: bool
   (`sketch.count_sketch_bits` of the subspace; None for the other projections). Vectorised over the rows (jax.vmap
   of the per-pair vjp): one forward and one backward per side for the whole chunk, the projection inside the
   call, so the per-pair gradients exist only for this chunk (about P x 3 x |subspace| float32) and never for the
-  dataset; on 'head_and_last_layers' through `truncated.stacked` (no weight gradient below the subspace; `truncate`
-  False: the whole model's backward, the same values; benchmarks/decompose_chunk.py compares). With `base` (LoRA;
-  None otherwise) params0 are the adapters, differentiated on the fixed base (`lora.full_params`), through the
-  whole model's backward. Filler rows (no loss position) give zeros."""
+  dataset; on 'head_and_last_layers' through a model cut below the subspace (`truncated.split`, once per params0
+  object, not per call: no weight gradient below the subspace) and, with count-sketch on packed rows, the head's
+  gradient kept as factors (`factored.pair_sketches`); `truncate` False: the whole model's backward, the same
+  values (benchmarks/decompose_chunk.py compares). With `base` (LoRA; None otherwise) params0 are the adapters,
+  differentiated on the fixed base (`lora.full_params`), through the whole model's backward. Filler rows (no loss
+  position) give zeros."""
+
+  cut = truncate and truncated.applies(model.config, s.subspace, s.last_layers)
 
   def one(params0, row, dloss_2, weight, bits, base):
     batch = {key: x[None] for key, x in row.items()}
@@ -199,8 +205,10 @@ def make_chunk_sketches(model: Any, chunk_size: int, s: Settings, truncate: bool
       batch["response_pair_BR"] = jnp.where(batch["response_pair_BR"] >= 0, 0, -1)
 
     net, wrt = model, params0
-    if truncate and base is None and truncated.applies(model.config, s.subspace, s.last_layers):  # stops below it
-      net, wrt = truncated.stacked(model, params0, s.last_layers)
+    if cut and base is None:  # stops below the subspace; params0 is `truncated.split`'s
+      net, wrt = truncated.stacked_model(model.config, s.last_layers, params0["fixed"]), params0["free"]
+      if factored.applies(model.config, s.subspace, s.last_layers, s.sketch, packing.is_packed(batch), False):
+        return factored.pair_sketches(net, wrt, batch, chunk_size, dloss_2, weight, bits, s)
 
     def logps(p):
       out = forward.pair_logps(net, lora.full_params(base, p), batch, chunk_size)
@@ -213,10 +221,18 @@ def make_chunk_sketches(model: Any, chunk_size: int, s: Settings, truncate: bool
     stacked = {k: jnp.stack([a[k], b[k], scale(k) * (dloss_2[0] * a[k] + dloss_2[1] * b[k])]) for k in a}
     return sketch.project_rows(stacked, s.sketch, s.sketch_dim, s.sketch_seed, bits)
 
-  batched = jax.vmap(one, in_axes=(None, 0, 0, None, None, None))
-  return jax.jit(
-      lambda params0, rows, dloss, weight, bits, base=None: batched(params0, rows, dloss, weight, bits, base)
-  )
+  batched = jax.jit(jax.vmap(one, in_axes=(None, 0, 0, None, None, None)))
+  split = jax.jit(lambda p: truncated.split(p, model.config, s.last_layers))
+  held: list[Any] = [None, None]  # (params0, its split): split once per params0, not per call
+
+  def sketches(params0, rows, dloss, weight, bits, base=None):
+    if cut and base is None:
+      if held[0] is not params0:
+        held[:] = [params0, split(params0)]
+      params0 = held[1]
+    return batched(params0, rows, dloss, weight, bits, base)
+
+  return sketches
 
 
 def loss_derivatives(
@@ -236,7 +252,7 @@ def loss_derivatives(
   r = jnp.asarray(rejected0_N, jnp.float32)
   rc = c if chosen_ref_N is None else jnp.asarray(chosen_ref_N, jnp.float32)
   rr = r if rejected_ref_N is None else jnp.asarray(rejected_ref_N, jnp.float32)
-  dw, dl = jax.vmap(jax.grad(one, argnums=(0, 1)))(c, r, rc, rr)
+  dw, dl = jax.jit(jax.vmap(jax.grad(one, argnums=(0, 1))))(c, r, rc, rr)
   return np.stack([np.asarray(dw), np.asarray(dl)])
 
 

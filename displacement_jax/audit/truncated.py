@@ -37,7 +37,8 @@ def _layers_config(config: Any, start: int, stop: int) -> Any:
   return config.replace(num_layers=stop - start, layer_types=types)
 
 
-def _head_key(config: Any) -> str:
+def head_key(config: Any) -> str:
+  """The head's top-level key in the params: 'embed_tokens' when tied, else 'lm_head'."""
   return "embed_tokens" if config.tie_word_embeddings else "lm_head"
 
 
@@ -45,7 +46,7 @@ def free_params(params: Any, config: Any, last_layers: int) -> dict[str, Any]:
   """The differentiated part: {'layers': the last k layers, 'norm', the head ('lm_head', or 'embed_tokens' when
   tied)}; the leaves `sketch.select(params, 'head_and_last_layers', k)` names, with the same names."""
   cut = int(config.num_layers) - int(last_layers)
-  head = _head_key(config)
+  head = head_key(config)
   return {
       "layers": jax.tree.map(lambda x: x[cut:], params["layers"]),
       "norm": params["norm"],
@@ -57,11 +58,13 @@ def free_params(params: Any, config: Any, last_layers: int) -> dict[str, Any]:
 class StackedModel:
   """`bottom` then `top` behind the interface forward.* uses (`config`, `apply`): `apply({'params': free})` runs the
   bottom on `fixed` (its layers, and the embedding unless it is the tied head, which comes from `free`) and the top
-  on `free` from the bottom's residual stream."""
+  on `free` from the bottom's residual stream. With `lookup_BTD` the bottom starts from those embedding rows
+  (`transformer.embedded_input`) instead of its own lookup."""
 
   bottom: transformer.Transformer
   top: transformer.Transformer
   fixed: dict[str, Any]
+  lookup_BTD: Any = None  # set: the bottom starts from these embedding rows of the input ids (audit/factored.py)
 
   @property
   def config(self) -> Any:
@@ -78,6 +81,9 @@ class StackedModel:
     if "lm_head" in free:
       bottom_params["lm_head"] = stop(free["lm_head"])
     shared = {k: v for k, v in kwargs.items() if k in ("positions_BT", "branch_BT", "segment_BT")}
+    if self.lookup_BTD is not None:  # the rows looked up outside, differentiated through them
+      bottom_params["embed_tokens"] = stop(bottom_params["embed_tokens"])
+      shared["residual_BTD"] = transformer.embedded_input(self.lookup_BTD, input_ids_BT, self.bottom.config)
     residual_BTD = self.bottom.apply(
         {"params": bottom_params},
         input_ids_BT,
@@ -89,14 +95,27 @@ class StackedModel:
     return self.top.apply({"params": free}, input_ids_BT, attention_mask_BT, residual_BTD=residual_BTD, **kwargs)
 
 
-def stacked(model: Any, params: Any, last_layers: int) -> tuple[StackedModel, Any]:
-  """(the StackedModel of `model` cut above its last `last_layers` layers, holding `params`' fixed part; the free
-  part `free_params`)."""
-  config = model.config
+def split(params: Any, config: Any, last_layers: int) -> dict[str, Any]:
+  """{'fixed': the part held fixed (the first L - k layers; the embedding unless it is the tied head), 'free':
+  `free_params`}. Slicing the stacked layers copies them: a caller making many calls splits once (under jit, a
+  per-call split copies the bottom's weights every call)."""
   cut = int(config.num_layers) - int(last_layers)
   fixed = {"layers": jax.tree.map(lambda x: x[:cut], params["layers"])}
   if not config.tie_word_embeddings:
     fixed["embed_tokens"] = params["embed_tokens"]
+  return {"fixed": fixed, "free": free_params(params, config, last_layers)}
+
+
+def stacked_model(config: Any, last_layers: int, fixed: dict[str, Any]) -> StackedModel:
+  """The StackedModel of a model with `config` cut above its last `last_layers` layers, holding `fixed`."""
+  cut = int(config.num_layers) - int(last_layers)
   bottom = transformer.Transformer(_layers_config(config, 0, cut))
   top = transformer.Transformer(_layers_config(config, cut, int(config.num_layers)))
-  return StackedModel(bottom, top, fixed), free_params(params, config, last_layers)
+  return StackedModel(bottom, top, fixed)
+
+
+def stacked(model: Any, params: Any, last_layers: int) -> tuple[StackedModel, Any]:
+  """(the StackedModel of `model` cut above its last `last_layers` layers, holding `params`' fixed part; the free
+  part `free_params`)."""
+  parts = split(params, model.config, last_layers)
+  return stacked_model(model.config, last_layers, parts["fixed"]), parts["free"]

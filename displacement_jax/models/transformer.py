@@ -535,12 +535,7 @@ class Transformer(nn.Module):
         raise ValueError(f"residual_BTD shape {tuple(residual_BTD.shape)} must be input_ids_BT's + ({c.hidden_size},)")
       x_BTD = residual_BTD.astype(dtype)
     else:
-      x_BTD = embed(input_ids_BT).astype(dtype)
-      if c.freeze_pad_embedding and c.pad_token_id is not None:  # HF's padding_idx: no lookup gradient for pad
-        x_BTD = jnp.where((input_ids_BT == c.pad_token_id)[..., None], jax.lax.stop_gradient(x_BTD), x_BTD)
-      if c.embed_scale:  # Gemma: sqrt(d) rounded to the compute dtype; Gemma-3: to the embedding's dtype (as HF)
-        scale_dtype = _dtype(c.param_dtype) if c.model_type == "gemma3_text" else dtype
-        x_BTD = x_BTD * jnp.asarray(c.hidden_size**0.5, scale_dtype).astype(dtype)
+      x_BTD = embedded_input(embed(input_ids_BT), input_ids_BT, c)
 
     if cache is None:
       index = None
@@ -614,6 +609,20 @@ class Transformer(nn.Module):
         cache=new_cache,
         residual_BTD=x_BTD if return_residual else None,
     )
+
+
+def embedded_input(lookup_BTD: Array, input_ids_BT: Array, c: ModelConfig) -> Array:
+  """The residual stream entering the first layer from the looked-up embedding rows `lookup_BTD` of `input_ids_BT`:
+  in the compute dtype, pad rows without a lookup gradient (HF's padding_idx, when frozen) and Gemma's sqrt(d)
+  scale (audit/factored.py differentiates through it from the rows)."""
+  dtype = _dtype(c.dtype)
+  x_BTD = lookup_BTD.astype(dtype)
+  if c.freeze_pad_embedding and c.pad_token_id is not None:  # HF's padding_idx: no lookup gradient for pad
+    x_BTD = jnp.where((input_ids_BT == c.pad_token_id)[..., None], jax.lax.stop_gradient(x_BTD), x_BTD)
+  if c.embed_scale:  # Gemma: sqrt(d) rounded to the compute dtype; Gemma-3: to the embedding's dtype (as HF)
+    scale_dtype = _dtype(c.param_dtype) if c.model_type == "gemma3_text" else dtype
+    x_BTD = x_BTD * jnp.asarray(c.hidden_size**0.5, scale_dtype).astype(dtype)
+  return x_BTD
 
 
 class _LMHead(nn.Module):
