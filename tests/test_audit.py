@@ -530,10 +530,13 @@ def test_projected_inner_products_converge_as_one_over_sqrt_k(session):
     assert all(b < 5.0 for b in bias[kind]), (kind, bias[kind])  # unbiased: |t| of the mean error over seeds
 
 
-def test_training_monitor_logs_the_audit_beside_the_measured_change(tmp_path):
+@pytest.mark.parametrize("lora_rank", [0, 4])
+def test_training_monitor_logs_the_audit_beside_the_measured_change(tmp_path, lora_rank):
   """eval.audit in train.run (configs/dpo_tiny.py, SGD at a small lr, one epoch of 3 steps): the monitor's last
   row gives per pair the audit's prediction (first order, the model at theta0 + D) beside the measured change of
-  ln pi(y+), equal to first order in lr; its Spearman and sign agreement are those of the pairs it lists."""
+  ln pi(y+), equal to first order in lr; its Spearman and sign agreement are those of the pairs it lists. With LoRA
+  (r4 adapters) the monitor replays the adapters' updates on the fixed base, as training makes them (a replay of
+  all parameters would predict a run that did not happen)."""
   from configs import dpo_tiny  # pylint: disable=g-import-not-at-top
   from displacement_jax.train import loop as training  # pylint: disable=g-import-not-at-top
   from displacement_jax.experiments import results  # pylint: disable=g-import-not-at-top
@@ -541,6 +544,8 @@ def test_training_monitor_logs_the_audit_beside_the_measured_change(tmp_path):
   config = dpo_tiny.get_config()
   config.output_dir = str(tmp_path)
   config.optim.name, config.optim.lr, config.num_steps, config.num_epochs = "sgd", 1e-3, 0, 1
+  if lora_rank:
+    config.model.lora.rank, config.optim.lr = lora_rank, 1e-2  # B starts at 0: a larger step to move ln pi
   config.eval.every, config.eval.audit, config.checkpoint.at_end, config.reference.cache = 0, True, False, False
   result = training.run(config)
   pairs = np.array(result.monitor["monitor/audit_pairs"])  # [row, first order, along, measured]
