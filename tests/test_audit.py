@@ -21,6 +21,7 @@ from displacement_jax.audit import replay as audit
 from displacement_jax.audit import sketch
 from displacement_jax.train import optim as optim_lib
 from displacement_jax.experiments import edit_pairs, short_runs
+from tests import short_run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -625,17 +626,7 @@ def test_lora_sgd_audit_predicts_the_measured_lora_step(lora_session, tmp_path):
   assert np.abs(np.stack(start) - np.stack(base_model)).max() > 0.5  # the adapters moved the start away from it
   pred, info = s.audit_decomposed(dataset, overrides, start=start)
   assert info["subspace_size"] == lora.count(s.params0)  # the adapters, nothing of the base
-  run_cfg = s.run_config(
-      {
-          **overrides,
-          "data.path": dataset.path,
-          "main": "",
-          "output_dir": str(tmp_path / "train"),
-          "eval.every": 0,
-          "checkpoint.at_end": False,
-          "reference.cache": False,
-      }
-  )
+  run_cfg = short_run.train_run_config(s, dataset, overrides, tmp_path)
   trained = training.run(run_cfg).params  # the adapters
   changes = np.stack(s.logps(jax.device_put(trained), dataset)) - np.stack(start)
   scale = np.abs(changes).max()
@@ -646,6 +637,29 @@ def test_lora_sgd_audit_predicts_the_measured_lora_step(lora_session, tmp_path):
     np.testing.assert_allclose(c.sum(axis=1), pred["first_order"][side], atol=1e-4 * scale)
   measured = s.train(dataset, overrides, start=start)
   np.testing.assert_allclose(np.stack([measured.chosen_change(), measured.rejected_change()]), changes, atol=1e-5)
+
+
+def test_lora_decomposition_on_the_last_layers_adapters_sums_to_their_first_order(lora_session):
+  """LoRA, subspace 'head_and_last_layers' (the adapters of the last layer: LoRA has none on the head or the norm),
+  RMSprop, two steps, no projection: per pair own + others equals the exact first order along D restricted to those
+  adapters (the JVP of `sketch.restrict(D)`), which is neither zero nor the whole first order."""
+  s, dataset = lora_session
+  overrides = {
+      "optim.name": "rmsprop",
+      "optim.lr": 1e-3,
+      "batch_size": 4,
+      "audit.sketch": "none",
+      "audit.subspace": "head_and_last_layers",
+      "audit.last_layers": 1,
+  }
+  pred, info = s.audit_decomposed(dataset, overrides)
+  last = sketch.select(s.params0, "head_and_last_layers", 1)
+  assert info["subspace_size"] == sketch.size(last) < lora.count(s.params0)
+  exact = info["subspace_first_order"]
+  scale = np.abs(exact).max()
+  assert scale > 1e-3 and np.abs(exact - pred["first_order"]).max() > 0.05 * np.abs(pred["first_order"]).max()
+  for side, c in enumerate((info["chosen"], info["rejected"])):
+    np.testing.assert_allclose(c.sum(axis=1), exact[side], atol=1e-4 * scale)
 
 
 def test_cli_audits_a_lora_run_on_its_adapters(tmp_path, lora_session, capsys):

@@ -9,6 +9,7 @@ import jax
 import numpy as np
 from displacement_jax.train import loop as training
 from displacement_jax.experiments import edit_pairs, edit_search, gainers, short_runs
+from tests import short_run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -24,17 +25,7 @@ def test_a_short_run_equals_training_run(tmp_path):
   dataset = session.dataset(edit_pairs.rows("edit", limit=16), "edit")
   overrides = {"optim.name": "rmsprop", "optim.lr": 1e-3, "num_epochs": 2}
   measured = session.train(dataset, overrides, keep_params=True)
-  run_cfg = session.run_config(
-      {
-          **overrides,
-          "data.path": dataset.path,
-          "main": "",
-          "output_dir": str(tmp_path / "train"),
-          "eval.every": 0,
-          "checkpoint.at_end": False,
-          "reference.cache": False,
-      }
-  )
+  run_cfg = short_run.train_run_config(session, dataset, overrides, tmp_path)
   result = training.run(run_cfg)
   assert result.step == 2 * len(dataset.pairs) // 8
   chosen, rejected = session.logps(jax.device_put(result.params), dataset)
