@@ -8,8 +8,9 @@ A pair's gradient of ln pi(y) on the head is a sum of outer products (logprobs.p
                                                                   embedding row of input token x_t)
 
 over the side's response slots (and, tied, every input position). `make_chunk_sketches` (audit/decompose.py)
-differentiated the whole head and count-sketched its [V, D] gradient per side: about 0.6 s of a pair's 1 s on
-SmolLM2 (BENCHMARKS.md). Here the head is held fixed in the backward (no head gradient is formed), h_r and the
+differentiated the whole head and count-sketched its [V, D] gradient per side (1.03 s per pair on SmolLM2 at k
+4096; 0.64 s this way, with the cut split once: BENCHMARKS.md). Here the head is held fixed in the backward (no
+head gradient is formed), h_r and the
 lookup cotangents come out of it, and the head's S a and S b are projected from the factors (`sketch.outer_project`,
 count-sketch's outer hash of the head). Only the third vector, S(W * g) with W the per-coordinate preconditioner,
 needs g on the head's coordinates: it is formed once per pair (one [V, D] matrix, not one per side) and projected.
