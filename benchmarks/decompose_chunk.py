@@ -51,8 +51,7 @@ def main() -> None:
       s = decompose.settings(ml_collections.ConfigDict({"audit": {**audit, "pair_chunk": chunk}}))
       fn = decompose.make_chunk_sketches(session.loaded.model, int(config.logprob_chunk_size), s, mode == "truncated")
       dloss = jnp.zeros((chunk, 2))
-      leaves = jax.eval_shape(lambda p: sketch.select(p, audit["subspace"], audit["last_layers"]), session.params0)
-      weight = {name: jnp.full(x.shape, 1e-3, jnp.float32) for name, x in leaves.items()}  # a preconditioner's shape
+      weight = {name: jnp.full(x.shape, 1e-3, jnp.float32) for name, x in subspace.items()}  # a preconditioner's shape
       times = []
       for k in range(4):
         part = [pairs[(k * chunk + i) % len(pairs)] for i in range(chunk)]

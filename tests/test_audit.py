@@ -411,7 +411,7 @@ def test_factored_head_sketches_equal_the_dense_route(session, tied):
   rows = s._collate_rows(pairs, dataset.pad_id, 4, shape)
   audit_settings = {"sketch": "count_sketch", "sketch_dim": 64, "subspace": "head_and_last_layers", "last_layers": 1}
   settings = decompose.settings(ml_collections.ConfigDict({"audit": audit_settings}))
-  assert factored.applies(model.config, "head_and_last_layers", 1, "count_sketch", True, False)
+  assert factored.applies(model.config, "head_and_last_layers", 1, "count_sketch", True)
   leaves = sketch.select(params, "head_and_last_layers", 1)
   bits = sketch.count_sketch_bits(leaves, 0)
   keys = jax.random.split(jax.random.key(2), len(leaves))

@@ -192,7 +192,7 @@ def make_chunk_sketches(model: Any, chunk_size: int, s: Settings, truncate: bool
   call, so the per-pair gradients exist only for this chunk (about P x 3 x |subspace| float32) and never for the
   dataset; on 'head_and_last_layers' through a model cut below the subspace (`truncated.split`, once per params0
   object, not per call: no weight gradient below the subspace) and, with count-sketch on packed rows, the head's
-  gradient kept as factors (`factored.pair_sketches`); `truncate` False: the whole model's backward, the same
+  gradient kept as factors (`factored.pair_parts`); `truncate` False: the whole model's backward, the same
   values (benchmarks/decompose_chunk.py compares). With `base` (LoRA; None otherwise) params0 are the adapters,
   differentiated on the fixed base (`lora.full_params`), through the whole model's backward. Filler rows (no loss
   position) give zeros."""
@@ -204,22 +204,24 @@ def make_chunk_sketches(model: Any, chunk_size: int, s: Settings, truncate: bool
     if packing.is_packed(batch):  # the row's pair is pair 0 of its one-row batch
       batch["response_pair_BR"] = jnp.where(batch["response_pair_BR"] >= 0, 0, -1)
 
-    net, wrt = model, params0
+    net, wrt, head_3K, from_factors = model, params0, 0.0, False
     if cut and base is None:  # stops below the subspace; params0 is `truncated.split`'s
       net, wrt = truncated.stacked_model(model.config, s.last_layers, params0["fixed"]), params0["free"]
-      if factored.applies(model.config, s.subspace, s.last_layers, s.sketch, packing.is_packed(batch), False):
-        return factored.pair_sketches(net, wrt, batch, chunk_size, dloss_2, weight, bits, s)
+      from_factors = factored.applies(model.config, s.subspace, s.last_layers, s.sketch, packing.is_packed(batch))
+    if from_factors:  # the head's part comes projected already
+      a, b, head_3K = factored.pair_parts(net, wrt, batch, chunk_size, dloss_2, weight, bits, s)
+    else:
 
-    def logps(p):
-      out = forward.pair_logps(net, lora.full_params(base, p), batch, chunk_size)
-      return jnp.stack([out["chosen_logps_B"][0], out["rejected_logps_B"][0]])
+      def logps(p):
+        out = forward.pair_logps(net, lora.full_params(base, p), batch, chunk_size)
+        return jnp.stack([out["chosen_logps_B"][0], out["rejected_logps_B"][0]])
 
-    _, vjp = jax.vjp(logps, wrt)
-    both = jax.vmap(lambda ct: vjp(ct)[0])(jnp.eye(2, dtype=jnp.float32))  # the two sides' backwards, batched
-    a, b = (sketch.select(jax.tree.map(lambda x: x[side], both), s.subspace, s.last_layers) for side in range(2))
+      _, vjp = jax.vjp(logps, wrt)
+      both = jax.vmap(lambda ct: vjp(ct)[0])(jnp.eye(2, dtype=jnp.float32))  # the two sides' backwards, batched
+      a, b = (sketch.select(jax.tree.map(lambda x: x[side], both), s.subspace, s.last_layers) for side in range(2))
     scale = lambda k: weight[k] if isinstance(weight, dict) else weight
     stacked = {k: jnp.stack([a[k], b[k], scale(k) * (dloss_2[0] * a[k] + dloss_2[1] * b[k])]) for k in a}
-    return sketch.project_rows(stacked, s.sketch, s.sketch_dim, s.sketch_seed, bits)
+    return sketch.project_rows(stacked, s.sketch, s.sketch_dim, s.sketch_seed, bits) + head_3K
 
   batched = jax.jit(jax.vmap(one, in_axes=(None, 0, 0, None, None, None)))
   split = jax.jit(lambda p: truncated.split(p, model.config, s.last_layers))

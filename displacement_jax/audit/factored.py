@@ -10,11 +10,12 @@ A pair's gradient of ln pi(y) on the head is a sum of outer products (logprobs.p
 over the side's response slots (and, tied, every input position). `make_chunk_sketches` (audit/decompose.py)
 differentiated the whole head and count-sketched its [V, D] gradient per side (1.03 s per pair on SmolLM2 at k
 4096; 0.64 s this way, with the cut split once: BENCHMARKS.md). Here the head is held fixed in the backward (no
-head gradient is formed), h_r and the
-lookup cotangents come out of it, and the head's S a and S b are projected from the factors (`sketch.outer_project`,
-count-sketch's outer hash of the head). Only the third vector, S(W * g) with W the per-coordinate preconditioner,
-needs g on the head's coordinates: it is formed once per pair (one [V, D] matrix, not one per side) and projected.
-The values are the dense path's (tests/test_audit.py: equal to `make_chunk_sketches`' whole-head route).
+head gradient is formed), h_r and the lookup cotangents come out of it, and the head's S a and S b are projected
+from the factors (`sketch.outer_project`, count-sketch's outer hash of the head). Only the third vector, S(W * g)
+with W the per-coordinate preconditioner, needs g on the head's coordinates: it is formed once per pair (one
+[V, D] matrix, not one per side) and projected. The rest of the subspace (the last layers, the final norm) comes
+out of the same backward as dense gradients, projected by the caller as on the whole model's route. The values are
+the dense path's (tests/test_audit.py: equal to `make_chunk_sketches`' whole-model route).
 
 Applies to count-sketch on 'head_and_last_layers' over a packed batch (data/packing.py) of full-parameter runs,
 where `truncated.applies`; the rest goes the dense way. Memory per pair: p_r for the pair's response slots
@@ -33,9 +34,10 @@ from displacement_jax import forward
 from displacement_jax.audit import sketch, truncated
 
 
-def applies(config: Any, subspace: str, last_layers: int, projection: str, packed: bool, lora: bool) -> bool:
-  """Whether `pair_sketches` serves: count-sketch, the cut of `truncated.applies`, a packed batch, no LoRA."""
-  return projection == "count_sketch" and packed and not lora and truncated.applies(config, subspace, last_layers)
+def applies(config: Any, subspace: str, last_layers: int, projection: str, packed: bool) -> bool:
+  """Whether `pair_parts` serves a full-parameter run: count-sketch, the cut of `truncated.applies`, a packed
+  batch (LoRA runs differentiate their adapters through the whole model instead)."""
+  return projection == "count_sketch" and packed and truncated.applies(config, subspace, last_layers)
 
 
 def _slot_cotangents(hidden_RD: jax.Array, unembed_DV: jax.Array, batch: dict[str, jax.Array]) -> jax.Array:
@@ -50,7 +52,7 @@ def _slot_cotangents(hidden_RD: jax.Array, unembed_DV: jax.Array, batch: dict[st
   return jnp.where(keep_2R[..., None], cotangent_RV[None], 0.0)
 
 
-def pair_sketches(
+def pair_parts(
     net: truncated.StackedModel,
     free: dict[str, Any],
     batch: dict[str, jax.Array],
@@ -59,10 +61,11 @@ def pair_sketches(
     weight: Any,
     bits: dict[str, Any],
     s: Any,
-) -> jax.Array:
-  """[3, k]: S a, S b, S(W * (dl/ds_w a + dl/ds_l b)) of the one pair in `batch` (a packed one-row batch whose
-  pair is pair 0), a / b = grad ln pi(y+ / y-) on the subspace, `free` the differentiated params
-  (`truncated.stacked`), `weight` W (a subspace dict or a scalar), `bits` count-sketch's draw of the subspace."""
+) -> tuple[dict[str, jax.Array], dict[str, jax.Array], jax.Array]:
+  """(a, b, head [3, k]) of the one pair in `batch` (a packed one-row batch whose pair is pair 0): a / b = grad
+  ln pi(y+ / y-) on the subspace but the head (`sketch.select`'s leaves: the last layers, the final norm), dense;
+  and the head's S a, S b, S(W * (dl/ds_w a + dl/ds_l b)) from its factors. `free` the differentiated params
+  (`truncated.split`), `weight` W (a subspace dict or a scalar), `bits` count-sketch's draw of the subspace."""
   config = net.config
   head = truncated.head_key(config)
   tied = bool(config.tie_word_embeddings)
@@ -83,11 +86,7 @@ def pair_sketches(
   _, vjp, hidden_RD = jax.vjp(logps, rest, lookup_BTD, has_aux=True)
   rest_grads, lookup_grads = jax.vmap(lambda ct: vjp(ct))(jnp.eye(2, dtype=jnp.float32))
 
-  # the layers and the norm: dense, as decompose.make_chunk_sketches projects them
   a, b = (sketch.select(jax.tree.map(lambda x: x[side], rest_grads), s.subspace, s.last_layers) for side in range(2))
-  scale = lambda name: weight[name] if isinstance(weight, dict) else weight
-  stacked = {n: jnp.stack([a[n], b[n], scale(n) * (dloss_2[0] * a[n] + dloss_2[1] * b[n])]) for n in a}
-  rest_K3 = sketch.project_rows(stacked, "count_sketch", s.sketch_dim, s.sketch_seed, {n: bits[n] for n in a})
 
   # the head: factors
   name = "embed_tokens/embedding" if tied else "lm_head/kernel"
@@ -109,5 +108,6 @@ def pair_sketches(
     g_dense = g_dense.at[ids_T].add(g_lookup_TD.astype(jnp.float32))
   else:
     g_dense = jnp.einsum("rd,rv->dv", hidden_RD.astype(jnp.float32), g_RV)
-  projected.append(sketch.project({name: scale(name) * g_dense}, "count_sketch", k, s.sketch_seed, {name: head_bits}))
-  return rest_K3 + jnp.stack(projected)
+  w = weight[name] if isinstance(weight, dict) else weight
+  projected.append(sketch.project({name: w * g_dense}, "count_sketch", k, s.sketch_seed, {name: head_bits}))
+  return a, b, jnp.stack(projected)

@@ -112,10 +112,3 @@ def stacked_model(config: Any, last_layers: int, fixed: dict[str, Any]) -> Stack
   bottom = transformer.Transformer(_layers_config(config, 0, cut))
   top = transformer.Transformer(_layers_config(config, cut, int(config.num_layers)))
   return StackedModel(bottom, top, fixed)
-
-
-def stacked(model: Any, params: Any, last_layers: int) -> tuple[StackedModel, Any]:
-  """(the StackedModel of `model` cut above its last `last_layers` layers, holding `params`' fixed part; the free
-  part `free_params`)."""
-  parts = split(params, model.config, last_layers)
-  return stacked_model(model.config, last_layers, parts["fixed"]), parts["free"]
